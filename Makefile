@@ -1,0 +1,39 @@
+# Two set-up commands: `make run` and `make test`. Everything else is installed from here.
+SHELL := /bin/bash
+PY ?= python3
+UV := $(shell command -v uv 2>/dev/null || echo .tools/bin/uv)
+VENV := .venv
+TALLY := $(VENV)/bin/tally
+DATA_DIR ?= ./data
+HOST ?= 127.0.0.1
+PORT ?= 8000
+DEMO_EVENTS ?= 300000
+DEMO_DAYS ?= 30
+
+.PHONY: install run test lint bench clean
+
+.tools/bin/uv:
+	$(PY) -m venv .tools
+	.tools/bin/pip install --quiet --disable-pip-version-check uv
+
+$(VENV)/.installed: pyproject.toml uv.lock | $(UV)
+	$(UV) sync --frozen --quiet
+	touch $@
+
+install: $(VENV)/.installed  ## create .venv with the `tally` command
+
+run: install  ## demo data into an empty store, a demo client, then the API
+	@bash scripts/run.sh "$(DATA_DIR)" "$(HOST)" "$(PORT)" "$(DEMO_EVENTS)" "$(DEMO_DAYS)"
+
+lint: install  ## ruff and mypy --strict
+	$(VENV)/bin/ruff check src tests bench
+	$(VENV)/bin/mypy
+
+test: lint  ## the whole suite (lint first)
+	$(VENV)/bin/pytest -q
+
+bench: install  ## reproducible benchmarks; results in docs/benchmarks.md
+	$(VENV)/bin/python bench/ingest_bench.py
+
+clean:
+	rm -rf $(VENV) .tools .mypy_cache .ruff_cache .pytest_cache

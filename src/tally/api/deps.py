@@ -1,0 +1,46 @@
+"""Dependencies shared by routes: the runtime, the caller's verified identity, scopes."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Annotated
+
+from fastapi import Depends, Request
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+
+from tally.errors import Forbidden, Unauthorized
+from tally.runtime import Runtime
+from tally.security.tokens import Principal
+
+_bearer = HTTPBearer(auto_error=False)
+
+
+def get_runtime(request: Request) -> Runtime:
+    runtime: Runtime = request.app.state.runtime
+    return runtime
+
+
+RuntimeDep = Annotated[Runtime, Depends(get_runtime)]
+
+
+def authenticated(
+    runtime: RuntimeDep,
+    credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
+) -> Principal:
+    if credentials is None or credentials.scheme.lower() != "bearer":
+        raise Unauthorized("a bearer token is required (POST /oauth/token)")
+    return runtime.tokens.verify(credentials.credentials)
+
+
+def require(scope: str) -> Callable[..., Principal]:
+    def check(principal: Annotated[Principal, Depends(authenticated)]) -> Principal:
+        if scope not in principal.scopes:
+            raise Forbidden(f"this route needs the {scope!r} scope", missing_scope=scope)
+        return principal
+
+    return check
+
+
+AnyToken = Annotated[Principal, Depends(authenticated)]
+EventsWriter = Annotated[Principal, Depends(require("events:write"))]
+Admin = Annotated[Principal, Depends(require("admin"))]

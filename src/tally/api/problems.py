@@ -1,0 +1,64 @@
+"""RFC 9457 problem+json for every error, including unexpected ones (no stack traces out)."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from tally.errors import PROBLEM_MEDIA_TYPE, UserError, problem
+
+log = logging.getLogger(__name__)
+
+
+class ProblemResponse(JSONResponse):
+    media_type = PROBLEM_MEDIA_TYPE
+
+
+def _trace_id(request: Request) -> str | None:
+    return getattr(request.state, "trace_id", None)
+
+
+def problem_response(request: Request, body: dict[str, Any],
+                     headers: dict[str, str] | None = None) -> ProblemResponse:
+    trace_id = _trace_id(request)
+    if trace_id:
+        body.setdefault("trace_id", trace_id)
+    return ProblemResponse(body, status_code=int(body["status"]), headers=headers)
+
+
+def install(app: FastAPI) -> None:
+    @app.exception_handler(UserError)
+    async def _user_error(request: Request, exc: UserError) -> ProblemResponse:
+        headers = {"WWW-Authenticate": "Bearer"} if exc.status == 401 else None
+        return problem_response(request, exc.problem(str(request.url.path)), headers)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(request: Request, exc: StarletteHTTPException) -> ProblemResponse:
+        title = {404: "Not Found", 405: "Method Not Allowed"}.get(exc.status_code, "Error")
+        code = title.lower().replace(" ", "_")
+        body = problem(exc.status_code, title, str(exc.detail), code, str(request.url.path))
+        return problem_response(request, body, dict(exc.headers or {}))
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation_error(request: Request, exc: RequestValidationError) -> ProblemResponse:
+        errors = [
+            {"loc": ".".join(str(p) for p in err.get("loc", ())), "msg": err.get("msg", "")}
+            for err in exc.errors()
+        ]
+        detail = "; ".join(f"{e['loc']}: {e['msg']}" for e in errors) or "invalid request"
+        body = problem(400, "Bad Request", detail, "bad_request", str(request.url.path),
+                       errors=errors)
+        return problem_response(request, body)
+
+    @app.exception_handler(Exception)
+    async def _unexpected(request: Request, exc: Exception) -> ProblemResponse:
+        log.exception("unhandled error", extra={"trace_id": _trace_id(request)})
+        body = problem(500, "Internal Server Error",
+                       "an unexpected error occurred; quote the trace_id when reporting it",
+                       "internal", str(request.url.path))
+        return problem_response(request, body)

@@ -1,0 +1,56 @@
+"""Operator routes: the quarantine of rejected events."""
+
+from __future__ import annotations
+
+import base64
+from typing import Annotated, Any
+
+import msgspec
+from fastapi import APIRouter, Query
+from fastapi.responses import JSONResponse
+
+from tally.api.deps import Admin, RuntimeDep
+from tally.errors import BadRequest
+
+router = APIRouter(tags=["admin"])
+
+
+def encode_cursor(position: int) -> str:
+    return base64.urlsafe_b64encode(f"q:{position}".encode()).decode().rstrip("=")
+
+
+def decode_cursor(cursor: str) -> int:
+    try:
+        raw = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)).decode()
+        kind, _, value = raw.partition(":")
+        if kind != "q" or not value.isdigit():
+            raise ValueError(raw)
+        return int(value)
+    except ValueError:
+        raise BadRequest("cursor is not one this API issued") from None
+
+
+@router.get("/v1/admin/quarantine", summary="Rejected events with their reasons, oldest first")
+async def quarantine(
+    _: Admin,
+    runtime: RuntimeDep,
+    cursor: str | None = None,
+    limit: Annotated[int, Query(ge=1, le=1000)] = 100,
+) -> JSONResponse:
+    after = decode_cursor(cursor) if cursor else 0
+    rows = runtime.backend.quarantine(after, limit + 1)
+    page = rows[:limit]
+    items: list[dict[str, Any]] = [
+        {
+            "received_at": row.received_at.isoformat(timespec="microseconds") + "Z",
+            "reason": row.reason,
+            "event": msgspec.json.decode(row.event),
+            "event_id": row.event_id,
+            "batch_index": row.batch_index,
+            "client_id": row.client_id,
+        }
+        for row in page
+    ]
+    next_cursor = encode_cursor(page[-1].id) if len(rows) > limit else None
+    return JSONResponse({"items": items, "next_cursor": next_cursor},
+                        headers={"Cache-Control": "private, no-store"})

@@ -1,0 +1,33 @@
+"""Health, readiness and the schema registry."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter
+from fastapi.responses import JSONResponse
+
+from tally import __version__
+from tally.api.deps import AnyToken, RuntimeDep
+from tally.events.registry import describe_registry
+
+router = APIRouter()
+
+
+@router.get("/healthz", tags=["operations"], summary="Liveness: the process answers")
+async def healthz() -> JSONResponse:
+    return JSONResponse({"status": "ok", "version": __version__})
+
+
+@router.get("/readyz", tags=["operations"], summary="Readiness: the store answers")
+async def readyz(runtime: RuntimeDep) -> JSONResponse:
+    try:
+        events = runtime.backend.count_events()
+        runtime.meta.execute("SELECT 1").fetchone()
+    except Exception as exc:  # readiness reports any failure as not ready
+        return JSONResponse({"status": "unavailable", "detail": type(exc).__name__},
+                            status_code=503)
+    return JSONResponse({"status": "ready", "events": events})
+
+
+@router.get("/v1/schemas", tags=["events"], summary="The event schema registry")
+async def schemas(_: AnyToken) -> JSONResponse:
+    return JSONResponse(describe_registry(), headers={"Cache-Control": "private, max-age=300"})

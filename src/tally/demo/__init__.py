@@ -1,0 +1,1 @@
+"""Synthetic casino operator data (``tally demo``)."""

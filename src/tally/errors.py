@@ -1,0 +1,83 @@
+"""Error taxonomy: user errors carry an HTTP status and render as RFC 9457 problem+json."""
+
+from __future__ import annotations
+
+from typing import Any
+
+PROBLEM_MEDIA_TYPE = "application/problem+json"
+
+
+class TallyError(Exception):
+    """Base of every error Tally raises on purpose."""
+
+
+class UserError(TallyError):
+    """The caller did something wrong; safe to show them ``detail``."""
+
+    status: int = 400
+    title: str = "Bad Request"
+    code: str = "bad_request"
+
+    def __init__(self, detail: str, **extra: Any) -> None:
+        super().__init__(detail)
+        self.detail = detail
+        self.extra = extra
+
+    def problem(self, instance: str | None = None) -> dict[str, Any]:
+        return problem(self.status, self.title, self.detail, self.code, instance, **self.extra)
+
+
+class BadRequest(UserError):
+    pass
+
+
+class Unauthorized(UserError):
+    status, title, code = 401, "Unauthorized", "unauthorized"
+
+
+class Forbidden(UserError):
+    status, title, code = 403, "Forbidden", "forbidden"
+
+
+class NotFound(UserError):
+    status, title, code = 404, "Not Found", "not_found"
+
+
+class Conflict(UserError):
+    status, title, code = 409, "Conflict", "conflict"
+
+
+class PayloadTooLarge(UserError):
+    status, title, code = 413, "Content Too Large", "payload_too_large"
+
+
+class Unprocessable(UserError):
+    status, title, code = 422, "Unprocessable Content", "unprocessable"
+
+
+class StoreUnavailable(TallyError):
+    """The store cannot be opened or written (wrong directory, locked by another process)."""
+
+
+class InternalError(TallyError):
+    """A bug or an unexpected failure; clients see a generic 500 without details."""
+
+
+def problem(
+    status: int,
+    title: str,
+    detail: str,
+    code: str,
+    instance: str | None = None,
+    **extra: Any,
+) -> dict[str, Any]:
+    body: dict[str, Any] = {
+        "type": f"https://tally.dev/problems/{code}",
+        "title": title,
+        "status": status,
+        "detail": detail,
+    }
+    if instance:
+        body["instance"] = instance
+    body.update(extra)
+    return body

@@ -1,0 +1,1 @@
+"""Ingestion: validate → dedup → durable group commit; idempotency keys; quarantine."""

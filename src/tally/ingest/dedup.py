@@ -1,0 +1,98 @@
+"""Exactly-once in effect: an in-memory index of every stored (tenant_id, event_id).
+
+Each key is a keyed BLAKE2b-128 digest of ``tenant_id ∥ 0x1f ∥ event_id`` split into two int64
+halves (``id_hi``, ``id_lo``), stored with the event so the index is rebuilt from the store at
+start-up. With 128 bits the chance of any false duplicate among 10^9 events is ~10^-21, and the
+per-deployment key stops a producer from crafting collisions with another tenant's ids.
+
+The index is a short list of sorted runs (an LSM without disk): lookups are vectorised binary
+searches, inserts add a small run, and runs are merged while they are of similar size, up to a
+cap so no merge ever stalls the writer for long. 16 bytes per stored event: 1.6 GB at 100M.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Iterable, Sequence
+
+import numpy as np
+import numpy.typing as npt
+
+I64 = npt.NDArray[np.int64]
+MAX_MERGED_RUN = 1 << 23  # 8M keys: a merge at this size costs tens of milliseconds
+
+
+def key_hasher(secret: bytes) -> _Hasher:
+    return _Hasher(secret)
+
+
+class _Hasher:
+    def __init__(self, secret: bytes) -> None:
+        self._base = hashlib.blake2b(digest_size=16, key=secret)
+
+    def __call__(self, tenant_id: str, event_id: str) -> tuple[int, int]:
+        h = self._base.copy()
+        h.update(f"{tenant_id}\x1f{event_id}".encode())
+        digest = h.digest()
+        return (int.from_bytes(digest[:8], "little", signed=True),
+                int.from_bytes(digest[8:], "little", signed=True))
+
+
+class DedupIndex:
+    def __init__(self) -> None:
+        self._runs: list[tuple[I64, I64]] = []  # (hi sorted, lo aligned), largest first
+
+    def __len__(self) -> int:
+        return sum(len(hi) for hi, _ in self._runs)
+
+    @property
+    def run_count(self) -> int:
+        return len(self._runs)
+
+    def load(self, chunks: Iterable[tuple[I64, I64]]) -> None:
+        """Bulk-load stored keys (start-up): one sorted run per MAX_MERGED_RUN keys."""
+        buf_hi: list[I64] = []
+        buf_lo: list[I64] = []
+        size = 0
+        for hi, lo in chunks:
+            buf_hi.append(np.asarray(hi, dtype=np.int64))
+            buf_lo.append(np.asarray(lo, dtype=np.int64))
+            size += len(hi)
+            if size >= MAX_MERGED_RUN:
+                self._add_run(np.concatenate(buf_hi), np.concatenate(buf_lo), merge=False)
+                buf_hi, buf_lo, size = [], [], 0
+        if size:
+            self._add_run(np.concatenate(buf_hi), np.concatenate(buf_lo), merge=False)
+        self._runs.sort(key=lambda run: -len(run[0]))
+
+    def contains(self, hi: I64, lo: I64) -> npt.NDArray[np.bool_]:
+        """For each key, whether it is in the index."""
+        found = np.zeros(len(hi), dtype=np.bool_)
+        for run_hi, run_lo in self._runs:
+            pos = np.searchsorted(run_hi, hi)
+            inside = pos < len(run_hi)
+            cand = np.flatnonzero(inside & (run_hi[np.minimum(pos, len(run_hi) - 1)] == hi))
+            for i in cand:  # only true duplicates (or a 64-bit half collision) get here
+                j = int(pos[i])
+                while j < len(run_hi) and run_hi[j] == hi[i]:
+                    if run_lo[j] == lo[i]:
+                        found[i] = True
+                        break
+                    j += 1
+        return found
+
+    def add(self, hi: Sequence[int] | I64, lo: Sequence[int] | I64) -> None:
+        if len(hi):
+            self._add_run(np.asarray(hi, dtype=np.int64), np.asarray(lo, dtype=np.int64))
+
+    def _add_run(self, hi: I64, lo: I64, merge: bool = True) -> None:
+        order = np.argsort(hi, kind="stable")
+        self._runs.append((hi[order], lo[order]))
+        while merge and len(self._runs) >= 2:
+            (a_hi, a_lo), (b_hi, b_lo) = self._runs[-2], self._runs[-1]
+            if len(a_hi) > 2 * len(b_hi) or len(a_hi) + len(b_hi) > MAX_MERGED_RUN:
+                break
+            self._runs[-2:] = []
+            cat_hi = np.concatenate((a_hi, b_hi))
+            order = np.argsort(cat_hi, kind="stable")  # timsort: linear on two sorted runs
+            self._runs.append((cat_hi[order], np.concatenate((a_lo, b_lo))[order]))

@@ -1,0 +1,74 @@
+"""The ingestion service: the one path every event takes, from HTTP or from ``tally demo``."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import logging
+import secrets
+import time
+from collections.abc import Callable
+from datetime import UTC, datetime
+from typing import Any
+
+import pyarrow as pa
+
+from tally.events.envelope import ValidationContext
+from tally.ingest.batch import PreparedBatch, event_columns, prepare
+from tally.ingest.dedup import DedupIndex, key_hasher
+from tally.ingest.writer import IdempotencyKey, IngestWriter
+from tally.storage.base import Backend
+
+log = logging.getLogger(__name__)
+
+
+class IngestService:
+    def __init__(self, backend: Backend, max_batch_events: int,
+                 on_commit: Callable[[int, int], None] | None = None) -> None:
+        self.backend = backend
+        self.max_batch_events = max_batch_events
+        secret = backend.setting("dedup_key")
+        if secret is None:
+            backend.put_setting("dedup_key", secrets.token_hex(32))
+            secret = backend.setting("dedup_key")
+        assert secret is not None
+        self._hash = key_hasher(bytes.fromhex(secret))
+        started = time.perf_counter()
+        self.index = DedupIndex()
+        self.index.load(backend.event_keys(1 << 20))
+        log.info("dedup index loaded", extra={"keys": len(self.index),
+                                              "seconds": round(time.perf_counter() - started, 3)})
+        self.writer = IngestWriter(backend, self.index, backend.max_ingest_seq(), on_commit)
+
+    def start(self) -> None:
+        self.writer.start()
+
+    def stop(self) -> None:
+        self.writer.stop()
+
+    def prepare(self, body: bytes, ctx: ValidationContext,
+                client_id: str) -> tuple[PreparedBatch, pa.Table]:
+        batch = prepare(body, ctx, client_id, self.max_batch_events)
+        keys = [self._hash(e.envelope.tenant_id, e.envelope.event_id) for e in batch.valid]
+        return batch, event_columns(batch.valid, keys, batch.received_at, 0)
+
+    async def ingest(self, body: bytes, ctx: ValidationContext, client_id: str, trace_id: str,
+                     idempotency_key: str | None = None) -> dict[str, Any]:
+        """Validate and durably store one batch; the receipt of CONTRACT §3."""
+        idem = None
+        if idempotency_key is not None:
+            digest = hashlib.sha256(body).hexdigest()
+            idem = IdempotencyKey(client_id, idempotency_key, digest)
+        batch, table = self.prepare(body, ctx, client_id)
+        future = self.writer.submit(batch, table, trace_id, idem)
+        return await asyncio.wrap_future(future)
+
+    def ingest_now(self, body: bytes, ctx: ValidationContext, client_id: str,
+                   trace_id: str) -> dict[str, Any]:
+        """The same path, synchronous, for a process that owns the store (bulk loading)."""
+        batch, table = self.prepare(body, ctx, client_id)
+        return self.writer.write_now(batch, table, trace_id)
+
+
+def utc_now() -> datetime:
+    return datetime.now(UTC)

@@ -1,0 +1,193 @@
+"""The single writer: dedup and a durable group commit for every accepted batch.
+
+Requests prepare their batch (decode, validate, columns) concurrently and hand it here. One
+thread takes whatever batches are waiting, dedups them in arrival order against the index and
+each other, and writes all of them in one transaction, so one fsync covers many requests. A
+receipt is released only after the commit returned: 202 means durable.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+from collections.abc import Callable
+from concurrent.futures import Future
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+import msgspec
+import numpy as np
+import pyarrow as pa
+
+from tally.errors import Unprocessable
+from tally.ingest.batch import PreparedBatch, quarantine_columns
+from tally.ingest.dedup import DedupIndex
+from tally.storage.base import Backend, IdempotencyRecord, WriteSet
+
+log = logging.getLogger(__name__)
+MAX_GROUP_EVENTS = 50_000
+
+
+@dataclass(frozen=True)
+class IdempotencyKey:
+    client_id: str
+    key: str
+    body_sha256: str
+
+
+@dataclass
+class Submission:
+    batch: PreparedBatch
+    table: pa.Table  # EVENTS_SCHEMA rows of batch.valid, ingest_seq still 0
+    trace_id: str
+    idempotency: IdempotencyKey | None
+    future: Future[dict[str, Any]]
+
+
+class IngestWriter:
+    def __init__(self, backend: Backend, index: DedupIndex, next_seq: int,
+                 on_commit: Callable[[int, int], None] | None = None) -> None:
+        self._backend = backend
+        self._index = index
+        self._seq = next_seq
+        self._on_commit = on_commit
+        self._queue: queue.Queue[Submission | None] = queue.Queue()
+        self._thread = threading.Thread(target=self._run, name="tally-writer", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._queue.put(None)
+        self._thread.join()
+
+    def submit(self, batch: PreparedBatch, table: pa.Table, trace_id: str,
+               idempotency: IdempotencyKey | None) -> Future[dict[str, Any]]:
+        future: Future[dict[str, Any]] = Future()
+        self._queue.put(Submission(batch, table, trace_id, idempotency, future))
+        return future
+
+    def write_now(self, batch: PreparedBatch, table: pa.Table, trace_id: str) -> dict[str, Any]:
+        """Synchronous path for bulk loaders that own the store (``tally demo``)."""
+        future: Future[dict[str, Any]] = Future()
+        self._commit([Submission(batch, table, trace_id, None, future)])
+        return future.result()
+
+    def _run(self) -> None:
+        while True:
+            first = self._queue.get()
+            if first is None:
+                return
+            group = [first]
+            events = len(first.batch.valid)
+            while events < MAX_GROUP_EVENTS:
+                try:
+                    nxt = self._queue.get_nowait()
+                except queue.Empty:
+                    break
+                if nxt is None:
+                    self._commit(group)
+                    return
+                group.append(nxt)
+                events += len(nxt.batch.valid)
+            self._commit(group)
+
+    def _commit(self, group: list[Submission]) -> None:
+        self._seq += 1
+        writes = WriteSet()
+        seen_in_group: set[tuple[int, int]] = set()
+        new_hi: list[Any] = []
+        new_lo: list[Any] = []
+        done: list[tuple[Submission, dict[str, Any]]] = []
+        staged: dict[tuple[str, str], tuple[str, dict[str, Any]]] = {}
+        for sub in group:
+            try:
+                replay = self._replay(sub, staged)
+            except Unprocessable as exc:
+                sub.future.set_exception(exc)
+                continue
+            if replay is not None:
+                done.append((sub, replay))
+                continue
+            receipt = self._stage(sub, writes, seen_in_group, new_hi, new_lo)
+            if sub.idempotency is not None:
+                staged[sub.idempotency.client_id, sub.idempotency.key] = (
+                    sub.idempotency.body_sha256, receipt)
+            done.append((sub, receipt))
+        try:
+            if writes.events or writes.quarantine or writes.idempotency:
+                self._backend.write(writes)
+        except BaseException as exc:  # nothing was stored: every waiter learns it
+            log.exception("group commit failed")
+            for sub, _ in done:
+                sub.future.set_exception(exc)
+            return
+        accepted = sum(t.num_rows for t in writes.events)
+        if new_hi:
+            self._index.add(np.concatenate(new_hi), np.concatenate(new_lo))
+        if self._on_commit is not None:
+            self._on_commit(self._seq, accepted)
+        for sub, receipt in done:
+            sub.future.set_result(receipt)
+
+    def _replay(self, sub: Submission,
+                staged: dict[tuple[str, str], tuple[str, dict[str, Any]]]
+                ) -> dict[str, Any] | None:
+        """The first response for a known idempotency key, or None if the key is new."""
+        idem = sub.idempotency
+        if idem is None:
+            return None
+        ident = (idem.client_id, idem.key)
+        first = staged.get(ident)
+        if first is None:
+            stored = self._backend.idempotency(*ident)
+            if stored is None:
+                return None
+            first = (stored.body_sha256, msgspec.json.decode(stored.response))
+        if first[0] != idem.body_sha256:
+            raise Unprocessable(
+                "X-Idempotency-Key was already used with a different body",
+                idempotency_key=idem.key,
+            )
+        return first[1]
+
+    def _stage(self, sub: Submission, writes: WriteSet, seen: set[tuple[int, int]],
+               new_hi: list[Any], new_lo: list[Any]) -> dict[str, Any]:
+        batch, table = sub.batch, sub.table
+        hi = table.column("id_hi").to_numpy()
+        lo = table.column("id_lo").to_numpy()
+        keep = ~self._index.contains(hi, lo)
+        for i in np.flatnonzero(keep):
+            pair = (int(hi[i]), int(lo[i]))
+            if pair in seen:
+                keep[i] = False
+            else:
+                seen.add(pair)
+        kept = table.filter(pa.array(keep)) if not keep.all() else table
+        if kept.num_rows:
+            seq = pa.array(np.full(kept.num_rows, self._seq, dtype=np.int64))
+            writes.events.append(kept.set_column(0, "ingest_seq", seq))
+            new_hi.append(hi[keep])
+            new_lo.append(lo[keep])
+        if batch.rejections:
+            writes.quarantine.append(
+                quarantine_columns(batch.rejections, batch.received_at, batch.client_id)
+            )
+        receipt = {
+            "accepted": int(kept.num_rows),
+            "duplicates": int(len(keep) - kept.num_rows),
+            "rejected": len(batch.rejections),
+            "errors": [r.error() for r in batch.rejections],
+            "trace_id": sub.trace_id,
+        }
+        if sub.idempotency is not None:
+            writes.idempotency.append(
+                IdempotencyRecord(
+                    sub.idempotency.client_id, sub.idempotency.key, sub.idempotency.body_sha256,
+                    msgspec.json.encode(receipt).decode(),
+                    datetime.now(UTC).replace(tzinfo=None),
+                )
+            )
+        return receipt

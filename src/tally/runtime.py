@@ -1,0 +1,42 @@
+"""The long-lived objects of a running Tally process, opened and closed together."""
+
+from __future__ import annotations
+
+import sqlite3
+from dataclasses import dataclass
+from datetime import timedelta
+
+from tally import metadata
+from tally.config import Settings
+from tally.ingest.service import IngestService
+from tally.security.tokens import TokenService
+from tally.storage.duckdb import DuckDBBackend
+
+
+@dataclass
+class Runtime:
+    settings: Settings
+    meta: sqlite3.Connection
+    tokens: TokenService
+    backend: DuckDBBackend
+    ingest: IngestService
+
+    @classmethod
+    def open(cls, settings: Settings) -> Runtime:
+        meta = metadata.connect(settings.data_dir)
+        tokens = TokenService(meta, settings.issuer, settings.audience, settings.token_ttl_seconds)
+        backend = DuckDBBackend(
+            settings.data_dir,
+            idempotency_ttl=timedelta(seconds=settings.idempotency_ttl_seconds),
+        )
+        backend.expire_idempotency()
+        ingest = IngestService(backend, settings.max_batch_events)
+        return cls(settings, meta, tokens, backend, ingest)
+
+    def start(self) -> None:
+        self.ingest.start()
+
+    def close(self) -> None:
+        self.ingest.stop()
+        self.backend.close()
+        self.meta.close()

@@ -1,0 +1,1 @@
+"""Authentication and authorisation: OAuth2 clients, JWTs, scopes, row-level policy."""

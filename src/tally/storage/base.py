@@ -1,0 +1,65 @@
+"""The Backend protocol: what the rest of Tally may ask of a store."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any, Protocol
+
+import pyarrow as pa
+
+
+@dataclass(frozen=True)
+class IdempotencyRecord:
+    client_id: str
+    key: str
+    body_sha256: str
+    response: str  # JSON text of the first response
+    created_at: datetime
+
+
+@dataclass
+class WriteSet:
+    """Everything one group commit writes, atomically: all of it or none of it."""
+
+    events: list[pa.Table] = field(default_factory=list)
+    quarantine: list[pa.Table] = field(default_factory=list)
+    idempotency: list[IdempotencyRecord] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class QuarantineItem:
+    id: int
+    received_at: datetime
+    client_id: str
+    batch_index: int
+    event_id: str | None
+    reason: str
+    event: str
+
+
+class Backend(Protocol):
+    dialect: str
+
+    def write(self, writes: WriteSet) -> None:
+        """Append events, quarantine entries and idempotency records in one durable commit."""
+
+    def event_keys(self, chunk_rows: int) -> Iterator[tuple[Any, Any]]:
+        """Stored dedup keys (id_hi, id_lo) as numpy int64 arrays, chunk by chunk."""
+
+    def max_ingest_seq(self) -> int: ...
+
+    def count_events(self) -> int: ...
+
+    def idempotency(self, client_id: str, key: str) -> IdempotencyRecord | None: ...
+
+    def quarantine(self, after_id: int, limit: int) -> list[QuarantineItem]: ...
+
+    def setting(self, name: str) -> str | None: ...
+
+    def put_setting(self, name: str, value: str) -> None: ...
+
+    def query(self, sql: str, params: Sequence[Any] = ()) -> pa.Table: ...
+
+    def close(self) -> None: ...

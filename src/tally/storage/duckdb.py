@@ -1,0 +1,164 @@
+"""The embedded DuckDB backend: one file, one writing process, many reading threads."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterator, Sequence
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import duckdb
+import pyarrow as pa
+
+from tally.errors import StoreUnavailable
+from tally.storage.base import IdempotencyRecord, QuarantineItem, WriteSet
+from tally.storage.schema import EVENTS_SCHEMA, QUARANTINE_SCHEMA, duckdb_columns
+
+DDL = f"""
+CREATE TABLE IF NOT EXISTS events (
+  {duckdb_columns(EVENTS_SCHEMA)}
+);
+CREATE SEQUENCE IF NOT EXISTS quarantine_seq;
+CREATE TABLE IF NOT EXISTS quarantine (
+  id BIGINT PRIMARY KEY DEFAULT nextval('quarantine_seq'),
+  {duckdb_columns(QUARANTINE_SCHEMA)}
+);
+CREATE TABLE IF NOT EXISTS idempotency (
+  client_id VARCHAR NOT NULL,
+  key VARCHAR NOT NULL,
+  body_sha256 VARCHAR NOT NULL,
+  response VARCHAR NOT NULL,
+  created_at TIMESTAMP NOT NULL,
+  PRIMARY KEY (client_id, key)
+);
+CREATE TABLE IF NOT EXISTS store_settings (name VARCHAR PRIMARY KEY, value VARCHAR NOT NULL);
+"""
+
+QUARANTINE_COLUMNS = ", ".join(QUARANTINE_SCHEMA.names)
+
+
+class DuckDBBackend:
+    """Events in ``DIR/events.duckdb``. Writes come from one thread (the ingest writer)."""
+
+    dialect = "duckdb"
+
+    def __init__(self, data_dir: Path, *, read_only: bool = False,
+                 idempotency_ttl: timedelta = timedelta(hours=24)) -> None:
+        self.path = data_dir / "events.duckdb"
+        self.idempotency_ttl = idempotency_ttl
+        if read_only and not self.path.exists():
+            raise StoreUnavailable(f"no Tally store at {self.path}")
+        try:
+            self._con = duckdb.connect(str(self.path), read_only=read_only)
+        except duckdb.IOException as exc:
+            if "lock" in str(exc).lower():
+                raise StoreUnavailable(
+                    f"store {self.path} is in use by another process (is `tally serve` "
+                    f"running on this data dir?): {exc}"
+                ) from None
+            raise StoreUnavailable(f"cannot open store {self.path}: {exc}") from None
+        if not read_only:
+            self._con.execute(DDL)
+        self._local = threading.local()
+        self._write_lock = threading.Lock()
+
+    # -- reads: one cursor per thread, so readers never share a connection -----------------
+    def _cursor(self) -> duckdb.DuckDBPyConnection:
+        cur: duckdb.DuckDBPyConnection | None = getattr(self._local, "cursor", None)
+        if cur is None:
+            cur = self._con.cursor()
+            self._local.cursor = cur
+        return cur
+
+    def query(self, sql: str, params: Sequence[Any] = ()) -> pa.Table:
+        rel = self._cursor().sql(sql, params=list(params))
+        assert rel is not None, "query() is for statements that return rows"
+        return rel.to_arrow_table()
+
+    def _scalar(self, sql: str, params: Sequence[Any] = ()) -> Any:
+        rows = self._cursor().execute(sql, list(params)).fetchall()
+        return rows[0][0] if rows else None
+
+    def count_events(self) -> int:
+        return int(self._scalar("SELECT count(*) FROM events"))
+
+    def max_ingest_seq(self) -> int:
+        return int(self._scalar("SELECT coalesce(max(ingest_seq), 0) FROM events"))
+
+    def event_keys(self, chunk_rows: int) -> Iterator[tuple[Any, Any]]:
+        cur = self._con.cursor()
+        rel = cur.sql("SELECT id_hi, id_lo FROM events")
+        assert rel is not None
+        reader = rel.to_arrow_reader(chunk_rows)
+        for batch in reader:
+            yield (batch.column(0).to_numpy(zero_copy_only=False),
+                   batch.column(1).to_numpy(zero_copy_only=False))
+
+    def idempotency(self, client_id: str, key: str) -> IdempotencyRecord | None:
+        rows = self._cursor().execute(
+            "SELECT body_sha256, response, created_at FROM idempotency "
+            "WHERE client_id = ? AND key = ? AND created_at >= ?",
+            [client_id, key, datetime.now(UTC).replace(tzinfo=None) - self.idempotency_ttl],
+        ).fetchall()
+        if not rows:
+            return None
+        row = rows[0]
+        return IdempotencyRecord(client_id, key, row[0], row[1], row[2])
+
+    def quarantine(self, after_id: int, limit: int) -> list[QuarantineItem]:
+        rows = self._cursor().execute(
+            f"SELECT id, {QUARANTINE_COLUMNS} FROM quarantine WHERE id > ? ORDER BY id LIMIT ?",
+            [after_id, limit],
+        ).fetchall()
+        return [QuarantineItem(*row) for row in rows]
+
+    def setting(self, name: str) -> str | None:
+        value = self._scalar("SELECT value FROM store_settings WHERE name = ?", [name])
+        return None if value is None else str(value)
+
+    def put_setting(self, name: str, value: str) -> None:
+        with self._write_lock:
+            self._con.execute(
+                "INSERT INTO store_settings VALUES (?, ?) ON CONFLICT (name) DO NOTHING",
+                [name, value],
+            )
+
+    # -- the one write path -----------------------------------------------------------------
+    def write(self, writes: WriteSet) -> None:
+        with self._write_lock:
+            con = self._con
+            con.execute("BEGIN TRANSACTION")
+            try:
+                for table in writes.events:
+                    con.register("_new_events", table)
+                    con.execute("INSERT INTO events SELECT * FROM _new_events")
+                    con.unregister("_new_events")
+                for table in writes.quarantine:
+                    con.register("_new_quarantine", table)
+                    con.execute(
+                        f"INSERT INTO quarantine ({QUARANTINE_COLUMNS}) "
+                        "SELECT * FROM _new_quarantine"
+                    )
+                    con.unregister("_new_quarantine")
+                if writes.idempotency:
+                    con.executemany(
+                        "INSERT OR REPLACE INTO idempotency VALUES (?, ?, ?, ?, ?)",
+                        [[r.client_id, r.key, r.body_sha256, r.response, r.created_at]
+                         for r in writes.idempotency],
+                    )
+                con.execute("COMMIT")
+            except BaseException:
+                con.execute("ROLLBACK")
+                raise
+
+    def expire_idempotency(self) -> None:
+        with self._write_lock:
+            self._con.execute(
+                "DELETE FROM idempotency WHERE created_at < ?",
+                [datetime.now(UTC).replace(tzinfo=None) - self.idempotency_ttl],
+            )
+
+    def close(self) -> None:
+        with self._write_lock:
+            self._con.close()
