@@ -13,7 +13,8 @@ from tally.config import Settings, get_settings
 from tally.errors import StoreUnavailable, UserError
 
 app = typer.Typer(help="Tally: analytics API for online gaming operators.",
-                  no_args_is_help=True, add_completion=False)
+                  no_args_is_help=True, add_completion=False,
+                  pretty_exceptions_enable=False)  # never print locals (secrets) on a crash
 client_app = typer.Typer(help="Manage OAuth2 clients.", no_args_is_help=True)
 app.add_typer(client_app, name="client")
 

@@ -116,7 +116,9 @@ def check_history(spec: EventSpec) -> list[str]:
             problems.append(f"{spec.name} {version.version}: adds required field(s) {sorted(bad)}")
         unknown = set(version.added_optional) - set(spec.payload_type.__struct_fields__)
         if unknown:
-            problems.append(f"{spec.name} {version.version}: names unknown field(s) {sorted(unknown)}")
+            problems.append(
+                f"{spec.name} {version.version}: names unknown field(s) {sorted(unknown)}"
+            )
     return problems
 
 

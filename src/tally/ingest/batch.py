@@ -75,7 +75,11 @@ def prepare(body: bytes, ctx: ValidationContext, client_id: str, max_events: int
     if envelopes is not None:
         _check_count(len(envelopes), max_events)
         for i, env in enumerate(envelopes):
-            _validate_one(batch, i, env, None, ctx)
+            _validate_one(batch, i, env, ctx)
+        if batch.rejections:  # quarantine keeps the event exactly as the producer sent it
+            raws = _RAW_DECODER.decode(body)
+            for rejection in batch.rejections:
+                rejection.raw = bytes(raws[rejection.index])
         return batch
     raws = _decode_raw_array(body)
     _check_count(len(raws), max_events)
@@ -85,7 +89,9 @@ def prepare(body: bytes, ctx: ValidationContext, client_id: str, max_events: int
         except msgspec.ValidationError as exc:
             batch.rejections.append(Rejection(i, _event_id_of(raw), str(exc), bytes(raw)))
             continue
-        _validate_one(batch, i, env, raw, ctx)
+        _validate_one(batch, i, env, ctx)
+        if batch.rejections and batch.rejections[-1].index == i:
+            batch.rejections[-1].raw = bytes(raw)
     return batch
 
 
@@ -110,14 +116,12 @@ def _event_id_of(raw: msgspec.Raw) -> str | None:
     return value if isinstance(value, str) else None
 
 
-def _validate_one(batch: PreparedBatch, i: int, env: Envelope, raw: msgspec.Raw | None,
-                  ctx: ValidationContext) -> None:
+def _validate_one(batch: PreparedBatch, i: int, env: Envelope, ctx: ValidationContext) -> None:
     try:
         batch.valid.append(validate(env, ctx))
         batch.positions.append(i)
     except Rejected as exc:
-        raw_bytes = bytes(raw) if raw is not None else msgspec.json.encode(env)
-        batch.rejections.append(Rejection(i, env.event_id, exc.reason, raw_bytes, exc.residency))
+        batch.rejections.append(Rejection(i, env.event_id, exc.reason, b"", exc.residency))
 
 
 def event_columns(events: list[ValidEvent], keys: list[tuple[int, int]], received_at: datetime,

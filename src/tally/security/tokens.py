@@ -18,7 +18,7 @@ from tally.errors import Unauthorized
 from tally.security.clients import Client
 
 ALGORITHM = "EdDSA"
-TOKEN_TYPE = "at+jwt"
+TOKEN_TYPE = "at+jwt"  # noqa: S105 - a media type, not a secret
 LEEWAY_SECONDS = 30
 
 

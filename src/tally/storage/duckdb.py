@@ -108,7 +108,8 @@ class DuckDBBackend:
 
     def quarantine(self, after_id: int, limit: int) -> list[QuarantineItem]:
         rows = self._cursor().execute(
-            f"SELECT id, {QUARANTINE_COLUMNS} FROM quarantine WHERE id > ? ORDER BY id LIMIT ?",
+            f"SELECT id, {QUARANTINE_COLUMNS} FROM quarantine "  # noqa: S608 - constant names
+            "WHERE id > ? ORDER BY id LIMIT ?",
             [after_id, limit],
         ).fetchall()
         return [QuarantineItem(*row) for row in rows]
@@ -137,7 +138,7 @@ class DuckDBBackend:
                 for table in writes.quarantine:
                     con.register("_new_quarantine", table)
                     con.execute(
-                        f"INSERT INTO quarantine ({QUARANTINE_COLUMNS}) "
+                        f"INSERT INTO quarantine ({QUARANTINE_COLUMNS}) "  # noqa: S608
                         "SELECT * FROM _new_quarantine"
                     )
                     con.unregister("_new_quarantine")

@@ -1,0 +1,37 @@
+#!/usr/bin/env bash
+# `make run`: demo data into an empty store, a ready demo client, then the API in the foreground.
+set -euo pipefail
+data_dir=$1 host=$2 port=$3 events=$4 days=$5
+tally=.venv/bin/tally
+mkdir -p "$data_dir"
+if [ ! -f "$data_dir/events.duckdb" ]; then
+  echo "==> empty store at $data_dir: loading $events demo events over $days days"
+  "$tally" demo --events "$events" --days "$days" --data-dir "$data_dir"
+fi
+creds="$data_dir/demo-client.json"
+if [ ! -f "$creds" ]; then
+  "$tally" client create --name demo --scopes "events:write analytics:read exports:write admin" \
+    --data-dir "$data_dir" > "$creds"
+  chmod 600 "$creds"
+fi
+client_id=$(.venv/bin/python -c 'import json,sys; print(json.load(open(sys.argv[1]))["client_id"])' "$creds")
+secret=$(.venv/bin/python -c 'import json,sys; print(json.load(open(sys.argv[1]))["client_secret"])' "$creds")
+url="http://$host:$port"
+cat <<MSG
+
+Tally is starting at $url   (OpenAPI docs: $url/docs)
+Demo client (all scopes; saved in $creds):
+  client_id:     $client_id
+  client_secret: $secret
+
+Try it:
+  TOKEN=\$(curl -s -u '$client_id:$secret' -d grant_type=client_credentials $url/oauth/token \\
+    | python3 -c 'import json,sys; print(json.load(sys.stdin)["access_token"])')
+  curl -s -X POST $url/v1/events:batch -H "Authorization: Bearer \$TOKEN" -d '[{"event_id":"hello-1",
+    "event_type":"bet.settled","occurred_at":"2025-10-23T16:21:05Z","tenant_id":"brand-1","region":"EU",
+    "player_id":"p_demo","schema_version":"1.3.0","payload":{"bet_id":"b1","stake_minor":500,
+    "win_minor":450,"currency":"EUR","game_id":"g_01","provider_id":"studio_x"}}]'
+  curl -s $url/v1/admin/quarantine -H "Authorization: Bearer \$TOKEN"
+
+MSG
+exec "$tally" serve --host "$host" --port "$port" --data-dir "$data_dir"

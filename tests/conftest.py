@@ -1,0 +1,74 @@
+"""Shared fixtures: a real store in a temp dir, the real app in-process, real tokens."""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from fastapi.testclient import TestClient
+
+from tally import metadata
+from tally.api.app import create_app
+from tally.config import Settings
+from tally.security.clients import create_client
+
+ALL_SCOPES = "events:write analytics:read exports:write admin"
+_ids = itertools.count()
+
+
+def make_event(**overrides: Any) -> dict[str, Any]:
+    """A valid bet.settled event; keyword arguments replace envelope fields."""
+    n = next(_ids)
+    event: dict[str, Any] = {
+        "event_id": f"ev-{n}",
+        "event_type": "bet.settled",
+        "occurred_at": "2025-10-23T16:21:05Z",
+        "tenant_id": "brand-7",
+        "region": "EU",
+        "player_id": "p_19f3",
+        "trace_id": "tr_a1b2c3",
+        "schema_version": "1.3.0",
+        "payload": {"bet_id": f"b-{n}", "stake_minor": 500, "win_minor": 450,
+                    "currency": "EUR", "game_id": "g_01", "provider_id": "studio_x"},
+    }
+    event.update(overrides)
+    return event
+
+
+@pytest.fixture
+def settings(tmp_path: Path) -> Settings:
+    return Settings(data_dir=tmp_path / "data", regions="EU,UK,LATAM")
+
+
+@pytest.fixture
+def client(settings: Settings) -> Iterator[TestClient]:
+    with TestClient(create_app(settings), raise_server_exceptions=False) as test_client:
+        yield test_client
+
+
+TokenFactory = Callable[..., dict[str, str]]
+
+
+@pytest.fixture
+def auth(client: TestClient, settings: Settings) -> TokenFactory:
+    """``auth(scopes=..., brands=..., regions=...)`` → Authorization headers of a new client."""
+
+    def factory(scopes: str = ALL_SCOPES, brands: str | None = None,
+                regions: str | None = None) -> dict[str, str]:
+        con = metadata.connect(settings.data_dir)
+        client_id, secret = create_client(con, "test", scopes, brands, regions)
+        con.close()
+        response = client.post("/oauth/token", auth=(client_id, secret),
+                               data={"grant_type": "client_credentials"})
+        assert response.status_code == 200, response.text
+        return {"Authorization": f"Bearer {response.json()['access_token']}"}
+
+    return factory
+
+
+@pytest.fixture
+def headers(auth: TokenFactory) -> dict[str, str]:
+    return auth()

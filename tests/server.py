@@ -1,0 +1,75 @@
+"""Start and stop a real ``tally serve`` process for end-to-end tests."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx2 as httpx
+
+TALLY = str(Path(sys.executable).with_name("tally"))
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def cli(*args: str, data_dir: Path,
+        env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([TALLY, *args, "--data-dir", str(data_dir)], capture_output=True,
+                          text=True, timeout=60, env={**os.environ, **(env or {})})
+
+
+class Server:
+    def __init__(self, data_dir: Path, env: dict[str, str] | None = None) -> None:
+        self.data_dir, self.port = data_dir, free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.log = data_dir.parent / f"serve-{self.port}.log"
+        with self.log.open("wb") as log:
+            self.proc = subprocess.Popen(
+                [TALLY, "serve", "--port", str(self.port), "--data-dir", str(data_dir)],
+                stdout=log, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})},
+            )
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"server exited: {self.log.read_text()}")
+            try:
+                if httpx.get(f"{self.url}/readyz", timeout=1).status_code == 200:
+                    return
+            except httpx.TransportError:
+                time.sleep(0.1)
+        raise RuntimeError("server did not become ready")
+
+    def kill(self) -> None:
+        self.proc.send_signal(signal.SIGKILL)
+        self.proc.wait(timeout=10)
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            self.proc.wait(timeout=20)
+
+
+def new_client(data_dir: Path, scopes: str = "events:write analytics:read admin",
+               **limits: str) -> tuple[str, str]:
+    extra = [arg for key, value in limits.items() for arg in (f"--{key}", value)]
+    out = cli("client", "create", "--name", "e2e", "--scopes", scopes, *extra, data_dir=data_dir)
+    assert out.returncode == 0, out.stderr
+    creds = json.loads(out.stdout)
+    return creds["client_id"], creds["client_secret"]
+
+
+def token(url: str, client_id: str, secret: str) -> dict[str, str]:
+    r = httpx.post(f"{url}/oauth/token", auth=(client_id, secret),
+                   data={"grant_type": "client_credentials"})
+    r.raise_for_status()
+    return {"Authorization": f"Bearer {r.json()['access_token']}"}

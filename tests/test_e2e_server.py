@@ -1,0 +1,129 @@
+"""End to end through the real server process: durability under SIGKILL, operator commands
+while serving, and the CLI's contract (CONTRACT §1, §3)."""
+
+from __future__ import annotations
+
+import json
+import threading
+from pathlib import Path
+
+import duckdb
+import httpx2 as httpx
+import pytest
+
+from tests.conftest import make_event
+from tests.server import Server, cli, new_client, token
+
+pytestmark = pytest.mark.slow
+
+
+def test_every_acknowledged_event_survives_sigkill(tmp_path: Path):
+    data = tmp_path / "data"
+    creds = new_client(data)
+    server = Server(data)
+    headers = token(server.url, *creds)
+    acknowledged: list[str] = []
+    lock = threading.Lock()
+    stop = threading.Event()
+
+    def producer(worker: int) -> None:
+        with httpx.Client(base_url=server.url, headers=headers, timeout=10) as http:
+            n = 0
+            while not stop.is_set():
+                batch = [make_event(event_id=f"w{worker}-{n}-{i}") for i in range(200)]
+                n += 1
+                try:
+                    r = http.post("/v1/events:batch", content=json.dumps(batch))
+                except httpx.TransportError:
+                    return  # the server died under us: this batch was never acknowledged
+                if r.status_code == 202:
+                    assert r.json()["accepted"] == 200
+                    with lock:
+                        acknowledged.extend(e["event_id"] for e in batch)
+
+    workers = [threading.Thread(target=producer, args=(w,)) for w in range(3)]
+    for w in workers:
+        w.start()
+    while True:  # kill while requests are in flight, right after some 202s
+        with lock:
+            if len(acknowledged) >= 6_000:
+                break
+        threading.Event().wait(0.01)
+    server.kill()
+    stop.set()
+    for w in workers:
+        w.join()
+    with lock:
+        acked = list(acknowledged)
+
+    con = duckdb.connect(str(data / "events.duckdb"), read_only=True)
+    rows = dict(con.execute("SELECT event_id, count(*) FROM events GROUP BY 1").fetchall())
+    con.close()
+    missing = [e for e in acked if rows.get(e) != 1]
+    assert missing == [], f"{len(missing)} acknowledged events lost or doubled"
+
+    again = Server(data)  # restart: the dedup index is rebuilt from the store
+    try:
+        headers = token(again.url, *creds)
+        sample = [make_event(event_id=e) for e in acked[:: max(1, len(acked) // 500)]]
+        r = httpx.post(f"{again.url}/v1/events:batch", content=json.dumps(sample),
+                       headers=headers)
+        assert r.json()["duplicates"] == len(sample) and r.json()["accepted"] == 0
+    finally:
+        again.stop()
+
+
+def test_operator_commands_work_while_serving(tmp_path: Path):
+    data = tmp_path / "data"
+    server = Server(data)
+    try:
+        creds = new_client(data, scopes="events:write")  # written while the server runs
+        headers = token(server.url, *creds)
+        r = httpx.post(f"{server.url}/v1/events:batch", headers=headers,
+                       content=json.dumps([make_event()]))
+        assert r.status_code == 202 and r.json()["accepted"] == 1
+        demo = cli("demo", "--events", "10", data_dir=data)
+        assert demo.returncode != 0 and "in use" in demo.stderr
+        assert demo.stderr.count("\n") == 1 and "Traceback" not in demo.stderr
+    finally:
+        server.stop()
+
+
+def test_client_create_prints_only_json(tmp_path: Path):
+    out = cli("client", "create", "--name", "bi", "--scopes", "analytics:read",
+              "--brands", "brand-1,brand-2", "--regions", "EU,UK", "--metrics", "ggr,ngr",
+              data_dir=tmp_path)
+    assert out.returncode == 0
+    creds = json.loads(out.stdout)
+    assert set(creds) == {"client_id", "client_secret"}
+    assert out.stdout.count("\n") == 1
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ("client", "create", "--name", "x", "--scopes", "root"),
+        ("client", "create", "--name", " ", "--scopes", "admin"),
+    ],
+)
+def test_cli_errors_are_one_line_and_non_zero(tmp_path: Path, args):
+    out = cli(*args, data_dir=tmp_path)
+    assert out.returncode != 0 and out.stdout == ""
+    assert out.stderr.startswith("tally: ") and out.stderr.count("\n") == 1
+
+
+def test_serve_refuses_an_unusable_data_dir(tmp_path: Path):
+    blocker = tmp_path / "file"
+    blocker.write_text("not a directory")
+    out = cli("serve", "--port", "0", data_dir=blocker / "sub")
+    assert out.returncode != 0 and "unusable" in out.stderr and "Traceback" not in out.stderr
+
+
+def test_serve_refuses_a_data_dir_in_use(tmp_path: Path):
+    data = tmp_path / "data"
+    server = Server(data)
+    try:
+        out = cli("serve", "--port", "0", data_dir=data)
+        assert out.returncode != 0 and "in use" in out.stderr
+    finally:
+        server.stop()
