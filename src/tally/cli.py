@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import json
 import sys
 from pathlib import Path
@@ -56,6 +57,10 @@ def serve(
         runtime = Runtime.open(settings)
     except StoreUnavailable as exc:
         fail(str(exc))
+    # A batch decodes into thousands of short-lived objects; the default gen-0 threshold (700)
+    # ran a collection several times per batch (measured: ~20% of prepare time).
+    gc.freeze()
+    gc.set_threshold(50_000, 20, 100)
     uvicorn.run(create_app(settings, runtime), host=host, port=port, log_config=None,
                 access_log=False, timeout_graceful_shutdown=5)
 

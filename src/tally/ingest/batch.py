@@ -1,34 +1,41 @@
-"""One batch, from request body to columns: decode, validate per event, build Arrow arrays.
+"""One batch, from request body to columns: decode, check per event, build an Arrow table.
 
 Everything here is CPU work that needs no store; the writer (``writer.py``) does dedup and the
 durable commit. The happy path decodes the whole array with one typed msgspec call; only a batch
-with an invalid event falls back to decoding event by event to find it.
+with an event that fails type checks falls back to decoding event by event to find it.
 """
 
 from __future__ import annotations
 
+from collections import defaultdict
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Any
 
 import msgspec
 import pyarrow as pa
 
 from tally.errors import BadRequest, PayloadTooLarge
-from tally.events.envelope import Envelope, Rejected, ValidationContext, ValidEvent, validate
-from tally.storage.schema import (
-    EVENTS_SCHEMA,
-    PAYLOAD_BOOL_FIELDS,
-    PAYLOAD_INT_FIELDS,
-    PAYLOAD_TEXT_FIELDS,
-    QUARANTINE_SCHEMA,
+from tally.events.envelope import (
+    AnyEvent,
+    Event,
+    PayloadText,
+    ValidationContext,
+    check,
+    explain,
 )
+from tally.storage.schema import EVENTS_SCHEMA, QUARANTINE_SCHEMA
 
-_BATCH_DECODER = msgspec.json.Decoder(list[Envelope])
-_RAW_DECODER = msgspec.json.Decoder(list[msgspec.Raw])
-_ONE_DECODER = msgspec.json.Decoder(Envelope)
-_EVENT_ID = msgspec.json.Decoder(dict[str, Any])
-_PAYLOAD_FIELDS = PAYLOAD_TEXT_FIELDS + PAYLOAD_INT_FIELDS + PAYLOAD_BOOL_FIELDS
+_BATCH = msgspec.json.Decoder(list[AnyEvent])  # type: ignore[valid-type]
+_ONE = msgspec.json.Decoder(AnyEvent)
+_RAW = msgspec.json.Decoder(list[msgspec.Raw])
+_PAYLOADS = msgspec.json.Decoder(list[PayloadText])
+_ANY_OBJECT = msgspec.json.Decoder(dict[str, Any])
+_ENVELOPE_TEXT = ("event_id", "tenant_id", "region", "player_id", "trace_id", "schema_version")
+UTC_US = pa.timestamp("us", tz="UTC")
+
+Hasher = Callable[[str, str], tuple[int, int]]
 
 
 @dataclass
@@ -36,7 +43,7 @@ class Rejection:
     index: int
     event_id: str | None
     reason: str
-    raw: bytes
+    raw: bytes = b""
     residency: bool = False
 
     def error(self) -> dict[str, Any]:
@@ -45,110 +52,110 @@ class Rejection:
 
 @dataclass
 class PreparedBatch:
-    """The valid events (in body order) and the rejections of one request."""
+    """The valid events of one request as an Arrow table, and its rejections."""
 
     received_at: datetime  # naive UTC
     client_id: str
-    valid: list[ValidEvent] = field(default_factory=list)
-    positions: list[int] = field(default_factory=list)  # body index of each valid event
+    table: pa.Table
     rejections: list[Rejection] = field(default_factory=list)
 
-    @property
-    def size(self) -> int:
-        return len(self.valid) + len(self.rejections)
 
-
-def check_size(body: bytes, max_events: int, max_bytes: int) -> None:
-    if len(body) > max_bytes:
-        raise PayloadTooLarge(f"batch body is {len(body)} bytes; the limit is {max_bytes}")
-
-
-def prepare(body: bytes, ctx: ValidationContext, client_id: str, max_events: int) -> PreparedBatch:
-    """Decode and validate a request body; raise 400/413 for a body that is not a batch."""
-    batch = PreparedBatch(ctx.received_at.replace(tzinfo=None), client_id)
+def prepare(body: bytes, ctx: ValidationContext, client_id: str, max_events: int,
+            hasher: Hasher) -> PreparedBatch:
+    """Decode and check a request body; raise 400/413 for a body that is not a batch."""
+    rejections: list[Rejection] = []
     try:
-        envelopes: list[Envelope] | None = _BATCH_DECODER.decode(body)
+        decoded: list[Event] = _BATCH.decode(body)
+        indexed = list(enumerate(decoded))
     except msgspec.ValidationError:
-        envelopes = None
+        indexed = _decode_one_by_one(body, rejections)
     except msgspec.DecodeError as exc:
         raise BadRequest(f"body is not valid JSON: {exc}") from None
-    if envelopes is not None:
-        _check_count(len(envelopes), max_events)
-        for i, env in enumerate(envelopes):
-            _validate_one(batch, i, env, ctx)
-        if batch.rejections:  # quarantine keeps the event exactly as the producer sent it
-            raws = _RAW_DECODER.decode(body)
-            for rejection in batch.rejections:
-                rejection.raw = bytes(raws[rejection.index])
-        return batch
-    raws = _decode_raw_array(body)
-    _check_count(len(raws), max_events)
-    for i, raw in enumerate(raws):
-        try:
-            env = _ONE_DECODER.decode(raw)
-        except msgspec.ValidationError as exc:
-            batch.rejections.append(Rejection(i, _event_id_of(raw), str(exc), bytes(raw)))
-            continue
-        _validate_one(batch, i, env, ctx)
-        if batch.rejections and batch.rejections[-1].index == i:
-            batch.rejections[-1].raw = bytes(raw)
-    return batch
+    if len(indexed) + len(rejections) > max_events:
+        raise PayloadTooLarge(
+            f"batch has {len(indexed) + len(rejections)} events; the limit is {max_events}"
+        )
+    payload_texts = _PAYLOADS.decode(body)
+    valid: list[tuple[int, Event]] = []
+    for i, event in indexed:
+        problem = check(event, ctx)
+        if problem is None:
+            valid.append((i, event))
+        else:
+            rejections.append(Rejection(i, event.event_id, problem.reason,
+                                        residency=problem.residency))
+    if rejections:  # quarantine keeps each event exactly as the producer sent it
+        raws = _RAW.decode(body)
+        for rejection in rejections:
+            rejection.raw = bytes(raws[rejection.index])
+        rejections.sort(key=lambda r: r.index)
+    received = ctx.received_at.astimezone(UTC).replace(tzinfo=None)
+    table = event_table(valid, payload_texts, received, hasher)
+    return PreparedBatch(received, client_id, table, rejections)
 
 
-def _decode_raw_array(body: bytes) -> list[msgspec.Raw]:
+def _decode_one_by_one(body: bytes, rejections: list[Rejection]) -> list[tuple[int, Event]]:
     try:
-        raws = _RAW_DECODER.decode(body)
+        raws = _RAW.decode(body)
     except msgspec.ValidationError:
         raise BadRequest("body must be a JSON array of event objects") from None
+    indexed: list[tuple[int, Event]] = []
     for i, raw in enumerate(raws):
         if bytes(memoryview(raw)[:1]) != b"{":
             raise BadRequest(f"body must be a JSON array of event objects; item {i} is not one")
-    return raws
+        try:
+            indexed.append((i, _ONE.decode(raw)))
+        except msgspec.ValidationError as exc:
+            event_id = _ANY_OBJECT.decode(raw).get("event_id")
+            rejections.append(Rejection(
+                i, event_id if isinstance(event_id, str) else None, explain(exc)))
+    return indexed
 
 
-def _check_count(count: int, max_events: int) -> None:
-    if count > max_events:
-        raise PayloadTooLarge(f"batch has {count} events; the limit is {max_events}")
+def event_table(valid: list[tuple[int, Event]], payload_texts: list[PayloadText],
+                received_at: datetime, hasher: Hasher) -> pa.Table:
+    """EVENTS_SCHEMA rows of the valid events, grouped by type (row order carries no meaning);
+    ``ingest_seq`` is left 0 for the writer to stamp."""
+    by_type: dict[str, list[tuple[int, Event]]] = defaultdict(list)
+    for item in valid:
+        by_type[item[1].__struct_config__.tag].append(item)  # type: ignore[index]
+    tables = [_type_table(items, payload_texts, received_at, hasher) for items in by_type.values()]
+    if not tables:
+        return EVENTS_SCHEMA.empty_table()
+    return pa.concat_tables(tables)
 
 
-def _event_id_of(raw: msgspec.Raw) -> str | None:
-    value = _EVENT_ID.decode(raw).get("event_id")
-    return value if isinstance(value, str) else None
-
-
-def _validate_one(batch: PreparedBatch, i: int, env: Envelope, ctx: ValidationContext) -> None:
-    try:
-        batch.valid.append(validate(env, ctx))
-        batch.positions.append(i)
-    except Rejected as exc:
-        batch.rejections.append(Rejection(i, env.event_id, exc.reason, b"", exc.residency))
-
-
-def event_columns(events: list[ValidEvent], keys: list[tuple[int, int]], received_at: datetime,
-                  ingest_seq: int) -> pa.Table:
-    """The Arrow table (EVENTS_SCHEMA) of validated events, in order."""
+def _type_table(items: list[tuple[int, Event]], payload_texts: list[PayloadText],
+                received_at: datetime, hasher: Hasher) -> pa.Table:
+    events = [event for _, event in items]
     n = len(events)
-    cols: dict[str, list[Any]] = {
-        "ingest_seq": [ingest_seq] * n,
+    keys = [hasher(e.tenant_id, e.event_id) for e in events]
+    occurred = pa.array([e.occurred_at for e in events], UTC_US).cast(pa.timestamp("us"))
+    ingested = pa.array([e.ingested_at for e in events], UTC_US).cast(pa.timestamp("us"))
+    received = pa.array([received_at] * n, pa.timestamp("us"))
+    cols: dict[str, Any] = {
+        "ingest_seq": pa.repeat(pa.scalar(0, pa.int64()), n),
         "id_hi": [k[0] for k in keys],
         "id_lo": [k[1] for k in keys],
-        "received_at": [received_at] * n,
+        "event_type": [events[0].__struct_config__.tag] * n,
+        "occurred_at": occurred,
+        "ingested_at": ingested.fill_null(received),
+        "received_at": received,
+        **{name: [getattr(e, name) for e in events] for name in _ENVELOPE_TEXT},
+        **{name: [getattr(e.payload, name) for e in events]
+           for name in events[0].payload.__struct_fields__ if name in EVENTS_SCHEMA.names},
+        "payload": [bytes(payload_texts[i].payload).decode() for i, _ in items],
     }
-    envs = [e.envelope for e in events]
-    for name in ("event_id", "event_type", "tenant_id", "region", "player_id", "trace_id",
-                 "schema_version"):
-        cols[name] = [getattr(env, name) for env in envs]
-    cols["occurred_at"] = [e.occurred_at for e in events]
-    cols["ingested_at"] = [e.ingested_at for e in events]
-    payloads = [e.payload for e in events]
-    for name in _PAYLOAD_FIELDS:
-        cols[name] = [getattr(pl, name, None) for pl in payloads]
-    cols["payload"] = [bytes(env.payload).decode() for env in envs]
-    return pa.Table.from_pydict(cols, schema=EVENTS_SCHEMA)
+    arrays = [cols[f.name] if f.name in cols else pa.nulls(n, f.type) for f in EVENTS_SCHEMA]
+    return pa.Table.from_arrays(
+        [a if isinstance(a, pa.Array) else pa.array(a, f.type)
+         for a, f in zip(arrays, EVENTS_SCHEMA, strict=True)],
+        schema=EVENTS_SCHEMA,
+    )
 
 
-def quarantine_columns(rejections: list[Rejection], received_at: datetime,
-                       client_id: str) -> pa.Table:
+def quarantine_table(rejections: list[Rejection], received_at: datetime,
+                     client_id: str) -> pa.Table:
     """Quarantine rows. An event refused for residency keeps only its identity, not its data:
     CONTRACT §3 says it is stored nowhere in this deployment."""
     return pa.Table.from_pydict(

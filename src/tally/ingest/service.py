@@ -11,10 +11,8 @@ from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import Any
 
-import pyarrow as pa
-
 from tally.events.envelope import ValidationContext
-from tally.ingest.batch import PreparedBatch, event_columns, prepare
+from tally.ingest.batch import PreparedBatch, prepare
 from tally.ingest.dedup import DedupIndex, key_hasher
 from tally.ingest.writer import IdempotencyKey, IngestWriter
 from tally.storage.base import Backend
@@ -46,11 +44,8 @@ class IngestService:
     def stop(self) -> None:
         self.writer.stop()
 
-    def prepare(self, body: bytes, ctx: ValidationContext,
-                client_id: str) -> tuple[PreparedBatch, pa.Table]:
-        batch = prepare(body, ctx, client_id, self.max_batch_events)
-        keys = [self._hash(e.envelope.tenant_id, e.envelope.event_id) for e in batch.valid]
-        return batch, event_columns(batch.valid, keys, batch.received_at, 0)
+    def prepare(self, body: bytes, ctx: ValidationContext, client_id: str) -> PreparedBatch:
+        return prepare(body, ctx, client_id, self.max_batch_events, self._hash)
 
     async def ingest(self, body: bytes, ctx: ValidationContext, client_id: str, trace_id: str,
                      idempotency_key: str | None = None) -> dict[str, Any]:
@@ -59,15 +54,13 @@ class IngestService:
         if idempotency_key is not None:
             digest = hashlib.sha256(body).hexdigest()
             idem = IdempotencyKey(client_id, idempotency_key, digest)
-        batch, table = self.prepare(body, ctx, client_id)
-        future = self.writer.submit(batch, table, trace_id, idem)
+        future = self.writer.submit(self.prepare(body, ctx, client_id), trace_id, idem)
         return await asyncio.wrap_future(future)
 
     def ingest_now(self, body: bytes, ctx: ValidationContext, client_id: str,
                    trace_id: str) -> dict[str, Any]:
         """The same path, synchronous, for a process that owns the store (bulk loading)."""
-        batch, table = self.prepare(body, ctx, client_id)
-        return self.writer.write_now(batch, table, trace_id)
+        return self.writer.write_now(self.prepare(body, ctx, client_id), trace_id)
 
 
 def utc_now() -> datetime:

@@ -22,7 +22,7 @@ import numpy as np
 import pyarrow as pa
 
 from tally.errors import Unprocessable
-from tally.ingest.batch import PreparedBatch, quarantine_columns
+from tally.ingest.batch import PreparedBatch, quarantine_table
 from tally.ingest.dedup import DedupIndex
 from tally.storage.base import Backend, IdempotencyRecord, WriteSet
 
@@ -40,7 +40,6 @@ class IdempotencyKey:
 @dataclass
 class Submission:
     batch: PreparedBatch
-    table: pa.Table  # EVENTS_SCHEMA rows of batch.valid, ingest_seq still 0
     trace_id: str
     idempotency: IdempotencyKey | None
     future: Future[dict[str, Any]]
@@ -63,16 +62,16 @@ class IngestWriter:
         self._queue.put(None)
         self._thread.join()
 
-    def submit(self, batch: PreparedBatch, table: pa.Table, trace_id: str,
+    def submit(self, batch: PreparedBatch, trace_id: str,
                idempotency: IdempotencyKey | None) -> Future[dict[str, Any]]:
         future: Future[dict[str, Any]] = Future()
-        self._queue.put(Submission(batch, table, trace_id, idempotency, future))
+        self._queue.put(Submission(batch, trace_id, idempotency, future))
         return future
 
-    def write_now(self, batch: PreparedBatch, table: pa.Table, trace_id: str) -> dict[str, Any]:
+    def write_now(self, batch: PreparedBatch, trace_id: str) -> dict[str, Any]:
         """Synchronous path for bulk loaders that own the store (``tally demo``)."""
         future: Future[dict[str, Any]] = Future()
-        self._commit([Submission(batch, table, trace_id, None, future)])
+        self._commit([Submission(batch, trace_id, None, future)])
         return future.result()
 
     def _run(self) -> None:
@@ -81,7 +80,7 @@ class IngestWriter:
             if first is None:
                 return
             group = [first]
-            events = len(first.batch.valid)
+            events = first.batch.table.num_rows
             while events < MAX_GROUP_EVENTS:
                 try:
                     nxt = self._queue.get_nowait()
@@ -91,7 +90,7 @@ class IngestWriter:
                     self._commit(group)
                     return
                 group.append(nxt)
-                events += len(nxt.batch.valid)
+                events += nxt.batch.table.num_rows
             self._commit(group)
 
     def _commit(self, group: list[Submission]) -> None:
@@ -155,7 +154,7 @@ class IngestWriter:
 
     def _stage(self, sub: Submission, writes: WriteSet, seen: set[tuple[int, int]],
                new_hi: list[Any], new_lo: list[Any]) -> dict[str, Any]:
-        batch, table = sub.batch, sub.table
+        batch, table = sub.batch, sub.batch.table
         hi = table.column("id_hi").to_numpy()
         lo = table.column("id_lo").to_numpy()
         keep = ~self._index.contains(hi, lo)
@@ -173,7 +172,7 @@ class IngestWriter:
             new_lo.append(lo[keep])
         if batch.rejections:
             writes.quarantine.append(
-                quarantine_columns(batch.rejections, batch.received_at, batch.client_id)
+                quarantine_table(batch.rejections, batch.received_at, batch.client_id)
             )
         receipt = {
             "accepted": int(kept.num_rows),

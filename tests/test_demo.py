@@ -1,0 +1,214 @@
+"""``tally demo``: a deterministic, valid and plausible stream, loaded through the real ingest
+path into a real store. Plausibility is recomputed here from the raw events, independently of
+the generator's own bookkeeping."""
+
+from __future__ import annotations
+
+from collections import Counter
+from datetime import UTC, datetime, timedelta
+from itertools import islice
+from pathlib import Path
+from typing import Any
+
+import msgspec
+import pytest
+
+from tally.config import Settings
+from tally.demo.generator import generate
+from tally.demo.load import load_demo
+from tally.storage.duckdb import DuckDBBackend
+
+END = datetime(2025, 10, 23, tzinfo=UTC)
+EVENTS, DAYS, SEED = 20_000, 7, 5
+
+
+@pytest.fixture(scope="module")
+def batches() -> list[list[dict[str, Any]]]:
+    return list(generate(EVENTS, DAYS, SEED, END, batch_size=2_000))
+
+
+@pytest.fixture(scope="module")
+def events(batches: list[list[dict[str, Any]]]) -> list[dict[str, Any]]:
+    return [event for batch in batches for event in batch]
+
+
+def of_type(events: list[dict[str, Any]], event_type: str) -> list[dict[str, Any]]:
+    return [e for e in events if e["event_type"] == event_type]
+
+
+def ts(value: str) -> datetime:
+    return datetime.fromisoformat(value)
+
+
+def test_same_seed_same_events() -> None:
+    def first(seed: int) -> bytes:
+        return msgspec.json.encode(list(islice(generate(5_000, 3, seed, END, 1_000), 3)))
+
+    assert first(3) == first(3)
+    assert first(3) != first(4)
+
+
+def test_exact_count_and_batch_sizes(batches: list[list[dict[str, Any]]]) -> None:
+    assert sum(len(b) for b in batches) == EVENTS
+    assert all(len(b) == 2_000 for b in batches)
+
+
+def test_load_demo_goes_through_ingest_and_rejects_nothing(tmp_path: Path) -> None:
+    settings = Settings(data_dir=tmp_path / "data")
+    summary = load_demo(settings, events=EVENTS, days=DAYS, seed=SEED)
+    assert summary["events_generated"] == EVENTS
+    assert summary["rejected"] == 0
+    assert summary["duplicates"] > 0
+    assert summary["accepted"] + summary["duplicates"] == EVENTS
+    assert summary["data_dir"] == str(settings.data_dir)
+    backend = DuckDBBackend(settings.data_dir)
+    try:
+        assert backend.count_events() == summary["accepted"]
+        stored = backend.query("SELECT count(DISTINCT event_id) AS n FROM events")
+        assert stored.column("n")[0].as_py() == summary["accepted"]
+    finally:
+        backend.close()
+
+
+def test_only_served_regions(tmp_path: Path) -> None:
+    settings = Settings(data_dir=tmp_path / "data", regions="UK,LATAM")
+    summary = load_demo(settings, events=3_000, days=2, seed=1)
+    assert summary["rejected"] == 0
+    backend = DuckDBBackend(settings.data_dir)
+    try:
+        rows = backend.query("SELECT DISTINCT region FROM events").column("region").to_pylist()
+    finally:
+        backend.close()
+    assert sorted(rows) == ["LATAM", "UK"]
+
+
+def test_envelopes(events: list[dict[str, Any]]) -> None:
+    start = END - timedelta(days=DAYS)
+    for e in events:
+        assert 1 <= len(e["event_id"]) <= 128
+        assert e["occurred_at"].endswith("Z") and e["ingested_at"].endswith("Z")
+        assert start <= ts(e["occurred_at"]) < END
+        assert ts(e["ingested_at"]) >= ts(e["occurred_at"])
+        assert e["player_id"].startswith("p_")
+        assert e["schema_version"] in {"1.0.0", "1.2.0", "1.3.0"}
+    versions = Counter(e["schema_version"] for e in events)
+    assert versions.most_common(1)[0][0] == "1.3.0" and len(versions) == 3
+
+
+def test_money_is_integer_and_nothing_is_a_float(events: list[dict[str, Any]]) -> None:
+    def walk(value: Any) -> None:
+        assert not isinstance(value, float)
+        if isinstance(value, dict):
+            for key, item in value.items():
+                if key.endswith("_minor") or key == "duration_sec":
+                    assert type(item) is int and item >= 0, (key, item)
+                walk(item)
+
+    for e in events:
+        walk(e)
+
+
+def test_markets_are_varied_and_consistent(events: list[dict[str, Any]]) -> None:
+    assert len({e["tenant_id"] for e in events}) == 4
+    assert {e["region"] for e in events} == {"EU", "UK", "LATAM", "NA", "APAC"}
+    currencies = Counter(e["payload"]["currency"] for e in of_type(events, "bet.settled"))
+    assert len(currencies) >= 5
+    brand_currency = {(e["tenant_id"], e["region"], e["payload"]["currency"])
+                      for e in events if "currency" in e["payload"]}
+    for brand in {b for b, _, _ in brand_currency}:
+        assert len({r for b, r, _ in brand_currency if b == brand}) <= 2
+
+
+def test_rtp_and_bets(events: list[dict[str, Any]]) -> None:
+    settled = of_type(events, "bet.settled")
+    stake = sum(e["payload"]["stake_minor"] for e in settled)
+    wins = sum(e["payload"]["win_minor"] for e in settled)
+    assert 0.85 <= wins / stake <= 1.0
+    assert len({e["payload"]["game_id"] for e in settled}) >= 20
+    assert len({e["payload"]["provider_id"] for e in settled}) == 6
+    assert any(e["payload"].get("in_bonus") for e in settled)
+    assert any("jackpot_contribution_minor" in e["payload"] for e in settled)
+    assert any("commission_minor" in e["payload"] for e in settled)
+
+
+def test_every_settlement_follows_its_bet(events: list[dict[str, Any]]) -> None:
+    placed: dict[str, dict[str, Any]] = {}
+    for e in events:  # stream order: a settlement never arrives before its bet
+        if e["event_type"] == "bet.placed":
+            placed[e["payload"]["bet_id"]] = e
+        elif e["event_type"] == "bet.settled":
+            bet = placed[e["payload"]["bet_id"]]
+            assert bet["payload"]["stake_minor"] == e["payload"]["stake_minor"]
+            assert bet["payload"]["currency"] == e["payload"]["currency"]
+            assert bet["player_id"] == e["player_id"]
+            assert ts(bet["occurred_at"]) <= ts(e["occurred_at"])
+
+
+def test_deposits_reference_captured_payments(events: list[dict[str, Any]]) -> None:
+    captured = {e["payload"]["payment_id"]: e for e in of_type(events, "payment.captured")}
+    deposits = [e for e in of_type(events, "wallet.credit") if e["payload"]["reason"] == "deposit"]
+    assert deposits
+    for credit in deposits:
+        payment = captured[credit["payload"]["reference_id"]]
+        assert payment["payload"]["amount_minor"] == credit["payload"]["amount_minor"]
+        assert payment["payload"]["currency"] == credit["payload"]["currency"]
+    intents = len(of_type(events, "payment.intent"))
+    failed = len({e["payload"]["payment_id"] for e in of_type(events, "payment.failed")})
+    assert 0.04 <= failed / intents <= 0.25
+    assert len({e["payload"]["method"] for e in of_type(events, "payment.intent")}) >= 5
+    assert all(e.get("player_id") for e in events if e["event_type"].startswith("payment."))
+
+
+def test_every_type_appears(events: list[dict[str, Any]]) -> None:
+    types = Counter(e["event_type"] for e in events)
+    assert set(types) >= {
+        "player.registered", "session.started", "session.ended", "bet.placed", "bet.settled",
+        "wallet.debit", "wallet.credit", "payment.intent", "payment.authorized",
+        "payment.captured", "payment.failed", "bonus.issued", "bonus.consumed", "rg.limit.hit",
+    }
+    durations = [e["payload"]["duration_sec"] for e in of_type(events, "session.ended")]
+    assert 0.05 <= sum(d < 60 for d in durations) / len(durations) <= 0.6
+    reasons = Counter(e["payload"]["reason"] for e in of_type(events, "wallet.debit"))
+    assert reasons["withdrawal"] > 0
+
+
+def test_duplicates_are_exact_and_in_a_later_batch(batches: list[list[dict[str, Any]]]) -> None:
+    first: dict[str, tuple[int, bytes]] = {}
+    dups = 0
+    for number, batch in enumerate(batches):
+        for e in batch:
+            body = msgspec.json.encode(e)
+            if e["event_id"] in first:
+                dups += 1
+                assert first[e["event_id"]][1] == body
+                assert first[e["event_id"]][0] < number
+            else:
+                first[e["event_id"]] = (number, body)
+    assert 0.005 <= dups / EVENTS <= 0.02
+
+
+def test_roughly_time_ordered_with_some_late_events(events: list[dict[str, Any]]) -> None:
+    seen: set[str] = set()
+    newest = events[0]["occurred_at"]
+    late = 0
+    for e in events:
+        if e["event_id"] in seen:
+            continue
+        seen.add(e["event_id"])
+        if ts(e["occurred_at"]) < ts(newest) - timedelta(hours=1):
+            late += 1
+        newest = max(newest, e["occurred_at"])
+    assert 0.005 <= late / EVENTS <= 0.04
+
+
+def test_seasonality_and_retention(events: list[dict[str, Any]]) -> None:
+    by_hour = Counter(ts(e["occurred_at"]).hour for e in of_type(events, "session.started"))
+    assert max(by_hour.values()) > 2 * min(by_hour.get(h, 0) for h in range(24))
+    days = {e["occurred_at"][:10] for e in events}
+    assert len(days) == DAYS
+    first_day = min(days)
+    new = {e["player_id"] for e in of_type(events, "player.registered")
+           if e["occurred_at"][:10] == first_day}
+    later = {e["player_id"] for e in of_type(events, "session.started")
+             if e["occurred_at"][:10] > first_day}
+    assert new and 0 < len(new & later) < len(new)  # some come back, not all
