@@ -9,6 +9,7 @@ HOST ?= 127.0.0.1
 PORT ?= 8000
 DEMO_EVENTS ?= 300000
 DEMO_DAYS ?= 30
+BENCH_STORED ?= 10000000
 
 .PHONY: install run test lint bench clean
 
@@ -33,7 +34,7 @@ test: lint  ## the whole suite (lint first)
 	$(VENV)/bin/pytest -q
 
 bench: install  ## reproducible benchmarks; results in docs/benchmarks.md
-	$(VENV)/bin/python bench/ingest_bench.py
+	$(VENV)/bin/python -m bench.ingest_bench --stored $(BENCH_STORED)
 
 clean:
 	rm -rf $(VENV) .tools .mypy_cache .ruff_cache .pytest_cache

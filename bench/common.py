@@ -1,0 +1,145 @@
+"""Helpers shared by the benchmarks: stores, server processes, percentiles, machine facts."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx2 as httpx
+
+ROOT = Path(__file__).resolve().parents[1]
+OUT = ROOT / "bench" / "out"
+TALLY = str(Path(sys.executable).with_name("tally"))
+
+
+def machine() -> dict[str, Any]:
+    mem = next(line for line in Path("/proc/meminfo").read_text().splitlines()
+               if line.startswith("MemTotal"))
+    cpu = next((line.split(":", 1)[1].strip() for line in
+                Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("model name")),
+               platform.processor())
+    return {"cpus": os.cpu_count(), "cpu": cpu, "memory": mem.split(":", 1)[1].strip(),
+            "python": platform.python_version()}
+
+
+def percentile(values: list[float], q: float) -> float:
+    """Nearest-rank percentile."""
+    ordered = sorted(values)
+    rank = max(1, int(-(-q * len(ordered) // 1)))
+    return ordered[min(rank, len(ordered)) - 1]
+
+
+def ensure_store(stored: int, days: int) -> Path:
+    """A data dir holding ``stored`` demo events, built once through `tally demo` and reused."""
+    data = OUT / f"store-{stored}"
+    marker = data / "demo.json"
+    if not marker.exists():
+        data.mkdir(parents=True, exist_ok=True)
+        started = time.perf_counter()
+        run = subprocess.run([TALLY, "demo", "--events", str(stored), "--days", str(days),
+                              "--data-dir", str(data)], capture_output=True, text=True,
+                             check=True)
+        seconds = time.perf_counter() - started
+        summary = json.loads(run.stderr.strip().splitlines()[-1])
+        marker.write_text(json.dumps({**summary, "wall_seconds": seconds}))
+    return data
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+class Server:
+    def __init__(self, data: Path) -> None:
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        started = time.perf_counter()
+        with (data.parent / f"serve-{self.port}.log").open("wb") as log:
+            self.proc = subprocess.Popen([TALLY, "serve", "--port", str(self.port),
+                                          "--data-dir", str(data)], stdout=log, stderr=log)
+        while True:
+            if self.proc.poll() is not None:
+                raise RuntimeError("server exited during start-up")
+            try:
+                if httpx.get(f"{self.url}/readyz", timeout=2).status_code == 200:
+                    break
+            except httpx.TransportError:
+                time.sleep(0.05)
+        self.startup_seconds = time.perf_counter() - started
+
+    def peak_rss_mb(self) -> float:
+        status = Path(f"/proc/{self.proc.pid}/status").read_text()
+        hwm = next(line for line in status.splitlines() if line.startswith("VmHWM"))
+        return int(hwm.split()[1]) / 1024
+
+    def rss_mb(self) -> float:
+        status = Path(f"/proc/{self.proc.pid}/status").read_text()
+        rss = next(line for line in status.splitlines() if line.startswith("VmRSS"))
+        return int(rss.split()[1]) / 1024
+
+    def stop(self) -> None:
+        self.proc.send_signal(signal.SIGTERM)
+        self.proc.wait(timeout=60)
+
+
+def client_headers(url: str, data: Path, scopes: str) -> dict[str, str]:
+    out = subprocess.run([TALLY, "client", "create", "--name", "bench", "--scopes", scopes,
+                          "--data-dir", str(data)], capture_output=True, text=True, check=True)
+    creds = json.loads(out.stdout)
+    token = httpx.post(f"{url}/oauth/token", data={"grant_type": "client_credentials"},
+                       auth=(creds["client_id"], creds["client_secret"])).json()["access_token"]
+    return {"Authorization": f"Bearer {token}"}
+
+
+async def _post_all(host: str, port: int, path: str, headers: dict[str, str],
+                    bodies: list[bytes], clients: int) -> tuple[list[float], list[bytes]]:
+    """POST every body over ``clients`` keep-alive connections with pre-built request bytes:
+    a load generator that costs the shared CPU almost nothing, unlike a full HTTP client."""
+    import asyncio
+
+    pending = list(reversed(bodies))
+    latencies: list[float] = []
+    replies: list[bytes] = []
+    head = "".join(f"{k}: {v}\r\n" for k, v in headers.items())
+
+    async def worker() -> None:
+        reader, writer = await asyncio.open_connection(host, port)
+        while pending:
+            body = pending.pop()
+            request = (f"POST {path} HTTP/1.1\r\nHost: {host}\r\n{head}"
+                       f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n")
+            sent = time.perf_counter()
+            writer.write(request.encode() + body)
+            await writer.drain()
+            header = await reader.readuntil(b"\r\n\r\n")
+            length = next(int(line.split(b":")[1]) for line in header.split(b"\r\n")
+                          if line.lower().startswith(b"content-length"))
+            reply = await reader.readexactly(length)
+            latencies.append(time.perf_counter() - sent)
+            if not header.startswith(b"HTTP/1.1 2"):
+                raise RuntimeError(f"{header!r} {reply!r}")
+            replies.append(reply)
+        writer.close()
+
+    await asyncio.gather(*(worker() for _ in range(clients)))
+    return latencies, replies
+
+
+def post_all(url: str, path: str, headers: dict[str, str], bodies: list[bytes],
+             clients: int) -> tuple[list[float], list[bytes], float]:
+    import asyncio
+
+    host, port = url.removeprefix("http://").split(":")
+    started = time.perf_counter()
+    latencies, replies = asyncio.run(_post_all(host, int(port), path, headers, bodies, clients))
+    return latencies, replies, time.perf_counter() - started

@@ -1,0 +1,116 @@
+"""Ingestion benchmark: HTTP batches of 1,000 events from concurrent clients into a store that
+already holds N events, beside the raw DuckDB append of the same rows (the engine's ceiling).
+
+    python bench/ingest_bench.py --stored 10000000 --batches 600 --clients 4
+
+Results: bench/out/ingest-<stored>.json; figures go to docs/benchmarks.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+import uuid
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import duckdb
+import msgspec
+
+from bench.common import (
+    OUT,
+    Server,
+    client_headers,
+    ensure_store,
+    machine,
+    percentile,
+    post_all,
+)
+from tally.demo.generator import generate
+from tally.events.envelope import ValidationContext
+from tally.ingest.batch import prepare
+from tally.ingest.dedup import key_hasher
+
+
+def make_bodies(batches: int, batch_size: int) -> list[bytes]:
+    """Realistic batches from the demo generator, with ids no store has seen."""
+    run = uuid.uuid4().hex[:8]
+    bodies: list[bytes] = []
+    stream = generate(batches * batch_size, 3, 99, datetime.now(UTC), batch_size)
+    for n, batch in enumerate(stream):
+        for i, event in enumerate(batch):
+            event["event_id"] = f"bench-{run}-{n}-{i}"
+        bodies.append(msgspec.json.encode(batch))
+    return bodies
+
+
+def http_run(url: str, headers: dict[str, str], bodies: list[bytes],
+             clients: int) -> dict[str, Any]:
+    started_cpu = time.process_time()
+    latencies, replies, wall = post_all(url, "/v1/events:batch", headers, bodies, clients)
+    accepted = sum(json.loads(reply)["accepted"] for reply in replies)
+    return {"events_per_s": accepted / wall, "accepted": accepted, "wall_s": wall,
+            "ack_p50_ms": percentile(latencies, 0.5) * 1000,
+            "ack_p99_ms": percentile(latencies, 0.99) * 1000,
+            "load_generator_cpu_s": time.process_time() - started_cpu}
+
+
+def raw_append(data: Path, bodies: list[bytes]) -> dict[str, Any]:
+    """The same rows appended straight into DuckDB, one transaction per batch (durable like a
+    202), into a scratch table of the same store file: the ceiling of the engine."""
+    ctx = ValidationContext(datetime.now(UTC), frozenset({"EU", "UK", "LATAM", "NA", "APAC"}))
+    hasher = key_hasher(b"bench")
+    tables = [prepare(body, ctx, "bench", 10_000, hasher).table for body in bodies]
+    con = duckdb.connect(str(data / "events.duckdb"))
+    con.execute("CREATE OR REPLACE TABLE bench_append AS SELECT * FROM events LIMIT 0")
+    started = time.perf_counter()
+    rows = 0
+    for rows_table in tables:
+        con.execute("BEGIN")
+        con.register("rows_table", rows_table)
+        con.execute("INSERT INTO bench_append SELECT * FROM rows_table")
+        con.unregister("rows_table")
+        con.execute("COMMIT")
+        rows += rows_table.num_rows
+    wall = time.perf_counter() - started
+    con.execute("DROP TABLE bench_append")
+    con.execute("CHECKPOINT")
+    con.close()
+    return {"events_per_s": rows / wall, "rows": rows, "wall_s": wall}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--stored", type=int, action="append")
+    parser.add_argument("--batches", type=int, default=600)
+    parser.add_argument("--batch-size", type=int, default=1000)
+    parser.add_argument("--clients", type=int, default=4)
+    parser.add_argument("--days", type=int, default=90)
+    args = parser.parse_args()
+    OUT.mkdir(parents=True, exist_ok=True)
+    for stored in args.stored or [10_000_000]:
+        data = ensure_store(stored, args.days)
+        bodies = make_bodies(args.batches, args.batch_size)
+        server = Server(data)
+        try:
+            rss_start = server.rss_mb()
+            headers = client_headers(server.url, data, "events:write")
+            http_run(server.url, headers, bodies[:20], args.clients)  # warm-up
+            result = http_run(server.url, headers, bodies[20:], args.clients)
+            result.update(startup_s=server.startup_seconds, rss_after_start_mb=rss_start,
+                          peak_rss_mb=server.peak_rss_mb())
+        finally:
+            server.stop()
+        baseline = raw_append(data, bodies[20:])
+        report = {"stored": stored, "batch_size": args.batch_size, "clients": args.clients,
+                  "batches": len(bodies) - 20, "http": result, "raw_duckdb_append": baseline,
+                  "demo_load": json.loads((data / "demo.json").read_text()),
+                  "machine": machine(), "at": datetime.now(UTC).isoformat(timespec="seconds")}
+        (OUT / f"ingest-{stored}.json").write_text(json.dumps(report, indent=2))
+        print(json.dumps(report, indent=2))
+
+
+if __name__ == "__main__":
+    main()
