@@ -130,3 +130,40 @@ def test_serve_refuses_a_data_dir_in_use(tmp_path: Path):
         assert out.returncode != 0 and "in use" in out.stderr
     finally:
         server.stop()
+
+
+def test_ingestion_contract_through_the_real_server(tmp_path: Path):
+    """CONTRACT §3 over a real socket: receipts, dedup, idempotency, 400/413/401/403,
+    residency, quarantine, problem+json."""
+    data = tmp_path / "data"
+    writer = new_client(data, scopes="events:write admin")
+    reader = new_client(data, scopes="analytics:read")
+    server = Server(data, env={"TALLY_REGIONS": "EU,UK", "TALLY_MAX_BATCH_EVENTS": "50"})
+    try:
+        headers, read_only = token(server.url, *writer), token(server.url, *reader)
+        with httpx.Client(base_url=server.url, timeout=10) as http:
+            def post(events, **extra):
+                return http.post("/v1/events:batch", content=json.dumps(events),
+                                 headers={**headers, **extra})
+
+            a, bad, far = make_event(), make_event(event_type="x.y"), make_event(region="NA")
+            r = post([a, bad, a, far], **{"X-Idempotency-Key": "k"})
+            assert r.status_code == 202
+            assert {k: r.json()[k] for k in ("accepted", "duplicates", "rejected")} == {
+                "accepted": 1, "duplicates": 1, "rejected": 2}
+            assert post([a, bad, a, far], **{"X-Idempotency-Key": "k"}).json() == r.json()
+            assert post([a], **{"X-Idempotency-Key": "k"}).status_code == 422
+            assert post([a]).json()["duplicates"] == 1
+            for status, response in [
+                (400, http.post("/v1/events:batch", content=b"{}", headers=headers)),
+                (413, post([make_event() for _ in range(51)])),
+                (401, http.post("/v1/events:batch", content=b"[]")),
+                (403, http.post("/v1/events:batch", content=b"[]", headers=read_only)),
+            ]:
+                assert response.status_code == status
+                assert response.headers["content-type"] == "application/problem+json"
+            items = http.get("/v1/admin/quarantine", headers=headers).json()["items"]
+            assert [i["event"] for i in items] == [bad, {"event_id": far["event_id"],
+                                                         "redacted": True}]
+    finally:
+        server.stop()

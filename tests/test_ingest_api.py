@@ -303,3 +303,9 @@ def test_traceparent_is_honoured(client, headers):
 def test_health_and_readiness(client):
     assert client.get("/healthz").json()["status"] == "ok"
     assert client.get("/readyz").json()["status"] == "ready"
+
+
+def test_field_order_does_not_matter(client, headers):
+    ev = make_event()
+    reordered = {k: ev[k] for k in reversed(list(ev))}  # event_type after payload
+    assert post(client, headers, [reordered]).json()["accepted"] == 1
