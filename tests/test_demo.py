@@ -82,6 +82,14 @@ def test_only_served_regions(tmp_path: Path) -> None:
     assert sorted(rows) == ["LATAM", "UK"]
 
 
+def test_batches_respect_the_deployment_limits(tmp_path: Path) -> None:
+    settings = Settings(data_dir=tmp_path / "data", max_batch_events=700,
+                        max_batch_bytes=64 * 1024)
+    summary = load_demo(settings, events=4_000, days=2, seed=2)
+    assert summary["rejected"] == 0
+    assert summary["accepted"] + summary["duplicates"] == summary["events_generated"] == 4_000
+
+
 def test_envelopes(events: list[dict[str, Any]]) -> None:
     start = END - timedelta(days=DAYS)
     for e in events:
@@ -119,11 +127,29 @@ def test_markets_are_varied_and_consistent(events: list[dict[str, Any]]) -> None
         assert len({r for b, r, _ in brand_currency if b == brand}) <= 2
 
 
-def test_rtp_and_bets(events: list[dict[str, Any]]) -> None:
-    settled = of_type(events, "bet.settled")
-    stake = sum(e["payload"]["stake_minor"] for e in settled)
-    wins = sum(e["payload"]["win_minor"] for e in settled)
+# Rough market rates, minor unit → EUR cent: summing raw minor units would let one peso whale
+# (1 MXN cent is 1/20 of a EUR cent) outweigh thousands of euro bets.
+FX = {"EUR": 1.0, "GBP": 1.15, "SEK": 0.087, "BRL": 0.16, "MXN": 0.05, "PEN": 0.25, "CAD": 0.66,
+      "USD": 0.92, "NZD": 0.55, "JPY": 0.0062}
+
+
+def test_rtp_is_plausible() -> None:
+    """Over a month of ~60k bets, big wins included, the house keeps 1-15% of the stakes."""
+    stake = wins = 0.0
+    for batch in generate(150_000, 30, SEED, END):
+        for e in batch:
+            if e["event_type"] == "bet.settled":
+                rate = FX[e["payload"]["currency"]]
+                stake += e["payload"]["stake_minor"] * rate
+                wins += e["payload"]["win_minor"] * rate
     assert 0.85 <= wins / stake <= 1.0
+
+
+def test_bets(events: list[dict[str, Any]]) -> None:
+    settled = of_type(events, "bet.settled")
+    multipliers = [e["payload"]["win_minor"] / e["payload"]["stake_minor"] for e in settled]
+    assert 0.25 <= sum(m > 0 for m in multipliers) / len(multipliers) <= 0.6
+    assert max(multipliers) >= 20  # the occasional big win
     assert len({e["payload"]["game_id"] for e in settled}) >= 20
     assert len({e["payload"]["provider_id"] for e in settled}) == 6
     assert any(e["payload"].get("in_bonus") for e in settled)

@@ -43,7 +43,7 @@ LATE_TYPES = frozenset({"bet.settled", "session.ended", "payment.authorized", "p
 MU0 = 14.0  # nominal mean bets per session, before the controller steers it
 REALITY_CHECK_MS = 30 * 60_000
 ONE_TIMER, LIFE_MEAN = 0.35, 90.0  # share of players never seen after day 0; mean lifetime (d)
-BASE_RETURN = np.concatenate(([0.0], 0.42 * np.arange(1, 4000, dtype=float) ** -0.45))
+BASE_RETURN = np.concatenate(([0.0], 0.5 * np.arange(1, 4000, dtype=float) ** -0.45))
 DOW = (0.92, 0.90, 0.93, 0.97, 1.08, 1.13, 1.07)  # Monday first
 LOCAL_HOURS = np.array([30, 18, 12, 8, 6, 6, 10, 18, 28, 36, 42, 48, 55, 58, 56, 55, 60, 70, 85,
                         100, 110, 105, 85, 55], dtype=float)
@@ -79,15 +79,15 @@ STAKES_EUR_CENTS = (10, 20, 30, 40, 50, 60, 80, 100, 150, 200, 250, 300, 400, 50
                     1500, 2000, 2500, 3000, 4000, 5000)
 DEPOSITS_EUR = (10, 20, 25, 30, 50, 75, 100, 150, 200, 250, 500, 1000, 2500)
 # Stake changes within a session: mostly the player's usual level, a heavy tail upwards.
-STEPS = (0,) * 44 + (1,) * 7 + (-1,) * 6 + (2,) * 3 + (-2,) * 1 + (3, 4, 6)
+STEPS = (0,) * 44 + (1,) * 7 + (-1,) * 6 + (2,) * 4 + (-2,) * 1 + (3, 4)
 # kind: (bet gap ms lo/median, settle ms lo/hi, win multipliers ×10, base probabilities)
 KINDS: dict[str, tuple[tuple[int, int], tuple[int, int], tuple[int, ...], tuple[float, ...]]] = {
-    "slot": ((2_500, 5_000), (80, 900), (5, 10, 20, 30, 50, 100, 200, 500, 1000, 5000, 10000),
-             (0.12, 0.08, 0.06, 0.03, 0.02, 0.01, 0.004, 0.0012, 0.0004, 0.00003, 0.000006)),
-    "crash": ((8_000, 12_000), (3_000, 20_000), (12, 15, 20, 30, 50, 100, 1000),
-              (0.25, 0.15, 0.12, 0.05, 0.03, 0.012, 0.0008)),
-    "table": ((6_000, 9_000), (200, 1_500), (10, 20, 25, 360), (0.06, 0.40, 0.04, 0.005)),
-    "live": ((25_000, 15_000), (15_000, 40_000), (10, 20, 25, 360), (0.06, 0.40, 0.04, 0.005)),
+    "slot": ((2_500, 5_000), (80, 900), (5, 10, 20, 30, 50, 100, 200, 500, 1000),
+             (0.12, 0.08, 0.06, 0.03, 0.02, 0.01, 0.004, 0.0012, 0.0003)),
+    "crash": ((8_000, 12_000), (3_000, 20_000), (12, 15, 20, 30, 50, 100, 500),
+              (0.25, 0.15, 0.12, 0.05, 0.03, 0.012, 0.001)),
+    "table": ((6_000, 9_000), (200, 1_500), (10, 20, 25, 360), (0.06, 0.40, 0.04, 0.002)),
+    "live": ((25_000, 15_000), (15_000, 40_000), (10, 20, 25, 360), (0.06, 0.40, 0.04, 0.002)),
 }
 # provider kind commission(bps of stake) game:rtp‰ ('j': contributes to a jackpot)
 GAMES_TABLE = """
@@ -167,7 +167,7 @@ class _Population:
             "eng": np.minimum(rng.lognormal(-0.18, 0.6, n), 6.0),
             "market": rng.choice(self.markets, n, p=self.market_p),
             "device": rng.choice(4, n, p=[0.38, 0.27, 0.25, 0.10]),
-            "level": np.clip(np.rint(rng.normal(5.0, 2.4, n)), 0, len(STAKES_EUR_CENTS) - 1),
+            "level": np.clip(np.rint(rng.normal(5.0, 1.8, n)), 0, len(STAKES_EUR_CENTS) - 1),
             "pid": np.arange(self.next_pid, self.next_pid + n),
         }
         self.next_pid += n
@@ -186,7 +186,7 @@ class _Population:
         age = np.minimum(d - c["reg"], len(BASE_RETURN) - 1)
         p = np.minimum(c["eng"] * BASE_RETURN[age] * dow, 0.95)
         active = np.flatnonzero(rng.random(len(p)) < p)
-        n_new = int(rng.poisson(self.rate * dow * (0.9 + 0.2 * rng.random())))
+        n_new = int(rng.poisson(self.rate * dow * (0.9 + 0.2 * rng.random())))  # campaigns
         old = len(p)
         self.add(n_new, d)
         c = self.cols
@@ -224,7 +224,7 @@ class _Sim:
         self.pay_lag[:400] = tables.integers(60_000, 1_200_000, 400).tolist()
         self.rng.shuffle(self.lag)
         self.rng.shuffle(self.pay_lag)
-        self.spread = tables.lognormal(-0.45, 0.95, 4096).tolist()  # mean 1, heavy right tail
+        self.spread = tables.lognormal(-0.32, 0.8, 4096).tolist()  # mean 1, heavy right tail
         catalog = _games()
         self.games = [g for g, _ in catalog]
         self.game_cum = np.cumsum([w for _, w in catalog]).tolist()
@@ -240,9 +240,12 @@ class _Sim:
         self.dup_spread = min(3 * batch_size, max(1, events // 20))
         self.unsent = min(events, batch_size + self.dup_spread // 2)
         self.n_dups = 0
-        self.made = self.bet_events = self.ses_done = 0
-        self.mu_asked, self.mu_max = 0.0, MU0 * 20
+        self.made = self.bet_events = 0
         rate, self.ses_left = _calibrate(seed, events, days, markets, self.start_ms)
+        # recent bet events, mu asked, other events, sessions: the share of players who can
+        # bet drifts as they deposit, so the controller learns from a moving window, not all
+        self.recent = (1.5 * 20, 20.0, 6.0 * 20, 20.0)
+        self.forget = min(0.05, max(1 / 3000, 30 / max(self.ses_left, 1)))
         self.pop = _Population(seed, rate, markets, self.start_ms // DAY)
         self.days = days
         # the session's context, set by _session and read by the event writers
@@ -306,18 +309,20 @@ class _Sim:
             have = self.emitted + due + len(self.buckets[h])
             if have + sum(due_at <= have for due_at, _, _ in self.dups) >= self.events:
                 return
-            first = len(self.pop.cols["pid"]) == 0  # a tiny stream: someone must sign up
+            c = self.pop.cols
+            known = np.flatnonzero(c["reg"] < self.days - 1)  # signed up before today's hour
+            first = len(known) == 0  # a tiny stream: someone must sign up
             if first:
                 self.pop.add(1, self.days - 1)
-            c = self.pop.cols
-            i = self.bits(30) % len(c["pid"])
+                c = self.pop.cols
+            i = len(c["pid"]) - 1 if first else int(known[self.bits(30) % len(known)])
             self._session(hour_ms + self.bits(20) % (HOUR - 60_000), i, first,
                           *(int(c[f][i]) for f in ("market", "device", "level", "pid")))
 
     # -- one session -----------------------------------------------------------------------
     def _session(self, start: int, i: int, first: bool, market: int, device: int, level: int,
                  pid: int) -> None:
-        rnd, bits = self.rnd, self.bits
+        rnd, bits, made0, bet0 = self.rnd, self.bits, self.made, self.bet_events
         m = MARKETS[market]
         self.tenant, self.region, self.cur, self.scale = m[0], m[1], m[3], m[4]
         self.pid = f"p_{(pid * 2654435761 + self.salt) & 0xFFFFFFFF:08x}"
@@ -334,7 +339,7 @@ class _Sim:
         t0, t = t, t + 3_000 + bits(15 + bits(2))  # looking around the lobby
         deposited = bool(self.pop.deposited[i])
         bonus, bonus_id = 0, ""
-        if rnd() < (0.22 if deposited else 0.62 if first else 0.15):
+        if rnd() < (0.22 if deposited else 0.5 if first else 0.15):
             t, amount = self._deposit(t, level)
             if amount and not deposited:
                 self.pop.deposited[i] = deposited = True
@@ -358,9 +363,14 @@ class _Sim:
             self._put(t + 400, "bonus.consumed", {"bonus_id": bonus_id, "amount_minor": used,
                                                   "currency": self.cur})
         self._tail(t, t0, sid, deposited, bool(n), level)
+        self._account(mu, self.bet_events - bet0, self.made - made0)
+
+    def _account(self, mu: float, bets: int, made: int) -> None:
+        keep = 1.0 - self.forget
+        bet_ev, asked, other, sessions = self.recent
+        self.recent = (bet_ev * keep + bets, asked * keep + mu, other * keep + made - bets,
+                       sessions * keep + 1)
         self.ses_left -= 1
-        self.ses_done += 1
-        self.mu_asked += mu
 
     def _tail(self, t: int, t0: int, sid: str, deposited: bool, played: bool,
               level: int) -> None:
@@ -436,6 +446,7 @@ class _Sim:
         gid, prov, cum, mult, jackpot, comm, gaps, settles = games[
             bisect_right(game_cum, rnd() * game_cum[-1])]
         n_ev, n_bet, made, last, next_check = self.n_ev, self.n_bet, 0, t, t + REALITY_CHECK_MS
+        side_made = self.made  # side events count themselves in self.made via _put
         for k in range(n):
             if rnd() < 0.05:  # tries another game
                 gid, prov, cum, mult, jackpot, comm, gaps, settles = games[
@@ -466,7 +477,7 @@ class _Sim:
                 ev["trace_id"] = trace
             buckets[(t - start) // HOUR].append(ev)
             ts = t + settles[bits(10)]
-            last = ts if ts > last else t
+            last = ts if ts > last else last
             if ts < end:
                 n_ev += 1
                 ev = {"event_id": f"{etag}{n_ev:x}", "event_type": "bet.settled",
@@ -480,13 +491,12 @@ class _Sim:
             else:
                 made += 1
             if t >= next_check or rnd() < 0.02:  # reality check due, or a seamless-wallet echo
-                self.n_ev, before = n_ev, self.made
-                self._side_events(t, ts, t >= next_check, sid, bet, stake, win)
-                n_ev, made, next_check = self.n_ev, made + self.made - before, t + REALITY_CHECK_MS
-                self.made = before
+                self.n_ev, check = n_ev, t >= next_check
+                self._side_events(t, ts, check, sid, bet, stake, win)
+                n_ev, next_check = self.n_ev, t + REALITY_CHECK_MS if check else next_check
         self.n_ev, self.n_bet = n_ev, n_bet
         self.made += made
-        self.bet_events += made
+        self.bet_events += self.made - side_made
         return max(t, last)
 
     def _side_events(self, t: int, ts: int, check: bool, sid: str, bet: str, stake: int,
@@ -510,12 +520,11 @@ class _Sim:
     def _mu(self) -> float:
         """Mean bets for the next session, so the events still to come meet the budget."""
         left = max(self.ses_left, 1)
-        per_mu = self.bet_events / self.mu_asked if self.mu_asked > 200 else 1.5
-        other = (self.made - self.bet_events) / self.ses_done if self.ses_done > 50 else 6.0
+        per_mu, other = self.recent[0] / self.recent[1], self.recent[2] / self.recent[3]
         rest = self.events - self.made - self.n_dups  # events to come, first sends and retries
         need = rest * (1 - DUP_RATE) + DUP_RATE * self.unsent  # first sends
         mu = (need - other * left) / (per_mu * left)
-        return min(max(mu, 0.5), self.mu_max)
+        return min(max(mu, 0.5), 20 * MU0)
 
 
 def _formatters(first_day: int, end_ms: int) -> tuple[Any, Any]:
