@@ -62,3 +62,17 @@ def test_hash_is_keyed_and_separates_tenant_from_event_id():
     assert a("t", "e") == a("t", "e")
     assert a("t", "e") != b("t", "e")
     assert a("ab", "c") != a("a", "bc")
+
+
+def test_fence_edges_extreme_values_and_long_equal_runs():
+    lo_end, hi_end = -(2**63), 2**63 - 1
+    rng = np.random.default_rng(11)
+    hi = np.concatenate(([lo_end, hi_end, 0, -1], np.full(100, 7, np.int64),
+                         rng.integers(lo_end, hi_end, 5000, dtype=np.int64)))
+    lo = np.arange(len(hi), dtype=np.int64)
+    index = DedupIndex()
+    index.load([(hi, lo)])
+    assert index.contains(hi, lo).all()
+    probes_hi = np.array([lo_end, hi_end, 0, -1, 7, 7, 8, 1], dtype=np.int64)
+    probes_lo = np.array([0, 1, 2, 3, 4 + 99, 4 + 100, 0, 0], dtype=np.int64)
+    assert index.contains(probes_hi, probes_lo).tolist() == [True] * 5 + [False] * 3

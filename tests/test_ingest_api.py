@@ -120,6 +120,7 @@ def test_partial_acceptance_and_quarantine(client, headers):
         ({"occurred_at": "2999-01-01T00:00:00Z"}, "in the future"),
         ({"occurred_at": "1999-12-31T23:59:59Z"}, "before 2000"),
         ({"ingested_at": "2025-10-23T16:21:05"}, "ingested_at has no UTC offset"),
+        ({"ingested_at": "2999-01-01T00:00:00Z"}, "ingested_at is more than"),
         ({"event_id": ""}, "length >= 1"),
         ({"event_id": "x" * 129}, "length <= 128"),
         ({"player_id": None}, "player_id is required"),

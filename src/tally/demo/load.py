@@ -27,7 +27,8 @@ from rich.text import Text
 
 from tally import metadata
 from tally.config import Settings
-from tally.demo.generator import Event, demo_markets, generate
+from tally.demo.catalog import Event
+from tally.demo.generator import demo_markets, generate
 from tally.events.envelope import ValidationContext
 from tally.ingest.service import IngestService
 from tally.storage.duckdb import DuckDBBackend

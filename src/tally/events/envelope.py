@@ -109,8 +109,13 @@ def check(event: Event, ctx: ValidationContext) -> Problem | None:
     if occurred > ctx.received_at + ctx.max_future_skew:
         return Problem(f"occurred_at is more than "
                        f"{int(ctx.max_future_skew.total_seconds())} s in the future")
-    if event.ingested_at is not None and event.ingested_at.tzinfo is None:
-        return Problem("ingested_at has no UTC offset (RFC 3339 requires 'Z' or '+hh:mm')")
+    ingested = event.ingested_at
+    if ingested is not None:
+        if ingested.tzinfo is None:
+            return Problem("ingested_at has no UTC offset (RFC 3339 requires 'Z' or '+hh:mm')")
+        if ingested > ctx.received_at + ctx.max_future_skew:
+            return Problem(f"ingested_at is more than "
+                           f"{int(ctx.max_future_skew.total_seconds())} s in the future")
     if event.player_id is None and event_type not in _PLAYER_OPTIONAL:
         return Problem(f"player_id is required for {event_type}")
     currency = getattr(event.payload, "currency", None)

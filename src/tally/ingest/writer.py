@@ -96,9 +96,7 @@ class IngestWriter:
     def _commit(self, group: list[Submission]) -> None:
         self._seq += 1
         writes = WriteSet()
-        seen_in_group: set[tuple[int, int]] = set()
-        new_hi: list[Any] = []
-        new_lo: list[Any] = []
+        staged_keys = DedupIndex()  # keys staged by earlier batches of this group
         done: list[tuple[Submission, dict[str, Any]]] = []
         staged: dict[tuple[str, str], tuple[str, dict[str, Any]]] = {}
         for sub in group:
@@ -110,7 +108,7 @@ class IngestWriter:
             if replay is not None:
                 done.append((sub, replay))
                 continue
-            receipt = self._stage(sub, writes, seen_in_group, new_hi, new_lo)
+            receipt = self._stage(sub, writes, staged_keys)
             if sub.idempotency is not None:
                 staged[sub.idempotency.client_id, sub.idempotency.key] = (
                     sub.idempotency.body_sha256, receipt)
@@ -124,8 +122,11 @@ class IngestWriter:
                 sub.future.set_exception(exc)
             return
         accepted = sum(t.num_rows for t in writes.events)
-        if new_hi:
-            self._index.add(np.concatenate(new_hi), np.concatenate(new_lo))
+        if writes.events:
+            self._index.add(
+                np.concatenate([t.column("id_hi").to_numpy() for t in writes.events]),
+                np.concatenate([t.column("id_lo").to_numpy() for t in writes.events]),
+            )
         if self._on_commit is not None:
             self._on_commit(self._seq, accepted)
         for sub, receipt in done:
@@ -152,24 +153,21 @@ class IngestWriter:
             )
         return first[1]
 
-    def _stage(self, sub: Submission, writes: WriteSet, seen: set[tuple[int, int]],
-               new_hi: list[Any], new_lo: list[Any]) -> dict[str, Any]:
+    def _stage(self, sub: Submission, writes: WriteSet, staged_keys: DedupIndex
+               ) -> dict[str, Any]:
+        """Queue one batch's new events; its receipt counts what the commit will store."""
         batch, table = sub.batch, sub.batch.table
         hi = table.column("id_hi").to_numpy()
         lo = table.column("id_lo").to_numpy()
-        keep = ~self._index.contains(hi, lo)
-        for i in np.flatnonzero(keep):
-            pair = (int(hi[i]), int(lo[i]))
-            if pair in seen:
-                keep[i] = False
-            else:
-                seen.add(pair)
+        keep = np.zeros(len(hi), dtype=np.bool_)
+        pairs = np.stack((hi, lo), axis=1).view("V16").ravel()
+        keep[np.unique(pairs, return_index=True)[1]] = True  # first of repeats in the batch
+        keep &= ~self._index.contains(hi, lo) & ~staged_keys.contains(hi, lo)
+        staged_keys.add(hi[keep], lo[keep])
         kept = table.filter(pa.array(keep)) if not keep.all() else table
         if kept.num_rows:
             seq = pa.array(np.full(kept.num_rows, self._seq, dtype=np.int64))
             writes.events.append(kept.set_column(0, "ingest_seq", seq))
-            new_hi.append(hi[keep])
-            new_lo.append(lo[keep])
         if batch.rejections:
             writes.quarantine.append(
                 quarantine_table(batch.rejections, batch.received_at, batch.client_id)

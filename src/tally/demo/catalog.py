@@ -1,0 +1,115 @@
+"""The demo operator's catalog: markets, payment methods, games and their pay tables, clocks."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from functools import cache
+from operator import itemgetter
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+
+Event = dict[str, Any]
+Array = npt.NDArray[Any]
+HOUR = 3_600_000  # ms
+DAY = 24 * HOUR
+EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+DUP_RATE = 0.01
+LATE_RATE = 0.048  # of the late-eligible events, about half the stream: ~2% overall
+# Late arrivals are things that follow something else, never a bet.placed or payment.captured,
+# so any prefix of the stream still has every settlement's bet and every credit's payment.
+LATE_TYPES = frozenset({"bet.settled", "session.ended", "payment.authorized", "payment.failed",
+                        "rg.reality_check", "bonus.consumed"})
+MU0 = 14.0  # nominal mean bets per session, before the controller steers it
+REALITY_CHECK_MS = 30 * 60_000
+ONE_TIMER, LIFE_MEAN = 0.35, 90.0  # share of players never seen after day 0; mean lifetime (d)
+BASE_RETURN = np.concatenate(([0.0], 0.5 * np.arange(1, 4000, dtype=float) ** -0.45))
+DOW = (0.92, 0.90, 0.93, 0.97, 1.08, 1.13, 1.07)  # Monday first
+LOCAL_HOURS = np.array([30, 18, 12, 8, 6, 6, 10, 18, 28, 36, 42, 48, 55, 58, 56, 55, 60, 70, 85,
+                        100, 110, 105, 85, 55], dtype=float)
+LOCAL_CUM = np.cumsum(LOCAL_HOURS) / LOCAL_HOURS.sum()
+
+# brand, region, country, currency, minor units per EUR cent, UTC offset (h), weight
+MARKETS: tuple[tuple[str, str, str, str, float, int, float], ...] = (
+    ("brand-1", "EU", "DE", "EUR", 1.0, 1, 10), ("brand-1", "EU", "FI", "EUR", 1.0, 2, 4),
+    ("brand-1", "EU", "SE", "SEK", 11.5, 1, 4), ("brand-1", "UK", "GB", "GBP", 0.85, 0, 12),
+    ("brand-2", "LATAM", "BR", "BRL", 6.0, -3, 14), ("brand-2", "LATAM", "MX", "MXN", 20.0, -6, 6),
+    ("brand-2", "LATAM", "PE", "PEN", 4.0, -5, 2), ("brand-3", "NA", "CA", "CAD", 1.5, -5, 9),
+    ("brand-3", "NA", "US", "USD", 1.1, -5, 6), ("brand-4", "APAC", "NZ", "NZD", 1.8, 12, 5),
+    ("brand-4", "APAC", "JP", "JPY", 1.6, 9, 4), ("brand-4", "UK", "GB", "GBP", 0.85, 0, 4),
+)
+VERSIONS = {"brand-1": "1.3.0", "brand-2": "1.3.0", "brand-3": "1.3.0", "brand-4": "1.2.0"}
+UNTRACED = frozenset({"brand-3"})  # its platform does not propagate trace ids
+LEGACY_METHODS = frozenset({"pix", "bank_transfer"})  # their PSP webhooks still speak 1.0.0
+# region: (method, weight, failure rate)
+METHODS = {
+    "EU": (("card", 45, 0.10), ("paypal", 20, 0.08), ("skrill", 10, 0.12),
+           ("apple_pay", 15, 0.08), ("bank_transfer", 10, 0.14)),
+    "UK": (("card", 55, 0.09), ("paypal", 25, 0.08), ("apple_pay", 15, 0.08),
+           ("bank_transfer", 5, 0.13)),
+    "LATAM": (("pix", 55, 0.09), ("card", 35, 0.15), ("bank_transfer", 10, 0.13)),
+    "NA": (("card", 60, 0.13), ("paypal", 20, 0.09), ("apple_pay", 15, 0.08),
+           ("bank_transfer", 5, 0.12)),
+    "APAC": (("card", 55, 0.11), ("skrill", 15, 0.12), ("apple_pay", 20, 0.08),
+             ("bank_transfer", 10, 0.14)),
+}
+DEVICES = ("desktop", "android", "ios", "mobile_web")
+LIMIT_TYPES = ("deposit", "loss", "wager", "session_time")
+STAKES_EUR_CENTS = (10, 20, 30, 40, 50, 60, 80, 100, 150, 200, 250, 300, 400, 500, 800, 1000,
+                    1500, 2000, 2500, 3000, 4000, 5000)
+DEPOSITS_EUR = (10, 20, 25, 30, 50, 75, 100, 150, 200, 250, 500, 1000, 2500)
+# Stake changes within a session: mostly the player's usual level, a heavy tail upwards.
+STEPS = (0,) * 44 + (1,) * 7 + (-1,) * 6 + (2,) * 4 + (-2,) * 1 + (3, 4)
+# kind: (bet gap ms lo/median, settle ms lo/hi, win multipliers ×10, base probabilities)
+KINDS: dict[str, tuple[tuple[int, int], tuple[int, int], tuple[int, ...], tuple[float, ...]]] = {
+    "slot": ((2_500, 5_000), (80, 900), (5, 10, 20, 30, 50, 100, 200, 500, 1000),
+             (0.12, 0.08, 0.06, 0.03, 0.02, 0.01, 0.004, 0.0012, 0.0003)),
+    "crash": ((8_000, 12_000), (3_000, 20_000), (12, 15, 20, 30, 50, 100, 500),
+              (0.25, 0.15, 0.12, 0.05, 0.03, 0.012, 0.001)),
+    "table": ((6_000, 9_000), (200, 1_500), (10, 20, 25, 360), (0.06, 0.40, 0.04, 0.002)),
+    "live": ((25_000, 15_000), (15_000, 40_000), (10, 20, 25, 360), (0.06, 0.40, 0.04, 0.002)),
+}
+# provider kind commission(bps of stake) game:rtp‰ ('j': contributes to a jackpot)
+GAMES_TABLE = """
+nova slot 0 book-of-sand:961 fruit-storm:955 neon-nights:942 gold-rush-x:965 pharaoh-drop:921j
+  viking-gold:958 lucky-sevens:950 wild-west:946
+redstone slot 0 wolf-moon:962 dragon-pearls:915j big-bass-bay:960 sweet-cascade:957
+  mega-fortune:903j aztec-gems:948 cleopatra-ii:945 joker-strike:960
+bluefin slot 60 ocean-reels:968 starburst-xl:962 gem-heist:951 hot-chilli:944 arctic-fortune:930j
+  koi-garden:957
+orbit crash 0 rocket-x:970 aviator-one:970 plinko-pro:975 mines:972 keno-flash:936 dice-duel:968
+kestrel table 40 blackjack-classic:980 european-roulette:973 baccarat-pro:976 video-poker:975
+  sic-bo:972
+livewave live 80 live-roulette:973 live-blackjack:978 lightning-roulette:971 crazy-wheel:962
+  live-baccarat:976 monopoly-live:962 deal-show:955
+"""
+Game = tuple[str, str, list[float], list[int], bool, int, list[int], list[int]]
+OCCURRED = itemgetter("occurred_at")
+
+
+def games() -> list[tuple[Game, float]]:
+    """(game, popularity) for the catalog; the RTP is exact by construction of the pay table."""
+    tables = np.random.default_rng(20251023)
+    games: list[tuple[Game, float]] = []
+    for line in GAMES_TABLE.replace("\n  ", " ").strip().splitlines():
+        provider, kind, comm, *entries = line.split()
+        (gap_lo, gap_med), (set_lo, set_hi), mults, probs = KINDS[kind]
+        gaps = (gap_lo + gap_med * tables.lognormal(0, 0.7, 1024)).astype(int).tolist()
+        settles = tables.integers(set_lo, set_hi, 1024)
+        settles[:10] = tables.integers(20_000, 180_000, 10)  # a provider hiccup now and then
+        ev = sum(p * m / 10 for p, m in zip(probs, mults, strict=True))
+        for entry in entries:
+            name, rtp = entry.rstrip("j").split(":")
+            cum = np.cumsum(np.array(probs) * int(rtp) / 1000 / ev).tolist()
+            rank = 1 + (len(games) * 17) % 40
+            weight = {"slot": 1.0, "crash": 0.6, "table": 0.4, "live": 0.7}[kind] / rank ** 0.9
+            games.append(((name, provider, cum, [*mults, 0], entry.endswith("j"), int(comm),
+                           gaps, tables.permutation(settles).tolist()), weight))
+    return games
+
+
+@cache
+def clock_tables() -> tuple[list[str], list[str]]:
+    hms = [f"{s // 3600:02d}:{s // 60 % 60:02d}:{s % 60:02d}" for s in range(86_400)]
+    return hms, [f".{ms:03d}Z" for ms in range(1000)]
