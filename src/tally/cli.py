@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import gc
 import json
 import sys
 from pathlib import Path
@@ -49,7 +48,7 @@ def serve(
 
     from tally.api.app import create_app
     from tally.observability.logs import configure_logging
-    from tally.runtime import Runtime
+    from tally.runtime import Runtime, tune_gc
 
     settings = settings_for(data_dir)
     configure_logging(settings.log_level)
@@ -57,10 +56,7 @@ def serve(
         runtime = Runtime.open(settings)
     except StoreUnavailable as exc:
         fail(str(exc))
-    # A batch decodes into thousands of short-lived objects; the default gen-0 threshold (700)
-    # ran a collection several times per batch (measured: ~20% of prepare time).
-    gc.freeze()
-    gc.set_threshold(50_000, 20, 100)
+    tune_gc()
     uvicorn.run(create_app(settings, runtime), host=host, port=port, log_config=None,
                 access_log=False, timeout_graceful_shutdown=5)
 

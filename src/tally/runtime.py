@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import sqlite3
 from dataclasses import dataclass
 from datetime import timedelta
@@ -11,6 +12,13 @@ from tally.config import Settings
 from tally.ingest.service import IngestService
 from tally.security.tokens import TokenService
 from tally.storage.duckdb import DuckDBBackend
+
+
+def tune_gc() -> None:
+    """For a process that ingests: a batch decodes into thousands of short-lived objects, and
+    the default gen-0 threshold (700) ran collections several times per batch (measured: ~20%
+    of prepare time)."""
+    gc.set_threshold(50_000, 20, 100)
 
 
 @dataclass

@@ -8,6 +8,8 @@ producer sending these events would have produced, duplicates and late events in
 from __future__ import annotations
 
 import time
+from collections import deque
+from concurrent.futures import Future
 from datetime import UTC, datetime
 from typing import Any
 
@@ -31,9 +33,11 @@ from tally.demo.catalog import Event
 from tally.demo.generator import demo_markets, generate
 from tally.events.envelope import ValidationContext
 from tally.ingest.service import IngestService
+from tally.runtime import tune_gc
 from tally.storage.duckdb import DuckDBBackend
 
 BATCH_EVENTS = 10_000  # ~4 MB of JSON: amortises a commit, well under the 10 MiB default
+PIPELINE_DEPTH = 2  # batches prepared ahead of the one being committed
 
 
 class _RateColumn(ProgressColumn):
@@ -54,29 +58,37 @@ def load_demo(settings: Settings, *, events: int, days: int, seed: int) -> dict[
     backend = DuckDBBackend(settings.data_dir)  # StoreUnavailable if `tally serve` holds it
     try:
         svc = IngestService(backend, settings.max_batch_events)
+        tune_gc()
         end = datetime.now(UTC).replace(minute=0, second=0, microsecond=0)
         batch_size = max(1, min(BATCH_EVENTS, settings.max_batch_events))
         batches = generate(events, days, seed, end, batch_size, settings.served_regions)
+        svc.start()
+        in_flight: deque[tuple[int, Future[dict[str, Any]]]] = deque()
         with _progress() as progress:
             task = progress.add_task("demo events", total=events)
             for number, batch in enumerate(batches):
-                bodies = _bodies(batch, settings.max_batch_bytes)
-                _ingest(svc, bodies, settings, f"tr_demo_{seed}_{number}", totals)
+                for count, body in _bodies(batch, settings.max_batch_bytes):
+                    ctx = ValidationContext(received_at=datetime.now(UTC),
+                                            served_regions=settings.served_regions)
+                    trace_id = f"tr_demo_{seed}_{number}"
+                    in_flight.append((count, svc.submit(body, ctx, "demo", trace_id)))
+                    while len(in_flight) > PIPELINE_DEPTH:  # prepare ahead, commit behind
+                        _count(in_flight.popleft(), totals)
                 progress.advance(task, len(batch))
+            while in_flight:
+                _count(in_flight.popleft(), totals)
     finally:
+        svc.stop()
         backend.close()
     return _summary(totals, started, settings)
 
 
-def _ingest(svc: IngestService, bodies: list[tuple[int, bytes]], settings: Settings,
-            trace_id: str, totals: dict[str, int]) -> None:
-    for count, body in bodies:
-        ctx = ValidationContext(received_at=datetime.now(UTC),
-                                served_regions=settings.served_regions)
-        receipt = svc.ingest_now(body, ctx, "demo", trace_id)
-        totals["events_generated"] += count
-        for key in ("accepted", "duplicates", "rejected"):
-            totals[key] += int(receipt[key])
+def _count(done: tuple[int, Future[dict[str, Any]]], totals: dict[str, int]) -> None:
+    count, future = done
+    receipt = future.result()
+    totals["events_generated"] += count
+    for key in ("accepted", "duplicates", "rejected"):
+        totals[key] += int(receipt[key])
 
 
 def _bodies(batch: list[Event], max_bytes: int) -> list[tuple[int, bytes]]:

@@ -8,6 +8,7 @@ import logging
 import secrets
 import time
 from collections.abc import Callable
+from concurrent.futures import Future
 from datetime import UTC, datetime
 from typing import Any
 
@@ -61,6 +62,12 @@ class IngestService:
                    trace_id: str) -> dict[str, Any]:
         """The same path, synchronous, for a process that owns the store (bulk loading)."""
         return self.writer.write_now(self.prepare(body, ctx, client_id), trace_id)
+
+    def submit(self, body: bytes, ctx: ValidationContext, client_id: str,
+               trace_id: str) -> Future[dict[str, Any]]:
+        """The same path without waiting for the commit (needs :meth:`start`): a bulk loader
+        prepares the next batch while the writer thread commits this one."""
+        return self.writer.submit(self.prepare(body, ctx, client_id), trace_id, None)
 
 
 def utc_now() -> datetime:
