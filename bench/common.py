@@ -37,10 +37,18 @@ def percentile(values: list[float], q: float) -> float:
     return ordered[min(rank, len(ordered)) - 1]
 
 
+DEMO_MAX = 10_000_000  # above this, a demo store is extended by SQL replication (see below)
+
+
 def ensure_store(stored: int, days: int) -> Path:
-    """A data dir holding ``stored`` demo events, built once through `tally demo` and reused."""
+    """A data dir holding ``stored`` demo events, built once and reused: through `tally demo` up
+    to DEMO_MAX events; larger stores copy the DEMO_MAX store and replicate its rows in SQL with
+    new event ids and new random dedup keys (the demo loads ~33k events/s, so 100M through it
+    would take most of an hour of the whole machine; the stored shape is what matters here)."""
     data = OUT / f"store-{stored}"
     marker = data / "demo.json"
+    if stored > DEMO_MAX and not marker.exists():
+        _replicate(ensure_store(DEMO_MAX, days), data, stored)
     if not marker.exists():
         data.mkdir(parents=True, exist_ok=True)
         started = time.perf_counter()
@@ -51,6 +59,41 @@ def ensure_store(stored: int, days: int) -> Path:
         summary = json.loads(run.stderr.strip().splitlines()[-1])
         marker.write_text(json.dumps({**summary, "wall_seconds": seconds}))
     return data
+
+
+def count_rows(con: Any) -> int:
+    return int(con.execute("SELECT count(*) FROM events").fetchone()[0])
+
+
+def _replicate(base: Path, data: Path, stored: int) -> None:
+    import shutil
+
+    import duckdb
+
+    data.mkdir(parents=True, exist_ok=True)
+    started = time.perf_counter()
+    shutil.copy(base / "events.duckdb", data / "events.duckdb")
+    shutil.copy(base / "meta.sqlite3", data / "meta.sqlite3")
+    con = duckdb.connect(str(data / "events.duckdb"))
+    base_rows = have = count_rows(con)
+    copy = 0
+    while have < stored:
+        copy += 1
+        con.execute(
+            "INSERT INTO events SELECT * REPLACE ("
+            " (hash(event_id, ?)::HUGEINT - 9223372036854775808)::BIGINT AS id_hi,"
+            " (hash(?, event_id)::HUGEINT - 9223372036854775808)::BIGINT AS id_lo,"
+            " event_id || '-r' || ? AS event_id)"
+            " FROM events WHERE NOT contains(event_id, '-r') LIMIT ?",
+            [copy, copy, copy, min(base_rows, stored - have)],
+        )
+        con.execute("CHECKPOINT")
+        have = count_rows(con)
+    con.close()
+    base_summary = json.loads((base / "demo.json").read_text())
+    marker = {**base_summary, "replicated_to": have, "replicate_seconds":
+              round(time.perf_counter() - started, 1), "data_dir": str(data)}
+    (data / "demo.json").write_text(json.dumps(marker))
 
 
 def free_port() -> int:
@@ -64,7 +107,7 @@ class Server:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         started = time.perf_counter()
-        with (data.parent / f"serve-{self.port}.log").open("wb") as log:
+        with (data / f"serve-{self.port}.log").open("wb") as log:
             self.proc = subprocess.Popen([TALLY, "serve", "--port", str(self.port),
                                           "--data-dir", str(data)], stdout=log, stderr=log)
         while True:
@@ -76,6 +119,9 @@ class Server:
             except httpx.TransportError:
                 time.sleep(0.05)
         self.startup_seconds = time.perf_counter() - started
+
+    def stored_events(self) -> int:
+        return int(httpx.get(f"{self.url}/readyz", timeout=60).json()["events"])
 
     def peak_rss_mb(self) -> float:
         status = Path(f"/proc/{self.proc.pid}/status").read_text()

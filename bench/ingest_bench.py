@@ -96,6 +96,7 @@ def main() -> None:
         server = Server(data)
         try:
             rss_start = server.rss_mb()
+            stored_actual = server.stored_events()
             headers = client_headers(server.url, data, "events:write")
             http_run(server.url, headers, bodies[:20], args.clients)  # warm-up
             result = http_run(server.url, headers, bodies[20:], args.clients)
@@ -104,7 +105,8 @@ def main() -> None:
         finally:
             server.stop()
         baseline = raw_append(data, bodies[20:])
-        report = {"stored": stored, "batch_size": args.batch_size, "clients": args.clients,
+        report = {"stored": stored, "stored_at_start": stored_actual,
+                  "batch_size": args.batch_size, "clients": args.clients,
                   "batches": len(bodies) - 20, "http": result, "raw_duckdb_append": baseline,
                   "demo_load": json.loads((data / "demo.json").read_text()),
                   "machine": machine(), "at": datetime.now(UTC).isoformat(timespec="seconds")}

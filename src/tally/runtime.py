@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gc
 import sqlite3
+import sys
 from dataclasses import dataclass
 from datetime import timedelta
 
@@ -17,8 +18,11 @@ from tally.storage.duckdb import DuckDBBackend
 def tune_gc() -> None:
     """For a process that ingests: a batch decodes into thousands of short-lived objects, and
     the default gen-0 threshold (700) ran collections several times per batch (measured: ~20%
-    of prepare time)."""
+    of prepare time). The writer thread hands the GIL back and forth with the request thread
+    around every DuckDB call; at the default 5 ms switch interval each hand-back waited up to
+    5 ms (a convoy: dedup lookups took 10x their single-thread time under load)."""
     gc.set_threshold(50_000, 20, 100)
+    sys.setswitchinterval(0.0005)
 
 
 @dataclass
