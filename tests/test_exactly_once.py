@@ -49,7 +49,7 @@ async def run_wave(service: IngestService, wave_requests, replies) -> None:
 def test_each_event_is_stored_exactly_once(steps):
     with tempfile.TemporaryDirectory() as tmp:
         backend = DuckDBBackend(Path(tmp))
-        service = IngestService(backend, 10_000)
+        service = IngestService(backend, Path(tmp) / "journal", 10_000)
         service.start()
         replies: list = []
         first_body_for_key: dict[str, list[int]] = {}
@@ -59,8 +59,9 @@ def test_each_event_is_stored_exactly_once(steps):
                 service.stop()
                 backend.close()
                 backend = DuckDBBackend(Path(tmp))
-                service = IngestService(backend, 10_000)
+                service = IngestService(backend, Path(tmp) / "journal", 10_000)
                 service.start()
+        assert service.flush()
         rows = backend.query("SELECT tenant_id, event_id, count(*) AS n FROM events "
                              "GROUP BY ALL").to_pylist()
         service.stop()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from typing import Any
 
 import pytest
@@ -16,7 +17,9 @@ BATCH = "/v1/events:batch"
 
 
 def stored(client: TestClient, where: str = "true") -> list[dict[str, Any]]:
-    table = client.app.state.runtime.backend.query(  # type: ignore[attr-defined]
+    runtime = client.app.state.runtime  # type: ignore[attr-defined]
+    assert runtime.ingest.flush()  # acknowledged events reach the store shortly after the 202
+    table = runtime.backend.query(
         f"SELECT * FROM events WHERE {where} ORDER BY event_id"
     )
     return table.to_pylist()  # type: ignore[no-any-return]
@@ -289,10 +292,34 @@ def test_unknown_route_and_method_are_problems(client, headers):
     assert_problem(client.get(BATCH, headers=headers), 405)
 
 
-def test_store_failure_is_a_500_problem_without_internals(client, headers):
-    client.app.state.runtime.backend._con.close()  # type: ignore[attr-defined]
-    body = assert_problem(post(client, headers, [make_event()]), 500)
-    assert "duckdb" not in json.dumps(body).lower() and body["trace_id"]
+def test_journal_failure_is_a_500_and_nothing_is_acknowledged(client, headers):
+    assert post(client, headers, [make_event()]).status_code == 202  # opens the segment
+    journal = client.app.state.runtime.ingest.journal  # type: ignore[attr-defined]
+    read_only = os.open(os.devnull, os.O_RDONLY)
+    os.dup2(read_only, journal._file)  # the disk refuses the next write (EBADF)
+    os.close(read_only)
+    lost = make_event()
+    body = assert_problem(post(client, headers, [lost]), 500)
+    assert "Errno" not in json.dumps(body) and body["trace_id"]
+    assert stored(client, f"event_id = '{lost['event_id']}'") == []
+
+
+def test_store_failure_after_the_ack_loses_nothing(settings, headers, client):
+    acked = make_event()
+    runtime = client.app.state.runtime  # type: ignore[attr-defined]
+    runtime.backend._con.close()  # the store dies: the applier cannot write
+    assert post(client, headers, [acked]).status_code == 202  # durable in the journal
+    runtime.ingest.flush()
+    assert runtime.ingest.applier.error is not None
+    assert_problem(post(client, headers, [make_event()]), 500)  # no more acks
+    runtime.ingest.stop()
+    runtime.meta.close()
+    client.app.state.runtime = None  # type: ignore[attr-defined]
+    with TestClient(create_app(settings)) as again:  # start-up replays the journal
+        again_headers = headers
+        r = post(again, again_headers, [acked])
+        assert r.json()["duplicates"] == 1
+        assert len(stored(again, f"event_id = '{acked['event_id']}'")) == 1
 
 
 def test_traceparent_is_honoured(client, headers):

@@ -42,7 +42,7 @@ class Runtime:
             idempotency_ttl=timedelta(seconds=settings.idempotency_ttl_seconds),
         )
         backend.expire_idempotency()
-        ingest = IngestService(backend, settings.max_batch_events)
+        ingest = IngestService(backend, settings.data_dir / "journal", settings.max_batch_events)
         return cls(settings, meta, tokens, backend, ingest)
 
     def start(self) -> None:

@@ -1,6 +1,6 @@
 """``tally demo``: generate the synthetic stream and load it through the real ingest path.
 
-Every batch goes through :meth:`IngestService.ingest_now` — the same decode, validation, dedup
+Every batch goes through :meth:`IngestService.submit` — the same decode, validation, dedup
 and durable group commit as ``POST /v1/events:batch`` — so the demo store is exactly what a
 producer sending these events would have produced, duplicates and late events included.
 """
@@ -57,7 +57,7 @@ def load_demo(settings: Settings, *, events: int, days: int, seed: int) -> dict[
         return _summary(totals, started, settings)  # no demo brand lives where we may store
     backend = DuckDBBackend(settings.data_dir)  # StoreUnavailable if `tally serve` holds it
     try:
-        svc = IngestService(backend, settings.max_batch_events)
+        svc = IngestService(backend, settings.data_dir / "journal", settings.max_batch_events)
         tune_gc()
         end = datetime.now(UTC).replace(minute=0, second=0, microsecond=0)
         batch_size = max(1, min(BATCH_EVENTS, settings.max_batch_events))

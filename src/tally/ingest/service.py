@@ -10,11 +10,14 @@ import time
 from collections.abc import Callable
 from concurrent.futures import Future
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any
 
 from tally.events.envelope import ValidationContext
+from tally.ingest.applier import Applier, merge
 from tally.ingest.batch import PreparedBatch, prepare
 from tally.ingest.dedup import DedupIndex, key_hasher
+from tally.ingest.journal import Journal
 from tally.ingest.writer import IdempotencyKey, IngestWriter
 from tally.storage.base import Backend
 
@@ -22,10 +25,12 @@ log = logging.getLogger(__name__)
 
 
 class IngestService:
-    def __init__(self, backend: Backend, max_batch_events: int,
+    def __init__(self, backend: Backend, journal_dir: Path, max_batch_events: int,
                  on_commit: Callable[[int, int], None] | None = None) -> None:
         self.backend = backend
         self.max_batch_events = max_batch_events
+        self.journal = Journal(journal_dir)
+        last_seq = self._recover()
         secret = backend.setting("dedup_key")
         if secret is None:
             backend.put_setting("dedup_key", secrets.token_hex(32))
@@ -37,13 +42,37 @@ class IngestService:
         self.index.load(backend.event_keys(1 << 20))
         log.info("dedup index loaded", extra={"keys": len(self.index),
                                               "seconds": round(time.perf_counter() - started, 3)})
-        self.writer = IngestWriter(backend, self.index, backend.max_ingest_seq(), on_commit)
+        self.applier = Applier(backend, self.journal, last_seq)
+        self.writer = IngestWriter(backend, self.index, self.journal, self.applier, last_seq,
+                                   on_commit)
+
+    def _recover(self) -> int:
+        """Apply journal records a crash left unapplied; returns the last sequence used."""
+        applied = self.backend.journal_applied_seq()
+        pending = [r for r in self.journal.records() if r.seq > applied]
+        if pending:
+            self.backend.write(merge([r.writes for r in pending]), journal_seq=pending[-1].seq)
+            log.info("journal replayed", extra={"records": len(pending),
+                                                "last_seq": pending[-1].seq})
+        self.journal.clear()
+        last = pending[-1].seq if pending else applied
+        return max(last, self.backend.max_ingest_seq())
 
     def start(self) -> None:
+        self.applier.start()
         self.writer.start()
 
     def stop(self) -> None:
+        """Drain: every acknowledged group reaches the store, then the journal is emptied."""
         self.writer.stop()
+        self.applier.stop()
+        self.journal.close()
+        if self.applier.error is None:
+            self.journal.clear()
+
+    def flush(self, timeout: float | None = 30) -> bool:
+        """Wait until every acknowledged write is visible in the store."""
+        return self.applier.flush(timeout)
 
     def prepare(self, body: bytes, ctx: ValidationContext, client_id: str) -> PreparedBatch:
         return prepare(body, ctx, client_id, self.max_batch_events, self._hash)
@@ -57,11 +86,6 @@ class IngestService:
             idem = IdempotencyKey(client_id, idempotency_key, digest)
         future = self.writer.submit(self.prepare(body, ctx, client_id), trace_id, idem)
         return await asyncio.wrap_future(future)
-
-    def ingest_now(self, body: bytes, ctx: ValidationContext, client_id: str,
-                   trace_id: str) -> dict[str, Any]:
-        """The same path, synchronous, for a process that owns the store (bulk loading)."""
-        return self.writer.write_now(self.prepare(body, ctx, client_id), trace_id)
 
     def submit(self, body: bytes, ctx: ValidationContext, client_id: str,
                trace_id: str) -> Future[dict[str, Any]]:

@@ -2,8 +2,9 @@
 
 Requests prepare their batch (decode, validate, columns) concurrently and hand it here. One
 thread takes whatever batches are waiting, dedups them in arrival order against the index and
-each other, and writes all of them in one transaction, so one fsync covers many requests. A
-receipt is released only after the commit returned: 202 means durable.
+each other, and appends all of them as one journal record, so one fsync covers many requests.
+A receipt is released only after that fsync returned: 202 means durable. The applier then
+moves the record into the store (``applier.py``).
 """
 
 from __future__ import annotations
@@ -22,8 +23,10 @@ import numpy as np
 import pyarrow as pa
 
 from tally.errors import Unprocessable
+from tally.ingest.applier import Applier
 from tally.ingest.batch import PreparedBatch, quarantine_table
 from tally.ingest.dedup import DedupIndex
+from tally.ingest.journal import Journal
 from tally.storage.base import Backend, IdempotencyRecord, WriteSet
 
 log = logging.getLogger(__name__)
@@ -45,13 +48,20 @@ class Submission:
     future: Future[dict[str, Any]]
 
 
+FirstResponse = tuple[str, dict[str, Any]]  # (body SHA-256, receipt)
+
+
 class IngestWriter:
-    def __init__(self, backend: Backend, index: DedupIndex, next_seq: int,
-                 on_commit: Callable[[int, int], None] | None = None) -> None:
+    def __init__(self, backend: Backend, index: DedupIndex, journal: Journal, applier: Applier,
+                 last_seq: int, on_commit: Callable[[int, int], None] | None = None) -> None:
         self._backend = backend
         self._index = index
-        self._seq = next_seq
+        self._journal = journal
+        self._applier = applier
+        self._seq = last_seq
         self._on_commit = on_commit
+        # idempotency records journalled but maybe not yet in the store: (response, seq)
+        self._recent: dict[tuple[str, str], tuple[FirstResponse, int]] = {}
         self._queue: queue.Queue[Submission | None] = queue.Queue()
         self._thread = threading.Thread(target=self._run, name="tally-writer", daemon=True)
 
@@ -67,12 +77,6 @@ class IngestWriter:
         future: Future[dict[str, Any]] = Future()
         self._queue.put(Submission(batch, trace_id, idempotency, future))
         return future
-
-    def write_now(self, batch: PreparedBatch, trace_id: str) -> dict[str, Any]:
-        """Synchronous path for bulk loaders that own the store (``tally demo``)."""
-        future: Future[dict[str, Any]] = Future()
-        self._commit([Submission(batch, trace_id, None, future)])
-        return future.result()
 
     def _run(self) -> None:
         while True:
@@ -98,7 +102,7 @@ class IngestWriter:
         writes = WriteSet()
         staged_keys = DedupIndex()  # keys staged by earlier batches of this group
         done: list[tuple[Submission, dict[str, Any]]] = []
-        staged: dict[tuple[str, str], tuple[str, dict[str, Any]]] = {}
+        staged: dict[tuple[str, str], FirstResponse] = {}
         for sub in group:
             try:
                 replay = self._replay(sub, staged)
@@ -113,14 +117,18 @@ class IngestWriter:
                 staged[sub.idempotency.client_id, sub.idempotency.key] = (
                     sub.idempotency.body_sha256, receipt)
             done.append((sub, receipt))
+        has_writes = bool(writes.events or writes.quarantine or writes.idempotency)
         try:
-            if writes.events or writes.quarantine or writes.idempotency:
-                self._backend.write(writes)
-        except BaseException as exc:  # nothing was stored: every waiter learns it
+            if self._applier.error is not None:
+                raise RuntimeError("the store stopped accepting writes") from self._applier.error
+            if has_writes:
+                self._journal.append(self._seq, writes)
+        except BaseException as exc:  # nothing was made durable: every waiter learns it
             log.exception("group commit failed")
             for sub, _ in done:
                 sub.future.set_exception(exc)
             return
+        self._remember(staged)
         accepted = sum(t.num_rows for t in writes.events)
         if writes.events:
             self._index.add(
@@ -131,16 +139,27 @@ class IngestWriter:
             self._on_commit(self._seq, accepted)
         for sub, receipt in done:
             sub.future.set_result(receipt)
+        if has_writes:
+            self._applier.enqueue(self._seq, writes)  # may wait: backpressure
 
-    def _replay(self, sub: Submission,
-                staged: dict[tuple[str, str], tuple[str, dict[str, Any]]]
+    def _remember(self, staged: dict[tuple[str, str], FirstResponse]) -> None:
+        applied = self._applier.applied_seq
+        if len(self._recent) > 1024:
+            self._recent = {k: v for k, v in self._recent.items() if v[1] > applied}
+        for ident, first in staged.items():
+            self._recent[ident] = (first, self._seq)
+
+    def _replay(self, sub: Submission, staged: dict[tuple[str, str], FirstResponse]
                 ) -> dict[str, Any] | None:
-        """The first response for a known idempotency key, or None if the key is new."""
+        """The first response for a known idempotency key, or None if the key is new: from
+        this group, else from the journal not yet applied, else from the store."""
         idem = sub.idempotency
         if idem is None:
             return None
         ident = (idem.client_id, idem.key)
         first = staged.get(ident)
+        if first is None and ident in self._recent:
+            first = self._recent[ident][0]
         if first is None:
             stored = self._backend.idempotency(*ident)
             if stored is None:

@@ -42,8 +42,11 @@ class QuarantineItem:
 class Backend(Protocol):
     dialect: str
 
-    def write(self, writes: WriteSet) -> None:
-        """Append events, quarantine entries and idempotency records in one durable commit."""
+    def write(self, writes: WriteSet, journal_seq: int | None = None) -> None:
+        """Append events, quarantine entries and idempotency records in one durable commit,
+        recording ``journal_seq`` as the last journal record applied."""
+
+    def journal_applied_seq(self) -> int: ...
 
     def event_keys(self, chunk_rows: int) -> Iterator[tuple[Any, Any]]:
         """Stored dedup keys (id_hi, id_lo) as numpy int64 arrays, chunk by chunk."""

@@ -36,6 +36,7 @@ CREATE TABLE IF NOT EXISTS store_settings (name VARCHAR PRIMARY KEY, value VARCH
 """
 
 QUARANTINE_COLUMNS = ", ".join(QUARANTINE_SCHEMA.names)
+JOURNAL_APPLIED = "journal_applied_seq"
 
 
 class DuckDBBackend:
@@ -126,7 +127,7 @@ class DuckDBBackend:
             )
 
     # -- the one write path -----------------------------------------------------------------
-    def write(self, writes: WriteSet) -> None:
+    def write(self, writes: WriteSet, journal_seq: int | None = None) -> None:
         with self._write_lock:
             con = self._con
             con.execute("BEGIN TRANSACTION")
@@ -148,6 +149,9 @@ class DuckDBBackend:
                         [[r.client_id, r.key, r.body_sha256, r.response, r.created_at]
                          for r in writes.idempotency],
                     )
+                if journal_seq is not None:
+                    con.execute("INSERT OR REPLACE INTO store_settings VALUES (?, ?)",
+                                [JOURNAL_APPLIED, str(journal_seq)])
                 con.execute("COMMIT")
             except BaseException:
                 con.execute("ROLLBACK")
@@ -159,6 +163,9 @@ class DuckDBBackend:
                 "DELETE FROM idempotency WHERE created_at < ?",
                 [datetime.now(UTC).replace(tzinfo=None) - self.idempotency_ttl],
             )
+
+    def journal_applied_seq(self) -> int:
+        return int(self.setting(JOURNAL_APPLIED) or 0)
 
     def close(self) -> None:
         with self._write_lock:

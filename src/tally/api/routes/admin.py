@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import base64
 from typing import Annotated, Any
 
@@ -38,6 +39,7 @@ async def quarantine(
     limit: Annotated[int, Query(ge=1, le=1000)] = 100,
 ) -> JSONResponse:
     after = decode_cursor(cursor) if cursor else 0
+    await asyncio.to_thread(runtime.ingest.flush)  # every acknowledged rejection is listed
     rows = runtime.backend.quarantine(after, limit + 1)
     page = rows[:limit]
     items: list[dict[str, Any]] = [

@@ -1,0 +1,111 @@
+"""Moves journalled groups into the store in large transactions, off the acknowledgement path.
+
+The writer hands over each group after its journal record is fsynced; this thread merges
+whatever is waiting (up to ``max_rows``) into one store transaction that also records the last
+applied journal sequence, then releases journal segments. Readers that must see every
+acknowledged write (the quarantine route, tests) wait on :meth:`flush`. If the store falls
+behind by more than ``max_pending_rows``, :meth:`enqueue` blocks: backpressure reaches the
+producers as slower acknowledgements instead of unbounded memory.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections import deque
+
+from tally.ingest.journal import Journal
+from tally.storage.base import Backend, WriteSet
+
+log = logging.getLogger(__name__)
+
+
+def merge(groups: list[WriteSet]) -> WriteSet:
+    merged = WriteSet()
+    for writes in groups:
+        merged.events += writes.events
+        merged.quarantine += writes.quarantine
+        merged.idempotency += writes.idempotency
+    return merged
+
+
+def rows(writes: WriteSet) -> int:
+    return sum(int(t.num_rows) for t in [*writes.events, *writes.quarantine])
+
+
+class Applier:
+    def __init__(self, backend: Backend, journal: Journal, applied_seq: int,
+                 max_rows: int = 200_000, max_pending_rows: int = 2_000_000) -> None:
+        self._backend, self._journal = backend, journal
+        self.applied_seq = applied_seq
+        self._max_rows, self._max_pending = max_rows, max_pending_rows
+        self._pending: deque[tuple[int, WriteSet]] = deque()
+        self._pending_rows = 0
+        self._enqueued_seq = applied_seq
+        self._cond = threading.Condition()
+        self._stopping = False
+        self.error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, name="tally-applier", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def enqueue(self, seq: int, writes: WriteSet) -> None:
+        with self._cond:
+            while self._pending_rows > self._max_pending and self.error is None:
+                self._cond.wait()
+            self._pending.append((seq, writes))
+            self._pending_rows += rows(writes)
+            self._enqueued_seq = seq
+            self._cond.notify_all()
+
+    def flush(self, timeout: float | None = None) -> bool:
+        """Wait until everything enqueued so far is in the store."""
+        with self._cond:
+            target = self._enqueued_seq
+            return self._cond.wait_for(
+                lambda: self.applied_seq >= target or self.error is not None, timeout)
+
+    def lag_rows(self) -> int:
+        return self._pending_rows
+
+    def stop(self) -> None:
+        with self._cond:
+            self._stopping = True
+            self._cond.notify_all()
+        self._thread.join()
+
+    def _take(self) -> tuple[int, list[WriteSet]] | None:
+        with self._cond:
+            self._cond.wait_for(lambda: self._pending or self._stopping)
+            if not self._pending:
+                return None
+            groups: list[WriteSet] = []
+            taken = 0
+            seq = self.applied_seq
+            while self._pending and (not groups or taken < self._max_rows):
+                seq, writes = self._pending.popleft()
+                groups.append(writes)
+                taken += rows(writes)
+            self._pending_rows -= taken
+            self._cond.notify_all()
+            return seq, groups
+
+    def _run(self) -> None:
+        while True:
+            item = self._take()
+            if item is None:
+                return
+            seq, groups = item
+            try:
+                self._backend.write(merge(groups), journal_seq=seq)
+            except BaseException as exc:  # the journal still has it; a restart replays it
+                log.exception("applying the journal to the store failed")
+                with self._cond:
+                    self.error = exc
+                    self._cond.notify_all()
+                return
+            with self._cond:
+                self.applied_seq = seq
+                self._cond.notify_all()
+            self._journal.release(seq)
