@@ -33,6 +33,8 @@ from tally.events.envelope import ValidationContext
 from tally.ingest.batch import prepare
 from tally.ingest.dedup import key_hasher
 
+LATENCY_BATCHES = 100  # sent afterwards by one client: ack latency when not saturated
+
 
 def make_bodies(batches: int, batch_size: int) -> list[bytes]:
     """Realistic batches from the demo generator, with ids no store has seen."""
@@ -92,7 +94,8 @@ def main() -> None:
     OUT.mkdir(parents=True, exist_ok=True)
     for stored in args.stored or [10_000_000]:
         data = ensure_store(stored, args.days)
-        bodies = make_bodies(args.batches, args.batch_size)
+        bodies = make_bodies(args.batches + LATENCY_BATCHES, args.batch_size)
+        bodies, latency_bodies = bodies[:args.batches], bodies[args.batches:]
         server = Server(data)
         try:
             rss_start = server.rss_mb()
@@ -100,8 +103,9 @@ def main() -> None:
             headers = client_headers(server.url, data, "events:write")
             http_run(server.url, headers, bodies[:20], args.clients)  # warm-up
             result = http_run(server.url, headers, bodies[20:], args.clients)
+            one = http_run(server.url, headers, latency_bodies, 1)
             result.update(startup_s=server.startup_seconds, rss_after_start_mb=rss_start,
-                          peak_rss_mb=server.peak_rss_mb())
+                          peak_rss_mb=server.peak_rss_mb(), one_client=one)
         finally:
             server.stop()
         baseline = raw_append(data, bodies[20:])
