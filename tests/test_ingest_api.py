@@ -4,13 +4,18 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
 from typing import Any
 
 import pytest
 from fastapi.testclient import TestClient
 
+from tally import metadata
 from tally.api.app import create_app
 from tally.config import Settings
+from tally.security.clients import create_client
 from tests.conftest import TokenFactory, make_event
 
 BATCH = "/v1/events:batch"
@@ -204,30 +209,25 @@ def test_invalid_json_is_400(client, headers):
     assert "not valid JSON" in body["detail"]
 
 
-def test_batch_over_the_event_limit_is_413(tmp_path):
-    settings = Settings(data_dir=tmp_path / "d", max_batch_events=5)
+@contextmanager
+def app_with(tmp_path: Path, **overrides: Any) -> Iterator[tuple[TestClient, dict[str, str]]]:
+    """An app with some settings changed, and an events:write client's headers."""
+    settings = Settings(data_dir=tmp_path / "d", **overrides)
     with TestClient(create_app(settings)) as client:
-        from tally import metadata
-        from tally.security.clients import create_client
-
         cid, secret = create_client(metadata.connect(settings.data_dir), "t", "events:write")
         token = client.post("/oauth/token", auth=(cid, secret),
                             data={"grant_type": "client_credentials"}).json()["access_token"]
-        headers = {"Authorization": f"Bearer {token}"}
+        yield client, {"Authorization": f"Bearer {token}"}
+
+
+def test_batch_over_the_event_limit_is_413(tmp_path):
+    with app_with(tmp_path, max_batch_events=5) as (client, headers):
         assert post(client, headers, [make_event() for _ in range(5)]).status_code == 202
         assert_problem(post(client, headers, [make_event() for _ in range(6)]), 413)
 
 
 def test_batch_over_the_byte_limit_is_413(tmp_path):
-    settings = Settings(data_dir=tmp_path / "d", max_batch_bytes=4096)
-    with TestClient(create_app(settings)) as client:
-        from tally import metadata
-        from tally.security.clients import create_client
-
-        cid, secret = create_client(metadata.connect(settings.data_dir), "t", "events:write")
-        token = client.post("/oauth/token", auth=(cid, secret),
-                            data={"grant_type": "client_credentials"}).json()["access_token"]
-        headers = {"Authorization": f"Bearer {token}"}
+    with app_with(tmp_path, max_batch_bytes=4096) as (client, headers):
         body = assert_problem(post(client, headers, [make_event() for _ in range(30)]), 413)
         assert "4096" in body["detail"]
 
