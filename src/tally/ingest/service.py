@@ -7,9 +7,7 @@ import hashlib
 import logging
 import secrets
 import time
-from collections.abc import Callable
 from concurrent.futures import Future
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -25,8 +23,7 @@ log = logging.getLogger(__name__)
 
 
 class IngestService:
-    def __init__(self, backend: Backend, journal_dir: Path, max_batch_events: int,
-                 on_commit: Callable[[int, int], None] | None = None) -> None:
+    def __init__(self, backend: Backend, journal_dir: Path, max_batch_events: int) -> None:
         self.backend = backend
         self.max_batch_events = max_batch_events
         self.journal = Journal(journal_dir)
@@ -43,8 +40,7 @@ class IngestService:
         log.info("dedup index loaded", extra={"keys": len(self.index),
                                               "seconds": round(time.perf_counter() - started, 3)})
         self.applier = Applier(backend, self.journal, last_seq)
-        self.writer = IngestWriter(backend, self.index, self.journal, self.applier, last_seq,
-                                   on_commit)
+        self.writer = IngestWriter(backend, self.index, self.journal, self.applier, last_seq)
 
     def _recover(self) -> int:
         """Apply journal records a crash left unapplied; returns the last sequence used."""
@@ -93,6 +89,3 @@ class IngestService:
         prepares the next batch while the writer thread commits this one."""
         return self.writer.submit(self.prepare(body, ctx, client_id), trace_id, None)
 
-
-def utc_now() -> datetime:
-    return datetime.now(UTC)

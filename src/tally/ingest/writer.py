@@ -12,7 +12,6 @@ from __future__ import annotations
 import logging
 import queue
 import threading
-from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -53,13 +52,12 @@ FirstResponse = tuple[str, dict[str, Any]]  # (body SHA-256, receipt)
 
 class IngestWriter:
     def __init__(self, backend: Backend, index: DedupIndex, journal: Journal, applier: Applier,
-                 last_seq: int, on_commit: Callable[[int, int], None] | None = None) -> None:
+                 last_seq: int) -> None:
         self._backend = backend
         self._index = index
         self._journal = journal
         self._applier = applier
         self._seq = last_seq
-        self._on_commit = on_commit
         # idempotency records journalled but maybe not yet in the store: (response, seq)
         self._recent: dict[tuple[str, str], tuple[FirstResponse, int]] = {}
         self._queue: queue.Queue[Submission | None] = queue.Queue()
@@ -129,14 +127,11 @@ class IngestWriter:
                 sub.future.set_exception(exc)
             return
         self._remember(staged)
-        accepted = sum(t.num_rows for t in writes.events)
         if writes.events:
             self._index.add(
                 np.concatenate([t.column("id_hi").to_numpy() for t in writes.events]),
                 np.concatenate([t.column("id_lo").to_numpy() for t in writes.events]),
             )
-        if self._on_commit is not None:
-            self._on_commit(self._seq, accepted)
         for sub, receipt in done:
             sub.future.set_result(receipt)
         if has_writes:
