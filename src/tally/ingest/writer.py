@@ -132,10 +132,10 @@ class IngestWriter:
                 np.concatenate([t.column("id_hi").to_numpy() for t in writes.events]),
                 np.concatenate([t.column("id_lo").to_numpy() for t in writes.events]),
             )
+        if has_writes:  # before the receipts, so a flush() after a 202 waits for this group
+            self._applier.enqueue(self._seq, writes)  # may wait: backpressure
         for sub, receipt in done:
             sub.future.set_result(receipt)
-        if has_writes:
-            self._applier.enqueue(self._seq, writes)  # may wait: backpressure
 
     def _remember(self, staged: dict[tuple[str, str], FirstResponse]) -> None:
         applied = self._applier.applied_seq
