@@ -34,6 +34,7 @@ test: lint  ## the whole suite (lint first)
 	$(VENV)/bin/pytest -q
 
 bench: install  ## reproducible benchmarks; results in docs/benchmarks.md
+	$(VENV)/bin/python -m bench.dedup_bench --keys 10000000 --keys 100000000
 	$(VENV)/bin/python -m bench.ingest_bench --stored $(BENCH_STORED)
 
 clean:
