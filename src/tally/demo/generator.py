@@ -289,16 +289,14 @@ class _Sim:
         self.made += 1
 
     def _bets(self, t: int, n: int, n_bonus: int, sid: str, stakes: list[int]) -> int:
-        """``n`` bets, each placed then settled; the hot loop, so everything is a local."""
-        rnd, bits, fmt, ing, lag = self.rnd, self.bits, self.fmt, self.fmt_ing, self.lag
-        buckets = self.buckets
-        start, end, cur, etag, btag = self.start_ms, self.end_ms, self.cur, self.etag, self.btag
-        tenant, region, pid, ver, trace = self.tenant, self.region, self.pid, self.ver, self.trace
+        """``n`` bets, each placed then settled (with the occasional side event)."""
+        rnd, bits, put = self.rnd, self.bits, self._put
+        end, cur, btag = self.end_ms, self.cur, self.btag
         games, game_cum = self.games, self.game_cum
         gid, prov, cum, mult, jackpot, comm, gaps, settles = games[
             bisect_right(game_cum, rnd() * game_cum[-1])]
-        n_ev, n_bet, made, last, next_check = self.n_ev, self.n_bet, 0, t, t + REALITY_CHECK_MS
-        side_made = self.made  # side events count themselves in self.made via _put
+        n_bet, last, next_check = self.n_bet, t, t + REALITY_CHECK_MS
+        made_before = self.made
         for k in range(n):
             if rnd() < 0.05:  # tries another game
                 gid, prov, cum, mult, jackpot, comm, gaps, settles = games[
@@ -320,35 +318,16 @@ class _Sim:
                 settled["jackpot_contribution_minor"] = (stake + 50) // 100
             if comm:
                 settled["commission_minor"] = stake * comm // 10_000
-            n_ev += 1
-            ev = {"event_id": f"{etag}{n_ev:x}", "event_type": "bet.placed",
-                  "occurred_at": fmt(t), "ingested_at": ing(t + lag[bits(12)]),
-                  "tenant_id": tenant, "region": region, "player_id": pid,
-                  "schema_version": ver, "payload": placed}
-            if trace:
-                ev["trace_id"] = trace
-            buckets[(t - start) // HOUR].append(ev)
+            put(t, "bet.placed", placed)
             ts = t + settles[bits(10)]
             last = ts if ts > last else last
-            if ts < end:
-                n_ev += 1
-                ev = {"event_id": f"{etag}{n_ev:x}", "event_type": "bet.settled",
-                      "occurred_at": fmt(ts), "ingested_at": ing(ts + lag[bits(12)]),
-                      "tenant_id": tenant, "region": region, "player_id": pid,
-                      "schema_version": ver, "payload": settled}
-                if trace:
-                    ev["trace_id"] = trace
-                buckets[(ts - start) // HOUR].append(ev)
-                made += 2
-            else:
-                made += 1
+            put(ts, "bet.settled", settled)  # unless the settlement falls after the end
             if t >= next_check or rnd() < 0.02:  # reality check due, or a seamless-wallet echo
-                self.n_ev, check = n_ev, t >= next_check
+                check = t >= next_check
                 self._side_events(t, ts, check, sid, bet, stake, win)
-                n_ev, next_check = self.n_ev, t + REALITY_CHECK_MS if check else next_check
-        self.n_ev, self.n_bet = n_ev, n_bet
-        self.made += made
-        self.bet_events += self.made - side_made
+                next_check = t + REALITY_CHECK_MS if check else next_check
+        self.n_bet = n_bet
+        self.bet_events += self.made - made_before
         return max(t, last)
 
     def _side_events(self, t: int, ts: int, check: bool, sid: str, bet: str, stake: int,
