@@ -57,9 +57,9 @@ def auth(client: TestClient, settings: Settings) -> TokenFactory:
     """``auth(scopes=..., brands=..., regions=...)`` → Authorization headers of a new client."""
 
     def factory(scopes: str = ALL_SCOPES, brands: str | None = None,
-                regions: str | None = None) -> dict[str, str]:
+                regions: str | None = None, metrics: str | None = None) -> dict[str, str]:
         con = metadata.connect(settings.data_dir)
-        client_id, secret = create_client(con, "test", scopes, brands, regions)
+        client_id, secret = create_client(con, "test", scopes, brands, regions, metrics)
         con.close()
         response = client.post("/oauth/token", auth=(client_id, secret),
                                data={"grant_type": "client_credentials"})

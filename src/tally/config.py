@@ -8,6 +8,8 @@ from pathlib import Path
 from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from tally.events.currencies import ISO_4217
+
 
 class Settings(BaseSettings):
     """Every knob of a Tally deployment. Each field is documented in the README."""
@@ -17,6 +19,7 @@ class Settings(BaseSettings):
     data_dir: Path = Path("./data")
     regions: str = "EU,UK,LATAM,NA,APAC"
     base_currency: str = "EUR"
+    active_session_min: int = Field(default=1, ge=0, le=24 * 60)
     max_batch_events: int = Field(default=10_000, ge=1)
     max_batch_bytes: int = Field(default=10 * 1024 * 1024, ge=1024)
     token_ttl_seconds: int = Field(default=900, ge=30, le=900)
@@ -30,6 +33,13 @@ class Settings(BaseSettings):
     def _regions_not_empty(cls, value: str) -> str:
         if not [r for r in value.split(",") if r.strip()]:
             raise ValueError("TALLY_REGIONS must name at least one region")
+        return value
+
+    @field_validator("base_currency")
+    @classmethod
+    def _iso_currency(cls, value: str) -> str:
+        if value not in ISO_4217:
+            raise ValueError(f"TALLY_BASE_CURRENCY {value!r} is not an ISO 4217 code")
         return value
 
     @property

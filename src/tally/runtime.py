@@ -12,6 +12,7 @@ from tally import metadata
 from tally.config import Settings
 from tally.ingest.service import IngestService
 from tally.security.tokens import TokenService
+from tally.semantic.fx import FxRates
 from tally.storage.duckdb import DuckDBBackend
 
 
@@ -32,6 +33,7 @@ class Runtime:
     tokens: TokenService
     backend: DuckDBBackend
     ingest: IngestService
+    fx: FxRates
 
     @classmethod
     def open(cls, settings: Settings) -> Runtime:
@@ -43,7 +45,8 @@ class Runtime:
         )
         backend.expire_idempotency()
         ingest = IngestService(backend, settings.data_dir / "journal", settings.max_batch_events)
-        return cls(settings, meta, tokens, backend, ingest)
+        return cls(settings, meta, tokens, backend, ingest,
+                   FxRates(backend, settings.base_currency))
 
     def start(self) -> None:
         self.ingest.start()

@@ -44,3 +44,4 @@ def require(scope: str) -> Callable[..., Principal]:
 AnyToken = Annotated[Principal, Depends(authenticated)]
 EventsWriter = Annotated[Principal, Depends(require("events:write"))]
 Admin = Annotated[Principal, Depends(require("admin"))]
+AnalyticsReader = Annotated[Principal, Depends(require("analytics:read"))]

@@ -13,3 +13,14 @@ ISO_4217 = frozenset(
     TZS UAH UGX USD UYU UZS VES VND VUV WST XAF XCD XCG XOF XPF YER ZAR ZMW ZWG
     """.split()
 )
+
+# Minor-unit exponents that are not 2 (ISO 4217): 1 JPY has no minor unit, 1 KWD has 1000 fils.
+_EXPONENTS = {
+    **dict.fromkeys("BIF CLP DJF GNF ISK JPY KMF KRW PYG RWF UGX VND VUV XAF XOF XPF".split(), 0),
+    **dict.fromkeys("BHD IQD JOD KWD LYD OMR TND".split(), 3),
+}
+
+
+def minor_exponent(currency: str) -> int:
+    """Digits after the decimal point of ``currency``'s minor unit (2 for most)."""
+    return _EXPONENTS.get(currency, 2)

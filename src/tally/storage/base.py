@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import date, datetime
 from typing import Any, Protocol
 
 import pyarrow as pa
@@ -47,6 +47,10 @@ class Backend(Protocol):
         recording ``journal_seq`` as the last journal record applied."""
 
     def journal_applied_seq(self) -> int: ...
+
+    def fx_rates(self) -> list[tuple[date, str, str]]: ...
+
+    def add_fx_rates(self, rows: list[tuple[date, str, str]]) -> None: ...
 
     def event_keys(self, chunk_rows: int) -> Iterator[tuple[Any, Any]]:
         """Stored dedup keys (id_hi, id_lo) as numpy int64 arrays, chunk by chunk."""

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Iterator, Sequence
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +31,13 @@ CREATE TABLE IF NOT EXISTS idempotency (
   response VARCHAR NOT NULL,
   created_at TIMESTAMP NOT NULL,
   PRIMARY KEY (client_id, key)
+);
+CREATE TABLE IF NOT EXISTS fx_rates (
+  day DATE NOT NULL,
+  currency VARCHAR NOT NULL,
+  rate VARCHAR NOT NULL,
+  created_at TIMESTAMP NOT NULL DEFAULT current_timestamp,
+  PRIMARY KEY (day, currency)
 );
 CREATE TABLE IF NOT EXISTS store_settings (name VARCHAR PRIMARY KEY, value VARCHAR NOT NULL);
 """
@@ -163,6 +170,25 @@ class DuckDBBackend:
                 "DELETE FROM idempotency WHERE created_at < ?",
                 [datetime.now(UTC).replace(tzinfo=None) - self.idempotency_ttl],
             )
+
+    def fx_rates(self) -> list[tuple[date, str, str]]:
+        rows = self._cursor().execute("SELECT day, currency, rate FROM fx_rates").fetchall()
+        return [(day, currency, rate) for day, currency, rate in rows]
+
+    def add_fx_rates(self, rows: list[tuple[date, str, str]]) -> None:
+        """Insert new rates (the caller checked they are new); a duplicate key fails."""
+        if not rows:
+            return
+        with self._write_lock:
+            self._con.execute("BEGIN TRANSACTION")
+            try:
+                self._con.executemany(
+                    "INSERT INTO fx_rates (day, currency, rate) VALUES (?, ?, ?)",
+                    [list(row) for row in rows])
+                self._con.execute("COMMIT")
+            except BaseException:
+                self._con.execute("ROLLBACK")
+                raise
 
     def journal_applied_seq(self) -> int:
         return int(self.setting(JOURNAL_APPLIED) or 0)

@@ -7,11 +7,12 @@ import base64
 from typing import Annotated, Any
 
 import msgspec
-from fastapi import APIRouter, Query
+from fastapi import APIRouter, Query, Request
 from fastapi.responses import JSONResponse
 
 from tally.api.deps import Admin, RuntimeDep
 from tally.errors import BadRequest
+from tally.semantic.fx import parse_rates
 
 router = APIRouter(tags=["admin"])
 
@@ -29,6 +30,23 @@ def decode_cursor(cursor: str) -> int:
         return int(value)
     except ValueError:
         raise BadRequest("cursor is not one this API issued") from None
+
+
+@router.post("/v1/admin/fx-rates", summary="Append FX rates (append-only, per UTC day)")
+async def add_fx_rates(request: Request, _: Admin, runtime: RuntimeDep) -> JSONResponse:
+    try:
+        body = msgspec.json.decode(await request.body())
+    except msgspec.DecodeError as exc:
+        raise BadRequest(f"body is not valid JSON: {exc}") from None
+    rows = parse_rates(body, runtime.fx.base)
+    result = await asyncio.to_thread(runtime.fx.add, rows)
+    return JSONResponse(result, headers={"Cache-Control": "no-store"})
+
+
+@router.get("/v1/admin/fx-rates", summary="Every FX rate, by currency then date")
+async def list_fx_rates(_: Admin, runtime: RuntimeDep) -> JSONResponse:
+    return JSONResponse({"base_currency": runtime.fx.base, "rates": runtime.fx.listing()},
+                        headers={"Cache-Control": "private, no-store"})
 
 
 @router.get("/v1/admin/quarantine", summary="Rejected events with their reasons, oldest first")

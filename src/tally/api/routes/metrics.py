@@ -1,0 +1,27 @@
+"""``GET /v1/metrics``: the metric catalog, with each definition in words."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter
+from fastapi.responses import JSONResponse
+
+from tally.api.deps import AnalyticsReader, RuntimeDep
+from tally.semantic.catalog import DIMENSIONS, PERCENTILE_METHOD, describe
+
+router = APIRouter(tags=["analytics"])
+
+
+@router.get("/v1/metrics", summary="Every metric: definition, unit, dimensions, granularities")
+async def metrics(principal: AnalyticsReader, runtime: RuntimeDep) -> JSONResponse:
+    body = {
+        "base_currency": runtime.settings.base_currency,
+        "percentile_method": PERCENTILE_METHOD,
+        "time": "all buckets by UTC occurred_at; 1d = UTC day",
+        "money": "integer minor units of the reporting currency (value_minor); converted with "
+                 "the FX rate of each event's UTC day, rounded half-to-even per bucket and "
+                 "source currency",
+        "metrics": describe(principal.metrics),
+        "dimensions": [{"name": d.name, "description": d.description}
+                       for d in DIMENSIONS.values()],
+    }
+    return JSONResponse(body, headers={"Cache-Control": "private, max-age=300"})

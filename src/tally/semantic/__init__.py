@@ -1,0 +1,1 @@
+"""The semantic layer: one definition per metric, used by every endpoint."""

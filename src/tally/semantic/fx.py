@@ -1,0 +1,150 @@
+"""FX rates (CONTRACT §5): append-only, per UTC day, decimal per major unit of the base
+currency; conversion of minor-unit sums with exact half-to-even rounding.
+
+``1 GBP = 1.15 EUR`` on a day means a GBP amount of that day becomes EUR by × 1.15, adjusted for
+the two currencies' minor units (JPY has none, KWD has three decimals). A report in another
+currency than the base uses the cross rate ``rate(src) / rate(dst)``. A day without a rate uses
+the latest earlier one; a currency with none on or before the day is a ``422`` naming it.
+"""
+
+from __future__ import annotations
+
+import threading
+from bisect import bisect_right
+from collections.abc import Iterable
+from datetime import date
+from decimal import ROUND_HALF_EVEN, Context, Decimal, InvalidOperation
+from typing import Any, Protocol
+
+from tally.errors import BadRequest, Conflict, Unprocessable
+from tally.events.currencies import ISO_4217, minor_exponent
+
+EXACT = Context(prec=80)  # minor sums up to 1e19 times rates with 18+12 digits stay exact
+MAX_RATES_PER_REQUEST = 10_000
+
+
+class RateStore(Protocol):
+    def fx_rates(self) -> list[tuple[date, str, str]]: ...
+
+    def add_fx_rates(self, rows: list[tuple[date, str, str]]) -> None: ...
+
+
+def parse_rate(text: Any, where: str) -> Decimal:
+    if not isinstance(text, str):
+        raise BadRequest(f"{where}: rate must be a decimal string such as \"1.15\", "
+                         "never a JSON number (floats lose digits)")
+    try:
+        rate = Decimal(text)
+    except InvalidOperation:
+        raise BadRequest(f"{where}: rate {text!r} is not a decimal number") from None
+    exponent = rate.as_tuple().exponent
+    if not rate.is_finite() or rate <= 0 or not isinstance(exponent, int) or exponent < -12 \
+            or rate.adjusted() >= 18:
+        raise BadRequest(f"{where}: rate {text!r} must be > 0 with at most 18 integer digits "
+                         "and 12 decimals")
+    return rate
+
+
+def parse_rates(body: Any, base: str) -> list[tuple[date, str, Decimal]]:
+    if not isinstance(body, list) or not all(isinstance(item, dict) for item in body):
+        raise BadRequest('body must be a JSON array of {"date","currency","rate"} objects')
+    if len(body) > MAX_RATES_PER_REQUEST:
+        raise BadRequest(f"at most {MAX_RATES_PER_REQUEST} rates per request")
+    rows = []
+    for i, item in enumerate(body):
+        where = f"item {i}"
+        unknown = set(item) - {"date", "currency", "rate"}
+        if unknown:
+            raise BadRequest(f"{where}: unknown field(s) {sorted(unknown)}")
+        try:
+            day = date.fromisoformat(str(item.get("date")))
+        except ValueError:
+            raise BadRequest(f"{where}: date must be YYYY-MM-DD") from None
+        currency = item.get("currency")
+        if currency not in ISO_4217:
+            raise BadRequest(f"{where}: currency {currency!r} is not an ISO 4217 code")
+        if currency == base:
+            raise BadRequest(f"{where}: {base} is the base currency; its rate is 1 by definition")
+        rows.append((day, str(currency), parse_rate(item.get("rate"), where)))
+    return rows
+
+
+class FxRates:
+    """Every rate in memory (a few per currency per day), loaded from and written to a store."""
+
+    def __init__(self, store: RateStore, base: str) -> None:
+        self.base = base
+        self._store = store
+        self._lock = threading.Lock()
+        self._days: dict[str, list[date]] = {}
+        self._rates: dict[str, list[Decimal]] = {}
+        for day, currency, rate in sorted(store.fx_rates()):
+            self._put(day, currency, Decimal(rate))
+
+    def _put(self, day: date, currency: str, rate: Decimal) -> None:
+        days = self._days.setdefault(currency, [])
+        rates = self._rates.setdefault(currency, [])
+        at = bisect_right(days, day)
+        days.insert(at, day)
+        rates.insert(at, rate)
+
+    def _exact(self, day: date, currency: str) -> Decimal | None:
+        days = self._days.get(currency, [])
+        at = bisect_right(days, day) - 1
+        return self._rates[currency][at] if at >= 0 and days[at] == day else None
+
+    def add(self, rows: list[tuple[date, str, Decimal]]) -> dict[str, int]:
+        """Append rates; all or nothing. Re-sending a known rate is a no-op; another value for
+        a day already set is a 409 (rates are append-only)."""
+        with self._lock:
+            new: dict[tuple[date, str], Decimal] = {}
+            unchanged = 0
+            for day, currency, rate in rows:
+                known = self._exact(day, currency)
+                if known is None:
+                    known = new.get((day, currency))
+                if known is not None and known != rate:
+                    raise Conflict(f"the {currency} rate of {day} is already {known}; rates "
+                                   "are append-only", date=str(day), currency=currency)
+                if known is not None:
+                    unchanged += 1
+                else:
+                    new[day, currency] = rate
+            self._store.add_fx_rates([(d, c, str(r)) for (d, c), r in new.items()])
+            for (day, currency), rate in new.items():
+                self._put(day, currency, rate)
+            return {"inserted": len(new), "unchanged": unchanged}
+
+    def listing(self) -> list[dict[str, str]]:
+        return [
+            {"date": day.isoformat(), "currency": currency, "rate": str(rate)}
+            for currency in sorted(self._days)
+            for day, rate in zip(self._days[currency], self._rates[currency], strict=True)
+        ]
+
+    def rate(self, currency: str, day: date) -> Decimal:
+        """Base-currency units per unit of ``currency`` on ``day`` (latest earlier if unset)."""
+        if currency == self.base:
+            return Decimal(1)
+        days = self._days.get(currency, [])
+        at = bisect_right(days, day) - 1
+        if at < 0:
+            raise Unprocessable(f"no FX rate for {currency} on or before {day} "
+                                "(POST /v1/admin/fx-rates)", currency=currency)
+        return self._rates[currency][at]
+
+    def factor(self, source: str, target: str, day: date) -> Decimal:
+        """What one minor unit of ``source`` is worth in minor units of ``target`` on ``day``."""
+        if source == target:
+            return Decimal(1)
+        cross = EXACT.divide(self.rate(source, day), self.rate(target, day))
+        return EXACT.multiply(cross, Decimal(10) ** (minor_exponent(target)
+                                                     - minor_exponent(source)))
+
+    def convert(self, sums: Iterable[tuple[date, str, int]], target: str) -> int:
+        """Σ over (day, source currency, minor sum) of round_half_even(sum × factor)."""
+        total = 0
+        for day, source, amount in sums:
+            exact = EXACT.multiply(Decimal(amount), self.factor(source, target, day))
+            total += int(exact.quantize(Decimal(1), rounding=ROUND_HALF_EVEN, context=EXACT))
+        return total
