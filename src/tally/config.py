@@ -20,6 +20,7 @@ class Settings(BaseSettings):
     regions: str = "EU,UK,LATAM,NA,APAC"
     base_currency: str = "EUR"
     active_session_min: int = Field(default=1, ge=0, le=24 * 60)
+    allowed_lateness: int = Field(default=0, ge=0)
     max_batch_events: int = Field(default=10_000, ge=1)
     max_batch_bytes: int = Field(default=10 * 1024 * 1024, ge=1024)
     token_ttl_seconds: int = Field(default=900, ge=30, le=900)

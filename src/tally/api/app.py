@@ -13,7 +13,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from tally import __version__
 from tally.api import problems
-from tally.api.routes import admin, auth, ingest, meta, metrics
+from tally.api.routes import admin, analytics, auth, ingest, meta, metrics
 from tally.config import Settings, get_settings
 from tally.runtime import Runtime
 
@@ -72,6 +72,6 @@ def create_app(settings: Settings | None = None, runtime: Runtime | None = None)
 
     app.add_middleware(TraceMiddleware)
     problems.install(app)
-    for module in (auth, ingest, admin, meta, metrics):
+    for module in (auth, ingest, admin, meta, metrics, analytics):
         app.include_router(module.router)
     return app

@@ -8,6 +8,7 @@ from datetime import date, datetime
 from typing import Any, Protocol
 
 import pyarrow as pa
+from sqlglot import exp
 
 
 @dataclass(frozen=True)
@@ -68,5 +69,8 @@ class Backend(Protocol):
     def put_setting(self, name: str, value: str) -> None: ...
 
     def query(self, sql: str, params: Sequence[Any] = ()) -> pa.Table: ...
+
+    def execute(self, tree: exp.Expr, params: dict[str, Any]) -> pa.Table:
+        """Render ``tree`` in this backend's dialect and run it with named parameters."""
 
     def close(self) -> None: ...

@@ -10,6 +10,7 @@ from typing import Any
 
 import duckdb
 import pyarrow as pa
+from sqlglot import exp
 
 from tally.errors import StoreUnavailable
 from tally.storage.base import IdempotencyRecord, QuarantineItem, WriteSet
@@ -82,6 +83,12 @@ class DuckDBBackend:
     def query(self, sql: str, params: Sequence[Any] = ()) -> pa.Table:
         rel = self._cursor().sql(sql, params=list(params))
         assert rel is not None, "query() is for statements that return rows"
+        return rel.to_arrow_table()
+
+    def execute(self, tree: exp.Expr, params: dict[str, Any]) -> pa.Table:
+        """A sqlglot tree rendered in DuckDB's dialect, with named bound parameters."""
+        rel = self._cursor().sql(tree.sql(dialect=self.dialect), params=params)
+        assert rel is not None, "execute() is for queries that return rows"
         return rel.to_arrow_table()
 
     def _scalar(self, sql: str, params: Sequence[Any] = ()) -> Any:

@@ -1,0 +1,1 @@
+"""Insights: timeseries, slice (and later funnel, retention, LTV): validate → query → shape."""

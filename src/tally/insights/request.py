@@ -1,0 +1,135 @@
+"""Common query parameters (CONTRACT §4): time range, filters, group_by, cursors; and the
+caller's hard limits (brands, regions, metrics) applied to every query."""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+from dataclasses import dataclass
+from datetime import UTC, date, datetime
+
+import msgspec
+
+from tally.errors import BadRequest, Forbidden
+from tally.security.tokens import Principal
+from tally.semantic.catalog import DIMENSIONS, METRICS, Metric
+
+GRANULARITIES = {"1m": 60, "5m": 300, "1h": 3600, "1d": 86400}
+MAX_BUCKETS = 50_000
+
+
+def parse_instant(value: str, name: str) -> datetime:
+    """RFC 3339 or ``YYYY-MM-DD`` (00:00 UTC) → naive UTC."""
+    try:
+        if len(value) == 10:
+            day = date.fromisoformat(value)
+            return datetime(day.year, day.month, day.day)
+        parsed = datetime.fromisoformat(value.replace("Z", "+00:00"))
+    except ValueError:
+        raise BadRequest(f"{name}={value!r} is neither RFC 3339 nor YYYY-MM-DD") from None
+    if parsed.tzinfo is None:
+        raise BadRequest(f"{name}={value!r} has no UTC offset")
+    return parsed.astimezone(UTC).replace(tzinfo=None)
+
+
+def parse_range(start: str | None, end: str | None) -> tuple[datetime, datetime]:
+    if not start or not end:
+        raise BadRequest("from and to are required")
+    lo, hi = parse_instant(start, "from"), parse_instant(end, "to")
+    if lo >= hi:
+        raise BadRequest("from must be before to")
+    return lo, hi
+
+
+def parse_metric(name: str | None, principal: Principal) -> Metric:
+    metric = METRICS.get(name or "")
+    if metric is None:
+        raise BadRequest(f"unknown metric {name!r} (see GET /v1/metrics)", metric=name)
+    if principal.metrics is not None and metric.name not in principal.metrics:
+        raise Forbidden(f"metric {metric.name!r} is outside this client's metrics",
+                        claim="metrics")
+    return metric
+
+
+def parse_filters(text: str | None, metric: Metric) -> dict[str, tuple[str, ...]]:
+    """``key:value,key:value``: values of a repeated key are OR-ed, keys AND-ed."""
+    filters: dict[str, list[str]] = {}
+    for part in (text or "").split(","):
+        if not part.strip():
+            continue
+        key, sep, value = part.partition(":")
+        key, value = key.strip(), value.strip()
+        if not sep or not value:
+            raise BadRequest(f"filter {part!r} is not key:value")
+        check_dimension(key, metric, "filter key")
+        filters.setdefault(key, []).append(value)
+    return {k: tuple(dict.fromkeys(v)) for k, v in filters.items()}
+
+
+def check_dimension(key: str, metric: Metric, what: str) -> None:
+    if key not in DIMENSIONS:
+        raise BadRequest(f"unknown {what} {key!r} (one of {', '.join(DIMENSIONS)})", key=key)
+    if key not in metric.dimensions:
+        raise BadRequest(f"{what} {key!r} does not apply to metric {metric.name!r} "
+                         f"(it has: {', '.join(metric.dimensions)})", key=key)
+
+
+def parse_group_by(text: str | None, metric: Metric) -> tuple[str, ...]:
+    keys = tuple(dict.fromkeys(k.strip() for k in (text or "").split(",") if k.strip()))
+    for key in keys:
+        check_dimension(key, metric, "group_by key")
+    return keys
+
+
+def confine(filters: dict[str, tuple[str, ...]], principal: Principal,
+            served_regions: frozenset[str]) -> dict[str, tuple[str, ...]]:
+    """The filters narrowed to the caller's brands and regions and this deployment's regions.
+    Naming anything outside them is a 403, never a silently empty answer."""
+    confined = dict(filters)
+    limits = (("brand_id", principal.brands, "brands"),
+              ("region", principal.regions, "regions"),
+              ("region", served_regions, "served regions"))
+    for key, allowed, claim in limits:
+        if allowed is None:
+            continue
+        outside = [v for v in confined.get(key, ()) if v not in allowed]
+        if outside:
+            who = "this deployment" if claim == "served regions" else "this client"
+            raise Forbidden(f"{key} {outside[0]!r} is outside {who}'s {claim.split()[-1]}",
+                            claim=claim)
+        confined[key] = confined.get(key) or tuple(sorted(allowed))
+    return confined
+
+
+def bucket_count(start: datetime, end: datetime, step: int) -> int:
+    first = int(start.replace(tzinfo=UTC).timestamp()) // step
+    last = (int(end.replace(tzinfo=UTC).timestamp()) - 1) // step
+    return last - first + 1
+
+
+@dataclass(frozen=True)
+class Page:
+    offset: int
+    limit: int
+
+
+def page(cursor: str | None, limit: int, fingerprint: str) -> Page:
+    if not cursor:
+        return Page(0, limit)
+    try:
+        raw = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4))
+        data = msgspec.json.decode(raw, type=tuple[int, str])
+    except (ValueError, msgspec.DecodeError):
+        raise BadRequest("cursor is not one this API issued") from None
+    if data[1] != fingerprint or data[0] < 0:
+        raise BadRequest("cursor belongs to another query")
+    return Page(data[0], limit)
+
+
+def next_cursor(offset: int, fingerprint: str) -> str:
+    raw = msgspec.json.encode((offset, fingerprint))
+    return base64.urlsafe_b64encode(raw).decode().rstrip("=")
+
+
+def fingerprint(*parts: object) -> str:
+    return hashlib.sha256(repr(parts).encode()).hexdigest()[:16]

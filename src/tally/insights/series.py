@@ -1,0 +1,154 @@
+"""``timeseries`` and ``slice`` (CONTRACT §4): validate → query → shape."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+from tally.config import Settings
+from tally.errors import BadRequest
+from tally.events.currencies import ISO_4217
+from tally.insights import request as rq
+from tally.insights.evaluate import DAY, answer_field, empty_value, finish, parts, values
+from tally.security.tokens import Principal
+from tally.semantic.catalog import Kind, Metric
+from tally.semantic.compiler import Scope
+from tally.semantic.fx import FxRates
+from tally.storage.base import Backend
+
+
+@dataclass(frozen=True)
+class Context:
+    backend: Backend
+    fx: FxRates
+    settings: Settings
+    principal: Principal
+
+
+@dataclass(frozen=True)
+class Answer:
+    body: dict[str, Any]
+    brands: tuple[str, ...] | None  # the brands the answer is confined to (None: all)
+
+
+def _iso(epoch: int) -> str:
+    return datetime.fromtimestamp(epoch, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def _currency(value: str | None, settings: Settings) -> str:
+    currency = value or settings.base_currency
+    if currency not in ISO_4217:
+        raise BadRequest(f"currency {currency!r} is not an ISO 4217 code")
+    return currency
+
+
+def _aligned(moment: datetime, step: int, name: str, granularity: str) -> None:
+    if int(moment.replace(tzinfo=UTC).timestamp()) % step:
+        raise BadRequest(f"{name} must be aligned to the {granularity} granularity (UTC)")
+
+
+def _sort_key(values: tuple[Any, ...]) -> tuple[Any, ...]:
+    return tuple((v is None, "" if v is None else str(v)) for v in values)
+
+
+def timeseries(ctx: Context, q: dict[str, str | None]) -> Answer:
+    metric = rq.parse_metric(q.get("metric"), ctx.principal)
+    granularity = q.get("granularity") or ""
+    step = rq.GRANULARITIES.get(granularity)
+    if step is None:
+        raise BadRequest(f"unknown granularity {granularity!r} (1m, 5m, 1h or 1d)")
+    if granularity not in metric.granularities:
+        raise BadRequest(f"metric {metric.name!r} is only defined for granularity "
+                         f"{', '.join(metric.granularities)}")
+    start, end = rq.parse_range(q.get("from"), q.get("to"))
+    _aligned(start, step, "from", granularity)
+    _aligned(end, step, "to", granularity)
+    if rq.bucket_count(start, end, step) > rq.MAX_BUCKETS:
+        raise BadRequest(f"at most {rq.MAX_BUCKETS} buckets per series; use a coarser "
+                         "granularity or a shorter range")
+    filters = rq.confine(rq.parse_filters(q.get("filters"), metric), ctx.principal,
+                         ctx.settings.served_regions)
+    group_by = rq.parse_group_by(q.get("group_by"), metric)
+    currency = _currency(q.get("currency"), ctx.settings)
+    limit = _limit(q.get("limit"), 1000, 10_000)
+    scope = Scope(start, end, step, filters, group_by)
+    found = values(ctx.backend, ctx.fx, metric, scope, currency,
+                   ctx.settings.active_session_min * 60)
+    groups = sorted({key[1:] for key in found}, key=_sort_key)
+    first = int(start.replace(tzinfo=UTC).timestamp())
+    last = int(end.replace(tzinfo=UTC).timestamp())
+    field, empty = answer_field(metric), empty_value(metric)
+    points = [
+        {"ts": _iso(ts), **dict(zip(group_by, group, strict=True)),
+         field: found.get((ts, *group), empty)}
+        for ts in range(first, last, step) for group in groups
+    ]
+    fp = rq.fingerprint("ts", metric.name, granularity, start, end, sorted(filters.items()),
+                        group_by, currency)
+    window, cursor = _page(points, q.get("cursor"), limit, fp)
+    body = {"metric": metric.name, "granularity": granularity, "currency": currency,
+            "series": window, "next_cursor": cursor}
+    return Answer(body, filters.get("brand_id"))
+
+
+def slice_(ctx: Context, q: dict[str, str | None]) -> Answer:
+    metric = rq.parse_metric(q.get("metric"), ctx.principal)
+    if metric.window_days > 1:
+        raise BadRequest(f"metric {metric.name!r} is a trailing window: use timeseries, 1d")
+    dim = q.get("dim") or ""
+    rq.check_dimension(dim, metric, "dim")
+    start, end = rq.parse_range(q.get("from"), q.get("to"))
+    filters = rq.confine(rq.parse_filters(q.get("filters"), metric), ctx.principal,
+                         ctx.settings.served_regions)
+    currency = _currency(q.get("currency"), ctx.settings)
+    order = q.get("order") or "-value"
+    if order not in ("-value", "value"):
+        raise BadRequest("order must be -value or value")
+    limit = _limit(q.get("limit"), 50, 1000)
+    found = _slice_values(ctx, metric, Scope(start, end, 0, filters, (dim,)), currency)
+    present = [(key, value) for key, value in found.items()]
+    present.sort(key=lambda kv: str(kv[0]))
+    ranked = sorted(present, key=lambda kv: (kv[1] is None,
+                                             0 if kv[1] is None else
+                                             (-kv[1] if order == "-value" else kv[1])))
+    field = answer_field(metric)
+    items = [{dim: key, field: value} for key, value in ranked]
+    fp = rq.fingerprint("slice", metric.name, dim, start, end, sorted(filters.items()),
+                        currency, order)
+    window, cursor = _page(items, q.get("cursor"), limit, fp)
+    body = {"metric": metric.name, "dim": dim, "currency": currency, "items": window,
+            "next_cursor": cursor}
+    return Answer(body, filters.get("brand_id"))
+
+
+def _slice_values(ctx: Context, metric: Metric, scope: Scope,
+                  currency: str) -> dict[Any, float | int | None]:
+    """One value per dimension key over the whole range; money per UTC day, then added."""
+    if metric.kind in (Kind.ADDITIVE, Kind.RATIO):
+        daily = Scope(scope.start, scope.end, DAY, scope.filters, scope.group_by)
+        totals: dict[Any, list[float]] = {}
+        for key, value_parts in parts(ctx.backend, ctx.fx, metric, daily, currency).items():
+            acc = totals.setdefault(key[1], [0] * len(value_parts))
+            for i, part in enumerate(value_parts):
+                acc[i] += part
+        return {key: finish(metric, p) for key, p in totals.items()}
+    found = values(ctx.backend, ctx.fx, metric, scope, currency,
+                   ctx.settings.active_session_min * 60)
+    return {key[1]: value for key, value in found.items()}
+
+
+def _limit(text: str | None, default: int, maximum: int) -> int:
+    if text is None:
+        return default
+    if not text.isdigit() or not 1 <= int(text) <= maximum:
+        raise BadRequest(f"limit must be an integer from 1 to {maximum}")
+    return int(text)
+
+
+def _page(rows: list[dict[str, Any]], cursor: str | None, limit: int,
+          fp: str) -> tuple[list[dict[str, Any]], str | None]:
+    at = rq.page(cursor, limit, fp).offset
+    window = rows[at:at + limit]
+    more = at + limit < len(rows)
+    return window, rq.next_cursor(at + limit, fp) if more else None

@@ -1,0 +1,189 @@
+"""Requests → sqlglot expression trees over the events table; rendered per dialect at the edge.
+
+Every user value is a named placeholder (``$p0`` in DuckDB, ``{p0: String}`` in ClickHouse);
+nothing from a request is pasted into SQL text. Time buckets are whole seconds since the epoch,
+``DATE_DIFF(second, epoch, occurred_at) // step * step``, so every grain is aligned to UTC.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any
+
+from sqlglot import exp
+
+from tally.semantic.catalog import DIMENSIONS, Measure, Metric
+
+EPOCH = exp.cast(exp.Literal.string("1970-01-01 00:00:00"), exp.DataType.Type.TIMESTAMP)
+_CLICKHOUSE_TYPES = {str: "String", int: "Int64", datetime: "DateTime64(6)"}
+
+
+@dataclass
+class Params:
+    """Named bound parameters of one query."""
+
+    values: dict[str, Any] = field(default_factory=dict)
+
+    def bind(self, value: Any) -> exp.Placeholder:
+        name = f"p{len(self.values)}"
+        self.values[name] = value
+        kind = exp.DataType.build(_CLICKHOUSE_TYPES[type(value)], dialect="clickhouse")
+        return exp.Placeholder(this=name, kind=kind)
+
+
+@dataclass(frozen=True)
+class Scope:
+    """What a query reads: the time range, bucket width, filters and groups."""
+
+    start: datetime  # naive UTC, inclusive
+    end: datetime  # naive UTC, exclusive
+    step_seconds: int
+    filters: dict[str, tuple[str, ...]]  # dimension → values (OR-ed); keys AND-ed
+    group_by: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class Compiled:
+    tree: exp.Select
+    params: dict[str, Any]
+
+    def sql(self, dialect: str) -> str:
+        return self.tree.sql(dialect=dialect)
+
+
+def column(name: str, table: str | None = None) -> exp.Column:
+    return exp.column(name, table=table)
+
+
+def bucket(step_seconds: int, table: str | None = None) -> exp.Expr:
+    """The bucket start in epoch seconds; step 0 means one bucket for the whole range."""
+    if step_seconds == 0:
+        return exp.Literal.number(0)
+    seconds = exp.DateDiff(this=column("occurred_at", table), expression=EPOCH.copy(),
+                           unit=exp.var("SECOND"))
+    step = exp.Literal.number(step_seconds)
+    return exp.Mul(this=exp.IntDiv(this=seconds, expression=step), expression=step.copy())
+
+
+def scope_condition(scope: Scope, params: Params, table: str | None = None) -> exp.Expr:
+    """Time range and filters (values of one key OR-ed, keys AND-ed)."""
+    parts: list[exp.Expr] = [
+        column("occurred_at", table) >= params.bind(scope.start),
+        column("occurred_at", table) < params.bind(scope.end),
+    ]
+    for key, values in sorted(scope.filters.items()):
+        col = column(DIMENSIONS[key].column, table)
+        parts.append(col.isin(*(params.bind(v) for v in values)))
+    return exp.and_(*parts)
+
+
+def _groups(scope: Scope, table: str | None = None) -> list[exp.Expr]:
+    return [exp.alias_(column(DIMENSIONS[g].column, table), g) for g in scope.group_by]
+
+
+def _measure_condition(measure: Measure) -> exp.Expr:
+    condition: exp.Expr = column("event_type").eq(exp.Literal.string(measure.event_type))
+    if measure.reason is not None:
+        condition = exp.and_(condition, column("reason").eq(exp.Literal.string(measure.reason)))
+    return condition
+
+
+def _measure_sum(measure: Measure) -> exp.Expr:
+    value: exp.Expr = exp.Literal.number(1)
+    if measure.column is not None:
+        value = exp.func("COALESCE", column(measure.column), exp.Literal.number(0))
+    case = exp.Case().when(_measure_condition(measure), value).else_(exp.Literal.number(0))
+    return exp.alias_(exp.func("SUM", case), measure.name)
+
+
+def compile_measures(metric: Metric, scope: Scope, by_currency: bool) -> Compiled:
+    """Per (bucket, groups[, currency]) sums of the metric's measures."""
+    params = Params()
+    measures = list(dict.fromkeys(metric.measures))
+    event_types = sorted({m.event_type for m in measures})
+    keys: list[exp.Expr] = [exp.alias_(bucket(scope.step_seconds), "bucket"),
+                                  *_groups(scope)]
+    if by_currency:
+        keys.append(exp.alias_(column("currency"), "source_currency"))
+    tree = (
+        exp.select(*keys, *(_measure_sum(m) for m in measures))
+        .from_("events")
+        .where(scope_condition(scope, params))
+        .where(column("event_type").isin(*(exp.Literal.string(t) for t in event_types)))
+        .group_by(*(exp.column(k.alias) for k in keys))
+    )
+    return Compiled(tree, params.values)
+
+
+def _seconds_between(start: exp.Expr, end: exp.Expr) -> exp.Expr:
+    micros = exp.DateDiff(this=end, expression=start, unit=exp.var("MICROSECOND"))
+    return exp.Div(this=micros, expression=exp.Literal.number(1_000_000))
+
+
+def compile_webhook_lag(scope: Scope) -> Compiled:
+    """Per-event ingested_at − occurred_at (seconds) with its bucket and groups."""
+    params = Params()
+    tree = exp.select(
+        exp.alias_(bucket(scope.step_seconds), "bucket"), *_groups(scope),
+        exp.alias_(_seconds_between(column("occurred_at"), column("ingested_at")), "value"),
+    ).from_("events").where(scope_condition(scope, params))
+    return Compiled(tree, params.values)
+
+
+def compile_settle_lag(scope: Scope) -> Compiled:
+    """Per settlement: seconds since the (first) placement of the same bet, by settle time."""
+    params = Params()
+    placed = (
+        exp.select("tenant_id", "bet_id",
+                   exp.alias_(exp.func("MIN", column("occurred_at")), "placed_at"))
+        .from_("events")
+        .where(column("event_type").eq(exp.Literal.string("bet.placed")))
+        .group_by("tenant_id", "bet_id")
+    )
+    join_on = exp.and_(column("tenant_id", "p").eq(column("tenant_id", "s")),
+                       column("bet_id", "p").eq(column("bet_id", "s")))
+    tree = (
+        exp.select(
+            exp.alias_(bucket(scope.step_seconds, "s"), "bucket"), *_groups(scope, "s"),
+            exp.alias_(_seconds_between(column("placed_at", "p"), column("occurred_at", "s")),
+                       "value"),
+        )
+        .from_(exp.alias_(exp.to_table("events"), "s", table=True))
+        .join(exp.alias_(exp.Subquery(this=placed), "p", table=True), on=join_on)
+        .where(column("event_type", "s").eq(exp.Literal.string("bet.settled")))
+        .where(scope_condition(scope, params, "s"))
+    )
+    return Compiled(tree, params.values)
+
+
+def compile_active(scope: Scope, min_session_seconds: int, distinct: bool) -> Compiled:
+    """Active players per (bucket, groups): a count when ``distinct``, else the distinct
+    (bucket, groups, player) rows (for windows over days: wau, mau)."""
+    params = Params()
+    long_sessions = (
+        exp.select("tenant_id", "session_id").from_("events")
+        .where(column("event_type").eq(exp.Literal.string("session.ended")))
+        .where(column("duration_sec") >= params.bind(min_session_seconds))
+    )
+    in_long = exp.Tuple(expressions=[column("tenant_id"), column("session_id")]).isin(
+        query=long_sessions.subquery())
+    active = exp.or_(
+        column("event_type").eq(exp.Literal.string("bet.placed")),
+        exp.and_(column("event_type").eq(exp.Literal.string("wallet.credit")),
+                 column("reason").eq(exp.Literal.string("deposit"))),
+        exp.and_(column("event_type").eq(exp.Literal.string("session.started")), in_long),
+    )
+    keys: list[exp.Expr] = [exp.alias_(bucket(scope.step_seconds), "bucket"),
+                                  *_groups(scope)]
+    player = column("player_id")
+    value = exp.Count(this=exp.Distinct(expressions=[player])) if distinct else player
+    tree = (
+        exp.select(*keys, exp.alias_(value, "value")).from_("events")
+        .where(scope_condition(scope, params)).where(active)
+        .where(player.is_(exp.null()).not_())
+    )
+    group_cols = [exp.column(k.alias) for k in keys]
+    tree = tree.group_by(*group_cols) if distinct else tree.distinct()
+    return Compiled(tree, params.values)
+
