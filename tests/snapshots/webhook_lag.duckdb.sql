@@ -1,0 +1,1 @@
+SELECT DATE_DIFF('SECOND', CAST('1970-01-01 00:00:00' AS TIMESTAMP), occurred_at) // 300 * 300 AS bucket, tenant_id AS brand_id, DATE_DIFF('MICROSECOND', occurred_at, ingested_at) / 1000000 AS value FROM events WHERE occurred_at >= $p0 AND occurred_at < $p1 AND tenant_id IN ($p2, $p3) AND region IN ($p4)

@@ -1,0 +1,56 @@
+"""SQL snapshots of the semantic compiler for both dialects, and that values are never inlined.
+
+To accept an intended change: ``TALLY_UPDATE_SNAPSHOTS=1 pytest tests/test_compiler.py``,
+then review the diff of tests/snapshots/ like code.
+"""
+
+from __future__ import annotations
+
+import os
+from datetime import datetime
+from pathlib import Path
+
+import pytest
+
+from tally.semantic.catalog import METRICS
+from tally.semantic.compiler import (
+    Compiled,
+    Scope,
+    compile_active,
+    compile_measures,
+    compile_settle_lag,
+    compile_webhook_lag,
+)
+
+SNAPSHOTS = Path(__file__).parent / "snapshots"
+SCOPE = Scope(datetime(2025, 10, 22), datetime(2025, 10, 23), 300,
+              {"brand_id": ("brand-7", "x'); DROP TABLE events; --"), "region": ("EU",)},
+              ("brand_id",))
+CASES = {
+    "ggr_5m_by_brand": compile_measures(METRICS["ggr"], SCOPE, by_currency=True),
+    "ngr_5m_by_brand": compile_measures(METRICS["ngr"], SCOPE, by_currency=True),
+    "deposits_success": compile_measures(METRICS["deposits_success"], SCOPE, by_currency=False),
+    "settle_lag": compile_settle_lag(SCOPE),
+    "webhook_lag": compile_webhook_lag(SCOPE),
+    "dau": compile_active(SCOPE, 60, distinct=True),
+    "active_players_daily": compile_active(SCOPE, 60, distinct=False),
+}
+
+
+@pytest.mark.parametrize("dialect", ["duckdb", "clickhouse"])
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_sql_snapshot(name: str, dialect: str):
+    sql = CASES[name].sql(dialect) + "\n"
+    path = SNAPSHOTS / f"{name}.{dialect}.sql"
+    if os.environ.get("TALLY_UPDATE_SNAPSHOTS") == "1":
+        path.write_text(sql)
+    assert path.read_text() == sql
+
+
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_user_values_are_bound_never_inlined(name: str):
+    compiled: Compiled = CASES[name]
+    for dialect in ("duckdb", "clickhouse"):
+        sql = compiled.sql(dialect)
+        assert "DROP TABLE" not in sql and "brand-7" not in sql and "'EU'" not in sql
+    assert "x'); DROP TABLE events; --" in compiled.params.values()
