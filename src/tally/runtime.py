@@ -11,6 +11,7 @@ from datetime import timedelta
 from tally import metadata
 from tally.config import Settings
 from tally.ingest.service import IngestService
+from tally.insights.cache import AnswerCache
 from tally.security.tokens import TokenService
 from tally.semantic.fx import FxRates
 from tally.storage.duckdb import DuckDBBackend
@@ -34,6 +35,7 @@ class Runtime:
     backend: DuckDBBackend
     ingest: IngestService
     fx: FxRates
+    answers: AnswerCache
 
     @classmethod
     def open(cls, settings: Settings) -> Runtime:
@@ -46,7 +48,7 @@ class Runtime:
         backend.expire_idempotency()
         ingest = IngestService(backend, settings.data_dir / "journal", settings.max_batch_events)
         return cls(settings, meta, tokens, backend, ingest,
-                   FxRates(backend, settings.base_currency))
+                   FxRates(backend, settings.base_currency), AnswerCache())
 
     def start(self) -> None:
         self.ingest.start()

@@ -15,6 +15,7 @@ import threading
 from collections import deque
 
 from tally.ingest.journal import Journal
+from tally.ingest.versions import DataVersions
 from tally.storage.base import Backend, WriteSet
 
 log = logging.getLogger(__name__)
@@ -34,9 +35,10 @@ def rows(writes: WriteSet) -> int:
 
 
 class Applier:
-    def __init__(self, backend: Backend, journal: Journal, applied_seq: int,
-                 max_rows: int = 200_000, max_pending_rows: int = 2_000_000) -> None:
-        self._backend, self._journal = backend, journal
+    def __init__(self, backend: Backend, journal: Journal, versions: DataVersions,
+                 applied_seq: int, max_rows: int = 200_000,
+                 max_pending_rows: int = 2_000_000) -> None:
+        self._backend, self._journal, self._versions = backend, journal, versions
         self.applied_seq = applied_seq
         self._max_rows, self._max_pending = max_rows, max_pending_rows
         self._pending: deque[tuple[int, WriteSet]] = deque()
@@ -97,14 +99,16 @@ class Applier:
             if item is None:
                 return
             seq, groups = item
+            merged = merge(groups)
             try:
-                self._backend.write(merge(groups), journal_seq=seq)
+                self._backend.write(merged, journal_seq=seq)
             except BaseException as exc:  # the journal still has it; a restart replays it
                 log.exception("applying the journal to the store failed")
                 with self._cond:
                     self.error = exc
                     self._cond.notify_all()
                 return
+            self._versions.bump(merged.events, seq)  # before flush() waiters see it applied
             with self._cond:
                 self.applied_seq = seq
                 self._cond.notify_all()

@@ -16,6 +16,7 @@ from tally.ingest.applier import Applier, merge
 from tally.ingest.batch import PreparedBatch, prepare
 from tally.ingest.dedup import DedupIndex, key_hasher
 from tally.ingest.journal import Journal
+from tally.ingest.versions import DataVersions
 from tally.ingest.writer import IdempotencyKey, IngestWriter
 from tally.storage.base import Backend
 
@@ -39,7 +40,9 @@ class IngestService:
         self.index.load(backend.event_keys(1 << 20))
         log.info("dedup index loaded", extra={"keys": len(self.index),
                                               "seconds": round(time.perf_counter() - started, 3)})
-        self.applier = Applier(backend, self.journal, last_seq)
+        self.versions = DataVersions()
+        self.versions.load(backend)
+        self.applier = Applier(backend, self.journal, self.versions, last_seq)
         self.writer = IngestWriter(backend, self.index, self.journal, self.applier, last_seq)
 
     def _recover(self) -> int:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
@@ -27,9 +28,20 @@ class Context:
 
 
 @dataclass(frozen=True)
-class Answer:
-    body: dict[str, Any]
+class Plan:
+    """A validated request: what it reads (for versions and the watermark) and how to answer.
+    Nothing is computed until :attr:`run` is called."""
+
+    fingerprint: str  # the request's meaning, page included
     brands: tuple[str, ...] | None  # the brands the answer is confined to (None: all)
+    reads: tuple[datetime, datetime] | None  # the days whose changes can change it (None: any)
+    run: Callable[[], dict[str, Any]]
+
+
+def _reads(metric: Metric, start: datetime, end: datetime) -> tuple[datetime, datetime] | None:
+    """Additive and ratio metrics read only their range; percentiles and active players also
+    read events outside it (the placement of a bet, the end of a session, trailing windows)."""
+    return (start, end) if metric.kind in (Kind.ADDITIVE, Kind.RATIO) else None
 
 
 def _iso(epoch: int) -> str:
@@ -52,7 +64,7 @@ def _sort_key(values: tuple[Any, ...]) -> tuple[Any, ...]:
     return tuple((v is None, "" if v is None else str(v)) for v in values)
 
 
-def timeseries(ctx: Context, q: dict[str, str | None]) -> Answer:
+def timeseries(ctx: Context, q: dict[str, str | None]) -> Plan:
     metric = rq.parse_metric(q.get("metric"), ctx.principal)
     granularity = q.get("granularity") or ""
     step = rq.GRANULARITIES.get(granularity)
@@ -73,26 +85,30 @@ def timeseries(ctx: Context, q: dict[str, str | None]) -> Answer:
     currency = _currency(q.get("currency"), ctx.settings)
     limit = _limit(q.get("limit"), 1000, 10_000)
     scope = Scope(start, end, step, filters, group_by)
-    found = values(ctx.backend, ctx.fx, metric, scope, currency,
-                   ctx.settings.active_session_min * 60)
-    groups = sorted({key[1:] for key in found}, key=_sort_key)
-    first = int(start.replace(tzinfo=UTC).timestamp())
-    last = int(end.replace(tzinfo=UTC).timestamp())
-    field, empty = answer_field(metric), empty_value(metric)
-    points = [
-        {"ts": _iso(ts), **dict(zip(group_by, group, strict=True)),
-         field: found.get((ts, *group), empty)}
-        for ts in range(first, last, step) for group in groups
-    ]
     fp = rq.fingerprint("ts", metric.name, granularity, start, end, sorted(filters.items()),
                         group_by, currency)
-    window, cursor = _page(points, q.get("cursor"), limit, fp)
-    body = {"metric": metric.name, "granularity": granularity, "currency": currency,
-            "series": window, "next_cursor": cursor}
-    return Answer(body, filters.get("brand_id"))
+    at = rq.page(q.get("cursor"), limit, fp).offset
+
+    def run() -> dict[str, Any]:
+        found = values(ctx.backend, ctx.fx, metric, scope, currency,
+                       ctx.settings.active_session_min * 60)
+        groups = sorted({key[1:] for key in found}, key=_sort_key)
+        first = int(start.replace(tzinfo=UTC).timestamp())
+        last = int(end.replace(tzinfo=UTC).timestamp())
+        field, empty = answer_field(metric), empty_value(metric)
+        points = [
+            {"ts": _iso(ts), **dict(zip(group_by, group, strict=True)),
+             field: found.get((ts, *group), empty)}
+            for ts in range(first, last, step) for group in groups
+        ]
+        window, cursor = _page(points, at, limit, fp)
+        return {"metric": metric.name, "granularity": granularity, "currency": currency,
+                "series": window, "next_cursor": cursor}
+
+    return Plan(f"{fp}:{at}:{limit}", filters.get("brand_id"), _reads(metric, start, end), run)
 
 
-def slice_(ctx: Context, q: dict[str, str | None]) -> Answer:
+def slice_(ctx: Context, q: dict[str, str | None]) -> Plan:
     metric = rq.parse_metric(q.get("metric"), ctx.principal)
     if metric.window_days > 1:
         raise BadRequest(f"metric {metric.name!r} is a trailing window: use timeseries, 1d")
@@ -106,20 +122,23 @@ def slice_(ctx: Context, q: dict[str, str | None]) -> Answer:
     if order not in ("-value", "value"):
         raise BadRequest("order must be -value or value")
     limit = _limit(q.get("limit"), 50, 1000)
-    found = _slice_values(ctx, metric, Scope(start, end, 0, filters, (dim,)), currency)
-    present = [(key, value) for key, value in found.items()]
-    present.sort(key=lambda kv: str(kv[0]))
-    ranked = sorted(present, key=lambda kv: (kv[1] is None,
-                                             0 if kv[1] is None else
-                                             (-kv[1] if order == "-value" else kv[1])))
-    field = answer_field(metric)
-    items = [{dim: key, field: value} for key, value in ranked]
     fp = rq.fingerprint("slice", metric.name, dim, start, end, sorted(filters.items()),
                         currency, order)
-    window, cursor = _page(items, q.get("cursor"), limit, fp)
-    body = {"metric": metric.name, "dim": dim, "currency": currency, "items": window,
-            "next_cursor": cursor}
-    return Answer(body, filters.get("brand_id"))
+    at = rq.page(q.get("cursor"), limit, fp).offset
+
+    def run() -> dict[str, Any]:
+        found = _slice_values(ctx, metric, Scope(start, end, 0, filters, (dim,)), currency)
+        present = sorted(found.items(), key=lambda kv: str(kv[0]))
+        ranked = sorted(present, key=lambda kv: (kv[1] is None,
+                                                 0 if kv[1] is None else
+                                                 (-kv[1] if order == "-value" else kv[1])))
+        field = answer_field(metric)
+        items = [{dim: key, field: value} for key, value in ranked]
+        window, cursor = _page(items, at, limit, fp)
+        return {"metric": metric.name, "dim": dim, "currency": currency, "items": window,
+                "next_cursor": cursor}
+
+    return Plan(f"{fp}:{at}:{limit}", filters.get("brand_id"), _reads(metric, start, end), run)
 
 
 def _slice_values(ctx: Context, metric: Metric, scope: Scope,
@@ -146,9 +165,8 @@ def _limit(text: str | None, default: int, maximum: int) -> int:
     return int(text)
 
 
-def _page(rows: list[dict[str, Any]], cursor: str | None, limit: int,
+def _page(rows: list[dict[str, Any]], at: int, limit: int,
           fp: str) -> tuple[list[dict[str, Any]], str | None]:
-    at = rq.page(cursor, limit, fp).offset
     window = rows[at:at + limit]
     more = at + limit < len(rows)
     return window, rq.next_cursor(at + limit, fp) if more else None

@@ -80,6 +80,7 @@ class FxRates:
         self._rates: dict[str, list[Decimal]] = {}
         for day, currency, rate in sorted(store.fx_rates()):
             self._put(day, currency, Decimal(rate))
+        self.version = sum(len(days) for days in self._days.values())  # grows with every add
 
     def _put(self, day: date, currency: str, rate: Decimal) -> None:
         days = self._days.setdefault(currency, [])
@@ -113,6 +114,7 @@ class FxRates:
             self._store.add_fx_rates([(d, c, str(r)) for (d, c), r in new.items()])
             for (day, currency), rate in new.items():
                 self._put(day, currency, rate)
+            self.version += len(new)
             return {"inserted": len(new), "unchanged": unchanged}
 
     def listing(self) -> list[dict[str, str]]:

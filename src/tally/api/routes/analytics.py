@@ -5,11 +5,19 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Callable
 
+import msgspec
 from fastapi import APIRouter, Request, Response
 
-from tally.api.caching import MAX_AGE, SLICE_MAX_AGE, cached_json, watermark
+from tally.api.caching import (
+    MAX_AGE,
+    SLICE_MAX_AGE,
+    etag_for,
+    format_watermark,
+    not_modified,
+    respond,
+)
 from tally.api.deps import AnalyticsReader, RuntimeDep
-from tally.insights.series import Answer, Context, slice_, timeseries
+from tally.insights.series import Context, Plan, slice_, timeseries
 from tally.runtime import Runtime
 from tally.security.tokens import Principal
 
@@ -22,16 +30,23 @@ SLICE_PARAMS = ("metric", "dim", "from", "to", "filters", "limit", "order", "cur
 
 
 async def _answer(request: Request, runtime: Runtime, principal: Principal,
-                  build: Callable[[Context, dict[str, str | None]], Answer],
+                  planner: Callable[[Context, dict[str, str | None]], Plan],
                   names: tuple[str, ...], max_age: int) -> Response:
     q = {name: request.query_params.get(name) for name in names}
+    plan = planner(Context(runtime.backend, runtime.fx, runtime.settings, principal), q)
     # read-your-writes: an answer includes every event acknowledged before the request
     await asyncio.to_thread(runtime.ingest.flush, READ_YOUR_WRITES_WAIT)
-    ctx = Context(runtime.backend, runtime.fx, runtime.settings, principal)
-    answer = await asyncio.to_thread(build, ctx, q)
-    mark = await asyncio.to_thread(watermark, runtime.backend, answer.brands,
-                                   runtime.settings.allowed_lateness)
-    return cached_json(request, answer.body, max_age, mark)
+    versions = runtime.ingest.versions
+    etag = etag_for(plan.fingerprint, versions.version(plan.brands, plan.reads),
+                    runtime.fx.version)
+    mark = format_watermark(versions.latest(plan.brands), runtime.settings.allowed_lateness)
+    if not_modified(request, etag):
+        return respond(request, etag, None, max_age, mark)
+    content = runtime.answers.get(etag)
+    if content is None:
+        content = msgspec.json.encode(await asyncio.to_thread(plan.run))
+        runtime.answers.put(etag, content, max_age)
+    return respond(request, etag, content, max_age, mark)
 
 
 @router.get("/v1/analytics/timeseries", summary="A metric over time, bucketed in UTC")

@@ -1,0 +1,71 @@
+"""Data versions: which journal sequence last changed each (brand, UTC day), and each brand's
+greatest occurred_at. The applier bumps them as it applies; answers derive their ETag from the
+versions of the brand-days they read (a late event for the range changes it, an event elsewhere
+does not) and their watermark from the greatest occurred_at of their brands."""
+
+from __future__ import annotations
+
+import threading
+from datetime import date, datetime, timedelta
+
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from tally.storage.base import Backend
+
+
+
+class DataVersions:
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._days: dict[str, dict[int, int]] = {}  # brand → {day ordinal → seq}
+        self._latest: dict[str, datetime] = {}
+
+    def load(self, backend: Backend) -> None:
+        table = backend.query(
+            "SELECT tenant_id, CAST(occurred_at AS DATE) AS day, max(ingest_seq) AS seq, "
+            "max(occurred_at) AS latest FROM events GROUP BY ALL")
+        self._merge(table.column("tenant_id").to_pylist(), table.column("day").to_pylist(),
+                    table.column("seq").to_pylist(), table.column("latest").to_pylist())
+
+    def bump(self, events: list[pa.Table], seq: int) -> None:
+        for table in events:
+            if not table.num_rows:
+                continue
+            days = pc.cast(table.column("occurred_at"), pa.date32())
+            grouped = pa.table({"tenant_id": table.column("tenant_id"), "day": days,
+                                "at": table.column("occurred_at")}) \
+                .group_by(["tenant_id", "day"]).aggregate([("at", "max")])
+            self._merge(grouped.column("tenant_id").to_pylist(),
+                        grouped.column("day").to_pylist(), [seq] * grouped.num_rows,
+                        grouped.column("at_max").to_pylist())
+
+    def _merge(self, brands: list[str], days: list[date], seqs: list[int],
+               latest: list[datetime]) -> None:
+        with self._lock:
+            for brand, day, seq, at in zip(brands, days, seqs, latest, strict=True):
+                per_day = self._days.setdefault(brand, {})
+                ordinal = day.toordinal()
+                per_day[ordinal] = max(per_day.get(ordinal, 0), seq)
+                if brand not in self._latest or at > self._latest[brand]:
+                    self._latest[brand] = at
+
+    def version(self, brands: tuple[str, ...] | None,
+                reads: tuple[datetime, datetime] | None) -> int:
+        """The latest change to any of ``brands`` (None: all) on the days of ``reads``
+        (``[start, end)``; None: any day)."""
+        first, last = 0, date.max.toordinal()
+        if reads is not None:
+            first = reads[0].date().toordinal()
+            last = (reads[1] - timedelta(microseconds=1)).date().toordinal()
+        with self._lock:
+            chosen = self._days if brands is None else {b: self._days.get(b, {})
+                                                        for b in brands}
+            return max((seq for per_day in chosen.values() for day, seq in per_day.items()
+                        if first <= day <= last), default=0)
+
+    def latest(self, brands: tuple[str, ...] | None) -> datetime | None:
+        with self._lock:
+            values = [at for brand, at in self._latest.items()
+                      if brands is None or brand in brands]
+        return max(values, default=None)
