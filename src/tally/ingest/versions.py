@@ -14,7 +14,6 @@ import pyarrow.compute as pc
 from tally.storage.base import Backend
 
 
-
 class DataVersions:
     def __init__(self) -> None:
         self._lock = threading.Lock()
