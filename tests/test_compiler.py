@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+from tally.rollups.spec import compile_from_rollup, maintenance
 from tally.semantic.catalog import METRICS
 from tally.semantic.compiler import (
     Compiled,
@@ -34,7 +35,19 @@ CASES = {
     "webhook_lag": compile_webhook_lag(SCOPE),
     "dau": compile_active(SCOPE, 60, distinct=True),
     "active_players_daily": compile_active(SCOPE, 60, distinct=False),
+    "ggr_5m_from_rollup": compile_from_rollup(METRICS["ggr"], SCOPE, by_currency=True),
 }
+MAINTENANCE = {grain: maintenance(grain, "_new_events") for grain in ("1m", "1h", "1d")}
+
+
+@pytest.mark.parametrize("dialect", ["duckdb", "clickhouse"])
+@pytest.mark.parametrize("grain", sorted(MAINTENANCE))
+def test_rollup_maintenance_snapshot(grain: str, dialect: str):
+    sql = MAINTENANCE[grain].sql(dialect=dialect) + "\n"
+    path = SNAPSHOTS / f"rollup_{grain}_maintenance.{dialect}.sql"
+    if os.environ.get("TALLY_UPDATE_SNAPSHOTS") == "1":
+        path.write_text(sql)
+    assert path.read_text() == sql
 
 
 @pytest.mark.parametrize("dialect", ["duckdb", "clickhouse"])

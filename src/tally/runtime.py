@@ -12,6 +12,7 @@ from tally import metadata
 from tally.config import Settings
 from tally.ingest.service import IngestService
 from tally.insights.cache import AnswerCache
+from tally.rollups.spec import derived_tables
 from tally.security.tokens import TokenService
 from tally.semantic.fx import FxRates
 from tally.storage.duckdb import DuckDBBackend
@@ -25,6 +26,17 @@ def tune_gc() -> None:
     5 ms (a convoy: dedup lookups took 10x their single-thread time under load)."""
     gc.set_threshold(50_000, 20, 100)
     sys.setswitchinterval(0.0005)
+
+
+def open_store(settings: Settings) -> DuckDBBackend:
+    """The event store with its rollups: the one way to open it for writing, so every
+    appended batch maintains them (``tally serve`` and ``tally demo`` alike)."""
+    metadata.ensure_data_dir(settings.data_dir)
+    return DuckDBBackend(
+        settings.data_dir,
+        idempotency_ttl=timedelta(seconds=settings.idempotency_ttl_seconds),
+        derived=derived_tables(DuckDBBackend.dialect),
+    )
 
 
 @dataclass
@@ -41,10 +53,7 @@ class Runtime:
     def open(cls, settings: Settings) -> Runtime:
         meta = metadata.connect(settings.data_dir)
         tokens = TokenService(meta, settings.issuer, settings.audience, settings.token_ttl_seconds)
-        backend = DuckDBBackend(
-            settings.data_dir,
-            idempotency_ttl=timedelta(seconds=settings.idempotency_ttl_seconds),
-        )
+        backend = open_store(settings)
         backend.expire_idempotency()
         ingest = IngestService(backend, settings.data_dir / "journal", settings.max_batch_events)
         return cls(settings, meta, tokens, backend, ingest,

@@ -33,8 +33,7 @@ from tally.demo.catalog import Event
 from tally.demo.generator import demo_markets, generate
 from tally.events.envelope import ValidationContext
 from tally.ingest.service import IngestService
-from tally.runtime import tune_gc
-from tally.storage.duckdb import DuckDBBackend
+from tally.runtime import open_store, tune_gc
 
 BATCH_EVENTS = 10_000  # ~4 MB of JSON: amortises a commit, well under the 10 MiB default
 PIPELINE_DEPTH = 2  # batches prepared ahead of the one being committed
@@ -55,7 +54,7 @@ def load_demo(settings: Settings, *, events: int, days: int, seed: int) -> dict[
     totals = {"events_generated": 0, "accepted": 0, "duplicates": 0, "rejected": 0}
     if not demo_markets(settings.served_regions):
         return _summary(totals, started, settings)  # no demo brand lives where we may store
-    backend = DuckDBBackend(settings.data_dir)  # StoreUnavailable if `tally serve` holds it
+    backend = open_store(settings)  # StoreUnavailable if `tally serve` holds it
     try:
         svc = IngestService(backend, settings.data_dir / "journal", settings.max_batch_events)
         tune_gc()

@@ -12,6 +12,7 @@ from collections import defaultdict
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
+from tally.rollups.spec import compile_from_rollup
 from tally.semantic.catalog import Kind, Metric, Unit
 from tally.semantic.compiler import (
     Compiled,
@@ -41,7 +42,9 @@ def parts(backend: Backend, fx: FxRates, metric: Metric, scope: Scope,
           currency: str) -> dict[Key, list[float]]:
     """ADDITIVE: [signed sum]; RATIO: [numerator, denominator]. Money is converted."""
     money = any(m.money for m in metric.measures)
-    rows = run(backend, compile_measures(metric, scope, by_currency=money))
+    compiled = (compile_from_rollup(metric, scope, by_currency=money)
+                or compile_measures(metric, scope, by_currency=money))
+    rows = run(backend, compiled)
     if metric.kind is Kind.ADDITIVE:
         components = [[(sign, name) for sign, name in metric.terms]]
     else:

@@ -89,7 +89,7 @@ def _measure_condition(measure: Measure) -> exp.Expr:
     return condition
 
 
-def _measure_sum(measure: Measure) -> exp.Expr:
+def measure_sum(measure: Measure) -> exp.Expr:
     value: exp.Expr = exp.Literal.number(1)
     if measure.column is not None:
         value = exp.func("COALESCE", column(measure.column), exp.Literal.number(0))
@@ -107,7 +107,7 @@ def compile_measures(metric: Metric, scope: Scope, by_currency: bool) -> Compile
     if by_currency:
         keys.append(exp.alias_(column("currency"), "source_currency"))
     tree = (
-        exp.select(*keys, *(_measure_sum(m) for m in measures))
+        exp.select(*keys, *(measure_sum(m) for m in measures))
         .from_("events")
         .where(scope_condition(scope, params))
         .where(column("event_type").isin(*(exp.Literal.string(t) for t in event_types)))

@@ -53,7 +53,10 @@ class DuckDBBackend:
     dialect = "duckdb"
 
     def __init__(self, data_dir: Path, *, read_only: bool = False,
-                 idempotency_ttl: timedelta = timedelta(hours=24)) -> None:
+                 idempotency_ttl: timedelta = timedelta(hours=24),
+                 derived: Sequence[tuple[str, str, str]] = ()) -> None:
+        """``derived``: tables kept from the events, as (DDL, SQL over the appended batch
+        ``_new_events``, SQL over all ``events`` to fill an empty one) — the rollups."""
         self.path = data_dir / "events.duckdb"
         self.idempotency_ttl = idempotency_ttl
         if read_only and not self.path.exists():
@@ -67,10 +70,22 @@ class DuckDBBackend:
                     f"running on this data dir?): {exc}"
                 ) from None
             raise StoreUnavailable(f"cannot open store {self.path}: {exc}") from None
+        self._derived = [batch_sql for _, batch_sql, _ in derived]
         if not read_only:
             self._con.execute(DDL)
+            self._create_derived(derived)
         self._local = threading.local()
         self._write_lock = threading.Lock()
+
+    def _create_derived(self, derived: Sequence[tuple[str, str, str]]) -> None:
+        for ddl, _, backfill in derived:
+            name = ddl.split()[5]  # CREATE TABLE IF NOT EXISTS <name> (
+            existed = bool(self._con.execute(
+                "SELECT count(*) FROM duckdb_tables() WHERE table_name = ?", [name]
+            ).fetchall()[0][0])
+            self._con.execute(ddl)
+            if not existed:  # a new derived table over an existing store: fill it once
+                self._con.execute(backfill)
 
     # -- reads: one cursor per thread, so readers never share a connection -----------------
     def _cursor(self) -> duckdb.DuckDBPyConnection:
@@ -149,6 +164,8 @@ class DuckDBBackend:
                 for table in writes.events:
                     con.register("_new_events", table)
                     con.execute("INSERT INTO events SELECT * FROM _new_events")
+                    for sql in self._derived:  # rollups, in the same transaction
+                        con.execute(sql)
                     con.unregister("_new_events")
                 for table in writes.quarantine:
                     con.register("_new_quarantine", table)

@@ -1,0 +1,1 @@
+SELECT bucket // 300 * 300 AS bucket, tenant_id AS brand_id, currency AS source_currency, SUM(stake_sum) AS stake_sum, SUM(win_sum) AS win_sum FROM rollup_1m WHERE bucket >= $p0 AND bucket < $p1 AND event_type IN ('bet.settled') AND tenant_id IN ($p2, $p3) AND region IN ($p4) GROUP BY bucket // 300 * 300, tenant_id, currency
