@@ -42,6 +42,8 @@ def maintenance(grain: str, source: str) -> exp.Insert:
         .from_(source)
         .where(exp.column("event_type").isin(*(exp.Literal.string(t) for t in EVENT_TYPES)))
         .group_by(exp.column("bucket"), *(exp.column(c) for c in DIMENSION_COLUMNS))
+        # stored in time order, so a range query skips row groups by their bucket min/max
+        .order_by(exp.column("bucket"))
     )
     return exp.insert(select, table(grain))
 
