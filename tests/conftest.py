@@ -58,15 +58,22 @@ def auth(client: TestClient, settings: Settings) -> TokenFactory:
 
     def factory(scopes: str = ALL_SCOPES, brands: str | None = None,
                 regions: str | None = None, metrics: str | None = None) -> dict[str, str]:
-        con = metadata.connect(settings.data_dir)
-        client_id, secret = create_client(con, "test", scopes, brands, regions, metrics)
-        con.close()
-        response = client.post("/oauth/token", auth=(client_id, secret),
-                               data={"grant_type": "client_credentials"})
-        assert response.status_code == 200, response.text
-        return {"Authorization": f"Bearer {response.json()['access_token']}"}
+        return bearer(client, settings.data_dir, scopes, brands, regions, metrics)
 
     return factory
+
+
+def bearer(client: TestClient, data_dir: Path, scopes: str = ALL_SCOPES,
+           brands: str | None = None, regions: str | None = None,
+           metrics: str | None = None) -> dict[str, str]:
+    """Register a client in ``data_dir`` and return the Authorization header of its token."""
+    con = metadata.connect(data_dir)
+    client_id, secret = create_client(con, "test", scopes, brands, regions, metrics)
+    con.close()
+    response = client.post("/oauth/token", auth=(client_id, secret),
+                           data={"grant_type": "client_credentials"})
+    assert response.status_code == 200, response.text
+    return {"Authorization": f"Bearer {response.json()['access_token']}"}
 
 
 @pytest.fixture

@@ -20,12 +20,10 @@ from typing import Any
 import pytest
 from fastapi.testclient import TestClient
 
-from tally import metadata
 from tally.api.app import create_app
 from tally.config import Settings
-from tally.security.clients import create_client
 from tests import reference as ref
-from tests.conftest import ALL_SCOPES, make_event
+from tests.conftest import bearer, make_event
 
 TS = "/v1/analytics/timeseries"
 SLICE = "/v1/analytics/slice"
@@ -293,13 +291,7 @@ class Api:
 
 
 def token(client: TestClient, settings: Settings) -> dict[str, str]:
-    con = metadata.connect(settings.data_dir)
-    client_id, secret = create_client(con, "analytics-tests", ALL_SCOPES, None, None, None)
-    con.close()
-    response = client.post("/oauth/token", auth=(client_id, secret),
-                           data={"grant_type": "client_credentials"})
-    assert response.status_code == 200, response.text
-    return {"Authorization": f"Bearer {response.json()['access_token']}"}
+    return bearer(client, settings.data_dir)
 
 
 def post_batches(client: TestClient, headers: dict[str, str],

@@ -8,7 +8,7 @@ from fastapi.testclient import TestClient
 
 from tally.api.app import create_app
 from tally.config import Settings
-from tests.conftest import make_event
+from tests.conftest import bearer, make_event
 from tests.test_ingest_api import app_with
 
 TS = "/v1/analytics/timeseries"
@@ -73,14 +73,7 @@ def test_watermark_is_per_brand_scope_and_less_the_lateness(tmp_path, auth):
     with app_with(tmp_path, allowed_lateness=60) as (client, writer):
         ingest(client, writer, bet(occurred_at="2025-10-23T05:00:00Z"),
                bet(occurred_at="2025-10-23T09:30:00Z", tenant_id="brand-8"))
-        from tally import metadata
-        from tally.security.clients import create_client
-
-        cid, secret = create_client(metadata.connect(tmp_path / "d"), "r", "analytics:read",
-                                    brands="brand-7")
-        token = client.post("/oauth/token", auth=(cid, secret),
-                            data={"grant_type": "client_credentials"}).json()["access_token"]
-        limited = {"Authorization": f"Bearer {token}"}
+        limited = bearer(client, tmp_path / "d", "analytics:read", brands="brand-7")
         q = {**Q, "filters": ""}
         own = client.get(TS, params=q, headers=limited).headers["x-data-watermark"]
         assert own == "2025-10-23T04:59:00.000000Z"  # brand-7 only, less 60 s

@@ -12,11 +12,9 @@ from typing import Any
 import pytest
 from fastapi.testclient import TestClient
 
-from tally import metadata
 from tally.api.app import create_app
 from tally.config import Settings
-from tally.security.clients import create_client
-from tests.conftest import TokenFactory, make_event
+from tests.conftest import TokenFactory, bearer, make_event
 
 BATCH = "/v1/events:batch"
 
@@ -214,10 +212,7 @@ def app_with(tmp_path: Path, **overrides: Any) -> Iterator[tuple[TestClient, dic
     """An app with some settings changed, and an events:write client's headers."""
     settings = Settings(data_dir=tmp_path / "d", **overrides)
     with TestClient(create_app(settings)) as client:
-        cid, secret = create_client(metadata.connect(settings.data_dir), "t", "events:write")
-        token = client.post("/oauth/token", auth=(cid, secret),
-                            data={"grant_type": "client_credentials"}).json()["access_token"]
-        yield client, {"Authorization": f"Bearer {token}"}
+        yield client, bearer(client, settings.data_dir, "events:write")
 
 
 def test_batch_over_the_event_limit_is_413(tmp_path):

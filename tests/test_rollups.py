@@ -16,7 +16,7 @@ from tally.runtime import open_store
 from tally.semantic.catalog import METRICS, Kind
 from tally.semantic.compiler import Scope, compile_measures
 from tally.storage.duckdb import DuckDBBackend
-from tests.conftest import make_event
+from tests.conftest import bearer, make_event
 
 ADDITIVE = [m for m in METRICS.values() if m.kind in (Kind.ADDITIVE, Kind.RATIO)]
 
@@ -60,19 +60,14 @@ def sorted_rows(backend: DuckDBBackend, compiled) -> list[tuple]:
 def store(tmp_path_factory) -> DuckDBBackend:
     from fastapi.testclient import TestClient
 
-    from tally import metadata
     from tally.api.app import create_app
-    from tally.security.clients import create_client
 
     settings = Settings(data_dir=tmp_path_factory.mktemp("rollups"), regions="EU")
     with TestClient(create_app(settings)) as client:
-        cid, secret = create_client(metadata.connect(settings.data_dir), "t", "events:write")
-        token = client.post("/oauth/token", auth=(cid, secret),
-                            data={"grant_type": "client_credentials"}).json()["access_token"]
+        headers = bearer(client, settings.data_dir, "events:write")
         batch = events(3000, 1)
         for part in (batch[:1500], batch[1000:], batch[2500:]):  # overlaps: duplicates
-            r = client.post("/v1/events:batch", content=json.dumps(part),
-                            headers={"Authorization": f"Bearer {token}"})
+            r = client.post("/v1/events:batch", content=json.dumps(part), headers=headers)
             assert r.status_code == 202
     return open_store(settings)
 
