@@ -17,6 +17,8 @@ fi
 client_id=$(.venv/bin/python -c 'import json,sys; print(json.load(open(sys.argv[1]))["client_id"])' "$creds")
 secret=$(.venv/bin/python -c 'import json,sys; print(json.load(open(sys.argv[1]))["client_secret"])' "$creds")
 url="http://$host:$port"
+since=$(date -u -d "7 days ago" +%Y-%m-%d)
+until=$(date -u -d "tomorrow" +%Y-%m-%d)
 cat <<MSG
 
 Tally is starting at $url   (OpenAPI docs: $url/docs)
@@ -32,6 +34,10 @@ Try it:
     "player_id":"p_demo","schema_version":"1.3.0","payload":{"bet_id":"b1","stake_minor":500,
     "win_minor":450,"currency":"EUR","game_id":"g_01","provider_id":"studio_x"}}]'
   curl -s $url/v1/admin/quarantine -H "Authorization: Bearer \$TOKEN"
+  curl -s "$url/v1/analytics/timeseries?metric=ggr&granularity=1d&from=$since&to=$until&group_by=brand_id" \\
+    -H "Authorization: Bearer \$TOKEN"
+  curl -s "$url/v1/analytics/slice?metric=rtp&dim=game_id&from=$since&to=$until&limit=5" \\
+    -H "Authorization: Bearer \$TOKEN"
 
 MSG
 exec "$tally" serve --host "$host" --port "$port" --data-dir "$data_dir"

@@ -238,3 +238,36 @@ def test_seasonality_and_retention(events: list[dict[str, Any]]) -> None:
     later = {e["player_id"] for e in of_type(events, "session.started")
              if e["occurred_at"][:10] > first_day}
     assert new and 0 < len(new & later) < len(new)  # some come back, not all
+
+
+def test_demo_money_answers_convert_out_of_the_box(tmp_path: Path) -> None:
+    """`tally demo` sets rates for every demo currency, so ggr over all brands is not a 422,
+    and it equals the per-currency sums converted at those rates (computed here)."""
+    from decimal import ROUND_HALF_EVEN, Decimal
+
+    import duckdb
+    from fastapi.testclient import TestClient
+
+    from tally.api.app import create_app
+    from tests.conftest import bearer
+
+    settings = Settings(data_dir=tmp_path, regions="EU,UK,LATAM,NA,APAC")
+    load_demo(settings, events=6_000, days=2, seed=3)
+    con = duckdb.connect(str(tmp_path / "events.duckdb"), read_only=True)
+    rates = {c: Decimal(r) for c, r in con.execute(
+        "SELECT currency, rate FROM fx_rates").fetchall()} | {"EUR": Decimal(1)}
+    exponent = {"JPY": 0}
+    sums = con.execute(  # the slice rounds each (brand, UTC day, currency) sum
+        "SELECT CAST(occurred_at AS DATE), currency, sum(stake_minor - win_minor), tenant_id "
+        "FROM events WHERE event_type = 'bet.settled' GROUP BY ALL").fetchall()
+    con.close()
+    expected = sum(int((Decimal(s) * rates[c] * Decimal(10) ** (2 - exponent.get(c, 2)))
+                       .quantize(Decimal(1), rounding=ROUND_HALF_EVEN)) for _, c, s, _ in sums)
+    first = min(row[0] for row in sums)
+    last = max(row[0] for row in sums)
+    with TestClient(create_app(settings)) as client:
+        r = client.get("/v1/analytics/slice", headers=bearer(client, tmp_path),
+                       params={"metric": "ggr", "dim": "brand_id", "from": str(first),
+                               "to": str(last + timedelta(days=1))})
+    assert r.status_code == 200, r.text
+    assert sum(item["value_minor"] for item in r.json()["items"]) == expected

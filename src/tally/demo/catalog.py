@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
-from datetime import UTC, datetime
+from datetime import UTC, date, datetime
+from decimal import Decimal
 from functools import cache
 from operator import itemgetter
 from typing import Any
 
 import numpy as np
 import numpy.typing as npt
+
+from tally.events.currencies import minor_exponent
 
 Event = dict[str, Any]
 Array = npt.NDArray[Any]
@@ -113,3 +116,18 @@ def games() -> list[tuple[Game, float]]:
 def clock_tables() -> tuple[list[str], list[str]]:
     hms = [f"{s // 3600:02d}:{s // 60 % 60:02d}:{s % 60:02d}" for s in range(86_400)]
     return hms, [f".{ms:03d}Z" for ms in range(1000)]
+
+
+def fx_rates(base: str, day: date) -> list[tuple[date, str, Decimal]]:
+    """The demo's exchange rates as of ``day``, per major unit in ``base`` (consistent with the
+    amounts the generator makes: MARKETS gives minor units per EUR cent)."""
+    per_cent = {m[3]: Decimal(str(m[4])) for m in MARKETS} | {"EUR": Decimal(1)}
+
+    def in_eur(currency: str) -> Decimal:  # one major unit of ``currency`` in EUR
+        return Decimal(10) ** minor_exponent(currency) / (per_cent[currency] * 100)
+
+    base_in_eur = in_eur(base) if base in per_cent else None
+    if base_in_eur is None:
+        return []  # a base the demo knows no rate for: the operator sets rates
+    return [(day, currency, (in_eur(currency) / base_in_eur).quantize(Decimal("0.000001")))
+            for currency in sorted(per_cent) if currency != base]

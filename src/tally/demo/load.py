@@ -10,7 +10,7 @@ from __future__ import annotations
 import time
 from collections import deque
 from concurrent.futures import Future
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import msgspec
@@ -29,11 +29,12 @@ from rich.text import Text
 
 from tally import metadata
 from tally.config import Settings
-from tally.demo.catalog import Event
+from tally.demo.catalog import Event, fx_rates
 from tally.demo.generator import demo_markets, generate
 from tally.events.envelope import ValidationContext
 from tally.ingest.service import IngestService
 from tally.runtime import open_store, tune_gc
+from tally.semantic.fx import FxRates
 
 BATCH_EVENTS = 10_000  # ~4 MB of JSON: amortises a commit, well under the 10 MiB default
 PIPELINE_DEPTH = 2  # batches prepared ahead of the one being committed
@@ -59,6 +60,9 @@ def load_demo(settings: Settings, *, events: int, days: int, seed: int) -> dict[
         svc = IngestService(backend, settings.data_dir / "journal", settings.max_batch_events)
         tune_gc()
         end = datetime.now(UTC).replace(minute=0, second=0, microsecond=0)
+        # rates from the first day on, so money answers over demo data convert out of the box
+        FxRates(backend, settings.base_currency).add(
+            fx_rates(settings.base_currency, (end - timedelta(days=days)).date()))
         batch_size = max(1, min(BATCH_EVENTS, settings.max_batch_events))
         batches = generate(events, days, seed, end, batch_size, settings.served_regions)
         svc.start()
