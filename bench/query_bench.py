@@ -86,58 +86,57 @@ def cases(end: datetime) -> list[dict[str, Any]]:
     ]
 
 
-def load(url: str, headers: dict[str, str], path: str,
-         requests: list[dict[str, str]]) -> list[float]:
-    todo = list(reversed(requests))
+def timed_concurrently(items: list[Any], make_worker: Any) -> list[float]:
+    """Run ``work(item)`` for every item from CLIENTS threads; each thread gets its own
+    ``work`` from ``make_worker()`` (its own connection). Returns the latencies."""
+    todo = list(reversed(items))
     latencies: list[float] = []
     lock = threading.Lock()
 
-    def worker() -> None:
-        with httpx.Client(base_url=url, headers=headers, timeout=120) as http:
+    def thread() -> None:
+        work, close = make_worker()
+        try:
             while True:
                 with lock:
                     if not todo:
                         return
-                    params = todo.pop()
+                    item = todo.pop()
                 started = time.perf_counter()
-                r = http.get(path, params=params)
-                took = time.perf_counter() - started
-                assert r.status_code in (200, 304), r.text
+                work(item)
                 with lock:
-                    latencies.append(took)
+                    latencies.append(time.perf_counter() - started)
+        finally:
+            close()
 
-    threads = [threading.Thread(target=worker) for _ in range(CLIENTS)]
+    threads = [threading.Thread(target=thread) for _ in range(CLIENTS)]
     for t in threads:
         t.start()
     for t in threads:
         t.join()
     return latencies
+
+
+def load(url: str, headers: dict[str, str], path: str,
+         requests: list[dict[str, str]]) -> list[float]:
+    def make_worker() -> tuple[Any, Any]:
+        http = httpx.Client(base_url=url, headers=headers, timeout=120)
+
+        def work(params: dict[str, str]) -> None:
+            r = http.get(path, params=params)
+            assert r.status_code in (200, 304), r.text
+
+        return work, http.close
+
+    return timed_concurrently(requests, make_worker)
 
 
 def raw_load(con: duckdb.DuckDBPyConnection, raw: Any) -> list[float]:
     """The raw SQL from as many concurrent clients as the HTTP run, one cursor each."""
-    todo = list(range(REQUESTS))
-    latencies: list[float] = []
-    lock = threading.Lock()
-
-    def worker() -> None:
+    def make_worker() -> tuple[Any, Any]:
         cur = con.cursor()
-        while True:
-            with lock:
-                if not todo:
-                    return
-                k = todo.pop()
-            started = time.perf_counter()
-            cur.execute(raw(k)).fetchall()
-            with lock:
-                latencies.append(time.perf_counter() - started)
+        return (lambda k: cur.execute(raw(k)).fetchall()), cur.close
 
-    threads = [threading.Thread(target=worker) for _ in range(CLIENTS)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    return latencies
+    return timed_concurrently(list(range(REQUESTS)), make_worker)
 
 
 def stats(latencies: list[float]) -> dict[str, float]:
