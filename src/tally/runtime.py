@@ -5,6 +5,7 @@ from __future__ import annotations
 import gc
 import sqlite3
 import sys
+from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import timedelta
 
@@ -12,7 +13,7 @@ from tally import metadata
 from tally.config import Settings
 from tally.ingest.service import IngestService
 from tally.insights.cache import AnswerCache
-from tally.rollups.spec import derived_tables
+from tally.rollups.spec import GRAINS, derived_tables
 from tally.security.tokens import TokenService
 from tally.semantic.fx import FxRates
 from tally.storage.duckdb import DuckDBBackend
@@ -61,6 +62,21 @@ class Runtime:
 
     def start(self) -> None:
         self.ingest.start()
+
+    def gauges(self) -> Iterator[tuple[str, str, dict[str, str], float]]:
+        """Values read at each Prometheus scrape."""
+        lag = self.ingest.applier.lag_seconds()
+        for grain in GRAINS:  # all rollups are kept in the apply transaction: one lag
+            yield ("tally_rollup_freshness_lag_seconds",
+                   "Age of the oldest acknowledged events not yet in this rollup.",
+                   {"rollup": grain}, lag)
+        yield ("tally_applier_pending_rows", "Acknowledged rows waiting for the store.", {},
+               float(self.ingest.applier.lag_rows()))
+        yield ("tally_dedup_index_keys", "Keys in the in-memory dedup index.", {},
+               float(len(self.ingest.index)))
+        for result, count in (("hit", self.answers.hits), ("miss", self.answers.misses)):
+            yield ("tally_answer_cache_lookups", "Answer cache lookups by result.",
+                   {"result": result}, float(count))
 
     def close(self) -> None:
         self.ingest.stop()

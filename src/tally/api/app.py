@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import re
 import secrets
+import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
@@ -15,6 +16,7 @@ from tally import __version__
 from tally.api import problems
 from tally.api.routes import admin, analytics, auth, ingest, meta, metrics
 from tally.config import Settings, get_settings
+from tally.observability.metrics import Metrics
 from tally.runtime import Runtime
 
 TRACEPARENT = re.compile(r"^[0-9a-f]{2}-([0-9a-f]{32})-[0-9a-f]{16}-[0-9a-f]{2}$")
@@ -32,22 +34,31 @@ class TraceMiddleware:
     """Gives every request a trace id (``request.state.trace_id``) and answers it in
     ``X-Trace-Id``. Pure ASGI: BaseHTTPMiddleware costs a task and a stream per request."""
 
-    def __init__(self, app: ASGIApp) -> None:
+    def __init__(self, app: ASGIApp, metrics: Metrics) -> None:
         self.app = app
+        self.metrics = metrics
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
+        started = time.perf_counter()
         trace_id = trace_id_for(Headers(scope=scope).get("traceparent", ""))
         scope.setdefault("state", {})["trace_id"] = trace_id
+        status = 500
 
         async def send_with_trace(message: Message) -> None:
+            nonlocal status
             if message["type"] == "http.response.start":
+                status = int(message["status"])
                 MutableHeaders(scope=message)["X-Trace-Id"] = trace_id
             await send(message)
 
-        await self.app(scope, receive, send_with_trace)
+        try:
+            await self.app(scope, receive, send_with_trace)
+        finally:
+            route = getattr(scope.get("route"), "path", "unmatched")
+            self.metrics.observe(route, scope["method"], status, time.perf_counter() - started)
 
 
 def create_app(settings: Settings | None = None, runtime: Runtime | None = None) -> FastAPI:
@@ -61,6 +72,7 @@ def create_app(settings: Settings | None = None, runtime: Runtime | None = None)
         runtime = runtime or Runtime.open(settings)
         runtime.start()
         app.state.runtime = runtime
+        app_metrics.watch(runtime.gauges)
         try:
             yield
         finally:
@@ -69,8 +81,9 @@ def create_app(settings: Settings | None = None, runtime: Runtime | None = None)
 
     app = FastAPI(title="Tally", version=__version__, lifespan=lifespan,
                   description="Analytics API for online gaming operators.")
+    app.state.metrics = app_metrics = Metrics()
 
-    app.add_middleware(TraceMiddleware)
+    app.add_middleware(TraceMiddleware, metrics=app_metrics)
     problems.install(app)
     for module in (auth, ingest, admin, meta, metrics, analytics):
         app.include_router(module.router)

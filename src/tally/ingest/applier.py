@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections import deque
 
 from tally.ingest.journal import Journal
@@ -41,7 +42,7 @@ class Applier:
         self._backend, self._journal, self._versions = backend, journal, versions
         self.applied_seq = applied_seq
         self._max_rows, self._max_pending = max_rows, max_pending_rows
-        self._pending: deque[tuple[int, WriteSet]] = deque()
+        self._pending: deque[tuple[int, WriteSet, float]] = deque()  # (seq, writes, since)
         self._pending_rows = 0
         self._enqueued_seq = applied_seq
         self._cond = threading.Condition()
@@ -56,7 +57,7 @@ class Applier:
         with self._cond:
             while self._pending_rows > self._max_pending and self.error is None:
                 self._cond.wait()
-            self._pending.append((seq, writes))
+            self._pending.append((seq, writes, time.monotonic()))
             self._pending_rows += rows(writes)
             self._enqueued_seq = seq
             self._cond.notify_all()
@@ -70,6 +71,11 @@ class Applier:
 
     def lag_rows(self) -> int:
         return self._pending_rows
+
+    def lag_seconds(self) -> float:
+        """How long the oldest acknowledged group has waited for the store (0: caught up)."""
+        with self._cond:
+            return time.monotonic() - self._pending[0][2] if self._pending else 0.0
 
     def stop(self) -> None:
         with self._cond:
@@ -86,7 +92,7 @@ class Applier:
             taken = 0
             seq = self.applied_seq
             while self._pending and (not groups or taken < self._max_rows):
-                seq, writes = self._pending.popleft()
+                seq, writes, _ = self._pending.popleft()
                 groups.append(writes)
                 taken += rows(writes)
             self._pending_rows -= taken

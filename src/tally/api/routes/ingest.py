@@ -50,4 +50,5 @@ async def ingest_batch(request: Request, principal: EventsWriter,
     )
     receipt = await runtime.ingest.ingest(body, ctx, principal.client_id,
                                           request.state.trace_id, key)
+    request.app.state.metrics.count_receipt(receipt)
     return JSONResponse(receipt, status_code=202)

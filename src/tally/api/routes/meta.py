@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from fastapi import APIRouter
+from fastapi import APIRouter, Request, Response
 from fastapi.responses import JSONResponse
 
 from tally import __version__
@@ -26,6 +26,12 @@ async def readyz(runtime: RuntimeDep) -> JSONResponse:
         return JSONResponse({"status": "unavailable", "detail": type(exc).__name__},
                             status_code=503)
     return JSONResponse({"status": "ready", "events": events})
+
+
+@router.get("/metrics", tags=["operations"], summary="Prometheus metrics (text format)")
+async def metrics(request: Request) -> Response:
+    return Response(request.app.state.metrics.exposition(),
+                    media_type="text/plain; version=0.0.4; charset=utf-8")
 
 
 @router.get("/v1/schemas", tags=["events"], summary="The event schema registry")
