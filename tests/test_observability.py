@@ -40,3 +40,22 @@ def test_metrics_count_what_happened(client, headers):
     assert m[("tally_dedup_index_keys", ())] == 2
     for grain in ("1m", "1h", "1d"):
         assert m[("tally_rollup_freshness_lag_seconds", (("rollup", grain),))] >= 0
+
+
+def test_one_json_log_line_per_request_with_its_trace_id(client, headers, caplog):
+    import logging
+
+    from tally.observability.logs import JsonFormatter
+
+    trace = "4bf92f3577b34da6a3ce929d0e0e4736"
+    with caplog.at_level(logging.INFO, logger="tally.access"):
+        client.get("/v1/analytics/timeseries", headers={
+            **headers, "traceparent": f"00-{trace}-00f067aa0ba902b7-01"},
+            params={"metric": "bets", "granularity": "1d", "from": "2025-10-23",
+                    "to": "2025-10-24", "filters": "brand_id:p_secret_player"})
+    records = [r for r in caplog.records if r.name == "tally.access"]
+    assert len(records) == 1
+    line = json.loads(JsonFormatter().format(records[0]))
+    assert line["trace_id"] == trace and line["status"] == 200
+    assert line["route"] == "/v1/analytics/timeseries" and line["msg"] == "request"
+    assert "p_secret_player" not in json.dumps(line)  # no query string, so no ids

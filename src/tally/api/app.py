@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import re
 import secrets
 import time
@@ -19,6 +20,7 @@ from tally.config import Settings, get_settings
 from tally.observability.metrics import Metrics
 from tally.runtime import Runtime
 
+access_log = logging.getLogger("tally.access")
 TRACEPARENT = re.compile(r"^[0-9a-f]{2}-([0-9a-f]{32})-[0-9a-f]{16}-[0-9a-f]{2}$")
 
 
@@ -58,7 +60,12 @@ class TraceMiddleware:
             await self.app(scope, receive, send_with_trace)
         finally:
             route = getattr(scope.get("route"), "path", "unmatched")
-            self.metrics.observe(route, scope["method"], status, time.perf_counter() - started)
+            seconds = time.perf_counter() - started
+            self.metrics.observe(route, scope["method"], status, seconds)
+            # the route template, never the query string: filters may carry ids
+            access_log.info("request", extra={
+                "trace_id": trace_id, "method": scope["method"], "route": route,
+                "status": status, "ms": round(seconds * 1000, 2)})
 
 
 def create_app(settings: Settings | None = None, runtime: Runtime | None = None) -> FastAPI:
