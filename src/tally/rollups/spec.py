@@ -15,6 +15,7 @@ from sqlglot import exp
 
 from tally.semantic.catalog import DIMENSIONS, MEASURES, Metric
 from tally.semantic.compiler import Compiled, Params, Scope, bucket, measure_sum
+from tally.storage.base import DerivedTable
 
 GRAINS = {"1m": 60, "1h": 3600, "1d": 86400}
 # event_type is kept so a group is present exactly when the events path finds it present
@@ -48,10 +49,12 @@ def maintenance(grain: str, source: str) -> exp.Insert:
     return exp.insert(select, table(grain))
 
 
-def derived_tables(dialect: str) -> list[tuple[str, str, str]]:
-    """(DDL, SQL from the batch being appended, SQL backfilling from all events) per grain."""
-    return [(ddl(grain), maintenance(grain, "_new_events").sql(dialect=dialect),
-             maintenance(grain, "events").sql(dialect=dialect)) for grain in GRAINS]
+def derived_tables(dialect: str) -> list[DerivedTable]:
+    """The rollups as tables the store keeps from the events, one per grain."""
+    return [DerivedTable(table(grain), ddl(grain),
+                         maintenance(grain, "_new_events").sql(dialect=dialect),
+                         maintenance(grain, "events").sql(dialect=dialect))
+            for grain in GRAINS]
 
 
 def compile_from_rollup(metric: Metric, scope: Scope, by_currency: bool) -> Compiled | None:

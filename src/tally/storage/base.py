@@ -20,6 +20,18 @@ class IdempotencyRecord:
     created_at: datetime
 
 
+@dataclass(frozen=True)
+class DerivedTable:
+    """A table the store keeps from the events (a rollup): created with ``ddl``, appended to
+    from each batch by ``from_batch`` (SQL over ``_new_events``) in the events' transaction,
+    and filled once by ``from_all`` (SQL over ``events``) when it is new to an existing store."""
+
+    name: str
+    ddl: str
+    from_batch: str
+    from_all: str
+
+
 @dataclass
 class WriteSet:
     """Everything one group commit writes, atomically: all of it or none of it."""

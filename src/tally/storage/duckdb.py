@@ -13,7 +13,7 @@ import pyarrow as pa
 from sqlglot import exp
 
 from tally.errors import StoreUnavailable
-from tally.storage.base import IdempotencyRecord, QuarantineItem, WriteSet
+from tally.storage.base import DerivedTable, IdempotencyRecord, QuarantineItem, WriteSet
 from tally.storage.schema import EVENTS_SCHEMA, QUARANTINE_SCHEMA, duckdb_columns
 
 DDL = f"""
@@ -54,9 +54,8 @@ class DuckDBBackend:
 
     def __init__(self, data_dir: Path, *, read_only: bool = False,
                  idempotency_ttl: timedelta = timedelta(hours=24),
-                 derived: Sequence[tuple[str, str, str]] = ()) -> None:
-        """``derived``: tables kept from the events, as (DDL, SQL over the appended batch
-        ``_new_events``, SQL over all ``events`` to fill an empty one) — the rollups."""
+                 derived: Sequence[DerivedTable] = ()) -> None:
+        """``derived``: tables kept from the events (the rollups)."""
         self.path = data_dir / "events.duckdb"
         self.idempotency_ttl = idempotency_ttl
         if read_only and not self.path.exists():
@@ -70,22 +69,21 @@ class DuckDBBackend:
                     f"running on this data dir?): {exc}"
                 ) from None
             raise StoreUnavailable(f"cannot open store {self.path}: {exc}") from None
-        self._derived = [batch_sql for _, batch_sql, _ in derived]
+        self._derived = [table.from_batch for table in derived]
         if not read_only:
             self._con.execute(DDL)
             self._create_derived(derived)
         self._local = threading.local()
         self._write_lock = threading.Lock()
 
-    def _create_derived(self, derived: Sequence[tuple[str, str, str]]) -> None:
-        for ddl, _, backfill in derived:
-            name = ddl.split()[5]  # CREATE TABLE IF NOT EXISTS <name> (
+    def _create_derived(self, derived: Sequence[DerivedTable]) -> None:
+        for table in derived:
             existed = bool(self._con.execute(
-                "SELECT count(*) FROM duckdb_tables() WHERE table_name = ?", [name]
+                "SELECT count(*) FROM duckdb_tables() WHERE table_name = ?", [table.name]
             ).fetchall()[0][0])
-            self._con.execute(ddl)
+            self._con.execute(table.ddl)
             if not existed:  # a new derived table over an existing store: fill it once
-                self._con.execute(backfill)
+                self._con.execute(table.from_all)
 
     # -- reads: one cursor per thread, so readers never share a connection -----------------
     def _cursor(self) -> duckdb.DuckDBPyConnection:
