@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+from tally.rollups.activity import compile_active_from_rollup
 from tally.rollups.spec import compile_from_rollup, maintenance
 from tally.semantic.catalog import METRICS
 from tally.semantic.compiler import (
@@ -36,6 +37,8 @@ CASES = {
     "dau": compile_active(SCOPE, 60, distinct=True),
     "active_players_daily": compile_active(SCOPE, 60, distinct=False),
     "ggr_5m_from_rollup": compile_from_rollup(METRICS["ggr"], SCOPE, by_currency=True),
+    "dau_1d_from_activity": compile_active_from_rollup(
+        Scope(SCOPE.start, SCOPE.end, 86400, SCOPE.filters, SCOPE.group_by), 60, True),
 }
 MAINTENANCE = {grain: maintenance(grain, "_new_events") for grain in ("1m", "1h", "1d")}
 

@@ -117,5 +117,71 @@ def test_a_store_without_rollups_is_back_filled(tmp_path: Path):
         total = store.query(f"SELECT sum(stake_sum), sum(bet_count) FROM rollup_{grain}")
         raw = store.query("SELECT sum(stake_minor), count(*) FROM events "
                           "WHERE event_type = 'bet.settled'")
-        assert total.to_pylist()[0].values().__iter__ and \
-            list(total.to_pylist()[0].values()) == list(raw.to_pylist()[0].values())
+        assert list(total.to_pylist()[0].values()) == list(raw.to_pylist()[0].values())
+    from tally.rollups.activity import compile_active_from_rollup
+    from tally.semantic.compiler import compile_active
+
+    scope = Scope(datetime(2025, 10, 22), datetime(2025, 10, 24), 86400, {}, ("brand_id",))
+    backfilled = sorted_rows(store, compile_active_from_rollup(scope, 60, True))
+    assert backfilled and backfilled == sorted_rows(store, compile_active(scope, 60, True))
+
+
+def session_events(seed: int) -> list[list[dict]]:
+    """Sessions whose start and end arrive in different batches, in either order."""
+    rng = random.Random(seed)
+    first, second = [], []
+    for i in range(300):
+        day = 22 + rng.randrange(2)
+        start = make_event(event_type="session.started", tenant_id=rng.choice(["b1", "b2"]),
+                           player_id=f"p{rng.randrange(80)}",
+                           occurred_at=f"2025-10-{day}T{rng.randrange(24):02d}:00:00Z",
+                           payload={"session_id": f"s{i}"})
+        end = make_event(event_type="session.ended", tenant_id=start["tenant_id"],
+                         player_id=start["player_id"],
+                         occurred_at=f"2025-10-{day}T23:59:00Z",
+                         payload={"session_id": f"s{i}", "duration_sec": rng.randrange(0, 400)})
+        order = rng.randrange(3)  # together, start first, or end first
+        if order == 0:
+            first += [start, end]
+        elif order == 1:
+            first.append(start)
+            second.append(end)
+        else:
+            first.append(end)
+            second.append(start)
+        if rng.random() < 0.2:  # some players also bet
+            second.append(make_event(event_type="bet.placed", tenant_id=start["tenant_id"],
+                                     player_id=f"q{rng.randrange(40)}",
+                                     occurred_at=f"2025-10-{day}T12:00:00Z",
+                                     payload={"bet_id": f"x{i}", "stake_minor": 1,
+                                              "currency": "EUR", "game_id": "g",
+                                              "provider_id": "p"}))
+    return [first, second]
+
+
+@pytest.mark.parametrize("threshold", [0, 60, 120, 399, 400])
+@pytest.mark.parametrize("distinct", [True, False])
+def test_activity_rollup_equals_events_for_any_threshold(tmp_path: Path, threshold, distinct):
+    from concurrent.futures import wait
+    from datetime import UTC
+
+    from tally.events.envelope import ValidationContext
+    from tally.ingest.service import IngestService
+    from tally.rollups.activity import compile_active_from_rollup
+    from tally.semantic.compiler import compile_active
+
+    store = open_store(Settings(data_dir=tmp_path, regions="EU"))
+    service = IngestService(store, tmp_path / "journal", 10_000)
+    service.start()
+    ctx = ValidationContext(datetime.now(UTC), frozenset({"EU"}))
+    for batch in session_events(threshold):
+        wait([service.submit(json.dumps(batch).encode(), ctx, "c", "t")])
+    assert service.flush()
+    scope = Scope(datetime(2025, 10, 22), datetime(2025, 10, 24), 86400, {},
+                  ("brand_id",))
+    rollup = compile_active_from_rollup(scope, threshold, distinct)
+    assert rollup is not None
+    got = sorted_rows(store, rollup)
+    assert got == sorted_rows(store, compile_active(scope, threshold, distinct))
+    assert len(got) > 1
+    service.stop()

@@ -12,6 +12,7 @@ from collections import defaultdict
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
+from tally.rollups.activity import compile_active_from_rollup
 from tally.rollups.spec import compile_from_rollup
 from tally.semantic.catalog import Kind, Metric, Unit
 from tally.semantic.compiler import (
@@ -87,12 +88,15 @@ def distinct_active(backend: Backend, metric: Metric, scope: Scope,
                     min_session_seconds: int) -> dict[Key, int]:
     """dau per bucket; wau/mau per day over the trailing window of ``window_days`` days."""
     if metric.window_days == 1:
-        rows = run(backend, compile_active(scope, min_session_seconds, distinct=True))
-        return {_key(row, scope): int(row["value"]) for row in rows}
+        compiled = (compile_active_from_rollup(scope, min_session_seconds, distinct=True)
+                    or compile_active(scope, min_session_seconds, distinct=True))
+        return {_key(row, scope): int(row["value"]) for row in run(backend, compiled)}
     window = timedelta(days=metric.window_days - 1)
     wide = Scope(scope.start - window, scope.end, DAY, scope.filters, scope.group_by)
     daily: dict[Key, set[Any]] = defaultdict(set)
-    for row in run(backend, compile_active(wide, min_session_seconds, distinct=False)):
+    compiled = (compile_active_from_rollup(wide, min_session_seconds, distinct=False)
+                or compile_active(wide, min_session_seconds, distinct=False))
+    for row in run(backend, compiled):
         daily[_key(row, wide)].add(row["value"])
     groups = {key[1:] for key in daily}
     first = int(scope.start.replace(tzinfo=UTC).timestamp())

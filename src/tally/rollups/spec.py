@@ -13,6 +13,7 @@ from datetime import UTC
 
 from sqlglot import exp
 
+from tally.rollups import activity
 from tally.semantic.catalog import DIMENSIONS, MEASURES, Metric
 from tally.semantic.compiler import Compiled, Params, Scope, bucket, measure_sum
 from tally.storage.base import DerivedTable
@@ -52,9 +53,9 @@ def maintenance(grain: str, source: str) -> exp.Insert:
 def derived_tables(dialect: str) -> list[DerivedTable]:
     """The rollups as tables the store keeps from the events, one per grain."""
     return [DerivedTable(table(grain), ddl(grain),
-                         maintenance(grain, "_new_events").sql(dialect=dialect),
-                         maintenance(grain, "events").sql(dialect=dialect))
-            for grain in GRAINS]
+                         (maintenance(grain, "_new_events").sql(dialect=dialect),),
+                         (maintenance(grain, "events").sql(dialect=dialect),))
+            for grain in GRAINS] + activity.derived_tables()
 
 
 def compile_from_rollup(metric: Metric, scope: Scope, by_currency: bool) -> Compiled | None:

@@ -23,13 +23,13 @@ class IdempotencyRecord:
 @dataclass(frozen=True)
 class DerivedTable:
     """A table the store keeps from the events (a rollup): created with ``ddl``, appended to
-    from each batch by ``from_batch`` (SQL over ``_new_events``) in the events' transaction,
-    and filled once by ``from_all`` (SQL over ``events``) when it is new to an existing store."""
+    from each batch by ``from_batch`` (statements over ``_new_events``, in order, in the events'
+    transaction) and filled once by ``from_all`` (over ``events``) when new to an existing store."""
 
     name: str
     ddl: str
-    from_batch: str
-    from_all: str
+    from_batch: tuple[str, ...]
+    from_all: tuple[str, ...]
 
 
 @dataclass

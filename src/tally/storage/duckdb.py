@@ -69,7 +69,7 @@ class DuckDBBackend:
                     f"running on this data dir?): {exc}"
                 ) from None
             raise StoreUnavailable(f"cannot open store {self.path}: {exc}") from None
-        self._derived = [table.from_batch for table in derived]
+        self._derived = [sql for table in derived for sql in table.from_batch]
         if not read_only:
             self._con.execute(DDL)
             self._create_derived(derived)
@@ -83,7 +83,8 @@ class DuckDBBackend:
             ).fetchall()[0][0])
             self._con.execute(table.ddl)
             if not existed:  # a new derived table over an existing store: fill it once
-                self._con.execute(table.from_all)
+                for sql in table.from_all:
+                    self._con.execute(sql)
 
     # -- reads: one cursor per thread, so readers never share a connection -----------------
     def _cursor(self) -> duckdb.DuckDBPyConnection:

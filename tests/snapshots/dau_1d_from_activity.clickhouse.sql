@@ -1,0 +1,1 @@
+SELECT bucket AS bucket, tenant_id AS brand_id, COUNT(DISTINCT player_id) AS value FROM activity_1d WHERE bucket >= {p0: Int64} AND bucket < {p1: Int64} AND (session_sec IS NULL OR session_sec >= {p2: Int64}) AND tenant_id IN ({p3: String}, {p4: String}) AND region IN ({p5: String}) GROUP BY bucket, tenant_id
