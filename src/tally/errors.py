@@ -39,10 +39,6 @@ class Forbidden(UserError):
     status, title, code = 403, "Forbidden", "forbidden"
 
 
-class NotFound(UserError):
-    status, title, code = 404, "Not Found", "not_found"
-
-
 class Conflict(UserError):
     status, title, code = 409, "Conflict", "conflict"
 

@@ -40,8 +40,7 @@ def headers(etag: str, max_age: int, data_watermark: str) -> dict[str, str]:
             "X-Data-Watermark": data_watermark, "Vary": "Authorization"}
 
 
-def respond(request: Request, etag: str, content: bytes | None, max_age: int,
-            data_watermark: str) -> Response:
+def respond(etag: str, content: bytes | None, max_age: int, data_watermark: str) -> Response:
     h = headers(etag, max_age, data_watermark)
     if content is None:
         return Response(status_code=304, headers=h)

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import base64
 import hashlib
-from dataclasses import dataclass
 from datetime import UTC, date, datetime
 
 import msgspec
@@ -107,15 +106,10 @@ def bucket_count(start: datetime, end: datetime, step: int) -> int:
     return last - first + 1
 
 
-@dataclass(frozen=True)
-class Page:
-    offset: int
-    limit: int
-
-
-def page(cursor: str | None, limit: int, fingerprint: str) -> Page:
+def cursor_offset(cursor: str | None, fingerprint: str) -> int:
+    """Where a page starts: 0, or the offset a cursor of this same query carries."""
     if not cursor:
-        return Page(0, limit)
+        return 0
     try:
         raw = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4))
         data = msgspec.json.decode(raw, type=tuple[int, str])
@@ -123,7 +117,7 @@ def page(cursor: str | None, limit: int, fingerprint: str) -> Page:
         raise BadRequest("cursor is not one this API issued") from None
     if data[1] != fingerprint or data[0] < 0:
         raise BadRequest("cursor belongs to another query")
-    return Page(data[0], limit)
+    return data[0]
 
 
 def next_cursor(offset: int, fingerprint: str) -> str:

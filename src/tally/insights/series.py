@@ -87,7 +87,7 @@ def timeseries(ctx: Context, q: dict[str, str | None]) -> Plan:
     scope = Scope(start, end, step, filters, group_by)
     fp = rq.fingerprint("ts", metric.name, granularity, start, end, sorted(filters.items()),
                         group_by, currency)
-    at = rq.page(q.get("cursor"), limit, fp).offset
+    at = rq.cursor_offset(q.get("cursor"), fp)
 
     def run() -> dict[str, Any]:
         found = values(ctx.backend, ctx.fx, metric, scope, currency,
@@ -124,7 +124,7 @@ def slice_(ctx: Context, q: dict[str, str | None]) -> Plan:
     limit = _limit(q.get("limit"), 50, 1000)
     fp = rq.fingerprint("slice", metric.name, dim, start, end, sorted(filters.items()),
                         currency, order)
-    at = rq.page(q.get("cursor"), limit, fp).offset
+    at = rq.cursor_offset(q.get("cursor"), fp)
 
     def run() -> dict[str, Any]:
         found = _slice_values(ctx, metric, Scope(start, end, 0, filters, (dim,)), currency)

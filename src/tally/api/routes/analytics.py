@@ -41,12 +41,12 @@ async def _answer(request: Request, runtime: Runtime, principal: Principal,
                     runtime.fx.version)
     mark = format_watermark(versions.latest(plan.brands), runtime.settings.allowed_lateness)
     if not_modified(request, etag):
-        return respond(request, etag, None, max_age, mark)
+        return respond(etag, None, max_age, mark)
     content = runtime.answers.get(etag)
     if content is None:
         content = msgspec.json.encode(await asyncio.to_thread(plan.run))
         runtime.answers.put(etag, content, max_age)
-    return respond(request, etag, content, max_age, mark)
+    return respond(etag, content, max_age, mark)
 
 
 @router.get("/v1/analytics/timeseries", summary="A metric over time, bucketed in UTC")
