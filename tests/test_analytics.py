@@ -444,6 +444,13 @@ def cases() -> list[Case]:
                     group_by=("brand_id",)))
     out.append(Case("stake", "1h", "2025-10-22T06:00:00Z", "2025-10-23T18:00:00Z"))
     out.append(Case("bets", "1m", "2025-10-22T03:00:00Z", "2025-10-22T04:00:00Z", limit=25))
+    # sub-day activity: the 1m and 1h activity tables, and 5m regrouping 1m
+    out.append(Case("dau", "5m", "2025-10-22T18:00:00Z", "2025-10-22T21:00:00Z",
+                    group_by=("brand_id",)))
+    out.append(Case("dau", "1m", "2025-10-22T03:00:00Z", "2025-10-22T05:00:00Z",
+                    filters=(("region", ("EU",)),), limit=40))
+    out.append(Case("dau", "1h", "2025-10-22T06:00:00Z", "2025-10-23T18:00:00Z",
+                    group_by=("region",)))
     return out
 
 

@@ -159,9 +159,11 @@ def session_events(seed: int) -> list[list[dict]]:
     return [first, second]
 
 
-@pytest.mark.parametrize("threshold", [0, 60, 120, 399, 400])
+@pytest.mark.parametrize(("threshold", "step"), [(0, 86400), (60, 3600), (120, 300),
+                                                 (399, 60), (400, 86400), (60, 7200)])
 @pytest.mark.parametrize("distinct", [True, False])
-def test_activity_rollup_equals_events_for_any_threshold(tmp_path: Path, threshold, distinct):
+def test_activity_rollup_equals_events_for_any_threshold(tmp_path: Path, threshold, step,
+                                                         distinct):
     from concurrent.futures import wait
     from datetime import UTC
 
@@ -177,7 +179,7 @@ def test_activity_rollup_equals_events_for_any_threshold(tmp_path: Path, thresho
     for batch in session_events(threshold):
         wait([service.submit(json.dumps(batch).encode(), ctx, "c", "t")])
     assert service.flush()
-    scope = Scope(datetime(2025, 10, 22), datetime(2025, 10, 24), 86400, {},
+    scope = Scope(datetime(2025, 10, 22), datetime(2025, 10, 24), step, {},
                   ("brand_id",))
     rollup = compile_active_from_rollup(scope, threshold, distinct)
     assert rollup is not None

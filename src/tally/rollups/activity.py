@@ -1,12 +1,13 @@
-"""Daily player activity: who was active on which UTC day, for dau/wau/mau at 1d.
+"""Player activity: who was active in which minute, hour and UTC day, for dau/wau/mau.
 
-Rows ``(bucket, tenant_id, region, player_id, session_sec)``: ``session_sec`` is NULL for a bet
-or a deposit (always active) and the session's duration for a session start, so the
+Rows ``(bucket, tenant_id, region, player_id, session_sec)`` per grain: ``session_sec`` is
+NULL for a bet or a deposit (always active) and the session's duration for a session start, so the
 ``TALLY_ACTIVE_SESSION_MIN`` threshold is applied when querying and changing it needs no
 rebuild. A session start and its end may arrive in either order, in different batches:
 ``session_starts`` and ``session_ends`` keep both sides, and each batch pairs its own starts
-with every known end and its own ends with every known start (a repeated row is harmless: the
-query counts distinct players). Everything runs in the events' transaction.
+with every known end and its own ends with every known start, once per batch for all grains
+(a repeated row is harmless: the query counts distinct players). Everything runs in the events'
+transaction.
 """
 
 from __future__ import annotations
@@ -20,12 +21,21 @@ from tally.semantic.compiler import Compiled, Params, Scope, bucket
 from tally.storage.base import DerivedTable
 
 DAY = 86_400
-_DAY_BUCKET = bucket(DAY).sql(dialect="duckdb")
+# measured on the 10M demo store (docs/benchmarks.md): see GRAINS' comment there
+GRAINS = {"1m": 60, "1h": 3600, "1d": DAY}
 _DIRECT = ("event_type = 'bet.placed' OR (event_type = 'wallet.credit' AND reason = 'deposit')")
 
 
-def _bucket_of(table: str) -> str:
-    return bucket(DAY, table).sql(dialect="duckdb")
+_PAIRS = ("SELECT s.tenant_id, s.region, s.player_id, s.occurred_at AS started_at, "
+          "e.duration_sec FROM {s} AS s JOIN {e} AS e "
+          "ON e.tenant_id = s.tenant_id AND e.session_id = s.session_id")
+_NEW_STARTS = ("(SELECT * FROM _new_events WHERE event_type = 'session.started' "
+               "AND player_id IS NOT NULL)")
+_NEW_ENDS = "(SELECT * FROM _new_events WHERE event_type = 'session.ended')"
+
+
+def _bucket(size: int) -> str:
+    return bucket(size).sql(dialect="duckdb")
 
 
 def derived_tables() -> list[DerivedTable]:
@@ -44,40 +54,61 @@ def derived_tables() -> list[DerivedTable]:
         "CREATE TABLE IF NOT EXISTS session_ends (tenant_id VARCHAR, session_id VARCHAR, "
         "duration_sec BIGINT)",
         ("INSERT INTO session_ends SELECT tenant_id, session_id, duration_sec FROM _new_events "
-         "WHERE event_type = 'session.ended'",),
+         "WHERE event_type = 'session.ended'",
+         # the sessions this batch completes, paired once for every grain
+         "CREATE OR REPLACE TEMP TABLE _new_pairs AS "
+         + _PAIRS.format(s=_NEW_STARTS, e="session_ends") + " UNION "
+         + _PAIRS.format(s="session_starts", e=_NEW_ENDS)),
         ("INSERT INTO session_ends SELECT tenant_id, session_id, duration_sec FROM events "
          "WHERE event_type = 'session.ended'",))
-    pair = ("SELECT {b}, s.tenant_id, s.region, s.player_id, e.duration_sec FROM {s} AS s "
-            "JOIN {e} AS e ON e.tenant_id = s.tenant_id AND e.session_id = s.session_id")
-    new_starts = ("(SELECT * FROM _new_events WHERE event_type = 'session.started' "
-                  "AND player_id IS NOT NULL)")
-    new_ends = "(SELECT * FROM _new_events WHERE event_type = 'session.ended')"
+    return [starts, ends, *(_activity(grain) for grain in GRAINS)]
+
+
+def table(grain: str) -> str:
+    return f"activity_{grain}"
+
+
+def _activity(grain: str) -> DerivedTable:
+    name, size = table(grain), GRAINS[grain]
     direct = ("SELECT DISTINCT {b}, tenant_id, region, player_id, NULL FROM {src} "  # noqa: S608
-              "WHERE (" + _DIRECT + ") AND player_id IS NOT NULL")
-    activity = DerivedTable(
-        "activity_1d",
-        "CREATE TABLE IF NOT EXISTS activity_1d (bucket BIGINT NOT NULL, tenant_id VARCHAR, "
+              "WHERE (" + _DIRECT + ") AND player_id IS NOT NULL ORDER BY 1")
+    sessions = ("SELECT DISTINCT {b}, tenant_id, region, player_id, duration_sec "  # noqa: S608
+                "FROM ({src})")
+    here, started = _bucket(size), bucket(size, None, "started_at").sql(dialect="duckdb")
+    insert = f"INSERT INTO {name} "  # noqa: S608 - names and SQL of this module only
+    return DerivedTable(
+        name,
+        f"CREATE TABLE IF NOT EXISTS {name} (bucket BIGINT NOT NULL, tenant_id VARCHAR, "
         "region VARCHAR, player_id VARCHAR, session_sec BIGINT)",
-        ("INSERT INTO activity_1d " + direct.format(b=_DAY_BUCKET, src="_new_events"),
-         "INSERT INTO activity_1d " + pair.format(b=_bucket_of("s"), s=new_starts,
-                                                  e="session_ends"),
-         "INSERT INTO activity_1d " + pair.format(b=_bucket_of("s"), s="session_starts",
-                                                  e=new_ends)),
-        ("INSERT INTO activity_1d " + direct.format(b=_DAY_BUCKET, src="events"),
-         "INSERT INTO activity_1d " + pair.format(b=_bucket_of("s"), s="session_starts",
-                                                  e="session_ends")))
-    return [starts, ends, activity]
+        (insert + direct.format(b=here, src="_new_events"),
+         insert + sessions.format(b=started, src="SELECT * FROM _new_pairs")),
+        (insert + direct.format(b=here, src="events"),
+         insert + sessions.format(
+             b=started, src=_PAIRS.format(s="session_starts", e="session_ends"))))
+
+
+def grain_for(scope: Scope) -> str | None:
+    """The coarsest activity grain that tiles the request's buckets and range, if any."""
+    start = int(scope.start.replace(tzinfo=UTC).timestamp())
+    end = int(scope.end.replace(tzinfo=UTC).timestamp())
+    for grain in sorted(GRAINS, key=GRAINS.__getitem__, reverse=True):
+        size = GRAINS[grain]
+        if scope.step_seconds and not scope.step_seconds % size and not start % size \
+                and not end % size:
+            return grain
+    return None
 
 
 def compile_active_from_rollup(scope: Scope, min_session_seconds: int,
                                distinct: bool) -> Compiled | None:
-    """Active players per (day, groups) from ``activity_1d``; None unless the request is in
-    whole UTC days (1d buckets over a day-aligned range)."""
-    start = int(scope.start.replace(tzinfo=UTC).timestamp())
-    end = int(scope.end.replace(tzinfo=UTC).timestamp())
-    if scope.step_seconds != DAY or start % DAY or end % DAY:
+    """Active players per (bucket, groups) from the coarsest activity table that tiles the
+    request; None when none does (a range not aligned to a minute)."""
+    grain = grain_for(scope)
+    if grain is None:
         return None
     params = Params()
+    start = int(scope.start.replace(tzinfo=UTC).timestamp())
+    end = int(scope.end.replace(tzinfo=UTC).timestamp())
     conditions = [
         exp.column("bucket") >= params.bind(start), exp.column("bucket") < params.bind(end),
         exp.or_(exp.column("session_sec").is_(exp.null()),
@@ -86,12 +117,16 @@ def compile_active_from_rollup(scope: Scope, min_session_seconds: int,
     for key, values in sorted(scope.filters.items()):
         conditions.append(exp.column(DIMENSIONS[key].column).isin(
             *(params.bind(v) for v in values)))
-    keys: list[exp.Expr] = [exp.alias_(exp.column("bucket"), "bucket"),
+    at: exp.Expr = exp.column("bucket")
+    if scope.step_seconds != GRAINS[grain]:
+        step = exp.Literal.number(scope.step_seconds)
+        at = exp.Mul(this=exp.IntDiv(this=at, expression=step), expression=step.copy())
+    keys: list[exp.Expr] = [exp.alias_(at, "bucket"),
                             *(exp.alias_(exp.column(DIMENSIONS[g].column), g)
                               for g in scope.group_by)]
     player = exp.column("player_id")
     value = exp.Count(this=exp.Distinct(expressions=[player])) if distinct else player
-    tree = exp.select(*keys, exp.alias_(value, "value")).from_("activity_1d") \
+    tree = exp.select(*keys, exp.alias_(value, "value")).from_(table(grain)) \
         .where(exp.and_(*conditions))
     tree = tree.group_by(*(k.this.copy() for k in keys)) if distinct else tree.distinct()
     return Compiled(tree, params.values)

@@ -56,11 +56,11 @@ def column(name: str, table: str | None = None) -> exp.Column:
     return exp.column(name, table=table)
 
 
-def bucket(step_seconds: int, table: str | None = None) -> exp.Expr:
-    """The bucket start in epoch seconds; step 0 means one bucket for the whole range."""
+def bucket(step_seconds: int, table: str | None = None, at: str = "occurred_at") -> exp.Expr:
+    """The bucket start in epoch seconds of column ``at``; step 0: one bucket for the range."""
     if step_seconds == 0:
         return exp.Literal.number(0)
-    seconds = exp.DateDiff(this=column("occurred_at", table), expression=EPOCH.copy(),
+    seconds = exp.DateDiff(this=column(at, table), expression=EPOCH.copy(),
                            unit=exp.var("SECOND"))
     step = exp.Literal.number(step_seconds)
     return exp.Mul(this=exp.IntDiv(this=seconds, expression=step), expression=step.copy())
