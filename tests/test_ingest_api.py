@@ -308,6 +308,7 @@ def test_store_failure_after_the_ack_loses_nothing(settings, headers, client):
     assert runtime.ingest.applier.error is not None
     assert_problem(post(client, headers, [make_event()]), 500)  # no more acks
     runtime.ingest.stop()
+    runtime.audit.close()  # releases the audit log's lock, as a dying process would
     runtime.meta.close()
     client.app.state.runtime = None  # type: ignore[attr-defined]
     with TestClient(create_app(settings)) as again:  # start-up replays the journal

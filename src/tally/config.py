@@ -4,11 +4,17 @@ from __future__ import annotations
 
 from functools import lru_cache
 from pathlib import Path
+from typing import Literal
+from urllib.parse import urlsplit
 
-from pydantic import Field, field_validator
+from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from tally.api.hygiene import DeprecationRule, check_cors_origins, check_deprecations
 from tally.events.currencies import ISO_4217
+from tally.security.limits import parse_rate
+from tally.security.pseudonym import MIN_KEY_LENGTH
+from tally.security.residency import ServedRegions, parse_endpoints
 
 
 class Settings(BaseSettings):
@@ -26,14 +32,83 @@ class Settings(BaseSettings):
     token_ttl_seconds: int = Field(default=900, ge=30, le=900)
     issuer: str = "tally"
     audience: str = "tally-api"
+    region_endpoints: str = ""  # "UK=https://uk.example.com,NA=…": see security/residency.py
+    jwks_url: str | None = None  # an external IdP's JWKS: it issues the tokens, not us
+    jwks_refresh_seconds: int = Field(default=30, ge=1, le=3600)
+    ssl_certfile: Path | None = None
+    ssl_keyfile: Path | None = None
+    ssl_client_ca: Path | None = None
     idempotency_ttl_seconds: int = Field(default=24 * 3600, ge=60)
+    audit_checkpoint_entries: int = Field(default=1000, ge=1)
+    audit_checkpoint_seconds: float = Field(default=60.0, gt=0, le=3600)
     log_level: str = "INFO"
+    cors_origins: str = ""  # explicit allow-list; empty: no CORS (see api/hygiene.py)
+    deprecations: dict[str, DeprecationRule] = {}  # JSON: route → Deprecation/Sunset/Link
+    pseudonymise_key: SecretStr | None = None  # HMAC player_id at ingest (security/pseudonym)
+    pseudonymise_scope: Literal["brand", "deployment"] = "brand"  # one key per brand, or one
+    # rate limits and row quotas (security/admission.py): "20/s burst 40", "600/m" or "off"
+    redis_url: str | None = None  # shared limits across replicas; unset: in-process
+    redis_prefix: str = "tally:"
+    rate_client: str = "100/s burst 1000"
+    rate_brand: str = "200/s burst 2000"
+    rate_region: str = "1000/s burst 10000"
+    rate_token: str = "1/s burst 20"  # noqa: S105 - a rate, not a secret
+    max_rows_per_request: int = Field(default=0, ge=0)  # 0: no limit
+    rows_per_day: int = Field(default=0, ge=0)  # per client and UTC day; 0: no quota
 
     @field_validator("regions")
     @classmethod
     def _regions_not_empty(cls, value: str) -> str:
         if not [r for r in value.split(",") if r.strip()]:
             raise ValueError("TALLY_REGIONS must name at least one region")
+        return value
+
+    @field_validator("region_endpoints")
+    @classmethod
+    def _endpoints(cls, value: str) -> str:
+        parse_endpoints(value)
+        return value
+
+    @field_validator("jwks_url")
+    @classmethod
+    def _jwks_https(cls, value: str | None) -> str | None:
+        url = urlsplit(value or "https://")
+        if url.scheme != "https" and not (
+            url.scheme == "http" and url.hostname in ("127.0.0.1", "localhost", "::1")
+        ):
+            raise ValueError("TALLY_JWKS_URL must be https:// (plain http only on loopback)")
+        return value
+
+    @field_validator("cors_origins")
+    @classmethod
+    def _cors(cls, value: str) -> str:
+        check_cors_origins(value)
+        return value
+
+    @field_validator("deprecations")
+    @classmethod
+    def _deprecations(cls, value: dict[str, DeprecationRule]) -> dict[str, DeprecationRule]:
+        check_deprecations(value)
+        return value
+
+    @field_validator("redis_url")
+    @classmethod
+    def _redis_url(cls, value: str | None) -> str | None:
+        if value and urlsplit(value).scheme not in ("redis", "rediss", "unix"):
+            raise ValueError("TALLY_REDIS_URL must be redis://, rediss:// or unix://")
+        return value
+
+    @field_validator("rate_client", "rate_brand", "rate_region", "rate_token")
+    @classmethod
+    def _rate(cls, value: str) -> str:
+        parse_rate(value)
+        return value
+
+    @field_validator("pseudonymise_key")
+    @classmethod
+    def _key_length(cls, value: SecretStr | None) -> SecretStr | None:
+        if value is not None and len(value.get_secret_value().encode()) < MIN_KEY_LENGTH:
+            raise ValueError(f"TALLY_PSEUDONYMISE_KEY needs at least {MIN_KEY_LENGTH} bytes")
         return value
 
     @field_validator("base_currency")
@@ -44,8 +119,10 @@ class Settings(BaseSettings):
         return value
 
     @property
-    def served_regions(self) -> frozenset[str]:
-        return frozenset(r.strip() for r in self.regions.split(",") if r.strip())
+    def served_regions(self) -> ServedRegions:
+        """The regions served here, knowing where the others are (``421`` links)."""
+        return ServedRegions((r.strip() for r in self.regions.split(",") if r.strip()),
+                             parse_endpoints(self.region_endpoints))
 
 
 @lru_cache(maxsize=1)

@@ -17,6 +17,7 @@ class UserError(TallyError):
     status: int = 400
     title: str = "Bad Request"
     code: str = "bad_request"
+    headers: dict[str, str] | None = None  # extra response headers (e.g. ``Link``)
 
     def __init__(self, detail: str, **extra: Any) -> None:
         super().__init__(detail)
@@ -39,6 +40,12 @@ class Forbidden(UserError):
     status, title, code = 403, "Forbidden", "forbidden"
 
 
+class MisdirectedRequest(UserError):
+    """The request belongs to another deployment (RFC 9110 §15.5.20): residency."""
+
+    status, title, code = 421, "Misdirected Request", "misdirected_request"
+
+
 class Conflict(UserError):
     status, title, code = 409, "Conflict", "conflict"
 
@@ -49,6 +56,18 @@ class PayloadTooLarge(UserError):
 
 class Unprocessable(UserError):
     status, title, code = 422, "Unprocessable Content", "unprocessable"
+
+
+class TooManyRequests(UserError):
+    """A rate limit or quota (``Retry-After`` is added by ``api/limiting.py``)."""
+
+    status, title, code = 429, "Too Many Requests", "too_many_requests"
+
+
+class DependencyUnavailable(UserError):
+    """A service Tally depends on (an identity provider) cannot answer now; retry later."""
+
+    status, title, code = 503, "Service Unavailable", "service_unavailable"
 
 
 class StoreUnavailable(TallyError):

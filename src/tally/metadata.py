@@ -33,6 +33,29 @@ CREATE TABLE IF NOT EXISTS signing_keys (
 );
 """
 
+# Columns added after the first release: (table, column, type). A store made by an older
+# version gains them on its next open; old rows read NULL (the column's "not set").
+ADDED_COLUMNS: tuple[tuple[str, str, str], ...] = (
+    ("clients", "min_group_size", "INTEGER"),
+    ("clients", "cert_thumbprint", "TEXT"),  # RFC 8705 x5t#S256 of a bound client certificate
+    ("signing_keys", "retired_at", "TEXT"),  # set by `tally keys rotate`
+)
+
+
+def add_missing_columns(con: sqlite3.Connection) -> None:
+    """The additive migration of :data:`ADDED_COLUMNS`, in one write transaction so two
+    processes opening an old store at once do not both add a column."""
+    con.execute("BEGIN IMMEDIATE")
+    try:
+        for table, column, kind in ADDED_COLUMNS:
+            present = {row[1] for row in con.execute(f"PRAGMA table_info({table})")}
+            if column not in present:
+                con.execute(f"ALTER TABLE {table} ADD COLUMN {column} {kind}")
+        con.execute("COMMIT")
+    except BaseException:
+        con.execute("ROLLBACK")
+        raise
+
 
 def ensure_data_dir(data_dir: Path) -> Path:
     """Create ``data_dir`` if needed and prove it is writable, or raise a clear error."""
@@ -54,6 +77,7 @@ def connect(data_dir: Path) -> sqlite3.Connection:
         con.execute("PRAGMA journal_mode=WAL")
         con.execute("PRAGMA synchronous=FULL")
         con.executescript(SCHEMA)
+        add_missing_columns(con)
     except sqlite3.Error as exc:
         raise StoreUnavailable(f"cannot open metadata {path}: {exc}") from None
     path.chmod(0o600)

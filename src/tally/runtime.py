@@ -10,10 +10,14 @@ from dataclasses import dataclass
 from datetime import timedelta
 
 from tally import metadata
+from tally.audit.log import AuditLog
 from tally.config import Settings
 from tally.ingest.service import IngestService
 from tally.insights.cache import AnswerCache
 from tally.rollups.spec import GRAINS, derived_tables
+from tally.security.admission import Limits
+from tally.security.jwks import ExternalIssuer, authority_for
+from tally.security.pseudonym import pseudonymiser_for
 from tally.security.tokens import TokenService
 from tally.semantic.fx import FxRates
 from tally.storage.duckdb import DuckDBBackend
@@ -44,21 +48,32 @@ def open_store(settings: Settings) -> DuckDBBackend:
 class Runtime:
     settings: Settings
     meta: sqlite3.Connection
-    tokens: TokenService
+    tokens: TokenService | ExternalIssuer  # external: TALLY_JWKS_URL
     backend: DuckDBBackend
     ingest: IngestService
     fx: FxRates
     answers: AnswerCache
+    audit: AuditLog
+    limits: Limits  # rate limits and row quotas (security/admission.py)
 
     @classmethod
     def open(cls, settings: Settings) -> Runtime:
+        limits = Limits.open(settings)  # first: an unreachable Redis fails before the store
         meta = metadata.connect(settings.data_dir)
-        tokens = TokenService(meta, settings.issuer, settings.audience, settings.token_ttl_seconds)
+        tokens = authority_for(settings, meta)
         backend = open_store(settings)
+        try:  # after the store: its lock makes this process the log's only writer
+            audit = AuditLog(settings.data_dir, settings.audit_checkpoint_entries,
+                             settings.audit_checkpoint_seconds)
+        except BaseException:
+            backend.close()
+            raise
         backend.expire_idempotency()
-        ingest = IngestService(backend, settings.data_dir / "journal", settings.max_batch_events)
+        ingest = IngestService(backend, settings.data_dir / "journal", settings.max_batch_events,
+                               pseudonymiser_for(settings.pseudonymise_key,
+                                                 settings.pseudonymise_scope))
         return cls(settings, meta, tokens, backend, ingest,
-                   FxRates(backend, settings.base_currency), AnswerCache())
+                   FxRates(backend, settings.base_currency), AnswerCache(), audit, limits)
 
     def start(self) -> None:
         self.ingest.start()
@@ -77,8 +92,14 @@ class Runtime:
         for result, count in (("hit", self.answers.hits), ("miss", self.answers.misses)):
             yield ("tally_answer_cache_lookups", "Answer cache lookups by result.",
                    {"result": result}, float(count))
+        yield ("tally_audit_entries", "Entries in the audit log.", {}, float(self.audit.size))
+        yield ("tally_audit_checkpointed_entries",
+               "Audit entries covered by the latest signed checkpoint.", {},
+               float(self.audit.checkpointed))
 
     def close(self) -> None:
+        self.audit.close()  # signs a last checkpoint
         self.ingest.stop()
         self.backend.close()
         self.meta.close()
+        self.limits.close()

@@ -14,10 +14,13 @@ from starlette.datastructures import Headers, MutableHeaders
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from tally import __version__
-from tally.api import problems
-from tally.api.routes import admin, analytics, auth, ingest, meta, metrics
+from tally.api import hygiene, problems
+from tally.api.limiting import LimitsMiddleware
+from tally.api.routes import admin, analytics, audit, auth, ingest, meta, metrics
+from tally.audit.middleware import AuditMiddleware
 from tally.config import Settings, get_settings
 from tally.observability.metrics import Metrics
+from tally.observability.scans import RowsScanned
 from tally.runtime import Runtime
 
 access_log = logging.getLogger("tally.access")
@@ -80,6 +83,7 @@ def create_app(settings: Settings | None = None, runtime: Runtime | None = None)
         runtime.start()
         app.state.runtime = runtime
         app_metrics.watch(runtime.gauges)
+        app_metrics.registry.register(RowsScanned(runtime.backend))
         try:
             yield
         finally:
@@ -90,8 +94,11 @@ def create_app(settings: Settings | None = None, runtime: Runtime | None = None)
                   description="Analytics API for online gaming operators.")
     app.state.metrics = app_metrics = Metrics()
 
+    app.add_middleware(LimitsMiddleware)  # innermost: rate limits and row quotas
+    app.add_middleware(AuditMiddleware)  # added first: inside the trace middleware
     app.add_middleware(TraceMiddleware, metrics=app_metrics)
+    hygiene.install(app, settings.cors_origins, settings.deprecations)
     problems.install(app)
-    for module in (auth, ingest, admin, meta, metrics, analytics):
+    for module in (auth, ingest, admin, audit, meta, metrics, analytics):
         app.include_router(module.router)
     return app

@@ -10,6 +10,8 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
 from tally.errors import Forbidden, Unauthorized
 from tally.runtime import Runtime
+from tally.security.admission import admit_client
+from tally.security.mtls import require_certificate
 from tally.security.tokens import Principal
 
 _bearer = HTTPBearer(auto_error=False)
@@ -24,12 +26,17 @@ RuntimeDep = Annotated[Runtime, Depends(get_runtime)]
 
 
 def authenticated(
+    request: Request,
     runtime: RuntimeDep,
     credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
 ) -> Principal:
     if credentials is None or credentials.scheme.lower() != "bearer":
         raise Unauthorized("a bearer token is required (POST /oauth/token)")
-    return runtime.tokens.verify(credentials.credentials)
+    principal = runtime.tokens.verify(credentials.credentials)
+    require_certificate(principal, request.scope)  # RFC 8705: a cnf-bound token's own cert
+    request.state.principal = principal  # who asked, for the audit log
+    admit_client(principal.client_id)  # the client's rate limit (429 when spent)
+    return principal
 
 
 def require(scope: str) -> Callable[..., Principal]:

@@ -34,7 +34,8 @@ def problem_response(request: Request, body: dict[str, Any],
 def install(app: FastAPI) -> None:
     @app.exception_handler(UserError)
     async def _user_error(request: Request, exc: UserError) -> ProblemResponse:
-        headers = {"WWW-Authenticate": "Bearer"} if exc.status == 401 else None
+        headers = {"WWW-Authenticate": "Bearer"} if exc.status == 401 else {}
+        headers.update(exc.headers or {})
         return problem_response(request, exc.problem(str(request.url.path)), headers)
 
     @app.exception_handler(StarletteHTTPException)

@@ -18,6 +18,7 @@ import msgspec
 from tally.events.currencies import ISO_4217
 from tally.events.payloads import Id, Label
 from tally.events.registry import REGISTRY, parse_semver
+from tally.security import policy
 
 
 class Event(msgspec.Struct, tag_field="event_type", forbid_unknown_fields=True, kw_only=True):
@@ -89,14 +90,10 @@ def _version_problem(event_type: str, version: str) -> str | None:
 def check(event: Event, ctx: ValidationContext) -> Problem | None:
     """The rules beyond types; None when the event is valid. Residency comes first, so an
     event for a region this deployment does not serve is never looked at further."""
-    region = event.region
-    if region not in ctx.served_regions:
-        return Problem(f"region {region!r} is not served by this deployment "
-                       f"(served: {','.join(sorted(ctx.served_regions))})", residency=True)
-    if ctx.allowed_regions is not None and region not in ctx.allowed_regions:
-        return Problem(f"region {region!r} is outside this client's regions")
-    if ctx.allowed_brands is not None and event.tenant_id not in ctx.allowed_brands:
-        return Problem(f"tenant_id {event.tenant_id!r} is outside this client's brands")
+    refusal = policy.check_event(event.tenant_id, event.region, ctx.served_regions,
+                                 ctx.allowed_brands, ctx.allowed_regions)
+    if refusal is not None:
+        return Problem(refusal.reason, residency=refusal.residency)
     event_type: str = event.__struct_config__.tag  # type: ignore[assignment]
     version = _version_problem(event_type, event.schema_version)
     if version is not None:

@@ -25,6 +25,7 @@ from tally.events.envelope import (
     check,
     explain,
 )
+from tally.security.pseudonym import Pseudonymiser
 from tally.storage.schema import EVENTS_SCHEMA, QUARANTINE_SCHEMA
 
 _BATCH = msgspec.json.Decoder(list[AnyEvent])  # type: ignore[valid-type]
@@ -61,8 +62,9 @@ class PreparedBatch:
 
 
 def prepare(body: bytes, ctx: ValidationContext, client_id: str, max_events: int,
-            hasher: Hasher) -> PreparedBatch:
-    """Decode and check a request body; raise 400/413 for a body that is not a batch."""
+            hasher: Hasher, pseudonymiser: Pseudonymiser | None = None) -> PreparedBatch:
+    """Decode and check a request body; raise 400/413 for a body that is not a batch.
+    With a ``pseudonymiser`` no raw player id leaves this function (events nor quarantine)."""
     rejections: list[Rejection] = []
     try:
         decoded: list[Event] = _BATCH.decode(body)
@@ -88,10 +90,24 @@ def prepare(body: bytes, ctx: ValidationContext, client_id: str, max_events: int
         raws = _RAW.decode(body)
         for rejection in rejections:
             rejection.raw = bytes(raws[rejection.index])
+            if pseudonymiser is not None:
+                rejection.raw = _pseudonymised_raw(rejection.raw, pseudonymiser)
         rejections.sort(key=lambda r: r.index)
     received = ctx.received_at.astimezone(UTC).replace(tzinfo=None)
-    table = event_table(valid, payload_texts, received, hasher)
+    table = event_table(valid, payload_texts, received, hasher, pseudonymiser)
     return PreparedBatch(received, client_id, table, rejections)
+
+
+def _pseudonymised_raw(raw: bytes, pseudonymiser: Pseudonymiser) -> bytes:
+    """A rejected event as sent, but with its player id (whatever its type) pseudonymised."""
+    event = _ANY_OBJECT.decode(raw)
+    player = event.get("player_id")
+    if player is None:
+        return raw
+    tenant = event.get("tenant_id")
+    text = player if isinstance(player, str) else msgspec.json.encode(player).decode()
+    event["player_id"] = pseudonymiser.pseudonym(tenant if isinstance(tenant, str) else "", text)
+    return msgspec.json.encode(event)
 
 
 def _decode_one_by_one(body: bytes, rejections: list[Rejection]) -> list[tuple[int, Event]]:
@@ -113,20 +129,23 @@ def _decode_one_by_one(body: bytes, rejections: list[Rejection]) -> list[tuple[i
 
 
 def event_table(valid: list[tuple[int, Event]], payload_texts: list[PayloadText],
-                received_at: datetime, hasher: Hasher) -> pa.Table:
+                received_at: datetime, hasher: Hasher,
+                pseudonymiser: Pseudonymiser | None = None) -> pa.Table:
     """EVENTS_SCHEMA rows of the valid events, grouped by type (row order carries no meaning);
     ``ingest_seq`` is left 0 for the writer to stamp."""
     by_type: dict[str, list[tuple[int, Event]]] = defaultdict(list)
     for item in valid:
         by_type[item[1].__struct_config__.tag].append(item)  # type: ignore[index]
-    tables = [_type_table(items, payload_texts, received_at, hasher) for items in by_type.values()]
+    tables = [_type_table(items, payload_texts, received_at, hasher, pseudonymiser)
+              for items in by_type.values()]
     if not tables:
         return EVENTS_SCHEMA.empty_table()
     return pa.concat_tables(tables)
 
 
 def _type_table(items: list[tuple[int, Event]], payload_texts: list[PayloadText],
-                received_at: datetime, hasher: Hasher) -> pa.Table:
+                received_at: datetime, hasher: Hasher,
+                pseudonymiser: Pseudonymiser | None) -> pa.Table:
     events = [event for _, event in items]
     n = len(events)
     keys = [hasher(e.tenant_id, e.event_id) for e in events]
@@ -146,6 +165,8 @@ def _type_table(items: list[tuple[int, Event]], payload_texts: list[PayloadText]
            for name in events[0].payload.__struct_fields__ if name in EVENTS_SCHEMA.names},
         "payload": [bytes(payload_texts[i].payload).decode() for i, _ in items],
     }
+    if pseudonymiser is not None:  # the one place events become columns: ids replaced here
+        cols["player_id"] = pseudonymiser.column(cols["tenant_id"], cols["player_id"])
     arrays = [cols[f.name] if f.name in cols else pa.nulls(n, f.type) for f in EVENTS_SCHEMA]
     return pa.Table.from_arrays(
         [a if isinstance(a, pa.Array) else pa.array(a, f.type)

@@ -18,15 +18,19 @@ from tally.ingest.dedup import DedupIndex, key_hasher
 from tally.ingest.journal import Journal
 from tally.ingest.versions import DataVersions
 from tally.ingest.writer import IdempotencyKey, IngestWriter
+from tally.security.admission import admit_batch
+from tally.security.pseudonym import Pseudonymiser
 from tally.storage.base import Backend
 
 log = logging.getLogger(__name__)
 
 
 class IngestService:
-    def __init__(self, backend: Backend, journal_dir: Path, max_batch_events: int) -> None:
+    def __init__(self, backend: Backend, journal_dir: Path, max_batch_events: int,
+                 pseudonymiser: Pseudonymiser | None = None) -> None:
         self.backend = backend
         self.max_batch_events = max_batch_events
+        self.pseudonymiser = pseudonymiser  # TALLY_PSEUDONYMISE_KEY: player ids keyed at ingest
         self.journal = Journal(journal_dir)
         last_seq = self._recover()
         secret = backend.setting("dedup_key")
@@ -74,7 +78,8 @@ class IngestService:
         return self.applier.flush(timeout)
 
     def prepare(self, body: bytes, ctx: ValidationContext, client_id: str) -> PreparedBatch:
-        return prepare(body, ctx, client_id, self.max_batch_events, self._hash)
+        return prepare(body, ctx, client_id, self.max_batch_events, self._hash,
+                       self.pseudonymiser)
 
     async def ingest(self, body: bytes, ctx: ValidationContext, client_id: str, trace_id: str,
                      idempotency_key: str | None = None) -> dict[str, Any]:
@@ -83,7 +88,9 @@ class IngestService:
         if idempotency_key is not None:
             digest = hashlib.sha256(body).hexdigest()
             idem = IdempotencyKey(client_id, idempotency_key, digest)
-        future = self.writer.submit(self.prepare(body, ctx, client_id), trace_id, idem)
+        prepared = self.prepare(body, ctx, client_id)
+        admit_batch(prepared.table)  # rate limits of the batch's brands and regions
+        future = self.writer.submit(prepared, trace_id, idem)
         return await asyncio.wrap_future(future)
 
     def submit(self, body: bytes, ctx: ValidationContext, client_id: str,

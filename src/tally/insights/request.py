@@ -9,9 +9,11 @@ from datetime import UTC, date, datetime
 
 import msgspec
 
-from tally.errors import BadRequest, Forbidden
+from tally.errors import BadRequest
+from tally.security import policy
+from tally.security.admission import admit_scope
 from tally.security.tokens import Principal
-from tally.semantic.catalog import DIMENSIONS, METRICS, Metric
+from tally.semantic.catalog import DIMENSIONS, Metric
 
 GRANULARITIES = {"1m": 60, "5m": 300, "1h": 3600, "1d": 86400}
 MAX_BUCKETS = 50_000
@@ -41,13 +43,7 @@ def parse_range(start: str | None, end: str | None) -> tuple[datetime, datetime]
 
 
 def parse_metric(name: str | None, principal: Principal) -> Metric:
-    metric = METRICS.get(name or "")
-    if metric is None:
-        raise BadRequest(f"unknown metric {name!r} (see GET /v1/metrics)", metric=name)
-    if principal.metrics is not None and metric.name not in principal.metrics:
-        raise Forbidden(f"metric {metric.name!r} is outside this client's metrics",
-                        claim="metrics")
-    return metric
+    return policy.allow_metric(principal, name)  # the one authorisation decision on metrics
 
 
 def parse_filters(text: str | None, metric: Metric) -> dict[str, tuple[str, ...]]:
@@ -82,21 +78,12 @@ def parse_group_by(text: str | None, metric: Metric) -> tuple[str, ...]:
 
 def confine(filters: dict[str, tuple[str, ...]], principal: Principal,
             served_regions: frozenset[str]) -> dict[str, tuple[str, ...]]:
-    """The filters narrowed to the caller's brands and regions and this deployment's regions.
-    Naming anything outside them is a 403, never a silently empty answer."""
-    confined = dict(filters)
-    limits = (("brand_id", principal.brands, "brands"),
-              ("region", principal.regions, "regions"),
-              ("region", served_regions, "served regions"))
-    for key, allowed, claim in limits:
-        if allowed is None:
-            continue
-        outside = [v for v in confined.get(key, ()) if v not in allowed]
-        if outside:
-            who = "this deployment" if claim == "served regions" else "this client"
-            raise Forbidden(f"{key} {outside[0]!r} is outside {who}'s {claim.split()[-1]}",
-                            claim=claim)
-        confined[key] = confined.get(key) or tuple(sorted(allowed))
+    """The filters narrowed to the caller's limits: :func:`tally.security.policy.confine`;
+    then the rate limits of the brands and regions the caller confined the query to, by its
+    filters or its token (not the deployment's regions: an unconfined query spends none)."""
+    confined = policy.confine(filters, principal, served_regions)
+    admit_scope(filters.get("brand_id") or principal.brands,
+                filters.get("region") or principal.regions)
     return confined
 
 

@@ -1,4 +1,11 @@
-"""Short-lived access tokens: JWTs (RFC 9068 profile) signed with a persisted Ed25519 key."""
+"""Short-lived access tokens: JWTs (RFC 9068 profile), hardened per RFC 8725.
+
+Verification is the same for the built-in issuer (:class:`TokenService`, Ed25519 keys in
+``meta.sqlite3``, see :mod:`tally.security.keys`) and an external one
+(:class:`tally.security.jwks.ExternalIssuer`): :func:`unverified_header` checks the header
+against an algorithm allow-list before a key is chosen, :func:`decode_claims` the signature
+and claims, :func:`principal_from` turns claims into the caller's limits.
+"""
 
 from __future__ import annotations
 
@@ -6,20 +13,18 @@ import secrets
 import sqlite3
 import time
 from dataclasses import dataclass
-from datetime import UTC, datetime
-from typing import Any
+from typing import Any, Protocol
 
 import jwt
-from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 from jwt.algorithms import OKPAlgorithm
 
 from tally.errors import Unauthorized
 from tally.security.clients import Client
+from tally.security.keys import ALGORITHM, LEEWAY_SECONDS, KeyRing
 
-ALGORITHM = "EdDSA"
 TOKEN_TYPE = "at+jwt"  # noqa: S105 - a media type, not a secret
-LEEWAY_SECONDS = 30
+TOKEN_TYPES = frozenset({TOKEN_TYPE, "application/at+jwt"})  # RFC 9068 §2.1, case-insensitive
+REQUIRED_CLAIMS = ("iss", "aud", "exp", "iat", "sub", "client_id", "jti")  # RFC 9068 §2.2
 
 
 @dataclass(frozen=True)
@@ -32,6 +37,8 @@ class Principal:
     regions: frozenset[str] | None
     metrics: frozenset[str] | None
     token_id: str
+    min_group_size: int | None = None  # distinct-player cells below it are withheld
+    cert_thumbprint: str | None = None  # RFC 8705 cnf.x5t#S256: usable over that cert only
 
 
 def _claim_list(items: frozenset[str] | None) -> list[str] | None:
@@ -46,37 +53,115 @@ def _claim_set(value: Any) -> frozenset[str] | None:
     return frozenset(value)
 
 
+def _claim_int(value: Any) -> int | None:
+    if value is None:
+        return None
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        raise Unauthorized("token has a malformed claim")
+    return value
+
+
+def unverified_header(token: str, algorithms: frozenset[str]) -> dict[str, Any]:
+    """The JOSE header, checked before any key is chosen (RFC 8725 §3.1, §3.11; RFC 9068
+    §4): the algorithm must be on the verifier's allow-list (never ``none``, never an HMAC
+    one: an asymmetric public key is not a secret), ``typ`` must be ``at+jwt``, and a ``kid``
+    must name the key. No ``jku``/``jwk``/``x5u`` header is ever followed: keys come only
+    from this deployment's key ring or the configured JWKS."""
+    try:
+        header = jwt.get_unverified_header(token)
+    except jwt.InvalidTokenError:
+        raise Unauthorized("malformed bearer token") from None
+    alg = header.get("alg")
+    if not isinstance(alg, str) or alg not in algorithms:
+        raise Unauthorized(f"token algorithm {alg!r} is not accepted "
+                           f"(accepted: {', '.join(sorted(algorithms))})")
+    typ = header.get("typ")
+    if not isinstance(typ, str) or typ.lower() not in TOKEN_TYPES:
+        raise Unauthorized(f"token type must be {TOKEN_TYPE} (RFC 9068)")
+    if "crit" in header or "b64" in header:
+        raise Unauthorized("token uses a critical header extension this server does not know")
+    kid = header.get("kid")
+    if not isinstance(kid, str) or not kid:
+        raise Unauthorized("token has no key id (kid)")
+    return header
+
+
+def decode_claims(token: str, key: Any, algorithm: str, issuer: str,
+                  audience: str) -> dict[str, Any]:
+    """The verified claims: signature, ``iss``, ``aud``, ``exp``/``nbf``/``iat`` with
+    :data:`LEEWAY_SECONDS` of clock skew, and every RFC 9068 required claim present."""
+    try:
+        claims: dict[str, Any] = jwt.decode(
+            token, key, algorithms=[algorithm], audience=audience, issuer=issuer,
+            leeway=LEEWAY_SECONDS, options={"require": list(REQUIRED_CLAIMS)},
+        )
+    except jwt.ExpiredSignatureError:
+        raise Unauthorized("token has expired") from None
+    except jwt.ImmatureSignatureError:
+        raise Unauthorized("token is not valid yet (nbf or iat in the future)") from None
+    except jwt.InvalidTokenError as exc:
+        raise Unauthorized(f"invalid token: {exc}") from None
+    return claims
+
+
+def _claim_str(claims: dict[str, Any], name: str) -> str:
+    value = claims.get(name)
+    if not isinstance(value, str) or not value:
+        raise Unauthorized(f"token claim {name!r} must be a non-empty string")
+    return value
+
+
+def _confirmation(value: Any) -> str | None:
+    """RFC 8705 ``cnf.x5t#S256``; any other confirmation method cannot be honoured here, so
+    the token is refused rather than accepted unbound (RFC 7800 §3)."""
+    if value is None:
+        return None
+    thumbprint = value.get("x5t#S256") if isinstance(value, dict) else None
+    if not isinstance(thumbprint, str) or not thumbprint or len(value) != 1:
+        raise Unauthorized("token has a confirmation (cnf) this server cannot check")
+    return thumbprint
+
+
+def principal_from(claims: dict[str, Any]) -> Principal:
+    """The caller's limits from verified claims (built-in and external issuers alike)."""
+    scope = claims.get("scope", "")
+    if not isinstance(scope, str):
+        raise Unauthorized("token claim 'scope' must be a space-separated string")
+    _claim_str(claims, "sub")
+    return Principal(
+        client_id=_claim_str(claims, "client_id"),
+        scopes=frozenset(scope.split()),
+        brands=_claim_set(claims.get("brands")),
+        regions=_claim_set(claims.get("regions")),
+        metrics=_claim_set(claims.get("metrics")),
+        token_id=_claim_str(claims, "jti"),
+        min_group_size=_claim_int(claims.get("min_group_size")),
+        cert_thumbprint=_confirmation(claims.get("cnf")),
+    )
+
+
+class Verifier(Protocol):
+    """What the API needs of a token authority: :class:`TokenService` (built in) or
+    :class:`tally.security.jwks.ExternalIssuer` (an IdP's tokens)."""
+
+    def verify(self, token: str) -> Principal: ...
+
+    def jwks(self) -> dict[str, Any]: ...
+
+
 class TokenService:
+    """The built-in authority: issues and verifies tokens with the keys of :class:`KeyRing`."""
+
+    algorithms = frozenset({ALGORITHM})
+
     def __init__(self, con: sqlite3.Connection, issuer: str, audience: str, ttl: int) -> None:
         self.issuer, self.audience, self.ttl = issuer, audience, ttl
-        self._keys: dict[str, Ed25519PrivateKey] = {}
-        self._active_kid = self._load_or_create(con)
+        self.keys = KeyRing(con)
 
-    def _load_or_create(self, con: sqlite3.Connection) -> str:
-        rows = con.execute(
-            "SELECT kid, private_pem, active FROM signing_keys ORDER BY created_at"
-        ).fetchall()
-        if not rows:
-            key = Ed25519PrivateKey.generate()
-            kid = secrets.token_hex(8)
-            pem = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                                    serialization.NoEncryption())
-            # INSERT OR IGNORE + re-read: two processes starting at once agree on one key.
-            con.execute("INSERT OR IGNORE INTO signing_keys VALUES (?, ?, ?, ?, 1)",
-                        (kid, ALGORITHM, pem, datetime.now(UTC).isoformat()))
-            rows = con.execute(
-                "SELECT kid, private_pem, active FROM signing_keys ORDER BY created_at"
-            ).fetchall()
-        active = rows[0][0]
-        for kid, pem, is_active in rows:
-            loaded = serialization.load_pem_private_key(pem, password=None)
-            assert isinstance(loaded, Ed25519PrivateKey)
-            self._keys[kid] = loaded
-            if is_active:
-                active = kid
-        return str(active)
-
-    def issue(self, client: Client, scopes: frozenset[str]) -> dict[str, Any]:
+    def issue(self, client: Client, scopes: frozenset[str],
+              cert_thumbprint: str | None = None) -> dict[str, Any]:
+        """A token for ``client``; bound to its certificate (RFC 8705 ``cnf``) when
+        ``cert_thumbprint`` is given."""
         now = int(time.time())
         claims: dict[str, Any] = {
             "iss": self.issuer, "aud": self.audience, "sub": client.client_id,
@@ -84,46 +169,28 @@ class TokenService:
             "jti": secrets.token_hex(12), "scope": " ".join(sorted(scopes)),
             "brands": _claim_list(client.brands), "regions": _claim_list(client.regions),
             "metrics": _claim_list(client.metrics),
+            "min_group_size": client.min_group_size,
         }
-        token = jwt.encode(claims, self._keys[self._active_kid], algorithm=ALGORITHM,
-                           headers={"kid": self._active_kid, "typ": TOKEN_TYPE})
+        if cert_thumbprint is not None:
+            claims["cnf"] = {"x5t#S256": cert_thumbprint}
+        key = self.keys.active
+        token = jwt.encode(claims, key.private, algorithm=ALGORITHM,
+                           headers={"kid": key.kid, "typ": TOKEN_TYPE})
         return {"access_token": token, "token_type": "Bearer", "expires_in": self.ttl,
                 "scope": claims["scope"]}
 
     def verify(self, token: str) -> Principal:
-        try:
-            header = jwt.get_unverified_header(token)
-        except jwt.InvalidTokenError:
-            raise Unauthorized("malformed bearer token") from None
-        if header.get("typ") != TOKEN_TYPE:
-            raise Unauthorized(f"token type must be {TOKEN_TYPE}")
-        key = self._keys.get(str(header.get("kid")))
+        header = unverified_header(token, self.algorithms)
+        key = self.keys.verifying(header["kid"])
         if key is None:
-            raise Unauthorized("token signed with an unknown key")
-        try:
-            claims = jwt.decode(
-                token, key.public_key(), algorithms=[ALGORITHM], audience=self.audience,
-                issuer=self.issuer, leeway=LEEWAY_SECONDS,
-                options={"require": ["exp", "iat", "iss", "aud", "sub", "jti", "client_id"]},
-            )
-        except jwt.ExpiredSignatureError:
-            raise Unauthorized("token has expired") from None
-        except jwt.InvalidTokenError as exc:
-            raise Unauthorized(f"invalid token: {exc}") from None
-        return Principal(
-            client_id=str(claims["client_id"]),
-            scopes=frozenset(str(claims.get("scope", "")).split()),
-            brands=_claim_set(claims.get("brands")),
-            regions=_claim_set(claims.get("regions")),
-            metrics=_claim_set(claims.get("metrics")),
-            token_id=str(claims["jti"]),
-        )
+            raise Unauthorized("token signed with an unknown or retired key")
+        return principal_from(decode_claims(token, key.public, ALGORITHM, self.issuer,
+                                            self.audience))
 
     def jwks(self) -> dict[str, Any]:
         keys = []
-        for kid, key in self._keys.items():
-            public: Ed25519PublicKey = key.public_key()
-            jwk: dict[str, Any] = OKPAlgorithm.to_jwk(public, as_dict=True)
-            jwk.update({"kid": kid, "alg": ALGORITHM, "use": "sig"})
+        for key in self.keys.published():
+            jwk: dict[str, Any] = OKPAlgorithm.to_jwk(key.public, as_dict=True)
+            jwk.update({"kid": key.kid, "alg": ALGORITHM, "use": "sig"})
             keys.append(jwk)
         return {"keys": keys}

@@ -83,6 +83,8 @@ class Backend(Protocol):
     def query(self, sql: str, params: Sequence[Any] = ()) -> pa.Table: ...
 
     def execute(self, tree: exp.Expr, params: dict[str, Any]) -> pa.Table:
-        """Render ``tree`` in this backend's dialect and run it with named parameters."""
+        """Render ``tree`` in this backend's dialect and run it with named parameters,
+        asking the current request's scan meter first and charging it the rows scanned
+        afterwards (``storage/metering.py``)."""
 
     def close(self) -> None: ...

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import re
 import threading
 from collections.abc import Iterator, Sequence
 from datetime import UTC, date, datetime, timedelta
@@ -14,6 +16,7 @@ from sqlglot import exp
 
 from tally.errors import StoreUnavailable
 from tally.storage.base import DerivedTable, IdempotencyRecord, QuarantineItem, WriteSet
+from tally.storage.metering import current_meter
 from tally.storage.schema import EVENTS_SCHEMA, QUARANTINE_SCHEMA, duckdb_columns
 
 DDL = f"""
@@ -44,6 +47,7 @@ CREATE TABLE IF NOT EXISTS store_settings (name VARCHAR PRIMARY KEY, value VARCH
 """
 
 QUARANTINE_COLUMNS = ", ".join(QUARANTINE_SCHEMA.names)
+ROWS_SCANNED_METRIC = "query.total_rows_scanned"
 JOURNAL_APPLIED = "journal_applied_seq"
 
 
@@ -75,6 +79,8 @@ class DuckDBBackend:
             self._create_derived(derived)
         self._local = threading.local()
         self._write_lock = threading.Lock()
+        self._scan_lock = threading.Lock()
+        self.rows_scanned = 0  # by execute(), since the store was opened
 
     def _create_derived(self, derived: Sequence[DerivedTable]) -> None:
         for table in derived:
@@ -100,10 +106,40 @@ class DuckDBBackend:
         return rel.to_arrow_table()
 
     def execute(self, tree: exp.Expr, params: dict[str, Any]) -> pa.Table:
-        """A sqlglot tree rendered in DuckDB's dialect, with named bound parameters."""
-        rel = self._cursor().sql(tree.sql(dialect=self.dialect), params=params)
+        """A sqlglot tree rendered in DuckDB's dialect, with named bound parameters. The rows
+        it scans (DuckDB's profiler) are charged to the current request's scan meter."""
+        sql = tree.sql(dialect=self.dialect)
+        meter = current_meter.get()
+        if meter is not None:
+            meter.before_scan(lambda: self.estimate_rows(sql, params))
+        cur = self._profiled_cursor()
+        rel = cur.sql(sql, params=params)
         assert rel is not None, "execute() is for queries that return rows"
-        return rel.to_arrow_table()
+        table = rel.to_arrow_table()
+        rows = profiled_rows_scanned(cur.get_profiling_information(format="json"))
+        with self._scan_lock:
+            self.rows_scanned += rows
+        if meter is not None:
+            meter.after_scan(rows)
+        return table
+
+    def _profiled_cursor(self) -> duckdb.DuckDBPyConnection:
+        """The thread's cursor for :meth:`execute`: profiled, tracking only the rows scanned
+        (a few microseconds a statement), so each statement's count can be read back."""
+        cur: duckdb.DuckDBPyConnection | None = getattr(self._local, "profiled", None)
+        if cur is None:
+            cur = self._con.cursor()
+            cur.execute("PRAGMA enable_profiling = 'no_output'")
+            cur.execute(f"SET tracked_metrics = ['{ROWS_SCANNED_METRIC}']")
+            self._local.profiled = cur
+        return cur
+
+    def estimate_rows(self, sql: str, params: dict[str, Any]) -> int:
+        """The planner's estimate, before running, of the rows ``sql`` will read: the sum of
+        the estimated cardinality of its table scans (``EXPLAIN``; one planning pass)."""
+        rel = self._cursor().sql(f"EXPLAIN (FORMAT json) {sql}", params=params)
+        assert rel is not None
+        return sum(estimated_scan_rows(json.loads(plan)) for _, plan in rel.fetchall())
 
     def _scalar(self, sql: str, params: Sequence[Any] = ()) -> Any:
         rows = self._cursor().execute(sql, list(params)).fetchall()
@@ -219,3 +255,22 @@ class DuckDBBackend:
     def close(self) -> None:
         with self._write_lock:
             self._con.close()
+
+
+def profiled_rows_scanned(profile: str) -> int:
+    """``total_rows_scanned`` of DuckDB's JSON profile of the last statement: the rows its
+    table scans read (after zone-map pruning, before filters; a table read twice counts
+    twice)."""
+    return int(json.loads(profile).get("query", {}).get("total_rows_scanned", 0))
+
+
+def estimated_scan_rows(node: Any) -> int:
+    """The sum of ``Estimated Cardinality`` over the table scans of an ``EXPLAIN (FORMAT
+    json)`` plan (a node or a list of nodes)."""
+    if isinstance(node, list):
+        return sum(estimated_scan_rows(child) for child in node)
+    info = node.get("extra_info", {})
+    own = 0
+    if isinstance(info, dict) and "Table" in info:
+        own = int(re.sub(r"\D", "", str(info.get("Estimated Cardinality", ""))) or 0)
+    return own + estimated_scan_rows(node.get("children", []))

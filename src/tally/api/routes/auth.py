@@ -12,7 +12,10 @@ from fastapi.responses import JSONResponse
 
 from tally.api.deps import RuntimeDep
 from tally.errors import BadRequest, Unauthorized
+from tally.security.admission import admit_token_request
 from tally.security.clients import authenticate
+from tally.security.mtls import token_binding
+from tally.security.tokens import TokenService
 
 router = APIRouter(tags=["auth"])
 NO_STORE = {"Cache-Control": "no-store", "Pragma": "no-cache"}
@@ -43,6 +46,10 @@ def _basic_credentials(header: str | None) -> tuple[str, str] | None:
 
 @router.post("/oauth/token", summary="Issue an access token (client credentials grant)")
 async def token(request: Request, runtime: RuntimeDep) -> JSONResponse:
+    tokens = runtime.tokens
+    if not isinstance(tokens, TokenService):  # TALLY_JWKS_URL: an identity provider issues
+        raise OAuthError("unsupported_grant_type", "this deployment does not issue tokens: "
+                         f"get one from the identity provider {runtime.settings.issuer!r}")
     if not request.headers.get("content-type", "").startswith(
         "application/x-www-form-urlencoded"
     ):
@@ -55,6 +62,8 @@ async def token(request: Request, runtime: RuntimeDep) -> JSONResponse:
         if "client_id" not in form or "client_secret" not in form:
             raise InvalidClient()
         creds = (form["client_id"], form["client_secret"])
+    request.state.audit_client_id = creds[0]  # the audit log keeps the id, never the secret
+    admit_token_request(creds[0])  # per client_id, before the secret is checked: slows guessing
     client = authenticate(runtime.meta, *creds)
     if client is None:
         raise InvalidClient()
@@ -65,7 +74,8 @@ async def token(request: Request, runtime: RuntimeDep) -> JSONResponse:
             raise OAuthError("invalid_scope",
                              f"scope must be a subset of {' '.join(sorted(client.scopes))}")
         scopes = asked
-    body: dict[str, Any] = runtime.tokens.issue(client, scopes)
+    request.state.audit_params = {"scope": " ".join(sorted(scopes))}
+    body: dict[str, Any] = tokens.issue(client, scopes, token_binding(client, request.scope))
     return JSONResponse(body, headers=NO_STORE)
 
 

@@ -6,6 +6,7 @@ from fastapi import APIRouter
 from fastapi.responses import JSONResponse
 
 from tally.api.deps import AnalyticsReader, RuntimeDep
+from tally.security import policy
 from tally.semantic.catalog import DIMENSIONS, PERCENTILE_METHOD, describe
 
 router = APIRouter(tags=["analytics"])
@@ -20,7 +21,7 @@ async def metrics(principal: AnalyticsReader, runtime: RuntimeDep) -> JSONRespon
         "money": "integer minor units of the reporting currency (value_minor); converted with "
                  "the FX rate of each event's UTC day, rounded half-to-even per bucket and "
                  "source currency",
-        "metrics": describe(principal.metrics),
+        "metrics": describe(policy.visible_metrics(principal)),
         "dimensions": [{"name": d.name, "description": d.description}
                        for d in DIMENSIONS.values()],
     }

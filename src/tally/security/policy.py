@@ -1,0 +1,173 @@
+"""Every authorisation decision about data, in one place (CONTRACT §6, row-level security).
+
+A client's brands, regions and metrics (``tally client create``) travel in its tokens as
+claims and reach this module as a :class:`Principal`. They are hard limits: a request naming
+anything outside them is refused with a ``403`` naming the claim, never answered with a
+silently empty result, and a request naming nothing is narrowed to them. Endpoints ask this
+module and never compare claims themselves:
+
+- :func:`allow_metric` — may this caller read this metric?
+- :func:`confine` — the caller's filters, checked and narrowed to its brands and regions and
+  to the regions this deployment serves (every query endpoint: timeseries, slice, funnel,
+  retention, LTV);
+- :func:`check_event` — may this caller ingest an event for this brand and region?
+- :func:`suppress_small_groups` / :func:`below_min_group` — the per-client minimum group size
+  for distinct-player numbers (privacy).
+
+Regions this deployment does not serve are residency's call (``security/residency.py``:
+``403``, or ``421`` pointing at the region's deployment); this module asks it from
+:func:`refuse_unserved_regions` (queries) and :func:`check_event` (ingestion) only. The
+served regions are a ``ServedRegions`` that carries the other regions' endpoints, so the
+``endpoints`` arguments below are needed only to override them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from tally.errors import BadRequest, Forbidden, MisdirectedRequest
+from tally.security.residency import NO_ENDPOINTS, query_error, refusal
+from tally.security.tokens import Principal
+from tally.semantic.catalog import METRICS, Kind, Metric
+
+Filters = dict[str, tuple[str, ...]]
+BRAND_KEY, REGION_KEY = "brand_id", "region"
+SUPPRESSED = "suppressed"  # the flag on a cell whose value was withheld
+
+
+# --------------------------------------------------------------------------- queries
+
+
+def allow_metric(principal: Principal, name: str | None) -> Metric:
+    """The catalog metric ``name`` if the caller may read it: ``400`` when no such metric
+    exists, ``403`` (claim ``metrics``) when it is outside the caller's metrics."""
+    metric = METRICS.get(name or "")
+    if metric is None:
+        raise BadRequest(f"unknown metric {name!r} (see GET /v1/metrics)", metric=name)
+    if principal.metrics is not None and metric.name not in principal.metrics:
+        raise Forbidden(f"metric {metric.name!r} is outside this client's metrics",
+                        claim="metrics")
+    return metric
+
+
+def visible_metrics(principal: Principal) -> frozenset[str] | None:
+    """The metrics the caller may see listed (None: every metric)."""
+    return principal.metrics
+
+
+def confine(filters: Mapping[str, tuple[str, ...]], principal: Principal,
+            served_regions: frozenset[str],
+            endpoints: Mapping[str, str] = NO_ENDPOINTS) -> Filters:
+    """``filters`` checked against the caller's brands and regions and this deployment's
+    regions, then narrowed to them: a brand or region filter naming anything outside is a
+    ``403`` naming the claim (``brands``, ``regions`` or ``served regions``; ``421`` for a
+    region ``endpoints`` says another deployment serves); without such a
+    filter the answer is restricted to everything the caller may see. Because the result
+    always carries the restriction, a ``group_by``/``dim`` on ``brand_id`` or ``region`` can
+    only produce groups inside the limits."""
+    confined = dict(filters)
+    brands = confined.get(BRAND_KEY, ())
+    regions = confined.get(REGION_KEY, ())
+    _refuse_outside(BRAND_KEY, brands, principal.brands, "brands")
+    _refuse_outside(REGION_KEY, regions, principal.regions, "regions")
+    refuse_unserved_regions(regions, served_regions, endpoints)
+    if not brands and principal.brands is not None:
+        confined[BRAND_KEY] = tuple(sorted(principal.brands))
+    if not regions:
+        confined[REGION_KEY] = visible_regions(principal, served_regions)
+    return confined
+
+
+def _refuse_outside(key: str, values: Iterable[str], allowed: frozenset[str] | None,
+                    claim: str) -> None:
+    if allowed is None:
+        return
+    for value in values:
+        if value not in allowed:
+            raise Forbidden(f"{key} {value!r} is outside this client's {claim}", claim=claim)
+
+
+def refuse_unserved_regions(regions: Iterable[str], served_regions: frozenset[str],
+                            endpoints: Mapping[str, str] = NO_ENDPOINTS) -> None:
+    """A query naming a region this deployment does not serve is refused (residency)."""
+    error = query_error(regions, served_regions, endpoints)
+    if error is not None:
+        raise error
+
+
+def visible_regions(principal: Principal, served_regions: frozenset[str]) -> tuple[str, ...]:
+    """The regions an unfiltered query of this caller reads: its regions that are served
+    here (a client may hold regions another deployment serves)."""
+    allowed = served_regions if principal.regions is None else principal.regions & served_regions
+    if not allowed and principal.regions:  # all served elsewhere: 421 if we know where
+        elsewhere = query_error(sorted(principal.regions), served_regions)
+        if isinstance(elsewhere, MisdirectedRequest):
+            raise elsewhere
+    if not allowed:
+        raise Forbidden("none of this client's regions is served by this deployment "
+                        f"(served: {','.join(sorted(served_regions))})",
+                        claim="served regions")
+    return tuple(sorted(allowed))
+
+
+# --------------------------------------------------------------------------- ingestion
+
+
+@dataclass(frozen=True, slots=True)
+class Refusal:
+    """Why one event may not be ingested; ``residency`` refusals are stored nowhere."""
+
+    reason: str
+    residency: bool = False
+
+
+def check_event(tenant_id: str, region: str, served_regions: frozenset[str],
+                brands: frozenset[str] | None, regions: frozenset[str] | None,
+                endpoints: Mapping[str, str] = NO_ENDPOINTS) -> Refusal | None:
+    """The per-event ingestion check: None when the caller may write this brand and region.
+    Residency comes first, so an event for a region not served here is looked at no further.
+    (Plain arguments rather than a Principal: this runs for every event of every batch.)"""
+    unserved = refusal(region, served_regions, endpoints)
+    if unserved is not None:
+        return Refusal(unserved.reason(), residency=True)
+    if regions is not None and region not in regions:
+        return Refusal(f"region {region!r} is outside this client's regions")
+    if brands is not None and tenant_id not in brands:
+        return Refusal(f"tenant_id {tenant_id!r} is outside this client's brands")
+    return None
+
+
+# --------------------------------------------------------------------------- privacy
+
+
+def below_min_group(count: int | None, principal: Principal) -> bool:
+    """Whether a distinct-player count must be withheld from this caller: a positive count
+    under its minimum group size. Zero is shown: an empty cell describes nobody."""
+    k = principal.min_group_size
+    return k is not None and count is not None and 0 < count < k
+
+
+def suppress_small_groups(metric: Metric, rows: list[dict[str, Any]], field: str,
+                          principal: Principal, *, ranked_by: str | None = None
+                          ) -> list[dict[str, Any]]:
+    """Rows of an answer with every distinct-player value below the caller's minimum group
+    size replaced by ``null`` and flagged ``"suppressed": true``. Other metrics pass through.
+
+    ``ranked_by`` (the slice dimension): rows are ranked by value, so withheld rows move to
+    the end ordered by that key, like every other null, and their order leaks nothing."""
+    if principal.min_group_size is None or metric.kind is not Kind.DISTINCT:
+        return rows
+    shown: list[dict[str, Any]] = []
+    withheld: list[dict[str, Any]] = []
+    for row in rows:
+        value = row.get(field)
+        if isinstance(value, int) and below_min_group(value, principal):
+            row = {**row, field: None, SUPPRESSED: True}
+            if ranked_by is not None:
+                withheld.append(row)
+                continue
+        shown.append(row)
+    withheld.sort(key=lambda row: str(row[ranked_by or ""]))
+    return shown + withheld

@@ -1,0 +1,212 @@
+"""The policy module (``security/policy.py``): every authorisation decision about data.
+
+Unit tests of its functions, the proof that grouping cannot escape the caller's limits, and a
+check that no other module takes these decisions itself. The full cross product of clients,
+endpoints, metrics and filters is in ``test_policy_matrix.py``.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from datetime import datetime
+from pathlib import Path
+
+import pytest
+
+from tally.errors import BadRequest, Forbidden, MisdirectedRequest
+from tally.security import policy
+from tally.security.residency import ServedRegions
+from tally.security.tokens import Principal
+from tally.semantic.catalog import METRICS
+from tests.cells import player_day
+
+SRC = Path(__file__).resolve().parents[1] / "src" / "tally"
+SERVED = frozenset({"EU", "UK", "LATAM"})
+
+
+def principal(brands: set[str] | None = None, regions: set[str] | None = None,
+              metrics: set[str] | None = None, min_group_size: int | None = None) -> Principal:
+    def frozen(items: set[str] | None) -> frozenset[str] | None:
+        return None if items is None else frozenset(items)
+
+    return Principal("cl_test", frozenset({"analytics:read"}), frozen(brands), frozen(regions),
+                     frozen(metrics), "jti", min_group_size)
+
+
+# --------------------------------------------------------------------------- metrics
+
+
+def test_allow_metric_returns_the_catalog_metric():
+    assert policy.allow_metric(principal(), "ggr") is METRICS["ggr"]
+    assert policy.allow_metric(principal(metrics={"ggr"}), "ggr") is METRICS["ggr"]
+
+
+def test_allow_metric_refuses_a_metric_outside_the_claim_with_403_naming_it():
+    with pytest.raises(Forbidden) as refused:
+        policy.allow_metric(principal(metrics={"ggr"}), "dau")
+    assert refused.value.status == 403
+    assert refused.value.extra == {"claim": "metrics"}
+    assert "'dau'" in refused.value.detail
+
+
+def test_an_unknown_metric_is_400_even_for_a_limited_client():
+    with pytest.raises(BadRequest) as unknown:
+        policy.allow_metric(principal(metrics={"ggr"}), "ggr_typo")
+    assert unknown.value.status == 400 and unknown.value.extra == {"metric": "ggr_typo"}
+
+
+# --------------------------------------------------------------------------- confine
+
+
+def test_confine_narrows_an_unfiltered_query_to_the_claims_and_served_regions():
+    assert policy.confine({}, principal(), SERVED) == {"region": ("EU", "LATAM", "UK")}
+    limited = principal(brands={"b2", "b1"}, regions={"UK"})
+    assert policy.confine({"game_id": ("g1",)}, limited, SERVED) == {
+        "game_id": ("g1",), "brand_id": ("b1", "b2"), "region": ("UK",)}
+
+
+def test_confine_keeps_filters_inside_the_claims_as_they_are():
+    limited = principal(brands={"b1", "b2"}, regions={"EU", "UK"})
+    filters = {"brand_id": ("b2",), "region": ("UK", "EU")}
+    assert policy.confine(filters, limited, SERVED) == filters
+
+
+@pytest.mark.parametrize(("limits", "filters", "claim"), [
+    ({"brands": {"b1"}}, {"brand_id": ("b2",)}, "brands"),
+    ({"brands": {"b1"}}, {"brand_id": ("b1", "b2")}, "brands"),  # partly outside: still 403
+    ({"regions": {"EU"}}, {"region": ("UK",)}, "regions"),
+    ({"regions": {"EU"}}, {"region": ("NA",)}, "regions"),  # the client's claim comes first
+    ({}, {"region": ("NA",)}, "served regions"),
+    ({"regions": {"EU", "NA"}}, {"region": ("NA",)}, "served regions"),
+    ({"regions": {"NA"}}, {}, "served regions"),  # nothing of this client is served here
+    ({"regions": {"NA"}}, {"brand_id": ("b1",)}, "served regions"),
+])
+def test_confine_refuses_with_403_naming_the_claim(limits, filters, claim):
+    with pytest.raises(Forbidden) as refused:
+        policy.confine(filters, principal(**limits), SERVED)
+    assert refused.value.extra["claim"] == claim
+
+
+def test_a_client_holding_regions_served_elsewhere_reads_those_served_here():
+    """Not a 403 on every unfiltered query: the regions it holds here are what it sees."""
+    assert policy.confine({}, principal(regions={"EU", "NA"}), SERVED) == {"region": ("EU",)}
+
+
+def test_confine_asks_residency_about_regions_served_elsewhere():
+    served = ServedRegions(SERVED, {"NA": "https://na.example.com"})
+    with pytest.raises(MisdirectedRequest) as elsewhere:
+        policy.confine({"region": ("NA",)}, principal(), served)
+    assert elsewhere.value.status == 421
+    assert elsewhere.value.extra["claim"] == "served regions"
+
+
+# --------------------------------------------------------------------------- ingestion
+
+
+@pytest.mark.parametrize(("brands", "regions", "tenant", "region", "reason", "residency"), [
+    (None, None, "b1", "EU", None, False),
+    ({"b1"}, {"EU"}, "b1", "EU", None, False),
+    ({"b1"}, None, "b2", "EU", "tenant_id 'b2' is outside this client's brands", False),
+    (None, {"EU"}, "b1", "UK", "region 'UK' is outside this client's regions", False),
+    (None, None, "b1", "NA", "region 'NA' is not served by this deployment", True),
+    ({"b1"}, {"EU"}, "b2", "NA", "region 'NA' is not served by this deployment", True),
+])
+def test_check_event(brands, regions, tenant, region, reason, residency):
+    refusal = policy.check_event(tenant, region, SERVED,
+                                 None if brands is None else frozenset(brands),
+                                 None if regions is None else frozenset(regions))
+    if reason is None:
+        assert refusal is None
+    else:
+        assert refusal is not None and refusal.reason.startswith(reason)
+        assert refusal.residency is residency
+
+
+# --------------------------------------------------------------------------- over HTTP
+
+DAY = datetime(2025, 10, 23, 9)
+
+
+@pytest.fixture
+def three_brands(client, headers):
+    events = [e for brand in ("b1", "b2", "b3") for region in ("EU", "UK", "LATAM")
+              for e in player_day(brand, region, f"p-{brand}-{region}", DAY)]
+    r = client.post("/v1/events:batch", content=json.dumps(events), headers=headers)
+    assert r.status_code == 202 and r.json()["accepted"] == len(events), r.text
+
+
+def test_group_by_brand_and_region_only_produces_groups_inside_the_limits(client, auth,
+                                                                          three_brands):
+    limited = auth(scopes="analytics:read", brands="b1,b3", regions="UK,NA")
+    everyone = auth(scopes="analytics:read")
+    params = {"metric": "bets", "granularity": "1d", "from": "2025-10-23", "to": "2025-10-24",
+              "group_by": "brand_id,region"}
+    r = client.get("/v1/analytics/timeseries", params=params, headers=limited)
+    assert r.status_code == 200, r.text
+    assert {(p["brand_id"], p["region"]) for p in r.json()["series"]} == {("b1", "UK"),
+                                                                            ("b3", "UK")}
+    r = client.get("/v1/analytics/timeseries", params=params, headers=everyone)
+    assert len(r.json()["series"]) == 9  # the other groups exist: they were confined away
+
+
+@pytest.mark.parametrize(("dim", "expected"), [("brand_id", {"b1", "b3"}), ("region", {"UK"})])
+def test_slice_dims_only_produce_keys_inside_the_limits(client, auth, three_brands, dim,
+                                                        expected):
+    limited = auth(scopes="analytics:read", brands="b1,b3", regions="UK")
+    r = client.get("/v1/analytics/slice", headers=limited, params={
+        "metric": "dau", "dim": dim, "from": "2025-10-23", "to": "2025-10-24"})
+    assert r.status_code == 200, r.text
+    assert {item[dim] for item in r.json()["items"]} == expected
+
+
+def test_a_refusal_is_problem_json_naming_the_claim_never_an_empty_answer(client, auth,
+                                                                          three_brands):
+    limited = auth(scopes="analytics:read", brands="b1")
+    r = client.get("/v1/analytics/slice", headers=limited, params={
+        "metric": "ggr", "dim": "game_id", "from": "2025-10-23", "to": "2025-10-24",
+        "filters": "brand_id:b2"})
+    assert r.status_code == 403
+    assert r.headers["content-type"].startswith("application/problem+json")
+    assert r.json()["claim"] == "brands" and "'b2'" in r.json()["detail"]
+
+
+# --------------------------------------------------------------------------- one module decides
+
+
+def _sources() -> list[tuple[Path, str]]:
+    own = {SRC / "security" / "policy.py", SRC / "security" / "residency.py"}
+    return [(p, p.read_text()) for p in sorted(SRC.rglob("*.py")) if p not in own]
+
+
+def test_no_other_module_refuses_on_claims():
+    """Claim refusals (a ``claim=`` member, the wording of a limit) exist only in the policy
+    module and the residency rules it asks."""
+    offenders = [str(p.relative_to(SRC)) for p, text in _sources()
+                 if re.search(r"claim\s*=|outside this client", text)]
+    assert offenders == []
+
+
+CLAIM_TEST = re.compile(r"\bin\s+(\w+\.)*(principal\.|allowed_)(brands|regions|metrics)\b")
+LOOP = re.compile(r"\bfor\s+[\w, ()]+\s+$")  # `for b in principal.brands` iterates, not tests
+
+
+def test_no_other_module_compares_values_with_the_claims():
+    """``x in principal.brands`` and the like belong to the policy module."""
+    offenders = [f"{p.relative_to(SRC)}: {line.strip()}" for p, text in _sources()
+                 for line in text.splitlines()
+                 for match in CLAIM_TEST.finditer(line)
+                 if not LOOP.search(line[:match.start()])]
+    assert offenders == []
+
+
+@pytest.mark.parametrize(("line", "flagged"), [
+    ("    if region not in ctx.allowed_regions:", True),
+    ("    if metric.name not in principal.metrics:", True),
+    ("    ok = brand in self.ctx.principal.brands", True),
+    ("    for brand in principal.brands:", False),
+    ("    charged = [b for b in principal.brands]", False),
+])
+def test_the_claim_comparison_detector(line, flagged):
+    found = [m for m in CLAIM_TEST.finditer(line) if not LOOP.search(line[:m.start()])]
+    assert bool(found) is flagged
