@@ -6,12 +6,14 @@ then review the diff of tests/snapshots/ like code.
 
 from __future__ import annotations
 
+import dataclasses
 import os
-from datetime import datetime
+from datetime import date, datetime
 from pathlib import Path
 
 import pytest
 
+from tally.cohorts import funnel, retention
 from tally.rollups.activity import compile_active_from_rollup
 from tally.rollups.spec import compile_from_rollup, maintenance
 from tally.semantic.catalog import METRICS
@@ -40,6 +42,33 @@ CASES = {
     "dau_1d_from_activity": compile_active_from_rollup(
         Scope(SCOPE.start, SCOPE.end, 86400, SCOPE.filters, SCOPE.group_by), 60, True),
 }
+INJECTION = "x'); DROP TABLE events; --"
+FUNNEL = funnel.parse({
+    "steps": [{"event": "payment.intent", "method": ["card", INJECTION]},
+              {"event": "payment.captured", "within_sec": 600},
+              {"event": "wallet.credit", "reason": "deposit"}],
+    "window_sec": 3600, "from": "2025-10-01", "to": "2025-10-31",
+    "filters": {"brand_id": ["brand-7", INJECTION], "region": "EU"},
+    "exclusions": [{"event": "payment.failed", "between": [1, 2]}]})
+# a step that may share its event with an earlier one: the sequenced form
+FUNNEL_REPEATED = funnel.parse({
+    "steps": [{"event": "bet.placed"}, {"event": "bet.placed", "game_id": INJECTION}],
+    "window_sec": 60, "from": "2025-10-01", "to": "2025-10-02",
+    "filters": {"brand_id": "brand-7", "region": "EU"}})
+RETENTION = retention.parse_retention({
+    "cohort": "first_deposit", "start_date": "2025-10-20", "end_date": "2025-10-30",
+    "return_event": {"event": "bet.placed", "game_id": INJECTION}, "days": [0, 1, 7],
+    "filters": {"brand_id": ["brand-7"], "region": "EU"}, "timezone": "Europe/London"})
+CASES.update({
+    "funnel": funnel.compile_funnel(FUNNEL),
+    "funnel_repeated_step": funnel.compile_funnel(FUNNEL_REPEATED),
+    "retention_london": retention.compile_retention(RETENTION)[1],
+    "retention_on_or_after": retention.compile_retention(dataclasses.replace(
+        RETENTION, mode="on_or_after"))[1],
+    "ltv": retention.compile_ltv(retention.Ltv(
+        "first_deposit", METRICS["ngr"], date(2025, 10, 1), date(2025, 10, 31), 90,
+        {"brand_id": ("brand-7", INJECTION), "region": ("EU",)}, "EUR")),
+})
 MAINTENANCE = {grain: maintenance(grain, "_new_events") for grain in ("1m", "1h", "1d")}
 
 

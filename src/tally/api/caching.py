@@ -16,6 +16,7 @@ from fastapi import Request, Response
 
 MAX_AGE = {"1m": 30, "5m": 60, "1h": 300, "1d": 900}  # seconds; slices: 60
 SLICE_MAX_AGE = 60
+COHORT_MAX_AGE = 300  # funnels, retention, LTV: day-scale answers
 
 
 def etag_for(fingerprint: str, data_version: int, fx_version: int) -> str:

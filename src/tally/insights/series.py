@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from tally.config import Settings
@@ -12,6 +12,7 @@ from tally.errors import BadRequest
 from tally.events.currencies import ISO_4217
 from tally.insights import request as rq
 from tally.insights.evaluate import DAY, answer_field, empty_value, finish, parts, values
+from tally.security import policy
 from tally.security.tokens import Principal
 from tally.semantic.catalog import Kind, Metric
 from tally.semantic.compiler import Scope
@@ -25,6 +26,14 @@ class Context:
     fx: FxRates
     settings: Settings
     principal: Principal
+    # the greatest accepted occurred_at of these brands (None: all), from the data versions
+    latest: Callable[[tuple[str, ...] | None], datetime | None] = lambda brands: None
+
+    def watermark(self, brands: tuple[str, ...] | None) -> datetime | None:
+        """All events before it are in (CONTRACT §4): latest less the allowed lateness."""
+        latest = self.latest(brands)
+        return None if latest is None else \
+            latest - timedelta(seconds=self.settings.allowed_lateness)
 
 
 @dataclass(frozen=True)
@@ -48,7 +57,8 @@ def _iso(epoch: int) -> str:
     return datetime.fromtimestamp(epoch, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
-def _currency(value: str | None, settings: Settings) -> str:
+def currency_of(value: str | None, settings: Settings) -> str:
+    """The reporting currency: ``value`` or the base currency; 400 unless ISO 4217."""
     currency = value or settings.base_currency
     if currency not in ISO_4217:
         raise BadRequest(f"currency {currency!r} is not an ISO 4217 code")
@@ -82,11 +92,11 @@ def timeseries(ctx: Context, q: dict[str, str | None]) -> Plan:
     filters = rq.confine(rq.parse_filters(q.get("filters"), metric), ctx.principal,
                          ctx.settings.served_regions)
     group_by = rq.parse_group_by(q.get("group_by"), metric)
-    currency = _currency(q.get("currency"), ctx.settings)
+    currency = currency_of(q.get("currency"), ctx.settings)
     limit = _limit(q.get("limit"), 1000, 10_000)
     scope = Scope(start, end, step, filters, group_by)
     fp = rq.fingerprint("ts", metric.name, granularity, start, end, sorted(filters.items()),
-                        group_by, currency)
+                        group_by, currency, ctx.principal.min_group_size)
     at = rq.cursor_offset(q.get("cursor"), fp)
 
     def run() -> dict[str, Any]:
@@ -101,6 +111,7 @@ def timeseries(ctx: Context, q: dict[str, str | None]) -> Plan:
              field: found.get((ts, *group), empty)}
             for ts in range(first, last, step) for group in groups
         ]
+        points = policy.suppress_small_groups(metric, points, field, ctx.principal)
         window, cursor = _page(points, at, limit, fp)
         return {"metric": metric.name, "granularity": granularity, "currency": currency,
                 "series": window, "next_cursor": cursor}
@@ -117,13 +128,13 @@ def slice_(ctx: Context, q: dict[str, str | None]) -> Plan:
     start, end = rq.parse_range(q.get("from"), q.get("to"))
     filters = rq.confine(rq.parse_filters(q.get("filters"), metric), ctx.principal,
                          ctx.settings.served_regions)
-    currency = _currency(q.get("currency"), ctx.settings)
+    currency = currency_of(q.get("currency"), ctx.settings)
     order = q.get("order") or "-value"
     if order not in ("-value", "value"):
         raise BadRequest("order must be -value or value")
     limit = _limit(q.get("limit"), 50, 1000)
     fp = rq.fingerprint("slice", metric.name, dim, start, end, sorted(filters.items()),
-                        currency, order)
+                        currency, order, ctx.principal.min_group_size)
     at = rq.cursor_offset(q.get("cursor"), fp)
 
     def run() -> dict[str, Any]:
@@ -134,6 +145,7 @@ def slice_(ctx: Context, q: dict[str, str | None]) -> Plan:
                                                  (-kv[1] if order == "-value" else kv[1])))
         field = answer_field(metric)
         items = [{dim: key, field: value} for key, value in ranked]
+        items = policy.suppress_small_groups(metric, items, field, ctx.principal, ranked_by=dim)
         window, cursor = _page(items, at, limit, fp)
         return {"metric": metric.name, "dim": dim, "currency": currency, "items": window,
                 "next_cursor": cursor}

@@ -13,6 +13,7 @@ from datetime import UTC
 
 from sqlglot import exp
 
+from tally.cohorts.tables import derived_tables as cohort_tables
 from tally.rollups import activity
 from tally.semantic.catalog import DIMENSIONS, MEASURES, Metric
 from tally.semantic.compiler import Compiled, Params, Scope, bucket, measure_sum
@@ -55,7 +56,7 @@ def derived_tables(dialect: str) -> list[DerivedTable]:
     return [DerivedTable(table(grain), ddl(grain),
                          (maintenance(grain, "_new_events").sql(dialect=dialect),),
                          (maintenance(grain, "events").sql(dialect=dialect),))
-            for grain in GRAINS] + activity.derived_tables()
+            for grain in GRAINS] + activity.derived_tables() + cohort_tables(dialect)
 
 
 def compile_from_rollup(metric: Metric, scope: Scope, by_currency: bool) -> Compiled | None:

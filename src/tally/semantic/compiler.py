@@ -16,7 +16,7 @@ from sqlglot import exp
 from tally.semantic.catalog import DIMENSIONS, Measure, Metric
 
 EPOCH = exp.cast(exp.Literal.string("1970-01-01 00:00:00"), exp.DataType.Type.TIMESTAMP)
-_CLICKHOUSE_TYPES = {str: "String", int: "Int64", datetime: "DateTime64(6)"}
+_CLICKHOUSE_TYPES = {str: "String", int: "Int64", bool: "Bool", datetime: "DateTime64(6)"}
 
 
 @dataclass

@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Callable
+from typing import Any
 
 import msgspec
 from fastapi import APIRouter, Request, Response
 
 from tally.api.caching import (
+    COHORT_MAX_AGE,
     MAX_AGE,
     SLICE_MAX_AGE,
     etag_for,
@@ -17,6 +19,9 @@ from tally.api.caching import (
     respond,
 )
 from tally.api.deps import AnalyticsReader, RuntimeDep
+from tally.audit.record import count_rows
+from tally.cohorts import plans
+from tally.errors import BadRequest, PayloadTooLarge
 from tally.insights.series import Context, Plan, slice_, timeseries
 from tally.runtime import Runtime
 from tally.security.tokens import Principal
@@ -27,16 +32,33 @@ TIMESERIES_PARAMS = ("metric", "granularity", "from", "to", "filters", "group_by
                      "limit", "currency")
 SLICE_PARAMS = ("metric", "dim", "from", "to", "filters", "limit", "order", "cursor",
                 "currency")
+LTV_PARAMS = ("cohort", "metric", "horizon", "start_date", "end_date", "filters", "currency")
+MAX_QUERY_BODY = 64 * 1024
+
+
+def _params(request: Request, names: tuple[str, ...]) -> dict[str, str | None]:
+    return {name: request.query_params.get(name) for name in names}
+
+
+async def _body(request: Request) -> Any:
+    """A query's JSON body (funnel, retention): these POSTs are safe queries, answered and
+    revalidated (ETag, If-None-Match → 304) exactly like the GETs."""
+    raw = await request.body()
+    if len(raw) > MAX_QUERY_BODY:
+        raise PayloadTooLarge(f"a query body is at most {MAX_QUERY_BODY} bytes")
+    try:
+        return msgspec.json.decode(raw)
+    except msgspec.DecodeError as exc:
+        raise BadRequest(f"the body is not valid JSON: {exc}") from None
 
 
 async def _answer(request: Request, runtime: Runtime, principal: Principal,
-                  planner: Callable[[Context, dict[str, str | None]], Plan],
-                  names: tuple[str, ...], max_age: int) -> Response:
-    q = {name: request.query_params.get(name) for name in names}
-    plan = planner(Context(runtime.backend, runtime.fx, runtime.settings, principal), q)
+                  planner: Callable[[Context, Any], Plan], q: Any, max_age: int) -> Response:
+    versions = runtime.ingest.versions
+    plan = planner(Context(runtime.backend, runtime.fx, runtime.settings, principal,
+                           versions.latest), q)
     # read-your-writes: an answer includes every event acknowledged before the request
     await asyncio.to_thread(runtime.ingest.flush, READ_YOUR_WRITES_WAIT)
-    versions = runtime.ingest.versions
     etag = etag_for(plan.fingerprint, versions.version(plan.brands, plan.reads),
                     runtime.fx.version)
     mark = format_watermark(versions.latest(plan.brands), runtime.settings.allowed_lateness)
@@ -46,6 +68,7 @@ async def _answer(request: Request, runtime: Runtime, principal: Principal,
     if content is None:
         content = msgspec.json.encode(await asyncio.to_thread(plan.run))
         runtime.answers.put(etag, content, max_age)
+    request.state.audit_rows = count_rows(content)
     return respond(etag, content, max_age, mark)
 
 
@@ -53,10 +76,34 @@ async def _answer(request: Request, runtime: Runtime, principal: Principal,
 async def get_timeseries(request: Request, principal: AnalyticsReader,
                          runtime: RuntimeDep) -> Response:
     max_age = MAX_AGE.get(request.query_params.get("granularity", ""), 60)
-    return await _answer(request, runtime, principal, timeseries, TIMESERIES_PARAMS, max_age)
+    return await _answer(request, runtime, principal, timeseries,
+                         _params(request, TIMESERIES_PARAMS), max_age)
 
 
 @router.get("/v1/analytics/slice", summary="A metric by one dimension, ranked (top-N)")
 async def get_slice(request: Request, principal: AnalyticsReader,
                     runtime: RuntimeDep) -> Response:
-    return await _answer(request, runtime, principal, slice_, SLICE_PARAMS, SLICE_MAX_AGE)
+    return await _answer(request, runtime, principal, slice_, _params(request, SLICE_PARAMS),
+                         SLICE_MAX_AGE)
+
+
+@router.post("/v1/analytics/funnel", summary="Conversion through ordered steps (docs/cohorts.md)")
+async def post_funnel(request: Request, principal: AnalyticsReader,
+                      runtime: RuntimeDep) -> Response:
+    return await _answer(request, runtime, principal, plans.funnel, await _body(request),
+                         COHORT_MAX_AGE)
+
+
+@router.post("/v1/analytics/retention",
+             summary="D-N retention of first-deposit or registration cohorts")
+async def post_retention(request: Request, principal: AnalyticsReader,
+                         runtime: RuntimeDep) -> Response:
+    return await _answer(request, runtime, principal, plans.retention, await _body(request),
+                         COHORT_MAX_AGE)
+
+
+@router.get("/v1/analytics/ltv", summary="Cumulative ggr or ngr per cohort member by day")
+async def get_ltv(request: Request, principal: AnalyticsReader,
+                  runtime: RuntimeDep) -> Response:
+    return await _answer(request, runtime, principal, plans.ltv,
+                         _params(request, LTV_PARAMS), COHORT_MAX_AGE)

@@ -1,0 +1,1 @@
+"""Funnels, retention and LTV (docs/cohorts.md)."""

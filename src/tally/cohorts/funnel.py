@@ -1,0 +1,275 @@
+"""``POST /v1/analytics/funnel`` (CONTRACT §4; rules in docs/cohorts.md).
+
+One query: the events of every step and exclusion in ``[from, to + window]``, each step-1
+event in ``[from, to)`` an attempt, each later step found by an ``ASOF`` join (the earliest
+matching event at or after the previous step — greedy, as the rules define attempts), the
+exclusions by one more ``ASOF`` each; then per attempt the steps it reaches, per unit its
+best attempt. Python only counts units per depth and takes medians.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from typing import Any
+
+import numpy as np
+from sqlglot import exp
+
+from tally.cohorts.request import (
+    CORRELATE_FIELDS,
+    EVENT_FILTER_KEYS,
+    MAX_STEPS,
+    MAX_WINDOW,
+    Step,
+    _object,
+    _positive_int,
+    filter_condition,
+    parse_filters,
+    parse_step,
+)
+from tally.errors import BadRequest
+from tally.insights.request import parse_instant
+from tally.semantic.compiler import Compiled, Params, column
+from tally.storage.base import Backend
+
+
+@dataclass(frozen=True)
+class Funnel:
+    steps: tuple[Step, ...]
+    exclusions: tuple[Step, ...]
+    window_sec: int
+    start: datetime
+    end: datetime
+    filters: dict[str, tuple[str, ...]]
+    correlate_by: str
+
+
+def parse(body: Any) -> Funnel:
+    raw = _object(body, "the request body")
+    raw_steps = raw.get("steps")
+    if not isinstance(raw_steps, list) or not 1 <= len(raw_steps) <= MAX_STEPS:
+        raise BadRequest(f"steps must be a list of 1 to {MAX_STEPS} steps", field="steps")
+    steps = []
+    for i, item in enumerate(raw_steps):
+        step = parse_step(item, f"steps[{i}]", ("within_sec",))
+        within = _object(item, f"steps[{i}]").get("within_sec") if isinstance(item, dict) \
+            else None
+        if within is not None:
+            if i == 0:
+                raise BadRequest("steps[0].within_sec: the first step has no previous step",
+                                 field="steps[0].within_sec")
+            within = _positive_int(within, f"steps[{i}].within_sec", MAX_WINDOW)
+        steps.append(Step(step.event, step.conditions, step.name, within))
+    window = _positive_int(raw.get("window_sec"), "window_sec", MAX_WINDOW)
+    if not isinstance(raw.get("from"), str) or not isinstance(raw.get("to"), str):
+        raise BadRequest("from and to are required")
+    start, end = parse_instant(raw["from"], "from"), parse_instant(raw["to"], "to")
+    if start >= end:
+        raise BadRequest("from must be before to")
+    if end - start > timedelta(days=366):
+        raise BadRequest("a funnel range is at most 366 days")
+    correlate = raw.get("correlate_by", "player_id")
+    if correlate not in CORRELATE_FIELDS:
+        raise BadRequest(f"correlate_by must be one of {', '.join(CORRELATE_FIELDS)}",
+                         field="correlate_by")
+    exclusions = []
+    raw_exclusions = raw.get("exclusions", [])
+    if not isinstance(raw_exclusions, list):
+        raise BadRequest("exclusions must be a list", field="exclusions")
+    for i, item in enumerate(raw_exclusions):
+        what = f"exclusions[{i}]"
+        step = parse_step(item, what, ("between",))
+        between = _object(item, what).get("between", [1, len(steps)])
+        if (not isinstance(between, list) or len(between) != 2
+                or not all(isinstance(b, int) and not isinstance(b, bool) for b in between)
+                or not 1 <= between[0] < between[1] <= len(steps)):
+            raise BadRequest(f"{what}.between must be [i, j] with 1 ≤ i < j ≤ {len(steps)}",
+                             field=f"{what}.between")
+        exclusions.append(Step(step.event, step.conditions, step.name,
+                               between=(between[0], between[1])))
+    filters = parse_filters(raw.get("filters"), EVENT_FILTER_KEYS)
+    return Funnel(tuple(steps), tuple(exclusions), window, start, end, filters, correlate)
+
+
+def _micros(start: exp.Expr, end: exp.Expr) -> exp.Expr:
+    return exp.DateDiff(this=end, expression=start, unit=exp.var("MICROSECOND"))
+
+
+def compile_funnel(f: Funnel, hashed: bool = True) -> Compiled:
+    """One row per unit: its best attempt's depth and the microseconds between its steps,
+    and whether a hashed join met another unit (then the caller asks again unhashed).
+
+    ``hashed``: the ASOF joins match units on a 64-bit hash of (brand, unit) — 2.5x faster
+    than on the two strings (measured at 10M) — and every match is checked against the
+    strings; a collision sets ``collided`` and the answer is recomputed on the strings, so
+    the result is exact either way."""
+    params = Params()
+    n = len(f.steps)
+    overlaps = [any(f.steps[k].may_match_same_event(f.steps[j]) for j in range(k))
+                for k in range(n)]
+    sequenced = any(overlaps)
+    flags = [exp.alias_(s.condition(params), f"s{k}") for k, s in enumerate(f.steps)] + \
+        [exp.alias_(x.condition(params), f"x{k}") for k, x in enumerate(f.exclusions)]
+    unit = column(f.correlate_by)
+    event_types = sorted({s.event for s in (*f.steps, *f.exclusions)})
+    key = [exp.alias_(exp.func("HASH", column("tenant_id"), unit.copy()), "k")] if hashed \
+        else []
+    base = (
+        exp.select(column("tenant_id"), exp.alias_(unit, "unit"), *key,
+                   exp.alias_(column("occurred_at"), "t"),
+                   # the costliest column to read: only where ties need an order
+                   *([column("event_id")] if sequenced else []), *flags)
+        .from_("events")
+        .where(column("occurred_at") >= params.bind(f.start))
+        .where(column("occurred_at") <= params.bind(f.end + timedelta(seconds=f.window_sec)))
+        .where(column("event_type").isin(*(exp.Literal.string(t) for t in event_types)))
+        .where(unit.is_(exp.null()).not_())
+    )
+    for condition in filter_condition(f.filters, params):
+        base = base.where(condition)
+    if sequenced:  # a total order of each unit's events: (occurred_at, event_id)
+        order = exp.Window(this=exp.RowNumber(), partition_by=[column("tenant_id"),
+                                                                column("unit")],
+                           order=exp.Order(expressions=[exp.Ordered(this=column("t")),
+                                                        exp.Ordered(this=column("event_id"))]))
+        base = exp.select("*", exp.alias_(order, "seq")).from_(base.subquery("b"))
+    ctes: list[tuple[str, exp.Expr]] = [("ev", base)]
+
+    def only(flag: str, *extra: exp.Expr) -> exp.Select:
+        cols = [column("tenant_id"), column("unit"), *([column("k")] if hashed else []),
+                column("t"), *([column("seq")] if sequenced else [])]
+        select = exp.select(*cols).from_("ev").where(column(flag))
+        for e in extra:
+            select = select.where(e)
+        return select
+
+    ctes.append(("a0", exp.select(
+        column("tenant_id"), column("unit"), *([column("k")] if hashed else []),
+        exp.alias_(column("t"), "t0"),
+        *([exp.alias_(column("seq"), "q0")] if sequenced else []))
+        .from_(only("s0", column("t") < params.bind(f.end)).subquery("s"))))
+    def same_unit() -> exp.Expr:
+        if hashed:
+            return column("k", "r").eq(column("k", "l"))
+        return exp.and_(column("tenant_id", "r").eq(column("tenant_id", "l")),
+                        column("unit", "r").eq(column("unit", "l")))
+
+    def met_other(name: str) -> list[exp.Expr]:
+        """Hashed: did this join match an event of another unit with the same hash?"""
+        if not hashed:
+            return []
+        other = exp.or_(column("tenant_id", "r").neq(column("tenant_id", "l")),
+                        column("unit", "r").neq(column("unit", "l")))
+        return [exp.alias_(exp.func("COALESCE", other, exp.false()), name)]
+
+    collisions: list[str] = []
+    prev = "a0"
+    for k in range(1, n):
+        ctes.append((f"m{k}", only(f"s{k}")))
+        on: exp.Expr = same_unit()
+        if overlaps[k]:  # strictly after every earlier step's event
+            on = exp.and_(on, column("seq", "r") > column(f"q{k - 1}", "l"))
+        else:
+            on = exp.and_(on, column("t", "r") >= column(f"t{k - 1}", "l"))
+        keep = [exp.alias_(column("t", "r"), f"t{k}"), *met_other(f"w{k}")]
+        collisions += [f"w{k}"] if hashed else []
+        if sequenced:
+            # the latest position so far (a non-overlapping step may tie before it)
+            keep.append(exp.alias_(exp.func("GREATEST", column(f"q{k - 1}", "l"),
+                                            column("seq", "r")), f"q{k}"))
+        step = (exp.select(exp.Column(this=exp.Star(), table=exp.to_identifier("l")), *keep)
+                .from_(exp.alias_(exp.to_table(prev), "l", table=True))
+                .join(exp.alias_(exp.to_table(f"m{k}"), "r", table=True), on=on,
+                      join_type="ASOF LEFT"))
+        ctes.append((f"a{k}", step))
+        prev = f"a{k}"
+    for k, x in enumerate(f.exclusions):
+        i = x.between[0] - 1 if x.between else 0
+        ctes.append((f"n{k}", only(f"x{k}")))
+        on = exp.and_(same_unit(), column("t", "r") > column(f"t{i}", "l"))
+        collisions += [f"v{k}"] if hashed else []
+        step = (exp.select(exp.Column(this=exp.Star(), table=exp.to_identifier("l")),
+                           exp.alias_(column("t", "r"), f"y{k}"), *met_other(f"v{k}"))
+                .from_(exp.alias_(exp.to_table(prev), "l", table=True))
+                .join(exp.alias_(exp.to_table(f"n{k}"), "r", table=True), on=on,
+                      join_type="ASOF LEFT"))
+        ctes.append((f"c{k}", step))
+        prev = f"c{k}"
+    # reach_k: found, within the window, within its own limit, not cut by an exclusion
+    reach: list[exp.Expr] = []
+    for k in range(1, n):
+        t_k, t_prev, t_0 = column(f"t{k}"), column(f"t{k - 1}"), column("t0")
+        parts: list[exp.Expr] = [
+            t_k.is_(exp.null()).not_(),
+            _micros(t_0, t_k) <= exp.Literal.number(f.window_sec * 1_000_000)]
+        within = f.steps[k].within_sec
+        if within is not None:
+            parts.append(_micros(t_prev, t_k) <= exp.Literal.number(within * 1_000_000))
+        for j, x in enumerate(f.exclusions):
+            assert x.between is not None
+            if x.between[0] - 1 < k <= x.between[1] - 1:
+                y = column(f"y{j}")
+                parts.append(exp.or_(y.is_(exp.null()), y > t_k.copy()))
+        if reach:
+            parts.append(exp.Paren(this=reach[-1].copy()))
+        reach.append(exp.and_(*parts))
+    depth: exp.Expr = exp.Literal.number(1)
+    for r in reach:
+        depth = exp.Add(this=depth, expression=exp.Case().when(r.copy(), exp.Literal.number(1))
+                        .else_(exp.Literal.number(0)))
+    gaps = [exp.alias_(_micros(column(f"t{k - 1}"), column(f"t{k}")), f"g{k}")
+            for k in range(1, n)]
+    collided: exp.Expr = exp.false()
+    for name in collisions:
+        collided = exp.or_(collided, column(name))
+    # attempts starting at the same instant are identical unless steps may share events;
+    # then the first in (occurred_at, event_id) order wins
+    attempts = exp.select(column("tenant_id"), column("unit"), column("t0"),
+                          *([column("q0")] if sequenced else []),
+                          exp.alias_(depth, "depth"), *gaps,
+                          exp.alias_(collided, "collided")).from_(prev)
+    ranked = exp.Window(
+        this=exp.RowNumber(), partition_by=[column("tenant_id"), column("unit")],
+        order=exp.Order(expressions=[exp.Ordered(this=column("depth"), desc=True),
+                                     exp.Ordered(this=column("t0")),
+                                     *([exp.Ordered(this=column("q0"))] if sequenced
+                                       else [])]))
+    # a collision in any attempt (not only the best) makes the whole answer suspect
+    any_collision = exp.Window(this=exp.func("BOOL_OR", column("collided")))
+    best = exp.select("*", exp.alias_(ranked, "rank"),
+                      exp.alias_(any_collision, "any_collided")).from_(attempts.subquery("at"))
+    tree = exp.select(column("depth"), *(column(f"g{k}") for k in range(1, n)),
+                      exp.alias_(column("any_collided"), "collided")) \
+        .from_(best.subquery("best")).where(column("rank").eq(exp.Literal.number(1)))
+    for name, cte in ctes:
+        tree = tree.with_(name, as_=cte)
+    return Compiled(tree, params.values)
+
+
+def nearest_rank_median(values: np.ndarray) -> float | None:
+    if not len(values):
+        return None
+    k = max(1, -(-len(values) // 2)) - 1
+    return float(np.partition(values, k)[k])
+
+
+def answer(backend: Backend, f: Funnel) -> dict[str, Any]:
+    table = backend.execute((c := compile_funnel(f)).tree, c.params)
+    if len(table) and table.column("collided")[0].as_py():
+        table = backend.execute((c := compile_funnel(f, hashed=False)).tree, c.params)
+    depth = table.column("depth").to_numpy(zero_copy_only=False).astype(np.int64)
+    total = int(len(depth))
+    steps = []
+    for k, step in enumerate(f.steps):
+        reached = depth >= k + 1
+        count = int(reached.sum())
+        median = None
+        if k:
+            gaps = table.column(f"g{k}").to_numpy(zero_copy_only=False)
+            median_us = nearest_rank_median(gaps[reached].astype(np.int64))
+            median = None if median_us is None else median_us / 1_000_000
+        rate = None if total == 0 else (1.0 if k == 0 else count / total)
+        steps.append({"name": step.name, "count": count, "rate": rate, "median_sec": median})
+    return {"total": total, "steps": steps, "window_sec": f.window_sec,
+            "correlate_by": f.correlate_by}

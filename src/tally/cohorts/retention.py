@@ -1,0 +1,241 @@
+"""``POST /v1/analytics/retention`` and ``GET /v1/analytics/ltv`` (CONTRACT §4; rules in
+docs/cohorts.md). Cohort members come from ``player_firsts`` (first deposit / registration
+per player, kept incrementally); retention reads the return events, LTV ``player_days``."""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from dataclasses import dataclass
+from datetime import UTC, date, datetime, timedelta
+from fractions import Fraction
+from typing import Any
+from zoneinfo import ZoneInfo
+
+from sqlglot import exp
+
+from tally.cohorts.request import (
+    PLAYER_FILTER_KEYS,
+    Step,
+    _object,
+    day_index,
+    local_midnight,
+    parse_cohort,
+    parse_days_range,
+    parse_filters,
+    parse_step,
+    parse_timezone,
+)
+from tally.errors import BadRequest
+from tally.semantic.catalog import DIMENSIONS, Metric
+from tally.semantic.compiler import Compiled, Params, column
+from tally.semantic.fx import FxRates
+from tally.storage.base import Backend
+
+DEFAULT_DAYS = (1, 7, 14, 30)
+MAX_DAY = 365
+MODES = ("on", "on_or_after")
+UTC_ZONE = ZoneInfo("UTC")
+
+
+@dataclass(frozen=True)
+class Retention:
+    cohort: str
+    first: date
+    last: date
+    return_event: Step
+    days: tuple[int, ...]
+    filters: dict[str, tuple[str, ...]]
+    zone: ZoneInfo
+    mode: str
+
+
+def parse_retention(body: Any) -> Retention:
+    raw = _object(body, "the request body")
+    cohort = parse_cohort(raw.get("cohort"))
+    first, last = parse_days_range(raw.get("start_date"), raw.get("end_date"))
+    return_event = parse_step(raw.get("return_event", "bet.placed"), "return_event")
+    days = raw.get("days", list(DEFAULT_DAYS))
+    if (not isinstance(days, list) or not days or len(days) > 64
+            or not all(isinstance(d, int) and not isinstance(d, bool) and 0 <= d <= MAX_DAY
+                       for d in days) or len(set(days)) != len(days)):
+        raise BadRequest(f"days must be a list of distinct integers from 0 to {MAX_DAY}",
+                         field="days")
+    mode = raw.get("mode", "on")
+    if mode not in MODES:
+        raise BadRequest("mode must be on or on_or_after", field="mode")
+    return Retention(cohort, first, last, return_event, tuple(sorted(days)),
+                     parse_filters(raw.get("filters"), PLAYER_FILTER_KEYS),
+                     parse_timezone(raw.get("timezone")), str(mode))
+
+
+def members(cohort: str, first: date, last: date, zone: ZoneInfo,
+            filters: dict[str, tuple[str, ...]], params: Params) -> exp.Select:
+    """``(tenant_id, player_id, c)``: the cohort's players, ``c`` = their cohort day as days
+    since ``first`` in ``zone``."""
+    select = (
+        exp.select(column("tenant_id"), column("player_id"),
+                   exp.alias_(day_index(zone, first, last, column("first_at")), "c"))
+        .from_("player_firsts")
+        .where(column("kind").eq(params.bind(cohort)))
+        .where(column("first_at") >= params.bind(local_midnight(first, zone)))
+        .where(column("first_at") < params.bind(local_midnight(last + timedelta(days=1),
+                                                               zone)))
+    )
+    for key, values in sorted(filters.items()):
+        select = select.where(column(DIMENSIONS[key].column).isin(
+            *(params.bind(v) for v in values)))
+    return select
+
+
+def _pair(table: str) -> exp.Expr:
+    return exp.and_(column("tenant_id", "r").eq(column("tenant_id", table)),
+                    column("player_id", "r").eq(column("player_id", table)))
+
+
+def compile_retention(r: Retention) -> tuple[Compiled, Compiled]:
+    """Cohort sizes ``(c, size)`` and returns ``(c, n, players)``: for mode ``on``, ``n`` is
+    a day offset with a return; for ``on_or_after``, ``n`` is each member's latest return
+    offset (a member returned on or after day N when that offset is ≥ N)."""
+    params = Params()
+    span_last = r.last + timedelta(days=max(r.days))
+    m = members(r.cohort, r.first, r.last, r.zone, r.filters, params)
+    sizes = exp.select(column("c"), exp.alias_(exp.Count(this=exp.Star()), "size")) \
+        .from_(m.subquery("m")).group_by(column("c"))
+    size_params = dict(params.values)  # the members' parameters only
+    brands = r.filters.get("brand_id")
+    returns = (
+        exp.select(column("tenant_id"), column("player_id"),
+                   exp.alias_(day_index(r.zone, r.first, span_last, column("occurred_at")),
+                              "d"))
+        .from_("events")
+        .where(r.return_event.condition(params))
+        .where(column("occurred_at") >= params.bind(local_midnight(r.first, r.zone)))
+        .where(column("player_id").is_(exp.null()).not_())
+    )
+    if r.mode == "on":
+        returns = returns.where(column("occurred_at") < params.bind(
+            local_midnight(span_last + timedelta(days=1), r.zone)))
+    if brands:
+        returns = returns.where(column("tenant_id").isin(*(params.bind(b) for b in brands)))
+    returns = returns.distinct()
+    offset = exp.Sub(this=column("d", "r"), expression=column("c", "m"))
+    joined = exp.select(column("c", "m"), exp.alias_(offset, "n"), column("tenant_id", "m"),
+                        column("player_id", "m")) \
+        .from_(m.subquery("m")).join(returns.subquery("r"), on=_pair("m")) \
+        .where(offset >= exp.Literal.number(0))
+    if r.mode == "on":
+        joined = joined.where(offset.copy().isin(*(exp.Literal.number(d) for d in r.days)))
+        rows = exp.select(column("c"), column("n"),
+                          exp.alias_(exp.Count(this=exp.Star()), "players")) \
+            .from_(joined.subquery("j")).group_by(column("c"), column("n"))
+    else:
+        latest = exp.select(column("c"), column("tenant_id"), column("player_id"),
+                            exp.alias_(exp.func("MAX", column("n")), "n")) \
+            .from_(joined.subquery("j")).group_by(column("c"), column("tenant_id"),
+                                                  column("player_id"))
+        rows = exp.select(column("c"), column("n"),
+                          exp.alias_(exp.Count(this=exp.Star()), "players")) \
+            .from_(latest.subquery("l")).group_by(column("c"), column("n"))
+    return Compiled(sizes, size_params), Compiled(rows, params.values)
+
+
+def answer_retention(backend: Backend, r: Retention,
+                     watermark: datetime | None) -> dict[str, Any]:
+    sizes_q, rows_q = compile_retention(r)
+    sizes = {int(row["c"]): int(row["size"])
+             for row in backend.execute(sizes_q.tree, sizes_q.params).to_pylist()}
+    returned: dict[int, dict[int, int]] = defaultdict(dict)
+    for row in backend.execute(rows_q.tree, rows_q.params).to_pylist():
+        returned[int(row["c"])][int(row["n"])] = int(row["players"])
+    rows = []
+    for c in sorted(sizes):
+        day = r.first + timedelta(days=c)
+        size = sizes[c]
+        out: dict[str, Any] = {"cohort_date": day.isoformat(), "size": size}
+        per_offset = returned.get(c, {})
+        for n in r.days:
+            done = local_midnight(day + timedelta(days=n + 1), r.zone)
+            if watermark is None or done > watermark:
+                out[f"d{n}"] = None
+                continue
+            if r.mode == "on":
+                count = per_offset.get(n, 0)
+            else:
+                count = sum(v for offset, v in per_offset.items() if offset >= n)
+            out[f"d{n}"] = count / size
+        rows.append(out)
+    return {"cohort": r.cohort, "timezone": r.zone.key, "mode": r.mode, "rows": rows}
+
+
+# --------------------------------------------------------------------------- LTV
+
+
+@dataclass(frozen=True)
+class Ltv:
+    cohort: str
+    metric: Metric
+    first: date
+    last: date
+    horizon: int
+    filters: dict[str, tuple[str, ...]]
+    currency: str
+
+
+def parse_horizon(value: str | None) -> int:
+    text = (value or "90d").removesuffix("d")
+    if not text.isdigit() or not 1 <= int(text) <= MAX_DAY:
+        raise BadRequest(f"horizon must be Nd with N from 1 to {MAX_DAY}", field="horizon")
+    return int(text)
+
+
+def compile_ltv(q: Ltv) -> Compiled:
+    """Per (cohort day c, UTC day, source currency): the cohort's money measures."""
+    params = Params()
+    m = members(q.cohort, q.first, q.last, UTC_ZONE, q.filters, params)
+    first_epoch = (datetime(q.first.year, q.first.month, q.first.day)
+                   - datetime(1970, 1, 1)).days * 86_400
+    cohort_start = exp.Add(this=exp.Literal.number(first_epoch), expression=exp.Mul(
+        this=column("c", "m"), expression=exp.Literal.number(86_400)))
+    names = list(dict.fromkeys(name for _, name in q.metric.terms))
+    tree = (
+        exp.select(column("c", "m"), column("day", "r"), column("currency", "r"),
+                   *(exp.alias_(exp.func("SUM", column(n, "r")), n) for n in names))
+        .from_(m.subquery("m"))
+        .join(exp.alias_(exp.to_table("player_days"), "r", table=True), on=_pair("m"))
+        .where(column("day", "r") >= cohort_start)
+        .where(column("day", "r") < exp.Add(this=cohort_start.copy(), expression=exp.Literal
+                                            .number(q.horizon * 86_400)))
+        .group_by(column("c", "m"), column("day", "r"), column("currency", "r"))
+    )
+    return Compiled(tree, params.values)
+
+
+def answer_ltv(backend: Backend, fx: FxRates, q: Ltv,
+               watermark: datetime | None) -> dict[str, Any]:
+    params = Params()
+    sizes_tree = exp.select(column("c"), exp.alias_(exp.Count(this=exp.Star()), "size")) \
+        .from_(members(q.cohort, q.first, q.last, UTC_ZONE, q.filters, params).subquery("m")) \
+        .group_by(column("c"))
+    sizes = {int(row["c"]): int(row["size"])
+             for row in backend.execute(sizes_tree, params.values).to_pylist()}
+    compiled = compile_ltv(q)
+    daily: dict[int, dict[int, int]] = defaultdict(lambda: defaultdict(int))
+    for row in backend.execute(compiled.tree, compiled.params).to_pylist():
+        day = datetime.fromtimestamp(int(row["day"]), UTC).date()
+        amount = sum(sign * int(row[name]) for sign, name in q.metric.terms)
+        c = int(row["c"])
+        k = (day - (q.first + timedelta(days=c))).days
+        daily[c][k] += fx.convert([(day, str(row["currency"]), amount)], q.currency)
+    cohorts = []
+    for c in sorted(sizes):
+        start = q.first + timedelta(days=c)
+        values, total = [], 0
+        for k in range(q.horizon):
+            end = datetime(start.year, start.month, start.day) + timedelta(days=k + 1)
+            if watermark is None or end > watermark:
+                break
+            total += daily[c].get(k, 0)
+            values.append(round(Fraction(total, sizes[c])))
+        cohorts.append({"date": start.isoformat(), "size": sizes[c], "ltv_minor": values})
+    return {"metric": q.metric.name, "currency": q.currency, "horizon": q.horizon,
+            "cohort": q.cohort, "cohorts": cohorts}
