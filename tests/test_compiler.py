@@ -65,6 +65,10 @@ CASES.update({
     "retention_london": retention.compile_retention(RETENTION)[1],
     "retention_on_or_after": retention.compile_retention(dataclasses.replace(
         RETENTION, mode="on_or_after"))[1],
+    # bets as the return event: read from the activity table of hours (London tiles by hour)
+    "retention_bets_from_activity": retention.compile_retention(dataclasses.replace(
+        RETENTION, return_event=retention.parse_step("bet.placed", "r"),
+        filters={"brand_id": ("brand-7", INJECTION), "region": ("EU",)}))[1],
     "ltv": retention.compile_ltv(retention.Ltv(
         "first_deposit", METRICS["ngr"], date(2025, 10, 1), date(2025, 10, 31), 90,
         {"brand_id": ("brand-7", INJECTION), "region": ("EU",)}, "EUR")),

@@ -8,6 +8,7 @@ import hashlib
 import hmac
 import json
 import logging
+import re
 import sqlite3
 import subprocess
 import sys
@@ -152,6 +153,45 @@ def test_distinct_player_cells_below_the_minimum_are_null_and_flagged(client, au
         else:
             assert point["value"] == value and "suppressed" not in point, point
     assert sum(1 for p in shown if p.get("suppressed")) == 3
+
+
+COHORT_REQUESTS = [
+    ("POST", "/v1/analytics/funnel", lambda brand: {
+        "steps": [{"event": "payment.intent"}, {"event": "payment.captured"},
+                  {"event": "wallet.credit", "reason": "deposit"}],
+        "window_sec": 3600, "from": FROM, "to": TO, "filters": {"brand_id": brand}}),
+    ("POST", "/v1/analytics/retention", lambda brand: {
+        "cohort": "first_deposit", "start_date": FROM, "end_date": FROM, "days": [0, 1],
+        "filters": {"brand_id": brand}}),
+    ("GET", "/v1/analytics/ltv", lambda brand: {
+        "cohort": "first_deposit", "start_date": FROM, "end_date": FROM, "horizon": "2d",
+        "filters": f"brand_id:{brand}"}),
+]
+
+
+@pytest.mark.parametrize(("method", "path", "body"), COHORT_REQUESTS)
+def test_cohort_counts_below_the_minimum_are_withheld(client, auth, small_groups, method,
+                                                      path, body):
+    """b1 has 3 players (below 5: every count, rate, median, share and per-member value is
+    withheld), b2 has 8 (shown exactly as to a client without a minimum)."""
+    everyone = auth(scopes="analytics:read")
+    guarded = _bearer_with_min_group(client, 5)
+
+    def ask(headers: dict[str, str], brand: str) -> dict[str, Any]:
+        args = body(brand)
+        r = (client.post(path, json=args, headers=headers) if method == "POST"
+             else client.get(path, params=args, headers=headers))
+        assert r.status_code == 200, r.text
+        return dict(r.json())
+
+    assert ask(guarded, "b2") == ask(everyone, "b2")
+    small, plain = ask(guarded, "b1"), ask(everyone, "b1")
+    assert small != plain
+    text = json.dumps(small)
+    assert not re.search(r": (3|0\.333\d*)[,}\]]", text), text  # b1's size, a share of it
+    assert '"suppressed": true' in text
+    withheld = small.get("steps") or small.get("rows") or small.get("cohorts")
+    assert withheld and all(item.get("suppressed") for item in withheld)
 
 
 def _bearer_with_min_group(client: TestClient, k: int,

@@ -14,6 +14,7 @@ from tally.audit.log import AuditLog
 from tally.config import Settings
 from tally.ingest.service import IngestService
 from tally.insights.cache import AnswerCache
+from tally.rollups import activity
 from tally.rollups.spec import GRAINS, derived_tables
 from tally.security.admission import Limits
 from tally.security.jwks import ExternalIssuer, authority_for
@@ -40,7 +41,7 @@ def open_store(settings: Settings) -> DuckDBBackend:
     return DuckDBBackend(
         settings.data_dir,
         idempotency_ttl=timedelta(seconds=settings.idempotency_ttl_seconds),
-        derived=derived_tables(DuckDBBackend.dialect),
+        derived=derived_tables(DuckDBBackend.dialect), retired=activity.RETIRED,
     )
 
 

@@ -1,1 +1,1 @@
-SELECT bucket AS bucket, tenant_id AS brand_id, COUNT(DISTINCT player_id) AS value FROM activity_1d WHERE bucket >= $p0 AND bucket < $p1 AND (session_sec IS NULL OR session_sec >= $p2) AND tenant_id IN ($p3, $p4) AND region IN ($p5) GROUP BY bucket, tenant_id
+SELECT bucket AS bucket, tenant_id AS brand_id, COUNT(DISTINCT player_id) AS value FROM active_1d WHERE bucket >= $p0 AND bucket < $p1 AND (session_sec IS NULL OR session_sec >= $p2) AND tenant_id IN ($p3, $p4) AND region IN ($p5) GROUP BY bucket, tenant_id

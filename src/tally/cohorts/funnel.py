@@ -243,7 +243,7 @@ def compile_funnel(f: Funnel, hashed: bool = True) -> Compiled:
                       exp.alias_(column("any_collided"), "collided")) \
         .from_(best.subquery("best")).where(column("rank").eq(exp.Literal.number(1)))
     for name, cte in ctes:
-        tree = tree.with_(name, as_=cte)
+        tree = tree.with_(name, as_=cte, copy=False)
     return Compiled(tree, params.values)
 
 

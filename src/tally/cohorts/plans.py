@@ -12,6 +12,8 @@ from tally.cohorts.request import PLAYER_FILTER_KEYS, parse_cohort, parse_days_r
 from tally.errors import BadRequest
 from tally.insights import request as rq
 from tally.insights.series import Context, Plan, currency_of
+from tally.security import policy
+from tally.security.tokens import Principal
 
 LTV_METRICS = ("ggr", "ngr")
 
@@ -25,18 +27,19 @@ def funnel(ctx: Context, body: Any) -> Plan:
     f = funnel_.Funnel(f.steps, f.exclusions, f.window_sec, f.start, f.end,
                        _confine(ctx, f.filters), f.correlate_by)
     fp = rq.fingerprint("funnel", f)
+    fp = rq.fingerprint(fp, ctx.principal.min_group_size)
     return Plan(fp, f.filters.get("brand_id"), None,
-                lambda: funnel_.answer(ctx.backend, f))
+                lambda: _private_funnel(funnel_.answer(ctx.backend, f), ctx.principal))
 
 
 def retention(ctx: Context, body: Any) -> Plan:
     r = retention_.parse_retention(body)
     r = retention_.Retention(r.cohort, r.first, r.last, r.return_event, r.days,
                              _confine(ctx, r.filters), r.zone, r.mode)
-    fp = rq.fingerprint("retention", r)
+    fp = rq.fingerprint("retention", r, ctx.principal.min_group_size)
     brands = r.filters.get("brand_id")
-    return Plan(fp, brands, None,
-                lambda: retention_.answer_retention(ctx.backend, r, ctx.watermark(brands)))
+    return Plan(fp, brands, None, lambda: _private_retention(
+        retention_.answer_retention(ctx.backend, r, ctx.watermark(brands)), ctx.principal))
 
 
 def ltv(ctx: Context, q: dict[str, str | None]) -> Plan:
@@ -56,8 +59,55 @@ def ltv(ctx: Context, q: dict[str, str | None]) -> Plan:
                            retention_.parse_horizon(q.get("horizon")),
                            _confine(ctx, filters), currency_of(q.get("currency"), ctx.settings))
     fp = rq.fingerprint("ltv", query.cohort, query.metric.name, query.first, query.last,
-                        query.horizon, sorted(query.filters.items()), query.currency)
+                        query.horizon, sorted(query.filters.items()), query.currency,
+                        ctx.principal.min_group_size)
     brands = query.filters.get("brand_id")
-    return Plan(fp, brands, None,
-                lambda: retention_.answer_ltv(ctx.backend, ctx.fx, query, ctx.watermark(brands)))
+    return Plan(fp, brands, None, lambda: _private_ltv(
+        retention_.answer_ltv(ctx.backend, ctx.fx, query, ctx.watermark(brands)),
+        ctx.principal))
+
+
+# the caller's minimum group size (docs/security.md#privacy): a count of units below it is
+# withheld, with every number derived from it (rates, medians, shares, per-member values)
+
+
+def _private_funnel(answer: dict[str, Any], principal: Principal) -> dict[str, Any]:
+    if principal.min_group_size is None:
+        return answer
+    steps = []
+    for step in answer["steps"]:
+        if policy.below_min_group(step["count"], principal):
+            step = {**step, "count": None, "rate": None, "median_sec": None,
+                    policy.SUPPRESSED: True}
+        steps.append(step)
+    total = None if policy.below_min_group(answer["total"], principal) else answer["total"]
+    return {**answer, "total": total, "steps": steps}
+
+
+def _private_retention(answer: dict[str, Any], principal: Principal) -> dict[str, Any]:
+    if principal.min_group_size is None:
+        return answer
+    rows = []
+    for row in answer["rows"]:
+        size = row["size"]
+        if policy.below_min_group(size, principal):
+            row = {key: (value if key == "cohort_date" else None) for key, value in row.items()}
+            row[policy.SUPPRESSED] = True
+        else:
+            for key, share in list(row.items()):
+                if key.startswith("d") and key[1:].isdigit() and share is not None and \
+                        policy.below_min_group(round(share * size), principal):
+                    row[key] = None
+                    row[policy.SUPPRESSED] = True
+        rows.append(row)
+    return {**answer, "rows": rows}
+
+
+def _private_ltv(answer: dict[str, Any], principal: Principal) -> dict[str, Any]:
+    if principal.min_group_size is None:
+        return answer
+    cohorts = [{**c, "size": None, "ltv_minor": None, policy.SUPPRESSED: True}
+               if policy.below_min_group(c["size"], principal) else c
+               for c in answer["cohorts"]]
+    return {**answer, "cohorts": cohorts}
 

@@ -162,14 +162,25 @@ def local_midnight(day: date, zone: ZoneInfo) -> datetime:
     return local.astimezone(UTC).replace(tzinfo=None)
 
 
-def day_index(zone: ZoneInfo, first: date, last: date, at: exp.Expr) -> exp.Expr:
-    """SQL: the calendar day in ``zone`` of ``at`` as days since ``first``, exact across DST
-    for instants between the starts of ``first`` and of the day after ``last``: runs of
-    24-hour days with one offset are integer divisions, each 23- or 25-hour day is its own
-    branch. Instants outside the span get the offset at its nearest edge."""
+def epoch_seconds(at: exp.Expr) -> exp.Expr:
     from tally.semantic.compiler import EPOCH
 
-    seconds = exp.DateDiff(this=at, expression=EPOCH.copy(), unit=exp.var("SECOND"))
+    return exp.DateDiff(this=at, expression=EPOCH.copy(), unit=exp.var("SECOND"))
+
+
+def day_starts(zone: ZoneInfo, first: date, last: date) -> list[int]:
+    """Epoch seconds at which each day of ``first..last+1`` starts in ``zone``."""
+    return [int((local_midnight(first + timedelta(days=i), zone)
+                 - datetime(1970, 1, 1)).total_seconds())
+            for i in range((last - first).days + 2)]
+
+
+def day_index(zone: ZoneInfo, first: date, last: date, seconds: exp.Expr) -> exp.Expr:
+    """SQL: the calendar day in ``zone`` of the instant ``seconds`` (since the epoch) as days
+    since ``first``, exact across DST for instants between the starts of ``first`` and of the
+    day after ``last``: runs of 24-hour days with one offset are integer divisions, each 23-
+    or 25-hour day is its own branch. Instants outside the span get the offset at its nearest
+    edge."""
     base = (datetime(first.year, first.month, first.day) - datetime(1970, 1, 1)).days
 
     def start_of(day: date) -> int:
@@ -195,6 +206,8 @@ def day_index(zone: ZoneInfo, first: date, last: date, at: exp.Expr) -> exp.Expr
     pieces.append((start_of(after), by_offset((after - date(1970, 1, 1)).days * 86_400
                                               - start_of(after)), None))
     first_offset = (first - date(1970, 1, 1)).days * 86_400 - start_of(first)
+    if all(offset == first_offset for _, _, offset in pieces[:-1]):
+        return by_offset(first_offset)  # one offset throughout (UTC, no DST in the span)
     case = exp.Case()
     previous: exp.Expr = by_offset(first_offset)
     for boundary, value, _ in pieces:

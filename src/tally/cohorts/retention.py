@@ -18,6 +18,8 @@ from tally.cohorts.request import (
     Step,
     _object,
     day_index,
+    day_starts,
+    epoch_seconds,
     local_midnight,
     parse_cohort,
     parse_days_range,
@@ -26,6 +28,7 @@ from tally.cohorts.request import (
     parse_timezone,
 )
 from tally.errors import BadRequest
+from tally.rollups import activity
 from tally.semantic.catalog import DIMENSIONS, Metric
 from tally.semantic.compiler import Compiled, Params, column
 from tally.semantic.fx import FxRates
@@ -74,7 +77,7 @@ def members(cohort: str, first: date, last: date, zone: ZoneInfo,
     since ``first`` in ``zone``."""
     select = (
         exp.select(column("tenant_id"), column("player_id"),
-                   exp.alias_(day_index(zone, first, last, column("first_at")), "c"))
+                   exp.alias_(day_index(zone, first, last, epoch_seconds(column("first_at"))), "c"))
         .from_("player_firsts")
         .where(column("kind").eq(params.bind(cohort)))
         .where(column("first_at") >= params.bind(local_midnight(first, zone)))
@@ -85,6 +88,26 @@ def members(cohort: str, first: date, last: date, zone: ZoneInfo,
         select = select.where(column(DIMENSIONS[key].column).isin(
             *(params.bind(v) for v in values)))
     return select
+
+
+def _epoch(moment: datetime) -> int:
+    return int((moment - datetime(1970, 1, 1)).total_seconds())
+
+
+def activity_source(step: Step, starts: list[int]) -> tuple[str, str] | None:
+    """(activity grain, kind) when the return event is a bet or a deposit — the activity
+    tables keep who placed a bet or deposited per minute, hour and UTC day — and a grain
+    tiles every local day of the span (UTC: days; whole-hour offsets: hours); else None."""
+    if step.event == "bet.placed" and not step.conditions:
+        kind = activity.KINDS["bet.placed"]
+    elif step.event == "wallet.credit" and step.conditions == (("reason", ("deposit",)),):
+        kind = activity.KINDS["deposit"]
+    else:
+        return None
+    for grain in sorted(activity.GRAINS, key=activity.GRAINS.__getitem__, reverse=True):
+        if all(start % activity.GRAINS[grain] == 0 for start in starts):
+            return grain, kind
+    return None
 
 
 def _pair(table: str) -> exp.Expr:
@@ -103,18 +126,33 @@ def compile_retention(r: Retention) -> tuple[Compiled, Compiled]:
         .from_(m.subquery("m")).group_by(column("c"))
     size_params = dict(params.values)  # the members' parameters only
     brands = r.filters.get("brand_id")
-    returns = (
-        exp.select(column("tenant_id"), column("player_id"),
-                   exp.alias_(day_index(r.zone, r.first, span_last, column("occurred_at")),
-                              "d"))
-        .from_("events")
-        .where(r.return_event.condition(params))
-        .where(column("occurred_at") >= params.bind(local_midnight(r.first, r.zone)))
-        .where(column("player_id").is_(exp.null()).not_())
-    )
-    if r.mode == "on":
-        returns = returns.where(column("occurred_at") < params.bind(
-            local_midnight(span_last + timedelta(days=1), r.zone)))
+    begin = local_midnight(r.first, r.zone)
+    finish = local_midnight(span_last + timedelta(days=1), r.zone)
+    source = activity_source(r.return_event, day_starts(r.zone, r.first, span_last))
+    if source is not None:  # bets or deposits: the activity table of a grain that tiles days
+        grain, kind = source
+        at: exp.Expr = column("bucket")
+        returns = (
+            exp.select(column("tenant_id"), column("player_id"),
+                       exp.alias_(day_index(r.zone, r.first, span_last, at), "d"))
+            .from_(activity.table(grain))
+            .where(column("kind").eq(params.bind(kind)))
+            .where(at.copy() >= params.bind(_epoch(begin)))
+        )
+        if r.mode == "on":
+            returns = returns.where(at.copy() < params.bind(_epoch(finish)))
+    else:
+        returns = (
+            exp.select(column("tenant_id"), column("player_id"),
+                       exp.alias_(day_index(r.zone, r.first, span_last,
+                                            epoch_seconds(column("occurred_at"))), "d"))
+            .from_("events")
+            .where(r.return_event.condition(params))
+            .where(column("occurred_at") >= params.bind(begin))
+            .where(column("player_id").is_(exp.null()).not_())
+        )
+        if r.mode == "on":
+            returns = returns.where(column("occurred_at") < params.bind(finish))
     if brands:
         returns = returns.where(column("tenant_id").isin(*(params.bind(b) for b in brands)))
     returns = returns.distinct()
@@ -219,13 +257,23 @@ def answer_ltv(backend: Backend, fx: FxRates, q: Ltv,
     sizes = {int(row["c"]): int(row["size"])
              for row in backend.execute(sizes_tree, params.values).to_pylist()}
     compiled = compile_ltv(q)
+    table = backend.execute(compiled.tree, compiled.params)
+    amounts = [0] * table.num_rows
+    for sign, name in q.metric.terms:
+        for i, value in enumerate(table.column(name).to_pylist()):
+            amounts[i] += sign * int(value)
     daily: dict[int, dict[int, int]] = defaultdict(lambda: defaultdict(int))
-    for row in backend.execute(compiled.tree, compiled.params).to_pylist():
-        day = datetime.fromtimestamp(int(row["day"]), UTC).date()
-        amount = sum(sign * int(row[name]) for sign, name in q.metric.terms)
-        c = int(row["c"])
-        k = (day - (q.first + timedelta(days=c))).days
-        daily[c][k] += fx.convert([(day, str(row["currency"]), amount)], q.currency)
+    days: dict[int, date] = {}
+    for c, epoch, currency, amount in zip(table.column("c").to_pylist(),
+                                          table.column("day").to_pylist(),
+                                          table.column("currency").to_pylist(), amounts,
+                                          strict=True):
+        day = days.get(epoch)
+        if day is None:
+            day = days[epoch] = datetime.fromtimestamp(epoch, UTC).date()
+        k = (day - q.first).days - c
+        daily[c][k] += amount if currency == q.currency else \
+            fx.convert(((day, currency, amount),), q.currency)
     cohorts = []
     for c in sorted(sizes):
         start = q.first + timedelta(days=c)

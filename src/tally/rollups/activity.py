@@ -1,8 +1,9 @@
 """Player activity: who was active in which minute, hour and UTC day, for dau/wau/mau.
 
-Rows ``(bucket, tenant_id, region, player_id, session_sec)`` per grain: ``session_sec`` is
-NULL for a bet or a deposit (always active) and the session's duration for a session start, so the
-``TALLY_ACTIVE_SESSION_MIN`` threshold is applied when querying and changing it needs no
+Rows ``(bucket, tenant_id, region, player_id, session_sec, kind)`` per grain (``kind``: bet,
+deposit or session, so retention can read bets or deposits alone): ``session_sec`` is
+NULL for a bet or a deposit (always active) and the session's duration for a session start, so
+the ``TALLY_ACTIVE_SESSION_MIN`` threshold is applied when querying and changing it needs no
 rebuild. A session start and its end may arrive in either order, in different batches:
 ``session_starts`` and ``session_ends`` keep both sides, and each batch pairs its own starts
 with every known end and its own ends with every known start, once per batch for all grains
@@ -65,21 +66,27 @@ def derived_tables() -> list[DerivedTable]:
 
 
 def table(grain: str) -> str:
-    return f"activity_{grain}"
+    return f"active_{grain}"
+
+
+# tables of earlier versions, dropped when a store is opened (see storage.duckdb)
+RETIRED = tuple(f"activity_{grain}" for grain in GRAINS)
+KINDS = {"bet.placed": "bet", "deposit": "deposit"}  # retention's return events, by kind
 
 
 def _activity(grain: str) -> DerivedTable:
     name, size = table(grain), GRAINS[grain]
-    direct = ("SELECT DISTINCT {b}, tenant_id, region, player_id, NULL FROM {src} "  # noqa: S608
-              "WHERE (" + _DIRECT + ") AND player_id IS NOT NULL ORDER BY 1")
-    sessions = ("SELECT DISTINCT {b}, tenant_id, region, player_id, duration_sec "  # noqa: S608
-                "FROM ({src})")
+    kind = "CASE WHEN event_type = 'bet.placed' THEN 'bet' ELSE 'deposit' END"
+    direct = ("SELECT DISTINCT {b}, tenant_id, region, player_id, NULL, " + kind  # noqa: S608
+              + " FROM {src} WHERE (" + _DIRECT + ") AND player_id IS NOT NULL ORDER BY 1")
+    sessions = ("SELECT DISTINCT {b}, tenant_id, region, player_id, duration_sec, "  # noqa: S608
+                "'session' FROM ({src})")
     here, started = _bucket(size), bucket(size, None, "started_at").sql(dialect="duckdb")
     insert = f"INSERT INTO {name} "  # noqa: S608 - names and SQL of this module only
     return DerivedTable(
         name,
         f"CREATE TABLE IF NOT EXISTS {name} (bucket BIGINT NOT NULL, tenant_id VARCHAR, "
-        "region VARCHAR, player_id VARCHAR, session_sec BIGINT)",
+        "region VARCHAR, player_id VARCHAR, session_sec BIGINT, kind VARCHAR)",
         (insert + direct.format(b=here, src="_new_events"),
          insert + sessions.format(b=started, src="SELECT * FROM _new_pairs")),
         (insert + direct.format(b=here, src="events"),

@@ -78,6 +78,9 @@ class FxRates:
         self._lock = threading.Lock()
         self._days: dict[str, list[date]] = {}
         self._rates: dict[str, list[Decimal]] = {}
+        # (source, target, day) → factor; a day without its own rate takes an earlier one,
+        # so every new rate can change many entries: the memo is cleared on every add
+        self._factors: dict[tuple[str, str, date], Decimal] = {}
         for day, currency, rate in sorted(store.fx_rates()):
             self._put(day, currency, Decimal(rate))
         self.version = sum(len(days) for days in self._days.values())  # grows with every add
@@ -115,6 +118,7 @@ class FxRates:
             for (day, currency), rate in new.items():
                 self._put(day, currency, rate)
             self.version += len(new)
+            self._factors = {}
             return {"inserted": len(new), "unchanged": unchanged}
 
     def listing(self) -> list[dict[str, str]]:
@@ -137,16 +141,28 @@ class FxRates:
 
     def factor(self, source: str, target: str, day: date) -> Decimal:
         """What one minor unit of ``source`` is worth in minor units of ``target`` on ``day``."""
-        if source == target:
-            return Decimal(1)
-        cross = EXACT.divide(self.rate(source, day), self.rate(target, day))
-        return EXACT.multiply(cross, Decimal(10) ** (minor_exponent(target)
-                                                     - minor_exponent(source)))
+        key = (source, target, day)
+        known = self._factors.get(key)
+        if known is None:
+            version = self.version
+            if source == target:
+                known = Decimal(1)
+            else:
+                cross = EXACT.divide(self.rate(source, day), self.rate(target, day))
+                known = EXACT.multiply(cross, Decimal(10) ** (minor_exponent(target)
+                                                              - minor_exponent(source)))
+            with self._lock:  # not a factor computed from rates that changed meanwhile
+                if self.version == version:
+                    self._factors[key] = known
+        return known
 
     def convert(self, sums: Iterable[tuple[date, str, int]], target: str) -> int:
         """Σ over (day, source currency, minor sum) of round_half_even(sum × factor)."""
         total = 0
         for day, source, amount in sums:
+            if source == target:
+                total += amount
+                continue
             exact = EXACT.multiply(Decimal(amount), self.factor(source, target, day))
             total += int(exact.quantize(Decimal(1), rounding=ROUND_HALF_EVEN, context=EXACT))
         return total

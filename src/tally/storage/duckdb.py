@@ -58,8 +58,9 @@ class DuckDBBackend:
 
     def __init__(self, data_dir: Path, *, read_only: bool = False,
                  idempotency_ttl: timedelta = timedelta(hours=24),
-                 derived: Sequence[DerivedTable] = ()) -> None:
-        """``derived``: tables kept from the events (the rollups)."""
+                 derived: Sequence[DerivedTable] = (), retired: Sequence[str] = ()) -> None:
+        """``derived``: tables kept from the events (the rollups); ``retired``: derived tables
+        of earlier versions, dropped when found."""
         self.path = data_dir / "events.duckdb"
         self.idempotency_ttl = idempotency_ttl
         if read_only and not self.path.exists():
@@ -76,6 +77,8 @@ class DuckDBBackend:
         self._derived = [sql for table in derived for sql in table.from_batch]
         if not read_only:
             self._con.execute(DDL)
+            for name in retired:
+                self._con.execute(f"DROP TABLE IF EXISTS {name}")
             self._create_derived(derived)
         self._local = threading.local()
         self._write_lock = threading.Lock()
