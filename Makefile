@@ -37,6 +37,7 @@ bench: install  ## reproducible benchmarks; results in docs/benchmarks.md
 	$(VENV)/bin/python -m bench.dedup_bench --keys 10000000 --keys 100000000
 	$(VENV)/bin/python -m bench.ingest_bench --stored $(BENCH_STORED)
 	$(VENV)/bin/python -m bench.query_bench --stored $(BENCH_STORED)
+	$(VENV)/bin/python -m bench.cohort_bench --stored $(BENCH_STORED)
 
 clean:
 	rm -rf $(VENV) .tools .mypy_cache .ruff_cache .pytest_cache

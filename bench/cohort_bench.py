@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from fractions import Fraction
 from typing import Any
@@ -22,7 +23,7 @@ import duckdb
 import httpx2 as httpx
 
 from bench.common import OUT, Server, client_headers, ensure_store, machine
-from bench.query_bench import CLIENTS, REQUESTS, day, fx_rates, stats, timed_concurrently
+from bench.query_bench import CLIENTS, REQUESTS, day, fx_rates, load, raw_load, stats
 
 FUNNEL_STEPS = [{"event": "payment.intent"}, {"event": "payment.captured"},
                 {"event": "wallet.credit", "reason": "deposit"}, {"event": "bet.placed"}]
@@ -121,29 +122,6 @@ def check_ltv(answer: dict[str, Any], rows: list[tuple[Any, ...]], sizes: dict[A
         assert cohort["size"] == sizes[cohort["date"]]
 
 
-def load(url: str, headers: dict[str, str], method: str, path: str,
-         requests: list[Any]) -> list[float]:
-    def make_worker() -> tuple[Any, Any]:
-        http = httpx.Client(base_url=url, headers=headers, timeout=300)
-
-        def work(item: Any) -> None:
-            r = (http.post(path, json=item) if method == "POST"
-                 else http.get(path, params=item))
-            assert r.status_code == 200, r.text
-
-        return work, http.close
-
-    return timed_concurrently(requests, make_worker)
-
-
-def raw_load(con: duckdb.DuckDBPyConnection, raw: Any) -> list[float]:
-    def make_worker() -> tuple[Any, Any]:
-        cur = con.cursor()
-        return (lambda k: cur.execute(raw(k)).fetchall()), cur.close
-
-    return timed_concurrently(list(range(REQUESTS)), make_worker)
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--stored", type=int, default=10_000_000)
@@ -159,7 +137,7 @@ def main() -> None:
             "metric": "bets", "granularity": "1d", "from": "2000-01-01", "to": "2100-01-01"})
         end = datetime.strptime(latest.headers["x-data-watermark"][:10], "%Y-%m-%d")
         results["end"] = day(end)
-        http_cases = [
+        http_cases: list[tuple[str, str, str, Callable[[int], Any]]] = [
             ("funnel 4 steps, 30 days, 1 h window", "POST", "/v1/analytics/funnel",
              lambda k: funnel_body(end, k)),
             ("retention, a month of daily first-deposit cohorts, d1/7/14/30", "POST",
@@ -169,8 +147,8 @@ def main() -> None:
         ]
         for name, method, path, make in http_cases:
             items = [make(k) for k in range(REQUESTS)]
-            load(server.url, headers, method, path, [make(REQUESTS + 1)])  # warm-up
-            results[name] = {"http": stats(load(server.url, headers, method, path, items))}
+            load(server.url, headers, path, [make(REQUESTS + 1)], method)  # warm-up
+            results[name] = {"http": stats(load(server.url, headers, path, items, method))}
             first = (httpx.post(f"{server.url}{path}", json=items[0], headers=headers,
                                 timeout=300) if method == "POST" else
                      httpx.get(f"{server.url}{path}", params=items[0], headers=headers,

@@ -116,13 +116,14 @@ def timed_concurrently(items: list[Any], make_worker: Any) -> list[float]:
     return latencies
 
 
-def load(url: str, headers: dict[str, str], path: str,
-         requests: list[dict[str, str]]) -> list[float]:
+def load(url: str, headers: dict[str, str], path: str, requests: list[Any],
+         method: str = "GET") -> list[float]:
+    """``requests`` (query parameters for GET, JSON bodies for POST) from CLIENTS clients."""
     def make_worker() -> tuple[Any, Any]:
-        http = httpx.Client(base_url=url, headers=headers, timeout=120)
+        http = httpx.Client(base_url=url, headers=headers, timeout=300)
 
-        def work(params: dict[str, str]) -> None:
-            r = http.get(path, params=params)
+        def work(item: Any) -> None:
+            r = http.post(path, json=item) if method == "POST" else http.get(path, params=item)
             assert r.status_code in (200, 304), r.text
 
         return work, http.close
