@@ -38,6 +38,12 @@ Try it:
     -H "Authorization: Bearer \$TOKEN"
   curl -s "$url/v1/analytics/slice?metric=rtp&dim=game_id&from=$since&to=$until&limit=5" \\
     -H "Authorization: Bearer \$TOKEN"
+  curl -s -X POST $url/v1/analytics/funnel -H "Authorization: Bearer \$TOKEN" -d '{"steps":[
+    {"event":"payment.intent"},{"event":"payment.captured"},{"event":"wallet.credit","reason":"deposit"},
+    {"event":"bet.placed"}],"window_sec":3600,"from":"'$since'","to":"'$until'"}'
+  curl -s -X POST $url/v1/analytics/retention -H "Authorization: Bearer \$TOKEN" -d '{"cohort":
+    "first_deposit","start_date":"'$since'","end_date":"'$until'","days":[1,7],"timezone":"Europe/London"}'
+  curl -s "$url/v1/analytics/ltv?start_date=$since&end_date=$until&horizon=30d" -H "Authorization: Bearer \$TOKEN"
 
 MSG
 exec "$tally" serve --host "$host" --port "$port" --data-dir "$data_dir"
