@@ -1375,3 +1375,37 @@ def test_reference_dedup_and_best_attempt_tie_is_the_earliest():
                                                      "rate": 1.0, "median_sec": 50.0}
     duplicate = {**events[1], "occurred_at": "2025-09-01T10:00:59Z"}  # same id: ignored
     assert cref.funnel(events + [duplicate], body) == cref.funnel(events, body)
+
+
+# --------------------------------------------------------------------------- real server
+
+
+@pytest.mark.slow
+def test_cohorts_through_the_real_server(tmp_path):
+    """The same data set sent to a real `tally serve` over a socket: a sample of the generated
+    funnels, retention and LTV requests all equal the reference, with ETag revalidation."""
+    import httpx2 as httpx
+
+    from tests.server import Server, new_client, token
+
+    data = tmp_path / "data"
+    creds = new_client(data, scopes="events:write analytics:read admin")
+    server = Server(data, env={"TALLY_REGIONS": "EU,UK,LATAM"})
+    try:
+        headers = token(server.url, *creds)
+        with httpx.Client(base_url=server.url, timeout=60) as http:
+            assert http.post(FX, json=RATES, headers=headers).status_code == 200
+            send(http, headers, SENT)
+            real = Api(http, headers, Settings(data_dir=data))
+            for body in GENERATED[::15]:
+                funnel_check(real, body)
+            for body in GENERATED_RETENTION[::8]:
+                retention_check(real, body)
+            for days, params in GENERATED_LTV[::6]:
+                ltv_check(real, days, **params)
+            first = real.funnel(GENERATED[0])
+            again = http.post(FUNNEL, json=GENERATED[0],
+                              headers={**headers, "If-None-Match": first.headers["ETag"]})
+            assert again.status_code == 304
+    finally:
+        server.stop()
