@@ -74,6 +74,8 @@ def _replicate(base: Path, data: Path, stored: int) -> None:
     started = time.perf_counter()
     shutil.copy(base / "events.duckdb", data / "events.duckdb")
     shutil.copy(base / "meta.sqlite3", data / "meta.sqlite3")
+    if (base / "audit").exists():  # its signed checkpoints are in meta.sqlite3
+        shutil.copytree(base / "audit", data / "audit", dirs_exist_ok=True)
     con = duckdb.connect(str(data / "events.duckdb"))
     base_rows = have = count_rows(con)
     copy = 0

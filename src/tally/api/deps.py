@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Annotated
 
 from fastapi import Depends, Request
@@ -17,7 +17,11 @@ from tally.security.tokens import Principal
 _bearer = HTTPBearer(auto_error=False)
 
 
-def get_runtime(request: Request) -> Runtime:
+# pure dependencies are ``async def``: FastAPI runs a plain ``def`` dependency in its thread
+# pool, a thread hop per dependency per request on the event loop's critical path
+
+
+async def get_runtime(request: Request) -> Runtime:
     runtime: Runtime = request.app.state.runtime
     return runtime
 
@@ -39,8 +43,8 @@ def authenticated(
     return principal
 
 
-def require(scope: str) -> Callable[..., Principal]:
-    def check(principal: Annotated[Principal, Depends(authenticated)]) -> Principal:
+def require(scope: str) -> Callable[..., Awaitable[Principal]]:
+    async def check(principal: Annotated[Principal, Depends(authenticated)]) -> Principal:
         if scope not in principal.scopes:
             raise Forbidden(f"this route needs the {scope!r} scope", missing_scope=scope)
         return principal

@@ -69,6 +69,10 @@ class Applier:
             return self._cond.wait_for(
                 lambda: self.applied_seq >= target or self.error is not None, timeout)
 
+    def caught_up(self) -> bool:
+        with self._cond:
+            return self.applied_seq >= self._enqueued_seq or self.error is not None
+
     def lag_rows(self) -> int:
         return self._pending_rows
 

@@ -73,6 +73,10 @@ class IngestService:
         if self.applier.error is None:
             self.journal.clear()
 
+    def caught_up(self) -> bool:
+        """Whether every acknowledged write is already visible (no need to :meth:`flush`)."""
+        return self.applier.caught_up()
+
     def flush(self, timeout: float | None = 30) -> bool:
         """Wait until every acknowledged write is visible in the store."""
         return self.applier.flush(timeout)

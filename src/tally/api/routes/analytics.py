@@ -58,7 +58,8 @@ async def _answer(request: Request, runtime: Runtime, principal: Principal,
     plan = planner(Context(runtime.backend, runtime.fx, runtime.settings, principal,
                            versions.latest), q)
     # read-your-writes: an answer includes every event acknowledged before the request
-    await asyncio.to_thread(runtime.ingest.flush, READ_YOUR_WRITES_WAIT)
+    if not runtime.ingest.caught_up():
+        await asyncio.to_thread(runtime.ingest.flush, READ_YOUR_WRITES_WAIT)
     etag = etag_for(plan.fingerprint, versions.version(plan.brands, plan.reads),
                     runtime.fx.version)
     mark = format_watermark(versions.latest(plan.brands), runtime.settings.allowed_lateness)
