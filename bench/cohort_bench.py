@@ -22,8 +22,8 @@ from typing import Any
 import duckdb
 import httpx2 as httpx
 
-from bench.common import OUT, Server, client_headers, ensure_store, machine
-from bench.query_bench import CLIENTS, REQUESTS, day, fx_rates, load, raw_load, stats
+from bench.common import OUT, Server, ensure_store, machine
+from bench.query_bench import CLIENTS, REQUESTS, day, load, prepare, raw_load, stats
 
 FUNNEL_STEPS = [{"event": "payment.intent"}, {"event": "payment.captured"},
                 {"event": "wallet.credit", "reason": "deposit"}, {"event": "bet.placed"}]
@@ -131,11 +131,7 @@ def main() -> None:
     results: dict[str, Any] = {"stored": args.stored, "clients": CLIENTS, "requests": REQUESTS}
     answers: dict[str, Any] = {}
     try:
-        headers = client_headers(server.url, data, "analytics:read admin events:write")
-        httpx.post(f"{server.url}/v1/admin/fx-rates", json=fx_rates(), headers=headers)
-        latest = httpx.get(f"{server.url}/v1/analytics/timeseries", headers=headers, params={
-            "metric": "bets", "granularity": "1d", "from": "2000-01-01", "to": "2100-01-01"})
-        end = datetime.strptime(latest.headers["x-data-watermark"][:10], "%Y-%m-%d")
+        headers, end = prepare(server, data)
         results["end"] = day(end)
         http_cases: list[tuple[str, str, str, Callable[[int], Any]]] = [
             ("funnel 4 steps, 30 days, 1 h window", "POST", "/v1/analytics/funnel",

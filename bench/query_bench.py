@@ -149,6 +149,15 @@ def fx_rates() -> list[dict[str, str]]:
     return [{"date": "2000-01-01", "currency": c, "rate": f"{1 / f:.6f}"} for c, f in rates.items()]
 
 
+def prepare(server: Server, data: Any) -> tuple[dict[str, str], datetime]:
+    """A client's headers, the FX rates set, and the day the data ends (its watermark)."""
+    headers = client_headers(server.url, data, "analytics:read admin events:write")
+    httpx.post(f"{server.url}/v1/admin/fx-rates", json=fx_rates(), headers=headers)
+    latest = httpx.get(f"{server.url}/v1/analytics/timeseries", headers=headers, params={
+        "metric": "bets", "granularity": "1d", "from": "2000-01-01", "to": "2100-01-01"})
+    return headers, datetime.strptime(latest.headers["x-data-watermark"][:10], "%Y-%m-%d")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--stored", type=int, default=10_000_000)
@@ -158,11 +167,7 @@ def main() -> None:
     results: dict[str, Any] = {"stored": args.stored, "clients": CLIENTS,
                                "requests": REQUESTS, "startup_s": server.startup_seconds}
     try:
-        headers = client_headers(server.url, data, "analytics:read admin events:write")
-        httpx.post(f"{server.url}/v1/admin/fx-rates", json=fx_rates(), headers=headers)
-        latest = httpx.get(f"{server.url}/v1/analytics/timeseries", headers=headers, params={
-            "metric": "bets", "granularity": "1d", "from": "2000-01-01", "to": "2100-01-01"})
-        end = datetime.strptime(latest.headers["x-data-watermark"][:10], "%Y-%m-%d")
+        headers, end = prepare(server, data)
         results["end"] = day(end)
         answers: list[dict[str, Any]] = []
         for case in cases(end):

@@ -3,33 +3,18 @@
 from __future__ import annotations
 
 import asyncio
-import base64
 from typing import Annotated, Any
 
 import msgspec
 from fastapi import APIRouter, Query, Request
 from fastapi.responses import JSONResponse
 
+from tally.api.cursors import decode_cursor, encode_cursor
 from tally.api.deps import Admin, RuntimeDep
 from tally.errors import BadRequest
 from tally.semantic.fx import parse_rates
 
 router = APIRouter(tags=["admin"])
-
-
-def encode_cursor(position: int) -> str:
-    return base64.urlsafe_b64encode(f"q:{position}".encode()).decode().rstrip("=")
-
-
-def decode_cursor(cursor: str) -> int:
-    try:
-        raw = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)).decode()
-        kind, _, value = raw.partition(":")
-        if kind != "q" or not value.isdigit():
-            raise ValueError(raw)
-        return int(value)
-    except ValueError:
-        raise BadRequest("cursor is not one this API issued") from None
 
 
 @router.post("/v1/admin/fx-rates", summary="Append FX rates (append-only, per UTC day)")
@@ -56,7 +41,7 @@ async def quarantine(
     cursor: str | None = None,
     limit: Annotated[int, Query(ge=1, le=1000)] = 100,
 ) -> JSONResponse:
-    after = decode_cursor(cursor) if cursor else 0
+    after = decode_cursor("q", cursor) if cursor else 0
     await asyncio.to_thread(runtime.ingest.flush)  # every acknowledged rejection is listed
     rows = runtime.backend.quarantine(after, limit + 1)
     page = rows[:limit]
@@ -71,6 +56,6 @@ async def quarantine(
         }
         for row in page
     ]
-    next_cursor = encode_cursor(page[-1].id) if len(rows) > limit else None
+    next_cursor = encode_cursor("q", page[-1].id) if len(rows) > limit else None
     return JSONResponse({"items": items, "next_cursor": next_cursor},
                         headers={"Cache-Control": "private, no-store"})

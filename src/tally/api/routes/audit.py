@@ -3,32 +3,16 @@
 from __future__ import annotations
 
 import asyncio
-import base64
 from typing import Annotated
 
 from fastapi import APIRouter, Query, Request
 from fastapi.responses import JSONResponse
 
+from tally.api.cursors import decode_cursor, encode_cursor
 from tally.api.deps import Admin, RuntimeDep
-from tally.errors import BadRequest
 
 router = APIRouter(tags=["admin"])
 NO_STORE = {"Cache-Control": "private, no-store"}
-
-
-def encode_cursor(seq: int) -> str:
-    return base64.urlsafe_b64encode(f"a:{seq}".encode()).decode().rstrip("=")
-
-
-def decode_cursor(cursor: str) -> int:
-    try:
-        raw = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)).decode()
-        kind, _, value = raw.partition(":")
-        if kind != "a" or not value.isdigit():
-            raise ValueError(raw)
-        return int(value)
-    except ValueError:
-        raise BadRequest("cursor is not one this API issued") from None
 
 
 @router.get("/v1/admin/audit", summary="Audit log entries, oldest first")
@@ -40,11 +24,11 @@ async def list_audit(
     cursor: str | None = None,
     limit: Annotated[int, Query(ge=1, le=1000)] = 100,
 ) -> JSONResponse:
-    start = decode_cursor(cursor) if cursor else after
+    start = decode_cursor("a", cursor) if cursor else after
     rows = await asyncio.to_thread(runtime.audit.entries, start, limit + 1)
     page = rows[:limit]
     request.state.audit_rows = len(page)
-    next_cursor = encode_cursor(int(page[-1]["seq"])) if len(rows) > limit else None
+    next_cursor = encode_cursor("a", int(page[-1]["seq"])) if len(rows) > limit else None
     return JSONResponse({"items": page, "next_cursor": next_cursor}, headers=NO_STORE)
 
 

@@ -1,0 +1,23 @@
+"""Opaque cursors of the admin listings: a position in a stream, tagged with the stream's kind
+so a cursor of one listing is refused by another."""
+
+from __future__ import annotations
+
+import base64
+
+from tally.errors import BadRequest
+
+
+def encode_cursor(kind: str, position: int) -> str:
+    return base64.urlsafe_b64encode(f"{kind}:{position}".encode()).decode().rstrip("=")
+
+
+def decode_cursor(kind: str, cursor: str) -> int:
+    try:
+        raw = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)).decode()
+        tag, _, value = raw.partition(":")
+        if tag != kind or not value.isdigit():
+            raise ValueError(raw)
+        return int(value)
+    except ValueError:
+        raise BadRequest("cursor is not one this API issued") from None
