@@ -89,10 +89,11 @@ def compile_from_rollup(metric: Metric, scope: Scope, by_currency: bool) -> Comp
     tree = (
         exp.select(*keys, *(exp.alias_(exp.func("SUM", exp.column(m.name)), m.name)
                             for m in measures))
-        .from_(table(grain))
-        .where(exp.and_(*conditions))
+        .from_(table(grain), copy=False)
+        # built fresh here: no copies (sqlglot copies the whole tree per call by default)
+        .where(exp.and_(*conditions, copy=False), copy=False)
         # by expression, not alias: the table's own `bucket` column would win over the alias
-        .group_by(*(k.this.copy() for k in keys))
+        .group_by(*(k.this.copy() for k in keys), copy=False)
     )
     return Compiled(tree, params.values)
 
