@@ -24,13 +24,13 @@ from tally.cohorts.request import (
     Step,
     _object,
     _positive_int,
-    filter_condition,
     parse_filters,
     parse_step,
 )
 from tally.errors import BadRequest
+from tally.insights.evaluate import nearest_rank
 from tally.insights.request import parse_instant
-from tally.semantic.compiler import Compiled, Params, column
+from tally.semantic.compiler import Compiled, Params, column, filter_conditions
 from tally.storage.base import Backend
 
 
@@ -126,7 +126,7 @@ def compile_funnel(f: Funnel, hashed: bool = True) -> Compiled:
         .where(column("event_type").isin(*(exp.Literal.string(t) for t in event_types)))
         .where(unit.is_(exp.null()).not_())
     )
-    for condition in filter_condition(f.filters, params):
+    for condition in filter_conditions(f.filters, params):
         base = base.where(condition)
     if sequenced:  # a total order of each unit's events: (occurred_at, event_id)
         order = exp.Window(this=exp.RowNumber(), partition_by=[column("tenant_id"),
@@ -247,13 +247,6 @@ def compile_funnel(f: Funnel, hashed: bool = True) -> Compiled:
     return Compiled(tree, params.values)
 
 
-def nearest_rank_median(values: np.ndarray) -> float | None:
-    if not len(values):
-        return None
-    k = max(1, -(-len(values) // 2)) - 1
-    return float(np.partition(values, k)[k])
-
-
 def answer(backend: Backend, f: Funnel) -> dict[str, Any]:
     table = backend.execute((c := compile_funnel(f)).tree, c.params)
     if len(table) and table.column("collided")[0].as_py():
@@ -266,9 +259,9 @@ def answer(backend: Backend, f: Funnel) -> dict[str, Any]:
         count = int(reached.sum())
         median = None
         if k:
-            gaps = table.column(f"g{k}").to_numpy(zero_copy_only=False)
-            median_us = nearest_rank_median(gaps[reached].astype(np.int64))
-            median = None if median_us is None else median_us / 1_000_000
+            gaps = table.column(f"g{k}").to_numpy(zero_copy_only=False)[reached]
+            # the one percentile rule of the semantic layer, at q = 0.5
+            median = nearest_rank(gaps.tolist(), 0.5) / 1_000_000 if len(gaps) else None
         rate = None if total == 0 else (1.0 if k == 0 else count / total)
         steps.append({"name": step.name, "count": count, "rate": rate, "median_sec": median})
     return {"total": total, "steps": steps, "window_sec": f.window_sec,

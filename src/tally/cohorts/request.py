@@ -12,7 +12,6 @@ from sqlglot import exp
 
 from tally.errors import BadRequest
 from tally.events.registry import REGISTRY
-from tally.semantic.catalog import DIMENSIONS
 from tally.semantic.compiler import Params, column
 from tally.storage.schema import PAYLOAD_BOOL_FIELDS, PAYLOAD_INT_FIELDS, PAYLOAD_TEXT_FIELDS
 
@@ -108,12 +107,6 @@ def parse_filters(raw: Any, allowed: tuple[str, ...]) -> dict[str, tuple[str, ..
             raise BadRequest(f"filter {key} must be a string or a list of strings", key=key)
         filters[key] = tuple(dict.fromkeys(values))
     return filters
-
-
-def filter_condition(filters: Mapping[str, tuple[str, ...]], params: Params,
-                     table: str | None = None) -> list[exp.Expr]:
-    return [column(DIMENSIONS[key].column, table).isin(*(params.bind(v) for v in values))
-            for key, values in sorted(filters.items())]
 
 
 def parse_day(value: Any, what: str) -> date:

@@ -29,8 +29,8 @@ from tally.cohorts.request import (
 )
 from tally.errors import BadRequest
 from tally.rollups import activity
-from tally.semantic.catalog import DIMENSIONS, Metric
-from tally.semantic.compiler import Compiled, Params, column
+from tally.semantic.catalog import Metric
+from tally.semantic.compiler import Compiled, Params, column, filter_conditions
 from tally.semantic.fx import FxRates
 from tally.storage.base import Backend
 
@@ -84,9 +84,8 @@ def members(cohort: str, first: date, last: date, zone: ZoneInfo,
         .where(column("first_at") < params.bind(local_midnight(last + timedelta(days=1),
                                                                zone)))
     )
-    for key, values in sorted(filters.items()):
-        select = select.where(column(DIMENSIONS[key].column).isin(
-            *(params.bind(v) for v in values)))
+    for condition in filter_conditions(filters, params):
+        select = select.where(condition)
     return select
 
 

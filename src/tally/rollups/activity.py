@@ -18,7 +18,7 @@ from datetime import UTC
 from sqlglot import exp
 
 from tally.semantic.catalog import DIMENSIONS
-from tally.semantic.compiler import Compiled, Params, Scope, bucket
+from tally.semantic.compiler import Compiled, Params, Scope, bucket, filter_conditions
 from tally.storage.base import DerivedTable
 
 DAY = 86_400
@@ -116,14 +116,12 @@ def compile_active_from_rollup(scope: Scope, min_session_seconds: int,
     params = Params()
     start = int(scope.start.replace(tzinfo=UTC).timestamp())
     end = int(scope.end.replace(tzinfo=UTC).timestamp())
-    conditions = [
+    conditions: list[exp.Expr] = [
         exp.column("bucket") >= params.bind(start), exp.column("bucket") < params.bind(end),
         exp.or_(exp.column("session_sec").is_(exp.null()),
                 exp.column("session_sec") >= params.bind(min_session_seconds)),
     ]
-    for key, values in sorted(scope.filters.items()):
-        conditions.append(exp.column(DIMENSIONS[key].column).isin(
-            *(params.bind(v) for v in values)))
+    conditions += filter_conditions(scope.filters, params)
     at: exp.Expr = exp.column("bucket")
     if scope.step_seconds != GRAINS[grain]:
         step = exp.Literal.number(scope.step_seconds)

@@ -16,7 +16,7 @@ from sqlglot import exp
 from tally.cohorts.tables import derived_tables as cohort_tables
 from tally.rollups import activity
 from tally.semantic.catalog import DIMENSIONS, MEASURES, Metric
-from tally.semantic.compiler import Compiled, Params, Scope, bucket, measure_sum
+from tally.semantic.compiler import Compiled, Params, Scope, bucket, filter_conditions, measure_sum
 from tally.storage.base import DerivedTable
 
 GRAINS = {"1m": 60, "1h": 3600, "1d": 86400}
@@ -79,13 +79,11 @@ def compile_from_rollup(metric: Metric, scope: Scope, by_currency: bool) -> Comp
     if by_currency:
         keys.append(exp.alias_(exp.column("currency"), "source_currency"))
     measures = list(dict.fromkeys(metric.measures))
-    conditions = [exp.column("bucket") >= params.bind(start),
+    conditions: list[exp.Expr] = [exp.column("bucket") >= params.bind(start),
                   exp.column("bucket") < params.bind(end),
                   exp.column("event_type").isin(
                       *(exp.Literal.string(t) for t in sorted({m.event_type for m in measures})))]
-    for key, values in sorted(scope.filters.items()):
-        conditions.append(exp.column(DIMENSIONS[key].column).isin(
-            *(params.bind(v) for v in values)))
+    conditions += filter_conditions(scope.filters, params)
     tree = (
         exp.select(*keys, *(exp.alias_(exp.func("SUM", exp.column(m.name)), m.name)
                             for m in measures))

@@ -7,6 +7,7 @@ nothing from a request is pasted into SQL text. Time buckets are whole seconds s
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
@@ -68,16 +69,18 @@ def bucket(step_seconds: int, table: str | None = None, at: str = "occurred_at")
     return exp.Mul(this=exp.IntDiv(this=seconds, expression=step), expression=step.copy())
 
 
+def filter_conditions(filters: Mapping[str, tuple[str, ...]], params: Params,
+                      table: str | None = None) -> list[exp.Expr]:
+    """One condition per filter key (its values OR-ed, values bound); the caller ANDs them."""
+    return [column(DIMENSIONS[key].column, table).isin(*(params.bind(v) for v in values))
+            for key, values in sorted(filters.items())]
+
+
 def scope_condition(scope: Scope, params: Params, table: str | None = None) -> exp.Expr:
     """Time range and filters (values of one key OR-ed, keys AND-ed)."""
-    parts: list[exp.Expr] = [
-        column("occurred_at", table) >= params.bind(scope.start),
-        column("occurred_at", table) < params.bind(scope.end),
-    ]
-    for key, values in sorted(scope.filters.items()):
-        col = column(DIMENSIONS[key].column, table)
-        parts.append(col.isin(*(params.bind(v) for v in values)))
-    return exp.and_(*parts)
+    return exp.and_(column("occurred_at", table) >= params.bind(scope.start),
+                    column("occurred_at", table) < params.bind(scope.end),
+                    *filter_conditions(scope.filters, params, table))
 
 
 def _groups(scope: Scope, table: str | None = None) -> list[exp.Expr]:
