@@ -64,10 +64,20 @@ class TooManyRequests(UserError):
     status, title, code = 429, "Too Many Requests", "too_many_requests"
 
 
-class DependencyUnavailable(UserError):
-    """A service Tally depends on (an identity provider) cannot answer now; retry later."""
+class ServiceUnavailable(UserError):
+    """Tally cannot take this request now (the journal or store cannot be written, the
+    ingestion backlog is over its bound, a query limit was hit under load); the client should
+    retry after ``retry_after`` seconds (sent as ``Retry-After``). Nothing was stored."""
 
     status, title, code = 503, "Service Unavailable", "service_unavailable"
+
+    def __init__(self, detail: str, retry_after: int = 1, **extra: Any) -> None:
+        super().__init__(detail, retry_after=retry_after, **extra)
+        self.headers = {"Retry-After": str(retry_after)}
+
+
+class DependencyUnavailable(ServiceUnavailable):
+    """A service Tally depends on (an identity provider) cannot answer now; retry later."""
 
 
 class StoreUnavailable(TallyError):

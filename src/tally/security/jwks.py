@@ -105,10 +105,9 @@ class ExternalIssuer:
             except JwksUnavailable as exc:
                 log.warning("jwks refresh failed", extra={"detail": str(exc)})
                 if self._fetched_at is None:
-                    error = DependencyUnavailable("cannot verify tokens now: the identity "
-                                                  "provider's keys are unavailable")
-                    error.headers = {"Retry-After": str(int(self.refresh_seconds))}
-                    raise error from None
+                    raise DependencyUnavailable(
+                        "cannot verify tokens now: the identity provider's keys are "
+                        "unavailable", retry_after=int(self.refresh_seconds)) from None
                 return
             self._fetched_at = now
 
