@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import os
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -14,6 +15,11 @@ from tally import metadata
 from tally.api.app import create_app
 from tally.config import Settings
 from tally.security.clients import create_client
+
+# The suite checks answers right after ingesting: queries wait for the applier (bounded by
+# TALLY_READ_YOUR_WRITES_MS, 500 ms by default) as long as a loaded CI machine may need. Tests
+# of the bound itself set it explicitly. Server processes inherit it.
+os.environ.setdefault("TALLY_READ_YOUR_WRITES_MS", "30000")
 
 ALL_SCOPES = "events:write analytics:read exports:write admin"
 _ids = itertools.count()

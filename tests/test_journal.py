@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -9,8 +10,9 @@ import pyarrow as pa
 import pytest
 
 from tally.errors import StoreUnavailable
-from tally.ingest.journal import Journal
+from tally.ingest.journal import Journal, JournalUnavailable, frame
 from tally.storage.base import IdempotencyRecord, WriteSet
+from tests.fs import fill, tmpfs
 
 
 def writes(n: int) -> WriteSet:
@@ -83,3 +85,73 @@ def test_release_deletes_only_fully_applied_closed_segments(tmp_path: Path):
     assert [r.seq for r in journal.records()] == [3]
     journal.clear()
     assert journal.segments() == []
+
+
+def big_writes(rows: int) -> WriteSet:
+    """A record of about ``rows`` × 1 KiB that does not compress away."""
+    return WriteSet(events=[pa.table({"x": [os.urandom(512).hex() for _ in range(rows)]})])
+
+
+def test_a_full_disk_refuses_the_append_and_leaves_no_trace(tmp_path: Path):
+    """The 202-for-a-cut-record defect: a short write on a full disk was ignored. Now the
+    append raises and the segment is cut back to its last whole record."""
+    with tmpfs(tmp_path / "j", "2m") as directory:
+        journal = Journal(directory)
+        journal.append(1, big_writes(100))
+        size = journal.segments()[0].stat().st_size
+        with pytest.raises(JournalUnavailable, match="No space left"):
+            journal.append(2, big_writes(3000))  # ~3 MB into ~1.8 MB left: a short write
+        assert journal.segments()[0].stat().st_size == size
+        assert not journal.writable() or journal.failure is not None
+        journal.append(2, big_writes(100))  # fits: the same seq, right after record 1
+        journal.close()
+        records = list(Journal(directory).records())
+        assert [r.seq for r in records] == [1, 2]
+        assert all(r.writes.events[0].num_rows == 100 for r in records)
+
+
+def test_the_journal_is_writable_again_once_space_is_freed(tmp_path: Path):
+    with tmpfs(tmp_path / "j", "2m") as directory:
+        journal = Journal(directory)
+        filler = fill(directory, leave=64 * 1024)
+        with pytest.raises(JournalUnavailable):
+            journal.append(1, big_writes(500))
+        assert journal.failure is not None and not journal.writable()
+        filler.unlink()
+        assert journal.writable()  # a probe write succeeds: ready again without a restart
+        journal.append(1, big_writes(500))
+        assert journal.failure is None
+        journal.close()
+        assert [r.seq for r in Journal(directory).records()] == [1]
+
+
+def test_an_abandoned_segment_keeps_its_torn_tail_only_until_start_up(tmp_path: Path):
+    """When even the undo fails, the segment is abandoned with a torn record whose seq the
+    next segment retries: start-up cuts the tear and keeps both segments' whole records."""
+    journal = Journal(tmp_path)
+    journal.append(1, writes(1))
+    good = journal.segments()[0].stat().st_size
+    torn = frame(2, writes(2))
+    with journal.segments()[0].open("ab") as segment:
+        segment.write(torn[: len(torn) // 2])  # the failed append of seq 2, never undone
+    journal.close()
+    journal._open_segment(2)  # the writer retried seq 2 in a new segment
+    journal.append(2, writes(2))
+    journal.append(3, writes(3))
+    journal.close()
+    assert [r.seq for r in Journal(tmp_path).records()] == [1, 2, 3]
+    assert journal.segments()[0].stat().st_size == good
+
+
+def test_a_damaged_record_in_the_middle_of_a_segment_is_refused(tmp_path: Path):
+    journal = Journal(tmp_path)
+    for seq in (1, 2, 3):
+        journal.append(seq, writes(seq))
+    journal.close()
+    segment = journal.segments()[0]
+    data = bytearray(segment.read_bytes())
+    second = len(frame(1, writes(1)))
+    data[second + 20] ^= 0xFF  # record 2's body, with record 3 intact after it
+    segment.write_bytes(bytes(data))
+    with pytest.raises(StoreUnavailable, match="corrupt"):
+        list(Journal(tmp_path).records())

@@ -29,6 +29,12 @@ class Settings(BaseSettings):
     allowed_lateness: int = Field(default=0, ge=0)
     max_batch_events: int = Field(default=10_000, ge=1)
     max_batch_bytes: int = Field(default=10 * 1024 * 1024, ge=1024)
+    # ingestion push-back (ingest/applier.py): 503 + Retry-After while more acknowledged rows
+    # than this, or older than this, wait for the store
+    max_backlog_rows: int = Field(default=1_000_000, ge=1000)
+    max_backlog_seconds: float = Field(default=60.0, gt=0, le=3600)
+    read_your_writes_ms: int = Field(default=500, ge=0, le=60_000)  # a query waits this long
+    shutdown_seconds: float = Field(default=20.0, ge=0, le=3600)  # applying at shutdown, at most
     token_ttl_seconds: int = Field(default=900, ge=30, le=900)
     issuer: str = "tally"
     audience: str = "tally-api"

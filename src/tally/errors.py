@@ -81,7 +81,14 @@ class DependencyUnavailable(ServiceUnavailable):
 
 
 class StoreUnavailable(TallyError):
-    """The store cannot be opened or written (wrong directory, locked by another process)."""
+    """The store cannot be opened or written (wrong directory, locked by another process, a
+    full or read-only disk): a condition of the store, not of the data; retrying later may
+    succeed."""
+
+
+class WriteRejected(TallyError):
+    """The store refused the rows themselves (a conversion, range or constraint error): the
+    same rows will fail again however often they are retried."""
 
 
 class InternalError(TallyError):

@@ -70,14 +70,38 @@ class Runtime:
             backend.close()
             raise
         backend.expire_idempotency()
-        ingest = IngestService(backend, settings.data_dir / "journal", settings.max_batch_events,
-                               pseudonymiser_for(settings.pseudonymise_key,
-                                                 settings.pseudonymise_scope))
+        try:
+            ingest = IngestService(backend, settings.data_dir / "journal",
+                                   settings.max_batch_events,
+                                   pseudonymiser_for(settings.pseudonymise_key,
+                                                     settings.pseudonymise_scope),
+                                   max_backlog_rows=settings.max_backlog_rows,
+                                   max_backlog_seconds=settings.max_backlog_seconds)
+        except BaseException:
+            audit.close()
+            backend.close()
+            raise
         return cls(settings, meta, tokens, backend, ingest,
                    FxRates(backend, settings.base_currency), AnswerCache(), audit, limits)
 
     def start(self) -> None:
         self.ingest.start()
+
+    def unready(self) -> list[str]:
+        """Why this process should get no traffic now (empty: ready): the journal or the store
+        cannot be written, or the ingestion backlog is past its bound (``/readyz``)."""
+        reasons = []
+        if not self.ingest.journal.writable():
+            reasons.append(f"journal cannot be written: {self.ingest.journal.failure}")
+        failure = self.ingest.applier.store_failure
+        if failure is not None:
+            reasons.append(f"store cannot be written: {failure}")
+        applier = self.ingest.applier
+        if applier.lag_rows() > applier.max_backlog_rows \
+                or applier.lag_seconds() > applier.max_backlog_seconds:
+            reasons.append(f"ingestion backlog: {applier.lag_rows()} rows, "
+                           f"{applier.lag_seconds():.0f} s")
+        return reasons
 
     def gauges(self) -> Iterator[tuple[str, str, dict[str, str], float]]:
         """Values read at each Prometheus scrape."""
@@ -88,6 +112,13 @@ class Runtime:
                    {"rollup": grain}, lag)
         yield ("tally_applier_pending_rows", "Acknowledged rows waiting for the store.", {},
                float(self.ingest.applier.lag_rows()))
+        yield ("tally_applier_applied_rows", "Rows applied to the store since start.", {},
+               float(self.ingest.applier.applied_rows))
+        yield ("tally_applier_set_aside_rows",
+               "Acknowledged rows the store refused, quarantined or parked since start.", {},
+               float(self.ingest.applier.set_aside_rows))
+        yield ("tally_store_writable", "1 if the applier can write the store, else 0.", {},
+               0.0 if self.ingest.applier.store_failure else 1.0)
         yield ("tally_dedup_index_keys", "Keys in the in-memory dedup index.", {},
                float(len(self.ingest.index)))
         for result, count in (("hit", self.answers.hits), ("miss", self.answers.misses)):
@@ -100,7 +131,7 @@ class Runtime:
 
     def close(self) -> None:
         self.audit.close()  # signs a last checkpoint
-        self.ingest.stop()
+        self.ingest.stop(self.settings.shutdown_seconds)
         self.backend.close()
         self.meta.close()
         self.limits.close()

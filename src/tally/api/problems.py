@@ -10,9 +10,10 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from tally.errors import PROBLEM_MEDIA_TYPE, UserError, problem
+from tally.errors import PROBLEM_MEDIA_TYPE, StoreUnavailable, UserError, problem
 
 log = logging.getLogger(__name__)
+STORE_RETRY_AFTER = 5  # seconds
 
 
 class ProblemResponse(JSONResponse):
@@ -55,6 +56,14 @@ def install(app: FastAPI) -> None:
         body = problem(400, "Bad Request", detail, "bad_request", str(request.url.path),
                        errors=errors)
         return problem_response(request, body)
+
+    @app.exception_handler(StoreUnavailable)
+    async def _store_unavailable(request: Request, exc: StoreUnavailable) -> ProblemResponse:
+        log.warning("store unavailable", extra={"trace_id": _trace_id(request),
+                                                "error": str(exc)})
+        body = problem(503, "Service Unavailable", "the store cannot answer now; retry later",
+                       "store_unavailable", str(request.url.path))
+        return problem_response(request, body, {"Retry-After": str(STORE_RETRY_AFTER)})
 
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, exc: Exception) -> ProblemResponse:

@@ -13,7 +13,7 @@ from __future__ import annotations
 from sqlglot import exp
 
 from tally.semantic.catalog import MEASURES, METRICS
-from tally.semantic.compiler import bucket, measure_sum
+from tally.semantic.compiler import bucket, measure_sum, measure_sum_type
 from tally.storage.base import DerivedTable
 
 DAY = 86_400
@@ -61,10 +61,12 @@ def derived_tables(dialect: str) -> list[DerivedTable]:
         "player_id VARCHAR NOT NULL, kind VARCHAR NOT NULL, first_at TIMESTAMP NOT NULL, "
         "region VARCHAR, PRIMARY KEY (tenant_id, player_id, kind))",
         (_firsts("_new_events"),), (_firsts("events"),))
-    columns = ", ".join(f"{name} BIGINT NOT NULL" for name in LTV_MEASURES)
+    types = {name: measure_sum_type(MEASURES[name]) for name in LTV_MEASURES}
+    columns = ", ".join(f"{name} {kind} NOT NULL" for name, kind in types.items())
     days = DerivedTable(
         "player_days",
         "CREATE TABLE IF NOT EXISTS player_days (day BIGINT NOT NULL, tenant_id VARCHAR, "
         f"player_id VARCHAR, currency VARCHAR, {columns})",
-        (_player_days("_new_events", dialect),), (_player_days("events", dialect),))
+        (_player_days("_new_events", dialect),), (_player_days("events", dialect),),
+        tuple(types.items()))
     return [firsts, days]

@@ -8,7 +8,11 @@ import msgspec
 
 Id = Annotated[str, msgspec.Meta(min_length=1, max_length=128)]
 Label = Annotated[str, msgspec.Meta(min_length=1, max_length=64)]
-Minor = Annotated[int, msgspec.Meta(ge=0, le=2**63 - 1)]
+# The money range of one event (docs/ingestion.md): 0 ≤ amount ≤ 2^53 − 1 minor units, the
+# integers every JSON reader holds exactly (RFC 7493 I-JSON); 90 trillion EUR in cents, beyond
+# any real bet or payment. Sums are kept in 128 bits, so no number of them can overflow.
+MAX_MINOR = 2**53 - 1
+Minor = Annotated[int, msgspec.Meta(ge=0, le=MAX_MINOR)]
 Currency = Annotated[str, msgspec.Meta(pattern="^[A-Z]{3}$")]
 WalletReason = Literal["deposit", "withdrawal", "bet", "win", "bonus", "adjustment"]
 

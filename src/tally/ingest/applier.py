@@ -1,11 +1,24 @@
 """Moves journalled groups into the store in large transactions, off the acknowledgement path.
 
-The writer hands over each group after its journal record is fsynced; this thread merges
-whatever is waiting (up to ``max_rows``) into one store transaction that also records the last
-applied journal sequence, then releases journal segments. Readers that must see every
-acknowledged write (the quarantine route, tests) wait on :meth:`flush`. If the store falls
-behind by more than ``max_pending_rows``, :meth:`enqueue` blocks: backpressure reaches the
-producers as slower acknowledgements instead of unbounded memory.
+The writer hands over each group after its journal record is fsynced (and at start-up every
+record a crash or a bounded shutdown left unapplied is handed over again); this thread merges
+whatever is waiting (up to ``max_rows``) into one store transaction — every table of a kind in
+one statement, so a thousand 100-event batches cost what one 100,000-event batch does — that
+also records the last applied journal sequence, then releases journal segments.
+
+What it guarantees, whatever the store does:
+
+- **Nothing acknowledged is lost or applied twice.** A write that fails is retried; before a
+  retry the store's recorded sequence is read, since a commit may land and still report an
+  error (a checkpoint failing after it).
+- **A full or failing store stops nothing for good.** Store errors (``StoreUnavailable``) are
+  retried with exponential backoff; :attr:`Applier.store_failure` says why meanwhile (the
+  server turns not-ready), and the backlog bound (:meth:`Applier.refuse_if_behind`) pushes back
+  on producers with ``503`` + ``Retry-After`` before it grows past the freshness objective.
+- **A poison row cannot freeze ingestion.** Rows the store refuses (``WriteRejected``) are set
+  aside (``setaside.py``): quarantined or parked with their reason, the rest applied.
+- **Shutdown is bounded.** :meth:`Applier.stop` applies what it can before its deadline and
+  leaves the rest in the journal for the next start.
 """
 
 from __future__ import annotations
@@ -14,12 +27,19 @@ import logging
 import threading
 import time
 from collections import deque
+from collections.abc import Callable
+from pathlib import Path
 
+import pyarrow as pa
+
+from tally.errors import ServiceUnavailable, StoreUnavailable, WriteRejected
 from tally.ingest.journal import Journal
+from tally.ingest.setaside import Isolated, isolate, park_all
 from tally.ingest.versions import DataVersions
 from tally.storage.base import Backend, WriteSet
 
 log = logging.getLogger(__name__)
+BACKOFF_FIRST, BACKOFF_MAX = 0.05, 5.0  # seconds between retries of a failing store
 
 
 def merge(groups: list[WriteSet]) -> WriteSet:
@@ -31,66 +51,103 @@ def merge(groups: list[WriteSet]) -> WriteSet:
     return merged
 
 
-def rows(writes: WriteSet) -> int:
-    return sum(int(t.num_rows) for t in [*writes.events, *writes.quarantine])
-
-
 class Applier:
     def __init__(self, backend: Backend, journal: Journal, versions: DataVersions,
-                 applied_seq: int, max_rows: int = 200_000,
-                 max_pending_rows: int = 2_000_000) -> None:
+                 applied_seq: int, *, parked_dir: Path, max_rows: int = 200_000,
+                 max_backlog_rows: int = 1_000_000, max_backlog_seconds: float = 60.0,
+                 on_set_aside: Callable[[pa.Table], None] = lambda table: None) -> None:
         self._backend, self._journal, self._versions = backend, journal, versions
+        self._parked_dir = parked_dir
         self.applied_seq = applied_seq
-        self._max_rows, self._max_pending = max_rows, max_pending_rows
+        self._max_rows = max_rows
+        self.max_backlog_rows, self.max_backlog_seconds = max_backlog_rows, max_backlog_seconds
+        self._on_set_aside = on_set_aside
         self._pending: deque[tuple[int, WriteSet, float]] = deque()  # (seq, writes, since)
-        self._pending_rows = 0
+        self._pending_rows = 0  # acknowledged rows not in the store yet (taken ones included)
+        self._oldest: float | None = None  # when the oldest unapplied group was acknowledged
         self._enqueued_seq = applied_seq
         self._cond = threading.Condition()
         self._stopping = False
-        self.error: BaseException | None = None
+        self._deadline: float | None = None  # stop(): give up applying after this
+        self.store_failure: str | None = None  # why the store refuses writes now, if it does
+        self.set_aside_rows = 0
+        self.applied_rows = 0
+        self._rate = 0.0  # rows per second applied, smoothed (for Retry-After)
         self._thread = threading.Thread(target=self._run, name="tally-applier", daemon=True)
 
     def start(self) -> None:
         self._thread.start()
 
+    # -- the writer's side ------------------------------------------------------------------
     def enqueue(self, seq: int, writes: WriteSet) -> None:
+        """Hand over a durable group. Blocks only past twice the backlog bound (the memory cap
+        for a bulk loader, which has no ``503`` to receive)."""
+        rows = writes.rows
+        self._versions.add_pending(seq, writes.events)
         with self._cond:
-            while self._pending_rows > self._max_pending and self.error is None:
+            while self._pending_rows > 2 * self.max_backlog_rows and not self._stopping:
                 self._cond.wait()
-            self._pending.append((seq, writes, time.monotonic()))
-            self._pending_rows += rows(writes)
+            now = time.monotonic()
+            self._pending.append((seq, writes, now))
+            if self._oldest is None:
+                self._oldest = now
+            self._pending_rows += rows
             self._enqueued_seq = seq
             self._cond.notify_all()
 
+    def refuse_if_behind(self) -> None:
+        """``503`` + ``Retry-After`` while the backlog is over its bound in rows or in age, so
+        producers slow down before freshness breaks instead of the server's memory."""
+        rows, lag = self.lag_rows(), self.lag_seconds()
+        if rows <= self.max_backlog_rows and lag <= self.max_backlog_seconds:
+            return
+        drain = rows / self._rate if self._rate > 0 else BACKOFF_MAX
+        retry = max(1, min(60, round(drain)))
+        why = (f"the store is not accepting writes ({self.store_failure})" if self.store_failure
+               else f"{rows} acknowledged rows ({lag:.0f} s) are waiting to be applied")
+        raise ServiceUnavailable(f"ingestion is paused: {why}; retry in {retry} s",
+                                 retry_after=retry, backlog_rows=rows,
+                                 backlog_seconds=round(lag, 1))
+
+    # -- readers' side ------------------------------------------------------------------------
     def flush(self, timeout: float | None = None) -> bool:
-        """Wait until everything enqueued so far is in the store."""
+        """Wait until everything enqueued so far is in the store (or set aside)."""
         with self._cond:
             target = self._enqueued_seq
-            return self._cond.wait_for(
-                lambda: self.applied_seq >= target or self.error is not None, timeout)
+            return self._cond.wait_for(lambda: self.applied_seq >= target, timeout)
 
     def caught_up(self) -> bool:
         with self._cond:
-            return self.applied_seq >= self._enqueued_seq or self.error is not None
+            return self.applied_seq >= self._enqueued_seq
 
     def lag_rows(self) -> int:
         return self._pending_rows
 
     def lag_seconds(self) -> float:
         """How long the oldest acknowledged group has waited for the store (0: caught up)."""
-        with self._cond:
-            return time.monotonic() - self._pending[0][2] if self._pending else 0.0
+        oldest = self._oldest
+        return 0.0 if oldest is None else time.monotonic() - oldest
 
-    def stop(self) -> None:
+    # -- lifecycle ----------------------------------------------------------------------------
+    def stop(self, timeout: float | None = None) -> bool:
+        """Apply what is waiting for at most ``timeout`` seconds (None: all of it), then stop;
+        True when nothing is left unapplied (what is left stays in the journal)."""
         with self._cond:
             self._stopping = True
+            self._deadline = None if timeout is None else time.monotonic() + timeout
             self._cond.notify_all()
-        self._thread.join()
+        if self._thread.is_alive():
+            self._thread.join()
+        with self._cond:
+            return self.applied_seq >= self._enqueued_seq
 
-    def _take(self) -> tuple[int, list[WriteSet]] | None:
+    def _given_up(self) -> bool:
+        return self._deadline is not None and time.monotonic() >= self._deadline
+
+    def _take(self) -> tuple[int, WriteSet, int] | None:
         with self._cond:
             self._cond.wait_for(lambda: self._pending or self._stopping)
-            if not self._pending:
+            if not self._pending or self._given_up():
                 return None
             groups: list[WriteSet] = []
             taken = 0
@@ -98,28 +155,80 @@ class Applier:
             while self._pending and (not groups or taken < self._max_rows):
                 seq, writes, _ = self._pending.popleft()
                 groups.append(writes)
-                taken += rows(writes)
-            self._pending_rows -= taken
-            self._cond.notify_all()
-            return seq, groups
+                taken += writes.rows
+            return seq, merge(groups), taken
 
     def _run(self) -> None:
         while True:
             item = self._take()
             if item is None:
                 return
-            seq, groups = item
-            merged = merge(groups)
+            seq, writes, rows = item
+            started = time.monotonic()
             try:
-                self._backend.write(merged, journal_seq=seq)
-            except BaseException as exc:  # the journal still has it; a restart replays it
-                log.exception("applying the journal to the store failed")
-                with self._cond:
-                    self.error = exc
-                    self._cond.notify_all()
-                return
-            self._versions.bump(merged.events, seq)  # before flush() waiters see it applied
-            with self._cond:
-                self.applied_seq = seq
-                self._cond.notify_all()
+                applied = self._apply(seq, writes)
+            except Exception:  # a bug: never let the thread die with the backlog in it
+                log.exception("applier: unexpected error; retrying", extra={"seq": seq})
+                applied = None
+            if applied is None:  # gave up (stop deadline) or a bug: retried at the next start
+                if self._given_up() or self._stopping:
+                    return
+                time.sleep(BACKOFF_MAX)
+                self._requeue(seq, writes)
+                continue
+            self._done(seq, applied, rows, time.monotonic() - started)
+
+    def _requeue(self, seq: int, writes: WriteSet) -> None:
+        with self._cond:
+            self._pending.appendleft((seq, writes, time.monotonic()))
+
+    def _apply(self, seq: int, writes: WriteSet) -> Isolated | None:
+        """Write ``writes`` as record ``seq``; the write as applied, or None if stopped."""
+        result = Isolated(writes)
+        delay, attempt = BACKOFF_FIRST, 0
+        while True:
+            try:
+                if attempt and self._backend.journal_applied_seq() >= seq:
+                    return result  # an earlier attempt's commit landed despite its error
+                attempt += 1
+                try:
+                    self._backend.write(result.writes, journal_seq=seq)
+                except WriteRejected as exc:
+                    result = self._set_aside(seq, result, str(exc))
+                    continue
+                self.store_failure = None
+                return result
+            except StoreUnavailable as exc:
+                if self.store_failure != str(exc):
+                    log.error("applier: the store cannot be written; retrying",
+                              extra={"seq": seq, "error": str(exc)})
+                self.store_failure = str(exc)
+                with self._cond:  # stop() wakes this early
+                    self._cond.wait(delay)
+                if self._given_up():
+                    return None
+                delay = min(delay * 2, BACKOFF_MAX)
+
+    def _set_aside(self, seq: int, result: Isolated, reason: str) -> Isolated:
+        if result.set_aside is not None or result.parked:  # isolated once, refused again
+            return park_all(result.writes, self._parked_dir, seq, reason)
+        return isolate(self._backend, result.writes, self._parked_dir, seq)
+
+    def _done(self, seq: int, applied: Isolated, rows: int, seconds: float) -> None:
+        if applied.set_aside is not None and applied.set_aside.num_rows:
+            self.set_aside_rows += int(applied.set_aside.num_rows)
+            self._on_set_aside(applied.set_aside)
+        self._versions.applied(applied.writes.events, seq)  # before flush() waiters wake
+        with self._cond:
+            self.applied_seq = seq
+            self._pending_rows -= rows
+            self.applied_rows += rows
+            self._oldest = self._pending[0][2] if self._pending else None
+            if seconds > 0 and rows:
+                self._rate = 0.7 * self._rate + 0.3 * rows / seconds if self._rate else \
+                    rows / seconds
+            self._cond.notify_all()
+        try:
             self._journal.release(seq)
+        except OSError as exc:  # a segment left behind is replayed harmlessly
+            log.warning("journal: could not release segments", extra={"error": str(exc)})

@@ -81,9 +81,16 @@ class _Hasher:
 class DedupIndex:
     def __init__(self) -> None:
         self._runs: list[_Run] = []  # largest first
+        # keys taken back (events set aside when applied, so not stored): few, and only
+        # consulted for keys the runs contain
+        self._discarded: set[tuple[int, int]] = set()
 
     def __len__(self) -> int:
-        return sum(len(run) for run in self._runs)
+        return sum(len(run) for run in self._runs) - len(self._discarded)
+
+    def discard(self, hi: Sequence[int] | I64, lo: Sequence[int] | I64) -> None:
+        """Take keys back: a later event with one of them is new again."""
+        self._discarded.update(zip((int(h) for h in hi), (int(v) for v in lo), strict=True))
 
     @property
     def run_count(self) -> int:
@@ -120,9 +127,16 @@ class DedupIndex:
                         found[i] = True
                         break
                     j += 1
+        if self._discarded:
+            for i in np.flatnonzero(found):
+                if (int(hi[i]), int(lo[i])) in self._discarded:
+                    found[i] = False
         return found
 
     def add(self, hi: Sequence[int] | I64, lo: Sequence[int] | I64) -> None:
+        if self._discarded:  # a discarded key added again is live again
+            self._discarded.difference_update(
+                zip((int(h) for h in hi), (int(v) for v in lo), strict=True))
         if len(hi):
             self._add_run(np.asarray(hi, dtype=np.int64), np.asarray(lo, dtype=np.int64))
 

@@ -11,8 +11,10 @@ from concurrent.futures import Future
 from pathlib import Path
 from typing import Any
 
+import pyarrow as pa
+
 from tally.events.envelope import ValidationContext
-from tally.ingest.applier import Applier, merge
+from tally.ingest.applier import Applier
 from tally.ingest.batch import PreparedBatch, prepare
 from tally.ingest.dedup import DedupIndex, key_hasher
 from tally.ingest.journal import Journal
@@ -27,12 +29,14 @@ log = logging.getLogger(__name__)
 
 class IngestService:
     def __init__(self, backend: Backend, journal_dir: Path, max_batch_events: int,
-                 pseudonymiser: Pseudonymiser | None = None) -> None:
+                 pseudonymiser: Pseudonymiser | None = None, *,
+                 max_backlog_rows: int = 1_000_000, max_backlog_seconds: float = 60.0) -> None:
         self.backend = backend
         self.max_batch_events = max_batch_events
         self.pseudonymiser = pseudonymiser  # TALLY_PSEUDONYMISE_KEY: player ids keyed at ingest
         self.journal = Journal(journal_dir)
-        last_seq = self._recover()
+        applied = backend.journal_applied_seq()
+        unapplied = [r for r in self.journal.records() if r.seq > applied]
         secret = backend.setting("dedup_key")
         if secret is None:
             backend.put_setting("dedup_key", secrets.token_hex(32))
@@ -42,36 +46,50 @@ class IngestService:
         started = time.perf_counter()
         self.index = DedupIndex()
         self.index.load(backend.event_keys(1 << 20))
+        for record in unapplied:  # acknowledged before the last stop: stored as far as dedup goes
+            for table in record.writes.events:
+                self.index.add(table.column("id_hi").to_numpy(), table.column("id_lo").to_numpy())
         log.info("dedup index loaded", extra={"keys": len(self.index),
                                               "seconds": round(time.perf_counter() - started, 3)})
         self.versions = DataVersions()
         self.versions.load(backend)
-        self.applier = Applier(backend, self.journal, self.versions, last_seq)
-        self.writer = IngestWriter(backend, self.index, self.journal, self.applier, last_seq)
+        self.applier = Applier(backend, self.journal, self.versions, applied,
+                               parked_dir=journal_dir.parent / "parked",
+                               max_backlog_rows=max_backlog_rows,
+                               max_backlog_seconds=max_backlog_seconds,
+                               on_set_aside=self._forget)
+        self.journal.release(applied)
+        for record in unapplied:  # applied by the applier like any new group, poison and all
+            self.applier.enqueue(record.seq, record.writes)
+        if unapplied:
+            log.info("journal: records to apply from before the last stop",
+                     extra={"records": len(unapplied), "last_seq": unapplied[-1].seq})
+        last_seq = max(unapplied[-1].seq if unapplied else 0, applied,
+                       backend.max_ingest_seq())
+        self.writer = IngestWriter(backend, self.index, self.journal, self.applier, last_seq,
+                                   [(r.seq, r.writes.idempotency) for r in unapplied])
 
-    def _recover(self) -> int:
-        """Apply journal records a crash left unapplied; returns the last sequence used."""
-        applied = self.backend.journal_applied_seq()
-        pending = [r for r in self.journal.records() if r.seq > applied]
-        if pending:
-            self.backend.write(merge([r.writes for r in pending]), journal_seq=pending[-1].seq)
-            log.info("journal replayed", extra={"records": len(pending),
-                                                "last_seq": pending[-1].seq})
-        self.journal.clear()
-        last = pending[-1].seq if pending else applied
-        return max(last, self.backend.max_ingest_seq())
+    def _forget(self, events: pa.Table) -> None:
+        """Events set aside when applied are not stored: a resend is not a duplicate."""
+        self.index.discard(events.column("id_hi").to_numpy(), events.column("id_lo").to_numpy())
 
     def start(self) -> None:
         self.applier.start()
         self.writer.start()
 
-    def stop(self) -> None:
-        """Drain: every acknowledged group reaches the store, then the journal is emptied."""
+    def stop(self, timeout: float | None = None) -> bool:
+        """Finish the groups being committed, then apply what waits for at most ``timeout``
+        seconds (None: all of it); what is left stays in the journal for the next start.
+        True when everything acknowledged is in the store."""
         self.writer.stop()
-        self.applier.stop()
+        drained = self.applier.stop(timeout)
         self.journal.close()
-        if self.applier.error is None:
+        if drained:
             self.journal.clear()
+        else:
+            log.warning("shutdown: acknowledged rows left in the journal for the next start",
+                        extra={"rows": self.applier.lag_rows()})
+        return drained
 
     def caught_up(self) -> bool:
         """Whether every acknowledged write is already visible (no need to :meth:`flush`)."""
@@ -92,6 +110,7 @@ class IngestService:
         if idempotency_key is not None:
             digest = hashlib.sha256(body).hexdigest()
             idem = IdempotencyKey(client_id, idempotency_key, digest)
+        self.applier.refuse_if_behind()  # 503 before any work while the backlog is too long
         prepared = self.prepare(body, ctx, client_id)
         admit_batch(prepared.table)  # rate limits of the batch's brands and regions
         future = self.writer.submit(prepared, trace_id, idem)

@@ -1,7 +1,10 @@
-"""Data versions: which journal sequence last changed each (brand, UTC day), and each brand's
-greatest occurred_at. The applier bumps them as it applies; answers derive their ETag from the
-versions of the brand-days they read (a late event for the range changes it, an event elsewhere
-does not) and their watermark from the greatest occurred_at of their brands."""
+"""Data versions: which journal sequence last changed each (brand, UTC day), each brand's
+greatest applied occurred_at, and the earliest occurred_at of its events acknowledged but not
+yet applied. The applier bumps them as it applies; answers derive their ETag from the versions
+of the brand-days they read (a late event for the range changes it, an event elsewhere does
+not) and their watermark from :meth:`DataVersions.complete_before`, which never claims an
+event the store does not hold yet: while a brand has acknowledged events waiting for the
+applier, its watermark stops at the earliest of them."""
 
 from __future__ import annotations
 
@@ -19,6 +22,7 @@ class DataVersions:
         self._lock = threading.Lock()
         self._days: dict[str, dict[int, int]] = {}  # brand → {day ordinal → seq}
         self._latest: dict[str, datetime] = {}
+        self._pending: dict[str, dict[int, datetime]] = {}  # brand → {seq → min occurred_at}
 
     def load(self, backend: Backend) -> None:
         table = backend.query(
@@ -26,6 +30,32 @@ class DataVersions:
             "max(occurred_at) AS latest FROM events GROUP BY ALL")
         self._merge(table.column("tenant_id").to_pylist(), table.column("day").to_pylist(),
                     table.column("seq").to_pylist(), table.column("latest").to_pylist())
+
+    def add_pending(self, seq: int, events: list[pa.Table]) -> None:
+        """Events of journal record ``seq`` are acknowledged, not yet applied."""
+        for table in events:
+            if not table.num_rows:
+                continue
+            earliest = pa.table({"tenant_id": table.column("tenant_id"),
+                                 "at": table.column("occurred_at")}) \
+                .group_by("tenant_id").aggregate([("at", "min")])
+            with self._lock:
+                for brand, at in zip(earliest.column("tenant_id").to_pylist(),
+                                     earliest.column("at_min").to_pylist(), strict=True):
+                    per_seq = self._pending.setdefault(brand, {})
+                    per_seq[seq] = min(at, per_seq.get(seq, at))
+
+    def applied(self, events: list[pa.Table], seq: int) -> None:
+        """Records up to ``seq`` are in the store, with these ``events`` (rows set aside as
+        poison are not among them: they count nowhere)."""
+        self.bump(events, seq)
+        with self._lock:
+            for brand in list(self._pending):
+                per_seq = self._pending[brand]
+                for done in [s for s in per_seq if s <= seq]:
+                    del per_seq[done]
+                if not per_seq:
+                    del self._pending[brand]
 
     def bump(self, events: list[pa.Table], seq: int) -> None:
         for table in events:
@@ -63,8 +93,16 @@ class DataVersions:
             return max((seq for per_day in chosen.values() for day, seq in per_day.items()
                         if first <= day <= last), default=0)
 
-    def latest(self, brands: tuple[str, ...] | None) -> datetime | None:
+    def complete_before(self, brands: tuple[str, ...] | None) -> datetime | None:
+        """The instant before which every acknowledged event of ``brands`` (None: all) is in
+        the store: the greatest applied occurred_at, or, while some of their events wait for
+        the applier, the earliest of those (it is before the greatest accepted occurred_at,
+        and nothing earlier is missing)."""
         with self._lock:
+            waiting = [at for brand, per_seq in self._pending.items()
+                       if brands is None or brand in brands for at in per_seq.values()]
+            if waiting:
+                return min(waiting)
             values = [at for brand, at in self._latest.items()
                       if brands is None or brand in brands]
         return max(values, default=None)

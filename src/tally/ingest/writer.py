@@ -3,8 +3,11 @@
 Requests prepare their batch (decode, validate, columns) concurrently and hand it here. One
 thread takes whatever batches are waiting, dedups them in arrival order against the index and
 each other, and appends all of them as one journal record, so one fsync covers many requests.
-A receipt is released only after that fsync returned: 202 means durable. The applier then
-moves the record into the store (``applier.py``).
+A receipt is released only after that fsync returned: 202 means durable. If the journal cannot
+take the record (a full or read-only disk), every request of the group gets ``503`` with
+``Retry-After`` and nothing of it is remembered — not its keys in the dedup index, not its
+idempotency keys — so the producer's retry is a first attempt. The applier then moves the
+record into the store (``applier.py``).
 """
 
 from __future__ import annotations
@@ -12,6 +15,7 @@ from __future__ import annotations
 import logging
 import queue
 import threading
+from collections.abc import Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -21,15 +25,16 @@ import msgspec
 import numpy as np
 import pyarrow as pa
 
-from tally.errors import Unprocessable
+from tally.errors import ServiceUnavailable, Unprocessable
 from tally.ingest.applier import Applier
 from tally.ingest.batch import PreparedBatch, quarantine_table
 from tally.ingest.dedup import DedupIndex
-from tally.ingest.journal import Journal
+from tally.ingest.journal import Journal, JournalUnavailable
 from tally.storage.base import Backend, IdempotencyRecord, WriteSet
 
 log = logging.getLogger(__name__)
 MAX_GROUP_EVENTS = 50_000
+JOURNAL_RETRY_AFTER = 5  # seconds: a disk is not freed in less
 
 
 @dataclass(frozen=True)
@@ -52,14 +57,17 @@ FirstResponse = tuple[str, dict[str, Any]]  # (body SHA-256, receipt)
 
 class IngestWriter:
     def __init__(self, backend: Backend, index: DedupIndex, journal: Journal, applier: Applier,
-                 last_seq: int) -> None:
+                 last_seq: int,
+                 unapplied: Sequence[tuple[int, list[IdempotencyRecord]]] = ()) -> None:
         self._backend = backend
         self._index = index
         self._journal = journal
         self._applier = applier
         self._seq = last_seq
         # idempotency records journalled but maybe not yet in the store: (response, seq)
-        self._recent: dict[tuple[str, str], tuple[FirstResponse, int]] = {}
+        self._recent: dict[tuple[str, str], tuple[FirstResponse, int]] = {
+            (r.client_id, r.key): ((r.body_sha256, msgspec.json.decode(r.response)), seq)
+            for seq, records in unapplied for r in records}
         self._queue: queue.Queue[Submission | None] = queue.Queue()
         self._thread = threading.Thread(target=self._run, name="tally-writer", daemon=True)
 
@@ -83,20 +91,29 @@ class IngestWriter:
                 return
             group = [first]
             events = first.batch.table.num_rows
+            stop = False
             while events < MAX_GROUP_EVENTS:
                 try:
                     nxt = self._queue.get_nowait()
                 except queue.Empty:
                     break
                 if nxt is None:
-                    self._commit(group)
-                    return
+                    stop = True
+                    break
                 group.append(nxt)
                 events += nxt.batch.table.num_rows
-            self._commit(group)
+            try:
+                self._commit(group)
+            except Exception as exc:  # a bug: fail these requests, never the thread
+                log.exception("group commit failed")
+                for sub in group:
+                    if not sub.future.done():
+                        sub.future.set_exception(exc)
+            if stop:
+                return
 
     def _commit(self, group: list[Submission]) -> None:
-        self._seq += 1
+        self._seq += 1  # given back if the journal refuses the record: seqs have no gaps
         writes = WriteSet()
         staged_keys = DedupIndex()  # keys staged by earlier batches of this group
         done: list[tuple[Submission, dict[str, Any]]] = []
@@ -115,16 +132,20 @@ class IngestWriter:
                 staged[sub.idempotency.client_id, sub.idempotency.key] = (
                     sub.idempotency.body_sha256, receipt)
             done.append((sub, receipt))
-        has_writes = bool(writes.events or writes.quarantine or writes.idempotency)
+        has_writes = not writes.empty
         try:
-            if self._applier.error is not None:
-                raise RuntimeError("the store stopped accepting writes") from self._applier.error
             if has_writes:
                 self._journal.append(self._seq, writes)
-        except BaseException as exc:  # nothing was made durable: every waiter learns it
-            log.exception("group commit failed")
+            else:
+                self._seq -= 1
+        except JournalUnavailable as exc:  # nothing was made durable: every waiter learns it
+            self._seq -= 1
+            log.error("group commit refused: the journal cannot be written",
+                      extra={"error": str(exc), "requests": len(done)})
+            refusal = ServiceUnavailable(f"{exc}; nothing of this batch was stored",
+                                         retry_after=JOURNAL_RETRY_AFTER)
             for sub, _ in done:
-                sub.future.set_exception(exc)
+                sub.future.set_exception(refusal)
             return
         self._remember(staged)
         if writes.events:

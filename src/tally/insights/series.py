@@ -26,7 +26,8 @@ class Context:
     fx: FxRates
     settings: Settings
     principal: Principal
-    # the greatest accepted occurred_at of these brands (None: all), from the data versions
+    # the instant before which every acknowledged event of these brands (None: all) is in the
+    # store (DataVersions.complete_before)
     latest: Callable[[tuple[str, ...] | None], datetime | None] = lambda brands: None
 
     def watermark(self, brands: tuple[str, ...] | None) -> datetime | None:

@@ -16,7 +16,15 @@ from sqlglot import exp
 from tally.cohorts.tables import derived_tables as cohort_tables
 from tally.rollups import activity
 from tally.semantic.catalog import DIMENSIONS, MEASURES, Metric
-from tally.semantic.compiler import Compiled, Params, Scope, bucket, filter_conditions, measure_sum
+from tally.semantic.compiler import (
+    Compiled,
+    Params,
+    Scope,
+    bucket,
+    filter_conditions,
+    measure_sum,
+    measure_sum_type,
+)
 from tally.storage.base import DerivedTable
 
 GRAINS = {"1m": 60, "1h": 3600, "1d": 86400}
@@ -32,7 +40,7 @@ def table(grain: str) -> str:
 
 def ddl(grain: str) -> str:
     columns = ["bucket BIGINT NOT NULL", *(f"{c} VARCHAR" for c in DIMENSION_COLUMNS),
-               *(f"{m} BIGINT NOT NULL" for m in MEASURES)]
+               *(f"{name} {measure_sum_type(m)} NOT NULL" for name, m in MEASURES.items())]
     return f"CREATE TABLE IF NOT EXISTS {table(grain)} ({', '.join(columns)})"
 
 
@@ -53,9 +61,10 @@ def maintenance(grain: str, source: str) -> exp.Insert:
 
 def derived_tables(dialect: str) -> list[DerivedTable]:
     """The rollups as tables the store keeps from the events, one per grain."""
+    types = tuple((name, measure_sum_type(m)) for name, m in MEASURES.items())
     return [DerivedTable(table(grain), ddl(grain),
                          (maintenance(grain, "_new_events").sql(dialect=dialect),),
-                         (maintenance(grain, "events").sql(dialect=dialect),))
+                         (maintenance(grain, "events").sql(dialect=dialect),), types)
             for grain in GRAINS] + activity.derived_tables() + cohort_tables(dialect)
 
 

@@ -94,6 +94,12 @@ def _measure_condition(measure: Measure) -> exp.Expr:
     return condition
 
 
+def measure_sum_type(measure: Measure) -> str:
+    """The stored type of a measure's sum: money is 128-bit, because a bucket of events at the
+    per-event maximum (2^53 − 1) overflows 64 bits after 1,024 of them; counts are 64-bit."""
+    return "HUGEINT" if measure.money else "BIGINT"
+
+
 def measure_sum(measure: Measure) -> exp.Expr:
     value: exp.Expr = exp.Literal.number(1)
     if measure.column is not None:

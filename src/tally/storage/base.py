@@ -30,6 +30,8 @@ class DerivedTable:
     ddl: str
     from_batch: tuple[str, ...]
     from_all: tuple[str, ...]
+    # (column, type) that older stores may hold narrower: changed to this type when opened
+    column_types: tuple[tuple[str, str], ...] = ()
 
 
 @dataclass
@@ -39,6 +41,15 @@ class WriteSet:
     events: list[pa.Table] = field(default_factory=list)
     quarantine: list[pa.Table] = field(default_factory=list)
     idempotency: list[IdempotencyRecord] = field(default_factory=list)
+
+    @property
+    def rows(self) -> int:
+        """Rows this write adds (events and quarantine entries)."""
+        return sum(int(t.num_rows) for t in [*self.events, *self.quarantine])
+
+    @property
+    def empty(self) -> bool:
+        return not (self.rows or self.idempotency)
 
 
 @dataclass(frozen=True)
@@ -55,9 +66,12 @@ class QuarantineItem:
 class Backend(Protocol):
     dialect: str
 
-    def write(self, writes: WriteSet, journal_seq: int | None = None) -> None:
+    def write(self, writes: WriteSet, journal_seq: int | None = None, *,
+              dry_run: bool = False) -> None:
         """Append events, quarantine entries and idempotency records in one durable commit,
-        recording ``journal_seq`` as the last journal record applied."""
+        recording ``journal_seq`` as the last journal record applied. ``dry_run``: do all of
+        it, then roll back (does the store accept these rows?). Raises ``WriteRejected`` when
+        the rows are at fault, ``StoreUnavailable`` when the store is."""
 
     def journal_applied_seq(self) -> int: ...
 

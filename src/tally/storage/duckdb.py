@@ -5,7 +5,8 @@ from __future__ import annotations
 import json
 import re
 import threading
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -14,7 +15,7 @@ import duckdb
 import pyarrow as pa
 from sqlglot import exp
 
-from tally.errors import StoreUnavailable
+from tally.errors import StoreUnavailable, WriteRejected
 from tally.storage.base import DerivedTable, IdempotencyRecord, QuarantineItem, WriteSet
 from tally.storage.metering import current_meter
 from tally.storage.schema import EVENTS_SCHEMA, QUARANTINE_SCHEMA, duckdb_columns
@@ -49,6 +50,14 @@ CREATE TABLE IF NOT EXISTS store_settings (name VARCHAR PRIMARY KEY, value VARCH
 QUARANTINE_COLUMNS = ", ".join(QUARANTINE_SCHEMA.names)
 ROWS_SCANNED_METRIC = "query.total_rows_scanned"
 JOURNAL_APPLIED = "journal_applied_seq"
+# errors of the store itself (I/O, a full or read-only disk, memory, a database invalidated by
+# a failed checkpoint, an interrupt), as opposed to errors of the rows being written
+STORE_ERRORS = (duckdb.OperationalError, duckdb.FatalException, duckdb.PermissionException,
+                duckdb.InterruptException, OSError)
+
+
+def first_line(exc: BaseException) -> str:
+    return (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300]
 
 
 class DuckDBBackend:
@@ -63,17 +72,14 @@ class DuckDBBackend:
         of earlier versions, dropped when found."""
         self.path = data_dir / "events.duckdb"
         self.idempotency_ttl = idempotency_ttl
+        self.read_only = read_only
         if read_only and not self.path.exists():
             raise StoreUnavailable(f"no Tally store at {self.path}")
-        try:
-            self._con = duckdb.connect(str(self.path), read_only=read_only)
-        except duckdb.IOException as exc:
-            if "lock" in str(exc).lower():
-                raise StoreUnavailable(
-                    f"store {self.path} is in use by another process (is `tally serve` "
-                    f"running on this data dir?): {exc}"
-                ) from None
-            raise StoreUnavailable(f"cannot open store {self.path}: {exc}") from None
+        self._con = self._connect()
+        # a failed checkpoint (a full disk) invalidates a DuckDB database until it is opened
+        # again: _invalid marks that, and every cursor of an older generation is replaced
+        self._invalid = False
+        self._generation = 0
         self._derived = [sql for table in derived for sql in table.from_batch]
         if not read_only:
             self._con.execute(DDL)
@@ -85,6 +91,17 @@ class DuckDBBackend:
         self._scan_lock = threading.Lock()
         self.rows_scanned = 0  # by execute(), since the store was opened
 
+    def _connect(self) -> duckdb.DuckDBPyConnection:
+        try:
+            return duckdb.connect(str(self.path), read_only=self.read_only)
+        except duckdb.Error as exc:
+            if "lock" in str(exc).lower():
+                raise StoreUnavailable(
+                    f"store {self.path} is in use by another process (is `tally serve` "
+                    f"running on this data dir?): {first_line(exc)}"
+                ) from None
+            raise StoreUnavailable(f"cannot open store {self.path}: {first_line(exc)}") from None
+
     def _create_derived(self, derived: Sequence[DerivedTable]) -> None:
         for table in derived:
             existed = bool(self._con.execute(
@@ -94,19 +111,66 @@ class DuckDBBackend:
             if not existed:  # a new derived table over an existing store: fill it once
                 for sql in table.from_all:
                     self._con.execute(sql)
+            self._widen(table)
+
+    def _widen(self, table: DerivedTable) -> None:
+        """Columns an older version created narrower (money sums were BIGINT before they
+        were HUGEINT) get their declared type; once, since the type is checked first."""
+        for column, kind in table.column_types:
+            found = self._con.execute(
+                "SELECT data_type FROM duckdb_columns() WHERE table_name = ? "
+                "AND column_name = ?", [table.name, column]).fetchall()
+            if found and found[0][0] != kind:
+                self._con.execute(
+                    f"ALTER TABLE {table.name} ALTER {column} SET DATA TYPE {kind}")
+
+    def _live(self) -> duckdb.DuckDBPyConnection:
+        """The connection, opened again first if a fatal error invalidated the database."""
+        if self._invalid:
+            with self._write_lock:
+                if self._invalid:
+                    try:
+                        self._con.close()
+                    except duckdb.Error:
+                        pass
+                    self._con = self._connect()
+                    self._generation += 1
+                    self._invalid = False
+        return self._con
+
+    def _failed(self, exc: BaseException) -> BaseException:
+        """What a DuckDB error means to callers: the store failing (``StoreUnavailable``;
+        a fatal one is remembered, so the next use opens the database again) or the rows."""
+        if isinstance(exc, duckdb.FatalException | duckdb.ConnectionException):
+            self._invalid = True
+        if isinstance(exc, STORE_ERRORS):
+            return StoreUnavailable(f"the store cannot be used now: {first_line(exc)}")
+        return WriteRejected(first_line(exc))
+
+    @contextmanager
+    def _reading(self) -> Iterator[None]:
+        """A read that fails because the store does (I/O, an invalidated database) raises
+        ``StoreUnavailable`` (a 503), and a fatal error has the next use reopen the store."""
+        try:
+            yield
+        except STORE_ERRORS as exc:
+            raise self._failed(exc) from exc
 
     # -- reads: one cursor per thread, so readers never share a connection -----------------
     def _cursor(self) -> duckdb.DuckDBPyConnection:
+        con = self._live()
         cur: duckdb.DuckDBPyConnection | None = getattr(self._local, "cursor", None)
-        if cur is None:
-            cur = self._con.cursor()
-            self._local.cursor = cur
+        if cur is None or self._local.generation != self._generation:
+            cur = con.cursor()
+            self._local.cursor, self._local.generation = cur, self._generation
+            self._local.profiled = None
         return cur
 
     def query(self, sql: str, params: Sequence[Any] = ()) -> pa.Table:
-        rel = self._cursor().sql(sql, params=list(params))
-        assert rel is not None, "query() is for statements that return rows"
-        return rel.to_arrow_table()
+        with self._reading():
+            rel = self._cursor().sql(sql, params=list(params))
+            assert rel is not None, "query() is for statements that return rows"
+            return rel.to_arrow_table()
 
     def execute(self, tree: exp.Expr, params: dict[str, Any]) -> pa.Table:
         """A sqlglot tree rendered in DuckDB's dialect, with named bound parameters. The rows
@@ -115,11 +179,12 @@ class DuckDBBackend:
         meter = current_meter.get()
         if meter is not None:
             meter.before_scan(lambda: self.estimate_rows(sql, params))
-        cur = self._profiled_cursor()
-        rel = cur.sql(sql, params=params)
-        assert rel is not None, "execute() is for queries that return rows"
-        table = rel.to_arrow_table()
-        rows = profiled_rows_scanned(cur.get_profiling_information(format="json"))
+        with self._reading():
+            cur = self._profiled_cursor()
+            rel = cur.sql(sql, params=params)
+            assert rel is not None, "execute() is for queries that return rows"
+            table = rel.to_arrow_table()
+            rows = profiled_rows_scanned(cur.get_profiling_information(format="json"))
         with self._scan_lock:
             self.rows_scanned += rows
         if meter is not None:
@@ -129,6 +194,7 @@ class DuckDBBackend:
     def _profiled_cursor(self) -> duckdb.DuckDBPyConnection:
         """The thread's cursor for :meth:`execute`: profiled, tracking only the rows scanned
         (a few microseconds a statement), so each statement's count can be read back."""
+        self._cursor()  # the thread's generation is current
         cur: duckdb.DuckDBPyConnection | None = getattr(self._local, "profiled", None)
         if cur is None:
             cur = self._con.cursor()
@@ -145,7 +211,8 @@ class DuckDBBackend:
         return sum(estimated_scan_rows(json.loads(plan)) for _, plan in rel.fetchall())
 
     def _scalar(self, sql: str, params: Sequence[Any] = ()) -> Any:
-        rows = self._cursor().execute(sql, list(params)).fetchall()
+        with self._reading():
+            rows = self._cursor().execute(sql, list(params)).fetchall()
         return rows[0][0] if rows else None
 
     def count_events(self) -> int:
@@ -187,51 +254,61 @@ class DuckDBBackend:
         return None if value is None else str(value)
 
     def put_setting(self, name: str, value: str) -> None:
-        with self._write_lock:
-            self._con.execute(
-                "INSERT INTO store_settings VALUES (?, ?) ON CONFLICT (name) DO NOTHING",
-                [name, value],
-            )
+        self._transaction(lambda con: con.execute(
+            "INSERT INTO store_settings VALUES (?, ?) ON CONFLICT (name) DO NOTHING",
+            [name, value]))
 
-    # -- the one write path -----------------------------------------------------------------
-    def write(self, writes: WriteSet, journal_seq: int | None = None) -> None:
+    # -- writes: one transaction each, errors told apart (the store's or the rows') --------
+    def _transaction(self, body: Callable[[duckdb.DuckDBPyConnection], object],
+                     dry_run: bool = False) -> None:
+        con = self._live()
         with self._write_lock:
-            con = self._con
-            con.execute("BEGIN TRANSACTION")
             try:
-                for table in writes.events:
-                    con.register("_new_events", table)
-                    con.execute("INSERT INTO events SELECT * FROM _new_events")
-                    for sql in self._derived:  # rollups, in the same transaction
-                        con.execute(sql)
-                    con.unregister("_new_events")
-                for table in writes.quarantine:
-                    con.register("_new_quarantine", table)
-                    con.execute(
-                        f"INSERT INTO quarantine ({QUARANTINE_COLUMNS}) "  # noqa: S608
-                        "SELECT * FROM _new_quarantine"
-                    )
-                    con.unregister("_new_quarantine")
-                if writes.idempotency:
-                    con.executemany(
-                        "INSERT OR REPLACE INTO idempotency VALUES (?, ?, ?, ?, ?)",
-                        [[r.client_id, r.key, r.body_sha256, r.response, r.created_at]
-                         for r in writes.idempotency],
-                    )
-                if journal_seq is not None:
-                    con.execute("INSERT OR REPLACE INTO store_settings VALUES (?, ?)",
-                                [JOURNAL_APPLIED, str(journal_seq)])
-                con.execute("COMMIT")
-            except BaseException:
-                con.execute("ROLLBACK")
-                raise
+                con.execute("BEGIN TRANSACTION")
+                body(con)
+                con.execute("ROLLBACK" if dry_run else "COMMIT")
+            except Exception as exc:
+                try:
+                    con.execute("ROLLBACK")
+                except duckdb.Error:
+                    pass  # a failed COMMIT already ended the transaction
+                raise self._failed(exc) from exc
+
+    def write(self, writes: WriteSet, journal_seq: int | None = None, *,
+              dry_run: bool = False) -> None:
+        """The one write path of ingestion (see ``Backend.write``); every table of a kind is
+        appended by one statement, so many small batches cost what one large one does."""
+        self._transaction(lambda con: self._append(con, writes, journal_seq), dry_run)
+
+    def _append(self, con: duckdb.DuckDBPyConnection, writes: WriteSet,
+                journal_seq: int | None) -> None:
+        if writes.events:
+            con.register("_new_events", pa.concat_tables(writes.events))
+            con.execute("INSERT INTO events SELECT * FROM _new_events")
+            for sql in self._derived:  # rollups, in the same transaction
+                con.execute(sql)
+            con.unregister("_new_events")
+        if writes.quarantine:
+            con.register("_new_quarantine", pa.concat_tables(writes.quarantine))
+            con.execute(
+                f"INSERT INTO quarantine ({QUARANTINE_COLUMNS}) "  # noqa: S608
+                "SELECT * FROM _new_quarantine"
+            )
+            con.unregister("_new_quarantine")
+        if writes.idempotency:
+            con.executemany(
+                "INSERT OR REPLACE INTO idempotency VALUES (?, ?, ?, ?, ?)",
+                [[r.client_id, r.key, r.body_sha256, r.response, r.created_at]
+                 for r in writes.idempotency],
+            )
+        if journal_seq is not None:
+            con.execute("INSERT OR REPLACE INTO store_settings VALUES (?, ?)",
+                        [JOURNAL_APPLIED, str(journal_seq)])
 
     def expire_idempotency(self) -> None:
-        with self._write_lock:
-            self._con.execute(
-                "DELETE FROM idempotency WHERE created_at < ?",
-                [datetime.now(UTC).replace(tzinfo=None) - self.idempotency_ttl],
-            )
+        self._transaction(lambda con: con.execute(
+            "DELETE FROM idempotency WHERE created_at < ?",
+            [datetime.now(UTC).replace(tzinfo=None) - self.idempotency_ttl]))
 
     def fx_rates(self) -> list[tuple[date, str, str]]:
         rows = self._cursor().execute("SELECT day, currency, rate FROM fx_rates").fetchall()
@@ -239,25 +316,20 @@ class DuckDBBackend:
 
     def add_fx_rates(self, rows: list[tuple[date, str, str]]) -> None:
         """Insert new rates (the caller checked they are new); a duplicate key fails."""
-        if not rows:
-            return
-        with self._write_lock:
-            self._con.execute("BEGIN TRANSACTION")
-            try:
-                self._con.executemany(
-                    "INSERT INTO fx_rates (day, currency, rate) VALUES (?, ?, ?)",
-                    [list(row) for row in rows])
-                self._con.execute("COMMIT")
-            except BaseException:
-                self._con.execute("ROLLBACK")
-                raise
+        if rows:
+            self._transaction(lambda con: con.executemany(
+                "INSERT INTO fx_rates (day, currency, rate) VALUES (?, ?, ?)",
+                [list(row) for row in rows]))
 
     def journal_applied_seq(self) -> int:
         return int(self.setting(JOURNAL_APPLIED) or 0)
 
     def close(self) -> None:
         with self._write_lock:
-            self._con.close()
+            try:
+                self._con.close()
+            except duckdb.Error:
+                pass  # an invalidated database: nothing left to flush
 
 
 def profiled_rows_scanned(profile: str) -> int:

@@ -42,7 +42,8 @@ async def quarantine(
     limit: Annotated[int, Query(ge=1, le=1000)] = 100,
 ) -> JSONResponse:
     after = decode_cursor("q", cursor) if cursor else 0
-    await asyncio.to_thread(runtime.ingest.flush)  # every acknowledged rejection is listed
+    # every acknowledged rejection is listed, if the applier gets it in within the bound
+    await asyncio.to_thread(runtime.ingest.flush, runtime.settings.read_your_writes_ms / 1000)
     rows = runtime.backend.quarantine(after, limit + 1)
     page = rows[:limit]
     items: list[dict[str, Any]] = [

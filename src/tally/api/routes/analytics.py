@@ -27,7 +27,6 @@ from tally.runtime import Runtime
 from tally.security.tokens import Principal
 
 router = APIRouter(tags=["analytics"])
-READ_YOUR_WRITES_WAIT = 2.0  # seconds at most; normally the applier is milliseconds behind
 TIMESERIES_PARAMS = ("metric", "granularity", "from", "to", "filters", "group_by", "cursor",
                      "limit", "currency")
 SLICE_PARAMS = ("metric", "dim", "from", "to", "filters", "limit", "order", "cursor",
@@ -56,13 +55,16 @@ async def _answer(request: Request, runtime: Runtime, principal: Principal,
                   planner: Callable[[Context, Any], Plan], q: Any, max_age: int) -> Response:
     versions = runtime.ingest.versions
     plan = planner(Context(runtime.backend, runtime.fx, runtime.settings, principal,
-                           versions.latest), q)
-    # read-your-writes: an answer includes every event acknowledged before the request
+                           versions.complete_before), q)
+    # read-your-writes, bounded: an answer includes the events acknowledged before the request
+    # if the applier gets them in within TALLY_READ_YOUR_WRITES_MS; else it answers now, and
+    # its watermark says which events it holds
     if not runtime.ingest.caught_up():
-        await asyncio.to_thread(runtime.ingest.flush, READ_YOUR_WRITES_WAIT)
+        await asyncio.to_thread(runtime.ingest.flush, runtime.settings.read_your_writes_ms / 1000)
     etag = etag_for(plan.fingerprint, versions.version(plan.brands, plan.reads),
                     runtime.fx.version)
-    mark = format_watermark(versions.latest(plan.brands), runtime.settings.allowed_lateness)
+    mark = format_watermark(versions.complete_before(plan.brands),
+                            runtime.settings.allowed_lateness)
     if not_modified(request, etag):
         return respond(etag, None, max_age, mark)
     content = runtime.answers.get(etag)

@@ -20,12 +20,15 @@ async def healthz() -> JSONResponse:
 @router.get("/readyz", tags=["operations"], summary="Readiness: the store answers")
 async def readyz(runtime: RuntimeDep) -> JSONResponse:
     try:
-        events = runtime.backend.count_events()
+        runtime.backend.setting("dedup_key")
         runtime.meta.execute("SELECT 1").fetchone()
+        reasons = runtime.unready()
     except Exception as exc:  # readiness reports any failure as not ready
-        return JSONResponse({"status": "unavailable", "detail": type(exc).__name__},
-                            status_code=503)
-    return JSONResponse({"status": "ready", "events": events})
+        reasons = [f"store does not answer: {type(exc).__name__}"]
+    if reasons:
+        return JSONResponse({"status": "unavailable", "reasons": reasons}, status_code=503,
+                            headers={"Retry-After": "5"})
+    return JSONResponse({"status": "ready"})
 
 
 @router.get("/metrics", tags=["operations"], summary="Prometheus metrics (text format)")
