@@ -110,6 +110,19 @@ def _replicate(base: Path, data: Path, stored: int) -> None:
     (data / "demo.json").write_text(json.dumps(marker))
 
 
+def stored_events(data: Path) -> int:
+    """Events in a data dir's store (read before a server holds it)."""
+    import duckdb
+
+    if not (data / "events.duckdb").exists():
+        return 0
+    con = duckdb.connect(str(data / "events.duckdb"), read_only=True)
+    try:
+        return count_rows(con)
+    finally:
+        con.close()
+
+
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
@@ -117,13 +130,15 @@ def free_port() -> int:
 
 
 class Server:
-    def __init__(self, data: Path) -> None:
+    def __init__(self, data: Path, env: dict[str, str] | None = None) -> None:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
+        self.stored_at_start = stored_events(data)
         started = time.perf_counter()
         with (data / f"serve-{self.port}.log").open("wb") as log:
             self.proc = subprocess.Popen([TALLY, "serve", "--port", str(self.port),
-                                          "--data-dir", str(data)], stdout=log, stderr=log)
+                                          "--data-dir", str(data)], stdout=log, stderr=log,
+                                         env={**os.environ, **(env or {})})
         while True:
             if self.proc.poll() is not None:
                 raise RuntimeError("server exited during start-up")
@@ -134,8 +149,11 @@ class Server:
                 time.sleep(0.05)
         self.startup_seconds = time.perf_counter() - started
 
-    def stored_events(self) -> int:
-        return int(httpx.get(f"{self.url}/readyz", timeout=60).json()["events"])
+    def gauge(self, name: str) -> float:
+        """A label-less sample of /metrics."""
+        text = httpx.get(f"{self.url}/metrics", timeout=10).text
+        return float(next(line.split()[-1] for line in text.splitlines()
+                          if line.startswith(f"{name} ")))
 
     def peak_rss_mb(self) -> float:
         status = Path(f"/proc/{self.proc.pid}/status").read_text()
@@ -162,7 +180,8 @@ def client_headers(url: str, data: Path, scopes: str) -> dict[str, str]:
 
 
 async def _post_all(host: str, port: int, path: str, headers: dict[str, str],
-                    bodies: list[bytes], clients: int) -> tuple[list[float], list[bytes]]:
+                    bodies: list[bytes], clients: int
+                    ) -> tuple[list[float], list[bytes], int]:
     """POST every body over ``clients`` keep-alive connections with pre-built request bytes:
     a load generator that costs the shared CPU almost nothing, unlike a full HTTP client."""
     import asyncio
@@ -170,6 +189,7 @@ async def _post_all(host: str, port: int, path: str, headers: dict[str, str],
     pending = list(reversed(bodies))
     latencies: list[float] = []
     replies: list[bytes] = []
+    refusals: list[float] = []
     head = "".join(f"{k}: {v}\r\n" for k, v in headers.items())
 
     async def worker() -> None:
@@ -179,12 +199,19 @@ async def _post_all(host: str, port: int, path: str, headers: dict[str, str],
             request = (f"POST {path} HTTP/1.1\r\nHost: {host}\r\n{head}"
                        f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n")
             sent = time.perf_counter()
-            writer.write(request.encode() + body)
-            await writer.drain()
-            header = await reader.readuntil(b"\r\n\r\n")
-            length = next(int(line.split(b":")[1]) for line in header.split(b"\r\n")
-                          if line.lower().startswith(b"content-length"))
-            reply = await reader.readexactly(length)
+            while True:  # a producer that honours 503 + Retry-After (push-back)
+                writer.write(request.encode() + body)
+                await writer.drain()
+                header = await reader.readuntil(b"\r\n\r\n")
+                length = next(int(line.split(b":")[1]) for line in header.split(b"\r\n")
+                              if line.lower().startswith(b"content-length"))
+                reply = await reader.readexactly(length)
+                if not header.startswith(b"HTTP/1.1 503"):
+                    break
+                refusals.append(time.perf_counter())
+                retry = next((float(line.split(b":")[1]) for line in header.split(b"\r\n")
+                              if line.lower().startswith(b"retry-after")), 1.0)
+                await asyncio.sleep(retry)
             latencies.append(time.perf_counter() - sent)
             if not header.startswith(b"HTTP/1.1 2"):
                 raise RuntimeError(f"{header!r} {reply!r}")
@@ -192,14 +219,16 @@ async def _post_all(host: str, port: int, path: str, headers: dict[str, str],
         writer.close()
 
     await asyncio.gather(*(worker() for _ in range(clients)))
-    return latencies, replies
+    return latencies, replies, len(refusals)
 
 
 def post_all(url: str, path: str, headers: dict[str, str], bodies: list[bytes],
-             clients: int) -> tuple[list[float], list[bytes], float]:
+             clients: int) -> tuple[list[float], list[bytes], float, int]:
+    """(latencies, replies, wall seconds, 503 refusals retried) of POSTing every body."""
     import asyncio
 
     host, port = url.removeprefix("http://").split(":")
     started = time.perf_counter()
-    latencies, replies = asyncio.run(_post_all(host, int(port), path, headers, bodies, clients))
-    return latencies, replies, time.perf_counter() - started
+    latencies, replies, refused = asyncio.run(
+        _post_all(host, int(port), path, headers, bodies, clients))
+    return latencies, replies, time.perf_counter() - started, refused

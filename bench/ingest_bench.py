@@ -10,13 +10,15 @@ from __future__ import annotations
 
 import argparse
 import json
+import threading
 import time
 import uuid
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
 import duckdb
+import httpx2 as httpx
 import msgspec
 
 from bench.common import (
@@ -51,12 +53,66 @@ def make_bodies(batches: int, batch_size: int) -> list[bytes]:
 def http_run(url: str, headers: dict[str, str], bodies: list[bytes],
              clients: int) -> dict[str, Any]:
     started_cpu = time.process_time()
-    latencies, replies, wall = post_all(url, "/v1/events:batch", headers, bodies, clients)
+    latencies, replies, wall, refused = post_all(url, "/v1/events:batch", headers, bodies,
+                                                 clients)
     accepted = sum(json.loads(reply)["accepted"] for reply in replies)
     return {"events_per_s": accepted / wall, "accepted": accepted, "wall_s": wall,
             "ack_p50_ms": percentile(latencies, 0.5) * 1000,
-            "ack_p99_ms": percentile(latencies, 0.99) * 1000,
+            "ack_p99_ms": percentile(latencies, 0.99) * 1000, "refused_503": refused,
             "load_generator_cpu_s": time.process_time() - started_cpu}
+
+
+def burst(server: Server, headers: dict[str, str], bodies: list[bytes],
+          clients: int) -> dict[str, Any]:
+    """A burst of batches, then what a reader sees: the rate the store applies them at (not
+    only the rate they are acknowledged at), the largest backlog, and how long an event sent
+    right after the burst takes to show in a query (freshness). The server runs with
+    TALLY_READ_YOUR_WRITES_MS=0, so a query answers at once with what is applied."""
+    backlog: list[tuple[float, float]] = []
+    done = threading.Event()
+
+    def watch() -> None:
+        while not done.is_set():
+            backlog.append((time.perf_counter(), server.gauge("tally_applier_pending_rows")))
+            time.sleep(0.1)
+
+    watcher = threading.Thread(target=watch)
+    started = time.perf_counter()
+    watcher.start()
+    acks = http_run(server.url, headers, bodies, clients)
+    brand = f"marker-{uuid.uuid4().hex[:8]}"
+    now = datetime.now(UTC).replace(microsecond=0)
+    marker = make_event_like(brand, now)
+    sent = time.perf_counter()
+    post_all(server.url, "/v1/events:batch", headers, [msgspec.json.encode([marker])], 1)
+    minute = now.replace(second=0)
+    params = {"metric": "bets", "granularity": "1m", "filters": f"brand_id:{brand}",
+              "from": minute.strftime("%Y-%m-%dT%H:%M:%SZ"),
+              "to": (minute + timedelta(minutes=1)).strftime("%Y-%m-%dT%H:%M:%SZ")}
+    visible = None
+    while time.perf_counter() - sent < 600:
+        series = httpx.get(f"{server.url}/v1/analytics/timeseries", params=params,
+                           headers=headers, timeout=60).json()["series"]
+        if sum(point["value"] for point in series) == 1:
+            visible = time.perf_counter() - sent
+            break
+        time.sleep(0.05)
+    while server.gauge("tally_applier_pending_rows") > 0:
+        time.sleep(0.05)
+    drained = time.perf_counter()
+    done.set()
+    watcher.join()
+    return {**acks, "applied_events_per_s": acks["accepted"] / (drained - started),
+            "max_backlog_rows": max((rows for _, rows in backlog), default=0),
+            "freshness_after_burst_s": visible}
+
+
+def make_event_like(brand: str, at: datetime) -> dict[str, Any]:
+    return {"event_id": f"{brand}-1", "event_type": "bet.settled",
+            "occurred_at": at.strftime("%Y-%m-%dT%H:%M:%SZ"), "tenant_id": brand,
+            "region": "EU", "player_id": "p_marker", "schema_version": "1.2.0",
+            "payload": {"bet_id": f"{brand}-b", "stake_minor": 100, "win_minor": 0,
+                        "currency": "EUR", "game_id": "g", "provider_id": "p"}}
 
 
 def raw_append(data: Path, bodies: list[bytes]) -> dict[str, Any]:
@@ -90,22 +146,26 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=1000)
     parser.add_argument("--clients", type=int, default=4)
     parser.add_argument("--days", type=int, default=90)
+    parser.add_argument("--small-batches", type=int, default=3000,
+                        help="batches of 100 events in the small-batch burst")
     args = parser.parse_args()
     OUT.mkdir(parents=True, exist_ok=True)
     for stored in args.stored or [10_000_000]:
         data = ensure_store(stored, args.days)
         bodies = make_bodies(args.batches + LATENCY_BATCHES, args.batch_size)
         bodies, latency_bodies = bodies[:args.batches], bodies[args.batches:]
-        server = Server(data)
+        server = Server(data, {"TALLY_READ_YOUR_WRITES_MS": "0"})
         try:
             rss_start = server.rss_mb()
-            stored_actual = server.stored_events()
-            headers = client_headers(server.url, data, "events:write")
+            stored_actual = server.stored_at_start
+            headers = client_headers(server.url, data, "events:write analytics:read")
             http_run(server.url, headers, bodies[:20], args.clients)  # warm-up
-            result = http_run(server.url, headers, bodies[20:], args.clients)
+            result = burst(server, headers, bodies[20:], args.clients)
             one = http_run(server.url, headers, latency_bodies, 1)
+            small = burst(server, headers, make_bodies(args.small_batches, 100), args.clients)
             result.update(startup_s=server.startup_seconds, rss_after_start_mb=rss_start,
-                          peak_rss_mb=server.peak_rss_mb(), one_client=one)
+                          peak_rss_mb=server.peak_rss_mb(), one_client=one,
+                          small_batches_of_100=small)
         finally:
             server.stop()
         baseline = raw_append(data, bodies[20:])
