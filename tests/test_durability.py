@@ -185,6 +185,35 @@ def test_rows_that_only_fail_together_set_aside_the_later_one(settings):
         assert [q["event_id"] for q in quarantined(client, headers)] == [b["event_id"]]
 
 
+def test_a_record_refused_even_without_its_poison_is_parked_whole(settings):
+    """The last resort: the isolated write is refused too (here the quarantine itself refuses
+    the entries of set-aside rows), so the whole record goes to DATA/parked/ and the records
+    behind it are applied."""
+    sabotage(settings.data_dir, "CREATE TABLE session_ends (tenant_id VARCHAR, session_id "
+             "VARCHAR, duration_sec BIGINT CHECK (duration_sec < 1000000)); "
+             "CREATE SEQUENCE quarantine_seq; CREATE TABLE quarantine (id BIGINT PRIMARY KEY "
+             "DEFAULT nextval('quarantine_seq'), received_at TIMESTAMP NOT NULL, client_id "
+             "VARCHAR NOT NULL, batch_index INTEGER NOT NULL, event_id VARCHAR, reason VARCHAR "
+             "NOT NULL CHECK (reason NOT LIKE 'not applied%'), event VARCHAR NOT NULL)")
+    with app(settings) as (client, headers):
+        runtime = runtime_of(client)
+        first = [make_event(), session_end(5_000_000), make_event()]
+        assert post(client, headers, first).json()["accepted"] == 3
+        assert runtime.ingest.flush(30)
+        later = [make_event() for _ in range(3)]
+        assert post(client, headers, later).json()["accepted"] == 3
+        ids = stored_ids(client)
+        assert set(ids) == {e["event_id"] for e in later}
+        lines = [json.loads(line) for f in sorted((settings.data_dir / "parked").iterdir())
+                 for line in f.read_text().splitlines()]
+        parked = {line["item"]["event_id"]: line for line in lines}
+        assert set(parked) == {e["event_id"] for e in first}
+        assert {line["kind"] for line in lines} == {"event", "quarantine"}
+        assert all("CHECK" in line["reason"] for line in lines)
+        assert runtime.ingest.applier.set_aside_rows == 3
+        assert post(client, headers, first[:1]).json()["accepted"] == 1  # not a duplicate
+
+
 def test_a_poison_record_left_in_the_journal_does_not_stop_the_restart(settings):
     """The restart freeze of issue 9: start-up replayed the same failing record and died."""
     with app(settings) as (client, headers):

@@ -185,7 +185,7 @@ class Applier:
     def _apply(self, seq: int, writes: WriteSet) -> Isolated | None:
         """Write ``writes`` as record ``seq``; the write as applied, or None if stopped."""
         result = Isolated(writes)
-        delay, attempt = BACKOFF_FIRST, 0
+        delay, attempt, isolated = BACKOFF_FIRST, 0, False
         while True:
             try:
                 if attempt and self._backend.journal_applied_seq() >= seq:
@@ -194,7 +194,11 @@ class Applier:
                 try:
                     self._backend.write(result.writes, journal_seq=seq)
                 except WriteRejected as exc:
-                    result = self._set_aside(seq, result, str(exc))
+                    if isolated:  # isolated once and refused again: park the whole record
+                        result = park_all(result, self._parked_dir, seq, str(exc))
+                    else:
+                        result = isolate(self._backend, result.writes, self._parked_dir, seq)
+                        isolated = True
                     continue
                 self.store_failure = None
                 return result
@@ -208,11 +212,6 @@ class Applier:
                 if self._given_up():
                     return None
                 delay = min(delay * 2, BACKOFF_MAX)
-
-    def _set_aside(self, seq: int, result: Isolated, reason: str) -> Isolated:
-        if result.set_aside is not None or result.parked:  # isolated once, refused again
-            return park_all(result.writes, self._parked_dir, seq, reason)
-        return isolate(self._backend, result.writes, self._parked_dir, seq)
 
     def _done(self, seq: int, applied: Isolated, rows: int, seconds: float) -> None:
         if applied.set_aside is not None and applied.set_aside.num_rows:

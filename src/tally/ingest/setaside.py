@@ -122,13 +122,15 @@ def isolate(backend: Backend, writes: WriteSet, parked_dir: Path, seq: int) -> I
     return Isolated(result, set_aside, len(others))
 
 
-def park_all(writes: WriteSet, parked_dir: Path, seq: int, reason: str) -> Isolated:
+def park_all(isolated: Isolated, parked_dir: Path, seq: int, reason: str) -> Isolated:
     """The last resort, when even the isolated write is refused: every row of the record goes
     to a parked file and nothing to the store, so the records behind it can go on."""
-    items = _Items.of(writes)
+    items = _Items.of(isolated.writes)
     _park(parked_dir, seq, [_item_json(items, i, reason) for i in range(len(items))])
     log.error("applier: a whole record was parked", extra={"seq": seq, "items": len(items)})
-    return Isolated(WriteSet(), items.events, len(items))
+    not_stored = [t for t in (isolated.set_aside, items.events) if t is not None]
+    return Isolated(WriteSet(), pa.concat_tables(not_stored) if not_stored else None,
+                    isolated.parked + len(items))
 
 
 def _dry_run(backend: Backend, writes: WriteSet) -> str | None:

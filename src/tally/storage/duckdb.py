@@ -138,10 +138,12 @@ class DuckDBBackend:
                     self._invalid = False
         return self._con
 
-    def _failed(self, exc: BaseException) -> BaseException:
+    def _failed(self, exc: BaseException, generation: int) -> BaseException:
         """What a DuckDB error means to callers: the store failing (``StoreUnavailable``;
-        a fatal one is remembered, so the next use opens the database again) or the rows."""
-        if isinstance(exc, duckdb.FatalException | duckdb.ConnectionException):
+        a fatal one on the current connection is remembered, so the next use opens the
+        database again) or the rows (``WriteRejected``)."""
+        if isinstance(exc, duckdb.FatalException | duckdb.ConnectionException) \
+                and generation == self._generation:
             self._invalid = True
         if isinstance(exc, STORE_ERRORS):
             return StoreUnavailable(f"the store cannot be used now: {first_line(exc)}")
@@ -151,10 +153,11 @@ class DuckDBBackend:
     def _reading(self) -> Iterator[None]:
         """A read that fails because the store does (I/O, an invalidated database) raises
         ``StoreUnavailable`` (a 503), and a fatal error has the next use reopen the store."""
+        generation = self._generation
         try:
             yield
         except STORE_ERRORS as exc:
-            raise self._failed(exc) from exc
+            raise self._failed(exc, generation) from exc
 
     # -- reads: one cursor per thread, so readers never share a connection -----------------
     def _cursor(self) -> duckdb.DuckDBPyConnection:
@@ -263,6 +266,7 @@ class DuckDBBackend:
                      dry_run: bool = False) -> None:
         con = self._live()
         with self._write_lock:
+            generation = self._generation if con is self._con else -1
             try:
                 con.execute("BEGIN TRANSACTION")
                 body(con)
@@ -272,7 +276,7 @@ class DuckDBBackend:
                     con.execute("ROLLBACK")
                 except duckdb.Error:
                     pass  # a failed COMMIT already ended the transaction
-                raise self._failed(exc) from exc
+                raise self._failed(exc, generation) from exc
 
     def write(self, writes: WriteSet, journal_seq: int | None = None, *,
               dry_run: bool = False) -> None:
