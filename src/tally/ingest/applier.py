@@ -79,13 +79,15 @@ class Applier:
         self._thread.start()
 
     # -- the writer's side ------------------------------------------------------------------
-    def enqueue(self, seq: int, writes: WriteSet) -> None:
+    def enqueue(self, seq: int, writes: WriteSet, block: bool = True) -> None:
         """Hand over a durable group. Blocks only past twice the backlog bound (the memory cap
-        for a bulk loader, which has no ``503`` to receive)."""
+        for a bulk loader, which has no ``503`` to receive); never at start-up (``block``
+        False: the records a stop left must all be handed over before the thread starts)."""
         rows = writes.rows
         self._versions.add_pending(seq, writes.events)
         with self._cond:
-            while self._pending_rows > 2 * self.max_backlog_rows and not self._stopping:
+            while block and self._pending_rows > 2 * self.max_backlog_rows \
+                    and not self._stopping:
                 self._cond.wait()
             now = time.monotonic()
             self._pending.append((seq, writes, now))
@@ -101,8 +103,7 @@ class Applier:
         rows, lag = self.lag_rows(), self.lag_seconds()
         if rows <= self.max_backlog_rows and lag <= self.max_backlog_seconds:
             return
-        drain = rows / self._rate if self._rate > 0 else BACKOFF_MAX
-        retry = max(1, min(60, round(drain)))
+        retry = max(1, min(60, round(self.drain_seconds() if self._rate > 0 else BACKOFF_MAX)))
         why = (f"the store is not accepting writes ({self.store_failure})" if self.store_failure
                else f"{rows} acknowledged rows ({lag:.0f} s) are waiting to be applied")
         raise ServiceUnavailable(f"ingestion is paused: {why}; retry in {retry} s",
@@ -122,6 +123,12 @@ class Applier:
 
     def lag_rows(self) -> int:
         return self._pending_rows
+
+    def drain_seconds(self) -> float:
+        """About how long the applier needs to apply what waits now (0: caught up; unknown
+        rate: assumed quick)."""
+        rows = self._pending_rows
+        return rows / self._rate if rows and self._rate > 0 else 0.0
 
     def lag_seconds(self) -> float:
         """How long the oldest acknowledged group has waited for the store (0: caught up)."""

@@ -60,7 +60,7 @@ class IngestService:
                                on_set_aside=self._forget)
         self.journal.release(applied)
         for record in unapplied:  # applied by the applier like any new group, poison and all
-            self.applier.enqueue(record.seq, record.writes)
+            self.applier.enqueue(record.seq, record.writes, block=False)
         if unapplied:
             log.info("journal: records to apply from before the last stop",
                      extra={"records": len(unapplied), "last_seq": unapplied[-1].seq})
@@ -98,6 +98,13 @@ class IngestService:
     def flush(self, timeout: float | None = 30) -> bool:
         """Wait until every acknowledged write is visible in the store."""
         return self.applier.flush(timeout)
+
+    def read_your_writes(self, bound: float) -> None:
+        """Before a read: wait for what was acknowledged before it, for at most ``bound``
+        seconds, and not at all when the applier is far behind (it would not make it: the
+        answer's watermark tells what it holds instead)."""
+        if not self.applier.caught_up() and self.applier.drain_seconds() <= bound:
+            self.applier.flush(bound)
 
     def prepare(self, body: bytes, ctx: ValidationContext, client_id: str) -> PreparedBatch:
         return prepare(body, ctx, client_id, self.max_batch_events, self._hash,

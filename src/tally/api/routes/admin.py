@@ -43,7 +43,8 @@ async def quarantine(
 ) -> JSONResponse:
     after = decode_cursor("q", cursor) if cursor else 0
     # every acknowledged rejection is listed, if the applier gets it in within the bound
-    await asyncio.to_thread(runtime.ingest.flush, runtime.settings.read_your_writes_ms / 1000)
+    await asyncio.to_thread(runtime.ingest.read_your_writes,
+                            runtime.settings.read_your_writes_ms / 1000)
     rows = runtime.backend.quarantine(after, limit + 1)
     page = rows[:limit]
     items: list[dict[str, Any]] = [

@@ -60,7 +60,8 @@ async def _answer(request: Request, runtime: Runtime, principal: Principal,
     # if the applier gets them in within TALLY_READ_YOUR_WRITES_MS; else it answers now, and
     # its watermark says which events it holds
     if not runtime.ingest.caught_up():
-        await asyncio.to_thread(runtime.ingest.flush, runtime.settings.read_your_writes_ms / 1000)
+        await asyncio.to_thread(runtime.ingest.read_your_writes,
+                                runtime.settings.read_your_writes_ms / 1000)
     etag = etag_for(plan.fingerprint, versions.version(plan.brands, plan.reads),
                     runtime.fx.version)
     mark = format_watermark(versions.complete_before(plan.brands),
