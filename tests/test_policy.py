@@ -81,6 +81,10 @@ def test_confine_keeps_filters_inside_the_claims_as_they_are():
     ({"regions": {"EU", "NA"}}, {"region": ("NA",)}, "served regions"),
     ({"regions": {"NA"}}, {}, "served regions"),  # nothing of this client is served here
     ({"regions": {"NA"}}, {"brand_id": ("b1",)}, "served regions"),
+    # an empty limit (never in a token: tokens.principal_from refuses it) reads nothing, and
+    # is never narrowed to an empty, i.e. absent, filter
+    ({"brands": set()}, {}, "brands"),
+    ({"regions": set()}, {}, "served regions"),
 ])
 def test_confine_refuses_with_403_naming_the_claim(limits, filters, claim):
     with pytest.raises(Forbidden) as refused:

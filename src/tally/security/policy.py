@@ -67,6 +67,11 @@ def confine(filters: Mapping[str, tuple[str, ...]], principal: Principal,
     filter the answer is restricted to everything the caller may see. Because the result
     always carries the restriction, a ``group_by``/``dim`` on ``brand_id`` or ``region`` can
     only produce groups inside the limits."""
+    if principal.brands is not None and not principal.brands:
+        # tokens never carry an empty limit (tokens.principal_from); were one to get here, the
+        # narrowing below would add an empty, i.e. absent, brand filter: every brand
+        raise Forbidden("this client's brands limit is empty: it may read no brand",
+                        claim="brands")
     confined = dict(filters)
     brands = confined.get(BRAND_KEY, ())
     regions = confined.get(REGION_KEY, ())
