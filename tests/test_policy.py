@@ -81,6 +81,10 @@ def test_confine_keeps_filters_inside_the_claims_as_they_are():
     ({"regions": {"EU", "NA"}}, {"region": ("NA",)}, "served regions"),
     ({"regions": {"NA"}}, {}, "served regions"),  # nothing of this client is served here
     ({"regions": {"NA"}}, {"brand_id": ("b1",)}, "served regions"),
+    # an empty limit (never in a token: tokens.principal_from refuses it) reads nothing, and
+    # is never narrowed to an empty, i.e. absent, filter
+    ({"brands": set()}, {}, "brands"),
+    ({"regions": set()}, {}, "served regions"),
 ])
 def test_confine_refuses_with_403_naming_the_claim(limits, filters, claim):
     with pytest.raises(Forbidden) as refused:
@@ -121,6 +125,74 @@ def test_check_event(brands, regions, tenant, region, reason, residency):
     else:
         assert refusal is not None and refusal.reason.startswith(reason)
         assert refusal.residency is residency
+
+
+# --------------------------------------------------------------------------- operator routes
+
+
+@pytest.mark.parametrize(("limits", "brands", "regions", "scope"), [
+    ({}, (), (), (None, None)),  # no limit: every row, those naming no brand/region included
+    ({}, ("b2", "b1", "b2"), ("NA",), (("b1", "b2"), ("NA",))),  # no residency check here
+    ({"brands": {"b1", "b2"}}, (), (), (("b1", "b2"), None)),
+    ({"brands": {"b1", "b2"}}, ("b2",), (), (("b2",), None)),
+    ({"regions": {"EU", "NA"}}, (), ("NA",), (None, ("NA",))),
+    ({"brands": {"b1"}, "regions": {"UK"}}, (), (), (("b1",), ("UK",))),
+    ({"metrics": {"ggr"}}, (), (), (None, None)),  # the quarantine has no metrics
+])
+def test_confine_rows_narrows_to_the_filters_or_the_limits(limits, brands, regions, scope):
+    assert policy.confine_rows(principal(**limits), brands, regions) == policy.RowScope(*scope)
+
+
+@pytest.mark.parametrize(("limits", "brands", "regions", "claim"), [
+    ({"brands": {"b1"}}, ("b2",), (), "brands"),
+    ({"brands": {"b1"}}, ("b1", "b2"), (), "brands"),  # partly outside: 403, not narrowed
+    ({"regions": {"EU"}}, (), ("UK",), "regions"),
+    ({"brands": {"b1"}, "regions": {"EU"}}, ("b2",), ("UK",), "brands"),
+])
+def test_confine_rows_refuses_filters_outside_the_limits(limits, brands, regions, claim):
+    with pytest.raises(Forbidden) as refused:
+        policy.confine_rows(principal(**limits), brands, regions)
+    assert refused.value.extra == {"claim": claim}
+
+
+@pytest.mark.parametrize(("limits", "claim"), [
+    ({}, None),
+    ({"brands": {"b1"}}, "brands"),
+    ({"regions": {"EU"}}, "regions"),
+    ({"metrics": {"ggr"}}, "metrics"),
+    ({"regions": {"EU"}, "metrics": {"ggr"}}, "regions"),
+])
+def test_require_unrestricted_names_the_first_limit(limits, claim):
+    if claim is None:
+        policy.require_unrestricted(principal(**limits), "setting FX rates")
+        return
+    with pytest.raises(Forbidden) as refused:
+        policy.require_unrestricted(principal(**limits), "setting FX rates")
+    assert refused.value.extra == {"claim": claim}
+    assert refused.value.detail.startswith("setting FX rates concerns every brand")
+
+
+def test_audit_actors_are_the_admin_itself_and_clients_inside_its_limits():
+    from tally.security.clients import Client
+
+    def client(name: str, brands: set[str] | None = None, regions: set[str] | None = None,
+               metrics: set[str] | None = None) -> Client:
+        frozen = [None if s is None else frozenset(s) for s in (brands, regions, metrics)]
+        return Client(name, name, frozenset({"analytics:read"}), *frozen)
+
+    registered = [client("b1", {"b1"}), client("b1-eu", {"b1"}, {"EU"}),
+                  client("b1b2", {"b1", "b2"}), client("eu", regions={"EU"}),
+                  client("b1-ggr", {"b1"}, metrics={"ggr"}), client("all")]
+    assert policy.audit_actors(principal(), registered) is None
+    assert policy.audit_actors(principal(brands={"b1"}), registered) == {
+        "cl_test", "b1", "b1-eu", "b1-ggr"}
+    assert policy.audit_actors(principal(brands={"b1"}, metrics={"ggr"}), registered) == {
+        "cl_test", "b1-ggr"}
+    assert policy.audit_actors(principal(regions={"EU"}), registered) == {
+        "cl_test", "b1-eu", "eu"}
+    assert policy.audit_actors(principal(metrics={"ggr", "dau"}), registered) == {
+        "cl_test", "b1-ggr"}
+    assert policy.audit_actors(principal(brands={"b9"}), registered) == {"cl_test"}
 
 
 # --------------------------------------------------------------------------- over HTTP

@@ -12,7 +12,8 @@ To add an endpoint, append a :class:`QueryEndpoint` to ``ENDPOINTS``: how to ask
 metric (``None`` for endpoints without one) under filters, and what its answer shows — the
 (brand, region) keys it is grouped by, and/or how many players it counts (every cell of the
 data holds exactly one player, so a count is the number of allowed cells). The number of cells
-is printed by ``test_matrix_size`` and recorded in docs/security.md.
+is printed by ``test_matrix_size`` and recorded in docs/security.md. The operator (``admin``)
+routes have their own matrix over these clients: ``test_admin_matrix.py``.
 """
 
 from __future__ import annotations

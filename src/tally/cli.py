@@ -84,11 +84,14 @@ def serve(
 def client_create(
     name: Annotated[str, typer.Option(help="Human-readable client name.")],
     scopes: Annotated[str, typer.Option(help='Space-separated, e.g. "events:write admin".')],
-    brands: Annotated[str | None, typer.Option(help="Comma-separated brands (default all).")]
+    brands: Annotated[str | None, typer.Option(
+        help="Comma-separated brands; omit for all (an empty value is an error).")]
     = None,
-    regions: Annotated[str | None, typer.Option(help="Comma-separated regions (default all).")]
+    regions: Annotated[str | None, typer.Option(
+        help="Comma-separated regions; omit for all (an empty value is an error).")]
     = None,
-    metrics: Annotated[str | None, typer.Option(help="Comma-separated metrics (default all).")]
+    metrics: Annotated[str | None, typer.Option(
+        help="Comma-separated metrics; omit for all (an empty value is an error).")]
     = None,
     min_group_size: Annotated[int | None, typer.Option(
         help="Withhold distinct-player counts below this (dau, wau, mau); default none.")]

@@ -178,7 +178,10 @@ def _type_table(items: list[tuple[int, Event]], payload_texts: list[PayloadText]
 def quarantine_table(rejections: list[Rejection], received_at: datetime,
                      client_id: str) -> pa.Table:
     """Quarantine rows. An event refused for residency keeps only its identity, not its data:
-    CONTRACT §3 says it is stored nowhere in this deployment."""
+    CONTRACT §3 says it is stored nowhere in this deployment. Every row also keeps the brand
+    and region its event names, residency refusals included (routing, not the event's data),
+    so that the operator routes can confine the quarantine by them."""
+    where = [_named_place(r.raw) for r in rejections]
     return pa.Table.from_pydict(
         {
             "received_at": [received_at] * len(rejections),
@@ -187,9 +190,33 @@ def quarantine_table(rejections: list[Rejection], received_at: datetime,
             "event_id": [r.event_id for r in rejections],
             "reason": [r.reason for r in rejections],
             "event": [_residency_stub(r) if r.residency else r.raw.decode() for r in rejections],
+            "tenant_id": [place.tenant_id for place in where],
+            "region": [place.region for place in where],
         },
         schema=QUARANTINE_SCHEMA,
     )
+
+
+class _Place(msgspec.Struct):
+    """The members of a raw event the quarantine is confined by; anything else is skipped."""
+
+    tenant_id: Any = None
+    region: Any = None
+
+
+_PLACE = msgspec.json.Decoder(_Place)
+
+
+def _named_place(raw: bytes) -> _Place:
+    """The brand and region a rejected event names as strings; None for a member that is
+    absent, not a string, or in text that is not a JSON object (a malformed event: only an
+    operator without limits sees it)."""
+    try:
+        place = _PLACE.decode(raw)
+    except (msgspec.DecodeError, RecursionError):  # ValidationError is a DecodeError
+        return _Place()
+    return _Place(*(value if isinstance(value, str) else None
+                    for value in (place.tenant_id, place.region)))
 
 
 def _residency_stub(rejection: Rejection) -> str:

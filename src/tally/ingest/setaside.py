@@ -64,8 +64,8 @@ class _Items:
     @classmethod
     def of(cls, writes: WriteSet) -> _Items:
         return cls(pa.concat_tables(writes.events) if writes.events else None,
-                   pa.concat_tables(writes.quarantine) if writes.quarantine else None,
-                   list(writes.idempotency))
+                   pa.concat_tables(writes.quarantine, promote_options="default")
+                   if writes.quarantine else None, list(writes.idempotency))
 
     @property
     def n_events(self) -> int:

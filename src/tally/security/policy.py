@@ -12,7 +12,11 @@ module and never compare claims themselves:
   retention, LTV);
 - :func:`check_event` — may this caller ingest an event for this brand and region?
 - :func:`suppress_small_groups` / :func:`below_min_group` — the per-client minimum group size
-  for distinct-player numbers (privacy).
+  for distinct-player numbers (privacy);
+- :func:`confine_rows`, :func:`audit_actors`, :func:`require_unrestricted` — the operator
+  (``admin``) routes, which obey the same limits: the quarantine is confined to the caller's
+  brands and regions, the audit log to calls provably inside its limits, and deployment-wide
+  operations (verifying the whole log, setting FX rates) need an admin with no limit at all.
 
 Regions this deployment does not serve are residency's call (``security/residency.py``:
 ``403``, or ``421`` pointing at the region's deployment); this module asks it from
@@ -23,11 +27,12 @@ served regions are a ``ServedRegions`` that carries the other regions' endpoints
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 from tally.errors import BadRequest, Forbidden, MisdirectedRequest
+from tally.security.clients import Client
 from tally.security.residency import NO_ENDPOINTS, query_error, refusal
 from tally.security.tokens import Principal
 from tally.semantic.catalog import METRICS, Kind, Metric
@@ -67,6 +72,11 @@ def confine(filters: Mapping[str, tuple[str, ...]], principal: Principal,
     filter the answer is restricted to everything the caller may see. Because the result
     always carries the restriction, a ``group_by``/``dim`` on ``brand_id`` or ``region`` can
     only produce groups inside the limits."""
+    if principal.brands is not None and not principal.brands:
+        # tokens never carry an empty limit (tokens.principal_from); were one to get here, the
+        # narrowing below would add an empty, i.e. absent, brand filter: every brand
+        raise Forbidden("this client's brands limit is empty: it may read no brand",
+                        claim="brands")
     confined = dict(filters)
     brands = confined.get(BRAND_KEY, ())
     regions = confined.get(REGION_KEY, ())
@@ -137,6 +147,74 @@ def check_event(tenant_id: str, region: str, served_regions: frozenset[str],
     if brands is not None and tenant_id not in brands:
         return Refusal(f"tenant_id {tenant_id!r} is outside this client's brands")
     return None
+
+
+# --------------------------------------------------------------------------- operator routes
+
+
+@dataclass(frozen=True, slots=True)
+class RowScope:
+    """The rows of an operator listing (the quarantine) a caller may read, by the brand and
+    region each row names. On each axis None admits every row, one naming no value included;
+    a tuple admits only rows naming one of its values, so a row whose brand (or region) is
+    unknown — a malformed event — is then left out: it cannot be shown to be inside."""
+
+    brands: tuple[str, ...] | None
+    regions: tuple[str, ...] | None
+
+
+def confine_rows(principal: Principal, brands: Sequence[str],
+                 regions: Sequence[str]) -> RowScope:
+    """An operator listing's ``brand_id``/``region`` filters, checked like a query's against
+    the caller's brands and regions (``403`` naming the claim for any value outside, never an
+    empty page), then narrowed to them. Residency does not apply: the quarantine holds this
+    deployment's refusals, those of events for regions served elsewhere included."""
+    _refuse_outside(BRAND_KEY, brands, principal.brands, "brands")
+    _refuse_outside(REGION_KEY, regions, principal.regions, "regions")
+    return RowScope(_narrowed(brands, principal.brands), _narrowed(regions, principal.regions))
+
+
+def _narrowed(named: Sequence[str], allowed: frozenset[str] | None) -> tuple[str, ...] | None:
+    if named:
+        return tuple(sorted(set(named)))
+    return None if allowed is None else tuple(sorted(allowed))
+
+
+def _limits(principal: Principal | Client) -> tuple[tuple[str, frozenset[str] | None], ...]:
+    return (("brands", principal.brands), ("regions", principal.regions),
+            ("metrics", principal.metrics))
+
+
+def require_unrestricted(principal: Principal, operation: str) -> None:
+    """Deployment-wide operations — verifying the whole audit log, setting FX rates (which
+    change every brand's money answers) — are for an admin with no brand, region or metric
+    limit: ``403`` naming the first limit the caller has."""
+    for claim, limit in _limits(principal):
+        if limit is not None:
+            raise Forbidden(f"{operation} concerns every brand, region and metric; this client "
+                            f"is limited to {claim} {','.join(sorted(limit))}, so it needs an "
+                            "admin client without limits", claim=claim)
+
+
+def audit_actors(principal: Principal, registered: Iterable[Client]) -> frozenset[str] | None:
+    """The clients whose audit entries this admin may read (None: every entry). An admin with
+    no limit reads the whole log. Any other reads its own client's entries and those of the
+    ``registered`` clients whose brands, regions and metrics each lie within its own: all such
+    a client may ever ask is inside this admin's limits, so its calls show nothing outside
+    them. Entries of no client (unauthenticated calls, the log's own events) and of clients
+    not registered here (an external issuer's) are therefore for an admin without limits."""
+    if all(limit is None for _, limit in _limits(principal)):
+        return None
+    inside = {client.client_id for client in registered
+              if all(_within(theirs, ours) for (_, theirs), (_, ours)
+                     in zip(_limits(client), _limits(principal), strict=True))}
+    return frozenset({principal.client_id, *inside})
+
+
+def _within(theirs: frozenset[str] | None, ours: frozenset[str] | None) -> bool:
+    """Whether a limit lies within another: anything within no limit, nothing but a subset
+    within a limit (no limit — every value — is within none)."""
+    return ours is None or (theirs is not None and theirs <= ours)
 
 
 # --------------------------------------------------------------------------- privacy

@@ -45,11 +45,17 @@ def _claim_list(items: frozenset[str] | None) -> list[str] | None:
     return None if items is None else sorted(items)
 
 
-def _claim_set(value: Any) -> frozenset[str] | None:
+def _claim_set(name: str, value: Any) -> frozenset[str] | None:
+    """A limit claim: absent or null is no limit; otherwise a non-empty list of non-blank
+    strings. An empty list is refused, never read as "no limit": a limit naming nothing must
+    not widen to everything (nor reach a query as an empty, i.e. absent, filter)."""
     if value is None:
         return None
     if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
         raise Unauthorized("token has a malformed claim")
+    if not value or not all(v.strip() for v in value):
+        raise Unauthorized(f"token claim {name!r} is empty or holds a blank value; an empty "
+                           "limit never means all (omit the claim for no limit)")
     return frozenset(value)
 
 
@@ -131,9 +137,9 @@ def principal_from(claims: dict[str, Any]) -> Principal:
     return Principal(
         client_id=_claim_str(claims, "client_id"),
         scopes=frozenset(scope.split()),
-        brands=_claim_set(claims.get("brands")),
-        regions=_claim_set(claims.get("regions")),
-        metrics=_claim_set(claims.get("metrics")),
+        brands=_claim_set("brands", claims.get("brands")),
+        regions=_claim_set("regions", claims.get("regions")),
+        metrics=_claim_set("metrics", claims.get("metrics")),
         token_id=_claim_str(claims, "jti"),
         min_group_size=_claim_int(claims.get("min_group_size")),
         cert_thumbprint=_confirmation(claims.get("cnf")),

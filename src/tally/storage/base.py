@@ -61,6 +61,8 @@ class QuarantineItem:
     event_id: str | None
     reason: str
     event: str
+    tenant_id: str | None  # the brand the event names, if it names one as a string
+    region: str | None
 
 
 class Backend(Protocol):
@@ -88,7 +90,10 @@ class Backend(Protocol):
 
     def idempotency(self, client_id: str, key: str) -> IdempotencyRecord | None: ...
 
-    def quarantine(self, after_id: int, limit: int) -> list[QuarantineItem]: ...
+    def quarantine(self, after_id: int, limit: int, brands: Sequence[str] | None = None,
+                   regions: Sequence[str] | None = None) -> list[QuarantineItem]:
+        """Up to ``limit`` entries with id > ``after_id``, oldest first; with ``brands`` (or
+        ``regions``) only entries naming one of them — never one naming none."""
 
     def setting(self, name: str) -> str | None: ...
 

@@ -48,6 +48,12 @@ CREATE TABLE IF NOT EXISTS store_settings (name VARCHAR PRIMARY KEY, value VARCH
 """
 
 QUARANTINE_COLUMNS = ", ".join(QUARANTINE_SCHEMA.names)
+# Columns the quarantine gained after its first release, each with how to back-fill it from
+# the stored event: the JSON string at that path, NULL when the text is not JSON or the member
+# is absent or not a string (as ``ingest.batch.quarantine_table`` decides for new rows).
+QUARANTINE_ADDED = ("tenant_id", "region")
+_STRING_MEMBER = ("try(CASE WHEN json_type(event, '$.{0}') = 'VARCHAR' "
+                  "THEN json_extract_string(event, '$.{0}') END)")
 ROWS_SCANNED_METRIC = "query.total_rows_scanned"
 JOURNAL_APPLIED = "journal_applied_seq"
 # errors of the store itself (I/O, a full or read-only disk, memory, a database invalidated by
@@ -83,6 +89,7 @@ class DuckDBBackend:
         self._derived = [sql for table in derived for sql in table.from_batch]
         if not read_only:
             self._con.execute(DDL)
+            self._migrate_quarantine()
             for name in retired:
                 self._con.execute(f"DROP TABLE IF EXISTS {name}")
             self._create_derived(derived)
@@ -101,6 +108,27 @@ class DuckDBBackend:
                     f"running on this data dir?): {first_line(exc)}"
                 ) from None
             raise StoreUnavailable(f"cannot open store {self.path}: {first_line(exc)}") from None
+
+    def _migrate_quarantine(self) -> None:
+        """The additive migration of a store made before :data:`QUARANTINE_ADDED`: add the
+        columns and back-fill them from the stored events, in one transaction (a crash leaves
+        the old table, and the next open migrates again)."""
+        present = {row[0] for row in self._con.execute(
+            "SELECT column_name FROM duckdb_columns() WHERE table_name = 'quarantine'"
+        ).fetchall()}
+        missing = [name for name in QUARANTINE_ADDED if name not in present]
+        if not missing:
+            return
+        self._con.execute("BEGIN TRANSACTION")
+        try:
+            for name in missing:
+                self._con.execute(f"ALTER TABLE quarantine ADD COLUMN {name} VARCHAR")
+                self._con.execute(f"UPDATE quarantine SET {name} = "  # noqa: S608 - constants
+                                  + _STRING_MEMBER.format(name))
+            self._con.execute("COMMIT")
+        except BaseException:
+            self._con.execute("ROLLBACK")
+            raise
 
     def _create_derived(self, derived: Sequence[DerivedTable]) -> None:
         for table in derived:
@@ -244,11 +272,20 @@ class DuckDBBackend:
         row = rows[0]
         return IdempotencyRecord(client_id, key, row[0], row[1], row[2])
 
-    def quarantine(self, after_id: int, limit: int) -> list[QuarantineItem]:
+    def quarantine(self, after_id: int, limit: int, brands: Sequence[str] | None = None,
+                   regions: Sequence[str] | None = None) -> list[QuarantineItem]:
+        # the scope is in the WHERE clause, so LIMIT counts only rows the caller may see and
+        # a page is full whenever more such rows exist; a NULL brand or region never matches
+        where: list[str] = ["id > ?"]
+        params: list[Any] = [after_id]
+        for column, values in (("tenant_id", brands), ("region", regions)):
+            if values is not None:
+                where.append(f"list_contains(?, {column})")
+                params.append(list(values))
         rows = self._cursor().execute(
             f"SELECT id, {QUARANTINE_COLUMNS} FROM quarantine "  # noqa: S608 - constant names
-            "WHERE id > ? ORDER BY id LIMIT ?",
-            [after_id, limit],
+            f"WHERE {' AND '.join(where)} ORDER BY id LIMIT ?",
+            [*params, limit],
         ).fetchall()
         return [QuarantineItem(*row) for row in rows]
 
@@ -293,10 +330,12 @@ class DuckDBBackend:
                 con.execute(sql)
             con.unregister("_new_events")
         if writes.quarantine:
-            con.register("_new_quarantine", pa.concat_tables(writes.quarantine))
+            con.register("_new_quarantine",
+                         pa.concat_tables(writes.quarantine, promote_options="default"))
             con.execute(
-                f"INSERT INTO quarantine ({QUARANTINE_COLUMNS}) "  # noqa: S608
-                "SELECT * FROM _new_quarantine"
+                # by name: a journal record written before a column was added replays with
+                # that column NULL instead of failing to apply
+                "INSERT INTO quarantine BY NAME SELECT * FROM _new_quarantine"
             )
             con.unregister("_new_quarantine")
         if writes.idempotency:

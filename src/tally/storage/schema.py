@@ -50,6 +50,10 @@ QUARANTINE_SCHEMA = pa.schema(
         pa.field("event_id", pa.string()),
         pa.field("reason", pa.string(), nullable=False),
         pa.field("event", pa.string(), nullable=False),
+        # the brand and region the rejected event names (when it names them as strings): what
+        # the operator routes confine the quarantine by; last, as a migrated table has them
+        pa.field("tenant_id", pa.string()),
+        pa.field("region", pa.string()),
     ]
 )
 

@@ -1,4 +1,9 @@
-"""Operator routes: the quarantine of rejected events."""
+"""Operator routes: FX rates and the quarantine of rejected events.
+
+They obey the caller's limits like every other route (``security/policy.py``): the quarantine
+is confined to the token's brands and regions, and setting FX rates — which changes every
+brand's money answers — needs an admin without limits. Reading the rates is open to any admin.
+"""
 
 from __future__ import annotations
 
@@ -12,13 +17,15 @@ from fastapi.responses import JSONResponse
 from tally.api.cursors import decode_cursor, encode_cursor
 from tally.api.deps import Admin, RuntimeDep
 from tally.errors import BadRequest
+from tally.security import policy
 from tally.semantic.fx import parse_rates
 
 router = APIRouter(tags=["admin"])
 
 
 @router.post("/v1/admin/fx-rates", summary="Append FX rates (append-only, per UTC day)")
-async def add_fx_rates(request: Request, _: Admin, runtime: RuntimeDep) -> JSONResponse:
+async def add_fx_rates(request: Request, principal: Admin, runtime: RuntimeDep) -> JSONResponse:
+    policy.require_unrestricted(principal, "setting FX rates")
     try:
         body = msgspec.json.decode(await request.body())
     except msgspec.DecodeError as exc:
@@ -34,18 +41,27 @@ async def list_fx_rates(_: Admin, runtime: RuntimeDep) -> JSONResponse:
                         headers={"Cache-Control": "private, no-store"})
 
 
+FILTER_HELP = ("Only entries of this {0} (repeatable; values OR-ed). A {0} outside the "
+               "token's limits is 403.")
+
+
 @router.get("/v1/admin/quarantine", summary="Rejected events with their reasons, oldest first")
 async def quarantine(
-    _: Admin,
+    principal: Admin,
     runtime: RuntimeDep,
     cursor: str | None = None,
     limit: Annotated[int, Query(ge=1, le=1000)] = 100,
+    brand_id: Annotated[list[str] | None, Query(description=FILTER_HELP.format("brand"))] = None,
+    region: Annotated[list[str] | None, Query(description=FILTER_HELP.format("region"))] = None,
 ) -> JSONResponse:
+    scope = policy.confine_rows(principal, _named("brand_id", brand_id),
+                                _named("region", region))
     after = decode_cursor("q", cursor) if cursor else 0
     # every acknowledged rejection is listed, if the applier gets it in within the bound
     await asyncio.to_thread(runtime.ingest.read_your_writes,
                             runtime.settings.read_your_writes_ms / 1000)
-    rows = runtime.backend.quarantine(after, limit + 1)
+    rows = await asyncio.to_thread(runtime.backend.quarantine, after, limit + 1, scope.brands,
+                                   scope.regions)
     page = rows[:limit]
     items: list[dict[str, Any]] = [
         {
@@ -61,3 +77,11 @@ async def quarantine(
     next_cursor = encode_cursor("q", page[-1].id) if len(rows) > limit else None
     return JSONResponse({"items": items, "next_cursor": next_cursor},
                         headers={"Cache-Control": "private, no-store"})
+
+
+def _named(key: str, values: list[str] | None) -> tuple[str, ...]:
+    """A listing filter's values; an empty one is a mistake, not "any"."""
+    for value in values or ():
+        if not value.strip():
+            raise BadRequest(f"{key} must not be empty", parameter=key)
+    return tuple(values or ())

@@ -1,4 +1,10 @@
-"""``GET /v1/admin/audit`` (entries, cursor paging) and ``GET /v1/admin/audit/verify``."""
+"""``GET /v1/admin/audit`` (entries, cursor paging) and ``GET /v1/admin/audit/verify``.
+
+Both obey the caller's limits (``security/policy.py``): an admin with limits reads only the
+entries of calls provably inside them (its own client's, and those of clients registered with
+limits inside its own), and verifying the whole log — which reports on every entry — needs an
+admin without limits.
+"""
 
 from __future__ import annotations
 
@@ -10,6 +16,11 @@ from fastapi.responses import JSONResponse
 
 from tally.api.cursors import decode_cursor, encode_cursor
 from tally.api.deps import Admin, RuntimeDep
+from tally.audit.log import EntryPage
+from tally.runtime import Runtime
+from tally.security import policy
+from tally.security.clients import registered_clients
+from tally.security.tokens import Principal
 
 router = APIRouter(tags=["admin"])
 NO_STORE = {"Cache-Control": "private, no-store"}
@@ -18,23 +29,29 @@ NO_STORE = {"Cache-Control": "private, no-store"}
 @router.get("/v1/admin/audit", summary="Audit log entries, oldest first")
 async def list_audit(
     request: Request,
-    _: Admin,
+    principal: Admin,
     runtime: RuntimeDep,
     after: Annotated[int, Query(ge=0, description="Entries with seq greater than this.")] = 0,
     cursor: str | None = None,
     limit: Annotated[int, Query(ge=1, le=1000)] = 100,
 ) -> JSONResponse:
     start = decode_cursor("a", cursor) if cursor else after
-    rows = await asyncio.to_thread(runtime.audit.entries, start, limit + 1)
-    page = rows[:limit]
-    request.state.audit_rows = len(page)
-    next_cursor = encode_cursor("a", int(page[-1]["seq"])) if len(rows) > limit else None
-    return JSONResponse({"items": page, "next_cursor": next_cursor}, headers=NO_STORE)
+    page = await asyncio.to_thread(_readable_page, runtime, principal, start, limit)
+    request.state.audit_rows = len(page.items)
+    next_cursor = None if page.next_after is None else encode_cursor("a", page.next_after)
+    return JSONResponse({"items": page.items, "next_cursor": next_cursor}, headers=NO_STORE)
+
+
+def _readable_page(runtime: Runtime, principal: Principal, after: int,
+                   limit: int) -> EntryPage:
+    actors = policy.audit_actors(principal, registered_clients(runtime.meta))
+    return runtime.audit.entries(after, limit, actors)
 
 
 @router.get("/v1/admin/audit/verify",
             summary="Verify the audit log now: chain, signed checkpoints, length")
-async def verify_audit(_: Admin, runtime: RuntimeDep) -> JSONResponse:
+async def verify_audit(principal: Admin, runtime: RuntimeDep) -> JSONResponse:
+    policy.require_unrestricted(principal, "verifying the audit log")
     verdict = await asyncio.to_thread(runtime.audit.verify)
     status = await asyncio.to_thread(runtime.audit.status)
     return JSONResponse({**verdict.public(), **status}, headers=NO_STORE)
