@@ -16,6 +16,7 @@ from sqlglot import exp
 
 from tally.errors import StoreUnavailable
 from tally.storage.base import DerivedTable, IdempotencyRecord, QuarantineItem, WriteSet
+from tally.storage.limits import QueryLimits, bounded
 from tally.storage.metering import current_meter
 from tally.storage.schema import EVENTS_SCHEMA, QUARANTINE_SCHEMA, duckdb_columns
 
@@ -58,9 +59,11 @@ class DuckDBBackend:
 
     def __init__(self, data_dir: Path, *, read_only: bool = False,
                  idempotency_ttl: timedelta = timedelta(hours=24),
-                 derived: Sequence[DerivedTable] = (), retired: Sequence[str] = ()) -> None:
+                 derived: Sequence[DerivedTable] = (), retired: Sequence[str] = (),
+                 limits: QueryLimits | None = None, spill_dir: Path | None = None) -> None:
         """``derived``: tables kept from the events (the rollups); ``retired``: derived tables
-        of earlier versions, dropped when found."""
+        of earlier versions, dropped when found; ``limits``: bounds on every read statement
+        (memory and spill are the whole engine's), spilling into ``spill_dir``."""
         self.path = data_dir / "events.duckdb"
         self.idempotency_ttl = idempotency_ttl
         if read_only and not self.path.exists():
@@ -74,6 +77,8 @@ class DuckDBBackend:
                     f"running on this data dir?): {exc}"
                 ) from None
             raise StoreUnavailable(f"cannot open store {self.path}: {exc}") from None
+        self.limits = limits or QueryLimits()
+        self._apply_limits(spill_dir)
         self._derived = [sql for table in derived for sql in table.from_batch]
         if not read_only:
             self._con.execute(DDL)
@@ -95,6 +100,16 @@ class DuckDBBackend:
                 for sql in table.from_all:
                     self._con.execute(sql)
 
+    def _apply_limits(self, spill_dir: Path | None) -> None:
+        """The engine's memory and spill bounds (settings of the database: every cursor)."""
+        if self.limits.memory_bytes is not None:
+            self._con.execute(f"SET memory_limit = '{int(self.limits.memory_bytes)}B'")
+        if spill_dir is not None:
+            self._con.execute("SET temp_directory = ?", [str(spill_dir)])
+        if self.limits.spill_bytes is not None:
+            self._con.execute(
+                f"SET max_temp_directory_size = '{int(self.limits.spill_bytes)}B'")
+
     # -- reads: one cursor per thread, so readers never share a connection -----------------
     def _cursor(self) -> duckdb.DuckDBPyConnection:
         cur: duckdb.DuckDBPyConnection | None = getattr(self._local, "cursor", None)
@@ -104,6 +119,8 @@ class DuckDBBackend:
         return cur
 
     def query(self, sql: str, params: Sequence[Any] = ()) -> pa.Table:
+        """The store's own reads (the data versions at start-up): no statement timeout, which
+        bounds the queries of requests (:meth:`execute`), not start-up on a large store."""
         rel = self._cursor().sql(sql, params=list(params))
         assert rel is not None, "query() is for statements that return rows"
         return rel.to_arrow_table()
@@ -116,9 +133,10 @@ class DuckDBBackend:
         if meter is not None:
             meter.before_scan(lambda: self.estimate_rows(sql, params))
         cur = self._profiled_cursor()
-        rel = cur.sql(sql, params=params)
-        assert rel is not None, "execute() is for queries that return rows"
-        table = rel.to_arrow_table()
+        with bounded(cur, self.limits):  # TALLY_QUERY_TIMEOUT_SECONDS, memory: a 503
+            rel = cur.sql(sql, params=params)
+            assert rel is not None, "execute() is for queries that return rows"
+            table = rel.to_arrow_table()
         rows = profiled_rows_scanned(cur.get_profiling_information(format="json"))
         with self._scan_lock:
             self.rows_scanned += rows
