@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import threading
 import time
+from collections.abc import Iterator
 from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -18,6 +19,7 @@ import sqlglot
 from fastapi.testclient import TestClient
 
 from tally.api.app import create_app
+from tally.cohorts.request import MAX_COHORT_CELLS, MAX_EXCLUSIONS, MAX_STEPS
 from tally.config import Settings, parse_size
 from tally.errors import QueryMemoryExceeded, QueryTimeout
 from tally.runtime import SPILL_DIR, open_store
@@ -197,3 +199,70 @@ def test_the_store_spills_under_the_data_dir_within_the_configured_bounds(tmp_pa
                         "s": "953.6 MiB"}]
     finally:
         opened.close()
+
+
+# --------------------------------------------------------------------------- size limits
+
+
+@pytest.fixture
+def empty_api(tmp_path: Path) -> Iterator[tuple[TestClient, dict[str, str]]]:
+    settings = Settings(data_dir=tmp_path / "data", regions="EU")
+    with TestClient(create_app(settings), raise_server_exceptions=False) as client:
+        yield client, bearer(client, settings.data_dir)
+
+
+def problem(r: Any, status: int, *named: str) -> dict[str, Any]:
+    assert r.status_code == status, r.text
+    assert r.headers["content-type"].startswith("application/problem+json")
+    body: dict[str, Any] = r.json()
+    for name in named:
+        assert name in body["detail"], (name, body["detail"])
+    return body
+
+
+EXCLUDE = {"event": "payment.failed"}
+
+
+@pytest.mark.parametrize(("change", "status", "named"), [
+    ({"exclusions": [EXCLUDE] * (MAX_EXCLUSIONS + 1)}, 400, ("exclusions", "10")),
+    ({"from": "2025-01-01", "to": "2026-01-02T00:00:01Z"}, 400, ("366 days",)),
+], ids=["11-exclusions", "range-over-366-days"])
+def test_funnel_size_limits(empty_api, change, status, named):
+    client, headers = empty_api
+    body = {"steps": ["payment.intent", "payment.captured"], "window_sec": 60,
+            "from": "2025-01-01", "to": "2025-01-02", **change}
+    problem(client.post("/v1/analytics/funnel", json=body, headers=headers), status, *named)
+
+
+def test_funnel_size_limits_are_inclusive(empty_api):
+    client, headers = empty_api
+    body = {"steps": ["payment.intent"] * MAX_STEPS, "window_sec": 90 * 86_400,
+            "exclusions": [EXCLUDE] * MAX_EXCLUSIONS, "from": "2025-01-01",
+            "to": "2026-01-02"}  # 366 days
+    r = client.post("/v1/analytics/funnel", json=body, headers=headers)
+    assert r.status_code == 200 and r.json()["total"] == 0, r.text
+
+
+@pytest.mark.parametrize(("first", "last", "horizon", "ok"), [
+    ("2025-01-01", "2026-01-01", "100d", True),  # 366 × 100 = 36,600
+    ("2025-01-01", "2026-01-01", "101d", False),
+    ("2025-01-01", "2025-04-10", "365d", True),  # 100 × 365
+    ("2025-01-01", "2025-04-11", "365d", False),
+])
+def test_ltv_cohort_days_times_horizon_is_limited(empty_api, first, last, horizon, ok):
+    client, headers = empty_api
+    r = client.get("/v1/analytics/ltv", headers=headers, params={
+        "start_date": first, "end_date": last, "horizon": horizon})
+    if ok:
+        assert r.status_code == 200, r.text
+    else:
+        body = problem(r, 422, str(MAX_COHORT_CELLS), "horizon")
+        assert (body["limit"], body["max_cohort_cells"]) == ("max_cohort_cells",
+                                                              MAX_COHORT_CELLS)
+
+
+def test_timeseries_bucket_limit_names_it(empty_api):
+    client, headers = empty_api
+    r = client.get("/v1/analytics/timeseries", headers=headers, params={
+        "metric": "bets", "granularity": "1m", "from": "2025-01-01", "to": "2025-02-05"})
+    problem(r, 400, "50000 buckets")
