@@ -265,4 +265,4 @@ def test_timeseries_bucket_limit_names_it(empty_api):
     client, headers = empty_api
     r = client.get("/v1/analytics/timeseries", headers=headers, params={
         "metric": "bets", "granularity": "1m", "from": "2025-01-01", "to": "2025-02-05"})
-    problem(r, 400, "50000 buckets")
+    assert problem(r, 400, "50000 buckets")["limit"] == "max_buckets"

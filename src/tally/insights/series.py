@@ -96,7 +96,8 @@ def timeseries(ctx: Context, q: dict[str, str | None]) -> Plan:
     _aligned(end, step, "to", granularity)
     if rq.bucket_count(start, end, step) > rq.MAX_BUCKETS:
         raise BadRequest(f"at most {rq.MAX_BUCKETS} buckets per series; use a coarser "
-                         "granularity or a shorter range")
+                         "granularity or a shorter range", limit="max_buckets",
+                         max_buckets=rq.MAX_BUCKETS)
     filters = rq.confine(rq.parse_filters(q.get("filters"), metric), ctx.principal,
                          ctx.settings.served_regions)
     group_by = rq.parse_group_by(q.get("group_by"), metric)
