@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import re
 from functools import lru_cache
 from pathlib import Path
 from typing import Literal
@@ -15,6 +17,36 @@ from tally.events.currencies import ISO_4217
 from tally.security.limits import parse_rate
 from tally.security.pseudonym import MIN_KEY_LENGTH
 from tally.security.residency import ServedRegions, parse_endpoints
+
+MIN_QUERY_MEMORY = 16 * 2**20  # DuckDB needs some to run anything
+_SIZE = re.compile(r"(\d+(?:\.\d+)?)\s*(%|B|KB|MB|GB|TB|KiB|MiB|GiB|TiB)", re.IGNORECASE)
+_UNITS = {"b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
+          "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
+
+
+def machine_memory() -> int:
+    """Bytes of memory this process may use: the machine's, or its cgroup's limit if lower."""
+    total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    try:
+        limit = Path("/sys/fs/cgroup/memory.max").read_text().strip()
+    except OSError:
+        return total
+    return min(total, int(limit)) if limit.isdigit() else total
+
+
+def parse_size(text: str) -> int:
+    """``"50%"`` (of :func:`machine_memory`), ``"4GB"``, ``"512MiB"``, ``"0"`` → bytes."""
+    if text.strip() == "0":
+        return 0
+    match = _SIZE.fullmatch(text.strip())
+    if match is None:
+        raise ValueError(f"{text!r} is not a size (50%, 4GB, 512MB, 0)")
+    number, unit = float(match[1]), match[2].lower()
+    if unit == "%":
+        if not 0 < number <= 100:
+            raise ValueError(f"{text!r}: a share of memory is from 0 to 100%")
+        return int(machine_memory() * number / 100)
+    return int(number * _UNITS[unit])
 
 
 class Settings(BaseSettings):
@@ -61,6 +93,10 @@ class Settings(BaseSettings):
     rate_token: str = "1/s burst 20"  # noqa: S105 - a rate, not a secret
     max_rows_per_request: int = Field(default=0, ge=0)  # 0: no limit
     rows_per_day: int = Field(default=0, ge=0)  # per client and UTC day; 0: no quota
+    # bounds on every query statement (storage/limits.py): a stopped statement is a 503
+    query_timeout_seconds: float = Field(default=30.0, gt=0, le=3600)
+    query_memory_limit: str = "50%"  # of the machine's memory, or a size: 4GB, 512MB
+    query_spill_limit: str = ""  # disk a query may spill to; empty: the memory limit's size
 
     @field_validator("regions")
     @classmethod
@@ -123,6 +159,28 @@ class Settings(BaseSettings):
         if value not in ISO_4217:
             raise ValueError(f"TALLY_BASE_CURRENCY {value!r} is not an ISO 4217 code")
         return value
+
+    @field_validator("query_memory_limit")
+    @classmethod
+    def _memory(cls, value: str) -> str:
+        if parse_size(value) < MIN_QUERY_MEMORY:
+            raise ValueError(f"TALLY_QUERY_MEMORY_LIMIT {value!r} is below 16 MiB")
+        return value
+
+    @field_validator("query_spill_limit")
+    @classmethod
+    def _spill(cls, value: str) -> str:
+        if value:
+            parse_size(value)
+        return value
+
+    @property
+    def query_memory_bytes(self) -> int:
+        return parse_size(self.query_memory_limit)
+
+    @property
+    def query_spill_bytes(self) -> int:
+        return parse_size(self.query_spill_limit or self.query_memory_limit)
 
     @property
     def served_regions(self) -> ServedRegions:

@@ -80,6 +80,18 @@ class DependencyUnavailable(ServiceUnavailable):
     """A service Tally depends on (an identity provider) cannot answer now; retry later."""
 
 
+class QueryTimeout(ServiceUnavailable):
+    """A query statement ran past ``TALLY_QUERY_TIMEOUT_SECONDS`` and was stopped."""
+
+    code = "query_timeout"
+
+
+class QueryMemoryExceeded(ServiceUnavailable):
+    """A query statement needed more than the engine's memory and spill limits."""
+
+    code = "query_memory_exceeded"
+
+
 class StoreUnavailable(TallyError):
     """The store cannot be opened or written (wrong directory, locked by another process, a
     full or read-only disk): a condition of the store, not of the data; retrying later may

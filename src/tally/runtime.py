@@ -22,6 +22,7 @@ from tally.security.pseudonym import pseudonymiser_for
 from tally.security.tokens import TokenService
 from tally.semantic.fx import FxRates
 from tally.storage.duckdb import DuckDBBackend
+from tally.storage.limits import QueryLimits
 
 
 def tune_gc() -> None:
@@ -34,6 +35,9 @@ def tune_gc() -> None:
     sys.setswitchinterval(0.0005)
 
 
+SPILL_DIR = "query-spill"  # where DuckDB spills what a query cannot hold in memory
+
+
 def open_store(settings: Settings) -> DuckDBBackend:
     """The event store with its rollups: the one way to open it for writing, so every
     appended batch maintains them (``tally serve`` and ``tally demo`` alike)."""
@@ -42,6 +46,9 @@ def open_store(settings: Settings) -> DuckDBBackend:
         settings.data_dir,
         idempotency_ttl=timedelta(seconds=settings.idempotency_ttl_seconds),
         derived=derived_tables(DuckDBBackend.dialect), retired=activity.RETIRED,
+        limits=QueryLimits(settings.query_timeout_seconds, settings.query_memory_bytes,
+                           settings.query_spill_bytes),
+        spill_dir=settings.data_dir / SPILL_DIR,
     )
 
 

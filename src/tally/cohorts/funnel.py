@@ -19,6 +19,8 @@ from sqlglot import exp
 from tally.cohorts.request import (
     CORRELATE_FIELDS,
     EVENT_FILTER_KEYS,
+    MAX_EXCLUSIONS,
+    MAX_FUNNEL_DAYS,
     MAX_STEPS,
     MAX_WINDOW,
     Step,
@@ -67,16 +69,18 @@ def parse(body: Any) -> Funnel:
     start, end = parse_instant(raw["from"], "from"), parse_instant(raw["to"], "to")
     if start >= end:
         raise BadRequest("from must be before to")
-    if end - start > timedelta(days=366):
-        raise BadRequest("a funnel range is at most 366 days")
+    if end - start > timedelta(days=MAX_FUNNEL_DAYS):
+        raise BadRequest(f"a funnel range (from..to) is at most {MAX_FUNNEL_DAYS} days",
+                         field="to")
     correlate = raw.get("correlate_by", "player_id")
     if correlate not in CORRELATE_FIELDS:
         raise BadRequest(f"correlate_by must be one of {', '.join(CORRELATE_FIELDS)}",
                          field="correlate_by")
     exclusions = []
     raw_exclusions = raw.get("exclusions", [])
-    if not isinstance(raw_exclusions, list):
-        raise BadRequest("exclusions must be a list", field="exclusions")
+    if not isinstance(raw_exclusions, list) or len(raw_exclusions) > MAX_EXCLUSIONS:
+        raise BadRequest(f"exclusions must be a list of at most {MAX_EXCLUSIONS}",
+                         field="exclusions")
     for i, item in enumerate(raw_exclusions):
         what = f"exclusions[{i}]"
         step = parse_step(item, what, ("between",))

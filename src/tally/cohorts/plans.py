@@ -8,7 +8,12 @@ from typing import Any
 
 from tally.cohorts import funnel as funnel_
 from tally.cohorts import retention as retention_
-from tally.cohorts.request import PLAYER_FILTER_KEYS, parse_cohort, parse_days_range
+from tally.cohorts.request import (
+    PLAYER_FILTER_KEYS,
+    check_cohort_cells,
+    parse_cohort,
+    parse_days_range,
+)
 from tally.errors import BadRequest
 from tally.insights import request as rq
 from tally.insights.series import Context, Plan, currency_of
@@ -55,8 +60,9 @@ def ltv(ctx: Context, q: dict[str, str | None]) -> Plan:
         if key not in PLAYER_FILTER_KEYS:
             raise BadRequest(f"unknown filter key {key!r} here (one of "
                              f"{', '.join(PLAYER_FILTER_KEYS)})", key=key)
-    query = retention_.Ltv(cohort, metric, first, last,
-                           retention_.parse_horizon(q.get("horizon")),
+    horizon = retention_.parse_horizon(q.get("horizon"))
+    check_cohort_cells(first, last, horizon)
+    query = retention_.Ltv(cohort, metric, first, last, horizon,
                            _confine(ctx, filters), currency_of(q.get("currency"), ctx.settings))
     fp = rq.fingerprint("ltv", query.cohort, query.metric.name, query.first, query.last,
                         query.horizon, sorted(query.filters.items()), query.currency,

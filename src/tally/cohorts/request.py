@@ -10,7 +10,7 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from sqlglot import exp
 
-from tally.errors import BadRequest
+from tally.errors import BadRequest, Unprocessable
 from tally.events.registry import REGISTRY
 from tally.semantic.compiler import Params, column
 from tally.storage.schema import PAYLOAD_BOOL_FIELDS, PAYLOAD_INT_FIELDS, PAYLOAD_TEXT_FIELDS
@@ -22,9 +22,16 @@ CORRELATE_FIELDS = ("player_id", "payment_id", "bet_id", "session_id", "bonus_id
                     "reference_id")
 EVENT_FILTER_KEYS = ("brand_id", "region", "provider_id", "game_id", "method", "currency")
 PLAYER_FILTER_KEYS = ("brand_id", "region")
-MAX_STEPS = 10
-MAX_WINDOW = 90 * 86_400
-MAX_COHORT_DAYS = 366
+# size limits, checked before running (docs/cohorts.md#limits): each bounds one query's work
+MAX_STEPS = 10  # funnel steps: one ASOF join each
+MAX_EXCLUSIONS = 10  # funnel exclusions: one ASOF join each
+MAX_WINDOW = 90 * 86_400  # funnel window_sec and within_sec
+MAX_FUNNEL_DAYS = 366  # funnel from..to (events are read to `to` + window_sec)
+MAX_COHORT_DAYS = 366  # retention and LTV start_date..end_date
+# LTV: cohort days × horizon, the answer's values (and the per-row FX work in Python is at
+# most that × currencies): a year of cohorts over 100 days, or 100 days of cohorts over a year.
+# Retention's answer is bounded by the limits above (366 cohort days × 64 days).
+MAX_COHORT_CELLS = 36_600
 
 
 @dataclass(frozen=True)
@@ -125,6 +132,16 @@ def parse_days_range(start: Any, end: Any) -> tuple[date, date]:
     if (last - first).days + 1 > MAX_COHORT_DAYS:
         raise BadRequest(f"at most {MAX_COHORT_DAYS} cohort days per request")
     return first, last
+
+
+def check_cohort_cells(first: date, last: date, horizon: int) -> None:
+    """``422`` when cohort days × ``horizon`` is over :data:`MAX_COHORT_CELLS`."""
+    days = (last - first).days + 1
+    if days * horizon > MAX_COHORT_CELLS:
+        raise Unprocessable(
+            f"{days} cohort days × a {horizon}-day horizon is {days * horizon} values, over "
+            f"the limit of {MAX_COHORT_CELLS}; ask for fewer cohort days or a shorter horizon",
+            limit="max_cohort_cells", max_cohort_cells=MAX_COHORT_CELLS)
 
 
 def parse_cohort(value: Any) -> str:

@@ -12,6 +12,8 @@ from collections import defaultdict
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
+from sqlglot import exp
+
 from tally.rollups.activity import compile_active_from_rollup
 from tally.rollups.spec import compile_from_rollup
 from tally.semantic.catalog import Kind, Metric, Unit
@@ -39,13 +41,59 @@ def _key(row: dict[str, Any], scope: Scope) -> Key:
     return (int(row["bucket"]), *(row[g] for g in scope.group_by))
 
 
+def statement(metric: Metric, scope: Scope, min_session_seconds: int) -> Compiled:
+    """The one statement :func:`values` runs for ``metric`` over ``scope``: its rows are
+    keyed (bucket, groups…) — for wau/mau, daily over the scope widened by the window."""
+    if metric.kind is Kind.PERCENTILE:
+        return (compile_settle_lag(scope) if metric.name == "settle_lag_p95"
+                else compile_webhook_lag(scope))
+    if metric.kind is Kind.DISTINCT:
+        distinct = metric.window_days == 1
+        scope = scope if distinct else widened(scope, metric.window_days)
+        return (compile_active_from_rollup(scope, min_session_seconds, distinct=distinct)
+                or compile_active(scope, min_session_seconds, distinct=distinct))
+    money = any(m.money for m in metric.measures)
+    return (compile_from_rollup(metric, scope, by_currency=money)
+            or compile_measures(metric, scope, by_currency=money))
+
+
+def widened(scope: Scope, window_days: int) -> Scope:
+    """Daily buckets from ``window_days − 1`` days before the scope: a trailing window's."""
+    return Scope(scope.start - timedelta(days=window_days - 1), scope.end, DAY, scope.filters,
+                 scope.group_by)
+
+
+def present_groups(backend: Backend, metric: Metric, scope: Scope, min_session_seconds: int,
+           at_most: int) -> list[tuple[Any, ...]] | None:
+    """The group values :func:`values` finds data for over ``scope`` (``[()]`` without
+    groups, ``[]`` without data), or None when there are more than ``at_most``: one
+    ``SELECT DISTINCT`` of the group columns with the statement's own source and conditions
+    (no aggregate, no per-bucket rows), so paging can ask for a few buckets only; without
+    groups, ``LIMIT 1`` (it stops at the first row)."""
+    compiled = statement(metric, scope, min_session_seconds)
+    by_alias = {e.alias_or_name: e for e in compiled.tree.expressions}
+    tree = compiled.tree.copy()
+    tree.set("group", None)
+    if scope.group_by:
+        # the statement names each group column after its group_by key (semantic/compiler)
+        tree.set("expressions", [by_alias[g].copy() for g in scope.group_by])
+        tree.set("distinct", exp.Distinct())
+        tree = tree.limit(at_most + 1)
+    else:
+        tree.set("expressions", [exp.alias_(exp.Literal.number(1), "present")])
+        tree.set("distinct", None)
+        tree = tree.limit(1)
+    rows = backend.execute(tree, compiled.params).to_pylist()
+    if len(rows) > at_most:
+        return None
+    return [tuple(row[g] for g in scope.group_by) for row in rows]
+
+
 def parts(backend: Backend, fx: FxRates, metric: Metric, scope: Scope,
           currency: str) -> dict[Key, list[float]]:
     """ADDITIVE: [signed sum]; RATIO: [numerator, denominator]. Money is converted."""
     money = any(m.money for m in metric.measures)
-    compiled = (compile_from_rollup(metric, scope, by_currency=money)
-                or compile_measures(metric, scope, by_currency=money))
-    rows = run(backend, compiled)
+    rows = run(backend, statement(metric, scope, 0))
     if metric.kind is Kind.ADDITIVE:
         components = [[(sign, name) for sign, name in metric.terms]]
     else:
@@ -76,10 +124,8 @@ def nearest_rank(values: list[float], q: float = 0.95) -> float:
 
 
 def percentiles(backend: Backend, metric: Metric, scope: Scope) -> dict[Key, float]:
-    compiled = (compile_settle_lag(scope) if metric.name == "settle_lag_p95"
-                else compile_webhook_lag(scope))
     values: dict[Key, list[float]] = defaultdict(list)
-    for row in run(backend, compiled):
+    for row in run(backend, statement(metric, scope, 0)):
         values[_key(row, scope)].append(float(row["value"]))
     return {key: nearest_rank(vals) for key, vals in values.items()}
 
@@ -87,22 +133,17 @@ def percentiles(backend: Backend, metric: Metric, scope: Scope) -> dict[Key, flo
 def distinct_active(backend: Backend, metric: Metric, scope: Scope,
                     min_session_seconds: int) -> dict[Key, int]:
     """dau per bucket; wau/mau per day over the trailing window of ``window_days`` days."""
+    compiled = statement(metric, scope, min_session_seconds)
     if metric.window_days == 1:
-        compiled = (compile_active_from_rollup(scope, min_session_seconds, distinct=True)
-                    or compile_active(scope, min_session_seconds, distinct=True))
         return {_key(row, scope): int(row["value"]) for row in run(backend, compiled)}
-    window = timedelta(days=metric.window_days - 1)
-    wide = Scope(scope.start - window, scope.end, DAY, scope.filters, scope.group_by)
     daily: dict[Key, set[Any]] = defaultdict(set)
-    compiled = (compile_active_from_rollup(wide, min_session_seconds, distinct=False)
-                or compile_active(wide, min_session_seconds, distinct=False))
     for row in run(backend, compiled):
-        daily[_key(row, wide)].add(row["value"])
-    groups = {key[1:] for key in daily}
+        daily[_key(row, scope)].add(row["value"])
+    present = {key[1:] for key in daily}
     first = int(scope.start.replace(tzinfo=UTC).timestamp())
     last = int(scope.end.replace(tzinfo=UTC).timestamp())
     result: dict[Key, int] = {}
-    for group in groups:
+    for group in present:
         for day in range(first, last, DAY):
             players: set[Any] = set()
             for back in range(metric.window_days):

@@ -3,15 +3,23 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from tally.config import Settings
-from tally.errors import BadRequest
+from tally.errors import BadRequest, Unprocessable
 from tally.events.currencies import ISO_4217
 from tally.insights import request as rq
-from tally.insights.evaluate import DAY, answer_field, empty_value, finish, parts, values
+from tally.insights.evaluate import (
+    DAY,
+    answer_field,
+    empty_value,
+    finish,
+    parts,
+    present_groups,
+    values,
+)
 from tally.security import policy
 from tally.security.tokens import Principal
 from tally.semantic.catalog import Kind, Metric
@@ -89,7 +97,8 @@ def timeseries(ctx: Context, q: dict[str, str | None]) -> Plan:
     _aligned(end, step, "to", granularity)
     if rq.bucket_count(start, end, step) > rq.MAX_BUCKETS:
         raise BadRequest(f"at most {rq.MAX_BUCKETS} buckets per series; use a coarser "
-                         "granularity or a shorter range")
+                         "granularity or a shorter range", limit="max_buckets",
+                         max_buckets=rq.MAX_BUCKETS)
     filters = rq.confine(rq.parse_filters(q.get("filters"), metric), ctx.principal,
                          ctx.settings.served_regions)
     group_by = rq.parse_group_by(q.get("group_by"), metric)
@@ -101,23 +110,59 @@ def timeseries(ctx: Context, q: dict[str, str | None]) -> Plan:
     at = rq.cursor_offset(q.get("cursor"), fp)
 
     def run() -> dict[str, Any]:
-        found = values(ctx.backend, ctx.fx, metric, scope, currency,
-                       ctx.settings.active_session_min * 60)
-        groups = sorted({key[1:] for key in found}, key=_sort_key)
-        first = int(start.replace(tzinfo=UTC).timestamp())
-        last = int(end.replace(tzinfo=UTC).timestamp())
-        field, empty = answer_field(metric), empty_value(metric)
-        points = [
-            {"ts": _iso(ts), **dict(zip(group_by, group, strict=True)),
-             field: found.get((ts, *group), empty)}
-            for ts in range(first, last, step) for group in groups
-        ]
-        points = policy.suppress_small_groups(metric, points, field, ctx.principal)
-        window, cursor = _page(points, at, limit, fp)
+        # one series without group_by: present when its page has data (one statement), else
+        # asked (a range without data has no series)
+        groups = _present_groups(ctx, metric, scope) if group_by else [()]
+        window, seen = _series_page(ctx, metric, scope, currency, groups, at, limit)
+        if not group_by and not seen and not _present_groups(ctx, metric, scope):
+            groups, window = [], []
+        total = rq.bucket_count(start, end, step) * len(groups)
         return {"metric": metric.name, "granularity": granularity, "currency": currency,
-                "series": window, "next_cursor": cursor}
+                "series": policy.suppress_small_groups(metric, window, answer_field(metric),
+                                                       ctx.principal),
+                "next_cursor": rq.next_cursor(at + limit, fp) if at + limit < total else None}
 
     return Plan(f"{fp}:{at}:{limit}", filters.get("brand_id"), _reads(metric, start, end), run)
+
+
+def _series_page(ctx: Context, metric: Metric, scope: Scope, currency: str,
+                 groups: list[tuple[Any, ...]], at: int,
+                 limit: int) -> tuple[list[dict[str, Any]], bool]:
+    """Points ``at … at+limit−1`` of the series in (ts, groups) order, every group in every
+    bucket, and whether any of their buckets has data. They lie in buckets ``at // G …
+    (at+limit−1) // G`` (G groups), so only those are queried: each bucket's value depends
+    on its own bucket (and, for wau/mau, the window before it, which the query reads on its
+    own), never on the rest of the range."""
+    total = rq.bucket_count(scope.start, scope.end, scope.step_seconds) * len(groups)
+    if at >= total:
+        return [], False
+    step = scope.step_seconds
+    first, last = at // len(groups), (min(at + limit, total) - 1) // len(groups)
+    page = replace(scope, start=scope.start + timedelta(seconds=first * step),
+                   end=scope.start + timedelta(seconds=(last + 1) * step))
+    found = values(ctx.backend, ctx.fx, metric, page, currency,
+                   ctx.settings.active_session_min * 60)
+    begin = int(page.start.replace(tzinfo=UTC).timestamp())
+    field, empty = answer_field(metric), empty_value(metric)
+    points = [{"ts": _iso(ts), **dict(zip(scope.group_by, group, strict=True)),
+               field: found.get((ts, *group), empty)}
+              for ts in range(begin, begin + (last - first + 1) * step, step)
+              for group in groups]
+    skip = at - first * len(groups)
+    return points[skip:skip + limit], bool(found)
+
+
+def _present_groups(ctx: Context, metric: Metric, scope: Scope) -> list[tuple[Any, ...]]:
+    """The groups with data in ``scope``, in answer order; ``422`` past ``MAX_GROUPS``."""
+    found = present_groups(ctx.backend, metric, scope, ctx.settings.active_session_min * 60,
+                           rq.MAX_GROUPS)
+    if found is None:
+        keys = ", ".join(scope.group_by)
+        raise Unprocessable(f"more than {rq.MAX_GROUPS} values of {keys} have data in this "
+                            f"range (at most {rq.MAX_GROUPS} groups per query); narrow it "
+                            "with a filter or a shorter range", limit="max_groups",
+                            max_groups=rq.MAX_GROUPS)
+    return sorted(found, key=_sort_key)
 
 
 def slice_(ctx: Context, q: dict[str, str | None]) -> Plan:
@@ -139,7 +184,9 @@ def slice_(ctx: Context, q: dict[str, str | None]) -> Plan:
     at = rq.cursor_offset(q.get("cursor"), fp)
 
     def run() -> dict[str, Any]:
-        found = _slice_values(ctx, metric, Scope(start, end, 0, filters, (dim,)), currency)
+        scope = _slice_scope(metric, Scope(start, end, 0, filters, (dim,)))
+        _present_groups(ctx, metric, scope)  # the ranking needs every key: at most MAX_GROUPS
+        found = _slice_values(ctx, metric, scope, currency)
         present = sorted(found.items(), key=lambda kv: str(kv[0]))
         ranked = sorted(present, key=lambda kv: (kv[1] is None,
                                                  0 if kv[1] is None else
@@ -154,13 +201,20 @@ def slice_(ctx: Context, q: dict[str, str | None]) -> Plan:
     return Plan(f"{fp}:{at}:{limit}", filters.get("brand_id"), _reads(metric, start, end), run)
 
 
+def _slice_scope(metric: Metric, scope: Scope) -> Scope:
+    """Additive and ratio metrics are summed per UTC day (money converts per day), then over
+    the range; the others are computed over the range as one bucket."""
+    if metric.kind in (Kind.ADDITIVE, Kind.RATIO):
+        return replace(scope, step_seconds=DAY)
+    return scope
+
+
 def _slice_values(ctx: Context, metric: Metric, scope: Scope,
                   currency: str) -> dict[Any, float | int | None]:
     """One value per dimension key over the whole range; money per UTC day, then added."""
     if metric.kind in (Kind.ADDITIVE, Kind.RATIO):
-        daily = Scope(scope.start, scope.end, DAY, scope.filters, scope.group_by)
         totals: dict[Any, list[float]] = {}
-        for key, value_parts in parts(ctx.backend, ctx.fx, metric, daily, currency).items():
+        for key, value_parts in parts(ctx.backend, ctx.fx, metric, scope, currency).items():
             acc = totals.setdefault(key[1], [0] * len(value_parts))
             for i, part in enumerate(value_parts):
                 acc[i] += part

@@ -17,6 +17,7 @@ from sqlglot import exp
 
 from tally.errors import StoreUnavailable, WriteRejected
 from tally.storage.base import DerivedTable, IdempotencyRecord, QuarantineItem, WriteSet
+from tally.storage.limits import QueryLimits, bounded
 from tally.storage.metering import current_meter
 from tally.storage.schema import EVENTS_SCHEMA, QUARANTINE_SCHEMA, duckdb_columns
 
@@ -73,14 +74,18 @@ class DuckDBBackend:
 
     def __init__(self, data_dir: Path, *, read_only: bool = False,
                  idempotency_ttl: timedelta = timedelta(hours=24),
-                 derived: Sequence[DerivedTable] = (), retired: Sequence[str] = ()) -> None:
+                 derived: Sequence[DerivedTable] = (), retired: Sequence[str] = (),
+                 limits: QueryLimits | None = None, spill_dir: Path | None = None) -> None:
         """``derived``: tables kept from the events (the rollups); ``retired``: derived tables
-        of earlier versions, dropped when found."""
+        of earlier versions, dropped when found; ``limits``: bounds on every read statement
+        (memory and spill are the whole engine's), spilling into ``spill_dir``."""
         self.path = data_dir / "events.duckdb"
         self.idempotency_ttl = idempotency_ttl
         self.read_only = read_only
         if read_only and not self.path.exists():
             raise StoreUnavailable(f"no Tally store at {self.path}")
+        self.limits = limits or QueryLimits()
+        self._spill_dir = spill_dir
         self._con = self._connect()
         # a failed checkpoint (a full disk) invalidates a DuckDB database until it is opened
         # again: _invalid marks that, and every cursor of an older generation is replaced
@@ -99,8 +104,11 @@ class DuckDBBackend:
         self.rows_scanned = 0  # by execute(), since the store was opened
 
     def _connect(self) -> duckdb.DuckDBPyConnection:
+        """A connection to the store with the engine's bounds set (again after a reopen)."""
         try:
-            return duckdb.connect(str(self.path), read_only=self.read_only)
+            con = duckdb.connect(str(self.path), read_only=self.read_only)
+            self._apply_limits(con)
+            return con
         except duckdb.Error as exc:
             if "lock" in str(exc).lower():
                 raise StoreUnavailable(
@@ -187,6 +195,15 @@ class DuckDBBackend:
         except STORE_ERRORS as exc:
             raise self._failed(exc, generation) from exc
 
+    def _apply_limits(self, con: duckdb.DuckDBPyConnection) -> None:
+        """The engine's memory and spill bounds (settings of the database: every cursor)."""
+        if self.limits.memory_bytes is not None:
+            con.execute(f"SET memory_limit = '{int(self.limits.memory_bytes)}B'")
+        if self._spill_dir is not None:
+            con.execute("SET temp_directory = ?", [str(self._spill_dir)])
+        if self.limits.spill_bytes is not None:
+            con.execute(f"SET max_temp_directory_size = '{int(self.limits.spill_bytes)}B'")
+
     # -- reads: one cursor per thread, so readers never share a connection -----------------
     def _cursor(self) -> duckdb.DuckDBPyConnection:
         con = self._live()
@@ -198,6 +215,8 @@ class DuckDBBackend:
         return cur
 
     def query(self, sql: str, params: Sequence[Any] = ()) -> pa.Table:
+        """The store's own reads (the data versions at start-up): no statement timeout, which
+        bounds the queries of requests (:meth:`execute`), not start-up on a large store."""
         with self._reading():
             rel = self._cursor().sql(sql, params=list(params))
             assert rel is not None, "query() is for statements that return rows"
@@ -212,9 +231,10 @@ class DuckDBBackend:
             meter.before_scan(lambda: self.estimate_rows(sql, params))
         with self._reading():
             cur = self._profiled_cursor()
-            rel = cur.sql(sql, params=params)
-            assert rel is not None, "execute() is for queries that return rows"
-            table = rel.to_arrow_table()
+            with bounded(cur, self.limits):  # TALLY_QUERY_TIMEOUT_SECONDS, memory: a 503
+                rel = cur.sql(sql, params=params)
+                assert rel is not None, "execute() is for queries that return rows"
+                table = rel.to_arrow_table()
             rows = profiled_rows_scanned(cur.get_profiling_information(format="json"))
         with self._scan_lock:
             self.rows_scanned += rows
