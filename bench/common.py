@@ -65,6 +65,18 @@ def count_rows(con: Any) -> int:
     return int(con.execute("SELECT count(*) FROM events").fetchone()[0])
 
 
+def stored_events(data: Path) -> int:
+    """Events in the store at ``data``, read while no server holds it (``/readyz`` does not
+    disclose counts)."""
+    import duckdb
+
+    con = duckdb.connect(str(data / "events.duckdb"), read_only=True)
+    try:
+        return count_rows(con)
+    finally:
+        con.close()
+
+
 def _replicate(base: Path, data: Path, stored: int) -> None:
     import shutil
 
@@ -133,9 +145,6 @@ class Server:
             except httpx.TransportError:
                 time.sleep(0.05)
         self.startup_seconds = time.perf_counter() - started
-
-    def stored_events(self) -> int:
-        return int(httpx.get(f"{self.url}/readyz", timeout=60).json()["events"])
 
     def peak_rss_mb(self) -> float:
         status = Path(f"/proc/{self.proc.pid}/status").read_text()

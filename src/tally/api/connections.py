@@ -1,0 +1,154 @@
+"""The connections of ``tally serve``: no client holds one longer, nor more of them, than the
+settings allow, and the process never runs out of file descriptors.
+
+Uvicorn (0.54, its httptools protocol) starts no timer when a connection opens — only after a
+response, for keep-alive — so a connection that never completes a request head was held
+forever, and it accepts every connection the kernel hands it (``limit_concurrency`` answers
+``503`` only once a head is complete): 20,100 idle connections exhausted the descriptors.
+:class:`EdgeProtocol`, uvicorn's protocol with one instance per connection, adds:
+
+- **the header timeout** (``TALLY_HEADER_TIMEOUT_SECONDS``): from the connection's opening —
+  or, on a kept-alive connection, from the first byte of the next request — to the end of the
+  request head. Late: ``408`` if part of a request came, then the connection is closed;
+- **the connection limit** (``TALLY_MAX_CONNECTIONS``): a connection beyond it is answered
+  ``503`` with ``Retry-After`` at once and closed. The limit is kept below the file-descriptor
+  limit, less :data:`RESERVED_FDS` for the store, journal, audit log and logs; the soft
+  ``RLIMIT_NOFILE`` is first raised to the hard one.
+
+The idle time between two requests is uvicorn's ``timeout_keep_alive``
+(``TALLY_KEEPALIVE_TIMEOUT_SECONDS``); the body's pace and size are ``api/bodies.py``'s.
+The protocol extends the mutual-TLS one (``security/mtls.py``), which adds the ASGI TLS
+extension on TLS connections and nothing on plain ones.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import resource
+from typing import Any
+
+import msgspec
+from uvicorn.protocols.http.httptools_impl import STATUS_LINE
+
+from tally.config import Settings
+from tally.errors import PROBLEM_MEDIA_TYPE, RequestTimeout, ServiceUnavailable, UserError
+from tally.security.mtls import ClientCertProtocol
+
+RESERVED_FDS = 256  # an idle server holds ~25 (DuckDB, journal, audit, SQLite, epoll, logs)
+DEFAULT_MAX_CONNECTIONS = 4096
+OVERLOAD_RETRY_AFTER = 1  # seconds
+
+
+def raw_problem(error: UserError) -> bytes:
+    """A complete ``Connection: close`` problem+json response, for answers given below the
+    app (no request, or none complete, to hand it)."""
+    body = msgspec.json.encode(error.problem())
+    head = [STATUS_LINE[error.status], b"content-type: ", PROBLEM_MEDIA_TYPE.encode(),
+            b"\r\ncontent-length: ", str(len(body)).encode(),
+            b"\r\nx-content-type-options: nosniff\r\ncache-control: no-store\r\n"]
+    for name, value in (error.headers or {}).items():
+        head += [name.lower().encode(), b": ", value.encode(), b"\r\n"]
+    return b"".join([*head, b"connection: close\r\n\r\n", body])
+
+
+class EdgeProtocol(ClientCertProtocol):
+    """Configured by :func:`protocol_class` (uvicorn makes the instances)."""
+
+    header_timeout: float = 10.0
+    max_connections: int = DEFAULT_MAX_CONNECTIONS
+    _header_timer: asyncio.TimerHandle | None = None
+    _head_begun = False  # bytes of a request head have come, and not its end
+
+    def connection_made(self, transport: Any) -> None:
+        super().connection_made(transport)
+        if len(self.connections) > self.max_connections:
+            self.logger.warning("connection limit (%d) reached: connection refused",
+                                self.max_connections)
+            transport.write(raw_problem(ServiceUnavailable(
+                f"this server holds its limit of {self.max_connections} connections; retry "
+                "shortly", retry_after=OVERLOAD_RETRY_AFTER)))
+            transport.close()
+            return
+        self._arm_header_timer()
+
+    def on_message_begin(self) -> None:
+        super().on_message_begin()
+        self._head_begun = True
+        if self._header_timer is None:  # a later request on a kept-alive connection
+            self._arm_header_timer()
+
+    def on_headers_complete(self) -> None:
+        self._head_begun = False
+        self._cancel_header_timer()
+        super().on_headers_complete()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._cancel_header_timer()
+        super().connection_lost(exc)
+
+    def _arm_header_timer(self) -> None:
+        self._header_timer = self.loop.call_later(self.header_timeout, self._header_timed_out)
+
+    def _cancel_header_timer(self) -> None:
+        if self._header_timer is not None:
+            self._header_timer.cancel()
+            self._header_timer = None
+
+    def _header_timed_out(self) -> None:
+        self._header_timer = None
+        if self.transport.is_closing():
+            return
+        if self.cycle is not None and not self.cycle.response_complete:
+            self.cycle.keep_alive = False  # a pipelined head is late: close after this answer
+            return
+        if self._head_begun:
+            self.transport.write(raw_problem(RequestTimeout(
+                f"the request head did not arrive within {self.header_timeout:g} s")))
+        self.transport.close()
+
+
+def protocol_class(header_timeout: float, max_connections: int) -> type[EdgeProtocol]:
+    """:class:`EdgeProtocol` with these limits, for ``uvicorn.run(http=...)``."""
+
+    class Configured(EdgeProtocol):
+        pass
+
+    Configured.header_timeout = header_timeout
+    Configured.max_connections = max_connections
+    return Configured
+
+
+def raise_fd_limit() -> int:
+    """Raise this process's soft ``RLIMIT_NOFILE`` to its hard limit; the soft limit now."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard != resource.RLIM_INFINITY and soft < hard:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+            soft = hard
+        except (ValueError, OSError):  # not allowed here: keep the soft limit
+            pass
+    return soft
+
+
+def connection_limit(configured: int | None, fd_limit: int) -> int:
+    """``TALLY_MAX_CONNECTIONS``, or by default :data:`DEFAULT_MAX_CONNECTIONS` capped by the
+    room the file-descriptor limit leaves. Raises ``ValueError`` when it cannot fit."""
+    room = fd_limit - RESERVED_FDS
+    if configured is None and room >= 1:
+        return min(DEFAULT_MAX_CONNECTIONS, room)
+    if configured is None or configured > room:
+        raise ValueError(
+            f"TALLY_MAX_CONNECTIONS={configured or 'auto'} does not fit the file-descriptor "
+            f"limit of {fd_limit} less {RESERVED_FDS} kept for the store and logs: raise "
+            f"`ulimit -n` (hard) or lower TALLY_MAX_CONNECTIONS to at most {max(room, 0)}")
+    return configured
+
+
+def server_options(settings: Settings) -> dict[str, Any]:
+    """``uvicorn.run`` keyword arguments for the timeouts, the connection limit and the
+    proxies trusted for ``X-Forwarded-For`` (none unless ``TALLY_FORWARDED_ALLOW_IPS``)."""
+    limit = connection_limit(settings.max_connections, raise_fd_limit())
+    proxies = settings.forwarded_allow_ips.strip()
+    return {"http": protocol_class(settings.header_timeout_seconds, limit),
+            "timeout_keep_alive": settings.keepalive_timeout_seconds,
+            "proxy_headers": bool(proxies), "forwarded_allow_ips": proxies or None}
