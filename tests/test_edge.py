@@ -208,6 +208,16 @@ def test_kept_alive_connections_close_when_idle_and_their_next_head_is_timed(edg
     sock.sendall(b"GET /healthz HTTP/1.1\r\nHo")  # half of the next head, then nothing
     data, seconds = until_closed(sock)
     assert data.startswith(b"HTTP/1.1 408") and seconds <= 3
+    # blank lines begin no request, but they are bytes of the next head: timed too
+    sock, started = connect(edge), time.monotonic()
+    sock.sendall(HEALTHZ)
+    assert response(sock).startswith(b"HTTP/1.1 200")
+    try:
+        while time.monotonic() - started < 6 and not select.select([sock], [], [], 0.2)[0]:
+            sock.sendall(b"\r\n")
+    except OSError:  # closed while we wrote
+        pass
+    assert until_closed(sock)[0] == b"" and time.monotonic() - started <= 4
 
 
 def form_head(length: int) -> bytes:

@@ -8,8 +8,8 @@ forever, and it accepts every connection the kernel hands it (``limit_concurrenc
 :class:`EdgeProtocol`, uvicorn's protocol with one instance per connection, adds:
 
 - **the header timeout** (``TALLY_HEADER_TIMEOUT_SECONDS``): from the connection's opening —
-  or, on a kept-alive connection, from the first byte of the next request — to the end of the
-  request head. Late: ``408`` if part of a request came, then the connection is closed;
+  or, on a kept-alive connection, from the first byte after the previous answer — to the end
+  of the request head. Late: ``408`` if part of a request came, then the connection is closed;
 - **the connection limit** (``TALLY_MAX_CONNECTIONS``): a connection beyond it is answered
   ``503`` with ``Retry-After`` at once and closed. The limit is kept below the file-descriptor
   limit, less :data:`RESERVED_FDS` for the store, journal, audit log and logs; the soft
@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import asyncio
 import resource
+import time
 from typing import Any
 
 import msgspec
@@ -37,6 +38,7 @@ from tally.security.mtls import ClientCertProtocol
 RESERVED_FDS = 256  # an idle server holds ~25 (DuckDB, journal, audit, SQLite, epoll, logs)
 DEFAULT_MAX_CONNECTIONS = 4096
 OVERLOAD_RETRY_AFTER = 1  # seconds
+WARN_EVERY = 10.0  # seconds between two "connection limit reached" log lines
 
 
 def raw_problem(error: UserError) -> bytes:
@@ -56,14 +58,18 @@ class EdgeProtocol(ClientCertProtocol):
 
     header_timeout: float = 10.0
     max_connections: int = DEFAULT_MAX_CONNECTIONS
+    last_warning = -WARN_EVERY  # monotonic time of the last "limit reached" log line
     _header_timer: asyncio.TimerHandle | None = None
     _head_begun = False  # bytes of a request head have come, and not its end
 
     def connection_made(self, transport: Any) -> None:
         super().connection_made(transport)
         if len(self.connections) > self.max_connections:
-            self.logger.warning("connection limit (%d) reached: connection refused",
-                                self.max_connections)
+            now = time.monotonic()
+            if now - EdgeProtocol.last_warning >= WARN_EVERY:  # not a line per refusal
+                EdgeProtocol.last_warning = now
+                self.logger.warning("connection limit (%d) reached: connections refused",
+                                    self.max_connections)
             transport.write(raw_problem(ServiceUnavailable(
                 f"this server holds its limit of {self.max_connections} connections; retry "
                 "shortly", retry_after=OVERLOAD_RETRY_AFTER)))
@@ -71,10 +77,18 @@ class EdgeProtocol(ClientCertProtocol):
             return
         self._arm_header_timer()
 
+    def data_received(self, data: bytes) -> None:
+        # a byte between two requests stops uvicorn's keep-alive timer: it starts the clock
+        # of the next head (the parser skips blank lines without beginning a message, so
+        # waiting for one would let a client that sends "\r\n" now and then stay forever)
+        if self._header_timer is None and (self.cycle is None or self.cycle.response_complete):
+            self._arm_header_timer()
+        super().data_received(data)
+
     def on_message_begin(self) -> None:
         super().on_message_begin()
         self._head_begun = True
-        if self._header_timer is None:  # a later request on a kept-alive connection
+        if self._header_timer is None:  # a pipelined request, while an answer is being made
             self._arm_header_timer()
 
     def on_headers_complete(self) -> None:
