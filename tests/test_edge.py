@@ -220,6 +220,38 @@ def test_kept_alive_connections_close_when_idle_and_their_next_head_is_timed(edg
     assert until_closed(sock)[0] == b"" and time.monotonic() - started <= 4
 
 
+def headers_of(kib: int) -> bytes:
+    """``kib`` headers of about 1 KiB each."""
+    return b"".join(b"X-P%d: %s\r\n" % (k, b"p" * 1000) for k in range(kib))
+
+
+def test_request_heads_over_64_kib_are_431_and_cost_no_memory(edge):
+    rss_before = psutil.Process(edge.proc.pid).memory_info().rss
+    request_line = b"GET /healthz HTTP/1.1\r\nHost: tally\r\n"
+    with connect(edge) as sock:
+        sock.sendall(request_line + headers_of(60) + b"\r\n")  # under the limit: answered
+        assert response(sock).startswith(b"HTTP/1.1 200")
+    for head in (headers_of(300),  # 300 headers
+                 b"X-Endless: " + b"e" * (300 * 1024),  # one header that never ends
+                 b"X-" + b"n" * (300 * 1024)):  # one name that never ends
+        sock = connect(edge)
+        try:
+            sock.sendall(request_line + head)
+        except OSError:  # refused while we wrote
+            pass
+        data, _ = until_closed(sock)
+        assert data.startswith(b"HTTP/1.1 431") and b"headers_too_large" in data, data[:80]
+    # pipelined requests are heads one after another, not one head: 100 KiB of them pass
+    with connect(edge) as sock, sock.makefile("rb") as answers:
+        sock.sendall((request_line + b"X-Pad: " + b"p" * 50 + b"\r\n\r\n") * 1000)
+        for _ in range(1000):
+            assert answers.readline().startswith(b"HTTP/1.1 200")
+            head = list(iter(answers.readline, b"\r\n"))
+            answers.read(next(int(line.split(b":")[1]) for line in head
+                              if line.lower().startswith(b"content-length")))
+    assert psutil.Process(edge.proc.pid).memory_info().rss - rss_before < 32 * MIB
+
+
 def form_head(length: int) -> bytes:
     return (b"POST /oauth/token HTTP/1.1\r\nHost: tally\r\n"
             b"Content-Type: application/x-www-form-urlencoded\r\n"

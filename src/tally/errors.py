@@ -74,6 +74,12 @@ class TooManyRequests(UserError):
     status, title, code = 429, "Too Many Requests", "too_many_requests"
 
 
+class HeadersTooLarge(UserError):
+    """A request head over its limit (``api/connections.py``); the connection is closed."""
+
+    status, title, code = 431, "Request Header Fields Too Large", "headers_too_large"
+
+
 class ServiceUnavailable(UserError):
     """Tally cannot take this request now (the journal or store cannot be written, the
     ingestion backlog is over its bound, a query limit was hit under load); the client should

@@ -1,5 +1,6 @@
-"""The connections of ``tally serve``: no client holds one longer, nor more of them, than the
-settings allow, and the process never runs out of file descriptors.
+"""The connections of ``tally serve``: no client holds one longer, nor more of them, nor a
+bigger request head, than the settings allow, and the process never runs out of file
+descriptors.
 
 Uvicorn (0.54, its httptools protocol) starts no timer when a connection opens — only after a
 response, for keep-alive — so a connection that never completes a request head was held
@@ -10,6 +11,8 @@ forever, and it accepts every connection the kernel hands it (``limit_concurrenc
 - **the header timeout** (``TALLY_HEADER_TIMEOUT_SECONDS``): from the connection's opening —
   or, on a kept-alive connection, from the first byte after the previous answer — to the end
   of the request head. Late: ``408`` if part of a request came, then the connection is closed;
+- **the head size** (:data:`MAX_HEAD_BYTES`): a request line and headers over it are ``431``
+  and the connection is closed, before the app sees the request;
 - **the connection limit** (``TALLY_MAX_CONNECTIONS``): a connection beyond it is answered
   ``503`` with ``Retry-After`` at once and closed. The limit is kept below the file-descriptor
   limit, less :data:`RESERVED_FDS` for the store, journal, audit log and logs; the soft
@@ -32,12 +35,19 @@ import msgspec
 from uvicorn.protocols.http.httptools_impl import STATUS_LINE
 
 from tally.config import Settings
-from tally.errors import PROBLEM_MEDIA_TYPE, RequestTimeout, ServiceUnavailable, UserError
+from tally.errors import (
+    PROBLEM_MEDIA_TYPE,
+    HeadersTooLarge,
+    RequestTimeout,
+    ServiceUnavailable,
+    UserError,
+)
 from tally.security.mtls import ClientCertProtocol
 
 RESERVED_FDS = 256  # an idle server holds ~25 (DuckDB, journal, audit, SQLite, epoll, logs)
 DEFAULT_MAX_CONNECTIONS = 4096
 OVERLOAD_RETRY_AFTER = 1  # seconds
+MAX_HEAD_BYTES = 64 * 1024  # request line and headers; a token-bearing head is ~1.5 KiB
 WARN_EVERY = 10.0  # seconds between two "connection limit reached" log lines
 
 
@@ -61,6 +71,11 @@ class EdgeProtocol(ClientCertProtocol):
     last_warning = -WARN_EVERY  # monotonic time of the last "limit reached" log line
     _header_timer: asyncio.TimerHandle | None = None
     _head_begun = False  # bytes of a request head have come, and not its end
+    _head_pending = True  # the next bytes belong to a request head (none is complete yet)
+    _head_read = 0  # bytes read while a head was pending
+    _messages = 0  # requests read to their end on this connection
+    _head_bytes = 0  # of the current head: its URL, header names and values
+    _head_refused = False  # over MAX_HEAD_BYTES: the parser's callbacks are ignored
 
     def connection_made(self, transport: Any) -> None:
         super().connection_made(transport)
@@ -83,18 +98,54 @@ class EdgeProtocol(ClientCertProtocol):
         # waiting for one would let a client that sends "\r\n" now and then stay forever)
         if self._header_timer is None and (self.cycle is None or self.cycle.response_complete):
             self._arm_header_timer()
+        was_pending, messages = self._head_pending, self._messages
         super().data_received(data)
+        if was_pending and self._head_pending and messages == self._messages:
+            self._head_read += len(data)  # all of it went to a head still incomplete
+            self._head_refused = self._head_refused or self._head_read > MAX_HEAD_BYTES
+        if self._head_refused and not self.transport.is_closing():
+            self._cancel_header_timer()
+            self.transport.write(raw_problem(HeadersTooLarge(
+                f"the request line and headers exceed {MAX_HEAD_BYTES} bytes")))
+            self.transport.close()
 
     def on_message_begin(self) -> None:
         super().on_message_begin()
-        self._head_begun = True
+        self._head_begun, self._head_bytes = True, 0
         if self._header_timer is None:  # a pipelined request, while an answer is being made
             self._arm_header_timer()
 
+    # httptools keeps no limit on a head: uvicorn held every byte of one (400 MiB of headers
+    # sent in 2 s grew the server by 400 MB; a single endless header grows inside the parser,
+    # which is why the bytes read are counted too). At most one read (256 KiB) passes it.
+    def on_url(self, url: bytes) -> None:
+        if self._count_head(len(url)):
+            super().on_url(url)
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        if self._count_head(len(name) + len(value) + 4):  # as sent: ": " and CRLF
+            super().on_header(name, value)
+
+    def _count_head(self, size: int) -> bool:
+        self._head_bytes += size
+        self._head_refused = self._head_refused or self._head_bytes > MAX_HEAD_BYTES
+        return not self._head_refused
+
     def on_headers_complete(self) -> None:
-        self._head_begun = False
+        self._head_begun = self._head_pending = False
         self._cancel_header_timer()
-        super().on_headers_complete()
+        if not self._head_refused:  # a refused head never reaches the app
+            super().on_headers_complete()
+
+    def on_body(self, body: bytes) -> None:
+        if not self._head_refused:
+            super().on_body(body)
+
+    def on_message_complete(self) -> None:
+        self._head_pending, self._head_read = True, 0  # what follows is the next head
+        self._messages += 1
+        if not self._head_refused:
+            super().on_message_complete()
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._cancel_header_timer()
