@@ -274,6 +274,25 @@ def test_a_stalled_body_and_a_trickling_body_are_408(edge):
     assert time.monotonic() - started <= 4
 
 
+def test_a_client_that_stops_reading_answers_is_disconnected(edge):
+    server = psutil.Process(edge.proc.pid)
+
+    def held() -> int:  # the server's established connections to this client's port
+        return sum(1 for c in server.net_connections("tcp")
+                   if c.raddr and c.raddr.port == port and c.status == "ESTABLISHED")
+
+    with socket.socket() as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # before connecting
+        sock.connect(("127.0.0.1", edge.port))
+        port = sock.getsockname()[1]
+        # 3,000 pipelined requests, 21 MB of answers, and never a byte read
+        sock.sendall(b"GET /openapi.json HTTP/1.1\r\nHost: tally\r\n\r\n" * 3000)
+        deadline = time.monotonic() + 6
+        while held() and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert held() == 0  # cut once its buffers stayed full for 1 s
+
+
 class PeakRss:
     """The greatest resident size of a process while the block runs (sampled every 10 ms)."""
 

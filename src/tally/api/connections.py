@@ -13,6 +13,9 @@ forever, and it accepts every connection the kernel hands it (``limit_concurrenc
   of the request head. Late: ``408`` if part of a request came, then the connection is closed;
 - **the head size** (:data:`MAX_HEAD_BYTES`): a request line and headers over it are ``431``
   and the connection is closed, before the app sees the request;
+- **the send timeout** (``TALLY_BODY_TIMEOUT_SECONDS``, the body timeout's other direction):
+  a client that reads nothing of an answer for that long, once the socket's buffers are full,
+  is disconnected;
 - **the connection limit** (``TALLY_MAX_CONNECTIONS``): a connection beyond it is answered
   ``503`` with ``Retry-After`` at once and closed. The limit is kept below the file-descriptor
   limit, less :data:`RESERVED_FDS` for the store, journal, audit log and logs; the soft
@@ -67,9 +70,11 @@ class EdgeProtocol(ClientCertProtocol):
     """Configured by :func:`protocol_class` (uvicorn makes the instances)."""
 
     header_timeout: float = 10.0
+    send_timeout: float = 30.0
     max_connections: int = DEFAULT_MAX_CONNECTIONS
     last_warning = -WARN_EVERY  # monotonic time of the last "limit reached" log line
     _header_timer: asyncio.TimerHandle | None = None
+    _send_timer: asyncio.TimerHandle | None = None
     _head_begun = False  # bytes of a request head have come, and not its end
     _head_pending = True  # the next bytes belong to a request head (none is complete yet)
     _head_read = 0  # bytes read while a head was pending
@@ -149,7 +154,22 @@ class EdgeProtocol(ClientCertProtocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._cancel_header_timer()
+        if self._send_timer is not None:
+            self._send_timer.cancel()
         super().connection_lost(exc)
+
+    # a client that stops reading our answers (pipelining requests meanwhile) held its
+    # connection, and its place under the limit, forever: uvicorn awaits the drain unbounded
+    def pause_writing(self) -> None:
+        super().pause_writing()
+        if self._send_timer is None:
+            self._send_timer = self.loop.call_later(self.send_timeout, self.transport.abort)
+
+    def resume_writing(self) -> None:
+        if self._send_timer is not None:
+            self._send_timer.cancel()
+            self._send_timer = None
+        super().resume_writing()
 
     def _arm_header_timer(self) -> None:
         self._header_timer = self.loop.call_later(self.header_timeout, self._header_timed_out)
@@ -172,13 +192,14 @@ class EdgeProtocol(ClientCertProtocol):
         self.transport.close()
 
 
-def protocol_class(header_timeout: float, max_connections: int) -> type[EdgeProtocol]:
+def protocol_class(header_timeout: float, send_timeout: float,
+                   max_connections: int) -> type[EdgeProtocol]:
     """:class:`EdgeProtocol` with these limits, for ``uvicorn.run(http=...)``."""
 
     class Configured(EdgeProtocol):
         pass
 
-    Configured.header_timeout = header_timeout
+    Configured.header_timeout, Configured.send_timeout = header_timeout, send_timeout
     Configured.max_connections = max_connections
     return Configured
 
@@ -214,6 +235,7 @@ def server_options(settings: Settings) -> dict[str, Any]:
     proxies trusted for ``X-Forwarded-For`` (none unless ``TALLY_FORWARDED_ALLOW_IPS``)."""
     limit = connection_limit(settings.max_connections, raise_fd_limit())
     proxies = settings.forwarded_allow_ips.strip()
-    return {"http": protocol_class(settings.header_timeout_seconds, limit),
+    return {"http": protocol_class(settings.header_timeout_seconds,
+                                   settings.body_timeout_seconds, limit),
             "timeout_keep_alive": settings.keepalive_timeout_seconds,
             "proxy_headers": bool(proxies), "forwarded_allow_ips": proxies or None}
