@@ -51,8 +51,12 @@ class BodyRule:
     what: str  # named in the ``413`` detail
 
 
+DEFAULT_RULE = BodyRule(DEFAULT_BODY_LIMIT, False, "a request")
+
+
 def body_rules(settings: Settings) -> dict[tuple[str, str], BodyRule]:
-    """(method, path) → rule; a route not listed gets :data:`DEFAULT_RULE`."""
+    """(method, path) → rule; a route not listed gets :data:`DEFAULT_RULE` (64 KiB, any
+    type): a new route with a JSON body adds its rule here."""
     query = BodyRule(QUERY_BODY_LIMIT, True, "a query")
     return {
         ("POST", "/v1/events:batch"): BodyRule(settings.max_batch_bytes, True, "a batch"),
@@ -61,9 +65,6 @@ def body_rules(settings: Settings) -> dict[tuple[str, str], BodyRule]:
         ("POST", "/v1/analytics/retention"): query,
         ("POST", "/v1/admin/fx-rates"): BodyRule(FX_BODY_LIMIT, True, "an FX rates request"),
     }
-
-
-DEFAULT_RULE = BodyRule(DEFAULT_BODY_LIMIT, False, "a request")
 
 
 def is_json(content_type: str | None) -> bool:
