@@ -111,7 +111,8 @@ def _replicate(base: Path, data: Path, stored: int) -> None:
 
 
 def stored_events(data: Path) -> int:
-    """Events in a data dir's store (read before a server holds it)."""
+    """Events in the store at ``data``, read while no server holds it (``/readyz`` does not
+    disclose counts)."""
     import duckdb
 
     if not (data / "events.duckdb").exists():
@@ -133,7 +134,6 @@ class Server:
     def __init__(self, data: Path, env: dict[str, str] | None = None) -> None:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
-        self.stored_at_start = stored_events(data)
         started = time.perf_counter()
         with (data / f"serve-{self.port}.log").open("wb") as log:
             self.proc = subprocess.Popen([TALLY, "serve", "--port", str(self.port),

@@ -29,6 +29,7 @@ from bench.common import (
     machine,
     percentile,
     post_all,
+    stored_events,
 )
 from tally.demo.generator import generate
 from tally.events.envelope import ValidationContext
@@ -154,10 +155,10 @@ def main() -> None:
         data = ensure_store(stored, args.days)
         bodies = make_bodies(args.batches + LATENCY_BATCHES, args.batch_size)
         bodies, latency_bodies = bodies[:args.batches], bodies[args.batches:]
+        stored_actual = stored_events(data)
         server = Server(data, {"TALLY_READ_YOUR_WRITES_MS": "0"})
         try:
             rss_start = server.rss_mb()
-            stored_actual = server.stored_at_start
             headers = client_headers(server.url, data, "events:write analytics:read")
             http_run(server.url, headers, bodies[:20], args.clients)  # warm-up
             result = burst(server, headers, bodies[20:], args.clients)

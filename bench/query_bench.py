@@ -227,7 +227,7 @@ def freshness(url: str, headers: dict[str, str], end: datetime) -> dict[str, flo
         before = httpx.get(f"{url}/v1/analytics/timeseries", params=params,
                            headers=headers).json()["series"]
         base = before[0]["value"] if before else 0
-        r = httpx.post(f"{url}/v1/events:batch", content=json.dumps([event]), headers=headers)
+        r = httpx.post(f"{url}/v1/events:batch", json=[event], headers=headers)
         acked = time.perf_counter()
         assert r.status_code == 202
         while True:

@@ -29,7 +29,8 @@ Demo client (all scopes; saved in $creds):
 Try it:
   TOKEN=\$(curl -s -u '$client_id:$secret' -d grant_type=client_credentials $url/oauth/token \\
     | python3 -c 'import json,sys; print(json.load(sys.stdin)["access_token"])')
-  curl -s -X POST $url/v1/events:batch -H "Authorization: Bearer \$TOKEN" -d '[{"event_id":"hello-1",
+  curl -s -X POST $url/v1/events:batch -H "Authorization: Bearer \$TOKEN" \\
+    -H 'Content-Type: application/json' -d '[{"event_id":"hello-1",
     "event_type":"bet.settled","occurred_at":"2025-10-23T16:21:05Z","tenant_id":"brand-1","region":"EU",
     "player_id":"p_demo","schema_version":"1.3.0","payload":{"bet_id":"b1","stake_minor":500,
     "win_minor":450,"currency":"EUR","game_id":"g_01","provider_id":"studio_x"}}]'
@@ -38,10 +39,12 @@ Try it:
     -H "Authorization: Bearer \$TOKEN"
   curl -s "$url/v1/analytics/slice?metric=rtp&dim=game_id&from=$since&to=$until&limit=5" \\
     -H "Authorization: Bearer \$TOKEN"
-  curl -s -X POST $url/v1/analytics/funnel -H "Authorization: Bearer \$TOKEN" -d '{"steps":[
+  curl -s -X POST $url/v1/analytics/funnel -H "Authorization: Bearer \$TOKEN" \\
+    -H 'Content-Type: application/json' -d '{"steps":[
     {"event":"payment.intent"},{"event":"payment.captured"},{"event":"wallet.credit","reason":"deposit"},
     {"event":"bet.placed"}],"window_sec":3600,"from":"'$since'","to":"'$until'"}'
-  curl -s -X POST $url/v1/analytics/retention -H "Authorization: Bearer \$TOKEN" -d '{"cohort":
+  curl -s -X POST $url/v1/analytics/retention -H "Authorization: Bearer \$TOKEN" \\
+    -H 'Content-Type: application/json' -d '{"cohort":
     "first_deposit","start_date":"'$since'","end_date":"'$until'","days":[1,7],"timezone":"Europe/London"}'
   curl -s "$url/v1/analytics/ltv?start_date=$since&end_date=$until&horizon=30d" -H "Authorization: Bearer \$TOKEN"
 

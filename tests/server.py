@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import resource
 import signal
 import socket
 import subprocess
@@ -29,7 +30,9 @@ def cli(*args: str, data_dir: Path,
 
 
 class Server:
-    def __init__(self, data_dir: Path, env: dict[str, str] | None = None) -> None:
+    def __init__(self, data_dir: Path, env: dict[str, str] | None = None,
+                 nofile: tuple[int, int] | None = None) -> None:
+        """``nofile``: the (soft, hard) file-descriptor limit the server starts with."""
         self.data_dir, self.port = data_dir, free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log = data_dir.parent / f"serve-{self.port}.log"
@@ -37,6 +40,8 @@ class Server:
             self.proc = subprocess.Popen(
                 [TALLY, "serve", "--port", str(self.port), "--data-dir", str(data_dir)],
                 stdout=log, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})},
+                preexec_fn=(lambda: resource.setrlimit(resource.RLIMIT_NOFILE, nofile))
+                if nofile else None,
             )
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline:

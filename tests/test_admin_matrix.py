@@ -143,12 +143,12 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
         assert client.post("/oauth/token", auth=("cl_00000000000000ff", "x"),
                            data={"grant_type": "client_credentials"}).status_code == 401
         events, sent = rejected_batch()
-        receipt = client.post("/v1/events:batch", content=json.dumps(events),
+        receipt = client.post("/v1/events:batch", json=events,
                               headers=admins["all"][1])
         assert receipt.status_code == 202 and receipt.json()["rejected"] == len(events)
         # a limited producer's event for a brand outside it: quarantined under that brand
         outside = make_event(tenant_id="b2", region="EU")
-        receipt = client.post("/v1/events:batch", content=json.dumps([outside]),
+        receipt = client.post("/v1/events:batch", json=[outside],
                               headers=admins["brand-b1"][1])
         assert receipt.json()["rejected"] == 1, receipt.text
         sent.append(Sent(outside["event_id"], "b2", "EU"))

@@ -96,7 +96,7 @@ def test_new_rejections_keep_the_brand_and_region_they_name(client, settings):
              make_event(tenant_id="b2", region="NA"),  # residency: a stub, but still b2/NA
              make_event(tenant_id=["b1"], region=3)]
     assert client.post("/v1/events:batch", headers=headers,
-                       content=json.dumps(batch)).json()["rejected"] == 3
+                       json=batch).json()["rejected"] == 3
     client.get("/v1/admin/quarantine", headers=headers)  # flushes the applier
     backend: DuckDBBackend = client.app.state.runtime.backend  # type: ignore[attr-defined]
     rows = backend.quarantine(0, 10)

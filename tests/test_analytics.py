@@ -298,7 +298,7 @@ def post_batches(client: TestClient, headers: dict[str, str],
                  batches: list[list[dict[str, Any]]]) -> tuple[int, int]:
     accepted = duplicates = 0
     for batch in batches:
-        r = client.post(BATCH, content=json.dumps(batch), headers=headers)
+        r = client.post(BATCH, json=batch, headers=headers)
         assert r.status_code == 202, r.text
         receipt = r.json()
         assert receipt["rejected"] == 0, receipt["errors"][:3]

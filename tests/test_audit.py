@@ -124,7 +124,7 @@ def test_token_query_and_admin_calls_are_recorded_without_secrets(client, settin
     writer = client.post("/oauth/token", auth=(cid, secret),
                          data={"grant_type": "client_credentials", "scope": "events:write"})
     events = [make_event(occurred_at=f"2025-10-2{d}T10:00:00Z") for d in (2, 3, 3, 4)]
-    ingest = client.post("/v1/events:batch", content=json.dumps(events),
+    ingest = client.post("/v1/events:batch", json=events,
                          headers={"Authorization": f"Bearer {writer.json()['access_token']}"})
     assert ingest.status_code == 202  # ingestion is not audited per request
     headers = {"Authorization": f"Bearer {access}",

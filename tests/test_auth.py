@@ -57,7 +57,7 @@ def test_token_by_form_secret_and_scope_subset(client, registered):
     assert r.status_code == 200 and r.json()["scope"] == "analytics:read"
     token = r.json()["access_token"]
     # a token without events:write cannot ingest
-    assert_problem(client.post("/v1/events:batch", content="[]",
+    assert_problem(client.post("/v1/events:batch", json=[],
                                headers={"Authorization": f"Bearer {token}"}), 403)
 
 

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import json
-
 from fastapi.testclient import TestClient
 
 from tally.api.app import create_app
@@ -21,7 +19,7 @@ def bet(**overrides):
 
 
 def ingest(client, headers, *events):
-    r = client.post("/v1/events:batch", content=json.dumps(list(events)), headers=headers)
+    r = client.post("/v1/events:batch", json=list(events), headers=headers)
     assert r.status_code == 202 and r.json()["accepted"] == len(events)
 
 

@@ -12,7 +12,6 @@ Readings of docs/cohorts.md where it leaves a choice are listed at the top of
 
 from __future__ import annotations
 
-import json
 import random
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -462,7 +461,7 @@ class Api:
 
 def send(client: TestClient, headers: dict[str, str], events: list[dict[str, Any]]) -> None:
     for start in range(0, len(events), 2000):
-        r = client.post(BATCH, content=json.dumps(events[start:start + 2000]), headers=headers)
+        r = client.post(BATCH, json=events[start:start + 2000], headers=headers)
         assert r.status_code == 202, r.text
         assert r.json()["rejected"] == 0, r.json()["errors"][:3]
 

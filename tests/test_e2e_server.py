@@ -34,7 +34,7 @@ def test_every_acknowledged_event_survives_sigkill(tmp_path: Path):
                 batch = [make_event(event_id=f"w{worker}-{n}-{i}") for i in range(200)]
                 n += 1
                 try:
-                    r = http.post("/v1/events:batch", content=json.dumps(batch))
+                    r = http.post("/v1/events:batch", json=batch)
                 except httpx.TransportError:
                     return  # the server died under us: this batch was never acknowledged
                 if r.status_code == 202:
@@ -64,7 +64,7 @@ def test_every_acknowledged_event_survives_sigkill(tmp_path: Path):
     try:
         headers = token(again.url, *creds)
         sample = [make_event(event_id=e) for e in acked[:: max(1, len(acked) // 500)]]
-        r = httpx.post(f"{again.url}/v1/events:batch", content=json.dumps(sample),
+        r = httpx.post(f"{again.url}/v1/events:batch", json=sample,
                        headers=headers)
         assert r.json()["duplicates"] == len(sample) and r.json()["accepted"] == 0
     finally:
@@ -83,7 +83,7 @@ def test_operator_commands_work_while_serving(tmp_path: Path):
         creds = new_client(data, scopes="events:write")  # written while the server runs
         headers = token(server.url, *creds)
         r = httpx.post(f"{server.url}/v1/events:batch", headers=headers,
-                       content=json.dumps([make_event()]))
+                       json=[make_event()])
         assert r.status_code == 202 and r.json()["accepted"] == 1
         demo = cli("demo", "--events", "10", data_dir=data)
         assert demo.returncode != 0 and "in use" in demo.stderr
@@ -143,7 +143,7 @@ def test_ingestion_contract_through_the_real_server(tmp_path: Path):
         headers, read_only = token(server.url, *writer), token(server.url, *reader)
         with httpx.Client(base_url=server.url, timeout=10) as http:
             def post(events, **extra):
-                return http.post("/v1/events:batch", content=json.dumps(events),
+                return http.post("/v1/events:batch", json=events,
                                  headers={**headers, **extra})
 
             a, bad, far = make_event(), make_event(event_type="x.y"), make_event(region="NA")
@@ -155,10 +155,10 @@ def test_ingestion_contract_through_the_real_server(tmp_path: Path):
             assert post([a], **{"X-Idempotency-Key": "k"}).status_code == 422
             assert post([a]).json()["duplicates"] == 1
             for status, response in [
-                (400, http.post("/v1/events:batch", content=b"{}", headers=headers)),
+                (400, http.post("/v1/events:batch", json={}, headers=headers)),
                 (413, post([make_event() for _ in range(51)])),
-                (401, http.post("/v1/events:batch", content=b"[]")),
-                (403, http.post("/v1/events:batch", content=b"[]", headers=read_only)),
+                (401, http.post("/v1/events:batch", json=[])),
+                (403, http.post("/v1/events:batch", json=[], headers=read_only)),
             ]:
                 assert response.status_code == status
                 assert response.headers["content-type"] == "application/problem+json"

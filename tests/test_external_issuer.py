@@ -122,15 +122,15 @@ def test_tokens_of_each_allowed_algorithm_are_accepted_with_their_limits(tmp_pat
             assert client.get("/v1/schemas", headers=bearer(idp.token(kid))).status_code == 200
         assert idp.fetches == 1  # fetched once, then cached
         # scopes come from `scope`; this token may not ingest
-        events = json.dumps([make_event()])
-        assert_problem(client.post("/v1/events:batch", content=events,
+        events = [make_event()]
+        assert_problem(client.post("/v1/events:batch", json=events,
                                    headers=bearer(idp.token(kids["EdDSA"]))), 403)
         writer = idp.token(kids["ES256"], scope="events:write", brands=["brand-9"])
-        r = client.post("/v1/events:batch", content=events, headers=bearer(writer))
+        r = client.post("/v1/events:batch", json=events, headers=bearer(writer))
         assert r.status_code == 202 and r.json()["rejected"] == 1  # brand-7 outside brands
         assert "outside this client's brands" in r.json()["errors"][0]["detail"]
         ok = idp.token(kids["RS256"], scope="events:write", brands=["brand-7"])
-        assert client.post("/v1/events:batch", content=json.dumps([make_event()]),
+        assert client.post("/v1/events:batch", json=[make_event()],
                            headers=bearer(ok)).json()["accepted"] == 1
         published = client.get("/.well-known/jwks.json").json()["keys"]
         assert {k["kid"] for k in published} == set(kids.values())

@@ -30,7 +30,8 @@ def stored(client: TestClient, where: str = "true") -> list[dict[str, Any]]:
 
 def post(client: TestClient, headers: dict[str, str], events: Any, **extra: str) -> Any:
     body = events if isinstance(events, (bytes, str)) else json.dumps(events)
-    return client.post(BATCH, content=body, headers={**headers, **extra})
+    return client.post(BATCH, content=body,
+                       headers={"Content-Type": "application/json", **headers, **extra})
 
 
 def assert_problem(response: Any, status: int) -> dict[str, Any]:
@@ -270,9 +271,9 @@ def test_quarantine_pagination(client, headers):
 
 
 def test_routes_need_a_token_and_the_scope(client, auth):
-    assert_problem(client.post(BATCH, content="[]"), 401)
-    assert client.post(BATCH, content="[]").headers["www-authenticate"] == "Bearer"
-    assert_problem(client.post(BATCH, content="[]",
+    assert_problem(client.post(BATCH, json=[]), 401)
+    assert client.post(BATCH, json=[]).headers["www-authenticate"] == "Bearer"
+    assert_problem(client.post(BATCH, json=[],
                                headers={"Authorization": "Bearer not-a-jwt"}), 401)
     reader = auth(scopes="analytics:read")
     body = assert_problem(post(client, reader, [make_event()]), 403)

@@ -171,7 +171,8 @@ def test_every_v1_route_is_limited_and_operations_are_not(start):
     assert api.ts(headers).status_code == 200
     for method, path in (("get", "/v1/metrics"), ("get", "/v1/admin/quarantine"),
                          ("post", "/v1/events:batch")):
-        r = getattr(api.http, method)(path, headers=headers)
+        r = api.http.request(method, path, headers=headers,
+                             json=[] if method == "post" else None)
         assert problem(r, 429)["limit"] == "client", path
     for path in ("/healthz", "/readyz", "/metrics", "/healthz"):
         r = api.http.get(path)
@@ -225,20 +226,20 @@ def test_a_batch_is_charged_to_its_brands_and_a_refused_batch_stores_nothing(sta
     batches = [[make_event(tenant_id="brand-3"), make_event(tenant_id="brand-4")]
                for _ in range(3)]
     for batch in batches[:2]:
-        r = api.http.post("/v1/events:batch", headers=headers, content=json.dumps(batch))
+        r = api.http.post("/v1/events:batch", headers=headers, json=batch)
         assert r.status_code == 202 and r.json()["accepted"] == 2
         assert "brand" in limits_of(r)[0]
-    r = api.http.post("/v1/events:batch", headers=headers, content=json.dumps(batches[2]))
+    r = api.http.post("/v1/events:batch", headers=headers, json=batches[2])
     assert problem(r, 429)["limit"] == "brand"
     assert api.http.post("/v1/events:batch", headers=headers,  # another brand: fine
-                         content=json.dumps([make_event(tenant_id="brand-5")])).status_code == 202
+                         json=[make_event(tenant_id="brand-5")]).status_code == 202
     api.clock.now += 10
-    r = api.http.post("/v1/events:batch", headers=headers, content=json.dumps(batches[2]))
+    r = api.http.post("/v1/events:batch", headers=headers, json=batches[2])
     assert r.status_code == 202
     assert (r.json()["accepted"], r.json()["duplicates"]) == (2, 0)  # the 429 stored nothing
 
 
-def test_token_endpoint_is_limited_per_client_id(start):
+def test_token_endpoint_is_limited_per_client_id_and_address(start):
     api = start(rate_token="6/m burst 2")
     meta = metadata.connect(api.settings.data_dir)
     first, secret = create_client(meta, "a", "analytics:read")
@@ -250,10 +251,56 @@ def test_token_endpoint_is_limited_per_client_id(start):
     r = api.http.post("/oauth/token", auth=(first, secret), data=form)  # guesses count too
     body = problem(r, 429)
     assert (body["limit"], body["retry_after"]) == ("token", 10)
-    assert limits_of(r) == ({"token": {"q": "2", "w": "20"}},
-                            {"token": {"r": "0", "t": "20"}})
+    assert "from testclient" in body["detail"]  # the peer address of Starlette's test client
+    assert limits_of(r) == ({"token_source": {"q": "100", "w": "10"},
+                             "token": {"q": "2", "w": "20"}},
+                            {"token_source": {"r": "97", "t": "1"},
+                             "token": {"r": "0", "t": "20"}})
     r = api.http.post("/oauth/token", auth=(second, secret2), data=form)
-    assert r.status_code == 200 and limits_of(r)[1] == {"token": {"r": "1", "t": "10"}}
+    assert r.status_code == 200 and limits_of(r)[1]["token"] == {"r": "1", "t": "10"}
+
+
+def from_address(api: Api, address: str) -> TestClient:
+    """The same app and runtime, seen from another peer address."""
+    return TestClient(api.http.app, raise_server_exceptions=False, client=(address, 40000))
+
+
+def test_wrong_secrets_from_one_address_do_not_lock_the_owner_out_of_another(start):
+    api = start(rate_token="6/m burst 2")
+    meta = metadata.connect(api.settings.data_dir)
+    owner, secret = create_client(meta, "owner", "analytics:read")
+    meta.close()
+    form = {"grant_type": "client_credentials"}
+    attacker = from_address(api, "203.0.113.9")
+    statuses = [attacker.post("/oauth/token", auth=(owner, f"guess-{k}"), data=form).status_code
+                for k in range(60)]
+    assert statuses == [401, 401] + [429] * 58
+    assert attacker.post("/oauth/token", auth=(owner, secret), data=form).status_code == 429
+    for _ in range(2):  # the owner, from its own address, still gets its burst of tokens
+        assert api.http.post("/oauth/token", auth=(owner, secret), data=form).status_code == 200
+
+
+def test_token_requests_from_one_address_are_limited_whatever_the_id(start):
+    api = start(rate_token_source="6/m burst 5")
+    meta = metadata.connect(api.settings.data_dir)
+    owner, secret = create_client(meta, "owner", "analytics:read")
+    meta.close()
+    form = {"grant_type": "client_credentials"}
+    attacker = from_address(api, "198.51.100.7")
+    assert attacker.post("/oauth/token", data={}).status_code == 400  # malformed ones count too
+    for k in range(4):
+        assert attacker.post("/oauth/token", auth=(f"cl_unknown{k}", "x"),
+                             data=form).status_code == 401
+    r = attacker.post("/oauth/token", auth=("cl_unknown9", "x"), data=form)
+    body = problem(r, 429)
+    assert (body["limit"], body["retry_after"]) == ("token_source", 10)
+    assert "token requests from 198.51.100.7" in body["detail"]
+    assert r.headers["Retry-After"] == "10"
+    # another address is not touched by it
+    assert api.http.post("/oauth/token", auth=("cl_unknown9", "x"), data=form).status_code == 401
+    assert api.http.post("/oauth/token", auth=(owner, secret), data=form).status_code == 200
+    api.clock.now += 10  # a token later, the address may ask again
+    assert attacker.post("/oauth/token", auth=(owner, secret), data=form).status_code == 200
 
 
 # -- rows ----------------------------------------------------------------------------------
@@ -275,7 +322,7 @@ def test_rows_per_request_is_refused_before_running(start):
     headers = api.token()
     events = [make_event(occurred_at=f"2025-10-23T{h:02d}:00:00Z") for h in range(24)]
     assert api.http.post("/v1/events:batch", headers=headers,
-                         content=json.dumps(events)).status_code == 202
+                         json=events).status_code == 202
     before = scanned_total(api)
     body = problem(webhook_lag(api, headers, "2025-10-01"), 422)
     assert body["limit"] == "rows_per_request" and body["max_rows"] == 1
@@ -299,7 +346,7 @@ def test_rows_per_day_quota_per_client(start):
     events = [make_event(occurred_at=f"2025-10-23T{i % 24:02d}:{i // 24:02d}:00Z")
               for i in range(40)]
     assert api.http.post("/v1/events:batch", headers=headers,
-                         content=json.dumps(events)).status_code == 202
+                         json=events).status_code == 202
     before = scanned_total(api)
     # 40 rows each (distinct ranges: no cached answers): 0, 40, 80 used before → allowed
     for day in ("2025-10-01", "2025-10-02", "2025-10-03"):
@@ -467,8 +514,8 @@ def test_two_servers_share_their_limits_through_redis(tmp_path, redis_server, pr
         headers = token(urls[1], *producer)  # brand buckets are shared the same way
         statuses = []
         for k in range(5):
-            batch = json.dumps([make_event(tenant_id="brand-shared")])
-            r = httpx.post(f"{urls[k % 2]}/v1/events:batch", content=batch, headers=headers)
+            batch = [make_event(tenant_id="brand-shared")]
+            r = httpx.post(f"{urls[k % 2]}/v1/events:batch", json=batch, headers=headers)
             statuses.append((r.status_code, r.json().get("limit")))
         assert statuses == [(202, None)] * 4 + [(429, "brand")]
     finally:

@@ -19,7 +19,7 @@ def scrape(client) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
 
 def test_metrics_count_what_happened(client, headers):
     dup, bad = make_event(), make_event(event_type="nope")
-    r = client.post("/v1/events:batch", content=json.dumps([dup, dup, bad, make_event()]),
+    r = client.post("/v1/events:batch", json=[dup, dup, bad, make_event()],
                     headers=headers)
     assert r.status_code == 202
     client.get("/v1/nowhere", headers=headers)

@@ -7,7 +7,6 @@ endpoints, metrics and filters is in ``test_policy_matrix.py``.
 
 from __future__ import annotations
 
-import json
 import re
 from datetime import datetime
 from pathlib import Path
@@ -204,7 +203,7 @@ DAY = datetime(2025, 10, 23, 9)
 def three_brands(client, headers):
     events = [e for brand in ("b1", "b2", "b3") for region in ("EU", "UK", "LATAM")
               for e in player_day(brand, region, f"p-{brand}-{region}", DAY)]
-    r = client.post("/v1/events:batch", content=json.dumps(events), headers=headers)
+    r = client.post("/v1/events:batch", json=events, headers=headers)
     assert r.status_code == 202 and r.json()["accepted"] == len(events), r.text
 
 

@@ -18,7 +18,6 @@ routes have their own matrix over these clients: ``test_admin_matrix.py``.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from datetime import datetime
@@ -224,7 +223,7 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
               for e in player_day(b, r, f"p-{b}-{r}", DAY, bets=bets_in(b, r))]
     with TestClient(create_app(settings), raise_server_exceptions=False) as client:
         writer = bearer(client, settings.data_dir)
-        receipt = client.post("/v1/events:batch", content=json.dumps(events), headers=writer)
+        receipt = client.post("/v1/events:batch", json=events, headers=writer)
         assert receipt.status_code == 202 and receipt.json()["accepted"] == len(events), \
             receipt.text
         headers = {lim.name: bearer(client, settings.data_dir, "analytics:read events:write",
@@ -308,7 +307,7 @@ def test_ingestion_matrix(client: TestClient, settings: Settings) -> None:
         cells = [(b, r) for lim, b, r in INGEST_CELLS if lim is limits]
         batch = [player_day(b, r, "p-ingest", DAY, tag=f"{limits.name}-{b}-{r}")[0]
                  for b, r in cells]
-        receipt = client.post("/v1/events:batch", content=json.dumps(batch), headers=headers)
+        receipt = client.post("/v1/events:batch", json=batch, headers=headers)
         assert receipt.status_code == 202, receipt.text
         errors = {e["index"]: e["detail"] for e in receipt.json()["errors"]}
         for i, (brand, region) in enumerate(cells):
@@ -334,7 +333,7 @@ def expected_rejection(limits: Limits, brand: str, region: str) -> str | None:
 def test_refused_events_for_unserved_regions_are_stored_nowhere(client, settings):
     headers = bearer(client, settings.data_dir)
     event = player_day("b1", UNSERVED, "p-secret-player", DAY, tag="nowhere")[0]
-    receipt = client.post("/v1/events:batch", content=json.dumps([event]), headers=headers)
+    receipt = client.post("/v1/events:batch", json=[event], headers=headers)
     assert receipt.json()["rejected"] == 1
     listing = client.get("/v1/admin/quarantine", headers=headers)
     assert listing.status_code == 200

@@ -38,7 +38,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def post(client: TestClient, headers: dict[str, str], events: list[dict[str, Any]]) -> dict:
-    r = client.post("/v1/events:batch", content=json.dumps(events), headers=headers)
+    r = client.post("/v1/events:batch", json=events, headers=headers)
     assert r.status_code == 202, r.text
     return r.json()
 

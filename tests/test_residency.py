@@ -4,7 +4,6 @@ and events for them are rejected one by one, stored nowhere."""
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import pytest
@@ -81,7 +80,7 @@ def test_events_for_other_regions_are_rejected_one_by_one_naming_the_endpoint(cl
                                                                               headers):
     batch = [make_event(region="EU"), make_event(region="UK", player_id="p_canary_uk"),
              make_event(region="APAC", player_id="p_canary_apac")]
-    r = client.post("/v1/events:batch", headers=headers, content=json.dumps(batch))
+    r = client.post("/v1/events:batch", headers=headers, json=batch)
     assert r.status_code == 202
     receipt = r.json()
     assert receipt["accepted"] == 1 and receipt["rejected"] == 2
@@ -98,7 +97,7 @@ def test_events_for_other_regions_are_rejected_one_by_one_naming_the_endpoint(cl
 
 def test_a_batch_entirely_for_another_region_is_still_a_receipt(client, headers):
     batch = [make_event(region="UK") for _ in range(3)]
-    r = client.post("/v1/events:batch", headers=headers, content=json.dumps(batch))
+    r = client.post("/v1/events:batch", headers=headers, json=batch)
     assert r.status_code == 202 and r.json()["rejected"] == 3 and r.json()["accepted"] == 0
 
 

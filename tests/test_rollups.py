@@ -67,7 +67,7 @@ def store(tmp_path_factory) -> DuckDBBackend:
         headers = bearer(client, settings.data_dir, "events:write")
         batch = events(3000, 1)
         for part in (batch[:1500], batch[1000:], batch[2500:]):  # overlaps: duplicates
-            r = client.post("/v1/events:batch", content=json.dumps(part), headers=headers)
+            r = client.post("/v1/events:batch", json=part, headers=headers)
             assert r.status_code == 202
     return open_store(settings)
 

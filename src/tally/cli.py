@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Annotated, NoReturn
 
 import typer
+from pydantic import ValidationError
 
 from tally.config import Settings, get_settings
 from tally.errors import StoreUnavailable, UserError
@@ -37,7 +38,11 @@ def fail(message: str, code: int = 2) -> NoReturn:
 def settings_for(data_dir: Path | None) -> Settings:
     try:
         base = get_settings()
-    except Exception as exc:  # a bad TALLY_* value: one line, not a traceback
+    except ValidationError as exc:  # a bad TALLY_* value: one line naming it, no traceback
+        error = exc.errors()[0]
+        name = "_".join(str(part) for part in error["loc"]).upper()
+        fail(f"invalid configuration: TALLY_{name}: {error['msg']}")
+    except Exception as exc:
         fail(f"invalid configuration: {exc}".splitlines()[0])
     return base.model_copy(update={"data_dir": data_dir}) if data_dir else base
 
@@ -59,6 +64,7 @@ def serve(
     import uvicorn
 
     from tally.api.app import create_app
+    from tally.api.connections import server_options as edge_options
     from tally.observability.logs import configure_logging
     from tally.runtime import Runtime, tune_gc
     from tally.security.mtls import server_options
@@ -69,6 +75,7 @@ def serve(
         tls = server_options(ssl_certfile or settings.ssl_certfile,
                              ssl_keyfile or settings.ssl_keyfile,
                              ssl_client_ca or settings.ssl_client_ca)
+        edge = edge_options(settings)  # timeouts, connection limit, trusted proxies
     except ValueError as exc:
         fail(str(exc))
     try:
@@ -77,7 +84,7 @@ def serve(
         fail(str(exc))
     tune_gc()
     uvicorn.run(create_app(settings, runtime), host=host, port=port, log_config=None,
-                access_log=False, timeout_graceful_shutdown=5, **tls)
+                access_log=False, timeout_graceful_shutdown=5, **{**tls, **edge})
 
 
 @client_app.command("create")

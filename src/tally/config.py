@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import re
 from functools import lru_cache
@@ -47,6 +48,7 @@ def parse_size(text: str) -> int:
             raise ValueError(f"{text!r}: a share of memory is from 0 to 100%")
         return int(machine_memory() * number / 100)
     return int(number * _UNITS[unit])
+MIN_METRICS_TOKEN = 16  # a scrape secret, not a password: long enough not to guess
 
 
 class Settings(BaseSettings):
@@ -91,12 +93,21 @@ class Settings(BaseSettings):
     rate_brand: str = "200/s burst 2000"
     rate_region: str = "1000/s burst 10000"
     rate_token: str = "1/s burst 20"  # noqa: S105 - a rate, not a secret
+    rate_token_source: str = "10/s burst 100"  # noqa: S105 - a rate, not a secret
     max_rows_per_request: int = Field(default=0, ge=0)  # 0: no limit
     rows_per_day: int = Field(default=0, ge=0)  # per client and UTC day; 0: no quota
     # bounds on every query statement (storage/limits.py): a stopped statement is a 503
     query_timeout_seconds: float = Field(default=30.0, gt=0, le=3600)
     query_memory_limit: str = "50%"  # of the machine's memory, or a size: 4GB, 512MB
     query_spill_limit: str = ""  # disk a query may spill to; empty: the memory limit's size
+    # the HTTP edge (api/bodies.py, api/connections.py): time and room a client may take
+    header_timeout_seconds: float = Field(default=10.0, gt=0, le=600)
+    body_timeout_seconds: float = Field(default=30.0, gt=0, le=3600)
+    body_min_rate: int = Field(default=1024, ge=0)  # bytes/s on average; 0: off
+    keepalive_timeout_seconds: int = Field(default=5, ge=1, le=3600)
+    max_connections: int | None = Field(default=None, ge=1)  # None: from the fd limit
+    forwarded_allow_ips: str = ""  # proxies whose X-Forwarded-For is believed; "": none
+    metrics_token: SecretStr | None = None  # set: GET /metrics needs it as a bearer token
 
     @field_validator("regions")
     @classmethod
@@ -140,7 +151,31 @@ class Settings(BaseSettings):
             raise ValueError("TALLY_REDIS_URL must be redis://, rediss:// or unix://")
         return value
 
-    @field_validator("rate_client", "rate_brand", "rate_region", "rate_token")
+    @field_validator("forwarded_allow_ips")
+    @classmethod
+    def _proxies(cls, value: str) -> str:
+        """Addresses or networks (``10.0.0.0/8``), or ``*``; uvicorn would take a typo for a
+        host name and silently trust nobody."""
+        for entry in (e.strip() for e in value.split(",") if e.strip()):
+            if entry == "*":
+                continue
+            try:
+                ipaddress.ip_network(entry, strict=False)
+            except ValueError:
+                raise ValueError(f"TALLY_FORWARDED_ALLOW_IPS entry {entry!r} is not an IP "
+                                 "address or network (or *)") from None
+        return value
+
+    @field_validator("metrics_token")
+    @classmethod
+    def _metrics_token(cls, value: SecretStr | None) -> SecretStr | None:
+        if value is not None and len(value.get_secret_value()) < MIN_METRICS_TOKEN:
+            raise ValueError(f"TALLY_METRICS_TOKEN needs at least {MIN_METRICS_TOKEN} "
+                             "characters")
+        return value
+
+    @field_validator("rate_client", "rate_brand", "rate_region", "rate_token",
+                     "rate_token_source")
     @classmethod
     def _rate(cls, value: str) -> str:
         parse_rate(value)

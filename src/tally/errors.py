@@ -46,12 +46,22 @@ class MisdirectedRequest(UserError):
     status, title, code = 421, "Misdirected Request", "misdirected_request"
 
 
+class RequestTimeout(UserError):
+    """The client stopped sending its request (``api/bodies.py``); the connection is closed."""
+
+    status, title, code = 408, "Request Timeout", "request_timeout"
+
+
 class Conflict(UserError):
     status, title, code = 409, "Conflict", "conflict"
 
 
 class PayloadTooLarge(UserError):
     status, title, code = 413, "Content Too Large", "payload_too_large"
+
+
+class UnsupportedMediaType(UserError):
+    status, title, code = 415, "Unsupported Media Type", "unsupported_media_type"
 
 
 class Unprocessable(UserError):
@@ -62,6 +72,12 @@ class TooManyRequests(UserError):
     """A rate limit or quota (``Retry-After`` is added by ``api/limiting.py``)."""
 
     status, title, code = 429, "Too Many Requests", "too_many_requests"
+
+
+class HeadersTooLarge(UserError):
+    """A request head over its limit (``api/connections.py``); the connection is closed."""
+
+    status, title, code = 431, "Request Header Fields Too Large", "headers_too_large"
 
 
 class ServiceUnavailable(UserError):

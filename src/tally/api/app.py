@@ -15,6 +15,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from tally import __version__
 from tally.api import hygiene, problems
+from tally.api.bodies import BodyMiddleware, body_rules
 from tally.api.limiting import LimitsMiddleware
 from tally.api.routes import admin, analytics, audit, auth, ingest, meta, metrics
 from tally.audit.middleware import AuditMiddleware
@@ -94,7 +95,9 @@ def create_app(settings: Settings | None = None, runtime: Runtime | None = None)
                   description="Analytics API for online gaming operators.")
     app.state.metrics = app_metrics = Metrics()
 
-    app.add_middleware(LimitsMiddleware)  # innermost: rate limits and row quotas
+    app.add_middleware(BodyMiddleware, rules=body_rules(settings),  # innermost: body rules
+                       timeout=settings.body_timeout_seconds, min_rate=settings.body_min_rate)
+    app.add_middleware(LimitsMiddleware)  # rate limits and row quotas
     app.add_middleware(AuditMiddleware)  # added first: inside the trace middleware
     app.add_middleware(TraceMiddleware, metrics=app_metrics)
     hygiene.install(app, settings.cors_origins, settings.deprecations)

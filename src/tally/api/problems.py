@@ -32,12 +32,18 @@ def problem_response(request: Request, body: dict[str, Any],
     return ProblemResponse(body, status_code=int(body["status"]), headers=headers)
 
 
+def user_error_response(request: Request, exc: UserError) -> ProblemResponse:
+    """The answer to a :class:`UserError`: from the exception handler, or from a middleware
+    that refuses a request before the app runs (``api/bodies.py``)."""
+    headers = {"WWW-Authenticate": "Bearer"} if exc.status == 401 else {}
+    headers.update(exc.headers or {})
+    return problem_response(request, exc.problem(str(request.url.path)), headers)
+
+
 def install(app: FastAPI) -> None:
     @app.exception_handler(UserError)
     async def _user_error(request: Request, exc: UserError) -> ProblemResponse:
-        headers = {"WWW-Authenticate": "Bearer"} if exc.status == 401 else {}
-        headers.update(exc.headers or {})
-        return problem_response(request, exc.problem(str(request.url.path)), headers)
+        return user_error_response(request, exc)
 
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(request: Request, exc: StarletteHTTPException) -> ProblemResponse:

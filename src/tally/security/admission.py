@@ -3,7 +3,10 @@
 A request is *admitted* step by step, as what it is charged to becomes known:
 
 1. every authenticated request: the bucket of its client (``api/deps.py``, after the token is
-   verified); ``POST /oauth/token``: a ``token`` bucket per ``client_id`` asked for;
+   verified); ``POST /oauth/token``: first a ``token_source`` bucket per source address (every
+   token request from it, whatever it asks), then, before the secret is checked, a ``token``
+   bucket per (``client_id`` asked for, source address) — per address, so that wrong secrets
+   sent from one address cannot lock the client out at another;
 2. a query: the buckets of the brands and regions it is confined to, by its filters or its
    token (``insights/request.py``, after the 403 checks, so that nobody spends a bucket of a
    brand they may not read); a batch: the brands and regions of its accepted events
@@ -76,6 +79,7 @@ class Policy:
     brand: Rate | None
     region: Rate | None
     token: Rate | None
+    token_source: Rate | None
     max_rows_per_request: int
     rows_per_day: int
 
@@ -83,7 +87,8 @@ class Policy:
     def from_settings(cls, settings: Settings) -> Policy:
         return cls(parse_rate(settings.rate_client), parse_rate(settings.rate_brand),
                    parse_rate(settings.rate_region), parse_rate(settings.rate_token),
-                   settings.max_rows_per_request, settings.rows_per_day)
+                   parse_rate(settings.rate_token_source), settings.max_rows_per_request,
+                   settings.rows_per_day)
 
 
 def redis_client(url: str) -> redis.Redis:
@@ -147,8 +152,11 @@ class Admission:
         self.client_id = client_id
         self._acquire([("client", client_id, self.limits.policy.client)])
 
-    def admit_token_request(self, client_id: str) -> None:
-        self._acquire([("token", client_id, self.limits.policy.token)])
+    def admit_token_source(self, source: str) -> None:
+        self._acquire([("token_source", source, self.limits.policy.token_source)])
+
+    def admit_token_request(self, client_id: str, source: str) -> None:
+        self._acquire([("token", f"{client_id}@{source}", self.limits.policy.token)])
 
     def admit_scope(self, brands: Iterable[str], regions: Iterable[str]) -> None:
         policy = self.limits.policy
@@ -171,8 +179,7 @@ class Admission:
             return
         self.retry_after = denied.retry_after
         bucket, rate = denied.bucket, denied.bucket.rate
-        who = (f"token requests of client {bucket.key!r}" if bucket.limit == "token"
-               else f"{bucket.limit} {bucket.key!r}")
+        who = _describe(bucket)
         raise RateLimited(
             f"rate limit of {who} reached ({rate.burst} requests at once, then {rate}); "
             f"retry in {denied.retry_after} s",
@@ -225,6 +232,15 @@ class Admission:
         return out
 
 
+def _describe(bucket: Bucket) -> str:
+    if bucket.limit == "token":
+        client_id, _, source = bucket.key.rpartition("@")  # an address holds no "@"
+        return f"token requests for client {client_id!r} from {source}"
+    if bucket.limit == "token_source":
+        return f"token requests from {bucket.key}"
+    return f"{bucket.limit} {bucket.key!r}"
+
+
 def _partition(bucket: Bucket) -> str:
     """``pk``: which brand or region the numbers are about (the most constrained one)."""
     if bucket.limit not in ("brand", "region"):
@@ -253,10 +269,18 @@ def admit_client(client_id: str) -> None:
         admission.admit_client(client_id)
 
 
-def admit_token_request(client_id: str) -> None:
+def admit_token_source(source: str) -> None:
+    """Charge a token request from the peer address ``source``, whatever it asks for."""
     admission = _current.get()
     if admission is not None:
-        admission.admit_token_request(client_id)
+        admission.admit_token_source(source)
+
+
+def admit_token_request(client_id: str, source: str) -> None:
+    """Charge a token request for ``client_id`` from the peer address ``source``."""
+    admission = _current.get()
+    if admission is not None:
+        admission.admit_token_request(client_id, source)
 
 
 def admit_scope(brands: Iterable[str] | None, regions: Iterable[str] | None) -> None:

@@ -12,7 +12,7 @@ from fastapi.responses import JSONResponse
 
 from tally.api.deps import RuntimeDep
 from tally.errors import BadRequest, Unauthorized
-from tally.security.admission import admit_token_request
+from tally.security.admission import admit_token_request, admit_token_source
 from tally.security.clients import authenticate
 from tally.security.mtls import token_binding
 from tally.security.tokens import TokenService
@@ -50,11 +50,16 @@ async def token(request: Request, runtime: RuntimeDep) -> JSONResponse:
     if not isinstance(tokens, TokenService):  # TALLY_JWKS_URL: an identity provider issues
         raise OAuthError("unsupported_grant_type", "this deployment does not issue tokens: "
                          f"get one from the identity provider {runtime.settings.issuer!r}")
+    # the peer's address (a proxy's forwarded one only from TALLY_FORWARDED_ALLOW_IPS): every
+    # token request from it, well-formed or not, spends its bucket before any other work
+    source = request.client.host if request.client else "unknown"
+    admit_token_source(source)
     if not request.headers.get("content-type", "").startswith(
         "application/x-www-form-urlencoded"
     ):
         raise OAuthError("invalid_request", "body must be application/x-www-form-urlencoded")
-    form = {k: v[0] for k, v in parse_qs((await request.body()).decode(errors="replace")).items()}
+    raw = await request.body()  # at most 8 KiB, bounded as it streams in (api/bodies.py)
+    form = {k: v[0] for k, v in parse_qs(raw.decode(errors="replace")).items()}
     if form.get("grant_type") != "client_credentials":
         raise OAuthError("unsupported_grant_type", "grant_type must be client_credentials")
     creds = _basic_credentials(request.headers.get("authorization"))
@@ -63,7 +68,9 @@ async def token(request: Request, runtime: RuntimeDep) -> JSONResponse:
             raise InvalidClient()
         creds = (form["client_id"], form["client_secret"])
     request.state.audit_client_id = creds[0]  # the audit log keeps the id, never the secret
-    admit_token_request(creds[0])  # per client_id, before the secret is checked: slows guessing
+    # per (client_id, address), before the secret is checked: an address that guesses is
+    # slowed, and the client's own address is not
+    admit_token_request(creds[0], source)
     client = authenticate(runtime.meta, *creds)
     if client is None:
         raise InvalidClient()

@@ -8,26 +8,11 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
 
 from tally.api.deps import EventsWriter, RuntimeDep
-from tally.errors import BadRequest, PayloadTooLarge
+from tally.errors import BadRequest
 from tally.events.envelope import ValidationContext
 
 router = APIRouter(tags=["ingestion"])
 MAX_IDEMPOTENCY_KEY = 255
-
-
-async def read_body(request: Request, limit: int) -> bytes:
-    """The request body, refusing more than ``limit`` bytes without reading them all."""
-    declared = request.headers.get("content-length")
-    if declared is not None and declared.isdigit() and int(declared) > limit:
-        raise PayloadTooLarge(f"batch body is {declared} bytes; the limit is {limit}")
-    chunks: list[bytes] = []
-    size = 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > limit:
-            raise PayloadTooLarge(f"batch body exceeds the limit of {limit} bytes")
-        chunks.append(chunk)
-    return b"".join(chunks)
 
 
 @router.post(
@@ -41,7 +26,7 @@ async def ingest_batch(request: Request, principal: EventsWriter,
     key = request.headers.get("x-idempotency-key")
     if key is not None and not 1 <= len(key) <= MAX_IDEMPOTENCY_KEY:
         raise BadRequest(f"X-Idempotency-Key must be 1..{MAX_IDEMPOTENCY_KEY} characters")
-    body = await read_body(request, settings.max_batch_bytes)
+    body = await request.body()  # bounded by TALLY_MAX_BATCH_BYTES as it streams (api/bodies.py)
     ctx = ValidationContext(
         received_at=datetime.now(UTC),
         served_regions=settings.served_regions,

@@ -1,12 +1,20 @@
-"""Health, readiness and the schema registry."""
+"""Health, readiness, the Prometheus metrics and the schema registry.
+
+Unauthenticated callers (probes, scrapers) see no tenant data: ``/healthz`` and ``/readyz``
+say only whether the process and its store answer (no counts), and ``/metrics`` carries
+operational series only — behind a bearer token when ``TALLY_METRICS_TOKEN`` is set.
+"""
 
 from __future__ import annotations
+
+import hmac
 
 from fastapi import APIRouter, Request, Response
 from fastapi.responses import JSONResponse
 
 from tally import __version__
 from tally.api.deps import AnyToken, RuntimeDep
+from tally.errors import Unauthorized
 from tally.events.registry import describe_registry
 
 router = APIRouter()
@@ -20,7 +28,7 @@ async def healthz() -> JSONResponse:
 @router.get("/readyz", tags=["operations"], summary="Readiness: the store answers")
 async def readyz(runtime: RuntimeDep) -> JSONResponse:
     try:
-        runtime.backend.setting("dedup_key")
+        runtime.backend.setting("dedup_key")  # the store answers (no count: not disclosed)
         runtime.meta.execute("SELECT 1").fetchone()
         reasons = runtime.unready()
     except Exception as exc:  # readiness reports any failure as not ready
@@ -32,7 +40,14 @@ async def readyz(runtime: RuntimeDep) -> JSONResponse:
 
 
 @router.get("/metrics", tags=["operations"], summary="Prometheus metrics (text format)")
-async def metrics(request: Request) -> Response:
+async def metrics(request: Request, runtime: RuntimeDep) -> Response:
+    expected = runtime.settings.metrics_token
+    if expected is not None:
+        scheme, _, given = request.headers.get("authorization", "").partition(" ")
+        if scheme.lower() != "bearer" or not hmac.compare_digest(
+                given.strip().encode(), expected.get_secret_value().encode()):
+            raise Unauthorized("GET /metrics needs the scrape token (TALLY_METRICS_TOKEN) as "
+                               "a bearer token")
     return Response(request.app.state.metrics.exposition(),
                     media_type="text/plain; version=0.0.4; charset=utf-8")
 
