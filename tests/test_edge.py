@@ -299,6 +299,9 @@ def test_a_client_that_stops_reading_answers_is_disconnected(edge):
         # 3,000 pipelined requests, 21 MB of answers, and never a byte read
         sock.sendall(b"GET /openapi.json HTTP/1.1\r\nHost: tally\r\n\r\n" * 3000)
         deadline = time.monotonic() + 4 * SLACK
+        while not held() and time.monotonic() < deadline:  # the server has accepted it
+            time.sleep(0.05)
+        assert held() == 1
         while held() and time.monotonic() < deadline:
             time.sleep(0.2)
         assert held() == 0  # cut once its buffers stayed full for 1 s
