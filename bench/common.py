@@ -53,10 +53,10 @@ def ensure_store(stored: int, days: int) -> Path:
         data.mkdir(parents=True, exist_ok=True)
         started = time.perf_counter()
         run = subprocess.run([TALLY, "demo", "--events", str(stored), "--days", str(days),
-                              "--data-dir", str(data)], capture_output=True, text=True,
-                             check=True)
+                              "--data-dir", str(data), "--json"], capture_output=True,
+                             text=True, check=True)
         seconds = time.perf_counter() - started
-        summary = json.loads(run.stderr.strip().splitlines()[-1])
+        summary = json.loads(run.stdout)
         marker.write_text(json.dumps({**summary, "wall_seconds": seconds}))
     return data
 

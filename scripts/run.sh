@@ -3,6 +3,8 @@
 set -euo pipefail
 data_dir=$1 host=$2 port=$3 events=$4 days=$5
 tally=.venv/bin/tally
+# a busy port is one line, before any demo load or banner (and `tally serve` checks it again)
+.venv/bin/python -m tally.commands.listen "$host" "$port"
 mkdir -p "$data_dir"
 if [ ! -f "$data_dir/events.duckdb" ]; then
   echo "==> empty store at $data_dir: loading $events demo events over $days days"

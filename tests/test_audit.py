@@ -553,6 +553,10 @@ def test_cli_exit_codes(copy, tmp_path):
     out = run_verify(copy)
     assert out.returncode == 1 and f"entry {n + 1}: is incomplete" in out.stderr
     assert time.monotonic() - started >= 1.0  # it waited for a write in flight first
+    missing = run_verify(tmp_path / "nothing-here")  # not a store at all (a typo)
+    assert missing.returncode == 2 and "no Tally store" in missing.stderr
+    (tmp_path / "nothing-here").mkdir()
+    (tmp_path / "nothing-here" / "meta.sqlite3").write_bytes(b"")  # a store, without a log
     missing = run_verify(tmp_path / "nothing-here")
     assert missing.returncode == 2 and "no audit log" in missing.stderr
 

@@ -346,7 +346,7 @@ def _published(client: TestClient) -> set[str]:
 
 
 def _rotate(data_dir: Path, *flags: str) -> dict[str, Any]:
-    out = cli("keys", "rotate", *flags, data_dir=data_dir)
+    out = cli("keys", "rotate", *flags, "--json", data_dir=data_dir)
     assert out.returncode == 0, out.stderr
     time.sleep(1.2)  # the server checks for a rotation at most once a second
     result: dict[str, Any] = json.loads(out.stdout)
@@ -378,7 +378,7 @@ def test_rotation_signs_with_the_new_key_and_old_tokens_live_out_their_life(clie
     assert_problem(client.get(URL, headers=bearer(old)), 401)
     assert _published(client) == {rotated["active"]}
     assert client.get(URL, headers=bearer(new)).status_code == 200
-    listed = json.loads(cli("keys", "list", data_dir=settings.data_dir).stdout)
+    listed = json.loads(cli("keys", "list", "--json", data_dir=settings.data_dir).stdout)
     assert {k["kid"]: k["state"] for k in listed} == {first: "expired",
                                                         rotated["active"]: "active"}
     again = _rotate(settings.data_dir)  # the next rotation deletes the expired key

@@ -1,15 +1,25 @@
 """Operator metadata (clients, signing keys) in SQLite beside the event store.
 
 DuckDB allows one writing process, and ``tally serve`` is it; SQLite in WAL mode lets the
-operator's commands (``tally client create``) write while the server runs.
+operator's commands (``tally client create``, ``revoke``, ``keys rotate``) write while the
+server runs, and :class:`Watched` lets the server see their commits within a second at the
+cost of a clock read per use.
 """
 
 from __future__ import annotations
 
 import sqlite3
+import threading
+import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Generic, TypeVar
 
 from tally.errors import StoreUnavailable
+
+T = TypeVar("T")
+# what makes a directory a store: any of these (``tally demo`` writes only the events)
+STORE_FILES = ("meta.sqlite3", "events.duckdb")
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS clients (
@@ -39,6 +49,11 @@ ADDED_COLUMNS: tuple[tuple[str, str, str], ...] = (
     ("clients", "min_group_size", "INTEGER"),
     ("clients", "cert_thumbprint", "TEXT"),  # RFC 8705 x5t#S256 of a bound client certificate
     ("signing_keys", "retired_at", "TEXT"),  # set by `tally keys rotate`
+    ("clients", "revoked_at", "TEXT"),  # set with disabled = 1 by `tally client revoke`
+    ("clients", "secret_rotated_at", "TEXT"),  # by `tally client rotate-secret`
+    # epoch seconds: the client's tokens issued (iat) before it are refused (rotate-secret
+    # --revoke-tokens); NULL: none
+    ("clients", "tokens_not_before", "INTEGER"),
 )
 
 
@@ -69,7 +84,31 @@ def ensure_data_dir(data_dir: Path) -> Path:
     return data_dir
 
 
+class NoStore(StoreUnavailable):
+    """A command that reads a store was pointed at a directory holding none (a typo)."""
+
+    def __init__(self, data_dir: Path) -> None:
+        super().__init__(f"no Tally store at {data_dir} (no {' or '.join(STORE_FILES)}): "
+                         "check --data-dir or TALLY_DATA_DIR")
+
+
+def require_store(data_dir: Path) -> Path:
+    """``data_dir`` if it holds a store; :class:`NoStore` otherwise. Commands that only read
+    or change an existing deployment call this first, so a mistyped directory is an error
+    instead of an empty answer (and a new, empty store)."""
+    if not any((data_dir / name).exists() for name in STORE_FILES):
+        raise NoStore(data_dir)
+    return data_dir
+
+
+def connect_existing(data_dir: Path) -> sqlite3.Connection:
+    """:func:`connect` to the metadata of an existing store only (:func:`require_store`)."""
+    return connect(require_store(data_dir))
+
+
 def connect(data_dir: Path) -> sqlite3.Connection:
+    """The metadata of ``data_dir``, created with the directory if needed (``serve``,
+    ``demo`` and ``client create`` make a store; other commands use :func:`connect_existing`)."""
     ensure_data_dir(data_dir)
     path = data_dir / "meta.sqlite3"
     try:
@@ -82,3 +121,34 @@ def connect(data_dir: Path) -> sqlite3.Connection:
         raise StoreUnavailable(f"cannot open metadata {path}: {exc}") from None
     path.chmod(0o600)
     return con
+
+
+class Watched(Generic[T]):
+    """A value loaded from ``meta.sqlite3`` that follows other processes' commits: at most
+    once per ``every`` seconds :meth:`get` asks SQLite's ``PRAGMA data_version`` (which moves
+    when *another* connection commits) and reloads only when it moved. Between checks a use
+    costs a clock read; a change made by ``tally client revoke`` is seen within ``every``."""
+
+    def __init__(self, con: sqlite3.Connection, load: Callable[[sqlite3.Connection], T],
+                 every: float = 1.0) -> None:
+        self._con, self._load, self.every = con, load, every
+        self._lock = threading.Lock()
+        self._version = self._data_version()
+        self._value = load(con)
+        self._checked = time.monotonic()
+
+    def _data_version(self) -> int:
+        return int(self._con.execute("PRAGMA data_version").fetchone()[0])
+
+    def get(self) -> T:
+        # one thread checks; the others meanwhile use the value they have, never wait
+        if time.monotonic() - self._checked >= self.every and self._lock.acquire(False):
+            try:
+                if time.monotonic() - self._checked >= self.every:
+                    version = self._data_version()  # read before loading: never misses one
+                    if version != self._version:
+                        self._value, self._version = self._load(self._con), version
+                    self._checked = time.monotonic()
+            finally:
+                self._lock.release()
+        return self._value

@@ -7,6 +7,18 @@ A limit (brands, regions, metrics) is either absent — every brand, region, met
 non-empty set. Nothing empty ever means "all": an empty or blank ``--brands`` is refused at
 registration, and a stored empty limit (written by anything but :func:`create_client`) refuses
 the client its tokens instead of granting it everything.
+
+``tally client create`` also checks every limit against what exists (:func:`check_limits`):
+brand ids by the events' ``tenant_id`` rule, regions against the served ones, metrics against
+the catalog and the analyses the claim names (CONTRACT §6) — a typo must not register a client
+that silently sees nothing.
+
+Revocation (``tally client revoke``) sets ``disabled``: the client gets no token, and
+:class:`ClientStates` makes the server refuse the tokens it already holds within a second.
+``rotate-secret`` replaces the secret at once; the tokens already issued live out their
+lifetime (≤ 900 s) unless it is asked to refuse them too (``tokens_not_before``). Every
+change is dated in the row (``revoked_at``, ``secret_rotated_at``): the audit log is the
+running server's alone (it holds its lock), so the operator's actions are recorded here.
 """
 
 from __future__ import annotations
@@ -15,14 +27,20 @@ import hashlib
 import hmac
 import secrets
 import sqlite3
-from collections.abc import Iterator
+from collections.abc import Collection, Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, get_args
 
+import msgspec
+
+from tally import metadata
 from tally.errors import BadRequest, Unauthorized
+from tally.events.payloads import Id
+from tally.semantic.catalog import METRICS
 
 SCOPES = ("events:write", "analytics:read", "exports:write", "admin")
+ANALYSES = ("funnel", "retention", "ltv")  # CONTRACT §6: the metrics claim names these too
 MAX_MIN_GROUP_SIZE = 1000
 
 
@@ -70,6 +88,39 @@ def _stored_limit(client_id: str, name: str, text: str | None) -> frozenset[str]
     if not items:
         raise EmptyStoredLimit(client_id, name)
     return items
+
+
+def _is_brand_id(brand: str) -> bool:
+    try:
+        msgspec.convert(brand, Id)  # the envelope's tenant_id rule, the one definition
+    except msgspec.ValidationError:
+        return False
+    return True
+
+
+def _quoted(names: Collection[str]) -> str:
+    return ", ".join(repr(n) for n in sorted(names))
+
+
+def check_limits(brands: str | None, regions: str | None, metrics: str | None,
+                 served_regions: Collection[str]) -> None:
+    """Every named brand, region and metric exists, or :class:`BadRequest` naming the
+    unknown ones: a brand id follows the events' ``tenant_id`` rule, a region is served here,
+    a metric is in the catalog or is one of :data:`ANALYSES`."""
+    bad = [b if len(b) <= 40 else b[:40] + "…" for b in _items(brands or "")
+           if not _is_brand_id(b)]
+    if bad:
+        meta = get_args(Id)[1]
+        raise BadRequest(f"--brands: {_quoted(bad)} is not a brand id (the events' tenant_id: "
+                         f"{meta.min_length}-{meta.max_length} characters)")
+    unknown = _items(regions or "") - set(served_regions)
+    if unknown:
+        raise BadRequest(f"--regions: unknown region {_quoted(unknown)}; this deployment "
+                         f"serves {', '.join(sorted(served_regions))} (TALLY_REGIONS)")
+    unknown = _items(metrics or "") - set(METRICS) - set(ANALYSES)
+    if unknown:
+        raise BadRequest(f"--metrics: unknown metric {_quoted(unknown)}; metrics are "
+                         f"{', '.join(sorted(METRICS))} and the analyses {', '.join(ANALYSES)}")
 
 
 def _join(items: frozenset[str] | None) -> str | None:
@@ -152,3 +203,162 @@ def registered_clients(con: sqlite3.Connection) -> Iterator[Client]:
             yield _client(row)
         except EmptyStoredLimit:
             continue
+
+
+# ------------------------------------------------------------------ the operator's commands
+
+
+class UnknownClient(LookupError):
+    def __init__(self, client_id: str) -> None:
+        super().__init__(f"no client {client_id!r} in this store (see tally client list)")
+
+
+class RevokedClient(Exception):
+    def __init__(self, client_id: str) -> None:
+        super().__init__(f"client {client_id} is revoked: register a new one instead")
+
+
+@dataclass(frozen=True)
+class ClientRecord:
+    """What the operator sees of a client (never its secret or the secret's hash)."""
+
+    client_id: str
+    name: str
+    scopes: tuple[str, ...]
+    brands: tuple[str, ...] | None  # None: every brand; () a stored empty limit (refused)
+    regions: tuple[str, ...] | None
+    metrics: tuple[str, ...] | None
+    min_group_size: int | None
+    cert_thumbprint: str | None
+    created_at: str
+    revoked: bool
+    revoked_at: str | None
+    secret_rotated_at: str | None
+    tokens_not_before: int | None  # epoch s: tokens issued before it are refused
+
+    @property
+    def status(self) -> str:
+        return "revoked" if self.revoked else "active"
+
+    @property
+    def tokens_not_before_at(self) -> str | None:
+        if self.tokens_not_before is None:
+            return None
+        return datetime.fromtimestamp(self.tokens_not_before, UTC).isoformat()
+
+    def public(self) -> dict[str, Any]:
+        fields = {name: getattr(self, name) for name in self.__dataclass_fields__}
+        lists = {k: list(v) for k, v in fields.items() if isinstance(v, tuple)}
+        return {**fields, **lists, "status": self.status,
+                "tokens_not_before": self.tokens_not_before_at}
+
+
+RECORD_COLUMNS = ("client_id, name, scopes, brands, regions, metrics, min_group_size,"
+                  " cert_thumbprint, created_at, disabled, revoked_at, secret_rotated_at,"
+                  " tokens_not_before")
+
+
+def _stored_list(text: str | None) -> tuple[str, ...] | None:
+    return None if text is None else tuple(sorted(_items(text)))
+
+
+def _record(row: tuple[Any, ...]) -> ClientRecord:
+    (client_id, name, scopes, brands, regions, metrics, min_group_size, cert, created_at,
+     disabled, revoked_at, rotated_at, not_before) = row
+    return ClientRecord(client_id, name, tuple(sorted(scopes.split())), _stored_list(brands),
+                        _stored_list(regions), _stored_list(metrics), min_group_size, cert,
+                        created_at, bool(disabled), revoked_at, rotated_at, not_before)
+
+
+def client_records(con: sqlite3.Connection) -> list[ClientRecord]:
+    """Every client, oldest first."""
+    rows = con.execute(f"SELECT {RECORD_COLUMNS} FROM clients"  # noqa: S608
+                       " ORDER BY created_at, client_id").fetchall()
+    return [_record(row) for row in rows]
+
+
+def client_record(con: sqlite3.Connection, client_id: str) -> ClientRecord:
+    """The client ``client_id``, or :class:`UnknownClient`."""
+    row = con.execute(f"SELECT {RECORD_COLUMNS} FROM clients"  # noqa: S608
+                      " WHERE client_id = ?", (client_id,)).fetchone()
+    if row is None:
+        raise UnknownClient(client_id)
+    return _record(row)
+
+
+def revoke_client(con: sqlite3.Connection, client_id: str) -> tuple[ClientRecord, bool]:
+    """Disable ``client_id`` for good: no new token, and its tokens refused by a running
+    server within a second (:class:`ClientStates`). Returns the client and whether this call
+    revoked it (False: it already was; its ``revoked_at`` is kept)."""
+    con.execute("BEGIN IMMEDIATE")
+    try:
+        before = client_record(con, client_id)
+        if not before.revoked:
+            con.execute("UPDATE clients SET disabled = 1, revoked_at = ? WHERE client_id = ?",
+                        (datetime.now(UTC).isoformat(), client_id))
+        con.execute("COMMIT")
+    except BaseException:
+        con.execute("ROLLBACK")
+        raise
+    return client_record(con, client_id), not before.revoked
+
+
+def rotate_secret(con: sqlite3.Connection, client_id: str,
+                  revoke_tokens: bool = False) -> tuple[ClientRecord, str]:
+    """A new secret for ``client_id`` (returned once); the old one gets no token from now on.
+    Tokens already issued stay valid until they expire, unless ``revoke_tokens``: then every
+    token issued up to this second is refused within a second (a leaked secret)."""
+    secret, salt = secrets.token_urlsafe(32), secrets.token_bytes(16)
+    now = datetime.now(UTC)
+    con.execute("BEGIN IMMEDIATE")
+    try:
+        if client_record(con, client_id).revoked:
+            raise RevokedClient(client_id)
+        con.execute("UPDATE clients SET secret_salt = ?, secret_hash = ?, secret_rotated_at = ?"
+                    " WHERE client_id = ?",
+                    (salt, _digest(salt, secret), now.isoformat(), client_id))
+        if revoke_tokens:  # iat is whole seconds: this second's tokens may predate the change
+            con.execute("UPDATE clients SET tokens_not_before = ? WHERE client_id = ?",
+                        (int(now.timestamp()) + 1, client_id))
+        con.execute("COMMIT")
+    except BaseException:
+        con.execute("ROLLBACK")
+        raise
+    return client_record(con, client_id), secret
+
+
+# ------------------------------------------------------------ what a running server refuses
+
+
+@dataclass(frozen=True)
+class Refusals:
+    revoked: frozenset[str]
+    not_before: dict[str, int]  # client id → tokens issued (iat) before it are refused
+
+
+def _refusals(con: sqlite3.Connection) -> Refusals:
+    rows = con.execute("SELECT client_id, disabled, tokens_not_before FROM clients"
+                       " WHERE disabled != 0 OR tokens_not_before IS NOT NULL").fetchall()
+    return Refusals(frozenset(r[0] for r in rows if r[1]),
+                    {r[0]: int(r[2]) for r in rows if r[2] is not None})
+
+
+class ClientStates:
+    """Which clients' tokens a running server refuses: revoked clients', and those issued
+    before a ``rotate-secret --revoke-tokens``. Read from ``meta.sqlite3`` and refreshed at
+    most once a second when another process committed (:class:`tally.metadata.Watched`): a
+    dictionary lookup per request, a ``PRAGMA data_version`` per second."""
+
+    def __init__(self, con: sqlite3.Connection) -> None:
+        self._refusals = metadata.Watched(con, _refusals)
+
+    def check(self, client_id: str, issued_at: float) -> None:
+        """:class:`Unauthorized` if a token of ``client_id`` issued at ``issued_at`` (epoch
+        seconds) may no longer be used."""
+        refusals = self._refusals.get()
+        if client_id in refusals.revoked:
+            raise Unauthorized(f"client {client_id} has been revoked")
+        not_before = refusals.not_before.get(client_id)
+        if not_before is not None and issued_at < not_before:
+            raise Unauthorized("token was issued before its client's secret was rotated: "
+                               "get a new one with the new secret")

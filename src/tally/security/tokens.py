@@ -19,7 +19,7 @@ import jwt
 from jwt.algorithms import OKPAlgorithm
 
 from tally.errors import Unauthorized
-from tally.security.clients import Client
+from tally.security.clients import Client, ClientStates
 from tally.security.keys import ALGORITHM, LEEWAY_SECONDS, KeyRing
 
 TOKEN_TYPE = "at+jwt"  # noqa: S105 - a media type, not a secret
@@ -156,13 +156,15 @@ class Verifier(Protocol):
 
 
 class TokenService:
-    """The built-in authority: issues and verifies tokens with the keys of :class:`KeyRing`."""
+    """The built-in authority: issues and verifies tokens with the keys of :class:`KeyRing`;
+    a valid token of a revoked client is refused too (:class:`ClientStates`)."""
 
     algorithms = frozenset({ALGORITHM})
 
     def __init__(self, con: sqlite3.Connection, issuer: str, audience: str, ttl: int) -> None:
         self.issuer, self.audience, self.ttl = issuer, audience, ttl
         self.keys = KeyRing(con)
+        self.clients = ClientStates(con)
 
     def issue(self, client: Client, scopes: frozenset[str],
               cert_thumbprint: str | None = None) -> dict[str, Any]:
@@ -190,8 +192,12 @@ class TokenService:
         key = self.keys.verifying(header["kid"])
         if key is None:
             raise Unauthorized("token signed with an unknown or retired key")
-        return principal_from(decode_claims(token, key.public, ALGORITHM, self.issuer,
-                                            self.audience))
+        claims = decode_claims(token, key.public, ALGORITHM, self.issuer, self.audience)
+        principal = principal_from(claims)
+        iat = claims["iat"]  # required and checked by decode_claims; a non-number counts as
+        # issued long ago (refused after a rotation), never as new
+        self.clients.check(principal.client_id, iat if isinstance(iat, (int, float)) else 0)
+        return principal
 
     def jwks(self) -> dict[str, Any]:
         keys = []
