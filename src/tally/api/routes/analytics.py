@@ -21,8 +21,9 @@ from tally.api.caching import (
 from tally.api.deps import AnalyticsReader, RuntimeDep
 from tally.audit.record import count_rows
 from tally.cohorts import plans
-from tally.errors import BadRequest, PayloadTooLarge
+from tally.errors import PayloadTooLarge
 from tally.insights.series import Context, Plan, slice_, timeseries
+from tally.json_input import ANY, decode
 from tally.runtime import Runtime
 from tally.security.tokens import Principal
 
@@ -46,10 +47,7 @@ async def _body(request: Request) -> Any:
     raw = await request.body()
     if len(raw) > MAX_QUERY_BODY:
         raise PayloadTooLarge(f"a query body is at most {MAX_QUERY_BODY} bytes")
-    try:
-        return msgspec.json.decode(raw)
-    except msgspec.DecodeError as exc:
-        raise BadRequest(f"the body is not valid JSON: {exc}") from None
+    return decode(raw, "the body", ANY)
 
 
 async def _answer(request: Request, runtime: Runtime, principal: Principal,
