@@ -123,7 +123,9 @@ def _pseudonymised_raw(raw: bytes, pseudonymiser: Pseudonymiser) -> bytes:
     if player is None or bytes(player) == b"null":
         return raw
     tenant = _text(event.get("tenant_id")) or ""
-    text = _text(player) or bytes(player).decode()
+    text = _text(player)
+    if text is None:  # not a string: the JSON text it was sent as
+        text = bytes(player).decode()
     event["player_id"] = msgspec.Raw(msgspec.json.encode(pseudonymiser.pseudonym(tenant, text)))
     return msgspec.json.encode(event)
 
