@@ -25,14 +25,19 @@ from tally.observability.scans import RowsScanned
 from tally.runtime import Runtime
 
 access_log = logging.getLogger("tally.access")
-TRACEPARENT = re.compile(r"^[0-9a-f]{2}-([0-9a-f]{32})-[0-9a-f]{16}-[0-9a-f]{2}$")
+# W3C Trace Context §3.2: version 00's exact form (lowercase hex); a later version may append
+# fields after the flags. Version ff and all-zero ids are invalid.
+TRACEPARENT = re.compile(r"([0-9a-f]{2})-([0-9a-f]{32})-([0-9a-f]{16})-[0-9a-f]{2}(-.*)?",
+                         re.ASCII)
 
 
 def trace_id_for(traceparent: str) -> str:
-    """The W3C trace id of ``traceparent`` when a valid one is sent, else a new one."""
-    match = TRACEPARENT.match(traceparent)
-    if match and match[1] != "0" * 32:
-        return match[1]
+    """The W3C trace id of ``traceparent`` when a valid one is sent, else a new one: a
+    malformed header is ignored (§3.2.1), never an error."""
+    match = TRACEPARENT.fullmatch(traceparent)
+    if (match and match[1] != "ff" and not (match[1] == "00" and match[4])
+            and match[2] != "0" * 32 and match[3] != "0" * 16):
+        return match[2]
     return secrets.token_hex(16)
 
 

@@ -6,6 +6,9 @@ from __future__ import annotations
 import base64
 
 from tally.errors import BadRequest
+from tally.insights.request import parse_bounded_int
+
+MAX_POSITION = 2**63 - 1  # positions are BIGINT sequence numbers
 
 
 def encode_cursor(kind: str, position: int) -> str:
@@ -16,8 +19,8 @@ def decode_cursor(kind: str, cursor: str) -> int:
     try:
         raw = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)).decode()
         tag, _, value = raw.partition(":")
-        if tag != kind or not value.isdigit():
+        if tag != kind:
             raise ValueError(raw)
-        return int(value)
-    except ValueError:
+        return parse_bounded_int(value, "cursor", 0, MAX_POSITION, default=0)
+    except (ValueError, BadRequest):
         raise BadRequest("cursor is not one this API issued") from None

@@ -12,6 +12,7 @@ from sqlglot import exp
 
 from tally.errors import BadRequest, Unprocessable
 from tally.events.registry import REGISTRY
+from tally.insights.request import parse_date
 from tally.semantic.compiler import Params, column
 from tally.storage.schema import PAYLOAD_BOOL_FIELDS, PAYLOAD_INT_FIELDS, PAYLOAD_TEXT_FIELDS
 
@@ -78,7 +79,7 @@ def parse_step(raw: Any, what: str, extra: tuple[str, ...] = ()) -> Step:
         raw = {"event": raw}
     body = _object(raw, what)
     event = body.get("event")
-    if event not in REGISTRY:
+    if not isinstance(event, str) or event not in REGISTRY:  # a list or object is unhashable
         raise BadRequest(f"{what}.event {event!r} is not an event type "
                          f"(one of {', '.join(sorted(REGISTRY))})", field=f"{what}.event")
     name = body.get("name", event)
@@ -119,10 +120,7 @@ def parse_filters(raw: Any, allowed: tuple[str, ...]) -> dict[str, tuple[str, ..
 def parse_day(value: Any, what: str) -> date:
     if not isinstance(value, str):
         raise BadRequest(f"{what} is required (YYYY-MM-DD)", field=what)
-    try:
-        return date.fromisoformat(value)
-    except ValueError:
-        raise BadRequest(f"{what}={value!r} is not YYYY-MM-DD", field=what) from None
+    return parse_date(value, what)
 
 
 def parse_days_range(start: Any, end: Any) -> tuple[date, date]:
@@ -147,7 +145,7 @@ def check_cohort_cells(first: date, last: date, horizon: int) -> None:
 def parse_cohort(value: Any) -> str:
     from tally.cohorts.tables import COHORTS
 
-    if value not in COHORTS:
+    if not isinstance(value, str) or value not in COHORTS:
         raise BadRequest(f"cohort must be one of {', '.join(COHORTS)}", field="cohort")
     return str(value)
 

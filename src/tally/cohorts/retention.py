@@ -28,6 +28,7 @@ from tally.cohorts.request import (
     parse_timezone,
 )
 from tally.errors import BadRequest
+from tally.insights.request import parse_bounded_int
 from tally.rollups import activity
 from tally.semantic.catalog import Metric
 from tally.semantic.compiler import Compiled, Params, column, filter_conditions
@@ -219,10 +220,8 @@ class Ltv:
 
 
 def parse_horizon(value: str | None) -> int:
-    text = (value or "90d").removesuffix("d")
-    if not text.isdigit() or not 1 <= int(text) <= MAX_DAY:
-        raise BadRequest(f"horizon must be Nd with N from 1 to {MAX_DAY}", field="horizon")
-    return int(text)
+    return parse_bounded_int((value or "90d").removesuffix("d"), "horizon", 1, MAX_DAY,
+                             default=90, form="Nd with N")
 
 
 def compile_ltv(q: Ltv) -> Compiled:

@@ -110,6 +110,8 @@ def check(event: Event, ctx: ValidationContext) -> Problem | None:
     if ingested is not None:
         if ingested.tzinfo is None:
             return Problem("ingested_at has no UTC offset (RFC 3339 requires 'Z' or '+hh:mm')")
+        if ingested < EARLIEST:  # year 1 less an offset is year 0: no datetime can hold it
+            return Problem("ingested_at is before 2000-01-01")
         if ingested > ctx.received_at + ctx.max_future_skew:
             return Problem(f"ingested_at is more than "
                            f"{int(ctx.max_future_skew.total_seconds())} s in the future")

@@ -3,6 +3,10 @@
 Everything here is CPU work that needs no store; the writer (``writer.py``) does dedup and the
 durable commit. The happy path decodes the whole array with one typed msgspec call; only a batch
 with an event that fails type checks falls back to decoding event by event to find it.
+
+A body that is not JSON at all is refused whole (``400``, :mod:`tally.json_input`); once it is,
+every event in it either is accepted or is rejected with a reason and kept in the quarantine as
+the UTF-8 JSON text it was sent as (so the listing can always return it again).
 """
 
 from __future__ import annotations
@@ -25,14 +29,24 @@ from tally.events.envelope import (
     check,
     explain,
 )
+from tally.json_input import ANY, check_utf8, decode
 from tally.security.pseudonym import Pseudonymiser
 from tally.storage.schema import EVENTS_SCHEMA, QUARANTINE_SCHEMA
+
+
+class _Identity(msgspec.Struct):
+    """The ``event_id`` of an event that failed type checks, whatever its type."""
+
+    event_id: msgspec.Raw = msgspec.field(default_factory=lambda: msgspec.Raw(b"null"))
+
 
 _BATCH = msgspec.json.Decoder(list[AnyEvent])  # type: ignore[valid-type]
 _ONE = msgspec.json.Decoder(AnyEvent)
 _RAW = msgspec.json.Decoder(list[msgspec.Raw])
 _PAYLOADS = msgspec.json.Decoder(list[PayloadText])
-_ANY_OBJECT = msgspec.json.Decoder(dict[str, Any])
+_IDENTITY = msgspec.json.Decoder(_Identity)
+_TEXT = msgspec.json.Decoder(str)
+_TOP_LEVEL = msgspec.json.Decoder(dict[str, msgspec.Raw])
 _ENVELOPE_TEXT = ("event_id", "tenant_id", "region", "player_id", "trace_id", "schema_version")
 UTC_US = pa.timestamp("us", tz="UTC")
 
@@ -66,18 +80,17 @@ def prepare(body: bytes, ctx: ValidationContext, client_id: str, max_events: int
     """Decode and check a request body; raise 400/413 for a body that is not a batch.
     With a ``pseudonymiser`` no raw player id leaves this function (events nor quarantine)."""
     rejections: list[Rejection] = []
+    check_utf8(body, "body")
     try:
-        decoded: list[Event] = _BATCH.decode(body)
+        decoded: list[Event] = decode(body, "body", _BATCH, checked=True)
         indexed = list(enumerate(decoded))
     except msgspec.ValidationError:
         indexed = _decode_one_by_one(body, rejections)
-    except msgspec.DecodeError as exc:
-        raise BadRequest(f"body is not valid JSON: {exc}") from None
     if len(indexed) + len(rejections) > max_events:
         raise PayloadTooLarge(
             f"batch has {len(indexed) + len(rejections)} events; the limit is {max_events}"
         )
-    payload_texts = _PAYLOADS.decode(body)
+    payload_texts = decode(body, "body", _PAYLOADS, checked=True)
     valid: list[tuple[int, Event]] = []
     for i, event in indexed:
         problem = check(event, ctx)
@@ -87,9 +100,13 @@ def prepare(body: bytes, ctx: ValidationContext, client_id: str, max_events: int
             rejections.append(Rejection(i, event.event_id, problem.reason,
                                         residency=problem.residency))
     if rejections:  # quarantine keeps each event exactly as the producer sent it
-        raws = _RAW.decode(body)
+        raws = decode(body, "body", _RAW, checked=True)
         for rejection in rejections:
             rejection.raw = bytes(raws[rejection.index])
+            # ...once it is JSON any client decodes again: no number beyond a float (1e400 is
+            # Infinity in JavaScript) or 4,300 digits (Python's json refuses those), no nesting
+            # beyond the decoder's depth; else the body is refused (400) and nothing is kept
+            decode(rejection.raw, f"body item {rejection.index}", ANY, checked=True)
             if pseudonymiser is not None:
                 rejection.raw = _pseudonymised_raw(rejection.raw, pseudonymiser)
         rejections.sort(key=lambda r: r.index)
@@ -99,20 +116,33 @@ def prepare(body: bytes, ctx: ValidationContext, client_id: str, max_events: int
 
 
 def _pseudonymised_raw(raw: bytes, pseudonymiser: Pseudonymiser) -> bytes:
-    """A rejected event as sent, but with its player id (whatever its type) pseudonymised."""
-    event = _ANY_OBJECT.decode(raw)
+    """A rejected event as sent, but with its player id (whatever its type) pseudonymised.
+    Only the top level is decoded: every other value is kept as the bytes it was sent as."""
+    event = decode(raw, "body", _TOP_LEVEL, checked=True)
     player = event.get("player_id")
-    if player is None:
+    if player is None or bytes(player) == b"null":
         return raw
-    tenant = event.get("tenant_id")
-    text = player if isinstance(player, str) else msgspec.json.encode(player).decode()
-    event["player_id"] = pseudonymiser.pseudonym(tenant if isinstance(tenant, str) else "", text)
+    tenant = _text(event.get("tenant_id")) or ""
+    text = _text(player)
+    if text is None:  # not a string: the JSON text it was sent as
+        text = bytes(player).decode()
+    event["player_id"] = msgspec.Raw(msgspec.json.encode(pseudonymiser.pseudonym(tenant, text)))
     return msgspec.json.encode(event)
+
+
+def _text(raw: msgspec.Raw | None) -> str | None:
+    """The string a raw JSON value is, or None when it is no string."""
+    if raw is None:
+        return None
+    try:
+        return _TEXT.decode(raw)
+    except msgspec.ValidationError:
+        return None
 
 
 def _decode_one_by_one(body: bytes, rejections: list[Rejection]) -> list[tuple[int, Event]]:
     try:
-        raws = _RAW.decode(body)
+        raws = decode(body, "body", _RAW, checked=True)
     except msgspec.ValidationError:
         raise BadRequest("body must be a JSON array of event objects") from None
     indexed: list[tuple[int, Event]] = []
@@ -120,11 +150,10 @@ def _decode_one_by_one(body: bytes, rejections: list[Rejection]) -> list[tuple[i
         if bytes(memoryview(raw)[:1]) != b"{":
             raise BadRequest(f"body must be a JSON array of event objects; item {i} is not one")
         try:
-            indexed.append((i, _ONE.decode(raw)))
+            indexed.append((i, decode(raw, "body", _ONE, checked=True)))
         except msgspec.ValidationError as exc:
-            event_id = _ANY_OBJECT.decode(raw).get("event_id")
-            rejections.append(Rejection(
-                i, event_id if isinstance(event_id, str) else None, explain(exc)))
+            event_id = _text(decode(raw, "body", _IDENTITY, checked=True).event_id)
+            rejections.append(Rejection(i, event_id, explain(exc)))
     return indexed
 
 

@@ -225,11 +225,7 @@ def _slice_values(ctx: Context, metric: Metric, scope: Scope,
 
 
 def _limit(text: str | None, default: int, maximum: int) -> int:
-    if text is None:
-        return default
-    if not text.isdigit() or not 1 <= int(text) <= maximum:
-        raise BadRequest(f"limit must be an integer from 1 to {maximum}")
-    return int(text)
+    return rq.parse_bounded_int(text, "limit", 1, maximum, default=default)
 
 
 def _page(rows: list[dict[str, Any]], at: int, limit: int,

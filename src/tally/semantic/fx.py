@@ -61,8 +61,8 @@ def parse_rates(body: Any, base: str) -> list[tuple[date, str, Decimal]]:
         except ValueError:
             raise BadRequest(f"{where}: date must be YYYY-MM-DD") from None
         currency = item.get("currency")
-        if currency not in ISO_4217:
-            raise BadRequest(f"{where}: currency {currency!r} is not an ISO 4217 code")
+        if not isinstance(currency, str) or currency not in ISO_4217:  # lists: unhashable
+            raise BadRequest(f"{where}: currency {currency!r:.40} is not an ISO 4217 code")
         if currency == base:
             raise BadRequest(f"{where}: {base} is the base currency; its rate is 1 by definition")
         rows.append((day, str(currency), parse_rate(item.get("rate"), where)))

@@ -11,25 +11,25 @@ import asyncio
 from typing import Annotated, Any
 
 import msgspec
-from fastapi import APIRouter, Query, Request
+from fastapi import APIRouter, Query, Request, Response
 from fastapi.responses import JSONResponse
 
 from tally.api.cursors import decode_cursor, encode_cursor
 from tally.api.deps import Admin, RuntimeDep
 from tally.errors import BadRequest
+from tally.insights.request import parse_bounded_int
+from tally.json_input import ANY, decode
 from tally.security import policy
 from tally.semantic.fx import parse_rates
 
 router = APIRouter(tags=["admin"])
+QUARANTINE_LIMIT = Query(description="Items per page, 1 to 1000 (default 100).")
 
 
 @router.post("/v1/admin/fx-rates", summary="Append FX rates (append-only, per UTC day)")
 async def add_fx_rates(request: Request, principal: Admin, runtime: RuntimeDep) -> JSONResponse:
     policy.require_unrestricted(principal, "setting FX rates")
-    try:
-        body = msgspec.json.decode(await request.body())
-    except msgspec.DecodeError as exc:
-        raise BadRequest(f"body is not valid JSON: {exc}") from None
+    body = decode(await request.body(), "body", ANY)
     rows = parse_rates(body, runtime.fx.base)
     result = await asyncio.to_thread(runtime.fx.add, rows)
     return JSONResponse(result, headers={"Cache-Control": "no-store"})
@@ -50,33 +50,37 @@ async def quarantine(
     principal: Admin,
     runtime: RuntimeDep,
     cursor: str | None = None,
-    limit: Annotated[int, Query(ge=1, le=1000)] = 100,
+    limit: Annotated[str | None, QUARANTINE_LIMIT] = None,
     brand_id: Annotated[list[str] | None, Query(description=FILTER_HELP.format("brand"))] = None,
     region: Annotated[list[str] | None, Query(description=FILTER_HELP.format("region"))] = None,
-) -> JSONResponse:
+) -> Response:
+    size = parse_bounded_int(limit, "limit", 1, 1000, default=100)
     scope = policy.confine_rows(principal, _named("brand_id", brand_id),
                                 _named("region", region))
     after = decode_cursor("q", cursor) if cursor else 0
     # every acknowledged rejection is listed, if the applier gets it in within the bound
     await asyncio.to_thread(runtime.ingest.read_your_writes,
                             runtime.settings.read_your_writes_ms / 1000)
-    rows = await asyncio.to_thread(runtime.backend.quarantine, after, limit + 1, scope.brands,
+    rows = await asyncio.to_thread(runtime.backend.quarantine, after, size + 1, scope.brands,
                                    scope.regions)
-    page = rows[:limit]
+    page = rows[:size]
     items: list[dict[str, Any]] = [
         {
             "received_at": row.received_at.isoformat(timespec="microseconds") + "Z",
             "reason": row.reason,
-            "event": msgspec.json.decode(row.event),
+            # the text as sent, never decoded again: whatever its depth or numbers, it was
+            # JSON when it came in (json_input), so it is JSON in the answer
+            "event": msgspec.Raw(row.event.encode()),
             "event_id": row.event_id,
             "batch_index": row.batch_index,
             "client_id": row.client_id,
         }
         for row in page
     ]
-    next_cursor = encode_cursor("q", page[-1].id) if len(rows) > limit else None
-    return JSONResponse({"items": items, "next_cursor": next_cursor},
-                        headers={"Cache-Control": "private, no-store"})
+    next_cursor = encode_cursor("q", page[-1].id) if len(rows) > size else None
+    return Response(msgspec.json.encode({"items": items, "next_cursor": next_cursor}),
+                    media_type="application/json",
+                    headers={"Cache-Control": "private, no-store"})
 
 
 def _named(key: str, values: list[str] | None) -> tuple[str, ...]:

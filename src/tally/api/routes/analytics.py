@@ -21,8 +21,8 @@ from tally.api.caching import (
 from tally.api.deps import AnalyticsReader, RuntimeDep
 from tally.audit.record import count_rows
 from tally.cohorts import plans
-from tally.errors import BadRequest
 from tally.insights.series import Context, Plan, slice_, timeseries
+from tally.json_input import ANY, decode
 from tally.runtime import Runtime
 from tally.security.tokens import Principal
 
@@ -41,10 +41,8 @@ def _params(request: Request, names: tuple[str, ...]) -> dict[str, str | None]:
 async def _body(request: Request) -> Any:
     """A query's JSON body (funnel, retention): these POSTs are safe queries, answered and
     revalidated (ETag, If-None-Match → 304) exactly like the GETs."""
-    try:  # declared JSON and bounded as it streams in (api/bodies.py)
-        return msgspec.json.decode(await request.body())
-    except msgspec.DecodeError as exc:
-        raise BadRequest(f"the body is not valid JSON: {exc}") from None
+    # declared JSON and bounded as it streams in (api/bodies.py)
+    return decode(await request.body(), "the body", ANY)
 
 
 async def _answer(request: Request, runtime: Runtime, principal: Principal,

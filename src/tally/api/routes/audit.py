@@ -14,9 +14,10 @@ from typing import Annotated
 from fastapi import APIRouter, Query, Request
 from fastapi.responses import JSONResponse
 
-from tally.api.cursors import decode_cursor, encode_cursor
+from tally.api.cursors import MAX_POSITION, decode_cursor, encode_cursor
 from tally.api.deps import Admin, RuntimeDep
 from tally.audit.log import EntryPage
+from tally.insights.request import parse_bounded_int
 from tally.runtime import Runtime
 from tally.security import policy
 from tally.security.clients import registered_clients
@@ -31,12 +32,14 @@ async def list_audit(
     request: Request,
     principal: Admin,
     runtime: RuntimeDep,
-    after: Annotated[int, Query(ge=0, description="Entries with seq greater than this.")] = 0,
+    after: Annotated[str | None, Query(description="Entries with seq greater than this.")] = None,
     cursor: str | None = None,
-    limit: Annotated[int, Query(ge=1, le=1000)] = 100,
+    limit: Annotated[str | None, Query(description="1 to 1000 (default 100).")] = None,
 ) -> JSONResponse:
-    start = decode_cursor("a", cursor) if cursor else after
-    page = await asyncio.to_thread(_readable_page, runtime, principal, start, limit)
+    size = parse_bounded_int(limit, "limit", 1, 1000, default=100)
+    first = parse_bounded_int(after, "after", 0, MAX_POSITION, default=0)
+    start = decode_cursor("a", cursor) if cursor else first
+    page = await asyncio.to_thread(_readable_page, runtime, principal, start, size)
     request.state.audit_rows = len(page.items)
     next_cursor = None if page.next_after is None else encode_cursor("a", page.next_after)
     return JSONResponse({"items": page.items, "next_cursor": next_cursor}, headers=NO_STORE)
