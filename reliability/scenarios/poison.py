@@ -86,11 +86,12 @@ def _null_tenant(table: pa.Table) -> pa.Table:
     return table.set_column(i, table.schema.field(i), pa.array(values[:-1] + [None], pa.string()))
 
 
-def write_poisoned_journal(directory: Path, size: Size, events: EventSet) -> set[str]:
-    """Good records, the NOT NULL poison, the overflow pair, good records; the event ids of the
-    two bad records. Their dedup keys come from a key of our own: the store makes its own at
+def write_poisoned_journal(directory: Path, size: Size, events: EventSet,
+                           hour: datetime) -> set[str]:
+    """Good records, the NOT NULL poison, the overflow pair, good records; the id of the row
+    that cannot be stored. Dedup keys come from a key of our own: the store makes its own at
     first start, and no event here is posted again."""
-    hasher, hour = key_hasher(secrets.token_bytes(32)), recent_hour()
+    hasher = key_hasher(secrets.token_bytes(32))
     journal, seq = Journal(directory), 0
 
     def record(batch: list[dict[str, Any]], poison: bool = False, good: bool = True) -> None:
@@ -120,19 +121,20 @@ def write_poisoned_journal(directory: Path, size: Size, events: EventSet) -> set
 
 def run(workdir: Path, size: Size) -> Findings:
     findings = Findings("poison journal record")
-    events = EventSet()
+    events, hour = EventSet(), recent_hour()
     deployment = Deployment.create(workdir / "data")
-    poison_ids = write_poisoned_journal(deployment.data / "journal", size, events)
+    poison_ids = write_poisoned_journal(deployment.data / "journal", size, events, hour)
     findings.figure("journal records", 2 * size.good_records + 2)
     try:
         for start in range(1 + size.restarts):
             try:
                 deployment.start()
             except RuntimeError as exc:
+                last = str(exc).strip().splitlines()[-1]
                 findings.expect(False, f"start {start + 1} with the poison journalled: "
-                                       f"{str(exc)[-600:]}")
+                                       f"the server exited: {last}")
                 break
-            _serve(deployment, events, poison_ids, findings)
+            _serve(deployment, events, poison_ids, hour, findings)
             deployment.stop()
     finally:
         deployment.kill()
@@ -140,9 +142,9 @@ def run(workdir: Path, size: Size) -> Findings:
     return findings.finish()
 
 
-def _serve(deployment: Deployment, events: EventSet, poison_ids: set[str],
+def _serve(deployment: Deployment, events: EventSet, poison_ids: set[str], hour: datetime,
            findings: Findings) -> None:
-    url, headers, hour = deployment.running.url, deployment.headers(), recent_hour()
+    url, headers = deployment.running.url, deployment.headers()
     findings.expect(set_aside_listed(url, headers, poison_ids),
                     "the record that could not be applied is not listed as set aside "
                     "(GET /v1/admin/quarantine, reason 'not applied …')")
