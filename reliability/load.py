@@ -56,9 +56,16 @@ class OpenLoad:
 
     def __init__(self, base_url: str, rate: float, duration: float,
                  make: Callable[[int], Request], max_connections: int = 64,
-                 timeout: float = 30.0) -> None:
+                 timeout: float = 30.0, prebuild: bool = False) -> None:
+        """``prebuild``: make every request before the first leaves, so that building bodies
+        cannot make the generator itself fall behind its schedule (on a busy machine)."""
         self.base_url, self.rate, self.duration = base_url, rate, duration
-        self.make, self.max_connections, self.timeout = make, max_connections, timeout
+        self.max_connections, self.timeout = max_connections, timeout
+        if prebuild:
+            built = [make(i) for i in range(int(rate * duration))]
+            self.make: Callable[[int], Request] = built.__getitem__
+        else:
+            self.make = make
         self.outcomes: list[Outcome] = []
         self.started = self.stopped = 0.0
         self._stop = threading.Event()

@@ -32,7 +32,10 @@ def bets(url: str, headers: dict[str, str], start: datetime, end: datetime,
     watermark: datetime | None = None
     with httpx.Client(base_url=url, headers=headers, timeout=timeout) as http:
         while True:
-            r = http.get("/v1/analytics/timeseries", params=params)
+            try:
+                r = http.get("/v1/analytics/timeseries", params=params)
+            except httpx.HTTPError:  # no answer within the timeout: status 0
+                return Answer(0, {}, None)
             if r.status_code != 200:
                 return Answer(r.status_code, {}, None, retry_after=r.headers.get("retry-after"))
             mark = datetime.fromisoformat(r.headers["x-data-watermark"])

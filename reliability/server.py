@@ -11,11 +11,13 @@ from pathlib import Path
 
 import httpx2 as httpx
 
+from reliability.findings import Findings
 from tally import metadata
 from tally.security.clients import create_client
 from tests.server import Server, token
 
 ALL_SCOPES = "events:write analytics:read exports:write admin"
+REPLAY_WITHIN = 600.0  # seconds a start-up may take to apply what a forced stop left
 # the fault suite measures the store, not the rate limiter: a 429 from a bucket would hide
 # what the journal and the applier do under the same load
 NO_RATE_LIMITS = {"TALLY_RATE_CLIENT": "off", "TALLY_RATE_BRAND": "off",
@@ -23,15 +25,18 @@ NO_RATE_LIMITS = {"TALLY_RATE_CLIENT": "off", "TALLY_RATE_BRAND": "off",
 
 
 class RealServer(Server):
-    def __init__(self, data_dir: Path, env: dict[str, str] | None = None) -> None:
+    def __init__(self, data_dir: Path, env: dict[str, str] | None = None,
+                 ready_within: float = 60) -> None:
+        started = time.monotonic()
         try:
-            super().__init__(data_dir, env)
+            super().__init__(data_dir, env, ready_within)
         except BaseException:
             proc: subprocess.Popen[bytes] | None = getattr(self, "proc", None)
             if proc is not None and proc.poll() is None:  # never became ready: do not leak it
                 proc.kill()
                 proc.wait()
             raise
+        self.startup_seconds = time.monotonic() - started
 
     def alive(self) -> bool:
         return self.proc.poll() is None
@@ -66,8 +71,11 @@ class RealServer(Server):
         return None
 
     def metric(self, name: str) -> float | None:
-        """The largest sample of a Prometheus metric family (None if absent)."""
-        text = httpx.get(f"{self.url}/metrics", timeout=5).text
+        """The largest sample of a Prometheus metric family (None if absent or no answer)."""
+        try:
+            text = httpx.get(f"{self.url}/metrics", timeout=5).text
+        except httpx.HTTPError:
+            return None
         values = [float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
                   if line.startswith(name) and not line.startswith("#")]
         return max(values) if values else None
@@ -99,9 +107,17 @@ class Deployment:
     def create(cls, data: Path, env: dict[str, str] | None = None) -> Deployment:
         return cls(data, register_client(data), {**NO_RATE_LIMITS, **(env or {})})
 
-    def start(self) -> RealServer:
-        self.server = RealServer(self.data, self.env)
+    def start(self, ready_within: float = 60) -> RealServer:
+        self.server = RealServer(self.data, self.env, ready_within)
         return self.server
+
+    def replay(self, findings: Findings) -> None:
+        """Start and stop once more, so that every journalled record is in the store before
+        it is read back: start-up applies the journal before the server answers (however
+        long a backlog a forced stop left: REPLAY_WITHIN), and nothing arrives meanwhile."""
+        server = self.start(REPLAY_WITHIN)
+        findings.figure("replay start-up s", server.startup_seconds)
+        findings.expect(self.stop() is not None, "the replaying server did not stop")
 
     @property
     def running(self) -> RealServer:

@@ -29,7 +29,8 @@ def cli(*args: str, data_dir: Path,
 
 
 class Server:
-    def __init__(self, data_dir: Path, env: dict[str, str] | None = None) -> None:
+    def __init__(self, data_dir: Path, env: dict[str, str] | None = None,
+                 ready_within: float = 60) -> None:
         self.data_dir, self.port = data_dir, free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log = data_dir.parent / f"serve-{self.port}.log"
@@ -38,7 +39,7 @@ class Server:
                 [TALLY, "serve", "--port", str(self.port), "--data-dir", str(data_dir)],
                 stdout=log, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})},
             )
-        deadline = time.monotonic() + 60
+        deadline = time.monotonic() + ready_within  # start-up replays the journal first
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"server exited: {self.log.read_text()}")

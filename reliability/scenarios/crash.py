@@ -153,6 +153,8 @@ def run(workdir: Path, size: Size) -> Findings:
         _round(deployment, producers, None)
         stopped = deployment.stop()
         findings.expect(stopped is not None, "the final SIGTERM did not stop the server")
+        if stopped is None:
+            deployment.replay(findings)
     finally:
         deployment.kill()
     events.check(deployment.data, findings)

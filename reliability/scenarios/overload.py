@@ -133,7 +133,9 @@ def run(workdir: Path, size: Size) -> Findings:
                    for c in creds]
         _load(deployment, lambda i: sources[i % len(sources)](i), size, clock, events,
               findings)
-        deployment.stop()
+        seconds = deployment.stop()
+        findings.figure("shutdown s", seconds if seconds is not None else -1)
+        deployment.replay(findings)
     finally:
         deployment.kill()
     events.check(deployment.data, findings)
@@ -144,7 +146,8 @@ def _load(deployment: Deployment, make: Callable[[int], Request], size: Size, cl
           events: EventSet, findings: Findings) -> None:
     server = deployment.running
     watcher = Watcher(server, deployment.headers(), clock)
-    load = OpenLoad(server.url, size.rate, size.seconds, make, max_connections=256)
+    load = OpenLoad(server.url, size.rate, size.seconds, make, max_connections=256,
+                    prebuild=True)
     watcher.start()
     outcomes = load.run()
     watcher.stop.set()
@@ -184,3 +187,4 @@ def _load(deployment: Deployment, make: Callable[[int], Request], size: Size, cl
     findings.figure("applied events/s", acked / (ended - load.started + (visible_after or 0))
                     if visible_after is not None else -1)
     findings.figure("answers checked", len(watcher.answers))
+    findings.figure("queries unanswered in 30 s", sum(a.status == 0 for a in watcher.answers))

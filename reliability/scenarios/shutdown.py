@@ -41,7 +41,7 @@ def run(workdir: Path, size: Size) -> Findings:
         server = deployment.start()
         load = OpenLoad(server.url, size.rate, size.seconds + 2,
                         BatchSource("sd", BATCH, deployment.headers(), events),
-                        max_connections=256).start()
+                        max_connections=256, prebuild=True).start()
         time.sleep(size.seconds)
         findings.figure("backlog rows at SIGTERM",
                         server.metric("tally_applier_pending_rows") or 0.0)
@@ -57,8 +57,7 @@ def run(workdir: Path, size: Size) -> Findings:
             findings.figure(f"batches {name}", n)
         summary = LoadSummary.of(outcomes, load.stopped - load.started)
         findings.figure("ack p99 ms", summary.p99 * 1000)
-        deployment.start()  # what the journal kept is applied before the server answers
-        deployment.stop()
+        deployment.replay(findings)  # what the journal kept reaches the store
     finally:
         deployment.kill()
     events.check(deployment.data, findings)

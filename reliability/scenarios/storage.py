@@ -205,8 +205,7 @@ def _faults(run: Run, findings: Findings) -> None:
                                          f"{SHUTDOWN_BOUND:.0f} s")
     findings.figure("shutdown on read-only disks s", seconds if seconds is not None else -1)
     run.v.repair()
-    run.d.start()  # the operator's restart: the journal's records reach the repaired store
-    run.d.stop()
+    run.d.replay(findings)  # the operator's restart: the journal reaches the repaired store
     run.events.check(run.d.data, findings)
     verdict = verify_data_dir(run.d.data)
     findings.expect(verdict.intact, f"audit log after repair: {verdict.summary()}")
