@@ -44,7 +44,7 @@ def judge_ingestion(outcomes: Iterable[Outcome], events: EventSet, findings: Fin
             counts["no answer" if o.status == 0 else "wrong"] += 1
             if o.status == 0 and not answers_required:
                 continue
-            n, example = wrong.get(o.status, (0, o.error or repr(o.body[:300])))
+            n, example = wrong.get(o.status, (0, o.error or repr(o.body[:160])))
             wrong[o.status] = (n + 1, example)
     for status, (n, example) in sorted(wrong.items()):
         answer = f"answered {status}" if status else "got no answer"
