@@ -11,7 +11,7 @@ DEMO_EVENTS ?= 300000
 DEMO_DAYS ?= 30
 BENCH_STORED ?= 10000000
 
-.PHONY: install run test lint bench clean
+.PHONY: install run test lint bench reliability clean
 
 .tools/bin/uv:
 	$(PY) -m venv .tools
@@ -27,7 +27,7 @@ run: install  ## demo data into an empty store, a demo client, then the API
 	@bash scripts/run.sh "$(DATA_DIR)" "$(HOST)" "$(PORT)" "$(DEMO_EVENTS)" "$(DEMO_DAYS)"
 
 lint: install  ## ruff and mypy --strict
-	$(VENV)/bin/ruff check src tests bench
+	$(VENV)/bin/ruff check src tests bench reliability
 	$(VENV)/bin/mypy
 
 test: lint  ## the whole suite (lint first)
@@ -38,6 +38,9 @@ bench: install  ## reproducible benchmarks; results in docs/benchmarks.md
 	$(VENV)/bin/python -m bench.ingest_bench --stored $(BENCH_STORED)
 	$(VENV)/bin/python -m bench.query_bench --stored $(BENCH_STORED)
 	$(VENV)/bin/python -m bench.cohort_bench --stored $(BENCH_STORED)
+
+reliability: install  ## the fault suite at full size; figures in docs/reliability.md (root)
+	$(VENV)/bin/python -m reliability.run
 
 clean:
 	rm -rf $(VENV) .tools .mypy_cache .ruff_cache .pytest_cache

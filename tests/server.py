@@ -31,8 +31,9 @@ def cli(*args: str, data_dir: Path,
 
 class Server:
     def __init__(self, data_dir: Path, env: dict[str, str] | None = None,
-                 nofile: tuple[int, int] | None = None) -> None:
-        """``nofile``: the (soft, hard) file-descriptor limit the server starts with."""
+                 nofile: tuple[int, int] | None = None, ready_within: float = 60) -> None:
+        """``nofile``: the (soft, hard) file-descriptor limit the server starts with;
+        ``ready_within``: seconds it may take to answer ``/readyz``."""
         self.data_dir, self.port = data_dir, free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log = data_dir.parent / f"serve-{self.port}.log"
@@ -43,7 +44,7 @@ class Server:
                 preexec_fn=(lambda: resource.setrlimit(resource.RLIMIT_NOFILE, nofile))
                 if nofile else None,
             )
-        deadline = time.monotonic() + 60
+        deadline = time.monotonic() + ready_within  # start-up replays the journal first
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"server exited: {self.log.read_text()}")

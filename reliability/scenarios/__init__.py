@@ -1,0 +1,1 @@
+"""One module per kind of fault; each scenario is ``run(workdir, size) -> Findings``."""
