@@ -6,6 +6,7 @@ with ``Retry-After`` — and every error is ``application/problem+json``. Never 
 
 from __future__ import annotations
 
+import json
 from collections import Counter
 from collections.abc import Iterable, Mapping
 
@@ -27,6 +28,16 @@ def is_problem(headers: Mapping[str, str]) -> bool:
     return lower.get("content-type", "").startswith(PROBLEM)
 
 
+def accepted_keys(keys: list[tuple[str, str]], receipt: bytes) -> list[tuple[str, str]]:
+    """The keys a ``202`` acknowledges as stored: all but those its receipt rejects (a
+    rejected event is quarantined, not stored)."""
+    try:
+        rejected = {int(e["index"]) for e in json.loads(receipt).get("errors", [])}
+    except (ValueError, TypeError, KeyError):
+        return list(keys)
+    return [key for i, key in enumerate(keys) if i not in rejected]
+
+
 def judge_ingestion(outcomes: Iterable[Outcome], events: EventSet, findings: Findings,
                     what: str, answers_required: bool = True) -> Counter[str]:
     """Acknowledge the events of each ``202`` (their keys are the request's ``tag``); any
@@ -36,7 +47,7 @@ def judge_ingestion(outcomes: Iterable[Outcome], events: EventSet, findings: Fin
     wrong: dict[int, tuple[int, str]] = {}  # status → (how many, first example)
     for o in outcomes:
         if o.status == 202:
-            events.record_acknowledged(o.request.tag)
+            events.record_acknowledged(accepted_keys(o.request.tag, o.body))
             counts["acknowledged"] += 1
         elif is_push_back(o.status, o.headers):
             counts["pushed back"] += 1

@@ -125,8 +125,10 @@ class Deployment:
         return self.server
 
     def headers(self, creds: tuple[str, str] | None = None) -> dict[str, str]:
-        """A fresh bearer token from the running server (for ``creds``, default ours)."""
-        return token(self.running.url, *(creds or self.creds))
+        """A fresh bearer token from the running server (for ``creds``, default ours), with
+        the JSON content type every body here is (a route answers 415 to anything else)."""
+        return {**token(self.running.url, *(creds or self.creds)),
+                "Content-Type": "application/json"}
 
     def kill(self) -> None:
         if self.server is not None and self.server.alive():

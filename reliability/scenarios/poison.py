@@ -94,12 +94,17 @@ def write_poisoned_journal(directory: Path, size: Size, events: EventSet,
     hasher = key_hasher(secrets.token_bytes(32))
     journal, seq = Journal(directory), 0
 
-    def record(batch: list[dict[str, Any]], poison: bool = False, good: bool = True) -> None:
+    def record(batch: list[dict[str, Any]], poison: bool = False, good: bool = True,
+               stake: int | None = None) -> None:
         nonlocal seq
         seq += 1
         keys = [(e["tenant_id"], e["event_id"]) for e in batch]
         events.record_sent(keys)
         table = _table(batch, seq, hasher)
+        if stake is not None:  # beyond what validation lets in today
+            i = table.schema.get_field_index("stake_minor")
+            table = table.set_column(i, table.schema.field(i),
+                                     pa.array([stake] * table.num_rows, pa.int64()))
         journal.append(seq, WriteSet([_null_tenant(table) if poison else table]))
         if good:
             events.record_acknowledged(keys)  # journalled: acknowledged once, by definition
@@ -111,8 +116,8 @@ def write_poisoned_journal(directory: Path, size: Size, events: EventSet,
         record(fresh(f"before-{k}", size.events_per_record))
     poison = fresh("poison", 3, "brand-poison")
     record(poison, poison=True, good=False)
-    overflow = [bet(f"overflow-{j}", hour, "brand-overflow", INT64_MAX) for j in range(2)]
-    record(overflow, good=False)
+    overflow = [bet(f"overflow-{j}", hour, "brand-overflow") for j in range(2)]
+    record(overflow, good=False, stake=INT64_MAX)  # an older version's record: no bound then
     for k in range(size.good_records):
         record(fresh(f"after-{k}", size.events_per_record))
     journal.close()

@@ -103,15 +103,16 @@ class Journal:
     def __init__(self, directory: Path, segment_bytes: int = SEGMENT_BYTES) -> None:
         self.directory = directory
         self.segment_bytes = segment_bytes
-        try:
-            directory.mkdir(parents=True, exist_ok=True)
-        except OSError as exc:
-            raise StoreUnavailable(
-                f"journal {directory} is unusable: {exc.strerror or exc}") from None
         self._file: int | None = None
         self._size = 0
         self.failure: str | None = None  # why the last append failed (None: it succeeded)
         self._failed_bytes = 0  # the size of that append
+        try:
+            directory.mkdir(parents=True, exist_ok=True)
+            self._probe(0)  # a journal that cannot be written refuses to start, not to ack
+        except OSError as exc:
+            raise StoreUnavailable(
+                f"journal {directory} is unusable: {exc.strerror or exc}") from None
 
     def segments(self) -> list[Path]:
         return sorted(self.directory.glob("seg-*.log"))
@@ -167,21 +168,25 @@ class Journal:
         journal's file system still has no room for it or cannot take a probe write."""
         if self.failure is None:
             return True
-        probe = self.directory / ".probe"
         try:
             stat = os.statvfs(self.directory)
             if stat.f_bavail * stat.f_frsize < self._failed_bytes:
                 return False
-            fd = os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-            try:
-                write_all(fd, b"\0" * 65536)
-                os.fdatasync(fd)
-            finally:
-                os.close(fd)
-                probe.unlink(missing_ok=True)
+            self._probe(65536)
         except OSError:
             return False
         return True
+
+    def _probe(self, size: int) -> None:
+        """Write ``size`` bytes to a scratch file, fsync, remove it; OSError if it cannot."""
+        probe = self.directory / ".probe"
+        fd = os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        try:
+            write_all(fd, b"\0" * size)
+            os.fdatasync(fd)
+        finally:
+            os.close(fd)
+            probe.unlink(missing_ok=True)
 
     def records(self) -> Iterator[Record]:
         """Every intact record, oldest first; a torn tail of a segment is cut off. A bad
