@@ -31,7 +31,7 @@ lint: install  ## ruff and mypy --strict
 	$(VENV)/bin/mypy
 
 test: lint  ## the whole suite (lint first)
-	$(VENV)/bin/pytest -q
+	$(VENV)/bin/pytest -q -n auto
 
 bench: install  ## reproducible benchmarks; results in docs/benchmarks.md
 	$(VENV)/bin/python -m bench.dedup_bench --keys 10000000 --keys 100000000
