@@ -15,8 +15,9 @@ from fastapi.routing import iter_route_contexts
 from fastapi.testclient import TestClient
 
 from tally.api.app import create_app
-from tally.api.hygiene import DeprecationRule, Deprecations
+from tally.api.hygiene import Deprecations
 from tally.config import Settings
+from tally.config_values import DeprecationRule
 from tests.conftest import make_event
 from tests.server import Server, new_client, token
 

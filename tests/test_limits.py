@@ -28,6 +28,7 @@ from fastapi.testclient import TestClient
 from tally import metadata
 from tally.api.app import create_app
 from tally.config import Settings
+from tally.config_values import Rate, parse_rate
 from tally.insights.cache import AnswerCache
 from tally.runtime import Runtime
 from tally.security.admission import redis_client
@@ -36,9 +37,7 @@ from tally.security.limits import (
     PRUNE_EVERY,
     Bucket,
     LocalRateLimiter,
-    Rate,
     RedisRateLimiter,
-    parse_rate,
 )
 from tally.security.quotas import RedisRowsLedger
 from tests.conftest import bearer, make_event

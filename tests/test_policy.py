@@ -13,9 +13,9 @@ from pathlib import Path
 
 import pytest
 
+from tally.config_values import ServedRegions
 from tally.errors import BadRequest, Forbidden, MisdirectedRequest
 from tally.security import policy
-from tally.security.residency import ServedRegions
 from tally.security.tokens import Principal
 from tally.semantic.catalog import METRICS
 from tests.cells import player_day

@@ -13,11 +13,16 @@ from urllib.parse import urlsplit
 from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from tally.api.hygiene import DeprecationRule, check_cors_origins, check_deprecations
+from tally.config_values import (
+    MIN_KEY_LENGTH,
+    DeprecationRule,
+    ServedRegions,
+    check_cors_origins,
+    check_deprecations,
+    parse_endpoints,
+    parse_rate,
+)
 from tally.events.currencies import ISO_4217
-from tally.security.limits import parse_rate
-from tally.security.pseudonym import MIN_KEY_LENGTH
-from tally.security.residency import ServedRegions, parse_endpoints
 
 MIN_QUERY_MEMORY = 16 * 2**20  # DuckDB needs some to run anything
 _SIZE = re.compile(r"(\d+(?:\.\d+)?)\s*(%|B|KB|MB|GB|TB|KiB|MiB|GiB|TiB)", re.IGNORECASE)

@@ -15,68 +15,19 @@ explicit allow-list, and the deprecation signal for routes that ``/v2`` will rep
 from __future__ import annotations
 
 from collections.abc import Mapping
-from datetime import UTC
-from email.utils import format_datetime
-from urllib.parse import urlsplit
 
 from fastapi import FastAPI
-from pydantic import AwareDatetime, BaseModel, ConfigDict, HttpUrl, model_validator
 from starlette.datastructures import MutableHeaders
 from starlette.middleware.cors import CORSMiddleware
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from tally.config_values import DeprecationRule, check_cors_origins
 
 NO_STORE_PATHS = ("/oauth/token",)  # RFC 6749 §5.1: no-store and Pragma: no-cache
 CORS_ALLOW_HEADERS = ("Authorization", "Content-Type", "X-Idempotency-Key", "If-None-Match",
                       "traceparent")
 CORS_EXPOSE_HEADERS = ("ETag", "X-Data-Watermark", "X-Trace-Id", "Retry-After", "Deprecation",
                        "Sunset", "Link", "RateLimit", "RateLimit-Policy")
-
-
-class DeprecationRule(BaseModel):
-    """One entry of ``TALLY_DEPRECATIONS``."""
-
-    model_config = ConfigDict(frozen=True, extra="forbid")
-
-    deprecation: AwareDatetime  # when the route is (or will be) deprecated
-    sunset: AwareDatetime | None = None  # when it stops answering
-    link: HttpUrl | None = None  # human-readable notes: the migration guide
-
-    @model_validator(mode="after")
-    def _sunset_after_deprecation(self) -> DeprecationRule:
-        if self.sunset is not None and self.sunset < self.deprecation:
-            raise ValueError("sunset must not be before deprecation (RFC 9745 §3)")
-        return self
-
-    def headers(self) -> list[tuple[str, str]]:
-        out = [("Deprecation", f"@{int(self.deprecation.timestamp())}")]
-        if self.sunset is not None:
-            out.append(("Sunset", format_datetime(self.sunset.astimezone(UTC), usegmt=True)))
-        if self.link is not None:
-            out.append(("Link", f'<{self.link}>; rel="deprecation"; type="text/html"'))
-        return out
-
-
-def check_deprecations(rules: Mapping[str, DeprecationRule]) -> None:
-    for pattern in rules:
-        if not pattern.startswith("/") or "*" in pattern[:-1]:
-            raise ValueError(f"TALLY_DEPRECATIONS key {pattern!r} must be a route path "
-                             "starting with / (optionally ending in * for a prefix)")
-
-
-def check_cors_origins(text: str) -> list[str]:
-    """``https://app.example.com,https://bi.example.com`` → the list; refuses ``*``, ``null``
-    and anything that is not ``scheme://host[:port]``."""
-    origins: list[str] = []
-    for origin in (o.strip() for o in text.split(",")):
-        if not origin:
-            continue
-        parts = urlsplit(origin)
-        if (parts.scheme not in ("http", "https") or not parts.hostname
-                or parts.path or parts.query or parts.fragment or "*" in origin):
-            raise ValueError(f"TALLY_CORS_ORIGINS entry {origin!r} is not an origin "
-                             "(scheme://host[:port]; no wildcard)")
-        origins.append(origin)
-    return origins
 
 
 class Deprecations:

@@ -37,15 +37,14 @@ from redis.backoff import NoBackoff
 from redis.retry import Retry
 
 from tally.config import Settings
+from tally.config_values import Rate, parse_rate
 from tally.errors import StoreUnavailable, TooManyRequests, Unprocessable
 from tally.security.limits import (
     Bucket,
     BucketState,
     LocalRateLimiter,
-    Rate,
     RateLimiter,
     RedisRateLimiter,
-    parse_rate,
 )
 from tally.security.quotas import (
     LocalRowsLedger,

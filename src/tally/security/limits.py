@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import logging
 import math
-import re
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -26,44 +25,11 @@ from typing import Any, Protocol
 
 import redis
 
+from tally.config_values import Rate
+
 log = logging.getLogger(__name__)
 
-_RATE = re.compile(
-    r"^\s*(?P<count>\d+(?:\.\d+)?)\s*/\s*(?P<unit>s|m|h)\s*(?:burst\s+(?P<burst>\d+))?\s*$")
-_UNIT_SECONDS = {"s": 1, "m": 60, "h": 3600}
 PRUNE_EVERY = 4096  # acquisitions between sweeps of full buckets (the local dict stays small)
-
-
-@dataclass(frozen=True)
-class Rate:
-    """``per_second`` tokens a second, at most ``burst`` held."""
-
-    per_second: float
-    burst: int
-
-    def __str__(self) -> str:
-        if self.per_second >= 1:
-            return f"{self.per_second:g} a second"
-        return f"one every {1 / self.per_second:g} s"
-
-    @property
-    def window(self) -> int:
-        """Seconds an empty bucket takes to fill (the ``w`` of ``RateLimit-Policy``)."""
-        return max(1, math.ceil(self.burst / self.per_second))
-
-
-def parse_rate(text: str) -> Rate | None:
-    """``"20/s burst 40"``, ``"600/m"`` (burst = the count), or ``"off"`` (None)."""
-    if text.strip().lower() == "off":
-        return None
-    match = _RATE.match(text)
-    if match is None:
-        raise ValueError(f"{text!r} is not a rate like '20/s burst 40', '600/m' or 'off'")
-    count = float(match["count"])
-    burst = int(match["burst"]) if match["burst"] else math.ceil(count)
-    if count <= 0 or burst < 1:
-        raise ValueError(f"{text!r}: the rate and the burst must be positive")
-    return Rate(count / _UNIT_SECONDS[match["unit"]], burst)
 
 
 @dataclass(frozen=True)

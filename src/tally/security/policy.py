@@ -31,9 +31,10 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from tally.config_values import NO_ENDPOINTS
 from tally.errors import BadRequest, Forbidden, MisdirectedRequest
 from tally.security.clients import Client
-from tally.security.residency import NO_ENDPOINTS, query_error, refusal
+from tally.security.residency import query_error, refusal
 from tally.security.tokens import Principal
 from tally.semantic.catalog import METRICS, Kind, Metric
 

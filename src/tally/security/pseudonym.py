@@ -22,8 +22,9 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 from pydantic import SecretStr
 
+from tally.config_values import MIN_KEY_LENGTH
+
 PSEUDONYM_LENGTH = 22  # base64url characters: 132 bits of the 256-bit HMAC
-MIN_KEY_LENGTH = 32  # characters of TALLY_PSEUDONYMISE_KEY
 _INFO = b"tally/player_id-pseudonym/v1/"  # + the tenant id: one key per brand
 _DEPLOYMENT = b"tally/player_id-pseudonym/v1:deployment"  # one key for every brand
 SCOPES = ("brand", "deployment")

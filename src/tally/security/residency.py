@@ -9,7 +9,7 @@ The one place that decides what happens to a region this deployment does not ser
 - An ingested event for it is rejected on its own, with a reason naming the endpoint when
   there is one; the rest of the batch is unaffected, so a batch is never ``421``.
 
-:class:`ServedRegions` is a ``frozenset`` of the served regions that also carries the
+:class:`~tally.config_values.ServedRegions` is a ``frozenset`` of the served regions that also carries the
 endpoints, so everything that already takes "the served regions" learns where the others are
 without another argument.
 """
@@ -18,46 +18,9 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
-from functools import lru_cache
-from types import MappingProxyType
-from urllib.parse import urlsplit
 
+from tally.config_values import NO_ENDPOINTS, ServedRegions
 from tally.errors import Forbidden, MisdirectedRequest, UserError
-
-NO_ENDPOINTS: Mapping[str, str] = MappingProxyType({})
-
-
-@lru_cache(maxsize=8)
-def parse_endpoints(text: str) -> Mapping[str, str]:
-    """``"UK=https://uk.example.com,NA=https://na.example.com"`` → ``{"UK": …, "NA": …}``.
-    Raises ``ValueError`` naming the first bad entry (a settings validator)."""
-    endpoints: dict[str, str] = {}
-    for entry in (e.strip() for e in text.split(",")):
-        if not entry:
-            continue
-        region, sep, url = (part.strip() for part in entry.partition("="))
-        parts = urlsplit(url)
-        if not sep or not region or parts.scheme not in ("http", "https") or not parts.netloc:
-            raise ValueError(f"TALLY_REGION_ENDPOINTS entry {entry!r} is not REGION=https://host")
-        if region in endpoints:
-            raise ValueError(f"TALLY_REGION_ENDPOINTS names region {region!r} twice")
-        endpoints[region] = url.rstrip("/")
-    return MappingProxyType(endpoints)
-
-
-class ServedRegions(frozenset[str]):
-    """The regions this deployment serves; ``endpoints`` maps other regions to the base URL
-    of the deployment serving them (entries for served regions are ignored, so a fleet can
-    share one ``TALLY_REGION_ENDPOINTS``)."""
-
-    endpoints: Mapping[str, str]
-
-    def __new__(cls, regions: Iterable[str],
-                endpoints: Mapping[str, str] = NO_ENDPOINTS) -> ServedRegions:
-        served = super().__new__(cls, regions)
-        served.endpoints = MappingProxyType(
-            {r: url for r, url in endpoints.items() if r not in served})
-        return served
 
 
 def _endpoints(served: frozenset[str], endpoints: Mapping[str, str]) -> Mapping[str, str]:
