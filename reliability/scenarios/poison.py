@@ -51,21 +51,32 @@ class Size:
 SIZES = {"test": Size(1, 50, 0), "quick": Size(2, 200, 1), "full": Size(5, 1000, 2)}
 
 
-def set_aside_listed(url: str, headers: dict[str, str], event_ids: set[str]) -> bool:
-    """Whether the operator can see the rows that were not applied: the lead's design lists
-    them in ``GET /v1/admin/quarantine`` with a reason starting "not applied". The one place
-    to change if the listing moves."""
+def set_aside_listed(url: str, headers: dict[str, str], event_ids: set[str],
+                     within: float = 30) -> bool:
+    """Whether the operator can see the rows that were not applied, within ``within`` seconds
+    of start-up (the applier replays the journal meanwhile, and the listing waits for it only
+    TALLY_READ_YOUR_WRITES_MS): they are in ``GET /v1/admin/quarantine`` with a reason
+    starting "not applied"."""
+    deadline = time.monotonic() + within
+    while True:
+        listed = _set_aside_now(url, headers)
+        if listed is None or event_ids <= listed or time.monotonic() >= deadline:
+            return listed is not None and event_ids <= listed
+        time.sleep(0.2)
+
+
+def _set_aside_now(url: str, headers: dict[str, str]) -> set[str] | None:
     found: set[str] = set()
     params: dict[str, str] = {"limit": "1000"}
     while True:
         r = httpx.get(f"{url}/v1/admin/quarantine", params=params, headers=headers, timeout=30)
         if r.status_code != 200:
-            return False
+            return None
         page = r.json()
         found |= {str(item.get("event_id")) for item in page["items"]
                   if str(item.get("reason", "")).startswith("not applied")}
         if not page.get("next_cursor"):
-            return event_ids <= found
+            return found
         params["cursor"] = page["next_cursor"]
 
 

@@ -16,10 +16,12 @@ forever, and it accepts every connection the kernel hands it (``limit_concurrenc
 - **the send timeout** (``TALLY_BODY_TIMEOUT_SECONDS``, the body timeout's other direction):
   a client that reads nothing of an answer for that long, once the socket's buffers are full,
   is disconnected;
-- **the connection limit** (``TALLY_MAX_CONNECTIONS``): a connection beyond it is answered
-  ``503`` with ``Retry-After`` at once and closed. The limit is kept below the file-descriptor
-  limit, less :data:`RESERVED_FDS` for the store, journal, audit log and logs; the soft
-  ``RLIMIT_NOFILE`` is first raised to the hard one.
+- **the connection limit** (``TALLY_MAX_CONNECTIONS``): a new connection at the limit takes
+  the place of the one that has waited longest for a request head (idle or slow clients: a
+  flood of them cannot shut out a client that sends its request at once); with none waiting,
+  it is answered ``503`` with ``Retry-After`` and closed. The limit is kept below the
+  file-descriptor limit, less :data:`RESERVED_FDS` for the store, journal, audit log and logs;
+  the soft ``RLIMIT_NOFILE`` is first raised to the hard one.
 
 The idle time between two requests is uvicorn's ``timeout_keep_alive``
 (``TALLY_KEEPALIVE_TIMEOUT_SECONDS``); the body's pace and size are ``api/bodies.py``'s.
@@ -73,6 +75,9 @@ class EdgeProtocol(ClientCertProtocol):
     send_timeout: float = 30.0
     max_connections: int = DEFAULT_MAX_CONNECTIONS
     last_warning = -WARN_EVERY  # monotonic time of the last "limit reached" log line
+    # the connections waiting for a request head, longest-waiting first (one event loop: no
+    # lock); a dict for its order and O(1) removal
+    _waiting: dict[EdgeProtocol, None] = {}
     _header_timer: asyncio.TimerHandle | None = None
     _send_timer: asyncio.TimerHandle | None = None
     _head_begun = False  # bytes of a request head have come, and not its end
@@ -84,7 +89,7 @@ class EdgeProtocol(ClientCertProtocol):
 
     def connection_made(self, transport: Any) -> None:
         super().connection_made(transport)
-        if len(self.connections) > self.max_connections:
+        if len(self.connections) > self.max_connections and not self._evict_a_waiting_one():
             now = time.monotonic()
             if now - EdgeProtocol.last_warning >= WARN_EVERY:  # not a line per refusal
                 EdgeProtocol.last_warning = now
@@ -96,6 +101,18 @@ class EdgeProtocol(ClientCertProtocol):
             transport.close()
             return
         self._arm_header_timer()
+
+    def _evict_a_waiting_one(self) -> bool:
+        """Close the connection that has waited longest for a request head, if any."""
+        waiting = EdgeProtocol._waiting
+        while waiting:
+            oldest = next(iter(waiting))
+            del waiting[oldest]
+            if oldest is not self and not oldest.transport.is_closing():
+                oldest._cancel_header_timer()
+                oldest.transport.abort()
+                return True
+        return False
 
     def data_received(self, data: bytes) -> None:
         # a byte between two requests stops uvicorn's keep-alive timer: it starts the clock
@@ -173,14 +190,17 @@ class EdgeProtocol(ClientCertProtocol):
 
     def _arm_header_timer(self) -> None:
         self._header_timer = self.loop.call_later(self.header_timeout, self._header_timed_out)
+        EdgeProtocol._waiting[self] = None
 
     def _cancel_header_timer(self) -> None:
+        EdgeProtocol._waiting.pop(self, None)
         if self._header_timer is not None:
             self._header_timer.cancel()
             self._header_timer = None
 
     def _header_timed_out(self) -> None:
         self._header_timer = None
+        EdgeProtocol._waiting.pop(self, None)
         if self.transport.is_closing():
             return
         if self.cycle is not None and not self.cycle.response_complete:

@@ -9,9 +9,9 @@ The one place that decides what happens to a region this deployment does not ser
 - An ingested event for it is rejected on its own, with a reason naming the endpoint when
   there is one; the rest of the batch is unaffected, so a batch is never ``421``.
 
-:class:`~tally.config_values.ServedRegions` is a ``frozenset`` of the served regions that also carries the
-endpoints, so everything that already takes "the served regions" learns where the others are
-without another argument.
+:class:`~tally.config_values.ServedRegions` is a ``frozenset`` of the served regions that also
+carries the endpoints, so everything that already takes "the served regions" learns where the
+others are without another argument.
 """
 
 from __future__ import annotations
