@@ -1,24 +1,14 @@
-"""Hostile inputs: the files of ``tests/corpus/`` plus inputs generated from valid seeds.
+"""Hostile inputs: the corpus of ``tests/corpus/`` plus inputs generated from valid seeds.
 
-The corpus grows in the repository (one file, one input); the loader reads whatever is there
-and tolerates an empty or missing directory:
-
-- a ``*.json`` file holding an object with ``method`` and ``path`` is a request spec:
-  ``{"method", "path", "headers"?: {...}, "body"?: text, "body_base64"?: ..., "auth"?: bool}``
-  (``auth``, default true: send the suite's bearer token);
-- any other file is a request body, sent to the route named by its first directory under
-  ``tests/corpus/`` (:data:`ROUTES`; unknown directories go to ingestion); under ``query/``
-  each non-empty line is a ``GET`` path with its query string;
-- ``README*`` and ``*.md`` files are documentation.
-
-:func:`generated` adds deterministic mutations of valid requests: deep nesting, bytes that are
-not UTF-8, numbers beyond any float, dates at the edges of the calendar, every field of a
-valid event given every wrong type, huge ``limit`` strings, truncated and bit-flipped bodies.
+:func:`load_corpus` takes every item of the corpus as ``tests/test_corpus.py`` sends it to a
+real server (one loader, one format: see ``tests/corpus/README.md``); :func:`generated` adds
+deterministic mutations of valid requests: deep nesting, bytes that are not UTF-8, numbers
+beyond any float, dates at the edges of the calendar, every field of a valid event given every
+wrong type, huge ``limit`` strings, truncated and bit-flipped bodies.
 """
 
 from __future__ import annotations
 
-import base64
 import json
 import random
 from collections.abc import Iterator
@@ -53,49 +43,20 @@ class Input:
     method: str
     path: str
     body: bytes = b""
-    headers: tuple[tuple[str, str], ...] = ()
+    headers: tuple[tuple[str, str | bytes], ...] = ()
     auth: bool = True
 
 
-def load_corpus(root: Path = CORPUS) -> list[Input]:
-    if not root.is_dir():
-        return []
+def load_corpus() -> list[Input]:
+    from tests.test_corpus import corpus_requests
+
     inputs: list[Input] = []
-    for file in sorted(p for p in root.rglob("*") if p.is_file()):
-        if file.name.startswith(("README", ".")) or file.suffix == ".md":
-            continue
-        inputs += _inputs_of(file, root)
+    for item, method, target, extra, raw in corpus_requests():
+        own_auth = any(name.lower() == "authorization" for name in extra)
+        headers: dict[str, str | bytes] = {**JSON, **extra}
+        inputs.append(Input(str(item), method, target, raw or b"",
+                            tuple(headers.items()), auth=not own_auth))
     return inputs
-
-
-def _inputs_of(file: Path, root: Path) -> list[Input]:
-    relative = file.relative_to(root)
-    name, kind = str(relative), relative.parts[0] if len(relative.parts) > 1 else ""
-    data = file.read_bytes()
-    if kind in QUERY_DIRS:
-        return [Input(f"{name}:{n}", "GET", line.strip())
-                for n, line in enumerate(data.decode("utf-8", "replace").splitlines(), 1)
-                if line.strip().startswith("/")]
-    if file.suffix == ".json":
-        spec = _spec(data)
-        if spec is not None:
-            raw = (base64.b64decode(spec["body_base64"]) if "body_base64" in spec
-                   else str(spec.get("body", "")).encode())
-            return [Input(name, str(spec["method"]).upper(), str(spec["path"]), raw,
-                          tuple((str(k), str(v)) for k, v in spec.get("headers", {}).items()),
-                          bool(spec.get("auth", True)))]
-    method, path, headers = ROUTES.get(kind, ROUTES["events"])
-    return [Input(name, method, path, data, tuple(headers.items()))]
-
-
-def _spec(data: bytes) -> dict[str, Any] | None:
-    try:
-        spec = json.loads(data)
-    except (ValueError, RecursionError):
-        return None
-    if isinstance(spec, dict) and {"method", "path"} <= spec.keys():
-        return spec
-    return None
 
 
 def _event() -> dict[str, Any]:

@@ -445,6 +445,30 @@ def _raw(server: Server, method: str, target: str, headers: dict[str, bytes],
         con.close()
 
 
+RawRequest = tuple[Item, str, str, dict[str, bytes], bytes | None]
+
+
+def corpus_requests() -> Iterator[RawRequest]:
+    """The corpus as the raw requests a real server gets: (item, method, target, headers,
+    body), the headers beyond a bearer token and ``Content-Type: application/json`` (which a
+    header item may replace). The fault suite sends these too (``reliability/corpus.py``)."""
+    for item in load("ingest/bodies.txt"):
+        yield item, "POST", BATCH, {}, item.render({"event": event_slot})
+    funnel = "/v1/analytics/funnel"
+    for item in load("post/bodies.txt"):
+        body_slot = {"body": lambda: json.dumps(POST_ROUTES[funnel]).encode()}
+        yield item, "POST", funnel, {}, item.render(body_slot)
+    timeseries = "/v1/analytics/timeseries"
+    for item in load("get/queries.txt"):
+        query = item.render().decode()
+        suffix = query if query.startswith("?") else \
+            f"?{query_string(GET_ROUTES[timeseries])}&{query}"
+        yield item, "GET", timeseries + suffix, {}, None
+    for item in load("headers/headers.txt"):
+        for method, target, extra, body in header_requests(item):
+            yield item, method, target, extra, body
+
+
 @pytest.mark.slow
 def test_real_server_takes_the_corpus_and_stays_right(tmp_path: Path):
     data = tmp_path / "data"
@@ -460,22 +484,9 @@ def test_real_server_takes_the_corpus_and_stays_right(tmp_path: Path):
         def get(target: str, extra: dict[str, bytes] | None = None) -> Answer:
             return _raw(server, "GET", target, {**base, **(extra or {})})
 
-        for item in load("ingest/bodies.txt"):
-            check(post(BATCH, item.render({"event": event_slot})), item, BATCH)
-        funnel = "/v1/analytics/funnel"
-        for item in load("post/bodies.txt"):
-            body_slot = {"body": lambda: json.dumps(POST_ROUTES[funnel]).encode()}
-            check(post(funnel, item.render(body_slot)), item, funnel)
-        timeseries = "/v1/analytics/timeseries"
-        for item in load("get/queries.txt"):
-            query = item.render().decode()
-            suffix = query if query.startswith("?") else \
-                f"?{query_string(GET_ROUTES[timeseries])}&{query}"
-            check(get(timeseries + suffix), item, timeseries)
-        for item in load("headers/headers.txt"):
-            for method, target, extra, body in header_requests(item):
-                check(_raw(server, method, target, {**base, **extra}, body), item,
-                      f"{method} {target}")
+        for item, method, target, extra, body in corpus_requests():
+            check(_raw(server, method, target, {**base, **extra}, body), item,
+                  f"{method} {target}")
         still_right(lambda body: post(BATCH, body), get)
         listed_quarantine(get)
     finally:

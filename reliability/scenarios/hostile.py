@@ -47,7 +47,8 @@ def peak_rss(server: RealServer) -> int:
 
 def _send(http: httpx.Client, item: Input, auth: dict[str, str]) -> tuple[int, bool, str]:
     """(status or 0, problem+json?, error)"""
-    headers = {**dict(item.headers), **(auth if item.auth else {})}
+    headers = {name.encode(): value if isinstance(value, bytes) else value.encode()
+               for name, value in (*item.headers, *(auth.items() if item.auth else ()))}
     try:
         r = http.request(item.method, item.path, content=item.body or None, headers=headers)
     except httpx.HTTPError as exc:
