@@ -2,10 +2,12 @@
 
 The clients of ``test_policy_matrix.py`` (no limit; one brand; two brands × one region; two
 regions; a served and an unserved region; only an unserved region; three metrics; brand ×
-region × two metrics), each registered *with the admin scope*, × every admin route:
+region × two metrics; metrics naming analyses; four partners limited to providers), each
+registered *with the admin scope*, × every admin route:
 
 - ``GET /v1/admin/quarantine`` × listing filters: the exact entries, in order, through cursor
-  paging, or a ``403`` naming the claim;
+  paging, or a ``403`` naming the claim (always ``providers`` for a partner: the entries are
+  events of every kind, not bets of its providers);
 - ``GET /v1/admin/audit``: the exact entries, through cursor paging;
 - ``GET /v1/admin/audit/verify`` and ``POST /v1/admin/fx-rates``: ``200`` for the admin
   without limits, otherwise ``403`` naming its first limit (and no rate written);
@@ -15,8 +17,8 @@ What each admin may see is computed here from the tables and from what the test 
 log file holds — never by asking ``tally``: a quarantine entry is visible when the brand and
 region its event names are inside the admin's limits and filters (an entry naming no brand or
 region only where the admin has no limit on it); an audit entry when the admin has no limit
-at all, or its client is the admin's own or one registered here whose brands, regions and
-metrics each lie within the admin's.
+at all, or its client is the admin's own or one registered here whose brands, regions,
+metrics and providers each lie within the admin's.
 """
 
 from __future__ import annotations
@@ -49,6 +51,8 @@ READERS = (
            metrics=frozenset({"rtp"})),
     Limits("reader-ggr", metrics=frozenset({"ggr"})),
     Limits("reader-all"),
+    Limits("reader-studio-y", providers=frozenset({"studio_y"})),  # inside partner admins'
+    Limits("reader-b1-studio-z", brands=frozenset({"b1"}), providers=frozenset({"studio_z"})),
 )
 CORRUPTED = Limits("reader-corrupted", brands=frozenset({"b1"}), regions=frozenset({"EU"}))
 
@@ -92,7 +96,8 @@ def register(client: TestClient, data_dir: Path, limits: Limits,
 
     con = metadata.connect(data_dir)
     client_id, secret = create_client(con, limits.name, scopes, limits.cli(limits.brands),
-                                      limits.cli(limits.regions), limits.cli(limits.metrics))
+                                      limits.cli(limits.regions), limits.cli(limits.metrics),
+                                      providers=limits.cli(limits.providers))
     con.close()
     r = client.post("/oauth/token", auth=(client_id, secret),
                     data={"grant_type": "client_credentials"})
@@ -159,7 +164,10 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
 
 
 def refused_claim(limits: Limits, filters: Filters) -> str | None:
-    """The claim a quarantine listing with these filters breaks (brands are checked first)."""
+    """The claim a quarantine listing with these filters breaks (a partner's always, then
+    brands, then regions)."""
+    if limits.providers is not None:
+        return "providers"
     for key, claim, allowed in (("brand_id", "brands", limits.brands),
                                 ("region", "regions", limits.regions)):
         if allowed is not None and any(k == key and v not in allowed for k, v in filters):
@@ -178,14 +186,17 @@ def visible_quarantine(world: World, limits: Limits, filters: Filters) -> list[s
             and admits(s.region, "region", limits.regions)]
 
 
+def _limits(limits: Limits) -> tuple[tuple[str, frozenset[str] | None], ...]:
+    return (("brands", limits.brands), ("regions", limits.regions),
+            ("metrics", limits.metrics), ("providers", limits.providers))
+
+
 def unlimited(limits: Limits) -> bool:
-    return limits.brands is None and limits.regions is None and limits.metrics is None
+    return all(limit is None for _, limit in _limits(limits))
 
 
 def first_limit(limits: Limits) -> str:
-    return next(claim for claim, limit in (("brands", limits.brands),
-                                           ("regions", limits.regions),
-                                           ("metrics", limits.metrics)) if limit is not None)
+    return next(claim for claim, limit in _limits(limits) if limit is not None)
 
 
 def visible_actors(world: World, limits: Limits) -> set[str] | None:
@@ -201,7 +212,8 @@ def visible_actors(world: World, limits: Limits) -> set[str] | None:
                     if client_id != world.corrupted_id  # its stored limit is unknown
                     and within(theirs.brands, limits.brands)
                     and within(theirs.regions, limits.regions)
-                    and within(theirs.metrics, limits.metrics)}
+                    and within(theirs.metrics, limits.metrics)
+                    and within(theirs.providers, limits.providers)}
 
 
 def log_entries(world: World) -> list[dict[str, Any]]:
@@ -262,7 +274,7 @@ def test_the_quarantine_cells_are_not_trivial(world: World) -> None:
     """The tables leave every admin something to see and something hidden (but the one
     without limits), so the matrix can tell a leak from a confinement."""
     everything = len(world.quarantined)
-    for limits in CLIENTS:
+    for limits in (lim for lim in CLIENTS if lim.providers is None):  # partners: 403
         seen = len(visible_quarantine(world, limits, ()))
         assert 0 < seen <= everything and (seen < everything) == (
             limits.brands is not None or limits.regions is not None), limits.name
@@ -290,6 +302,7 @@ def test_the_audit_cells_are_not_trivial(world: World) -> None:
         world.admins[lim.name][0]}) for lim in CLIENTS if not unlimited(lim)}
     assert readers_seen["brand-b1"] >= 1 and readers_seen["regions-uk-latam"] >= 1
     assert readers_seen["b2-latam-rtp-wau"] >= 1 and readers_seen["metrics-ggr-dau-bets"] >= 1
+    assert readers_seen["provider-y"] >= 1 and readers_seen["b1b3-provider-z"] >= 1
 
 
 @pytest.mark.parametrize("limits", CLIENTS, ids=lambda lim: lim.name)

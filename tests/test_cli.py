@@ -191,7 +191,8 @@ def test_list_and_show_in_text_and_json_never_print_a_secret(registered):
     assert listed[1] == {
         "client_id": second["client_id"], "name": "bi", "status": "active", "revoked": False,
         "scopes": ["analytics:read"], "brands": ["brand-1", "brand-2"], "regions": ["UK"],
-        "metrics": ["funnel", "ggr"], "min_group_size": 10, "cert_thumbprint": None,
+        "metrics": ["funnel", "ggr"], "providers": None, "min_group_size": 10,
+        "cert_thumbprint": None,
         "created_at": listed[1]["created_at"], "revoked_at": None, "secret_rotated_at": None,
         "tokens_not_before": None,
     }
@@ -202,11 +203,11 @@ def test_list_and_show_in_text_and_json_never_print_a_secret(registered):
     assert table.returncode == 0 and table.stderr == ""
     header, *rows = table.stdout.splitlines()
     assert header.split() == ["CLIENT", "ID", "NAME", "STATUS", "SCOPES", "BRANDS", "REGIONS",
-                              "METRICS", "CREATED"]
-    assert rows[0].split()[:7] == [first["client_id"], "bi", "active", "analytics:read", "all",
-                                   "all", "all"]
-    assert rows[1].split()[:7] == [second["client_id"], "bi", "active", "analytics:read",
-                                   "brand-1,brand-2", "UK", "funnel,ggr"]
+                              "PROVIDERS", "METRICS", "CREATED"]
+    assert rows[0].split()[:8] == [first["client_id"], "bi", "active", "analytics:read", "all",
+                                   "all", "all", "all"]
+    assert rows[1].split()[:8] == [second["client_id"], "bi", "active", "analytics:read",
+                                   "brand-1,brand-2", "UK", "all", "funnel,ggr"]
 
     shown = cli("client", "show", second["client_id"], "--json", data_dir=data)
     assert json.loads(shown.stdout) == listed[1]

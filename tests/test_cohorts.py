@@ -1154,7 +1154,7 @@ def test_ltv_reporting_currency_without_a_rate_is_422(api):
 
 
 def test_ltv_brand_or_metric_outside_the_token_is_403(api):
-    limited = api.token(brands="l-fx", metrics="ggr")
+    limited = api.token(brands="l-fx", metrics="ggr,ltv")
     assert_problem(api.ltv(limited, **{**OK_LTV, "filters": "brand_id:rc-1"}), 403)
     assert_problem(api.ltv(limited, **{**OK_LTV, "metric": "ngr"}), 403, "ngr")
     r = api.ltv(limited, **OK_LTV)

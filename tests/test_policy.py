@@ -25,12 +25,13 @@ SERVED = frozenset({"EU", "UK", "LATAM"})
 
 
 def principal(brands: set[str] | None = None, regions: set[str] | None = None,
-              metrics: set[str] | None = None, min_group_size: int | None = None) -> Principal:
+              metrics: set[str] | None = None, min_group_size: int | None = None,
+              providers: set[str] | None = None) -> Principal:
     def frozen(items: set[str] | None) -> frozenset[str] | None:
         return None if items is None else frozenset(items)
 
     return Principal("cl_test", frozenset({"analytics:read"}), frozen(brands), frozen(regions),
-                     frozen(metrics), "jti", min_group_size)
+                     frozen(metrics), "jti", min_group_size, providers=frozen(providers))
 
 
 # --------------------------------------------------------------------------- metrics
@@ -160,6 +161,8 @@ def test_confine_rows_refuses_filters_outside_the_limits(limits, brands, regions
     ({"regions": {"EU"}}, "regions"),
     ({"metrics": {"ggr"}}, "metrics"),
     ({"regions": {"EU"}, "metrics": {"ggr"}}, "regions"),
+    ({"providers": {"studio_x"}}, "providers"),
+    ({"metrics": {"ggr"}, "providers": {"studio_x"}}, "metrics"),
 ])
 def test_require_unrestricted_names_the_first_limit(limits, claim):
     if claim is None:
@@ -175,16 +178,19 @@ def test_audit_actors_are_the_admin_itself_and_clients_inside_its_limits():
     from tally.security.clients import Client
 
     def client(name: str, brands: set[str] | None = None, regions: set[str] | None = None,
-               metrics: set[str] | None = None) -> Client:
+               metrics: set[str] | None = None, providers: set[str] | None = None) -> Client:
         frozen = [None if s is None else frozenset(s) for s in (brands, regions, metrics)]
-        return Client(name, name, frozenset({"analytics:read"}), *frozen)
+        return Client(name, name, frozenset({"analytics:read"}), *frozen,
+                      providers=None if providers is None else frozenset(providers))
 
     registered = [client("b1", {"b1"}), client("b1-eu", {"b1"}, {"EU"}),
                   client("b1b2", {"b1", "b2"}), client("eu", regions={"EU"}),
-                  client("b1-ggr", {"b1"}, metrics={"ggr"}), client("all")]
+                  client("b1-ggr", {"b1"}, metrics={"ggr"}), client("all"),
+                  client("studio-x", providers={"studio_x"}),
+                  client("b1-studio-xy", {"b1"}, providers={"studio_x", "studio_y"})]
     assert policy.audit_actors(principal(), registered) is None
     assert policy.audit_actors(principal(brands={"b1"}), registered) == {
-        "cl_test", "b1", "b1-eu", "b1-ggr"}
+        "cl_test", "b1", "b1-eu", "b1-ggr", "b1-studio-xy"}  # a partner of b1 is inside b1
     assert policy.audit_actors(principal(brands={"b1"}, metrics={"ggr"}), registered) == {
         "cl_test", "b1-ggr"}
     assert policy.audit_actors(principal(regions={"EU"}), registered) == {
@@ -192,6 +198,128 @@ def test_audit_actors_are_the_admin_itself_and_clients_inside_its_limits():
     assert policy.audit_actors(principal(metrics={"ggr", "dau"}), registered) == {
         "cl_test", "b1-ggr"}
     assert policy.audit_actors(principal(brands={"b9"}), registered) == {"cl_test"}
+    # a partner admin reads its fellow partners of its providers, never a client of all
+    assert policy.audit_actors(principal(providers={"studio_x"}), registered) == {
+        "cl_test", "studio-x"}
+    assert policy.audit_actors(principal(providers={"studio_x", "studio_y"}), registered) == {
+        "cl_test", "studio-x", "b1-studio-xy"}
+
+
+# --------------------------------------------------------------------------- partners, analyses
+
+BET_METRICS = {"stake", "wins", "ggr", "rtp", "bets", "settle_lag_p95"}  # CONTRACT §6
+
+
+def test_the_metrics_made_of_bets_are_the_contracts_list():
+    """A partner's confinement is a provider_id filter, so it may read exactly the metrics
+    every event of which is a bet: the catalog rule (a provider_id dimension) gives the
+    contract's list, and each such metric reads nothing but bet events."""
+    assert {name for name, m in METRICS.items() if policy.made_of_bets(m)} == BET_METRICS
+    for name in BET_METRICS:
+        assert all(measure.event_type.startswith("bet.") for measure in METRICS[name].measures)
+
+
+@pytest.mark.parametrize("metric", sorted(METRICS))
+def test_a_partner_reads_the_metrics_of_bets_and_no_other(metric):
+    partner = principal(providers={"studio_x"})
+    if metric in BET_METRICS:
+        assert policy.allow_metric(partner, metric) is METRICS[metric]
+        return
+    with pytest.raises(Forbidden) as refused:
+        policy.allow_metric(partner, metric)
+    assert refused.value.extra == {"claim": "providers"}
+    assert f"{metric!r} is not made of bets" in refused.value.detail
+
+
+def test_the_metrics_claim_is_named_before_the_providers_claim():
+    with pytest.raises(Forbidden) as refused:
+        policy.allow_metric(principal(providers={"studio_x"}, metrics={"rtp"}), "deposits")
+    assert refused.value.extra == {"claim": "metrics"}
+
+
+@pytest.mark.parametrize(("limits", "allowed", "claim"), [
+    ({}, ("funnel", "retention", "ltv"), None),  # an omitted claim: every analysis
+    ({"metrics": {"ggr", "funnel"}}, ("funnel",), "metrics"),
+    ({"metrics": {"retention", "ltv", "ngr"}}, ("retention", "ltv"), "metrics"),
+    ({"metrics": {"ggr"}}, (), "metrics"),  # metrics, but no analysis
+    ({"providers": {"studio_x"}}, (), "providers"),  # a partner counts bets, not players
+    ({"providers": {"studio_x"}, "metrics": {"funnel"}}, (), "providers"),
+])
+def test_allow_analysis(limits, allowed, claim):
+    for name in ("funnel", "retention", "ltv"):
+        if name in allowed:
+            policy.allow_analysis(principal(**limits), name)
+            continue
+        with pytest.raises(Forbidden) as refused:
+            policy.allow_analysis(principal(**limits), name)
+        expected = "metrics" if "metrics" in limits and name not in limits["metrics"] else claim
+        assert refused.value.extra == {"claim": expected}, name
+
+
+@pytest.mark.parametrize(("limits", "metrics", "analyses"), [
+    ({}, None, ("funnel", "retention", "ltv")),
+    ({"metrics": {"ggr", "funnel", "ltv"}}, {"ggr", "funnel", "ltv"}, ("funnel", "ltv")),
+    # LTV without ggr or ngr cannot run: it is not listed
+    ({"metrics": {"rtp", "ltv", "retention"}}, {"rtp", "ltv", "retention"}, ("retention",)),
+    ({"providers": {"studio_x"}}, BET_METRICS, ()),
+    ({"providers": {"studio_x"}, "metrics": {"rtp", "dau", "funnel", "ggr", "ltv"}},
+     {"rtp", "ggr"}, ()),
+])
+def test_visible_metrics_and_analyses(limits, metrics, analyses):
+    assert policy.visible_metrics(principal(**limits)) == metrics
+    assert policy.visible_analyses(principal(**limits)) == analyses
+
+
+def test_confine_narrows_a_partner_to_its_providers_across_its_brands():
+    partner = principal(providers={"studio_y", "studio_x"})
+    assert policy.confine({}, partner, SERVED) == {
+        "provider_id": ("studio_x", "studio_y"), "region": ("EU", "LATAM", "UK")}
+    assert policy.confine({"provider_id": ("studio_y",)}, partner, SERVED) == {
+        "provider_id": ("studio_y",), "region": ("EU", "LATAM", "UK")}
+    limited = principal(brands={"b1"}, providers={"studio_x"})
+    assert policy.confine({"game_id": ("g1",)}, limited, SERVED) == {
+        "game_id": ("g1",), "provider_id": ("studio_x",), "brand_id": ("b1",),
+        "region": ("EU", "LATAM", "UK")}
+    # a client without providers is not narrowed: its provider filter stays as sent
+    assert policy.confine({"provider_id": ("any",)}, principal(), SERVED)["provider_id"] == (
+        "any",)
+
+
+@pytest.mark.parametrize(("limits", "filters", "claim"), [
+    ({"providers": {"studio_x"}}, {"provider_id": ("studio_y",)}, "providers"),
+    ({"providers": {"studio_x"}}, {"provider_id": ("studio_x", "studio_y")}, "providers"),
+    # providers come before brands and regions
+    ({"providers": {"studio_x"}, "brands": {"b1"}},
+     {"provider_id": ("studio_y",), "brand_id": ("b2",)}, "providers"),
+    ({"providers": {"studio_x"}, "brands": {"b1"}}, {"brand_id": ("b2",)}, "brands"),
+    ({"providers": set()}, {}, "providers"),  # an empty limit never widens to all
+])
+def test_confine_refuses_a_partner_outside_its_providers(limits, filters, claim):
+    with pytest.raises(Forbidden) as refused:
+        policy.confine(filters, principal(**limits), SERVED)
+    assert refused.value.extra["claim"] == claim
+
+
+@pytest.mark.parametrize(("providers", "provider_id", "reason"), [
+    (None, None, None),
+    (None, "studio_y", None),
+    ({"studio_x"}, "studio_x", None),
+    ({"studio_x"}, "studio_y", "provider_id 'studio_y' is outside this client's providers"),
+    ({"studio_x"}, None, "this client is limited to providers: it may send only bets"),
+])
+def test_check_event_holds_a_partner_to_bets_on_its_providers(providers, provider_id, reason):
+    refusal = policy.check_event("b1", "EU", SERVED, None, None,
+                                 providers=None if providers is None else frozenset(providers),
+                                 provider_id=provider_id)
+    assert (refusal is None) is (reason is None)
+    if refusal is not None:
+        assert refusal.reason.startswith(reason) and not refusal.residency
+
+
+def test_a_partner_may_not_read_the_quarantine():
+    with pytest.raises(Forbidden) as refused:
+        policy.confine_rows(principal(providers={"studio_x"}), (), ())
+    assert refused.value.extra == {"claim": "providers"}
 
 
 # --------------------------------------------------------------------------- over HTTP
@@ -258,7 +386,8 @@ def test_no_other_module_refuses_on_claims():
     assert offenders == []
 
 
-CLAIM_TEST = re.compile(r"\bin\s+(\w+\.)*(principal\.|allowed_)(brands|regions|metrics)\b")
+CLAIM_TEST = re.compile(
+    r"\bin\s+(\w+\.)*(principal\.|allowed_)(brands|regions|metrics|providers)\b")
 LOOP = re.compile(r"\bfor\s+[\w, ()]+\s+$")  # `for b in principal.brands` iterates, not tests
 
 
@@ -275,6 +404,7 @@ def test_no_other_module_compares_values_with_the_claims():
     ("    if region not in ctx.allowed_regions:", True),
     ("    if metric.name not in principal.metrics:", True),
     ("    ok = brand in self.ctx.principal.brands", True),
+    ("    if provider_id not in ctx.allowed_providers:", True),
     ("    for brand in principal.brands:", False),
     ("    charged = [b for b in principal.brands]", False),
 ])

@@ -54,6 +54,8 @@ ADDED_COLUMNS: tuple[tuple[str, str, str], ...] = (
     # epoch seconds: the client's tokens issued (iat) before it are refused (rotate-secret
     # --revoke-tokens); NULL: none
     ("clients", "tokens_not_before", "INTEGER"),
+    # a partner's (game studio's) provider ids, comma-separated, like brands; NULL: every one
+    ("clients", "providers", "TEXT"),
 )
 
 

@@ -1,6 +1,8 @@
-"""Funnel, retention and LTV as :class:`~tally.insights.series.Plan`s: validated, confined by
-the policy module, fingerprinted for ETags, run on demand (the routes cache and revalidate them
-exactly like timeseries and slice)."""
+"""Funnel, retention and LTV as :class:`~tally.insights.series.Plan`s: allowed and confined by
+the policy module, validated, fingerprinted for ETags, run on demand (the routes cache and
+revalidate them exactly like timeseries and slice). Each asks the policy module first
+(:func:`~tally.security.policy.allow_analysis`: the ``metrics`` claim names the analyses a
+client may run), so a client that may not run one learns nothing from validating its body."""
 
 from __future__ import annotations
 
@@ -18,9 +20,10 @@ from tally.errors import BadRequest
 from tally.insights import request as rq
 from tally.insights.series import Context, Plan, currency_of
 from tally.security import policy
+from tally.security.clients import ANALYSIS_METRICS
 from tally.security.tokens import Principal
 
-LTV_METRICS = ("ggr", "ngr")
+LTV_METRICS = ANALYSIS_METRICS["ltv"]
 
 
 def _confine(ctx: Context, filters: dict[str, tuple[str, ...]]) -> dict[str, tuple[str, ...]]:
@@ -28,6 +31,7 @@ def _confine(ctx: Context, filters: dict[str, tuple[str, ...]]) -> dict[str, tup
 
 
 def funnel(ctx: Context, body: Any) -> Plan:
+    policy.allow_analysis(ctx.principal, "funnel")
     f = funnel_.parse(body)
     f = funnel_.Funnel(f.steps, f.exclusions, f.window_sec, f.start, f.end,
                        _confine(ctx, f.filters), f.correlate_by)
@@ -38,6 +42,7 @@ def funnel(ctx: Context, body: Any) -> Plan:
 
 
 def retention(ctx: Context, body: Any) -> Plan:
+    policy.allow_analysis(ctx.principal, "retention")
     r = retention_.parse_retention(body)
     r = retention_.Retention(r.cohort, r.first, r.last, r.return_event, r.days,
                              _confine(ctx, r.filters), r.zone, r.mode)
@@ -48,6 +53,7 @@ def retention(ctx: Context, body: Any) -> Plan:
 
 
 def ltv(ctx: Context, q: dict[str, str | None]) -> Plan:
+    policy.allow_analysis(ctx.principal, "ltv")  # and its metric, below (CONTRACT §6)
     name = q.get("metric") or "ggr"
     if name not in LTV_METRICS:
         raise BadRequest(f"metric must be one of {', '.join(LTV_METRICS)} for LTV",

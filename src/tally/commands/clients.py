@@ -67,6 +67,8 @@ def client_create(
         metavar='"S1 S2"', help='Space-separated, e.g. "events:write admin".')],
     brands: Annotated[str | None, _limit_option("brand ids")] = None,
     regions: Annotated[str | None, _limit_option("regions, among TALLY_REGIONS")] = None,
+    providers: Annotated[str | None, _limit_option(
+        "game provider ids (a studio's partner token: only bets on their games)")] = None,
     metrics: Annotated[str | None, _limit_option(
         "metrics (GET /v1/metrics) and analyses (funnel, retention, ltv)")] = None,
     min_group_size: Annotated[int | None, typer.Option(
@@ -90,7 +92,7 @@ def client_create(
     try:
         if cert_file is not None and cert_thumbprint is not None:
             fail("give --cert-file or --cert-thumbprint, not both")
-        check_limits(brands, regions, metrics, settings.served_regions)
+        check_limits(brands, regions, metrics, settings.served_regions, providers)
         try:
             bound = (certificate_thumbprint(cert_file.read_bytes()) if cert_file is not None
                      else parse_thumbprint(cert_thumbprint) if cert_thumbprint is not None
@@ -99,7 +101,7 @@ def client_create(
             fail(f"cannot read {cert_file}: {exc.strerror or exc}")
         con = metadata.connect(settings.data_dir)
         client_id, secret = create_client(con, name, scopes, brands, regions, metrics,
-                                          min_group_size, bound)
+                                          min_group_size, bound, providers)
     except (StoreUnavailable, UserError) as exc:
         fail(str(exc))
     print_json({"client_id": client_id, "client_secret": secret})
@@ -123,10 +125,11 @@ def client_list(data_dir: DataDir = None, json_output: Json = False) -> None:
     if not records:
         typer.echo("no clients (register one with tally client create)")
         return
-    print_table(("CLIENT ID", "NAME", "STATUS", "SCOPES", "BRANDS", "REGIONS", "METRICS",
-                 "CREATED"),
+    print_table(("CLIENT ID", "NAME", "STATUS", "SCOPES", "BRANDS", "REGIONS", "PROVIDERS",
+                 "METRICS", "CREATED"),
                 [(r.client_id, r.name, r.status, " ".join(r.scopes), _limit_text(r.brands),
-                  _limit_text(r.regions), _limit_text(r.metrics), r.created_at[:19] + "Z")
+                  _limit_text(r.regions), _limit_text(r.providers), _limit_text(r.metrics),
+                  r.created_at[:19] + "Z")
                  for r in records])
 
 
@@ -152,7 +155,8 @@ def client_show(client_id: ClientId, data_dir: DataDir = None, json_output: Json
         ("status", record.status + (f" since {record.revoked_at}" if record.revoked_at
                                     else "")),
         ("scopes", " ".join(record.scopes)), ("brands", _limit_text(record.brands)),
-        ("regions", _limit_text(record.regions)), ("metrics", _limit_text(record.metrics)),
+        ("regions", _limit_text(record.regions)),
+        ("providers", _limit_text(record.providers)), ("metrics", _limit_text(record.metrics)),
         ("min_group_size", str(record.min_group_size or "none")),
         ("cert_thumbprint", record.cert_thumbprint or "none (not bound)"),
         ("created_at", record.created_at),

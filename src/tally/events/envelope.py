@@ -62,6 +62,7 @@ class ValidationContext:
     served_regions: frozenset[str]
     allowed_brands: frozenset[str] | None = None  # None: every brand
     allowed_regions: frozenset[str] | None = None
+    allowed_providers: frozenset[str] | None = None  # a partner: only bets on these providers
     max_future_skew: timedelta = timedelta(hours=1)
 
 
@@ -90,8 +91,11 @@ def _version_problem(event_type: str, version: str) -> str | None:
 def check(event: Event, ctx: ValidationContext) -> Problem | None:
     """The rules beyond types; None when the event is valid. Residency comes first, so an
     event for a region this deployment does not serve is never looked at further."""
+    providers = ctx.allowed_providers  # a partner's events: bets on its providers' games only
     refusal = policy.check_event(event.tenant_id, event.region, ctx.served_regions,
-                                 ctx.allowed_brands, ctx.allowed_regions)
+                                 ctx.allowed_brands, ctx.allowed_regions, providers=providers,
+                                 provider_id=None if providers is None
+                                 else getattr(event.payload, "provider_id", None))
     if refusal is not None:
         return Problem(refusal.reason, residency=refusal.residency)
     event_type: str = event.__struct_config__.tag  # type: ignore[assignment]

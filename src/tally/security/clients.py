@@ -3,15 +3,16 @@
 Secrets are 256 random bits, so a salted SHA-256 is as strong as a slow KDF here (no password
 to guess) and keeps the token endpoint cheap; comparison is constant-time.
 
-A limit (brands, regions, metrics) is either absent — every brand, region, metric — or a
-non-empty set. Nothing empty ever means "all": an empty or blank ``--brands`` is refused at
-registration, and a stored empty limit (written by anything but :func:`create_client`) refuses
-the client its tokens instead of granting it everything.
+A limit (brands, regions, providers, metrics) is either absent — every brand, region,
+provider, metric — or a non-empty set. Nothing empty ever means "all": an empty or blank
+``--brands`` is refused at registration, and a stored empty limit (written by anything but
+:func:`create_client`) refuses the client its tokens instead of granting it everything.
 
 ``tally client create`` also checks every limit against what exists (:func:`check_limits`):
-brand ids by the events' ``tenant_id`` rule, regions against the served ones, metrics against
-the catalog and the analyses the claim names (CONTRACT §6) — a typo must not register a client
-that silently sees nothing.
+brand and provider ids by the events' ``tenant_id``/``provider_id`` rule, regions against the
+served ones, metrics against the catalog and the analyses the claim names (CONTRACT §6) — a
+typo must not register a client that silently sees nothing. A client limited to providers is
+a *partner* (a game studio): what that means for its reads is the policy module's call.
 
 Revocation (``tally client revoke``) sets ``disabled``: the client gets no token, and
 :class:`ClientStates` makes the server refuse the tokens it already holds within a second.
@@ -41,6 +42,9 @@ from tally.semantic.catalog import METRICS
 
 SCOPES = ("events:write", "analytics:read", "exports:write", "admin")
 ANALYSES = ("funnel", "retention", "ltv")  # CONTRACT §6: the metrics claim names these too
+# the catalog metrics an analysis is of: LTV is of ggr or ngr, whichever it asks for, and needs
+# that metric in the claim as well as "ltv" (CONTRACT §6)
+ANALYSIS_METRICS: dict[str, tuple[str, ...]] = {"ltv": ("ggr", "ngr")}
 MAX_MIN_GROUP_SIZE = 1000
 
 
@@ -54,6 +58,7 @@ class Client:
     metrics: frozenset[str] | None
     min_group_size: int | None = None  # privacy: smallest distinct-player count shown
     cert_thumbprint: str | None = None  # RFC 8705: tokens only over this certificate (mTLS)
+    providers: frozenset[str] | None = None  # a partner's game providers; None: every one
 
 
 def _items(text: str, sep: str = ",") -> frozenset[str]:
@@ -90,9 +95,9 @@ def _stored_limit(client_id: str, name: str, text: str | None) -> frozenset[str]
     return items
 
 
-def _is_brand_id(brand: str) -> bool:
+def _is_id(value: str) -> bool:
     try:
-        msgspec.convert(brand, Id)  # the envelope's tenant_id rule, the one definition
+        msgspec.convert(value, Id)  # the envelope's tenant_id and provider_id rule, one definition
     except msgspec.ValidationError:
         return False
     return True
@@ -102,21 +107,27 @@ def _quoted(names: Collection[str]) -> str:
     return ", ".join(repr(n) for n in sorted(names))
 
 
-def check_limits(brands: str | None, regions: str | None, metrics: str | None,
-                 served_regions: Collection[str]) -> None:
-    """Every named brand, region and metric exists, or :class:`BadRequest` naming the
-    unknown ones: a brand id follows the events' ``tenant_id`` rule, a region is served here,
-    a metric is in the catalog or is one of :data:`ANALYSES`."""
-    bad = [b if len(b) <= 40 else b[:40] + "…" for b in _items(brands or "")
-           if not _is_brand_id(b)]
+def _bad_ids(option: str, names: str | None, field: str) -> None:
+    """:class:`BadRequest` naming the values of ``option`` that break the events' id rule."""
+    bad = [v if len(v) <= 40 else v[:40] + "…" for v in _items(names or "") if not _is_id(v)]
     if bad:
         meta = get_args(Id)[1]
-        raise BadRequest(f"--brands: {_quoted(bad)} is not a brand id (the events' tenant_id: "
-                         f"{meta.min_length}-{meta.max_length} characters)")
+        raise BadRequest(f"--{option}: {_quoted(bad)} is not a {option[:-1]} id (the events' "
+                         f"{field}: {meta.min_length}-{meta.max_length} characters)")
+
+
+def check_limits(brands: str | None, regions: str | None, metrics: str | None,
+                 served_regions: Collection[str], providers: str | None = None) -> None:
+    """Every named brand, region, provider and metric exists, or :class:`BadRequest` naming
+    the unknown ones: a brand id follows the events' ``tenant_id`` rule and a provider id their
+    ``provider_id`` rule, a region is served here, a metric is in the catalog or is one of
+    :data:`ANALYSES`."""
+    _bad_ids("brands", brands, "tenant_id")
     unknown = _items(regions or "") - set(served_regions)
     if unknown:
         raise BadRequest(f"--regions: unknown region {_quoted(unknown)}; this deployment "
                          f"serves {', '.join(sorted(served_regions))} (TALLY_REGIONS)")
+    _bad_ids("providers", providers, "provider_id")
     unknown = _items(metrics or "") - set(METRICS) - set(ANALYSES)
     if unknown:
         raise BadRequest(f"--metrics: unknown metric {_quoted(unknown)}; metrics are "
@@ -130,7 +141,8 @@ def _join(items: frozenset[str] | None) -> str | None:
 def create_client(con: sqlite3.Connection, name: str, scopes: str, brands: str | None = None,
                   regions: str | None = None, metrics: str | None = None,
                   min_group_size: int | None = None,
-                  cert_thumbprint: str | None = None) -> tuple[str, str]:
+                  cert_thumbprint: str | None = None,
+                  providers: str | None = None) -> tuple[str, str]:
     """Register a client; returns ``(client_id, client_secret)``. The secret is shown once."""
     if not name.strip():
         raise BadRequest("client name must not be empty")
@@ -140,14 +152,15 @@ def create_client(con: sqlite3.Connection, name: str, scopes: str, brands: str |
     unknown = sorted(scope_set - set(SCOPES))
     if unknown or not scope_set:
         raise BadRequest(f"unknown or missing scopes {unknown}; choose from {' '.join(SCOPES)}")
-    limits = (_limit("brands", brands), _limit("regions", regions), _limit("metrics", metrics))
+    limits = (_limit("brands", brands), _limit("regions", regions), _limit("metrics", metrics),
+              _limit("providers", providers))
     client_id = "cl_" + secrets.token_hex(8)
     secret = secrets.token_urlsafe(32)
     salt = secrets.token_bytes(16)
     con.execute(
         "INSERT INTO clients (client_id, name, secret_salt, secret_hash, scopes, brands, regions,"
-        " metrics, created_at, min_group_size, cert_thumbprint)"
-        " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+        " metrics, providers, created_at, min_group_size, cert_thumbprint)"
+        " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
         (client_id, name.strip(), salt, _digest(salt, secret), " ".join(sorted(scope_set)),
          *(_join(limit) for limit in limits),
          datetime.now(UTC).isoformat(), min_group_size, cert_thumbprint),
@@ -160,16 +173,17 @@ def _digest(salt: bytes, secret: str) -> bytes:
 
 
 CLIENT_COLUMNS = ("client_id, name, scopes, brands, regions, metrics, min_group_size,"
-                  " cert_thumbprint")
+                  " cert_thumbprint, providers")
 
 
 def _client(row: tuple[Any, ...]) -> Client:
     """A stored client (:data:`CLIENT_COLUMNS`); :class:`EmptyStoredLimit` for an empty limit."""
-    client_id, name, scopes, brands, regions, metrics, min_group_size, cert = row
+    client_id, name, scopes, brands, regions, metrics, min_group_size, cert, providers = row
     return Client(client_id, name, frozenset(scopes.split()),
                   _stored_limit(client_id, "brands", brands),
                   _stored_limit(client_id, "regions", regions),
-                  _stored_limit(client_id, "metrics", metrics), min_group_size, cert)
+                  _stored_limit(client_id, "metrics", metrics), min_group_size, cert,
+                  _stored_limit(client_id, "providers", providers))
 
 
 def authenticate(con: sqlite3.Connection, client_id: str, secret: str) -> Client | None:
@@ -228,6 +242,7 @@ class ClientRecord:
     brands: tuple[str, ...] | None  # None: every brand; () a stored empty limit (refused)
     regions: tuple[str, ...] | None
     metrics: tuple[str, ...] | None
+    providers: tuple[str, ...] | None  # a partner's (game studio's) providers; None: all
     min_group_size: int | None
     cert_thumbprint: str | None
     created_at: str
@@ -253,9 +268,9 @@ class ClientRecord:
                 "tokens_not_before": self.tokens_not_before_at}
 
 
-RECORD_COLUMNS = ("client_id, name, scopes, brands, regions, metrics, min_group_size,"
-                  " cert_thumbprint, created_at, disabled, revoked_at, secret_rotated_at,"
-                  " tokens_not_before")
+RECORD_COLUMNS = ("client_id, name, scopes, brands, regions, metrics, providers,"
+                  " min_group_size, cert_thumbprint, created_at, disabled, revoked_at,"
+                  " secret_rotated_at, tokens_not_before")
 
 
 def _stored_list(text: str | None) -> tuple[str, ...] | None:
@@ -263,11 +278,12 @@ def _stored_list(text: str | None) -> tuple[str, ...] | None:
 
 
 def _record(row: tuple[Any, ...]) -> ClientRecord:
-    (client_id, name, scopes, brands, regions, metrics, min_group_size, cert, created_at,
-     disabled, revoked_at, rotated_at, not_before) = row
+    (client_id, name, scopes, brands, regions, metrics, providers, min_group_size, cert,
+     created_at, disabled, revoked_at, rotated_at, not_before) = row
     return ClientRecord(client_id, name, tuple(sorted(scopes.split())), _stored_list(brands),
-                        _stored_list(regions), _stored_list(metrics), min_group_size, cert,
-                        created_at, bool(disabled), revoked_at, rotated_at, not_before)
+                        _stored_list(regions), _stored_list(metrics), _stored_list(providers),
+                        min_group_size, cert, created_at, bool(disabled), revoked_at, rotated_at,
+                        not_before)
 
 
 def client_records(con: sqlite3.Connection) -> list[ClientRecord]:

@@ -39,6 +39,8 @@ class Principal:
     token_id: str
     min_group_size: int | None = None  # distinct-player cells below it are withheld
     cert_thumbprint: str | None = None  # RFC 8705 cnf.x5t#S256: usable over that cert only
+    # a partner (game studio): only bets on these providers' games (security/policy.py)
+    providers: frozenset[str] | None = None
 
 
 def _claim_list(items: frozenset[str] | None) -> list[str] | None:
@@ -143,6 +145,7 @@ def principal_from(claims: dict[str, Any]) -> Principal:
         token_id=_claim_str(claims, "jti"),
         min_group_size=_claim_int(claims.get("min_group_size")),
         cert_thumbprint=_confirmation(claims.get("cnf")),
+        providers=_claim_set("providers", claims.get("providers")),
     )
 
 
@@ -177,6 +180,7 @@ class TokenService:
             "jti": secrets.token_hex(12), "scope": " ".join(sorted(scopes)),
             "brands": _claim_list(client.brands), "regions": _claim_list(client.regions),
             "metrics": _claim_list(client.metrics),
+            "providers": _claim_list(client.providers),
             "min_group_size": client.min_group_size,
         }
         if cert_thumbprint is not None:

@@ -32,6 +32,7 @@ async def ingest_batch(request: Request, principal: EventsWriter,
         served_regions=settings.served_regions,
         allowed_brands=principal.brands,
         allowed_regions=principal.regions,
+        allowed_providers=principal.providers,
     )
     receipt = await runtime.ingest.ingest(body, ctx, principal.client_id,
                                           request.state.trace_id, key)

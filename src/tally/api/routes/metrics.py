@@ -22,6 +22,8 @@ async def metrics(principal: AnalyticsReader, runtime: RuntimeDep) -> JSONRespon
                  "the FX rate of each event's UTC day, rounded half-to-even per bucket and "
                  "source currency",
         "metrics": describe(policy.visible_metrics(principal)),
+        # the analyses this client may run (funnel, retention, ltv: CONTRACT §6)
+        "analyses": list(policy.visible_analyses(principal)),
         "dimensions": [{"name": d.name, "description": d.description}
                        for d in DIMENSIONS.values()],
     }
