@@ -15,6 +15,7 @@ from tally import metadata
 from tally.api.app import create_app
 from tally.config import Settings
 from tally.security.clients import create_client
+from tests.redis_server import RedisServer
 
 # The suite checks answers right after ingesting: queries wait for the applier (bounded by
 # TALLY_READ_YOUR_WRITES_MS, 500 ms by default) as long as a loaded CI machine may need. Tests
@@ -85,3 +86,14 @@ def bearer(client: TestClient, data_dir: Path, scopes: str = ALL_SCOPES,
 @pytest.fixture
 def headers(auth: TokenFactory) -> dict[str, str]:
     return auth()
+
+
+@pytest.fixture(scope="session")
+def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """The URL of a ``redis-server`` of this test session (of this xdist worker), started on
+    first use on a free port with its files in a temporary directory, stopped at the end."""
+    server = RedisServer(tmp_path_factory.mktemp("redis"))
+    try:
+        yield server.url
+    finally:
+        server.stop()

@@ -4,6 +4,8 @@ the generator's own bookkeeping."""
 
 from __future__ import annotations
 
+import math
+import statistics
 from collections import Counter
 from datetime import UTC, datetime, timedelta
 from itertools import islice
@@ -12,8 +14,11 @@ from typing import Any
 
 import msgspec
 import pytest
+import typer.main
 
+from tally.cli import app as cli_app
 from tally.config import Settings
+from tally.demo.catalog import GAMES_TABLE, pay_table
 from tally.demo.generator import generate
 from tally.demo.load import load_demo
 from tally.storage.duckdb import DuckDBBackend
@@ -131,18 +136,97 @@ def test_markets_are_varied_and_consistent(events: list[dict[str, Any]]) -> None
 # (1 MXN cent is 1/20 of a EUR cent) outweigh thousands of euro bets.
 FX = {"EUR": 1.0, "GBP": 1.15, "SEK": 0.087, "BRL": 0.16, "MXN": 0.05, "PEN": 0.25, "CAD": 0.66,
       "USD": 0.92, "NZD": 0.55, "JPY": 0.0062}
+SLOTS = {"nova", "redstone", "bluefin"}  # the providers of slots
+TABLES = {"blackjack-classic", "live-blackjack", "baccarat-pro", "live-baccarat"}
 
 
-def test_rtp_is_plausible() -> None:
-    """Over a month of ~60k bets, big wins included, the house keeps 1-15% of the stakes."""
-    stake = wins = 0.0
-    for batch in generate(150_000, 30, SEED, END):
+@pytest.fixture(scope="module")
+def default_bets() -> list[dict[str, Any]]:
+    """The settlements of the default ``tally demo`` (its CLI defaults: events, days, seed),
+    first sends only, each with its stake and win in EUR cents and its week before END."""
+    command = typer.main.get_command(cli_app).commands["demo"]
+    defaults = {p.name: p.default for p in command.params}
+    seen: set[str] = set()
+    bets = []
+    for batch in generate(defaults["events"], defaults["days"], defaults["seed"], END):
         for e in batch:
-            if e["event_type"] == "bet.settled":
-                rate = FX[e["payload"]["currency"]]
-                stake += e["payload"]["stake_minor"] * rate
-                wins += e["payload"]["win_minor"] * rate
-    assert 0.85 <= wins / stake <= 1.0
+            if e["event_type"] != "bet.settled" or e["event_id"] in seen:
+                continue
+            seen.add(e["event_id"])
+            p, rate = e["payload"], FX[e["payload"]["currency"]]
+            bets.append({"game": p["game_id"], "provider": p["provider_id"],
+                         "stake": p["stake_minor"] * rate, "win": p["win_minor"] * rate,
+                         "multiple": p["win_minor"] / p["stake_minor"],
+                         "week": (END - ts(e["occurred_at"])).days // 7})
+    assert len(bets) > 50_000
+    return bets
+
+
+def test_overall_rtp_is_an_operators(default_bets: list[dict[str, Any]]) -> None:
+    """Over the default month the house keeps 2-10% of the stakes, as an online casino does."""
+    stake = sum(b["stake"] for b in default_bets)
+    assert 0.90 <= sum(b["win"] for b in default_bets) / stake <= 0.98
+
+
+def test_weekly_rtp_per_game_is_plausible(default_bets: list[dict[str, Any]]) -> None:
+    """Every game-week with enough bets has an RTP in 80-110%.
+
+    "Enough" comes from the statistics of the game's own outcomes: a week's RTP is a
+    stake-weighted mean of independent multiples, so its standard error is
+    sigma * sqrt(sum(s^2)) / sum(s), sigma the spread of the game's multiples over the month.
+    A game-week counts once that error is at most 0.04 (for a blackjack table about 1,100 bets,
+    a low-volatility slot 4,000, a high-volatility one 50,000: never in a demo week): then the
+    band's edges are at least 2.75 errors from an RTP of 99% and 3.5 from one of 95%, so a
+    plausible game leaves it in well under 1% of the weeks. A game-week with fewer bets may
+    be anywhere: one bonus round on a quiet slot makes its week."""
+    multiples: dict[str, list[float]] = {}
+    weeks: dict[tuple[str, int], list[dict[str, Any]]] = {}
+    for b in default_bets:
+        multiples.setdefault(b["game"], []).append(b["multiple"])
+        if b["week"] < 4:  # the four complete weeks before END
+            weeks.setdefault((b["game"], b["week"]), []).append(b)
+    sigma = {game: statistics.pstdev(values) for game, values in multiples.items()}
+    checked = {}
+    for (game, week), bets in weeks.items():
+        stake = sum(b["stake"] for b in bets)
+        error = sigma[game] * math.sqrt(sum(b["stake"] ** 2 for b in bets)) / stake
+        if error <= 0.04:
+            checked[game, week] = sum(b["win"] for b in bets) / stake
+    assert len(checked) >= 4, "too few game-weeks with enough bets to say anything"
+    assert {game for game, _ in checked} & TABLES and {game for game, _ in checked} - TABLES
+    outside = {key: round(rtp, 3) for key, rtp in checked.items() if not 0.80 <= rtp <= 1.10}
+    assert outside == {}
+
+
+def test_volatility_is_a_casinos(default_bets: list[dict[str, Any]]) -> None:
+    """Most slot spins lose, small wins are common, a slot pays 100x now and then; table
+    games win about half their hands and never pay like a slot."""
+    slots = [b["multiple"] for b in default_bets if b["provider"] in SLOTS]
+    tables = [b["multiple"] for b in default_bets if b["game"] in TABLES]
+    assert 0.20 <= sum(m > 0 for m in slots) / len(slots) <= 0.45
+    assert 0.15 <= sum(0 < m < 1 for m in slots) / sum(m > 0 for m in slots) <= 0.5
+    assert max(slots) >= 100
+    assert 0.40 <= sum(m > 1 for m in tables) / len(tables) <= 0.50
+    assert max(tables) <= 9
+
+
+def test_pay_tables_return_their_rtp() -> None:
+    """Each game's pay table returns exactly its theoretical RTP (88-99.6%), and a slot's
+    spread grows with its stated volatility."""
+    spread: dict[str, list[float]] = {"l": [], "m": [], "h": []}
+    for line in GAMES_TABLE.replace("\n  ", " ").split("\n"):
+        for entry in line.split()[3:]:
+            spec = entry.split(":")[1].rstrip("j")
+            table = pay_table(spec)
+            rtp = sum(m * p for m, p in table) / 100
+            assert 0.88 - 1e-9 <= rtp <= 0.996 and sum(p for _, p in table) < 1
+            if spec[:-1].isdigit():
+                assert rtp == pytest.approx(int(spec[:-1]) / 1000, abs=1e-9), entry
+            if spec[-1] in spread:
+                second = sum(p * (m / 100) ** 2 for m, p in table)
+                spread[spec[-1]].append(math.sqrt(second - rtp**2))
+    assert max(spread["l"]) < min(spread["m"]) and max(spread["m"]) < min(spread["h"])
+    assert 1.5 <= min(spread["l"]) and max(spread["h"]) <= 12
 
 
 def test_bets(events: list[dict[str, Any]]) -> None:

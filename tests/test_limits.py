@@ -1,8 +1,9 @@
 """Rate limits and row quotas (CONTRACT §6, docs/security.md "Rate limits and quotas").
 
 In-process tests use the real app and store with the local buckets on an injected clock, so
-the numbers in the headers are exact; the Redis tests use the real Redis on this machine
-(started here if it is down) and, for the shared limit, two real ``tally serve`` processes.
+the numbers in the headers are exact; the Redis tests use a real ``redis-server`` of their own
+(tests/conftest.py: on a free port, files in a temporary directory) and, for the shared limit,
+two real ``tally serve`` processes.
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ import base64
 import dataclasses
 import json
 import sqlite3
-import subprocess
+import tempfile
 import time
 import uuid
 from collections.abc import Iterator
@@ -43,10 +44,6 @@ from tally.security.quotas import RedisRowsLedger
 from tests.conftest import bearer, make_event
 from tests.server import Server, cli, free_port, new_client, token
 
-REDIS_URL = "redis://127.0.0.1:6379/0"
-REDIS_START = ["redis-server", "--daemonize", "yes", "--bind", "127.0.0.1", "-::1", "--port",
-               "6379", "--save", "", "--appendonly", "no", "--dir", "/var/lib/redis",
-               "--logfile", "/var/log/redis/ci.log"]
 TS = "/v1/analytics/timeseries"
 
 
@@ -366,25 +363,15 @@ def test_rows_per_day_quota_per_client(start):
 # -- Redis ---------------------------------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def redis_server() -> str:
-    """The machine's Redis at 127.0.0.1:6379, started if it is down."""
-    client = redis.Redis.from_url(REDIS_URL)
-    try:
-        client.ping()
-    except redis.ConnectionError:
-        subprocess.run(REDIS_START, check=True, timeout=30)
-        deadline = time.monotonic() + 20
-        while True:
-            try:
-                client.ping()
-                break
-            except redis.ConnectionError:
-                if time.monotonic() > deadline:
-                    raise
-                time.sleep(0.1)
+def test_the_redis_of_the_tests_is_their_own(redis_server):
+    """Started for this session: its files in a temporary directory, none persisted, and not
+    the machine's Redis on 6379."""
+    client = redis.Redis.from_url(redis_server, decode_responses=True)
+    config = client.config_get("*")
     client.close()
-    return REDIS_URL
+    assert Path(config["dir"]).is_relative_to(Path(tempfile.gettempdir()).resolve())
+    assert config["save"] == "" and config["appendonly"] == "no" and config["port"] != "6379"
+    assert Path(config["logfile"]).parent == Path(config["dir"])
 
 
 @pytest.fixture

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from datetime import UTC, date, datetime
 from decimal import Decimal
 from functools import cache
@@ -11,6 +12,7 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
+from tally.demo import paytables
 from tally.events.currencies import minor_exponent
 
 Event = dict[str, Any]
@@ -64,51 +66,72 @@ STAKES_EUR_CENTS = (10, 20, 30, 40, 50, 60, 80, 100, 150, 200, 250, 300, 400, 50
 DEPOSITS_EUR = (10, 20, 25, 30, 50, 75, 100, 150, 200, 250, 500, 1000, 2500)
 # Stake changes within a session: mostly the player's usual level, a heavy tail upwards.
 STEPS = (0,) * 44 + (1,) * 7 + (-1,) * 6 + (2,) * 4 + (-2,) * 1 + (3, 4)
-# kind: (bet gap ms lo/median, settle ms lo/hi, win multipliers ×10, base probabilities)
-KINDS: dict[str, tuple[tuple[int, int], tuple[int, int], tuple[int, ...], tuple[float, ...]]] = {
-    "slot": ((2_500, 5_000), (80, 900), (5, 10, 20, 30, 50, 100, 200, 500, 1000),
-             (0.12, 0.08, 0.06, 0.03, 0.02, 0.01, 0.004, 0.0012, 0.0003)),
-    "crash": ((8_000, 12_000), (3_000, 20_000), (12, 15, 20, 30, 50, 100, 500),
-              (0.25, 0.15, 0.12, 0.05, 0.03, 0.012, 0.001)),
-    "table": ((6_000, 9_000), (200, 1_500), (10, 20, 25, 360), (0.06, 0.40, 0.04, 0.002)),
-    "live": ((25_000, 15_000), (15_000, 40_000), (10, 20, 25, 360), (0.06, 0.40, 0.04, 0.002)),
+# kind: (bet gap ms lo/median, settle ms lo/hi)
+KINDS: dict[str, tuple[tuple[int, int], tuple[int, int]]] = {
+    "slot": ((2_500, 5_000), (80, 900)),
+    "crash": ((8_000, 12_000), (3_000, 20_000)),
+    "table": ((6_000, 9_000), (200, 1_500)),
+    "live": ((25_000, 15_000), (15_000, 40_000)),
 }
-# provider kind commission(bps of stake) game:rtp‰ ('j': contributes to a jackpot)
+# provider kind commission(bps of stake) game:pay-table ... A pay table is a theoretical RTP in
+# per mille and a shape (paytables.py: l/m/h = low/medium/high-volatility slot, w = game-show
+# wheel, c = cash-out game), or the rules of a classic game; 'j': contributes to a jackpot
+# (its base game pays less: the pool pays the rest, elsewhere).
 GAMES_TABLE = """
-nova slot 0 book-of-sand:961 fruit-storm:955 neon-nights:942 gold-rush-x:965 pharaoh-drop:921j
-  viking-gold:958 lucky-sevens:950 wild-west:946
-redstone slot 0 wolf-moon:962 dragon-pearls:915j big-bass-bay:960 sweet-cascade:957
-  mega-fortune:903j aztec-gems:948 cleopatra-ii:945 joker-strike:960
-bluefin slot 60 ocean-reels:968 starburst-xl:962 gem-heist:951 hot-chilli:944 arctic-fortune:930j
-  koi-garden:957
-orbit crash 0 rocket-x:970 aviator-one:970 plinko-pro:975 mines:972 keno-flash:936 dice-duel:968
-kestrel table 40 blackjack-classic:980 european-roulette:973 baccarat-pro:976 video-poker:975
-  sic-bo:972
-livewave live 80 live-roulette:973 live-blackjack:978 lightning-roulette:971 crazy-wheel:962
-  live-baccarat:976 monopoly-live:962 deal-show:955
+nova slot 0 book-of-sand:941h fruit-storm:946l neon-nights:942m gold-rush-x:965h
+  pharaoh-drop:921hj viking-gold:958m lucky-sevens:950l wild-west:946m
+redstone slot 0 wolf-moon:945m dragon-pearls:915mj big-bass-bay:960h sweet-cascade:947m
+  mega-fortune:880hj aztec-gems:948l cleopatra-ii:945l joker-strike:960m
+bluefin slot 60 ocean-reels:968m starburst-xl:945l gem-heist:951h hot-chilli:944m
+  arctic-fortune:930hj koi-garden:957l
+orbit crash 0 rocket-x:970c aviator-one:970c plinko-pro:975l mines:972c keno-flash:936m
+  dice-duel:990c
+kestrel table 40 blackjack-classic:blackjack european-roulette:roulette baccarat-pro:baccarat
+  video-poker:poker sic-bo:sicbo
+livewave live 80 live-roulette:roulette live-blackjack:blackjack lightning-roulette:lightning
+  crazy-wheel:961w live-baccarat:baccarat monopoly-live:962w deal-show:955w
 """
+# The most played games, in order (a Zipf law over ranks); the rest rank below them. Low- and
+# medium-volatility slots, live tables and a crash game lead, as on most operators' lobbies.
+POPULAR = ("starburst-xl", "live-roulette", "book-of-sand", "live-blackjack", "aviator-one",
+           "sweet-cascade", "big-bass-bay", "crazy-wheel", "fruit-storm", "lightning-roulette",
+           "wolf-moon", "blackjack-classic")
+RULES: dict[str, Callable[[], paytables.Table]] = {
+    "roulette": paytables.roulette, "lightning": paytables.lightning_roulette,
+    "blackjack": paytables.blackjack, "baccarat": paytables.baccarat,
+    "poker": paytables.video_poker, "sicbo": paytables.sic_bo,
+}
 Game = tuple[str, str, list[float], list[int], bool, int, list[int], list[int]]
 OCCURRED = itemgetter("occurred_at")
 
 
+def pay_table(spec: str) -> paytables.Table:
+    """The outcomes of a GAMES_TABLE pay-table spec (``962h``, ``970c``, ``roulette``)."""
+    if spec in RULES:
+        return RULES[spec]()
+    rtp, shape = int(spec[:-1]) / 1000, spec[-1]
+    return paytables.cash_out(rtp) if shape == "c" else paytables.spins(rtp, shape)
+
+
 def games() -> list[tuple[Game, float]]:
-    """(game, popularity) for the catalog; the RTP is exact by construction of the pay table."""
+    """(game, popularity) for the catalog: a bet's multiple of its stake in hundredths is
+    ``mult[bisect_right(cum, u)]`` for a uniform ``u`` (the last entry, 0, is a lost bet)."""
     tables = np.random.default_rng(20251023)
     games: list[tuple[Game, float]] = []
     for line in GAMES_TABLE.replace("\n  ", " ").strip().splitlines():
         provider, kind, comm, *entries = line.split()
-        (gap_lo, gap_med), (set_lo, set_hi), mults, probs = KINDS[kind]
+        (gap_lo, gap_med), (set_lo, set_hi) = KINDS[kind]
         gaps = (gap_lo + gap_med * tables.lognormal(0, 0.7, 1024)).astype(int).tolist()
         settles = tables.integers(set_lo, set_hi, 1024)
         settles[:10] = tables.integers(20_000, 180_000, 10)  # a provider hiccup now and then
-        ev = sum(p * m / 10 for p, m in zip(probs, mults, strict=True))
         for entry in entries:
-            name, rtp = entry.rstrip("j").split(":")
-            cum = np.cumsum(np.array(probs) * int(rtp) / 1000 / ev).tolist()
-            rank = 1 + (len(games) * 17) % 40
-            weight = {"slot": 1.0, "crash": 0.6, "table": 0.4, "live": 0.7}[kind] / rank ** 0.9
-            games.append(((name, provider, cum, [*mults, 0], entry.endswith("j"), int(comm),
-                           gaps, tables.permutation(settles).tolist()), weight))
+            name, spec = entry.split(":")
+            outcomes = pay_table(spec.rstrip("j"))
+            cum = np.cumsum([p for _, p in outcomes]).tolist()
+            rank = (POPULAR.index(name) if name in POPULAR
+                    else len(POPULAR) + (len(games) * 17) % 31) + 1
+            games.append(((name, provider, cum, [m for m, _ in outcomes] + [0], spec.endswith("j"),
+                           int(comm), gaps, tables.permutation(settles).tolist()), rank ** -0.9))
     return games
 
 

@@ -305,7 +305,7 @@ class _Sim:
             if t >= end:
                 break
             stake = stakes[bits(6)]
-            win = stake * mult[bisect_right(cum, rnd())] // 10
+            win = (stake * mult[bisect_right(cum, rnd())] + 50) // 100  # to the minor unit
             n_bet += 1
             bet = f"{btag}{n_bet:x}"
             placed = {"bet_id": bet, "stake_minor": stake, "currency": cur, "game_id": gid,
