@@ -15,8 +15,9 @@ Choices where the contract is silent (each one is also what the tests expect):
 - ``dau``: a session is paired by ``(tenant_id, session_id)``; it counts for the player, brand
   and region of its ``session.started``, at that time, when its ``session.ended`` has
   ``duration_sec`` ≥ 60 (``TALLY_ACTIVE_SESSION_MIN`` = 1);
-- ``rtp`` is converted(wins) / converted(stake), each converted like a money metric (one
-  rounded sum per bucket and source currency; per UTC day and source currency for slice);
+- ``rtp`` is exact(wins) / exact(stake): each sum of a (bucket, source currency) — per UTC
+  day and source currency for slice — multiplied by its rate and added *without* rounding
+  (CONTRACT §5: "a ratio is computed from the exact converted sums, before any rounding");
 - percentiles are nearest-rank: the value at 1-based rank ceil(0.95·n) of the sorted values;
 - slice: a ``None`` value (a ratio with a zero denominator) sorts last in both orders.
 """
@@ -137,14 +138,18 @@ class Rates:
             raise MissingRate(currency, day)
         return earlier[-1]
 
-    def convert(self, minor_sum: int, source: str, target: str, day: date) -> int:
-        """One (bucket or day, source currency) sum → rounded minor units of ``target``."""
+    def exact(self, minor_sum: int, source: str, target: str, day: date) -> Decimal:
+        """One (bucket or day, source currency) sum in minor units of ``target``, unrounded."""
         if source == target:
-            return minor_sum
+            return Decimal(minor_sum)
         factor = EXACT.divide(self.rate(source, day), self.rate(target, day))
         factor = EXACT.multiply(
             factor, EXACT.power(Decimal(10), minor_exponent(target) - minor_exponent(source)))
-        exact = EXACT.multiply(Decimal(minor_sum), factor)
+        return EXACT.multiply(Decimal(minor_sum), factor)
+
+    def convert(self, minor_sum: int, source: str, target: str, day: date) -> int:
+        """One (bucket or day, source currency) sum → rounded minor units of ``target``."""
+        exact = self.exact(minor_sum, source, target, day)
         return int(exact.quantize(Decimal(1), rounding=ROUND_HALF_EVEN, context=EXACT))
 
 
@@ -152,6 +157,14 @@ def convert_sums(sums: dict[tuple[date, str], int], rates: Rates, target: str) -
     """Σ over (day, source currency) of the rounded converted sum."""
     return sum(rates.convert(amount, source, target, day)
                for (day, source), amount in sums.items())
+
+
+def exact_sums(sums: dict[tuple[date, str], int], rates: Rates, target: str) -> Decimal:
+    """Σ over (day, source currency) of the converted sum, nothing rounded (for ratios)."""
+    total = Decimal(0)
+    for (day, source), amount in sums.items():
+        total = EXACT.add(total, rates.exact(amount, source, target, day))
+    return total
 
 
 # --------------------------------------------------------------------------- observations
@@ -320,10 +333,10 @@ def aggregate(metric: str, obs: list[Obs], day_of: Callable[[Obs], date], rates:
         for o in obs:
             wins[day_of(o), o.currency] += o.amounts[0]
             stake[day_of(o), o.currency] += o.amounts[1]
-        converted_stake = convert_sums(stake, rates, currency)
+        converted_stake = exact_sums(stake, rates, currency)
         if converted_stake == 0:
             return None
-        return convert_sums(wins, rates, currency) / converted_stake
+        return float(EXACT.divide(exact_sums(wins, rates, currency), converted_stake))
     if metric == "deposits_success":
         den = sum(1 for o in obs if o.tag == "den")
         return None if den == 0 else sum(1 for o in obs if o.tag == "num") / den

@@ -15,6 +15,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import UTC, date, datetime, timedelta, timezone
 from decimal import Decimal
+from fractions import Fraction
 from typing import Any
 
 import pytest
@@ -555,6 +556,73 @@ def test_slice_on_part_of_a_day_converts_per_day(api):
     assert_same(actual, ref.slice_(SENT, RATES, "stake", "brand_id", start, end), "stake")
 
 
+# --------------------------------------------------------------------------- ratios
+
+
+def post_events(client: TestClient, headers: dict[str, str], rates: list[dict[str, str]],
+                events: list[dict[str, Any]]) -> None:
+    if rates:
+        assert client.post(FX, json=rates, headers=headers).status_code == 200
+    post_batches(client, headers, [events])
+
+
+def values_of(client: TestClient, headers: dict[str, str], path: str,
+              **params: str) -> list[Any]:
+    r = client.get(path, params=params, headers=headers)
+    assert r.status_code == 200, r.text
+    body = r.json()
+    return [p["value"] for p in body["series" if path == TS else "items"]]
+
+
+def test_rtp_of_a_one_currency_brand_is_its_ratio_in_that_currency(client, headers):
+    """CONTRACT §5: a ratio is computed from the exact converted sums. Regression: a GBP-only
+    brand's day of 2,525 won on 4,670 staked answered 0.540814 (2,882 / 5,329, the EUR sums
+    rounded first) instead of 2,525 / 4,670 = 0.540685."""
+    rates = [rate(D1, "GBP", "1.1412"), rate(D2, "GBP", "1.1538"), rate(D1, "USD", "0.9213")]
+    events = [bet(f"{D1}T10:00:00Z", 4000, 2000, "GBP", brand="brand-g"),
+              bet(f"{D1}T11:30:00Z", 670, 525, "GBP", brand="brand-g"),
+              bet(f"{D2}T09:00:00Z", 333, 1000, "GBP", brand="brand-g")]
+    post_events(client, headers, rates, events)
+    brand = {"metric": "rtp", "filters": "brand_id:brand-g"}
+    for currency in ("EUR", "GBP", "USD"):  # USD: the cross rate 1.1412 / 0.9213
+        assert values_of(client, headers, TS, **brand, granularity="1d", currency=currency,
+                         **{"from": D1, "to": D3}) == [2525 / 4670, 1000 / 333]
+        assert values_of(client, headers, TS, **brand, granularity="1h", currency=currency,
+                         **{"from": f"{D1}T10:00:00Z", "to": f"{D1}T12:00:00Z"}) \
+            == [2000 / 4000, 525 / 670]
+    # a slice adds each day's exact converted sums: in GBP the brand's own ratio; in EUR the
+    # two days weigh by their rates (nothing rounded)
+    assert values_of(client, headers, SLICE, **brand, dim="brand_id", currency="GBP",
+                     **{"from": D1, "to": D3}) == [3525 / 5003]
+    wins = Decimal(2525) * Decimal("1.1412") + Decimal(1000) * Decimal("1.1538")
+    stake = Decimal(4670) * Decimal("1.1412") + Decimal(333) * Decimal("1.1538")
+    assert (wins, stake) == (Decimal("4035.33"), Decimal("5713.6194"))
+    assert values_of(client, headers, SLICE, **brand, dim="brand_id",
+                     **{"from": D1, "to": D3}) == [float(Fraction(wins) / Fraction(stake))]
+
+
+def test_rtp_of_mixed_currencies_adds_unrounded_converted_sums(client, headers):
+    """EUR 500 won on 1,000 and GBP 1,001 on 1,001 at 1.15 in one bucket: the GBP sums are
+    1,151.15 EUR cents each, so rtp = 1,651.15 / 2,151.15 (not 1,651 / 2,151)."""
+    events = [bet(f"{D1}T10:00:00Z", 1000, 500, brand="brand-m"),
+              bet(f"{D1}T10:20:00Z", 1001, 1001, "GBP", brand="brand-m")]
+    post_events(client, headers, [rate(D1, "GBP", "1.15")], events)
+    wins = Decimal(500) + Decimal(1001) * Decimal("1.15")
+    stake = Decimal(1000) + Decimal(1001) * Decimal("1.15")
+    expected = float(Fraction(wins) / Fraction(stake))
+    assert expected != 1651 / 2151
+    params = {"metric": "rtp", "filters": "brand_id:brand-m", "from": D1, "to": D2}
+    assert values_of(client, headers, TS, **params, granularity="1d") == [expected]
+    assert values_of(client, headers, TS, **params, granularity="1h") == \
+        [None] * 10 + [expected] + [None] * 13
+    assert values_of(client, headers, SLICE, **params, dim="game_id") == [expected]
+    assert values_of(client, headers, SLICE, **params, dim="currency") == [1.0, 0.5]
+    # money answers still round each (bucket, source currency) sum half-to-even
+    ggr = client.get(TS, params={**params, "metric": "ggr", "granularity": "1d"},
+                     headers=headers).json()["series"]
+    assert [p["value_minor"] for p in ggr] == [500]  # 500 + round(0.0)
+
+
 # --------------------------------------------------------------------------- headers
 
 
@@ -767,12 +835,17 @@ def test_reference_ngr_converts_one_signed_sum_per_bucket_and_currency():
     assert one(ref.timeseries(with_deductions, [], "ngr", "1d", D1, D2)) == 859
 
 
-def test_reference_rtp_uses_converted_sums_and_is_null_without_stake():
+def test_reference_rtp_uses_exact_converted_sums_and_is_null_without_stake():
     rates = [rate(D1, "GBP", "1.15")]
     at = f"{D1}T10:00:00Z"
-    events = [bet(at, 1000, 500), bet(at, 1001, 1001, "GBP")]  # stake 1000+1151, wins 500+1151
+    # stake 1000 + 1151.15, wins 500 + 1151.15 (EUR cents, unrounded); rounding each
+    # converted sum first would give 1651 / 2151
+    events = [bet(at, 1000, 500), bet(at, 1001, 1001, "GBP")]
     assert one(ref.timeseries(events, rates, "rtp", "1d", D1, D2), "value") \
-        == pytest.approx(1651 / 2151, rel=1e-12)
+        == float(Fraction(165115, 215115))
+    gbp_only = [bet(at, 4670, 2525, "GBP")]  # 5329.404 and 2881.53 in EUR cents
+    assert one(ref.timeseries(gbp_only, [rate(D1, "GBP", "1.1412")], "rtp", "1d", D1, D2),
+               "value") == 2525 / 4670
     assert one(ref.timeseries([bet(at, 0, 40)], rates, "rtp", "1d", D1, D2), "value") is None
     assert [p["value"] for p in ref.timeseries(events, rates, "rtp", "1h", f"{D1}T09:00:00Z",
                                                f"{D1}T11:00:00Z")][0] is None  # empty bucket

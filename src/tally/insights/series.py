@@ -13,6 +13,7 @@ from tally.events.currencies import ISO_4217
 from tally.insights import request as rq
 from tally.insights.evaluate import (
     DAY,
+    Part,
     answer_field,
     empty_value,
     finish,
@@ -213,7 +214,7 @@ def _slice_values(ctx: Context, metric: Metric, scope: Scope,
                   currency: str) -> dict[Any, float | int | None]:
     """One value per dimension key over the whole range; money per UTC day, then added."""
     if metric.kind in (Kind.ADDITIVE, Kind.RATIO):
-        totals: dict[Any, list[float]] = {}
+        totals: dict[Any, list[Part]] = {}
         for key, value_parts in parts(ctx.backend, ctx.fx, metric, scope, currency).items():
             acc = totals.setdefault(key[1], [0] * len(value_parts))
             for i, part in enumerate(value_parts):
