@@ -9,9 +9,10 @@ Choices where the contract is silent (each one is also what the tests expect):
 - dedup: the first event with a given ``(tenant_id, event_id)`` wins, later ones are ignored;
 - a group is *present* in a range when at least one observation the metric counts (after the
   filters) falls in ``[start, end)``; without ``group_by`` the one series is always complete;
-- ``settle_lag_p95`` pairs ``bet.placed``/``bet.settled`` by ``(tenant_id, bet_id)``, the first
-  ``bet.placed`` of a bet (in sending order) being its placement; a settlement without a
-  placement is not an observation. Dimensions are those of the settlement;
+- ``settle_lag_p95`` (CONTRACT §5): each ``bet.settled`` is paired with the latest
+  ``bet.placed`` of the same ``(tenant_id, bet_id)`` at or before it (by ``occurred_at``; an
+  equal instant counts, lag 0); a settlement with none is not an observation. Dimensions are
+  those of the settlement;
 - ``dau``: a session is paired by ``(tenant_id, session_id)``; it counts for the player, brand
   and region of its ``session.started``, at that time, when its ``session.ended`` has
   ``duration_sec`` ≥ 60 (``TALLY_ACTIVE_SESSION_MIN`` = 1);
@@ -232,15 +233,15 @@ def _activity(events: list[dict[str, Any]]) -> list[Obs]:
 
 
 def _settle_lags(events: list[dict[str, Any]]) -> list[Obs]:
-    placed: dict[tuple[str, str], datetime] = {}
+    placed: dict[tuple[str, str], list[datetime]] = defaultdict(list)
     for e in _of_type(events, "bet.placed"):
-        placed.setdefault((e["tenant_id"], e["payload"]["bet_id"]), parse_time(e["occurred_at"]))
+        placed[e["tenant_id"], e["payload"]["bet_id"]].append(parse_time(e["occurred_at"]))
     out = []
     for e in _of_type(events, "bet.settled"):
-        at = placed.get((e["tenant_id"], e["payload"]["bet_id"]))
-        if at is not None:
-            t = parse_time(e["occurred_at"])
-            out.append(Obs(t, e, number=(t - at).total_seconds()))
+        t = parse_time(e["occurred_at"])
+        before = [p for p in placed.get((e["tenant_id"], e["payload"]["bet_id"]), []) if p <= t]
+        if before:
+            out.append(Obs(t, e, number=(t - max(before)).total_seconds()))
     return out
 
 

@@ -859,17 +859,19 @@ def test_reference_nearest_rank_p95():
     assert ref.nearest_rank_p95([]) is None
 
 
+def placed(t: str, bet_id: str, brand: str = "brand-1") -> dict[str, Any]:
+    return make_event(event_type="bet.placed", occurred_at=t, tenant_id=brand,
+                      payload={"bet_id": bet_id, "stake_minor": 1, "currency": "EUR",
+                               "game_id": "g", "provider_id": "p"})
+
+
+def settled(t: str, bet_id: str, brand: str = "brand-1") -> dict[str, Any]:
+    return make_event(occurred_at=t, tenant_id=brand,
+                      payload={"bet_id": bet_id, "stake_minor": 1, "win_minor": 0,
+                               "currency": "EUR", "game_id": "g", "provider_id": "p"})
+
+
 def test_reference_settle_lag_pairs_by_brand_and_bet_and_buckets_by_settle_time():
-    def placed(t: str, bet_id: str, brand: str = "brand-1") -> dict[str, Any]:
-        return make_event(event_type="bet.placed", occurred_at=t, tenant_id=brand,
-                          payload={"bet_id": bet_id, "stake_minor": 1, "currency": "EUR",
-                                   "game_id": "g", "provider_id": "p"})
-
-    def settled(t: str, bet_id: str, brand: str = "brand-1") -> dict[str, Any]:
-        return make_event(occurred_at=t, tenant_id=brand,
-                          payload={"bet_id": bet_id, "stake_minor": 1, "win_minor": 0,
-                                   "currency": "EUR", "game_id": "g", "provider_id": "p"})
-
     events = [placed(f"{D1}T23:59:58.500Z", "a"), settled(f"{D2}T00:00:01Z", "a"),
               placed(f"{D2}T00:00:00Z", "a", "brand-2"), settled(f"{D2}T00:00:10Z", "a",
                                                                  "brand-2"),
@@ -881,6 +883,52 @@ def test_reference_settle_lag_pairs_by_brand_and_bet_and_buckets_by_settle_time(
         {"ts": f"{D2}T00:00:00Z", "brand_id": "brand-1", "value": 2.5},
         {"ts": f"{D2}T00:00:00Z", "brand_id": "brand-2", "value": 10.0},
     ]
+
+
+# one bet story per hour of D1 (the lag each settlement must have, by hand)
+SETTLE_STORIES = [
+    placed(f"{D1}T10:00:00Z", "a"), settled(f"{D1}T10:00:05Z", "a"),  # 10h: 5
+    placed(f"{D1}T11:00:00Z", "a"), settled(f"{D1}T11:00:02Z", "a"),  # 11h: re-placed, 2
+    # the same bet id in another brand, placed in between: never paired with brand-1's
+    placed(f"{D1}T11:00:01Z", "a", "brand-2"), settled(f"{D1}T17:00:00Z", "a", "brand-2"),
+    settled(f"{D1}T12:30:00Z", "b"),  # 12h: no placement at or before it: left out
+    placed(f"{D1}T13:00:10Z", "b"), settled(f"{D1}T13:00:30Z", "b"),  # 13h: 20
+    placed(f"{D1}T14:00:00.250Z", "c"), settled(f"{D1}T14:00:00.250Z", "c"),  # 14h: equal, 0
+    placed(f"{D1}T15:00:00Z", "d"), settled(f"{D1}T15:10:00Z", "d"),  # 15h: 600
+    settled(f"{D1}T16:00:00Z", "d"),  # 16h: settled again, the same placement: 3600
+    placed(f"{D1}T16:30:00Z", "d"),  # after every settle of d: pairs with none
+]
+SETTLE_LAGS = {"brand-1": [5.0, 2.0, None, 20.0, 0.0, 600.0, 3600.0, None],
+               "brand-2": [None, None, None, None, None, None, None, 21599.0]}
+
+
+def test_reference_settle_lag_pairs_each_settle_with_the_latest_placement_before_it():
+    series = ref.timeseries(SETTLE_STORIES, [], "settle_lag_p95", "1h", f"{D1}T10:00:00Z",
+                            f"{D1}T18:00:00Z", group_by=["brand_id"])
+    for brand, lags in SETTLE_LAGS.items():
+        assert [p["value"] for p in series if p["brand_id"] == brand] == lags
+    # several settles of one bet in one bucket: the p95 of both lags (nearest rank: the 2nd)
+    assert one(ref.timeseries(SETTLE_STORIES, [], "settle_lag_p95", "1d", D1, D2,
+                              filters={"brand_id": ["brand-1"]}), "value") == 3600.0
+
+
+def test_settle_lag_pairs_each_settle_with_the_latest_placement_before_it(client, headers):
+    """CONTRACT §5. Regression: each settlement was paired with the bet's first placement
+    over all time (a re-placed bet's lag counted from its first placement, 3,602 s instead
+    of 2 s; a settlement before any placement had a negative lag, -1,810 s)."""
+    post_events(client, headers, [], SETTLE_STORIES)
+    r = client.get(TS, headers=headers, params={
+        "metric": "settle_lag_p95", "granularity": "1h", "group_by": "brand_id",
+        "from": f"{D1}T10:00:00Z", "to": f"{D1}T18:00:00Z"})
+    assert r.status_code == 200, r.text
+    series = r.json()["series"]
+    for brand, lags in SETTLE_LAGS.items():
+        assert [p["value"] for p in series if p["brand_id"] == brand] == lags
+    assert series == ref.timeseries(SETTLE_STORIES, [], "settle_lag_p95", "1h",
+                                    f"{D1}T10:00:00Z", f"{D1}T18:00:00Z",
+                                    group_by=["brand_id"])
+    assert values_of(client, headers, SLICE, metric="settle_lag_p95", dim="brand_id",
+                     **{"from": D1, "to": D2}) == [21599.0, 3600.0]
 
 
 def test_reference_dedup_first_wins_per_brand():

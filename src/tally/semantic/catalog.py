@@ -134,8 +134,9 @@ METRICS: dict[str, Metric] = {
                "when there is no intent)", PAYMENT_DIMENSIONS,
                ((1, "capture_count"), (1, "intent_count"))),
         Metric("settle_lag_p95", Unit.SECONDS, Kind.PERCENTILE,
-               "p95 of t(bet.settled) − t(bet.placed) for the same bet_id, in seconds, "
-               "bucketed by settle time", BET_DIMENSIONS),
+               "p95 of t(bet.settled) − t(bet.placed) for the same (brand, bet_id), pairing "
+               "each settle with the latest placement at or before it (a settle with none is "
+               "left out), in seconds, bucketed by settle time", BET_DIMENSIONS),
         Metric("webhook_lag_p95", Unit.SECONDS, Kind.PERCENTILE,
                "p95 of ingested_at − occurred_at over all events, in seconds",
                PLAYER_DIMENSIONS),

@@ -143,17 +143,21 @@ def compile_webhook_lag(scope: Scope) -> Compiled:
 
 
 def compile_settle_lag(scope: Scope) -> Compiled:
-    """Per settlement: seconds since the (first) placement of the same bet, by settle time."""
+    """Per settlement: seconds since the latest placement of the same (brand, bet) at or
+    before it (CONTRACT §5), by settle time; a settlement with none is left out. An ``ASOF``
+    join is exactly that pairing (DuckDB and ClickHouse both have it): the greatest
+    ``placed_at`` ≤ the settle's ``occurred_at`` among the rows equal on brand and bet."""
     params = Params()
     placed = (
-        exp.select("tenant_id", "bet_id",
-                   exp.alias_(exp.func("MIN", column("occurred_at")), "placed_at"))
+        exp.select("tenant_id", "bet_id", exp.alias_(column("occurred_at"), "placed_at"))
         .from_("events")
         .where(column("event_type").eq(exp.Literal.string("bet.placed")))
-        .group_by("tenant_id", "bet_id")
+        # none after the range's last settlement can pair (it bounds only the far side)
+        .where(column("occurred_at") < params.bind(scope.end))
     )
     join_on = exp.and_(column("tenant_id", "p").eq(column("tenant_id", "s")),
-                       column("bet_id", "p").eq(column("bet_id", "s")))
+                       column("bet_id", "p").eq(column("bet_id", "s")),
+                       column("occurred_at", "s") >= column("placed_at", "p"))
     tree = (
         exp.select(
             exp.alias_(bucket(scope.step_seconds, "s"), "bucket"), *_groups(scope, "s"),
@@ -161,7 +165,8 @@ def compile_settle_lag(scope: Scope) -> Compiled:
                        "value"),
         )
         .from_(exp.alias_(exp.to_table("events"), "s", table=True))
-        .join(exp.alias_(exp.Subquery(this=placed), "p", table=True), on=join_on)
+        .join(exp.alias_(exp.Subquery(this=placed), "p", table=True), on=join_on,
+              join_type="ASOF")
         .where(column("event_type", "s").eq(exp.Literal.string("bet.settled")))
         .where(scope_condition(scope, params, "s"))
     )
