@@ -43,13 +43,14 @@ RATES = [{"date": "2025-10-21", "currency": "GBP", "rate": "1.1412"},
          {"date": "2025-10-23", "currency": "GBP", "rate": "1.1538"}]
 # A reporting currency needs its own rate: EUR → GBP uses 1 / rate(GBP).
 
-BET = ("brand_id", "region", "provider_id", "game_id", "currency")
-WALLET = ("brand_id", "region", "currency")
-PLAYER = ("brand_id", "region")
+ATTRIBUTES = ("device", "geo")  # the player's registration attributes: every metric has them
+BET = ("brand_id", "region", "provider_id", "game_id", "currency", *ATTRIBUTES)
+WALLET = ("brand_id", "region", "currency", *ATTRIBUTES)
+PLAYER = ("brand_id", "region", *ATTRIBUTES)
 DIMENSIONS = {  # docs/metrics.md
     "stake": BET, "wins": BET, "ggr": BET, "ngr": WALLET, "rtp": BET, "bets": BET,
     "deposits": WALLET, "deposits_count": WALLET,
-    "deposits_success": ("brand_id", "region", "method", "currency"),
+    "deposits_success": ("brand_id", "region", "method", "currency", *ATTRIBUTES),
     "settle_lag_p95": BET, "webhook_lag_p95": PLAYER, "dau": PLAYER, "wau": PLAYER,
 }
 APPROX = {"rtp", "deposits_success", "settle_lag_p95", "webhook_lag_p95"}
@@ -212,10 +213,27 @@ def build_dataset(seed: int = 20251022) -> tuple[list[list[dict[str, Any]]], Str
     s = Stream(seed)
     people = players()
     rng = s.rng
+    # registrations (device and geo are the player's, CONTRACT §4): a quarter of the players
+    # with both, some with a country only, the rest none; edge cases below
     for i, p in enumerate(people):
         if i % 4 == 0:
             s.emit("player.registered", midnight(DAYS[0]) + s.ms(3600, 7 * 3600), p,
-                   {"country": "GB" if p.region == "UK" else "DE"})
+                   {"country": "GB" if p.region == "UK" else "DE",
+                    "device": "mobile" if i % 8 == 0 else "desktop"})
+        elif i % 4 == 1 and i < 20:
+            s.emit("player.registered", midnight(DAYS[0]) + s.ms(3600, 7 * 3600), p,
+                   {"country": "FR"})
+    # a later registration changes nothing
+    s.emit("player.registered", midnight(DAYS[1]), people[0], {"country": "AT",
+                                                               "device": "tablet"})
+    # a late, earlier registration (sent in the last batch) moves the attributes back
+    earlier = s.emit("player.registered", midnight(DAYS[0]) - timedelta(days=3), people[4],
+                     {"country": "AT", "device": "tablet"})
+    # two registrations at one instant: the smaller event_id wins, though sent last
+    tie_at = midnight(DAYS[0]) - timedelta(hours=1)
+    smaller = s.emit("player.registered", tie_at, people[8], {"country": "IT",
+                                                              "device": "tv"})
+    s.emit("player.registered", tie_at, people[8], {"country": "ES", "device": "mobile"})
     for day in DAYS:
         for p in people:
             for _ in range(rng.choice([0, 1, 2, 2])):
@@ -262,6 +280,10 @@ def build_dataset(seed: int = 20251022) -> tuple[list[list[dict[str, Any]]], Str
     if last in late:  # keep the watermark's event in the first batch
         late.remove(last)
         first.append(last)
+    for sent_late in (earlier, smaller):  # these two arrive after the others
+        if sent_late in first:
+            first.remove(sent_late)
+            late.append(sent_late)
     resent = rng.sample(first, 30)  # exact duplicates, at a delay
     second = late + [json.loads(json.dumps(e)) for e in resent]
     rng.shuffle(second)
@@ -431,8 +453,21 @@ def cases() -> list[Case]:
             filters.append((("game_id", ("g_01", "g_03")), ("brand_id", ("brand-1",))))
         if "method" in dims:
             filters.append((("method", ("card", "trustly")),))
+        # player attributes: a value, values OR-ed, with another key, and a group
+        filters += [(("device", ("mobile",)),), (("geo", ("GB", "FR")),),
+                    (("device", ("desktop", "tablet")), ("brand_id", ("brand-1",)))]
         for f in filters:
             out.append(Case(metric, "1d", filters=f))
+        out.append(Case(metric, "1d", group_by=("device",)))
+    out.append(Case("ggr", "1h", group_by=("geo", "device"), filters=(("region", ("EU",)),)))
+    out.append(Case("rtp", "1d", group_by=("geo",), currency="GBP"))
+    out.append(Case("dau", "1h", "2025-10-22T06:00:00Z", "2025-10-23T18:00:00Z",
+                    group_by=("geo",)))
+    out.append(Case("dau", "5m", "2025-10-22T18:00:00Z", "2025-10-22T21:00:00Z",
+                    filters=(("device", ("mobile", "tv")),)))
+    out.append(Case("mau", "1d", group_by=("device",)))
+    out.append(Case("bets", "1m", "2025-10-22T14:00:00Z", "2025-10-22T15:00:00Z",
+                    filters=(("geo", ("DE",)),), limit=25))
     out.append(Case("deposits_success", "1d", group_by=("method",)))
     out.append(Case("rtp", "1h", filters=(("region", ("UK",)),), group_by=("provider_id",)))
     out.append(Case("settle_lag_p95", "1d", group_by=("game_id", "brand_id")))
@@ -524,6 +559,12 @@ SLICES = [
     ("deposits_success", "method", "-value", None, None),
     ("settle_lag_p95", "provider_id", "-value", None, None),
     ("dau", "brand_id", "-value", None, None),
+    ("ggr", "device", "-value", None, None),
+    ("rtp", "geo", "value", None, None),
+    ("deposits", "geo", "-value", {"device": ["mobile", "desktop"]}, "GBP"),
+    ("dau", "device", "-value", None, None),
+    ("settle_lag_p95", "geo", "-value", {"brand_id": ["brand-1"]}, None),
+    ("ggr", "game_id", "-value", {"geo": ["DE"]}, None),
 ]
 
 
