@@ -664,6 +664,30 @@ def test_rtp_of_mixed_currencies_adds_unrounded_converted_sums(client, headers):
     assert [p["value_minor"] for p in ggr] == [500]  # 500 + round(0.0)
 
 
+def test_a_group_is_present_only_where_an_event_the_metric_counts_is(client, headers):
+    """A brand whose only wallet.credit is a win has no deposits: no group of its own in
+    deposits (it used to appear with 0), from the rollups and from the events alike."""
+    def credit(brand: str, reason: str) -> dict[str, Any]:
+        return make_event(event_type="wallet.credit", occurred_at=f"{D1}T10:00:00Z",
+                          tenant_id=brand, payload={"amount_minor": 700, "currency": "EUR",
+                                                    "reason": reason})
+
+    events = [credit("brand-d", "deposit"), credit("brand-w", "win")]
+    post_events(client, headers, [], events)
+    for metric in ("deposits", "deposits_count"):
+        expected = ref.timeseries(events, [], metric, "1d", D1, D2, group_by=["brand_id"])
+        assert [p["brand_id"] for p in expected] == ["brand-d"]
+        r = client.get(TS, headers=headers, params={"metric": metric, "granularity": "1d",
+                                                    "group_by": "brand_id", "from": D1,
+                                                    "to": D2})
+        assert r.json()["series"] == expected  # the 1d rollup
+        # a range not aligned to any rollup grain: the events
+        r = client.get(SLICE, headers=headers, params={
+            "metric": metric, "dim": "brand_id", "from": f"{D1}T09:59:30Z",
+            "to": f"{D1}T10:00:30Z"})
+        assert [i["brand_id"] for i in r.json()["items"]] == ["brand-d"]
+
+
 # --------------------------------------------------------------------------- headers
 
 
