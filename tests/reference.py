@@ -7,18 +7,28 @@ the contract says the API must answer. Written for clarity, not speed.
 Choices where the contract is silent (each one is also what the tests expect):
 
 - dedup: the first event with a given ``(tenant_id, event_id)`` wins, later ones are ignored;
+- ``device`` and ``geo`` (CONTRACT §4) are the ``device`` and ``country`` of the player's first
+  ``player.registered`` by ``occurred_at`` — of equal instants, the smallest ``event_id`` —
+  of the same ``(tenant_id, player_id)``, for every event of that player; an event without a
+  player, or of a player without registration, has neither (``None``: it matches no
+  ``device``/``geo`` filter and is the ``None`` group or slice key). :func:`dedup` attaches them
+  to each event it keeps, so everything that reads the stored events sees them;
 - a group is *present* in a range when at least one observation the metric counts (after the
   filters) falls in ``[start, end)``; without ``group_by`` the one series is always complete;
-- ``settle_lag_p95`` pairs ``bet.placed``/``bet.settled`` by ``(tenant_id, bet_id)``, the first
-  ``bet.placed`` of a bet (in sending order) being its placement; a settlement without a
-  placement is not an observation. Dimensions are those of the settlement;
+  groups are ordered by their values as strings, a ``None`` value after every other;
+- ``settle_lag_p95`` (CONTRACT §5): each ``bet.settled`` is paired with the latest
+  ``bet.placed`` of the same ``(tenant_id, bet_id)`` at or before it (by ``occurred_at``; an
+  equal instant counts, lag 0); a settlement with none is not an observation. Dimensions are
+  those of the settlement;
 - ``dau``: a session is paired by ``(tenant_id, session_id)``; it counts for the player, brand
   and region of its ``session.started``, at that time, when its ``session.ended`` has
   ``duration_sec`` ≥ 60 (``TALLY_ACTIVE_SESSION_MIN`` = 1);
-- ``rtp`` is converted(wins) / converted(stake), each converted like a money metric (one
-  rounded sum per bucket and source currency; per UTC day and source currency for slice);
+- ``rtp`` is exact(wins) / exact(stake): each sum of a (bucket, source currency) — per UTC
+  day and source currency for slice — multiplied by its rate and added *without* rounding
+  (CONTRACT §5: "a ratio is computed from the exact converted sums, before any rounding");
 - percentiles are nearest-rank: the value at 1-based rank ceil(0.95·n) of the sorted values;
-- slice: a ``None`` value (a ratio with a zero denominator) sorts last in both orders.
+- slice: a ``None`` value (a ratio with a zero denominator) sorts last in both orders; ties by
+  key ascending, a ``None`` key (no attribute) after every other.
 """
 
 from __future__ import annotations
@@ -37,6 +47,9 @@ ACTIVE_SESSION_SEC = 60
 GRANULARITIES = {"1m": 60, "5m": 300, "1h": 3600, "1d": 86400}
 # Filter / group-by keys: envelope fields, else the payload field of the same name.
 ENVELOPE_KEYS = {"brand_id": "tenant_id", "region": "region"}
+# Player attributes: the key → the field of the player's registration (CONTRACT §4).
+REGISTRATION_KEYS = {"device": "device", "geo": "country"}
+REGISTERED = "_registration"  # where dedup() puts an event's player's registration payload
 FILTER_KEYS = ("brand_id", "region", "provider_id", "game_id", "method", "currency", "device",
                "geo")
 # ISO 4217 minor exponents that are not 2 (a subset is enough for the tests).
@@ -137,14 +150,18 @@ class Rates:
             raise MissingRate(currency, day)
         return earlier[-1]
 
-    def convert(self, minor_sum: int, source: str, target: str, day: date) -> int:
-        """One (bucket or day, source currency) sum → rounded minor units of ``target``."""
+    def exact(self, minor_sum: int, source: str, target: str, day: date) -> Decimal:
+        """One (bucket or day, source currency) sum in minor units of ``target``, unrounded."""
         if source == target:
-            return minor_sum
+            return Decimal(minor_sum)
         factor = EXACT.divide(self.rate(source, day), self.rate(target, day))
         factor = EXACT.multiply(
             factor, EXACT.power(Decimal(10), minor_exponent(target) - minor_exponent(source)))
-        exact = EXACT.multiply(Decimal(minor_sum), factor)
+        return EXACT.multiply(Decimal(minor_sum), factor)
+
+    def convert(self, minor_sum: int, source: str, target: str, day: date) -> int:
+        """One (bucket or day, source currency) sum → rounded minor units of ``target``."""
+        exact = self.exact(minor_sum, source, target, day)
         return int(exact.quantize(Decimal(1), rounding=ROUND_HALF_EVEN, context=EXACT))
 
 
@@ -152,6 +169,14 @@ def convert_sums(sums: dict[tuple[date, str], int], rates: Rates, target: str) -
     """Σ over (day, source currency) of the rounded converted sum."""
     return sum(rates.convert(amount, source, target, day)
                for (day, source), amount in sums.items())
+
+
+def exact_sums(sums: dict[tuple[date, str], int], rates: Rates, target: str) -> Decimal:
+    """Σ over (day, source currency) of the converted sum, nothing rounded (for ratios)."""
+    total = Decimal(0)
+    for (day, source), amount in sums.items():
+        total = EXACT.add(total, rates.exact(amount, source, target, day))
+    return total
 
 
 # --------------------------------------------------------------------------- observations
@@ -171,21 +196,38 @@ class Obs:
 
 
 def dedup(events: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The events as stored: the first of each ``(tenant_id, event_id)``, in sending order,
+    each a copy carrying its player's registration payload under :data:`REGISTERED`."""
     seen: set[tuple[str, str]] = set()
-    out = []
+    kept = []
     for event in events:
         key = (event["tenant_id"], event["event_id"])
         if key not in seen:
             seen.add(key)
-            out.append(event)
-    return out
+            kept.append(event)
+    firsts = first_registrations(kept)
+    return [{**e, REGISTERED: firsts.get((e["tenant_id"], e.get("player_id")), {})}
+            for e in kept]
+
+
+def first_registrations(events: list[dict[str, Any]]) -> dict[tuple[str, str], dict[str, Any]]:
+    """(brand, player) → the payload of the player's first ``player.registered``, the
+    earliest ``occurred_at`` and then the smallest ``event_id``."""
+    first: dict[tuple[str, str], dict[str, Any]] = {}
+    for e in _of_type(events, "player.registered"):
+        player = (e["tenant_id"], e["player_id"])
+        order = (parse_time(e["occurred_at"]), e["event_id"])
+        known = first.get(player)
+        if known is None or order < (parse_time(known["occurred_at"]), known["event_id"]):
+            first[player] = e
+    return {player: e["payload"] for player, e in first.items()}
 
 
 def field_value(event: dict[str, Any], key: str) -> Any:
     if key in ENVELOPE_KEYS:
         return event.get(ENVELOPE_KEYS[key])
-    if key == "geo":
-        return event.get("payload", {}).get("country")
+    if key in REGISTRATION_KEYS:  # the player's, never the event's own payload field
+        return event.get(REGISTERED, {}).get(REGISTRATION_KEYS[key])
     return event.get("payload", {}).get(key)
 
 
@@ -219,15 +261,15 @@ def _activity(events: list[dict[str, Any]]) -> list[Obs]:
 
 
 def _settle_lags(events: list[dict[str, Any]]) -> list[Obs]:
-    placed: dict[tuple[str, str], datetime] = {}
+    placed: dict[tuple[str, str], list[datetime]] = defaultdict(list)
     for e in _of_type(events, "bet.placed"):
-        placed.setdefault((e["tenant_id"], e["payload"]["bet_id"]), parse_time(e["occurred_at"]))
+        placed[e["tenant_id"], e["payload"]["bet_id"]].append(parse_time(e["occurred_at"]))
     out = []
     for e in _of_type(events, "bet.settled"):
-        at = placed.get((e["tenant_id"], e["payload"]["bet_id"]))
-        if at is not None:
-            t = parse_time(e["occurred_at"])
-            out.append(Obs(t, e, number=(t - at).total_seconds()))
+        t = parse_time(e["occurred_at"])
+        before = [p for p in placed.get((e["tenant_id"], e["payload"]["bet_id"]), []) if p <= t]
+        if before:
+            out.append(Obs(t, e, number=(t - max(before)).total_seconds()))
     return out
 
 
@@ -320,10 +362,10 @@ def aggregate(metric: str, obs: list[Obs], day_of: Callable[[Obs], date], rates:
         for o in obs:
             wins[day_of(o), o.currency] += o.amounts[0]
             stake[day_of(o), o.currency] += o.amounts[1]
-        converted_stake = convert_sums(stake, rates, currency)
+        converted_stake = exact_sums(stake, rates, currency)
         if converted_stake == 0:
             return None
-        return convert_sums(wins, rates, currency) / converted_stake
+        return float(EXACT.divide(exact_sums(wins, rates, currency), converted_stake))
     if metric == "deposits_success":
         den = sum(1 for o in obs if o.tag == "den")
         return None if den == 0 else sum(1 for o in obs if o.tag == "num") / den
@@ -373,7 +415,8 @@ def timeseries(events: list[dict[str, Any]], rates: list[dict[str, str]], metric
     in_range = set(all_buckets)
     if group_by:
         groups = sorted({g for (b, g) in by_cell if b in in_range},
-                        key=lambda g: tuple("" if v is None else str(v) for v in g))
+                        key=lambda g: tuple((v is None, "" if v is None else str(v))
+                                            for v in g))
     else:
         groups = [()]
     series = []
@@ -400,9 +443,7 @@ def slice_(events: list[dict[str, Any]], rates: list[dict[str, str]], metric: st
     obs = [o for o in _prepare(events, metric, filters or {}) if start <= o.t < end]
     by_key: dict[Any, list[Obs]] = defaultdict(list)
     for o in obs:
-        key = field_value(o.dims, dim)
-        if key is not None:
-            by_key[key].append(o)
+        by_key[field_value(o.dims, dim)].append(o)
     field = answer_field(metric)
     items = [{dim: key, field: aggregate(metric, cell, lambda o: o.t.date(), fx, currency)}
              for key, cell in by_key.items()]
@@ -411,5 +452,5 @@ def slice_(events: list[dict[str, Any]], rates: list[dict[str, str]], metric: st
     # last in both orders (like SQL's NULLS LAST for ascending order), ties by key ascending.
     items.sort(key=lambda item: (item[field] is None,
                                  0 if item[field] is None else sign * item[field],
-                                 str(item[dim])))
+                                 item[dim] is None, str(item[dim])))
     return items

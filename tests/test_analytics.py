@@ -15,6 +15,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import UTC, date, datetime, timedelta, timezone
 from decimal import Decimal
+from fractions import Fraction
 from typing import Any
 
 import pytest
@@ -42,13 +43,14 @@ RATES = [{"date": "2025-10-21", "currency": "GBP", "rate": "1.1412"},
          {"date": "2025-10-23", "currency": "GBP", "rate": "1.1538"}]
 # A reporting currency needs its own rate: EUR → GBP uses 1 / rate(GBP).
 
-BET = ("brand_id", "region", "provider_id", "game_id", "currency")
-WALLET = ("brand_id", "region", "currency")
-PLAYER = ("brand_id", "region")
+ATTRIBUTES = ("device", "geo")  # the player's registration attributes: every metric has them
+BET = ("brand_id", "region", "provider_id", "game_id", "currency", *ATTRIBUTES)
+WALLET = ("brand_id", "region", "currency", *ATTRIBUTES)
+PLAYER = ("brand_id", "region", *ATTRIBUTES)
 DIMENSIONS = {  # docs/metrics.md
     "stake": BET, "wins": BET, "ggr": BET, "ngr": WALLET, "rtp": BET, "bets": BET,
     "deposits": WALLET, "deposits_count": WALLET,
-    "deposits_success": ("brand_id", "region", "method", "currency"),
+    "deposits_success": ("brand_id", "region", "method", "currency", *ATTRIBUTES),
     "settle_lag_p95": BET, "webhook_lag_p95": PLAYER, "dau": PLAYER, "wau": PLAYER,
 }
 APPROX = {"rtp", "deposits_success", "settle_lag_p95", "webhook_lag_p95"}
@@ -211,10 +213,27 @@ def build_dataset(seed: int = 20251022) -> tuple[list[list[dict[str, Any]]], Str
     s = Stream(seed)
     people = players()
     rng = s.rng
+    # registrations (device and geo are the player's, CONTRACT §4): a quarter of the players
+    # with both, some with a country only, the rest none; edge cases below
     for i, p in enumerate(people):
         if i % 4 == 0:
             s.emit("player.registered", midnight(DAYS[0]) + s.ms(3600, 7 * 3600), p,
-                   {"country": "GB" if p.region == "UK" else "DE"})
+                   {"country": "GB" if p.region == "UK" else "DE",
+                    "device": "mobile" if i % 8 == 0 else "desktop"})
+        elif i % 4 == 1 and i < 20:
+            s.emit("player.registered", midnight(DAYS[0]) + s.ms(3600, 7 * 3600), p,
+                   {"country": "FR"})
+    # a later registration changes nothing
+    s.emit("player.registered", midnight(DAYS[1]), people[0], {"country": "AT",
+                                                               "device": "tablet"})
+    # a late, earlier registration (sent in the last batch) moves the attributes back
+    earlier = s.emit("player.registered", midnight(DAYS[0]) - timedelta(days=3), people[4],
+                     {"country": "AT", "device": "tablet"})
+    # two registrations at one instant: the smaller event_id wins, though sent last
+    tie_at = midnight(DAYS[0]) - timedelta(hours=1)
+    smaller = s.emit("player.registered", tie_at, people[8], {"country": "IT",
+                                                              "device": "tv"})
+    s.emit("player.registered", tie_at, people[8], {"country": "ES", "device": "mobile"})
     for day in DAYS:
         for p in people:
             for _ in range(rng.choice([0, 1, 2, 2])):
@@ -261,6 +280,10 @@ def build_dataset(seed: int = 20251022) -> tuple[list[list[dict[str, Any]]], Str
     if last in late:  # keep the watermark's event in the first batch
         late.remove(last)
         first.append(last)
+    for sent_late in (earlier, smaller):  # these two arrive after the others
+        if sent_late in first:
+            first.remove(sent_late)
+            late.append(sent_late)
     resent = rng.sample(first, 30)  # exact duplicates, at a delay
     second = late + [json.loads(json.dumps(e)) for e in resent]
     rng.shuffle(second)
@@ -430,8 +453,21 @@ def cases() -> list[Case]:
             filters.append((("game_id", ("g_01", "g_03")), ("brand_id", ("brand-1",))))
         if "method" in dims:
             filters.append((("method", ("card", "trustly")),))
+        # player attributes: a value, values OR-ed, with another key, and a group
+        filters += [(("device", ("mobile",)),), (("geo", ("GB", "FR")),),
+                    (("device", ("desktop", "tablet")), ("brand_id", ("brand-1",)))]
         for f in filters:
             out.append(Case(metric, "1d", filters=f))
+        out.append(Case(metric, "1d", group_by=("device",)))
+    out.append(Case("ggr", "1h", group_by=("geo", "device"), filters=(("region", ("EU",)),)))
+    out.append(Case("rtp", "1d", group_by=("geo",), currency="GBP"))
+    out.append(Case("dau", "1h", "2025-10-22T06:00:00Z", "2025-10-23T18:00:00Z",
+                    group_by=("geo",)))
+    out.append(Case("dau", "5m", "2025-10-22T18:00:00Z", "2025-10-22T21:00:00Z",
+                    filters=(("device", ("mobile", "tv")),)))
+    out.append(Case("mau", "1d", group_by=("device",)))
+    out.append(Case("bets", "1m", "2025-10-22T14:00:00Z", "2025-10-22T15:00:00Z",
+                    filters=(("geo", ("DE",)),), limit=25))
     out.append(Case("deposits_success", "1d", group_by=("method",)))
     out.append(Case("rtp", "1h", filters=(("region", ("UK",)),), group_by=("provider_id",)))
     out.append(Case("settle_lag_p95", "1d", group_by=("game_id", "brand_id")))
@@ -523,6 +559,12 @@ SLICES = [
     ("deposits_success", "method", "-value", None, None),
     ("settle_lag_p95", "provider_id", "-value", None, None),
     ("dau", "brand_id", "-value", None, None),
+    ("ggr", "device", "-value", None, None),
+    ("rtp", "geo", "value", None, None),
+    ("deposits", "geo", "-value", {"device": ["mobile", "desktop"]}, "GBP"),
+    ("dau", "device", "-value", None, None),
+    ("settle_lag_p95", "geo", "-value", {"brand_id": ["brand-1"]}, None),
+    ("ggr", "game_id", "-value", {"geo": ["DE"]}, None),
 ]
 
 
@@ -553,6 +595,97 @@ def test_slice_on_part_of_a_day_converts_per_day(api):
     params = {"metric": "stake", "dim": "brand_id", "from": start, "to": end}
     actual = fetch_all(api, SLICE, params, "items", 50)
     assert_same(actual, ref.slice_(SENT, RATES, "stake", "brand_id", start, end), "stake")
+
+
+# --------------------------------------------------------------------------- ratios
+
+
+def post_events(client: TestClient, headers: dict[str, str], rates: list[dict[str, str]],
+                events: list[dict[str, Any]]) -> None:
+    if rates:
+        assert client.post(FX, json=rates, headers=headers).status_code == 200
+    post_batches(client, headers, [events])
+
+
+def values_of(client: TestClient, headers: dict[str, str], path: str,
+              **params: str) -> list[Any]:
+    r = client.get(path, params=params, headers=headers)
+    assert r.status_code == 200, r.text
+    body = r.json()
+    return [p["value"] for p in body["series" if path == TS else "items"]]
+
+
+def test_rtp_of_a_one_currency_brand_is_its_ratio_in_that_currency(client, headers):
+    """CONTRACT §5: a ratio is computed from the exact converted sums. Regression: a GBP-only
+    brand's day of 2,525 won on 4,670 staked answered 0.540814 (2,882 / 5,329, the EUR sums
+    rounded first) instead of 2,525 / 4,670 = 0.540685."""
+    rates = [rate(D1, "GBP", "1.1412"), rate(D2, "GBP", "1.1538"), rate(D1, "USD", "0.9213")]
+    events = [bet(f"{D1}T10:00:00Z", 4000, 2000, "GBP", brand="brand-g"),
+              bet(f"{D1}T11:30:00Z", 670, 525, "GBP", brand="brand-g"),
+              bet(f"{D2}T09:00:00Z", 333, 1000, "GBP", brand="brand-g")]
+    post_events(client, headers, rates, events)
+    brand = {"metric": "rtp", "filters": "brand_id:brand-g"}
+    for currency in ("EUR", "GBP", "USD"):  # USD: the cross rate 1.1412 / 0.9213
+        assert values_of(client, headers, TS, **brand, granularity="1d", currency=currency,
+                         **{"from": D1, "to": D3}) == [2525 / 4670, 1000 / 333]
+        assert values_of(client, headers, TS, **brand, granularity="1h", currency=currency,
+                         **{"from": f"{D1}T10:00:00Z", "to": f"{D1}T12:00:00Z"}) \
+            == [2000 / 4000, 525 / 670]
+    # a slice adds each day's exact converted sums: in GBP the brand's own ratio; in EUR the
+    # two days weigh by their rates (nothing rounded)
+    assert values_of(client, headers, SLICE, **brand, dim="brand_id", currency="GBP",
+                     **{"from": D1, "to": D3}) == [3525 / 5003]
+    wins = Decimal(2525) * Decimal("1.1412") + Decimal(1000) * Decimal("1.1538")
+    stake = Decimal(4670) * Decimal("1.1412") + Decimal(333) * Decimal("1.1538")
+    assert (wins, stake) == (Decimal("4035.33"), Decimal("5713.6194"))
+    assert values_of(client, headers, SLICE, **brand, dim="brand_id",
+                     **{"from": D1, "to": D3}) == [float(Fraction(wins) / Fraction(stake))]
+
+
+def test_rtp_of_mixed_currencies_adds_unrounded_converted_sums(client, headers):
+    """EUR 500 won on 1,000 and GBP 1,001 on 1,001 at 1.15 in one bucket: the GBP sums are
+    1,151.15 EUR cents each, so rtp = 1,651.15 / 2,151.15 (not 1,651 / 2,151)."""
+    events = [bet(f"{D1}T10:00:00Z", 1000, 500, brand="brand-m"),
+              bet(f"{D1}T10:20:00Z", 1001, 1001, "GBP", brand="brand-m")]
+    post_events(client, headers, [rate(D1, "GBP", "1.15")], events)
+    wins = Decimal(500) + Decimal(1001) * Decimal("1.15")
+    stake = Decimal(1000) + Decimal(1001) * Decimal("1.15")
+    expected = float(Fraction(wins) / Fraction(stake))
+    assert expected != 1651 / 2151
+    params = {"metric": "rtp", "filters": "brand_id:brand-m", "from": D1, "to": D2}
+    assert values_of(client, headers, TS, **params, granularity="1d") == [expected]
+    assert values_of(client, headers, TS, **params, granularity="1h") == \
+        [None] * 10 + [expected] + [None] * 13
+    assert values_of(client, headers, SLICE, **params, dim="game_id") == [expected]
+    assert values_of(client, headers, SLICE, **params, dim="currency") == [1.0, 0.5]
+    # money answers still round each (bucket, source currency) sum half-to-even
+    ggr = client.get(TS, params={**params, "metric": "ggr", "granularity": "1d"},
+                     headers=headers).json()["series"]
+    assert [p["value_minor"] for p in ggr] == [500]  # 500 + round(0.0)
+
+
+def test_a_group_is_present_only_where_an_event_the_metric_counts_is(client, headers):
+    """A brand whose only wallet.credit is a win has no deposits: no group of its own in
+    deposits (it used to appear with 0), from the rollups and from the events alike."""
+    def credit(brand: str, reason: str) -> dict[str, Any]:
+        return make_event(event_type="wallet.credit", occurred_at=f"{D1}T10:00:00Z",
+                          tenant_id=brand, payload={"amount_minor": 700, "currency": "EUR",
+                                                    "reason": reason})
+
+    events = [credit("brand-d", "deposit"), credit("brand-w", "win")]
+    post_events(client, headers, [], events)
+    for metric in ("deposits", "deposits_count"):
+        expected = ref.timeseries(events, [], metric, "1d", D1, D2, group_by=["brand_id"])
+        assert [p["brand_id"] for p in expected] == ["brand-d"]
+        r = client.get(TS, headers=headers, params={"metric": metric, "granularity": "1d",
+                                                    "group_by": "brand_id", "from": D1,
+                                                    "to": D2})
+        assert r.json()["series"] == expected  # the 1d rollup
+        # a range not aligned to any rollup grain: the events
+        r = client.get(SLICE, headers=headers, params={
+            "metric": metric, "dim": "brand_id", "from": f"{D1}T09:59:30Z",
+            "to": f"{D1}T10:00:30Z"})
+        assert [i["brand_id"] for i in r.json()["items"]] == ["brand-d"]
 
 
 # --------------------------------------------------------------------------- headers
@@ -767,12 +900,17 @@ def test_reference_ngr_converts_one_signed_sum_per_bucket_and_currency():
     assert one(ref.timeseries(with_deductions, [], "ngr", "1d", D1, D2)) == 859
 
 
-def test_reference_rtp_uses_converted_sums_and_is_null_without_stake():
+def test_reference_rtp_uses_exact_converted_sums_and_is_null_without_stake():
     rates = [rate(D1, "GBP", "1.15")]
     at = f"{D1}T10:00:00Z"
-    events = [bet(at, 1000, 500), bet(at, 1001, 1001, "GBP")]  # stake 1000+1151, wins 500+1151
+    # stake 1000 + 1151.15, wins 500 + 1151.15 (EUR cents, unrounded); rounding each
+    # converted sum first would give 1651 / 2151
+    events = [bet(at, 1000, 500), bet(at, 1001, 1001, "GBP")]
     assert one(ref.timeseries(events, rates, "rtp", "1d", D1, D2), "value") \
-        == pytest.approx(1651 / 2151, rel=1e-12)
+        == float(Fraction(165115, 215115))
+    gbp_only = [bet(at, 4670, 2525, "GBP")]  # 5329.404 and 2881.53 in EUR cents
+    assert one(ref.timeseries(gbp_only, [rate(D1, "GBP", "1.1412")], "rtp", "1d", D1, D2),
+               "value") == 2525 / 4670
     assert one(ref.timeseries([bet(at, 0, 40)], rates, "rtp", "1d", D1, D2), "value") is None
     assert [p["value"] for p in ref.timeseries(events, rates, "rtp", "1h", f"{D1}T09:00:00Z",
                                                f"{D1}T11:00:00Z")][0] is None  # empty bucket
@@ -786,17 +924,19 @@ def test_reference_nearest_rank_p95():
     assert ref.nearest_rank_p95([]) is None
 
 
+def placed(t: str, bet_id: str, brand: str = "brand-1") -> dict[str, Any]:
+    return make_event(event_type="bet.placed", occurred_at=t, tenant_id=brand,
+                      payload={"bet_id": bet_id, "stake_minor": 1, "currency": "EUR",
+                               "game_id": "g", "provider_id": "p"})
+
+
+def settled(t: str, bet_id: str, brand: str = "brand-1") -> dict[str, Any]:
+    return make_event(occurred_at=t, tenant_id=brand,
+                      payload={"bet_id": bet_id, "stake_minor": 1, "win_minor": 0,
+                               "currency": "EUR", "game_id": "g", "provider_id": "p"})
+
+
 def test_reference_settle_lag_pairs_by_brand_and_bet_and_buckets_by_settle_time():
-    def placed(t: str, bet_id: str, brand: str = "brand-1") -> dict[str, Any]:
-        return make_event(event_type="bet.placed", occurred_at=t, tenant_id=brand,
-                          payload={"bet_id": bet_id, "stake_minor": 1, "currency": "EUR",
-                                   "game_id": "g", "provider_id": "p"})
-
-    def settled(t: str, bet_id: str, brand: str = "brand-1") -> dict[str, Any]:
-        return make_event(occurred_at=t, tenant_id=brand,
-                          payload={"bet_id": bet_id, "stake_minor": 1, "win_minor": 0,
-                                   "currency": "EUR", "game_id": "g", "provider_id": "p"})
-
     events = [placed(f"{D1}T23:59:58.500Z", "a"), settled(f"{D2}T00:00:01Z", "a"),
               placed(f"{D2}T00:00:00Z", "a", "brand-2"), settled(f"{D2}T00:00:10Z", "a",
                                                                  "brand-2"),
@@ -808,6 +948,52 @@ def test_reference_settle_lag_pairs_by_brand_and_bet_and_buckets_by_settle_time(
         {"ts": f"{D2}T00:00:00Z", "brand_id": "brand-1", "value": 2.5},
         {"ts": f"{D2}T00:00:00Z", "brand_id": "brand-2", "value": 10.0},
     ]
+
+
+# one bet story per hour of D1 (the lag each settlement must have, by hand)
+SETTLE_STORIES = [
+    placed(f"{D1}T10:00:00Z", "a"), settled(f"{D1}T10:00:05Z", "a"),  # 10h: 5
+    placed(f"{D1}T11:00:00Z", "a"), settled(f"{D1}T11:00:02Z", "a"),  # 11h: re-placed, 2
+    # the same bet id in another brand, placed in between: never paired with brand-1's
+    placed(f"{D1}T11:00:01Z", "a", "brand-2"), settled(f"{D1}T17:00:00Z", "a", "brand-2"),
+    settled(f"{D1}T12:30:00Z", "b"),  # 12h: no placement at or before it: left out
+    placed(f"{D1}T13:00:10Z", "b"), settled(f"{D1}T13:00:30Z", "b"),  # 13h: 20
+    placed(f"{D1}T14:00:00.250Z", "c"), settled(f"{D1}T14:00:00.250Z", "c"),  # 14h: equal, 0
+    placed(f"{D1}T15:00:00Z", "d"), settled(f"{D1}T15:10:00Z", "d"),  # 15h: 600
+    settled(f"{D1}T16:00:00Z", "d"),  # 16h: settled again, the same placement: 3600
+    placed(f"{D1}T16:30:00Z", "d"),  # after every settle of d: pairs with none
+]
+SETTLE_LAGS = {"brand-1": [5.0, 2.0, None, 20.0, 0.0, 600.0, 3600.0, None],
+               "brand-2": [None, None, None, None, None, None, None, 21599.0]}
+
+
+def test_reference_settle_lag_pairs_each_settle_with_the_latest_placement_before_it():
+    series = ref.timeseries(SETTLE_STORIES, [], "settle_lag_p95", "1h", f"{D1}T10:00:00Z",
+                            f"{D1}T18:00:00Z", group_by=["brand_id"])
+    for brand, lags in SETTLE_LAGS.items():
+        assert [p["value"] for p in series if p["brand_id"] == brand] == lags
+    # several settles of one bet in one bucket: the p95 of both lags (nearest rank: the 2nd)
+    assert one(ref.timeseries(SETTLE_STORIES, [], "settle_lag_p95", "1d", D1, D2,
+                              filters={"brand_id": ["brand-1"]}), "value") == 3600.0
+
+
+def test_settle_lag_pairs_each_settle_with_the_latest_placement_before_it(client, headers):
+    """CONTRACT §5. Regression: each settlement was paired with the bet's first placement
+    over all time (a re-placed bet's lag counted from its first placement, 3,602 s instead
+    of 2 s; a settlement before any placement had a negative lag, -1,810 s)."""
+    post_events(client, headers, [], SETTLE_STORIES)
+    r = client.get(TS, headers=headers, params={
+        "metric": "settle_lag_p95", "granularity": "1h", "group_by": "brand_id",
+        "from": f"{D1}T10:00:00Z", "to": f"{D1}T18:00:00Z"})
+    assert r.status_code == 200, r.text
+    series = r.json()["series"]
+    for brand, lags in SETTLE_LAGS.items():
+        assert [p["value"] for p in series if p["brand_id"] == brand] == lags
+    assert series == ref.timeseries(SETTLE_STORIES, [], "settle_lag_p95", "1h",
+                                    f"{D1}T10:00:00Z", f"{D1}T18:00:00Z",
+                                    group_by=["brand_id"])
+    assert values_of(client, headers, SLICE, metric="settle_lag_p95", dim="brand_id",
+                     **{"from": D1, "to": D2}) == [21599.0, 3600.0]
 
 
 def test_reference_dedup_first_wins_per_brand():

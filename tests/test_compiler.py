@@ -16,6 +16,7 @@ import pytest
 from tally.cohorts import funnel, retention
 from tally.rollups.activity import compile_active_from_rollup
 from tally.rollups.spec import compile_from_rollup, maintenance
+from tally.semantic import attributes
 from tally.semantic.catalog import METRICS
 from tally.semantic.compiler import (
     Compiled,
@@ -73,7 +74,51 @@ CASES.update({
         "first_deposit", METRICS["ngr"], date(2025, 10, 1), date(2025, 10, 31), 90,
         {"brand_id": ("brand-7", INJECTION), "region": ("EU",)}, "EUR")),
 })
+# device / geo: the players' registration attributes joined on (semantic/attributes.py)
+ATTRIBUTE_SCOPE = Scope(SCOPE.start, SCOPE.end, 3600,
+                        {"device": ("mobile", INJECTION), "brand_id": ("brand-7",)}, ("geo",))
+DAILY_ATTRIBUTES = dataclasses.replace(ATTRIBUTE_SCOPE, step_seconds=86400)
+CASES.update({
+    "ggr_1h_by_geo_where_device": compile_measures(METRICS["ggr"], ATTRIBUTE_SCOPE,
+                                                   by_currency=True),
+    # a reason: only the deposits are present, on the events and on the rollup alike
+    "deposits_1d_from_rollup": compile_from_rollup(
+        METRICS["deposits"], dataclasses.replace(SCOPE, step_seconds=86400), by_currency=True),
+    "settle_lag_by_geo_where_device": compile_settle_lag(ATTRIBUTE_SCOPE),
+    "dau_1d_by_geo_where_device_from_activity": compile_active_from_rollup(
+        DAILY_ATTRIBUTES, 60, True),
+    "funnel_where_device": funnel.compile_funnel(dataclasses.replace(
+        FUNNEL, filters={**FUNNEL.filters, "device": ("mobile", INJECTION)})),
+    "retention_where_geo": retention.compile_retention(dataclasses.replace(
+        RETENTION, filters={"brand_id": ("brand-7",), "geo": ("GB", INJECTION)}))[1],
+})
 MAINTENANCE = {grain: maintenance(grain, "_new_events") for grain in ("1m", "1h", "1d")}
+
+
+def test_player_attribute_queries_read_players_and_the_others_the_rollups():
+    """The rollups keep no player: a query naming device or geo reads the events (joined to
+    the registration attributes); every other query keeps the rollup fast path."""
+    for scope in (ATTRIBUTE_SCOPE, DAILY_ATTRIBUTES,
+                  dataclasses.replace(DAILY_ATTRIBUTES, filters={}, group_by=("device",))):
+        assert compile_from_rollup(METRICS["ggr"], scope, by_currency=True) is None
+        sql = compile_measures(METRICS["ggr"], scope, by_currency=True).sql("duckdb")
+        assert "LEFT JOIN player_attributes" in sql
+    plain = dataclasses.replace(DAILY_ATTRIBUTES, filters={"brand_id": ("b",)}, group_by=())
+    assert "rollup_1d" in compile_from_rollup(METRICS["ggr"], plain, True).sql("duckdb")
+    for compiled in (compile_measures(METRICS["ggr"], plain, True), compile_settle_lag(plain),
+                     compile_active(plain, 60, True),
+                     compile_active_from_rollup(plain, 60, True)):
+        assert compiled is not None and "player_attributes" not in compiled.sql("duckdb")
+    assert "player_attributes" in CASES["dau_1d_by_geo_where_device_from_activity"] \
+        .sql("duckdb")
+
+
+def test_player_attributes_maintenance_snapshot():
+    sql = attributes.derived_table().from_batch[0] + "\n"
+    path = SNAPSHOTS / "player_attributes_maintenance.duckdb.sql"
+    if os.environ.get("TALLY_UPDATE_SNAPSHOTS") == "1":
+        path.write_text(sql)
+    assert path.read_text() == sql
 
 
 @pytest.mark.parametrize("dialect", ["duckdb", "clickhouse"])

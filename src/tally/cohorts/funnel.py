@@ -32,6 +32,7 @@ from tally.cohorts.request import (
 from tally.errors import BadRequest
 from tally.insights.evaluate import nearest_rank
 from tally.insights.request import parse_instant
+from tally.semantic import attributes
 from tally.semantic.compiler import Compiled, Params, column, filter_conditions
 from tally.storage.base import Backend
 
@@ -124,7 +125,8 @@ def compile_funnel(f: Funnel, hashed: bool = True) -> Compiled:
                    exp.alias_(column("occurred_at"), "t"),
                    # the costliest column to read: only where ties need an order
                    *([column("event_id")] if sequenced else []), *flags)
-        .from_("events")
+        # device / geo filters: each event's player's registration attributes
+        .from_(attributes.source("events", f.filters))
         .where(column("occurred_at") >= params.bind(f.start))
         .where(column("occurred_at") <= params.bind(f.end + timedelta(seconds=f.window_sec)))
         .where(column("event_type").isin(*(exp.Literal.string(t) for t in event_types)))

@@ -13,6 +13,7 @@ from sqlglot import exp
 from tally.errors import BadRequest, Unprocessable
 from tally.events.registry import REGISTRY
 from tally.insights.request import parse_date
+from tally.semantic.catalog import PLAYER_ATTRIBUTES
 from tally.semantic.compiler import Params, column
 from tally.storage.schema import PAYLOAD_BOOL_FIELDS, PAYLOAD_INT_FIELDS, PAYLOAD_TEXT_FIELDS
 
@@ -21,8 +22,9 @@ FIELD_TYPES: dict[str, type] = {**{f: str for f in PAYLOAD_TEXT_FIELDS},
                                 **{f: bool for f in PAYLOAD_BOOL_FIELDS}}
 CORRELATE_FIELDS = ("player_id", "payment_id", "bet_id", "session_id", "bonus_id",
                     "reference_id")
-EVENT_FILTER_KEYS = ("brand_id", "region", "provider_id", "game_id", "method", "currency")
-PLAYER_FILTER_KEYS = ("brand_id", "region")
+EVENT_FILTER_KEYS = ("brand_id", "region", "provider_id", "game_id", "method", "currency",
+                     *PLAYER_ATTRIBUTES)
+PLAYER_FILTER_KEYS = ("brand_id", "region", *PLAYER_ATTRIBUTES)
 # size limits, checked before running (docs/cohorts.md#limits): each bounds one query's work
 MAX_STEPS = 10  # funnel steps: one ASOF join each
 MAX_EXCLUSIONS = 10  # funnel exclusions: one ASOF join each

@@ -30,6 +30,7 @@ from tally.cohorts.request import (
 from tally.errors import BadRequest
 from tally.insights.request import parse_bounded_int
 from tally.rollups import activity
+from tally.semantic import attributes
 from tally.semantic.catalog import Metric
 from tally.semantic.compiler import Compiled, Params, column, filter_conditions
 from tally.semantic.fx import FxRates
@@ -75,11 +76,12 @@ def parse_retention(body: Any) -> Retention:
 def members(cohort: str, first: date, last: date, zone: ZoneInfo,
             filters: dict[str, tuple[str, ...]], params: Params) -> exp.Select:
     """``(tenant_id, player_id, c)``: the cohort's players, ``c`` = their cohort day as days
-    since ``first`` in ``zone``."""
+    since ``first`` in ``zone``; ``device`` and ``geo`` filters choose them by their
+    registration attributes (semantic/attributes.py), like every query."""
     select = (
         exp.select(column("tenant_id"), column("player_id"),
                    exp.alias_(day_index(zone, first, last, epoch_seconds(column("first_at"))), "c"))
-        .from_("player_firsts")
+        .from_(attributes.source("player_firsts", filters))
         .where(column("kind").eq(params.bind(cohort)))
         .where(column("first_at") >= params.bind(local_midnight(first, zone)))
         .where(column("first_at") < params.bind(local_midnight(last + timedelta(days=1),

@@ -2,7 +2,10 @@
 
 Additive and ratio metrics come back as *parts* (one signed sum, or numerator and denominator),
 with money converted per (bucket, source currency) as CONTRACT §5 says; parts of several buckets
-add up (slice sums days), and :func:`finish` turns parts into the answer value.
+add up (slice sums days), and :func:`finish` turns parts into the answer value. A money answer's
+part is the sum of each (bucket, source currency) converted and rounded half-to-even; a ratio's
+parts are the exact converted sums (``Fraction``), rounded only as the final float, so a
+brand that bets in one currency has exactly that currency's ratio whatever the rates.
 """
 
 from __future__ import annotations
@@ -10,6 +13,7 @@ from __future__ import annotations
 import math
 from collections import defaultdict
 from datetime import UTC, datetime, timedelta
+from fractions import Fraction
 from typing import Any
 
 from sqlglot import exp
@@ -29,6 +33,7 @@ from tally.semantic.fx import FxRates
 from tally.storage.base import Backend
 
 Key = tuple[Any, ...]  # (bucket epoch seconds, *group values)
+Part = int | Fraction  # a sum of one bucket: minor units (rounded) or exact (ratios)
 DAY = 86_400
 
 
@@ -90,31 +95,34 @@ def present_groups(backend: Backend, metric: Metric, scope: Scope, min_session_s
 
 
 def parts(backend: Backend, fx: FxRates, metric: Metric, scope: Scope,
-          currency: str) -> dict[Key, list[float]]:
-    """ADDITIVE: [signed sum]; RATIO: [numerator, denominator]. Money is converted."""
+          currency: str) -> dict[Key, list[Part]]:
+    """ADDITIVE: [signed sum]; RATIO: [numerator, denominator]. Money is converted: rounded
+    per (bucket, source currency) for a money answer, exactly for a ratio's parts."""
     money = any(m.money for m in metric.measures)
     rows = run(backend, statement(metric, scope, 0))
     if metric.kind is Kind.ADDITIVE:
         components = [[(sign, name) for sign, name in metric.terms]]
     else:
         components = [[term] for term in metric.terms]
-    result: dict[Key, list[float]] = defaultdict(lambda: [0] * len(components))
+    convert = fx.convert if metric.kind is Kind.ADDITIVE else fx.exact
+    result: dict[Key, list[Part]] = defaultdict(lambda: [0] * len(components))
     for row in rows:
         key = _key(row, scope)
         day = datetime.fromtimestamp(key[0], UTC).date()
         for i, terms in enumerate(components):
-            amount = sum(sign * int(row[name]) for sign, name in terms)
+            amount: Part = sum(sign * int(row[name]) for sign, name in terms)
             if money:
-                amount = fx.convert([(day, row["source_currency"], amount)], currency)
+                amount = convert([(day, row["source_currency"], int(amount))], currency)
             result[key][i] += amount
     return dict(result)
 
 
-def finish(metric: Metric, value_parts: list[float]) -> float | int | None:
+def finish(metric: Metric, value_parts: list[Part]) -> float | int | None:
     if metric.kind is Kind.ADDITIVE:
         return int(value_parts[0])
     numerator, denominator = value_parts
-    return None if denominator == 0 else numerator / denominator
+    # the one rounding of a ratio: the exact quotient to the nearest float
+    return None if denominator == 0 else float(Fraction(numerator) / denominator)
 
 
 def nearest_rank(values: list[float], q: float = 0.95) -> float:

@@ -13,6 +13,7 @@ from tally.events.currencies import ISO_4217
 from tally.insights import request as rq
 from tally.insights.evaluate import (
     DAY,
+    Part,
     answer_field,
     empty_value,
     finish,
@@ -56,10 +57,13 @@ class Plan:
     run: Callable[[], dict[str, Any]]
 
 
-def _reads(metric: Metric, start: datetime, end: datetime) -> tuple[datetime, datetime] | None:
+def _reads(metric: Metric, scope: Scope) -> tuple[datetime, datetime] | None:
     """Additive and ratio metrics read only their range; percentiles and active players also
-    read events outside it (the placement of a bet, the end of a session, trailing windows)."""
-    return (start, end) if metric.kind in (Kind.ADDITIVE, Kind.RATIO) else None
+    read events outside it (the placement of a bet, the end of a session, trailing windows),
+    and so does any query naming a player attribute (a registration at any time)."""
+    if metric.kind in (Kind.ADDITIVE, Kind.RATIO) and not scope.player_attributes:
+        return scope.start, scope.end
+    return None
 
 
 def _iso(epoch: int) -> str:
@@ -122,7 +126,7 @@ def timeseries(ctx: Context, q: dict[str, str | None]) -> Plan:
                                                        ctx.principal),
                 "next_cursor": rq.next_cursor(at + limit, fp) if at + limit < total else None}
 
-    return Plan(f"{fp}:{at}:{limit}", filters.get("brand_id"), _reads(metric, start, end), run)
+    return Plan(f"{fp}:{at}:{limit}", filters.get("brand_id"), _reads(metric, scope), run)
 
 
 def _series_page(ctx: Context, metric: Metric, scope: Scope, currency: str,
@@ -187,7 +191,8 @@ def slice_(ctx: Context, q: dict[str, str | None]) -> Plan:
         scope = _slice_scope(metric, Scope(start, end, 0, filters, (dim,)))
         _present_groups(ctx, metric, scope)  # the ranking needs every key: at most MAX_GROUPS
         found = _slice_values(ctx, metric, scope, currency)
-        present = sorted(found.items(), key=lambda kv: str(kv[0]))
+        # ties by key, a null key (a player attribute of no registration) after the others
+        present = sorted(found.items(), key=lambda kv: _sort_key((kv[0],)))
         ranked = sorted(present, key=lambda kv: (kv[1] is None,
                                                  0 if kv[1] is None else
                                                  (-kv[1] if order == "-value" else kv[1])))
@@ -198,7 +203,8 @@ def slice_(ctx: Context, q: dict[str, str | None]) -> Plan:
         return {"metric": metric.name, "dim": dim, "currency": currency, "items": window,
                 "next_cursor": cursor}
 
-    return Plan(f"{fp}:{at}:{limit}", filters.get("brand_id"), _reads(metric, start, end), run)
+    return Plan(f"{fp}:{at}:{limit}", filters.get("brand_id"),
+                _reads(metric, Scope(start, end, 0, filters, (dim,))), run)
 
 
 def _slice_scope(metric: Metric, scope: Scope) -> Scope:
@@ -213,7 +219,7 @@ def _slice_values(ctx: Context, metric: Metric, scope: Scope,
                   currency: str) -> dict[Any, float | int | None]:
     """One value per dimension key over the whole range; money per UTC day, then added."""
     if metric.kind in (Kind.ADDITIVE, Kind.RATIO):
-        totals: dict[Any, list[float]] = {}
+        totals: dict[Any, list[Part]] = {}
         for key, value_parts in parts(ctx.backend, ctx.fx, metric, scope, currency).items():
             acc = totals.setdefault(key[1], [0] * len(value_parts))
             for i, part in enumerate(value_parts):

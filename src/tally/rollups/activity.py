@@ -17,6 +17,7 @@ from datetime import UTC
 
 from sqlglot import exp
 
+from tally.semantic import attributes
 from tally.semantic.catalog import DIMENSIONS
 from tally.semantic.compiler import Compiled, Params, Scope, bucket, filter_conditions
 from tally.storage.base import DerivedTable
@@ -109,7 +110,8 @@ def grain_for(scope: Scope) -> str | None:
 def compile_active_from_rollup(scope: Scope, min_session_seconds: int,
                                distinct: bool) -> Compiled | None:
     """Active players per (bucket, groups) from the coarsest activity table that tiles the
-    request; None when none does (a range not aligned to a minute)."""
+    request; None when none does (a range not aligned to a minute). Its rows name the player,
+    so a player attribute is joined on like on the events."""
     grain = grain_for(scope)
     if grain is None:
         return None
@@ -131,7 +133,7 @@ def compile_active_from_rollup(scope: Scope, min_session_seconds: int,
                               for g in scope.group_by)]
     player = exp.column("player_id")
     value = exp.Count(this=exp.Distinct(expressions=[player])) if distinct else player
-    tree = exp.select(*keys, exp.alias_(value, "value")).from_(table(grain)) \
-        .where(exp.and_(*conditions))
+    tree = exp.select(*keys, exp.alias_(value, "value")) \
+        .from_(attributes.source(table(grain), scope.keys)).where(exp.and_(*conditions))
     tree = tree.group_by(*(k.this.copy() for k in keys)) if distinct else tree.distinct()
     return Compiled(tree, params.values)

@@ -15,7 +15,8 @@ from sqlglot import exp
 
 from tally.cohorts.tables import derived_tables as cohort_tables
 from tally.rollups import activity
-from tally.semantic.catalog import DIMENSIONS, MEASURES, Metric
+from tally.semantic import attributes
+from tally.semantic.catalog import DIMENSIONS, MEASURES, Measure, Metric
 from tally.semantic.compiler import (
     Compiled,
     Params,
@@ -65,14 +66,16 @@ def derived_tables(dialect: str) -> list[DerivedTable]:
     return [DerivedTable(table(grain), ddl(grain),
                          (maintenance(grain, "_new_events").sql(dialect=dialect),),
                          (maintenance(grain, "events").sql(dialect=dialect),), types)
-            for grain in GRAINS] + activity.derived_tables() + cohort_tables(dialect)
+            for grain in GRAINS] + activity.derived_tables() + cohort_tables(dialect) \
+        + [attributes.derived_table()]
 
 
 def compile_from_rollup(metric: Metric, scope: Scope, by_currency: bool) -> Compiled | None:
     """The measures of ``metric`` summed from the coarsest rollup that tiles the request, or
-    None when no rollup can answer it exactly (unaligned range, no grain divides the step)."""
+    None when no rollup can answer it exactly (unaligned range, no grain divides the step, a
+    player attribute named: the events answer those)."""
     grain = grain_for(scope.step_seconds)
-    if grain is None:
+    if grain is None or scope.player_attributes:  # rollups keep no player to join
         return None
     size = GRAINS[grain]
     start = int(scope.start.replace(tzinfo=UTC).timestamp())
@@ -89,9 +92,8 @@ def compile_from_rollup(metric: Metric, scope: Scope, by_currency: bool) -> Comp
         keys.append(exp.alias_(exp.column("currency"), "source_currency"))
     measures = list(dict.fromkeys(metric.measures))
     conditions: list[exp.Expr] = [exp.column("bucket") >= params.bind(start),
-                  exp.column("bucket") < params.bind(end),
-                  exp.column("event_type").isin(
-                      *(exp.Literal.string(t) for t in sorted({m.event_type for m in measures})))]
+                                  exp.column("bucket") < params.bind(end),
+                                  counted_rows(measures)]
     conditions += filter_conditions(scope.filters, params)
     tree = (
         exp.select(*keys, *(exp.alias_(exp.func("SUM", exp.column(m.name)), m.name)
@@ -103,6 +105,23 @@ def compile_from_rollup(metric: Metric, scope: Scope, by_currency: bool) -> Comp
         .group_by(*(k.this.copy() for k in keys), copy=False)
     )
     return Compiled(tree, params.values)
+
+
+def counted_rows(measures: list[Measure]) -> exp.Expr:
+    """The rollup rows holding an event ``measures`` count — a group is present exactly where
+    it is on the events (``compiler.counted_events``). The reason of a wallet event is not
+    a rollup dimension: a row of its event type holds one when that reason's count is not 0
+    (leaving out the other rows changes no sum: theirs are 0)."""
+    plain = sorted({m.event_type for m in measures if m.reason is None})
+    conditions: list[exp.Expr] = \
+        [exp.column("event_type").isin(*(exp.Literal.string(t) for t in plain))] if plain else []
+    for event_type, reason in sorted({(m.event_type, m.reason) for m in measures
+                                      if m.reason is not None}):
+        count = next(c for c in MEASURES.values() if c.column is None
+                     and (c.event_type, c.reason) == (event_type, reason))
+        conditions.append(exp.and_(exp.column("event_type").eq(exp.Literal.string(event_type)),
+                                   exp.column(count.name) > exp.Literal.number(0)))
+    return exp.or_(*conditions)
 
 
 def grain_for(step_seconds: int) -> str | None:

@@ -29,10 +29,20 @@ class Kind(StrEnum):
 @dataclass(frozen=True)
 class Dimension:
     name: str  # the API's filter / group-by key
-    column: str  # the events column it reads
+    column: str  # the column it reads: of the events, or of player_attributes
     description: str
+    # a player attribute (CONTRACT §4): this field of the player's registration, kept per
+    # (brand, player) in player_attributes (semantic/attributes.py), not the event's own
+    registration_field: str | None = None
+
+    @property
+    def player_attribute(self) -> bool:
+        return self.registration_field is not None
 
 
+_REGISTRATION = ("of the player's registration (its first player.registered by occurred_at), "
+                 "joined per (brand, player) to every event a metric counts; null for the "
+                 "events of a player with no registration")
 DIMENSIONS: dict[str, Dimension] = {
     d.name: d
     for d in (
@@ -42,14 +52,19 @@ DIMENSIONS: dict[str, Dimension] = {
         Dimension("game_id", "game_id", "game (bets)"),
         Dimension("method", "method", "payment method (payment events)"),
         Dimension("currency", "currency", "the event's own currency, before conversion"),
-        Dimension("device", "device", "device class (sessions, registrations)"),
-        Dimension("geo", "country", "player country (registrations)"),
+        Dimension("device", "registered_device", f"device class {_REGISTRATION}",
+                  registration_field="device"),
+        Dimension("geo", "registered_country", f"ISO 3166 country {_REGISTRATION}",
+                  registration_field="country"),
     )
 }
-BET_DIMENSIONS = ("brand_id", "region", "provider_id", "game_id", "currency")
-PAYMENT_DIMENSIONS = ("brand_id", "region", "method", "currency")
-WALLET_DIMENSIONS = ("brand_id", "region", "currency")
-PLAYER_DIMENSIONS = ("brand_id", "region")
+# every metric counts events of players (a payment or any event may lack one: it then has no
+# attribute), so every metric can be filtered and grouped by the player's attributes
+PLAYER_ATTRIBUTES = tuple(name for name, d in DIMENSIONS.items() if d.player_attribute)
+BET_DIMENSIONS = ("brand_id", "region", "provider_id", "game_id", "currency", *PLAYER_ATTRIBUTES)
+PAYMENT_DIMENSIONS = ("brand_id", "region", "method", "currency", *PLAYER_ATTRIBUTES)
+WALLET_DIMENSIONS = ("brand_id", "region", "currency", *PLAYER_ATTRIBUTES)
+PLAYER_DIMENSIONS = ("brand_id", "region", *PLAYER_ATTRIBUTES)
 
 
 @dataclass(frozen=True)
@@ -115,7 +130,7 @@ METRICS: dict[str, Metric] = {
         _additive("ngr", Unit.MONEY,
                   "net gaming revenue: ggr − Σ bonus.consumed.amount_minor − Σ "
                   "jackpot_contribution_minor − Σ commission_minor (of bet.settled)",
-                  PLAYER_DIMENSIONS + ("currency",),
+                  ("brand_id", "region", "currency", *PLAYER_ATTRIBUTES),
                   (1, "stake_sum"), (-1, "win_sum"), (-1, "bonus_consumed_sum"),
                   (-1, "jackpot_sum"), (-1, "commission_sum")),
         Metric("rtp", Unit.RATIO, Kind.RATIO,
@@ -134,8 +149,9 @@ METRICS: dict[str, Metric] = {
                "when there is no intent)", PAYMENT_DIMENSIONS,
                ((1, "capture_count"), (1, "intent_count"))),
         Metric("settle_lag_p95", Unit.SECONDS, Kind.PERCENTILE,
-               "p95 of t(bet.settled) − t(bet.placed) for the same bet_id, in seconds, "
-               "bucketed by settle time", BET_DIMENSIONS),
+               "p95 of t(bet.settled) − t(bet.placed) for the same (brand, bet_id), pairing "
+               "each settle with the latest placement at or before it (a settle with none is "
+               "left out), in seconds, bucketed by settle time", BET_DIMENSIONS),
         Metric("webhook_lag_p95", Unit.SECONDS, Kind.PERCENTILE,
                "p95 of ingested_at − occurred_at over all events, in seconds",
                PLAYER_DIMENSIONS),

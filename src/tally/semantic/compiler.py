@@ -14,6 +14,7 @@ from typing import Any
 
 from sqlglot import exp
 
+from tally.semantic import attributes
 from tally.semantic.catalog import DIMENSIONS, Measure, Metric
 
 EPOCH = exp.cast(exp.Literal.string("1970-01-01 00:00:00"), exp.DataType.Type.TIMESTAMP)
@@ -44,6 +45,17 @@ class Scope:
     step_seconds: int
     filters: dict[str, tuple[str, ...]]  # dimension → values (OR-ed); keys AND-ed
     group_by: tuple[str, ...]
+
+    @property
+    def keys(self) -> tuple[str, ...]:
+        """Every dimension the query names (filters, then groups)."""
+        return (*self.filters, *self.group_by)
+
+    @property
+    def player_attributes(self) -> bool:
+        """Does it name a player attribute (``device``, ``geo``)? Then it reads its source
+        joined to the players' registration attributes (semantic/attributes.py)."""
+        return attributes.names_attributes(self.keys)
 
 
 @dataclass(frozen=True)
@@ -87,6 +99,15 @@ def _groups(scope: Scope, table: str | None = None) -> list[exp.Expr]:
     return [exp.alias_(column(DIMENSIONS[g].column, table), g) for g in scope.group_by]
 
 
+def _by_expression(keys: list[exp.Expr]) -> list[exp.Expr]:
+    """GROUP BY the keys' expressions, not their aliases: a source column of an alias's name
+    would win over it (the group ``device`` is the player's ``registered_device``, and the
+    events have a ``device`` column of their own). A constant (the one bucket of a slice)
+    by its alias: ``GROUP BY 0`` would be a position."""
+    return [exp.column(k.alias) if isinstance(k.this, exp.Literal) else k.this.copy()
+            for k in keys if isinstance(k, exp.Alias)]
+
+
 def _measure_condition(measure: Measure) -> exp.Expr:
     condition: exp.Expr = column("event_type").eq(exp.Literal.string(measure.event_type))
     if measure.reason is not None:
@@ -108,21 +129,30 @@ def measure_sum(measure: Measure) -> exp.Expr:
     return exp.alias_(exp.func("SUM", case), measure.name)
 
 
+def counted_events(measures: list[Measure]) -> exp.Expr:
+    """The events ``measures`` count, nothing else: a group is present in an answer where
+    one of them is (a ``wallet.credit`` that is no deposit is not an event of ``deposits``)."""
+    plain = sorted({m.event_type for m in measures if m.reason is None})
+    conditions: list[exp.Expr] = \
+        [column("event_type").isin(*(exp.Literal.string(t) for t in plain))] if plain else []
+    kinds = {(m.event_type, m.reason): m for m in measures if m.reason is not None}
+    conditions += [_measure_condition(m) for _, m in sorted(kinds.items())]
+    return exp.or_(*conditions)
+
+
 def compile_measures(metric: Metric, scope: Scope, by_currency: bool) -> Compiled:
     """Per (bucket, groups[, currency]) sums of the metric's measures."""
     params = Params()
     measures = list(dict.fromkeys(metric.measures))
-    event_types = sorted({m.event_type for m in measures})
-    keys: list[exp.Expr] = [exp.alias_(bucket(scope.step_seconds), "bucket"),
-                                  *_groups(scope)]
+    keys: list[exp.Expr] = [exp.alias_(bucket(scope.step_seconds), "bucket"), *_groups(scope)]
     if by_currency:
         keys.append(exp.alias_(column("currency"), "source_currency"))
     tree = (
         exp.select(*keys, *(measure_sum(m) for m in measures))
-        .from_("events")
+        .from_(attributes.source("events", scope.keys))
         .where(scope_condition(scope, params))
-        .where(column("event_type").isin(*(exp.Literal.string(t) for t in event_types)))
-        .group_by(*(exp.column(k.alias) for k in keys))
+        .where(counted_events(measures))
+        .group_by(*_by_expression(keys))
     )
     return Compiled(tree, params.values)
 
@@ -138,30 +168,35 @@ def compile_webhook_lag(scope: Scope) -> Compiled:
     tree = exp.select(
         exp.alias_(bucket(scope.step_seconds), "bucket"), *_groups(scope),
         exp.alias_(_seconds_between(column("occurred_at"), column("ingested_at")), "value"),
-    ).from_("events").where(scope_condition(scope, params))
+    ).from_(attributes.source("events", scope.keys)).where(scope_condition(scope, params))
     return Compiled(tree, params.values)
 
 
 def compile_settle_lag(scope: Scope) -> Compiled:
-    """Per settlement: seconds since the (first) placement of the same bet, by settle time."""
+    """Per settlement: seconds since the latest placement of the same (brand, bet) at or
+    before it (CONTRACT §5), by settle time; a settlement with none is left out. An ``ASOF``
+    join is exactly that pairing (DuckDB and ClickHouse both have it): the greatest
+    ``placed_at`` ≤ the settle's ``occurred_at`` among the rows equal on brand and bet."""
     params = Params()
     placed = (
-        exp.select("tenant_id", "bet_id",
-                   exp.alias_(exp.func("MIN", column("occurred_at")), "placed_at"))
+        exp.select("tenant_id", "bet_id", exp.alias_(column("occurred_at"), "placed_at"))
         .from_("events")
         .where(column("event_type").eq(exp.Literal.string("bet.placed")))
-        .group_by("tenant_id", "bet_id")
+        # none after the range's last settlement can pair (it bounds only the far side)
+        .where(column("occurred_at") < params.bind(scope.end))
     )
     join_on = exp.and_(column("tenant_id", "p").eq(column("tenant_id", "s")),
-                       column("bet_id", "p").eq(column("bet_id", "s")))
+                       column("bet_id", "p").eq(column("bet_id", "s")),
+                       column("occurred_at", "s") >= column("placed_at", "p"))
     tree = (
         exp.select(
             exp.alias_(bucket(scope.step_seconds, "s"), "bucket"), *_groups(scope, "s"),
             exp.alias_(_seconds_between(column("placed_at", "p"), column("occurred_at", "s")),
                        "value"),
         )
-        .from_(exp.alias_(exp.to_table("events"), "s", table=True))
-        .join(exp.alias_(exp.Subquery(this=placed), "p", table=True), on=join_on)
+        .from_(attributes.source("events", scope.keys, "s"))
+        .join(exp.alias_(exp.Subquery(this=placed), "p", table=True), on=join_on,
+              join_type="ASOF")
         .where(column("event_type", "s").eq(exp.Literal.string("bet.settled")))
         .where(scope_condition(scope, params, "s"))
     )
@@ -191,16 +226,15 @@ def compile_active(scope: Scope, min_session_seconds: int, distinct: bool) -> Co
                  column("reason").eq(exp.Literal.string("deposit"))),
         exp.and_(column("event_type").eq(exp.Literal.string("session.started")), in_long),
     )
-    keys: list[exp.Expr] = [exp.alias_(bucket(scope.step_seconds), "bucket"),
-                                  *_groups(scope)]
+    keys: list[exp.Expr] = [exp.alias_(bucket(scope.step_seconds), "bucket"), *_groups(scope)]
     player = column("player_id")
     value = exp.Count(this=exp.Distinct(expressions=[player])) if distinct else player
     tree = (
-        exp.select(*keys, exp.alias_(value, "value")).from_("events")
+        exp.select(*keys, exp.alias_(value, "value"))
+        .from_(attributes.source("events", scope.keys))
         .where(scope_condition(scope, params)).where(active)
         .where(player.is_(exp.null()).not_())
     )
-    group_cols = [exp.column(k.alias) for k in keys]
-    tree = tree.group_by(*group_cols) if distinct else tree.distinct()
+    tree = tree.group_by(*_by_expression(keys)) if distinct else tree.distinct()
     return Compiled(tree, params.values)
 

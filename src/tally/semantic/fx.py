@@ -1,6 +1,12 @@
 """FX rates (CONTRACT §5): append-only, per UTC day, decimal per major unit of the base
 currency; conversion of minor-unit sums with exact half-to-even rounding.
 
+Conversion is exact rational arithmetic (``Fraction``): :meth:`FxRates.exact` is a converted
+sum before any rounding — what ratios such as ``rtp`` are computed from, so a brand that bets
+in one currency has exactly that currency's ratio whatever the rates — and
+:meth:`FxRates.convert` rounds each (day, source currency) sum of it half-to-even, what money
+answers add.
+
 ``1 GBP = 1.15 EUR`` on a day means a GBP amount of that day becomes EUR by × 1.15, adjusted for
 the two currencies' minor units (JPY has none, KWD has three decimals). A report in another
 currency than the base uses the cross rate ``rate(src) / rate(dst)``. A day without a rate uses
@@ -13,13 +19,13 @@ import threading
 from bisect import bisect_right
 from collections.abc import Iterable
 from datetime import date
-from decimal import ROUND_HALF_EVEN, Context, Decimal, InvalidOperation
+from decimal import Decimal, InvalidOperation
+from fractions import Fraction
 from typing import Any, Protocol
 
 from tally.errors import BadRequest, Conflict, Unprocessable
 from tally.events.currencies import ISO_4217, minor_exponent
 
-EXACT = Context(prec=80)  # minor sums up to 1e19 times rates with 18+12 digits stay exact
 MAX_RATES_PER_REQUEST = 10_000
 
 
@@ -80,7 +86,7 @@ class FxRates:
         self._rates: dict[str, list[Decimal]] = {}
         # (source, target, day) → factor; a day without its own rate takes an earlier one,
         # so every new rate can change many entries: the memo is cleared on every add
-        self._factors: dict[tuple[str, str, date], Decimal] = {}
+        self._factors: dict[tuple[str, str, date], Fraction] = {}
         for day, currency, rate in sorted(store.fx_rates()):
             self._put(day, currency, Decimal(rate))
         self.version = sum(len(days) for days in self._days.values())  # grows with every add
@@ -139,22 +145,29 @@ class FxRates:
                                 "(POST /v1/admin/fx-rates)", currency=currency)
         return self._rates[currency][at]
 
-    def factor(self, source: str, target: str, day: date) -> Decimal:
-        """What one minor unit of ``source`` is worth in minor units of ``target`` on ``day``."""
+    def factor(self, source: str, target: str, day: date) -> Fraction:
+        """What one minor unit of ``source`` is worth in minor units of ``target`` on ``day``,
+        exactly (the cross rate ``rate(source) / rate(target)``, scaled by the minor units)."""
         key = (source, target, day)
         known = self._factors.get(key)
         if known is None:
             version = self.version
             if source == target:
-                known = Decimal(1)
+                known = Fraction(1)
             else:
-                cross = EXACT.divide(self.rate(source, day), self.rate(target, day))
-                known = EXACT.multiply(cross, Decimal(10) ** (minor_exponent(target)
-                                                              - minor_exponent(source)))
+                known = (Fraction(self.rate(source, day)) / Fraction(self.rate(target, day))
+                         * Fraction(10) ** (minor_exponent(target) - minor_exponent(source)))
             with self._lock:  # not a factor computed from rates that changed meanwhile
                 if self.version == version:
                     self._factors[key] = known
         return known
+
+    def exact(self, sums: Iterable[tuple[date, str, int]], target: str) -> Fraction:
+        """Σ over (day, source currency, minor sum) of sum × factor, nothing rounded."""
+        total = Fraction(0)
+        for day, source, amount in sums:
+            total += amount if source == target else amount * self.factor(source, target, day)
+        return total
 
     def convert(self, sums: Iterable[tuple[date, str, int]], target: str) -> int:
         """Σ over (day, source currency, minor sum) of round_half_even(sum × factor)."""
@@ -163,6 +176,11 @@ class FxRates:
             if source == target:
                 total += amount
                 continue
-            exact = EXACT.multiply(Decimal(amount), self.factor(source, target, day))
-            total += int(exact.quantize(Decimal(1), rounding=ROUND_HALF_EVEN, context=EXACT))
+            factor = self.factor(source, target, day)
+            # integer half-to-even of amount × n / d: 3x faster than round(Fraction) (measured)
+            quotient, rest = divmod(amount * factor.numerator, factor.denominator)
+            if 2 * rest > factor.denominator or (2 * rest == factor.denominator
+                                                 and quotient % 2):
+                quotient += 1
+            total += quotient
         return total

@@ -20,7 +20,8 @@ async def metrics(principal: AnalyticsReader, runtime: RuntimeDep) -> JSONRespon
         "time": "all buckets by UTC occurred_at; 1d = UTC day",
         "money": "integer minor units of the reporting currency (value_minor); converted with "
                  "the FX rate of each event's UTC day, rounded half-to-even per bucket and "
-                 "source currency",
+                 "source currency; ratios (rtp) are computed from the exact converted sums, "
+                 "before any rounding",
         "metrics": describe(policy.visible_metrics(principal)),
         # the analyses this client may run (funnel, retention, ltv: CONTRACT §6)
         "analyses": list(policy.visible_analyses(principal)),

@@ -1,0 +1,1 @@
+SELECT bucket // 86400 * 86400 AS bucket, tenant_id AS brand_id, currency AS source_currency, SUM(deposit_sum) AS deposit_sum FROM rollup_1d WHERE bucket >= $p0 AND bucket < $p1 AND (event_type = 'wallet.credit' AND deposit_count > 0) AND tenant_id IN ($p2, $p3) AND region IN ($p4) GROUP BY bucket // 86400 * 86400, tenant_id, currency
