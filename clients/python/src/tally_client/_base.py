@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 import time
 from collections.abc import Callable
-from typing import Any, Self
+from typing import Any, Self, TypedDict
 
 from tally_client._exchange import Auth, Credentials, Send, StaticToken
 from tally_client._version import __version__
@@ -17,6 +17,19 @@ HEADERS = {"User-Agent": f"tally-client/{__version__}",
            "Accept": "application/json, application/problem+json"}
 ENV = {"url": "TALLY_URL", "client_id": "TALLY_CLIENT_ID",
        "client_secret": "TALLY_CLIENT_SECRET"}  # noqa: S105 - names, not secrets
+
+
+class ClientOptions(TypedDict, total=False):
+    """The keyword options of both clients (see :class:`ClientBase`)."""
+
+    client_id: str
+    client_secret: str
+    scope: str
+    access_token: str
+    retry: RetryPolicy
+    max_batch_events: int
+    max_batch_bytes: int
+    clock: Callable[[], float]
 
 
 class ClientBase:
@@ -50,14 +63,18 @@ class ClientBase:
         self.max_batch_events, self.max_batch_bytes = max_batch_events, max_batch_bytes
 
     @classmethod
-    def from_env(cls, **options: Any) -> Self:
-        """A client from ``TALLY_URL``, ``TALLY_CLIENT_ID`` and ``TALLY_CLIENT_SECRET``
-        (keyword ``options`` win over them)."""
-        found = {name: os.environ[var] for name, var in ENV.items() if os.environ.get(var)}
-        merged = {**found, **options}
-        if "url" not in merged:
+    def from_env(cls, url: str | None = None, **options: Any) -> Self:
+        """A client of ``url`` or ``$TALLY_URL``, with ``$TALLY_CLIENT_ID`` and
+        ``$TALLY_CLIENT_SECRET`` unless ``options`` give credentials; other ``options`` as
+        the constructor's."""
+        url = url or os.environ.get(ENV["url"])
+        if not url:
             raise ValueError("TALLY_URL is not set")
-        return cls(**merged)
+        if "access_token" not in options:
+            for name in ("client_id", "client_secret"):
+                if name not in options and os.environ.get(ENV[name]):
+                    options[name] = os.environ[ENV[name]]
+        return cls(url, **options)
 
     def _credentials(self) -> Credentials:
         if not isinstance(self._auth, Credentials):

@@ -10,12 +10,12 @@ from __future__ import annotations
 import asyncio
 from collections.abc import AsyncIterator, Callable, Iterable, Mapping, Sequence
 from types import TracebackType
-from typing import Any, TypeVar, cast, overload
+from typing import Any, TypeVar, Unpack, cast, overload
 
 import httpx
 
 from tally_client import _ingest, _routes
-from tally_client._base import DEFAULT_TIMEOUT, HEADERS, ClientBase
+from tally_client._base import DEFAULT_TIMEOUT, HEADERS, ClientBase, ClientOptions
 from tally_client._exchange import Exchange, Outcome, Send, Wait, call
 from tally_client._routes import Call, Day, Filters, Instant, fresh
 from tally_client.models import (
@@ -54,7 +54,8 @@ class AsyncTallyClient(ClientBase):
     ``httpx.AsyncClient`` of your own, which :meth:`aclose` leaves open."""
 
     def __init__(self, url: str, *, timeout: float = DEFAULT_TIMEOUT,
-                 http_client: httpx.AsyncClient | None = None, **options: Any) -> None:
+                 http_client: httpx.AsyncClient | None = None,
+                 **options: Unpack[ClientOptions]) -> None:
         super().__init__(url, **options)
         self._own = http_client is None
         self._http = http_client or httpx.AsyncClient(timeout=timeout, headers=HEADERS)

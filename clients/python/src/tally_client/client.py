@@ -9,12 +9,12 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from types import TracebackType
-from typing import Any, TypeVar, cast, overload
+from typing import Any, TypeVar, Unpack, cast, overload
 
 import httpx
 
 from tally_client import _ingest, _routes
-from tally_client._base import DEFAULT_TIMEOUT, HEADERS, ClientBase
+from tally_client._base import DEFAULT_TIMEOUT, HEADERS, ClientBase, ClientOptions
 from tally_client._exchange import Exchange, Outcome, Send, Wait, call
 from tally_client._routes import Call, Day, Filters, Instant, fresh
 from tally_client.models import (
@@ -53,7 +53,8 @@ class TallyClient(ClientBase):
     of your own (TLS client certificates, proxies), which :meth:`close` leaves open."""
 
     def __init__(self, url: str, *, timeout: float = DEFAULT_TIMEOUT,
-                 http_client: httpx.Client | None = None, **options: Any) -> None:
+                 http_client: httpx.Client | None = None,
+                 **options: Unpack[ClientOptions]) -> None:
         super().__init__(url, **options)
         self._own = http_client is None
         self._http = http_client or httpx.Client(timeout=timeout, headers=HEADERS)
