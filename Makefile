@@ -27,7 +27,7 @@ run: install  ## demo data into an empty store, a demo client, then the API
 	@bash scripts/run.sh "$(DATA_DIR)" "$(HOST)" "$(PORT)" "$(DEMO_EVENTS)" "$(DEMO_DAYS)"
 
 lint: install  ## ruff and mypy --strict
-	$(VENV)/bin/ruff check src tests bench reliability
+	$(VENV)/bin/ruff check src tests bench reliability clients
 	$(VENV)/bin/mypy
 
 test: lint  ## the whole suite (lint first)

@@ -31,10 +31,12 @@ def cli(*args: str, data_dir: Path,
 
 class Server:
     def __init__(self, data_dir: Path, env: dict[str, str] | None = None,
-                 nofile: tuple[int, int] | None = None, ready_within: float = 60) -> None:
+                 nofile: tuple[int, int] | None = None, ready_within: float = 60,
+                 port: int | None = None) -> None:
         """``nofile``: the (soft, hard) file-descriptor limit the server starts with;
-        ``ready_within``: seconds it may take to answer ``/readyz``."""
-        self.data_dir, self.port = data_dir, free_port()
+        ``ready_within``: seconds it may take to answer ``/readyz``; ``port``: a given port
+        (a restart where clients wait for the server they knew), else a free one."""
+        self.data_dir, self.port = data_dir, port or free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log = data_dir.parent / f"serve-{self.port}.log"
         with self.log.open("wb") as log:

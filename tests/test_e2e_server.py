@@ -1,5 +1,7 @@
 """End to end through the real server process: durability under SIGKILL, operator commands
-while serving, and the CLI's contract (CONTRACT §1, §3)."""
+while serving, and the CLI's contract (CONTRACT §1, §3). HTTP goes through tally-client, so
+the client and the server cannot drift apart; only what the client cannot send by design
+(a body that is not a list of events, no token) goes out as raw HTTP."""
 
 from __future__ import annotations
 
@@ -9,11 +11,20 @@ import time
 from pathlib import Path
 
 import duckdb
-import httpx2 as httpx
+import httpx
 import pytest
 
+from tally_client import (
+    NO_RETRY,
+    Forbidden,
+    PayloadTooLarge,
+    RateLimited,
+    ServiceUnavailable,
+    TallyClient,
+    Unprocessable,
+)
 from tests.conftest import make_event
-from tests.server import Server, cli, new_client, token
+from tests.server import Server, cli, new_client
 
 pytestmark = pytest.mark.slow
 
@@ -22,25 +33,28 @@ def test_every_acknowledged_event_survives_sigkill(tmp_path: Path):
     data = tmp_path / "data"
     creds = new_client(data)
     server = Server(data)
-    headers = token(server.url, *creds)
     acknowledged: list[str] = []
     lock = threading.Lock()
     stop = threading.Event()
+    # no retries: a batch is acknowledged by its own 202 or not at all
+    tally = TallyClient(server.url, client_id=creds[0], client_secret=creds[1],
+                        retry=NO_RETRY, timeout=10)
+    tally.token()
 
     def producer(worker: int) -> None:
-        with httpx.Client(base_url=server.url, headers=headers, timeout=10) as http:
-            n = 0
-            while not stop.is_set():
-                batch = [make_event(event_id=f"w{worker}-{n}-{i}") for i in range(200)]
-                n += 1
-                try:
-                    r = http.post("/v1/events:batch", json=batch)
-                except httpx.TransportError:
-                    return  # the server died under us: this batch was never acknowledged
-                if r.status_code == 202:
-                    assert r.json()["accepted"] == 200
-                    with lock:
-                        acknowledged.extend(e["event_id"] for e in batch)
+        n = 0
+        while not stop.is_set():
+            batch = [make_event(event_id=f"w{worker}-{n}-{i}") for i in range(200)]
+            n += 1
+            try:
+                receipt = tally.send_batch(batch)
+            except httpx.TransportError:
+                return  # the server died under us: this batch was never acknowledged
+            except (RateLimited, ServiceUnavailable):
+                continue  # refused for now: not acknowledged either
+            assert receipt.accepted == 200
+            with lock:
+                acknowledged.extend(e["event_id"] for e in batch)
 
     workers = [threading.Thread(target=producer, args=(w,)) for w in range(3)]
     for w in workers:
@@ -55,6 +69,7 @@ def test_every_acknowledged_event_survives_sigkill(tmp_path: Path):
     stop.set()
     for w in workers:
         w.join()
+    tally.close()
     with lock:
         acked = list(acknowledged)
     assert len(acked) >= 6_000, (server.log.read_text())[-2000:]
@@ -62,11 +77,10 @@ def test_every_acknowledged_event_survives_sigkill(tmp_path: Path):
     assert (data / "journal").exists()
     again = Server(data)  # restart: unapplied journal records are replayed, index rebuilt
     try:
-        headers = token(again.url, *creds)
         sample = [make_event(event_id=e) for e in acked[:: max(1, len(acked) // 500)]]
-        r = httpx.post(f"{again.url}/v1/events:batch", json=sample,
-                       headers=headers)
-        assert r.json()["duplicates"] == len(sample) and r.json()["accepted"] == 0
+        with TallyClient(again.url, client_id=creds[0], client_secret=creds[1]) as client:
+            receipt = client.send_batch(sample)
+        assert receipt.duplicates == len(sample) and receipt.accepted == 0
     finally:
         again.stop()
     con = duckdb.connect(str(data / "events.duckdb"), read_only=True)
@@ -81,10 +95,8 @@ def test_operator_commands_work_while_serving(tmp_path: Path):
     server = Server(data)
     try:
         creds = new_client(data, scopes="events:write")  # written while the server runs
-        headers = token(server.url, *creds)
-        r = httpx.post(f"{server.url}/v1/events:batch", headers=headers,
-                       json=[make_event()])
-        assert r.status_code == 202 and r.json()["accepted"] == 1
+        with TallyClient(server.url, client_id=creds[0], client_secret=creds[1]) as client:
+            assert client.ingest([make_event()]).accepted == 1
         demo = cli("demo", "--events", "10", data_dir=data)
         assert demo.returncode != 0 and "in use" in demo.stderr
         assert demo.stderr.count("\n") == 1 and "Traceback" not in demo.stderr
@@ -140,30 +152,35 @@ def test_ingestion_contract_through_the_real_server(tmp_path: Path):
     reader = new_client(data, scopes="analytics:read")
     server = Server(data, env={"TALLY_REGIONS": "EU,UK", "TALLY_MAX_BATCH_EVENTS": "50"})
     try:
-        headers, read_only = token(server.url, *writer), token(server.url, *reader)
-        with httpx.Client(base_url=server.url, timeout=10) as http:
-            def post(events, **extra):
-                return http.post("/v1/events:batch", json=events,
-                                 headers={**headers, **extra})
-
+        with (TallyClient(server.url, client_id=writer[0], client_secret=writer[1]) as tally,
+              TallyClient(server.url, client_id=reader[0], client_secret=reader[1]) as read):
             a, bad, far = make_event(), make_event(event_type="x.y"), make_event(region="NA")
-            r = post([a, bad, a, far], **{"X-Idempotency-Key": "k"})
-            assert r.status_code == 202
-            assert {k: r.json()[k] for k in ("accepted", "duplicates", "rejected")} == {
-                "accepted": 1, "duplicates": 1, "rejected": 2}
-            assert post([a, bad, a, far], **{"X-Idempotency-Key": "k"}).json() == r.json()
-            assert post([a], **{"X-Idempotency-Key": "k"}).status_code == 422
-            assert post([a]).json()["duplicates"] == 1
+            first = tally.send_batch([a, bad, a, far], idempotency_key="k")
+            assert (first.accepted, first.duplicates, first.rejected) == (1, 1, 2)
+            assert [(e.index, e.event_id) for e in first.errors] == [
+                (1, bad["event_id"]), (3, far["event_id"])]
+            assert tally.send_batch([a, bad, a, far], idempotency_key="k") == first
+            for call, problem in [
+                (lambda: tally.send_batch([a], idempotency_key="k"), Unprocessable),
+                (lambda: tally.send_batch([make_event() for _ in range(51)]), PayloadTooLarge),
+                (lambda: read.send_batch([]), Forbidden),
+            ]:
+                with pytest.raises(problem) as caught:
+                    call()
+                assert caught.value.response.headers["content-type"] == (
+                    "application/problem+json")
+            assert tally.send_batch([a]).duplicates == 1
+            # what the client never sends: a body that is not a list of events, no token
+            token = tally.token().access_token
             for status, response in [
-                (400, http.post("/v1/events:batch", json={}, headers=headers)),
-                (413, post([make_event() for _ in range(51)])),
-                (401, http.post("/v1/events:batch", json=[])),
-                (403, http.post("/v1/events:batch", json=[], headers=read_only)),
+                (400, httpx.post(f"{server.url}/v1/events:batch", json={},
+                                 headers={"Authorization": f"Bearer {token}"})),
+                (401, httpx.post(f"{server.url}/v1/events:batch", json=[])),
             ]:
                 assert response.status_code == status
                 assert response.headers["content-type"] == "application/problem+json"
-            items = http.get("/v1/admin/quarantine", headers=headers).json()["items"]
-            assert [i["event"] for i in items] == [bad, {"event_id": far["event_id"],
-                                                         "redacted": True}]
+            items = tally.quarantine().items
+            assert [i.event for i in items] == [bad, {"event_id": far["event_id"],
+                                                      "redacted": True}]
     finally:
         server.stop()

@@ -3,9 +3,10 @@
 
 from __future__ import annotations
 
+import logging
 import sqlite3
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
@@ -103,23 +104,70 @@ def demo(
     seed: Annotated[int, typer.Option(metavar="S",
                                       help="Random seed (same seed, same data).")] = 7,
     data_dir: DataDir = None,
+    url: Annotated[str | None, typer.Option(
+        "--url", metavar="URL",
+        help="Send the events to the server at URL through tally-client (as a producer "
+             "would) instead of into --data-dir.")] = None,
+    client_id: Annotated[str | None, typer.Option(
+        "--client-id", metavar="ID", envvar="TALLY_CLIENT_ID",
+        help="With --url: a client with scope events:write (and admin, to set the demo's FX "
+             "rates).")] = None,
+    client_secret: Annotated[str | None, typer.Option(
+        "--client-secret", metavar="SECRET", envvar="TALLY_CLIENT_SECRET",
+        help="With --url: its secret (better in the environment than on the command "
+             "line).")] = None,
     json_output: Json = False,
 ) -> None:
-    """Fill the store with a realistic synthetic casino event stream."""
-    from tally.demo.load import load_demo
+    """Fill the store with a realistic synthetic casino event stream (--url: send it to a
+    running server)."""
+    if url is not None:
+        summary = _demo_to_url(url, client_id, client_secret, data_dir, events, days, seed)
+        where = summary["url"]
+    else:
+        from tally.demo.load import load_demo
 
-    settings = settings_for(data_dir)
-    try:
-        summary = load_demo(settings, events=events, days=days, seed=seed)
-    except StoreUnavailable as exc:
-        fail(str(exc))
+        settings = settings_for(data_dir)
+        try:
+            summary = load_demo(settings, events=events, days=days, seed=seed)
+        except StoreUnavailable as exc:
+            fail(str(exc))
+        where = summary["data_dir"]
     if json_output:
         print_json(summary)
     else:  # on stderr, below the progress bar: a shell that captures stdout gets nothing
-        typer.echo(f"loaded {summary['accepted']:,} events into {summary['data_dir']} in "
+        typer.echo(f"loaded {summary['accepted']:,} events into {where} in "
                    f"{summary['seconds']} s ({summary['events_generated']:,} generated, "
-                   f"{summary['duplicates']:,} duplicates, {summary['rejected']:,} rejected)",
+                   f"{summary['duplicates']:,} duplicates, {summary['rejected']:,} rejected)"
+                   + (f"; FX rates {summary['fx_rates']}" if "fx_rates" in summary else ""),
                    err=True)
+
+
+def _demo_to_url(url: str, client_id: str | None, client_secret: str | None,
+                 data_dir: Path | None, events: int, days: int, seed: int) -> dict[str, Any]:
+    """``tally demo --url``: checks its options, sends, and turns failures into one line."""
+    if data_dir is not None:
+        fail("--url sends to a server, --data-dir loads a local store: give one of them")
+    if not client_id or not client_secret:
+        fail("--url needs --client-id and --client-secret (or $TALLY_CLIENT_ID and "
+             "$TALLY_CLIENT_SECRET)")
+    try:
+        import httpx
+
+        from tally_client import TallyProblem
+    except ImportError:
+        fail("--url needs the tally-client package (pip install clients/python)")
+    from tally.demo.remote import send_demo
+
+    logging.getLogger("tally_client").setLevel(logging.ERROR)  # retries: not on the CLI's stderr
+    try:
+        return send_demo(url, client_id, client_secret, settings_for(None), events=events,
+                         days=days, seed=seed)
+    except TallyProblem as exc:
+        fail(f"{url} answered {exc}")
+    except httpx.TransportError as exc:
+        fail(f"cannot reach {url}: {exc or type(exc).__name__}")
+    except ValueError as exc:
+        fail(str(exc))
 
 
 @audit_app.command("verify")
