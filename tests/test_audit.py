@@ -232,7 +232,7 @@ def test_the_log_cannot_take_an_entry_so_the_answer_is_withheld(client, headers)
     client.app.state.runtime.audit.close()  # the real log, closed: appends now fail
     r = client.get("/v1/analytics/timeseries", params=QUERY, headers=headers)
     assert r.status_code == 503 and r.headers["content-type"] == "application/problem+json"
-    assert r.json()["type"].endswith("/audit_unavailable") and '"series"' not in r.text
+    assert r.json()["type"].endswith("/audit-unavailable") and '"series"' not in r.text
     assert r.headers["x-trace-id"] == r.json()["trace_id"]
     assert client.get("/healthz").status_code == 200  # unaudited routes still answer
 

@@ -32,7 +32,7 @@ def sample_requests(client: TestClient, headers: dict[str, str]) -> list[httpx.R
     return [
         ts,
         client.get(TS, params=TS_PARAMS, headers={**headers, "If-None-Match": ts.headers["etag"]}),
-        client.get("/v1/analytics/slice", headers=headers, params={**TS_PARAMS, "dim": "region"}),
+        client.get("/v1/analytics/slice", headers=headers, params={**TS_PARAMS, "granularity": None, "dim": "region"}),
         client.get(TS, params={**TS_PARAMS, "metric": "nope"}, headers=headers),  # 400
         client.get(TS, params=TS_PARAMS),  # 401
         client.get("/v1/metrics", headers=headers),
@@ -189,7 +189,7 @@ def test_deprecation_end_to_end_through_the_real_server(tmp_path):
     try:
         headers = token(server.url, *creds)
         with httpx.Client(base_url=server.url, headers=headers, timeout=10) as http:
-            answer = http.get("/v1/analytics/slice", params={**TS_PARAMS, "dim": "region"})
+            answer = http.get("/v1/analytics/slice", params={**TS_PARAMS, "granularity": None, "dim": "region"})
             error = http.get("/v1/analytics/slice", params={"metric": "nope"})
             unauthenticated = httpx.get(f"{server.url}/v1/analytics/slice")
             other = http.get(TS, params=TS_PARAMS)

@@ -47,7 +47,7 @@ def test_a_statement_past_the_timeout_is_stopped_and_the_cursor_answers_the_next
         backend.execute(ENDLESS, {})
     assert time.monotonic() - started < 5
     err = stopped.value
-    assert (err.status, err.code, err.headers) == (503, "query_timeout", {"Retry-After": "10"})
+    assert (err.status, err.code, err.headers) == (503, "query-timeout", {"Retry-After": "10"})
     assert "0.3 s" in err.detail and "TALLY_QUERY_TIMEOUT_SECONDS" in err.detail
     # the same thread's cursor, right after
     assert backend.execute(SMALL, {}).to_pylist() == [{"n": 499500}]
@@ -88,7 +88,7 @@ def test_timeouts_on_concurrent_readers_stop_only_their_own_statement(tmp_path):
         t.start()
     for t in threads:
         t.join(30)
-    assert outcomes == {"heavy": "query_timeout", "light": True}
+    assert outcomes == {"heavy": "query-timeout", "light": True}
     backend.close()
 
 
@@ -97,7 +97,7 @@ def test_a_statement_over_the_memory_limit_is_503_and_the_store_answers_the_next
     with pytest.raises(QueryMemoryExceeded) as stopped:
         backend.execute(HUNGRY, {})
     err = stopped.value
-    assert (err.status, err.code, err.headers) == (503, "query_memory_exceeded",
+    assert (err.status, err.code, err.headers) == (503, "query-memory-exceeded",
                                                    {"Retry-After": "10"})
     assert "64.0 MiB" in err.detail and "TALLY_QUERY_MEMORY_LIMIT" in err.detail
     assert backend.execute(SMALL, {}).to_pylist() == [{"n": 499500}]
@@ -179,7 +179,7 @@ def test_a_query_stopped_by_the_timeout_is_503_and_the_next_query_is_answered(tm
         assert r.headers["content-type"].startswith("application/problem+json")
         assert r.headers["retry-after"] == "10"
         body = r.json()
-        assert body["type"].endswith("/query_timeout")
+        assert body["type"].endswith("/query-timeout")
         assert "TALLY_QUERY_TIMEOUT_SECONDS" in body["detail"]
         assert body["limit"] == "query_timeout_seconds"
         backend = client.app.state.runtime.backend  # the operator raises the limit

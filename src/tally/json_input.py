@@ -22,14 +22,14 @@ from typing import Any, TypeVar
 
 import msgspec
 
-from tally.errors import BadRequest
+from tally.errors import InvalidBody
 
 T = TypeVar("T")
 BOM = b"\xef\xbb\xbf"
 ANY: msgspec.json.Decoder[Any] = msgspec.json.Decoder()
 
 
-class MalformedJson(BadRequest):
+class MalformedJson(InvalidBody):
     """A body that is not JSON at all (as opposed to JSON of the wrong shape)."""
 
 

@@ -9,15 +9,18 @@ import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
-from fastapi import FastAPI
+from typing import Any
+
+from fastapi import Depends, FastAPI
 from starlette.datastructures import Headers, MutableHeaders
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from tally import __version__
-from tally.api import hygiene, problems
+from tally.api import hygiene, openapi, problems
 from tally.api.bodies import BodyMiddleware, body_rules
 from tally.api.limiting import LimitsMiddleware
 from tally.api.routes import admin, analytics, audit, auth, ingest, meta, metrics
+from tally.api.strict import strict_input
 from tally.audit.middleware import AuditMiddleware
 from tally.config import Settings, get_settings
 from tally.observability.metrics import Metrics
@@ -97,7 +100,8 @@ def create_app(settings: Settings | None = None, runtime: Runtime | None = None)
             runtime = None
 
     app = FastAPI(title="Tally", version=__version__, lifespan=lifespan,
-                  description="Analytics API for online gaming operators.")
+                  description=openapi.DESCRIPTION,
+                  dependencies=[Depends(strict_input)])  # CONTRACT §4 strict input
     app.state.metrics = app_metrics = Metrics()
 
     app.add_middleware(BodyMiddleware, rules=body_rules(settings),  # innermost: body rules
@@ -109,4 +113,5 @@ def create_app(settings: Settings | None = None, runtime: Runtime | None = None)
     problems.install(app)
     for module in (auth, ingest, admin, audit, meta, metrics, analytics):
         app.include_router(module.router)
+    openapi.install(app)
     return app

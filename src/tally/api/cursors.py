@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import base64
 
-from tally.errors import BadRequest
+from tally.errors import BadRequest, InvalidCursor
 from tally.insights.request import parse_bounded_int
 
 MAX_POSITION = 2**63 - 1  # positions are BIGINT sequence numbers
@@ -23,4 +23,4 @@ def decode_cursor(kind: str, cursor: str) -> int:
             raise ValueError(raw)
         return parse_bounded_int(value, "cursor", 0, MAX_POSITION, default=0)
     except (ValueError, BadRequest):
-        raise BadRequest("cursor is not one this API issued") from None
+        raise InvalidCursor("cursor is not one this API issued") from None

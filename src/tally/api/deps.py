@@ -2,19 +2,33 @@
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable
 from typing import Annotated
 
-from fastapi import Depends, Request
-from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from fastapi import Depends, Request, Security
+from fastapi.openapi.models import OAuthFlowClientCredentials, OAuthFlows
+from fastapi.security import OAuth2, SecurityScopes
 
-from tally.errors import Forbidden, Unauthorized
+from tally.errors import InsufficientScope, Unauthorized
 from tally.runtime import Runtime
 from tally.security.admission import admit_client
 from tally.security.mtls import require_certificate
 from tally.security.tokens import Principal
 
-_bearer = HTTPBearer(auto_error=False)
+SCOPE_HELP = {
+    "events:write": "Ingest events (POST /v1/events:batch).",
+    "analytics:read": "Query metrics, funnels, retention and LTV within the token's limits.",
+    "exports:write": "Start export jobs.",
+    "admin": "Operator routes: FX rates, the quarantine, the audit log.",
+}
+# the one security scheme of the document: OAuth2 client credentials, a scope per operation
+oauth2 = OAuth2(
+    flows=OAuthFlows(clientCredentials=OAuthFlowClientCredentials(
+        tokenUrl="/oauth/token", scopes=SCOPE_HELP)),
+    scheme_name="oauth2",
+    description="Client credentials (RFC 6749 §4.4) at POST /oauth/token; send the access "
+                "token as `Authorization: Bearer <token>`.",
+    auto_error=False,
+)
 
 
 # pure dependencies are ``async def``: FastAPI runs a plain ``def`` dependency in its thread
@@ -32,27 +46,29 @@ RuntimeDep = Annotated[Runtime, Depends(get_runtime)]
 def authenticated(
     request: Request,
     runtime: RuntimeDep,
-    credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
+    authorization: Annotated[str | None, Depends(oauth2)],
 ) -> Principal:
-    if credentials is None or credentials.scheme.lower() != "bearer":
+    scheme, _, credentials = (authorization or "").partition(" ")
+    if scheme.lower() != "bearer" or not credentials.strip():
         raise Unauthorized("a bearer token is required (POST /oauth/token)")
-    principal = runtime.tokens.verify(credentials.credentials)
+    principal = runtime.tokens.verify(credentials.strip())
     require_certificate(principal, request.scope)  # RFC 8705: a cnf-bound token's own cert
     request.state.principal = principal  # who asked, for the audit log
     admit_client(principal.client_id)  # the client's rate limit (429 when spent)
     return principal
 
 
-def require(scope: str) -> Callable[..., Awaitable[Principal]]:
-    async def check(principal: Annotated[Principal, Depends(authenticated)]) -> Principal:
+async def authorized(security_scopes: SecurityScopes,
+                     principal: Annotated[Principal, Depends(authenticated)]) -> Principal:
+    """The caller, holding every scope the operation declares (``Security(scopes=…)``, which
+    is also what the OpenAPI document says the operation needs)."""
+    for scope in security_scopes.scopes:
         if scope not in principal.scopes:
-            raise Forbidden(f"this route needs the {scope!r} scope", missing_scope=scope)
-        return principal
-
-    return check
+            raise InsufficientScope(scope)
+    return principal
 
 
-AnyToken = Annotated[Principal, Depends(authenticated)]
-EventsWriter = Annotated[Principal, Depends(require("events:write"))]
-Admin = Annotated[Principal, Depends(require("admin"))]
-AnalyticsReader = Annotated[Principal, Depends(require("analytics:read"))]
+AnyToken = Annotated[Principal, Security(authorized)]
+EventsWriter = Annotated[Principal, Security(authorized, scopes=["events:write"])]
+Admin = Annotated[Principal, Security(authorized, scopes=["admin"])]
+AnalyticsReader = Annotated[Principal, Security(authorized, scopes=["analytics:read"])]

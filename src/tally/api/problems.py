@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from http import HTTPStatus
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -10,7 +11,18 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from tally.errors import PROBLEM_MEDIA_TYPE, StoreUnavailable, UserError, problem
+from tally.api.models import problem_for
+
+from tally.errors import (
+    INTERNAL,
+    METHOD_NOT_ALLOWED,
+    NOT_FOUND,
+    PROBLEM_MEDIA_TYPE,
+    STORE_UNAVAILABLE,
+    StoreUnavailable,
+    UserError,
+    problem,
+)
 
 log = logging.getLogger(__name__)
 STORE_RETRY_AFTER = 5  # seconds
@@ -35,9 +47,7 @@ def problem_response(request: Request, body: dict[str, Any],
 def user_error_response(request: Request, exc: UserError) -> ProblemResponse:
     """The answer to a :class:`UserError`: from the exception handler, or from a middleware
     that refuses a request before the app runs (``api/bodies.py``)."""
-    headers = {"WWW-Authenticate": "Bearer"} if exc.status == 401 else {}
-    headers.update(exc.headers or {})
-    return problem_response(request, exc.problem(str(request.url.path)), headers)
+    return problem_response(request, exc.problem(str(request.url.path)), dict(exc.headers or {}))
 
 
 def install(app: FastAPI) -> None:
@@ -47,28 +57,23 @@ def install(app: FastAPI) -> None:
 
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(request: Request, exc: StarletteHTTPException) -> ProblemResponse:
-        title = {404: "Not Found", 405: "Method Not Allowed"}.get(exc.status_code, "Error")
-        code = title.lower().replace(" ", "_")
-        body = problem(exc.status_code, title, str(exc.detail), code, str(request.url.path))
+        status = exc.status_code
+        code = {404: NOT_FOUND, 405: METHOD_NOT_ALLOWED}.get(
+            status, UserError.code if 400 <= status < 500 else INTERNAL)
+        body = problem(status, HTTPStatus(status).phrase, str(exc.detail), code,
+                       str(request.url.path))
         return problem_response(request, body, dict(exc.headers or {}))
 
     @app.exception_handler(RequestValidationError)
     async def _validation_error(request: Request, exc: RequestValidationError) -> ProblemResponse:
-        errors = [
-            {"loc": ".".join(str(p) for p in err.get("loc", ())), "msg": err.get("msg", "")}
-            for err in exc.errors()
-        ]
-        detail = "; ".join(f"{e['loc']}: {e['msg']}" for e in errors) or "invalid request"
-        body = problem(400, "Bad Request", detail, "bad_request", str(request.url.path),
-                       errors=errors)
-        return problem_response(request, body)
+        return user_error_response(request, problem_for(exc.errors(), "query"))
 
     @app.exception_handler(StoreUnavailable)
     async def _store_unavailable(request: Request, exc: StoreUnavailable) -> ProblemResponse:
         log.warning("store unavailable", extra={"trace_id": _trace_id(request),
                                                 "error": str(exc)})
         body = problem(503, "Service Unavailable", "the store cannot answer now; retry later",
-                       "store_unavailable", str(request.url.path))
+                       STORE_UNAVAILABLE, str(request.url.path))
         return problem_response(request, body, {"Retry-After": str(STORE_RETRY_AFTER)})
 
     @app.exception_handler(Exception)
@@ -76,5 +81,5 @@ def install(app: FastAPI) -> None:
         log.exception("unhandled error", extra={"trace_id": _trace_id(request)})
         body = problem(500, "Internal Server Error",
                        "an unexpected error occurred; quote the trace_id when reporting it",
-                       "internal", str(request.url.path))
+                       INTERNAL, str(request.url.path))
         return problem_response(request, body)

@@ -17,7 +17,7 @@ import msgspec
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from tally.audit import record
-from tally.errors import PROBLEM_MEDIA_TYPE, problem
+from tally.errors import AUDIT_UNAVAILABLE, PROBLEM_MEDIA_TYPE, problem
 
 log = logging.getLogger(__name__)
 
@@ -70,7 +70,7 @@ async def _unavailable(scope: Scope, send: Send) -> None:
     state: dict[str, Any] = scope.get("state") or {}
     body = problem(503, "Service Unavailable",
                    "the audit log cannot record this request, so it is not answered",
-                   "audit_unavailable", scope.get("path"), trace_id=state.get("trace_id"))
+                   AUDIT_UNAVAILABLE, scope.get("path"), trace_id=state.get("trace_id"))
     content = msgspec.json.encode(body)
     await send({"type": "http.response.start", "status": 503,
                 "headers": [(b"content-type", PROBLEM_MEDIA_TYPE.encode()),

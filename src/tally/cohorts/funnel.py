@@ -29,7 +29,7 @@ from tally.cohorts.request import (
     parse_filters,
     parse_step,
 )
-from tally.errors import BadRequest
+from tally.errors import InvalidParameter
 from tally.insights.evaluate import nearest_rank
 from tally.insights.request import parse_instant
 from tally.semantic import attributes
@@ -52,7 +52,7 @@ def parse(body: Any) -> Funnel:
     raw = _object(body, "the request body")
     raw_steps = raw.get("steps")
     if not isinstance(raw_steps, list) or not 1 <= len(raw_steps) <= MAX_STEPS:
-        raise BadRequest(f"steps must be a list of 1 to {MAX_STEPS} steps", field="steps")
+        raise InvalidParameter(f"steps must be a list of 1 to {MAX_STEPS} steps", field="steps")
     steps = []
     for i, item in enumerate(raw_steps):
         step = parse_step(item, f"steps[{i}]", ("within_sec",))
@@ -60,27 +60,27 @@ def parse(body: Any) -> Funnel:
             else None
         if within is not None:
             if i == 0:
-                raise BadRequest("steps[0].within_sec: the first step has no previous step",
+                raise InvalidParameter("steps[0].within_sec: the first step has no previous step",
                                  field="steps[0].within_sec")
             within = _positive_int(within, f"steps[{i}].within_sec", MAX_WINDOW)
         steps.append(Step(step.event, step.conditions, step.name, within))
     window = _positive_int(raw.get("window_sec"), "window_sec", MAX_WINDOW)
     if not isinstance(raw.get("from"), str) or not isinstance(raw.get("to"), str):
-        raise BadRequest("from and to are required")
+        raise InvalidParameter("from and to are required")
     start, end = parse_instant(raw["from"], "from"), parse_instant(raw["to"], "to")
     if start >= end:
-        raise BadRequest("from must be before to")
+        raise InvalidParameter("from must be before to")
     if end - start > timedelta(days=MAX_FUNNEL_DAYS):
-        raise BadRequest(f"a funnel range (from..to) is at most {MAX_FUNNEL_DAYS} days",
+        raise InvalidParameter(f"a funnel range (from..to) is at most {MAX_FUNNEL_DAYS} days",
                          field="to")
     correlate = raw.get("correlate_by", "player_id")
     if correlate not in CORRELATE_FIELDS:
-        raise BadRequest(f"correlate_by must be one of {', '.join(CORRELATE_FIELDS)}",
+        raise InvalidParameter(f"correlate_by must be one of {', '.join(CORRELATE_FIELDS)}",
                          field="correlate_by")
     exclusions = []
     raw_exclusions = raw.get("exclusions", [])
     if not isinstance(raw_exclusions, list) or len(raw_exclusions) > MAX_EXCLUSIONS:
-        raise BadRequest(f"exclusions must be a list of at most {MAX_EXCLUSIONS}",
+        raise InvalidParameter(f"exclusions must be a list of at most {MAX_EXCLUSIONS}",
                          field="exclusions")
     for i, item in enumerate(raw_exclusions):
         what = f"exclusions[{i}]"
@@ -89,7 +89,7 @@ def parse(body: Any) -> Funnel:
         if (not isinstance(between, list) or len(between) != 2
                 or not all(isinstance(b, int) and not isinstance(b, bool) for b in between)
                 or not 1 <= between[0] < between[1] <= len(steps)):
-            raise BadRequest(f"{what}.between must be [i, j] with 1 ≤ i < j ≤ {len(steps)}",
+            raise InvalidParameter(f"{what}.between must be [i, j] with 1 ≤ i < j ≤ {len(steps)}",
                              field=f"{what}.between")
         exclusions.append(Step(step.event, step.conditions, step.name,
                                between=(between[0], between[1])))

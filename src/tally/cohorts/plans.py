@@ -16,7 +16,7 @@ from tally.cohorts.request import (
     parse_cohort,
     parse_days_range,
 )
-from tally.errors import BadRequest
+from tally.errors import InvalidFilter, InvalidParameter
 from tally.insights import request as rq
 from tally.insights.series import Context, Plan, currency_of
 from tally.security import policy
@@ -56,7 +56,7 @@ def ltv(ctx: Context, q: dict[str, str | None]) -> Plan:
     policy.allow_analysis(ctx.principal, "ltv")  # and its metric, below (CONTRACT §6)
     name = q.get("metric") or "ggr"
     if name not in LTV_METRICS:
-        raise BadRequest(f"metric must be one of {', '.join(LTV_METRICS)} for LTV",
+        raise InvalidParameter(f"metric must be one of {', '.join(LTV_METRICS)} for LTV",
                          field="metric")
     metric = rq.parse_metric(name, ctx.principal)
     cohort = parse_cohort(q.get("cohort") or "first_deposit")
@@ -64,7 +64,7 @@ def ltv(ctx: Context, q: dict[str, str | None]) -> Plan:
     filters = rq.parse_filters(q.get("filters"), metric)
     for key in filters:
         if key not in PLAYER_FILTER_KEYS:
-            raise BadRequest(f"unknown filter key {key!r} here (one of "
+            raise InvalidFilter(f"unknown filter key {key!r} here (one of "
                              f"{', '.join(PLAYER_FILTER_KEYS)})", key=key)
     horizon = retention_.parse_horizon(q.get("horizon"))
     check_cohort_cells(first, last, horizon)

@@ -10,7 +10,7 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from sqlglot import exp
 
-from tally.errors import BadRequest, Unprocessable
+from tally.errors import InvalidFilter, InvalidParameter, QueryTooLarge
 from tally.events.registry import REGISTRY
 from tally.insights.request import parse_date
 from tally.semantic.catalog import PLAYER_ATTRIBUTES
@@ -65,13 +65,13 @@ class Step:
 
 def _object(value: Any, what: str) -> Mapping[str, Any]:
     if not isinstance(value, Mapping):
-        raise BadRequest(f"{what} must be a JSON object")
+        raise InvalidParameter(f"{what} must be a JSON object")
     return value
 
 
 def _positive_int(value: Any, what: str, maximum: int) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= maximum:
-        raise BadRequest(f"{what} must be an integer from 1 to {maximum}", field=what)
+        raise InvalidParameter(f"{what} must be an integer from 1 to {maximum}", field=what)
     return value
 
 
@@ -82,22 +82,22 @@ def parse_step(raw: Any, what: str, extra: tuple[str, ...] = ()) -> Step:
     body = _object(raw, what)
     event = body.get("event")
     if not isinstance(event, str) or event not in REGISTRY:  # a list or object is unhashable
-        raise BadRequest(f"{what}.event {event!r} is not an event type "
+        raise InvalidParameter(f"{what}.event {event!r} is not an event type "
                          f"(one of {', '.join(sorted(REGISTRY))})", field=f"{what}.event")
     name = body.get("name", event)
     if not isinstance(name, str) or not name:
-        raise BadRequest(f"{what}.name must be a non-empty string", field=f"{what}.name")
+        raise InvalidParameter(f"{what}.name must be a non-empty string", field=f"{what}.name")
     conditions = []
     for key, value in body.items():
         if key in ("event", "name", *extra):
             continue
         kind = FIELD_TYPES.get(key)
         if kind is None:
-            raise BadRequest(f"{what}: {key!r} is not a queryable payload field (one of "
+            raise InvalidParameter(f"{what}: {key!r} is not a queryable payload field (one of "
                              f"{', '.join(FIELD_TYPES)})", field=f"{what}.{key}")
         values = tuple(value) if isinstance(value, list) else (value,)
         if not values or not all(type(v) is kind for v in values):
-            raise BadRequest(f"{what}.{key} must be a {kind.__name__} or a non-empty list of "
+            raise InvalidParameter(f"{what}.{key} must be a {kind.__name__} or a non-empty list of "
                              "them", field=f"{what}.{key}")
         conditions.append((key, tuple(dict.fromkeys(values))))
     return Step(str(event), tuple(sorted(conditions)), name)
@@ -110,27 +110,27 @@ def parse_filters(raw: Any, allowed: tuple[str, ...]) -> dict[str, tuple[str, ..
     filters: dict[str, tuple[str, ...]] = {}
     for key, value in _object(raw, "filters").items():
         if key not in allowed:
-            raise BadRequest(f"unknown filter key {key!r} here (one of {', '.join(allowed)})",
+            raise InvalidFilter(f"unknown filter key {key!r} here (one of {', '.join(allowed)})",
                              key=key)
         values = value if isinstance(value, list) else [value]
         if not values or not all(isinstance(v, str) and v for v in values):
-            raise BadRequest(f"filter {key} must be a string or a list of strings", key=key)
+            raise InvalidFilter(f"filter {key} must be a string or a list of strings", key=key)
         filters[key] = tuple(dict.fromkeys(values))
     return filters
 
 
 def parse_day(value: Any, what: str) -> date:
     if not isinstance(value, str):
-        raise BadRequest(f"{what} is required (YYYY-MM-DD)", field=what)
+        raise InvalidParameter(f"{what} is required (YYYY-MM-DD)", field=what)
     return parse_date(value, what)
 
 
 def parse_days_range(start: Any, end: Any) -> tuple[date, date]:
     first, last = parse_day(start, "start_date"), parse_day(end, "end_date")
     if last < first:
-        raise BadRequest("end_date must not be before start_date")
+        raise InvalidParameter("end_date must not be before start_date")
     if (last - first).days + 1 > MAX_COHORT_DAYS:
-        raise BadRequest(f"at most {MAX_COHORT_DAYS} cohort days per request")
+        raise InvalidParameter(f"at most {MAX_COHORT_DAYS} cohort days per request")
     return first, last
 
 
@@ -138,7 +138,7 @@ def check_cohort_cells(first: date, last: date, horizon: int) -> None:
     """``422`` when cohort days × ``horizon`` is over :data:`MAX_COHORT_CELLS`."""
     days = (last - first).days + 1
     if days * horizon > MAX_COHORT_CELLS:
-        raise Unprocessable(
+        raise QueryTooLarge(
             f"{days} cohort days × a {horizon}-day horizon is {days * horizon} values, over "
             f"the limit of {MAX_COHORT_CELLS}; ask for fewer cohort days or a shorter horizon",
             limit="max_cohort_cells", max_cohort_cells=MAX_COHORT_CELLS)
@@ -148,7 +148,7 @@ def parse_cohort(value: Any) -> str:
     from tally.cohorts.tables import COHORTS
 
     if not isinstance(value, str) or value not in COHORTS:
-        raise BadRequest(f"cohort must be one of {', '.join(COHORTS)}", field="cohort")
+        raise InvalidParameter(f"cohort must be one of {', '.join(COHORTS)}", field="cohort")
     return str(value)
 
 
@@ -156,11 +156,11 @@ def parse_timezone(value: Any) -> ZoneInfo:
     if value is None:
         value = "UTC"
     if not isinstance(value, str):
-        raise BadRequest("timezone must be an IANA time zone name", field="timezone")
+        raise InvalidParameter("timezone must be an IANA time zone name", field="timezone")
     try:
         return ZoneInfo(value)
     except (ZoneInfoNotFoundError, ValueError):
-        raise BadRequest(f"unknown time zone {value!r} (an IANA name such as Europe/London)",
+        raise InvalidParameter(f"unknown time zone {value!r} (an IANA name such as Europe/London)",
                          field="timezone") from None
 
 

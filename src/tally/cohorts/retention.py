@@ -27,7 +27,7 @@ from tally.cohorts.request import (
     parse_step,
     parse_timezone,
 )
-from tally.errors import BadRequest
+from tally.errors import InvalidParameter
 from tally.insights.request import parse_bounded_int
 from tally.rollups import activity
 from tally.semantic import attributes
@@ -63,11 +63,11 @@ def parse_retention(body: Any) -> Retention:
     if (not isinstance(days, list) or not days or len(days) > 64
             or not all(isinstance(d, int) and not isinstance(d, bool) and 0 <= d <= MAX_DAY
                        for d in days) or len(set(days)) != len(days)):
-        raise BadRequest(f"days must be a list of distinct integers from 0 to {MAX_DAY}",
+        raise InvalidParameter(f"days must be a list of distinct integers from 0 to {MAX_DAY}",
                          field="days")
     mode = raw.get("mode", "on")
     if mode not in MODES:
-        raise BadRequest("mode must be on or on_or_after", field="mode")
+        raise InvalidParameter("mode must be on or on_or_after", field="mode")
     return Retention(cohort, first, last, return_event, tuple(sorted(days)),
                      parse_filters(raw.get("filters"), PLAYER_FILTER_KEYS),
                      parse_timezone(raw.get("timezone")), str(mode))

@@ -20,7 +20,7 @@ from typing import Any
 import msgspec
 import pyarrow as pa
 
-from tally.errors import BadRequest, PayloadTooLarge
+from tally.errors import InvalidBody, PayloadTooLarge
 from tally.events.envelope import (
     AnyEvent,
     Event,
@@ -144,11 +144,11 @@ def _decode_one_by_one(body: bytes, rejections: list[Rejection]) -> list[tuple[i
     try:
         raws = decode(body, "body", _RAW, checked=True)
     except msgspec.ValidationError:
-        raise BadRequest("body must be a JSON array of event objects") from None
+        raise InvalidBody("body must be a JSON array of event objects") from None
     indexed: list[tuple[int, Event]] = []
     for i, raw in enumerate(raws):
         if bytes(memoryview(raw)[:1]) != b"{":
-            raise BadRequest(f"body must be a JSON array of event objects; item {i} is not one")
+            raise InvalidBody(f"body must be a JSON array of event objects; item {i} is not one")
         try:
             indexed.append((i, decode(raw, "body", _ONE, checked=True)))
         except msgspec.ValidationError as exc:

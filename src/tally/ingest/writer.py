@@ -25,7 +25,7 @@ import msgspec
 import numpy as np
 import pyarrow as pa
 
-from tally.errors import ServiceUnavailable, Unprocessable
+from tally.errors import IdempotencyKeyReused, ServiceUnavailable
 from tally.ingest.applier import Applier
 from tally.ingest.batch import PreparedBatch, quarantine_table
 from tally.ingest.dedup import DedupIndex
@@ -121,7 +121,7 @@ class IngestWriter:
         for sub in group:
             try:
                 replay = self._replay(sub, staged)
-            except Unprocessable as exc:
+            except IdempotencyKeyReused as exc:
                 sub.future.set_exception(exc)
                 continue
             if replay is not None:
@@ -182,7 +182,7 @@ class IngestWriter:
                 return None
             first = (stored.body_sha256, msgspec.json.decode(stored.response))
         if first[0] != idem.body_sha256:
-            raise Unprocessable(
+            raise IdempotencyKeyReused(
                 "X-Idempotency-Key was already used with a different body",
                 idempotency_key=idem.key,
             )

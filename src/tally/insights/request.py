@@ -17,7 +17,7 @@ from datetime import UTC, date, datetime, timedelta
 
 import msgspec
 
-from tally.errors import BadRequest
+from tally.errors import InvalidCursor, InvalidFilter, InvalidParameter
 from tally.security import policy
 from tally.security.admission import admit_scope
 from tally.security.tokens import Principal
@@ -46,13 +46,16 @@ def shown(value: str, limit: int = 40) -> str:
     return repr(value) if len(value) <= limit else repr(value[:limit]) + "…"
 
 
-def parse_bounded_int(text: str | None, name: str, minimum: int, maximum: int, *,
+def parse_bounded_int(text: str | int | None, name: str, minimum: int, maximum: int, *,
                       default: int, form: str = "an integer") -> int:
-    """A limit-like parameter: ASCII digits only, from ``minimum`` to ``maximum``."""
+    """A limit-like parameter: ASCII digits only (or an int a model parsed), from ``minimum``
+    to ``maximum``."""
     if text is None:
         return default
+    if isinstance(text, int):
+        text = str(text)
     if not _COUNT.fullmatch(text) or not minimum <= int(text) <= maximum:
-        raise BadRequest(f"{name} must be {form} from {minimum} to {maximum} (ASCII digits)",
+        raise InvalidParameter(f"{name} must be {form} from {minimum} to {maximum} (ASCII digits)",
                          field=name)
     return int(text)
 
@@ -61,7 +64,7 @@ def parse_date(value: str, name: str) -> date:
     """``YYYY-MM-DD``, a calendar day from :data:`EARLIEST` to the day before :data:`LATEST`."""
     day = _day(value, name)
     if not EARLIEST.date() <= day < LATEST.date():
-        raise BadRequest(f"{name}={shown(value)} is outside {EARLIEST:%Y-%m-%d} .. "
+        raise InvalidParameter(f"{name}={shown(value)} is outside {EARLIEST:%Y-%m-%d} .. "
                          f"{LATEST - timedelta(days=1):%Y-%m-%d}", field=name)
     return day
 
@@ -72,7 +75,7 @@ def _day(value: str, name: str) -> date:
             raise ValueError(value)
         return date.fromisoformat(value)
     except ValueError:
-        raise BadRequest(f"{name}={shown(value)} is not YYYY-MM-DD", field=name) from None
+        raise InvalidParameter(f"{name}={shown(value)} is not YYYY-MM-DD", field=name) from None
 
 
 def parse_instant(value: str, name: str) -> datetime:
@@ -84,7 +87,7 @@ def parse_instant(value: str, name: str) -> datetime:
     else:
         match = _RFC3339.fullmatch(value)
         if match is None:
-            raise BadRequest(f"{name}={shown(value)} is neither RFC 3339 nor YYYY-MM-DD",
+            raise InvalidParameter(f"{name}={shown(value)} is neither RFC 3339 nor YYYY-MM-DD",
                              field=name)
         shift = _offset(match[8], value, name)
         year, month, day_, hour, minute, second = (int(part) for part in match.groups()[:6])
@@ -92,10 +95,10 @@ def parse_instant(value: str, name: str) -> datetime:
             local = datetime(year, month, day_, hour, minute, second,
                              int((match[7] or ".0")[1:7].ljust(6, "0")))
         except ValueError:
-            raise BadRequest(f"{name}={shown(value)} is not a date and time that exists",
+            raise InvalidParameter(f"{name}={shown(value)} is not a date and time that exists",
                              field=name) from None
     if not EARLIEST + shift <= local <= LATEST + shift:  # i.e. local - shift (UTC) in range
-        raise BadRequest(f"{name}={shown(value)} is outside {EARLIEST:%Y-%m-%d} .. "
+        raise InvalidParameter(f"{name}={shown(value)} is outside {EARLIEST:%Y-%m-%d} .. "
                          f"{LATEST:%Y-%m-%d} (UTC)", field=name)
     return local - shift
 
@@ -103,22 +106,22 @@ def parse_instant(value: str, name: str) -> datetime:
 def _offset(text: str | None, value: str, name: str) -> timedelta:
     """The UTC offset of an RFC 3339 time: ``Z`` or ``±hh:mm`` up to ±23:59."""
     if text is None:
-        raise BadRequest(f"{name}={shown(value)} has no UTC offset", field=name)
+        raise InvalidParameter(f"{name}={shown(value)} has no UTC offset", field=name)
     if text in ("Z", "z"):
         return timedelta(0)
     hours, minutes = int(text[1:3]), int(text[4:6])
     if hours > 23 or minutes > 59:
-        raise BadRequest(f"{name}={shown(value)}: the offset must be -23:59 .. +23:59",
+        raise InvalidParameter(f"{name}={shown(value)}: the offset must be -23:59 .. +23:59",
                          field=name)
     return (-1 if text[0] == "-" else 1) * timedelta(hours=hours, minutes=minutes)
 
 
 def parse_range(start: str | None, end: str | None) -> tuple[datetime, datetime]:
     if not start or not end:
-        raise BadRequest("from and to are required")
+        raise InvalidParameter("from and to are required")
     lo, hi = parse_instant(start, "from"), parse_instant(end, "to")
     if lo >= hi:
-        raise BadRequest("from must be before to")
+        raise InvalidParameter("from must be before to")
     return lo, hi
 
 
@@ -135,7 +138,7 @@ def parse_filters(text: str | None, metric: Metric) -> dict[str, tuple[str, ...]
         key, sep, value = part.partition(":")
         key, value = key.strip(), value.strip()
         if not sep or not value:
-            raise BadRequest(f"filter {part!r} is not key:value")
+            raise InvalidFilter(f"filter {part!r} is not key:value")
         check_dimension(key, metric, "filter key")
         filters.setdefault(key, []).append(value)
     return {k: tuple(dict.fromkeys(v)) for k, v in filters.items()}
@@ -143,9 +146,9 @@ def parse_filters(text: str | None, metric: Metric) -> dict[str, tuple[str, ...]
 
 def check_dimension(key: str, metric: Metric, what: str) -> None:
     if key not in DIMENSIONS:
-        raise BadRequest(f"unknown {what} {key!r} (one of {', '.join(DIMENSIONS)})", key=key)
+        raise InvalidFilter(f"unknown {what} {key!r} (one of {', '.join(DIMENSIONS)})", key=key)
     if key not in metric.dimensions:
-        raise BadRequest(f"{what} {key!r} does not apply to metric {metric.name!r} "
+        raise InvalidFilter(f"{what} {key!r} does not apply to metric {metric.name!r} "
                          f"(it has: {', '.join(metric.dimensions)})", key=key)
 
 
@@ -181,9 +184,9 @@ def cursor_offset(cursor: str | None, fingerprint: str) -> int:
         raw = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4))
         data = msgspec.json.decode(raw, type=tuple[int, str])
     except (ValueError, msgspec.DecodeError):
-        raise BadRequest("cursor is not one this API issued") from None
+        raise InvalidCursor("cursor is not one this API issued") from None
     if data[1] != fingerprint or data[0] < 0:
-        raise BadRequest("cursor belongs to another query")
+        raise InvalidCursor("cursor belongs to another query")
     return data[0]
 
 

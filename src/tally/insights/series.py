@@ -8,7 +8,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from tally.config import Settings
-from tally.errors import BadRequest, Unprocessable
+from tally.errors import InvalidParameter, QueryTooLarge
 from tally.events.currencies import ISO_4217
 from tally.insights import request as rq
 from tally.insights.evaluate import (
@@ -74,13 +74,13 @@ def currency_of(value: str | None, settings: Settings) -> str:
     """The reporting currency: ``value`` or the base currency; 400 unless ISO 4217."""
     currency = value or settings.base_currency
     if currency not in ISO_4217:
-        raise BadRequest(f"currency {currency!r} is not an ISO 4217 code")
+        raise InvalidParameter(f"currency {currency!r} is not an ISO 4217 code")
     return currency
 
 
 def _aligned(moment: datetime, step: int, name: str, granularity: str) -> None:
     if int(moment.replace(tzinfo=UTC).timestamp()) % step:
-        raise BadRequest(f"{name} must be aligned to the {granularity} granularity (UTC)")
+        raise InvalidParameter(f"{name} must be aligned to the {granularity} granularity (UTC)")
 
 
 def _sort_key(values: tuple[Any, ...]) -> tuple[Any, ...]:
@@ -92,15 +92,15 @@ def timeseries(ctx: Context, q: dict[str, str | None]) -> Plan:
     granularity = q.get("granularity") or ""
     step = rq.GRANULARITIES.get(granularity)
     if step is None:
-        raise BadRequest(f"unknown granularity {granularity!r} (1m, 5m, 1h or 1d)")
+        raise InvalidParameter(f"unknown granularity {granularity!r} (1m, 5m, 1h or 1d)")
     if granularity not in metric.granularities:
-        raise BadRequest(f"metric {metric.name!r} is only defined for granularity "
+        raise InvalidParameter(f"metric {metric.name!r} is only defined for granularity "
                          f"{', '.join(metric.granularities)}")
     start, end = rq.parse_range(q.get("from"), q.get("to"))
     _aligned(start, step, "from", granularity)
     _aligned(end, step, "to", granularity)
     if rq.bucket_count(start, end, step) > rq.MAX_BUCKETS:
-        raise BadRequest(f"at most {rq.MAX_BUCKETS} buckets per series; use a coarser "
+        raise InvalidParameter(f"at most {rq.MAX_BUCKETS} buckets per series; use a coarser "
                          "granularity or a shorter range", limit="max_buckets",
                          max_buckets=rq.MAX_BUCKETS)
     filters = rq.confine(rq.parse_filters(q.get("filters"), metric), ctx.principal,
@@ -162,7 +162,7 @@ def _present_groups(ctx: Context, metric: Metric, scope: Scope) -> list[tuple[An
                            rq.MAX_GROUPS)
     if found is None:
         keys = ", ".join(scope.group_by)
-        raise Unprocessable(f"more than {rq.MAX_GROUPS} values of {keys} have data in this "
+        raise QueryTooLarge(f"more than {rq.MAX_GROUPS} values of {keys} have data in this "
                             f"range (at most {rq.MAX_GROUPS} groups per query); narrow it "
                             "with a filter or a shorter range", limit="max_groups",
                             max_groups=rq.MAX_GROUPS)
@@ -172,7 +172,7 @@ def _present_groups(ctx: Context, metric: Metric, scope: Scope) -> list[tuple[An
 def slice_(ctx: Context, q: dict[str, str | None]) -> Plan:
     metric = rq.parse_metric(q.get("metric"), ctx.principal)
     if metric.window_days > 1:
-        raise BadRequest(f"metric {metric.name!r} is a trailing window: use timeseries, 1d")
+        raise InvalidParameter(f"metric {metric.name!r} is a trailing window: use timeseries, 1d")
     dim = q.get("dim") or ""
     rq.check_dimension(dim, metric, "dim")
     start, end = rq.parse_range(q.get("from"), q.get("to"))
@@ -181,7 +181,7 @@ def slice_(ctx: Context, q: dict[str, str | None]) -> Plan:
     currency = currency_of(q.get("currency"), ctx.settings)
     order = q.get("order") or "-value"
     if order not in ("-value", "value"):
-        raise BadRequest("order must be -value or value")
+        raise InvalidParameter("order must be -value or value")
     limit = _limit(q.get("limit"), 50, 1000)
     fp = rq.fingerprint("slice", metric.name, dim, start, end, sorted(filters.items()),
                         currency, order, ctx.principal.min_group_size)

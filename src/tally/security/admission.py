@@ -38,7 +38,7 @@ from redis.retry import Retry
 
 from tally.config import Settings
 from tally.config_values import Rate, parse_rate
-from tally.errors import StoreUnavailable, TooManyRequests, Unprocessable
+from tally.errors import QueryTooLarge, StoreUnavailable, TooManyRequests
 from tally.security.limits import (
     Bucket,
     BucketState,
@@ -59,15 +59,16 @@ REDIS_TIMEOUT_SECONDS = 0.5  # a Redis that stops answering costs a check at mos
 
 
 class RateLimited(TooManyRequests):
-    code = "rate_limited"
+    """A rate limit per client, brand, region or address."""
 
 
 class RowsQuotaExhausted(TooManyRequests):
-    code = "rows_quota_exhausted"
+    code = "quota-exhausted"
+    doc = "The client's quota of scanned rows for this period is spent: wait `Retry-After`."
 
 
-class TooManyRowsForRequest(Unprocessable):
-    code = "rows_per_request_exceeded"
+class TooManyRowsForRequest(QueryTooLarge):
+    """One request would scan more rows than the per-request quota."""
 
 
 @dataclass(frozen=True)

@@ -36,7 +36,7 @@ from typing import Any, get_args
 import msgspec
 
 from tally import metadata
-from tally.errors import BadRequest, Unauthorized
+from tally.errors import BadRequest, InvalidClient, InvalidToken
 from tally.events.payloads import Id
 from tally.semantic.catalog import METRICS
 
@@ -204,7 +204,7 @@ def authenticate(con: sqlite3.Connection, client_id: str, secret: str) -> Client
     try:
         return _client(tuple(columns))
     except EmptyStoredLimit as exc:
-        raise Unauthorized(str(exc), error="invalid_client") from None
+        raise InvalidClient(str(exc)) from None
 
 
 def registered_clients(con: sqlite3.Connection) -> Iterator[Client]:
@@ -373,8 +373,8 @@ class ClientStates:
         seconds) may no longer be used."""
         refusals = self._refusals.get()
         if client_id in refusals.revoked:
-            raise Unauthorized(f"client {client_id} has been revoked")
+            raise InvalidToken(f"client {client_id} has been revoked")
         not_before = refusals.not_before.get(client_id)
         if not_before is not None and issued_at < not_before:
-            raise Unauthorized("token was issued before its client's secret was rotated: "
+            raise InvalidToken("token was issued before its client's secret was rotated: "
                                "get a new one with the new secret")

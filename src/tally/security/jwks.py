@@ -27,7 +27,7 @@ import httpx2 as httpx
 import jwt
 
 from tally.config import Settings
-from tally.errors import DependencyUnavailable, Unauthorized
+from tally.errors import DependencyUnavailable, InvalidToken
 from tally.security.tokens import (
     Principal,
     TokenService,
@@ -123,9 +123,9 @@ class ExternalIssuer:
         header = unverified_header(token, self.algorithms)
         key = self._key(header["kid"])
         if key is None:
-            raise Unauthorized("token signed with a key the identity provider does not publish")
+            raise InvalidToken("token signed with a key the identity provider does not publish")
         if key.algorithm_name != header["alg"]:
-            raise Unauthorized(f"key {header['kid']!r} is for {key.algorithm_name}, "
+            raise InvalidToken(f"key {header['kid']!r} is for {key.algorithm_name}, "
                                f"not {header['alg']}")
         return principal_from(decode_claims(token, key.key, header["alg"], self.issuer,
                                             self.audience))

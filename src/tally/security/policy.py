@@ -43,7 +43,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from tally.config_values import NO_ENDPOINTS
-from tally.errors import BadRequest, Forbidden, MisdirectedRequest
+from tally.errors import Forbidden, MisdirectedRequest, UnknownMetric
 from tally.security.clients import ANALYSES, ANALYSIS_METRICS, Client
 from tally.security.residency import query_error, refusal
 from tally.security.tokens import Principal
@@ -63,7 +63,7 @@ def allow_metric(principal: Principal, name: str | None) -> Metric:
     partner, not made of bets (claim ``providers``)."""
     metric = METRICS.get(name or "")
     if metric is None:
-        raise BadRequest(f"unknown metric {name!r} (see GET /v1/metrics)", metric=name)
+        raise UnknownMetric(f"unknown metric {name!r} (see GET /v1/metrics)", metric=name)
     if principal.metrics is not None and metric.name not in principal.metrics:
         raise Forbidden(f"metric {metric.name!r} is outside this client's metrics",
                         claim="metrics")

@@ -18,7 +18,7 @@ from typing import Any, Protocol
 import jwt
 from jwt.algorithms import OKPAlgorithm
 
-from tally.errors import Unauthorized
+from tally.errors import InvalidToken
 from tally.security.clients import Client, ClientStates
 from tally.security.keys import ALGORITHM, LEEWAY_SECONDS, KeyRing
 
@@ -54,9 +54,9 @@ def _claim_set(name: str, value: Any) -> frozenset[str] | None:
     if value is None:
         return None
     if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
-        raise Unauthorized("token has a malformed claim")
+        raise InvalidToken("token has a malformed claim")
     if not value or not all(v.strip() for v in value):
-        raise Unauthorized(f"token claim {name!r} is empty or holds a blank value; an empty "
+        raise InvalidToken(f"token claim {name!r} is empty or holds a blank value; an empty "
                            "limit never means all (omit the claim for no limit)")
     return frozenset(value)
 
@@ -65,7 +65,7 @@ def _claim_int(value: Any) -> int | None:
     if value is None:
         return None
     if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-        raise Unauthorized("token has a malformed claim")
+        raise InvalidToken("token has a malformed claim")
     return value
 
 
@@ -78,19 +78,19 @@ def unverified_header(token: str, algorithms: frozenset[str]) -> dict[str, Any]:
     try:
         header = jwt.get_unverified_header(token)
     except jwt.InvalidTokenError:
-        raise Unauthorized("malformed bearer token") from None
+        raise InvalidToken("malformed bearer token") from None
     alg = header.get("alg")
     if not isinstance(alg, str) or alg not in algorithms:
-        raise Unauthorized(f"token algorithm {alg!r} is not accepted "
+        raise InvalidToken(f"token algorithm {alg!r} is not accepted "
                            f"(accepted: {', '.join(sorted(algorithms))})")
     typ = header.get("typ")
     if not isinstance(typ, str) or typ.lower() not in TOKEN_TYPES:
-        raise Unauthorized(f"token type must be {TOKEN_TYPE} (RFC 9068)")
+        raise InvalidToken(f"token type must be {TOKEN_TYPE} (RFC 9068)")
     if "crit" in header or "b64" in header:
-        raise Unauthorized("token uses a critical header extension this server does not know")
+        raise InvalidToken("token uses a critical header extension this server does not know")
     kid = header.get("kid")
     if not isinstance(kid, str) or not kid:
-        raise Unauthorized("token has no key id (kid)")
+        raise InvalidToken("token has no key id (kid)")
     return header
 
 
@@ -104,18 +104,18 @@ def decode_claims(token: str, key: Any, algorithm: str, issuer: str,
             leeway=LEEWAY_SECONDS, options={"require": list(REQUIRED_CLAIMS)},
         )
     except jwt.ExpiredSignatureError:
-        raise Unauthorized("token has expired") from None
+        raise InvalidToken("token has expired") from None
     except jwt.ImmatureSignatureError:
-        raise Unauthorized("token is not valid yet (nbf or iat in the future)") from None
+        raise InvalidToken("token is not valid yet (nbf or iat in the future)") from None
     except jwt.InvalidTokenError as exc:
-        raise Unauthorized(f"invalid token: {exc}") from None
+        raise InvalidToken(f"invalid token: {exc}") from None
     return claims
 
 
 def _claim_str(claims: dict[str, Any], name: str) -> str:
     value = claims.get(name)
     if not isinstance(value, str) or not value:
-        raise Unauthorized(f"token claim {name!r} must be a non-empty string")
+        raise InvalidToken(f"token claim {name!r} must be a non-empty string")
     return value
 
 
@@ -126,7 +126,7 @@ def _confirmation(value: Any) -> str | None:
         return None
     thumbprint = value.get("x5t#S256") if isinstance(value, dict) else None
     if not isinstance(thumbprint, str) or not thumbprint or len(value) != 1:
-        raise Unauthorized("token has a confirmation (cnf) this server cannot check")
+        raise InvalidToken("token has a confirmation (cnf) this server cannot check")
     return thumbprint
 
 
@@ -134,7 +134,7 @@ def principal_from(claims: dict[str, Any]) -> Principal:
     """The caller's limits from verified claims (built-in and external issuers alike)."""
     scope = claims.get("scope", "")
     if not isinstance(scope, str):
-        raise Unauthorized("token claim 'scope' must be a space-separated string")
+        raise InvalidToken("token claim 'scope' must be a space-separated string")
     _claim_str(claims, "sub")
     return Principal(
         client_id=_claim_str(claims, "client_id"),
@@ -195,7 +195,7 @@ class TokenService:
         header = unverified_header(token, self.algorithms)
         key = self.keys.verifying(header["kid"])
         if key is None:
-            raise Unauthorized("token signed with an unknown or retired key")
+            raise InvalidToken("token signed with an unknown or retired key")
         claims = decode_claims(token, key.public, ALGORITHM, self.issuer, self.audience)
         principal = principal_from(claims)
         iat = claims["iat"]  # required and checked by decode_claims; a non-number counts as

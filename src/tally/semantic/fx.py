@@ -23,7 +23,7 @@ from decimal import Decimal, InvalidOperation
 from fractions import Fraction
 from typing import Any, Protocol
 
-from tally.errors import BadRequest, Conflict, Unprocessable
+from tally.errors import Conflict, InvalidBody, InvalidParameter, MissingFxRate, UnknownParameter
 from tally.events.currencies import ISO_4217, minor_exponent
 
 MAX_RATES_PER_REQUEST = 10_000
@@ -37,40 +37,40 @@ class RateStore(Protocol):
 
 def parse_rate(text: Any, where: str) -> Decimal:
     if not isinstance(text, str):
-        raise BadRequest(f"{where}: rate must be a decimal string such as \"1.15\", "
+        raise InvalidParameter(f"{where}: rate must be a decimal string such as \"1.15\", "
                          "never a JSON number (floats lose digits)")
     try:
         rate = Decimal(text)
     except InvalidOperation:
-        raise BadRequest(f"{where}: rate {text!r} is not a decimal number") from None
+        raise InvalidParameter(f"{where}: rate {text!r} is not a decimal number") from None
     exponent = rate.as_tuple().exponent
     if not rate.is_finite() or rate <= 0 or not isinstance(exponent, int) or exponent < -12 \
             or rate.adjusted() >= 18:
-        raise BadRequest(f"{where}: rate {text!r} must be > 0 with at most 18 integer digits "
+        raise InvalidParameter(f"{where}: rate {text!r} must be > 0 with at most 18 integer digits "
                          "and 12 decimals")
     return rate
 
 
 def parse_rates(body: Any, base: str) -> list[tuple[date, str, Decimal]]:
     if not isinstance(body, list) or not all(isinstance(item, dict) for item in body):
-        raise BadRequest('body must be a JSON array of {"date","currency","rate"} objects')
+        raise InvalidBody('body must be a JSON array of {"date","currency","rate"} objects')
     if len(body) > MAX_RATES_PER_REQUEST:
-        raise BadRequest(f"at most {MAX_RATES_PER_REQUEST} rates per request")
+        raise InvalidParameter(f"at most {MAX_RATES_PER_REQUEST} rates per request")
     rows = []
     for i, item in enumerate(body):
         where = f"item {i}"
         unknown = set(item) - {"date", "currency", "rate"}
         if unknown:
-            raise BadRequest(f"{where}: unknown field(s) {sorted(unknown)}")
+            raise UnknownParameter(f"{where}: unknown field(s) {sorted(unknown)}")
         try:
             day = date.fromisoformat(str(item.get("date")))
         except ValueError:
-            raise BadRequest(f"{where}: date must be YYYY-MM-DD") from None
+            raise InvalidParameter(f"{where}: date must be YYYY-MM-DD") from None
         currency = item.get("currency")
         if not isinstance(currency, str) or currency not in ISO_4217:  # lists: unhashable
-            raise BadRequest(f"{where}: currency {currency!r:.40} is not an ISO 4217 code")
+            raise InvalidParameter(f"{where}: currency {currency!r:.40} is not an ISO 4217 code")
         if currency == base:
-            raise BadRequest(f"{where}: {base} is the base currency; its rate is 1 by definition")
+            raise InvalidParameter(f"{where}: {base} is the base currency; its rate is 1 by definition")
         rows.append((day, str(currency), parse_rate(item.get("rate"), where)))
     return rows
 
@@ -141,7 +141,7 @@ class FxRates:
         days = self._days.get(currency, [])
         at = bisect_right(days, day) - 1
         if at < 0:
-            raise Unprocessable(f"no FX rate for {currency} on or before {day} "
+            raise MissingFxRate(f"no FX rate for {currency} on or before {day} "
                                 "(POST /v1/admin/fx-rates)", currency=currency)
         return self._rates[currency][at]
 

@@ -13,51 +13,61 @@ from typing import Annotated, Any
 import msgspec
 from fastapi import APIRouter, Query, Request, Response
 from fastapi.responses import JSONResponse
+from pydantic import RootModel
 
+from tally.api import answers
+from tally.api.answers import AUTHED, problems
 from tally.api.cursors import decode_cursor, encode_cursor
 from tally.api.deps import Admin, RuntimeDep
-from tally.errors import BadRequest
-from tally.insights.request import parse_bounded_int
+from tally.api.models import FxRate, QuarantineQuery, validated
+from tally.errors import InvalidParameter
 from tally.json_input import ANY, decode
 from tally.security import policy
 from tally.semantic.fx import parse_rates
 
 router = APIRouter(tags=["admin"])
-QUARANTINE_LIMIT = Query(description="Items per page, 1 to 1000 (default 100).")
+MAX_RATES = 10_000
 
 
-@router.post("/v1/admin/fx-rates", summary="Append FX rates (append-only, per UTC day)")
+class FxRates(RootModel[list[FxRate]]):
+    """``POST /v1/admin/fx-rates``: a JSON array of rates."""
+
+
+@router.post("/v1/admin/fx-rates", summary="Append FX rates (append-only, per UTC day)",
+             response_model=None,
+             responses={200: {"model": answers.FxInserted}, **problems(*AUTHED, 409, 413, 415)},
+             openapi_extra={"requestBody": {"required": True, "content": {"application/json": {
+                 "schema": {"$ref": "#/components/schemas/FxRates"}}}}})
 async def add_fx_rates(request: Request, principal: Admin, runtime: RuntimeDep) -> JSONResponse:
     policy.require_unrestricted(principal, "setting FX rates")
     body = decode(await request.body(), "body", ANY)
+    if isinstance(body, list):  # the shape is parse_rates' to explain; the fields the model's
+        validated(FxRates, body)
     rows = parse_rates(body, runtime.fx.base)
     result = await asyncio.to_thread(runtime.fx.add, rows)
     return JSONResponse(result, headers={"Cache-Control": "no-store"})
 
 
-@router.get("/v1/admin/fx-rates", summary="Every FX rate, by currency then date")
+@router.get("/v1/admin/fx-rates", summary="Every FX rate, by currency then date",
+            response_model=None,
+            responses={200: {"model": answers.FxListing}, **problems(*AUTHED)})
 async def list_fx_rates(_: Admin, runtime: RuntimeDep) -> JSONResponse:
     return JSONResponse({"base_currency": runtime.fx.base, "rates": runtime.fx.listing()},
                         headers={"Cache-Control": "private, no-store"})
 
 
-FILTER_HELP = ("Only entries of this {0} (repeatable; values OR-ed). A {0} outside the "
-               "token's limits is 403.")
-
-
-@router.get("/v1/admin/quarantine", summary="Rejected events with their reasons, oldest first")
+@router.get("/v1/admin/quarantine", summary="Rejected events with their reasons, oldest first",
+            response_model=None,
+            responses={200: {"model": answers.Quarantine}, **problems(*AUTHED)})
 async def quarantine(
     principal: Admin,
     runtime: RuntimeDep,
-    cursor: str | None = None,
-    limit: Annotated[str | None, QUARANTINE_LIMIT] = None,
-    brand_id: Annotated[list[str] | None, Query(description=FILTER_HELP.format("brand"))] = None,
-    region: Annotated[list[str] | None, Query(description=FILTER_HELP.format("region"))] = None,
+    q: Annotated[QuarantineQuery, Query()],
 ) -> Response:
-    size = parse_bounded_int(limit, "limit", 1, 1000, default=100)
-    scope = policy.confine_rows(principal, _named("brand_id", brand_id),
-                                _named("region", region))
-    after = decode_cursor("q", cursor) if cursor else 0
+    size = q.limit or 100
+    scope = policy.confine_rows(principal, _named("brand_id", q.brand_id),
+                                _named("region", q.region))
+    after = decode_cursor("q", q.cursor) if q.cursor else 0
     # every acknowledged rejection is listed, if the applier gets it in within the bound
     await asyncio.to_thread(runtime.ingest.read_your_writes,
                             runtime.settings.read_your_writes_ms / 1000)
@@ -87,5 +97,5 @@ def _named(key: str, values: list[str] | None) -> tuple[str, ...]:
     """A listing filter's values; an empty one is a mistake, not "any"."""
     for value in values or ():
         if not value.strip():
-            raise BadRequest(f"{key} must not be empty", parameter=key)
+            raise InvalidParameter(f"{key} must not be empty", parameter=key)
     return tuple(values or ())

@@ -4,10 +4,14 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Callable
-from typing import Any
+from typing import Annotated, Any
 
 import msgspec
-from fastapi import APIRouter, Request, Response
+from fastapi import APIRouter, Query, Request, Response
+from pydantic import BaseModel
+
+from tally.api import answers
+from tally.api.answers import AUTHED, problems
 
 from tally.api.caching import (
     COHORT_MAX_AGE,
@@ -19,6 +23,14 @@ from tally.api.caching import (
     respond,
 )
 from tally.api.deps import AnalyticsReader, RuntimeDep
+from tally.api.models import (
+    FunnelBody,
+    LtvQuery,
+    RetentionBody,
+    SliceQuery,
+    TimeseriesQuery,
+    validated,
+)
 from tally.audit.record import count_rows
 from tally.cohorts import plans
 from tally.insights.series import Context, Plan, slice_, timeseries
@@ -27,22 +39,36 @@ from tally.runtime import Runtime
 from tally.security.tokens import Principal
 
 router = APIRouter(tags=["analytics"])
-TIMESERIES_PARAMS = ("metric", "granularity", "from", "to", "filters", "group_by", "cursor",
-                     "limit", "currency")
-SLICE_PARAMS = ("metric", "dim", "from", "to", "filters", "limit", "order", "cursor",
-                "currency")
-LTV_PARAMS = ("cohort", "metric", "horizon", "start_date", "end_date", "filters", "currency")
+_CACHED = {
+    "ETag": {"description": "Validator of this answer (send it back as If-None-Match).",
+             "schema": {"type": "string"}, "required": True},
+    "Cache-Control": {"description": "How long the answer may be reused.",
+                      "schema": {"type": "string"}, "required": True},
+    "X-Data-Watermark": {"description": "RFC 3339: every event with occurred_at before it "
+                                        "is included.",
+                         "schema": {"type": "string"}, "required": True},
+}
+_NOT_MODIFIED = {304: {"description": "Not modified: the If-None-Match ETag is current.",
+                       "headers": _CACHED}}
 
 
-def _params(request: Request, names: tuple[str, ...]) -> dict[str, str | None]:
-    return {name: request.query_params.get(name) for name in names}
+def _documented(model: type[Any], *extra: int) -> dict[int | str, dict[str, Any]]:
+    return {200: {"model": model, "headers": _CACHED}, **_NOT_MODIFIED,
+            **problems(*AUTHED, *extra)}
 
 
-async def _body(request: Request) -> Any:
-    """A query's JSON body (funnel, retention): these POSTs are safe queries, answered and
-    revalidated (ETag, If-None-Match → 304) exactly like the GETs."""
+async def _body(request: Request, model: type[BaseModel]) -> Any:
+    """A query's JSON body (funnel, retention), closed by ``model`` at every depth: these
+    POSTs are safe queries, answered and revalidated (ETag, If-None-Match → 304) exactly like
+    the GETs."""
     # declared JSON and bounded as it streams in (api/bodies.py)
-    return decode(await request.body(), "the body", ANY)
+    return validated(model, decode(await request.body(), "the body", ANY))
+
+
+def _body_doc(model: type[BaseModel]) -> dict[str, Any]:
+    """The ``requestBody`` of a route that reads its body with :func:`_body`."""
+    return {"requestBody": {"required": True, "content": {"application/json": {
+        "schema": {"$ref": f"#/components/schemas/{model.__name__}"}}}}}
 
 
 async def _answer(request: Request, runtime: Runtime, principal: Principal,
@@ -70,38 +96,44 @@ async def _answer(request: Request, runtime: Runtime, principal: Principal,
     return respond(etag, content, max_age, mark)
 
 
-@router.get("/v1/analytics/timeseries", summary="A metric over time, bucketed in UTC")
-async def get_timeseries(request: Request, principal: AnalyticsReader,
-                         runtime: RuntimeDep) -> Response:
-    max_age = MAX_AGE.get(request.query_params.get("granularity", ""), 60)
-    return await _answer(request, runtime, principal, timeseries,
-                         _params(request, TIMESERIES_PARAMS), max_age)
+@router.get("/v1/analytics/timeseries", summary="A metric over time, bucketed in UTC",
+            response_model=None, responses=_documented(answers.Timeseries, 422))
+async def get_timeseries(request: Request, principal: AnalyticsReader, runtime: RuntimeDep,
+                         q: Annotated[TimeseriesQuery, Query()]) -> Response:
+    return await _answer(request, runtime, principal, timeseries, q.model_dump(by_alias=True),
+                         MAX_AGE.get(q.granularity, 60))
 
 
-@router.get("/v1/analytics/slice", summary="A metric by one dimension, ranked (top-N)")
-async def get_slice(request: Request, principal: AnalyticsReader,
-                    runtime: RuntimeDep) -> Response:
-    return await _answer(request, runtime, principal, slice_, _params(request, SLICE_PARAMS),
+@router.get("/v1/analytics/slice", summary="A metric by one dimension, ranked (top-N)",
+            response_model=None, responses=_documented(answers.Slice, 422))
+async def get_slice(request: Request, principal: AnalyticsReader, runtime: RuntimeDep,
+                    q: Annotated[SliceQuery, Query()]) -> Response:
+    return await _answer(request, runtime, principal, slice_, q.model_dump(by_alias=True),
                          SLICE_MAX_AGE)
 
 
-@router.post("/v1/analytics/funnel", summary="Conversion through ordered steps (docs/cohorts.md)")
+@router.post("/v1/analytics/funnel", summary="Conversion through ordered steps (docs/cohorts.md)",
+             response_model=None, responses=_documented(answers.Funnel, 413, 415),
+             openapi_extra=_body_doc(FunnelBody))
 async def post_funnel(request: Request, principal: AnalyticsReader,
                       runtime: RuntimeDep) -> Response:
-    return await _answer(request, runtime, principal, plans.funnel, await _body(request),
-                         COHORT_MAX_AGE)
+    return await _answer(request, runtime, principal, plans.funnel,
+                         await _body(request, FunnelBody), COHORT_MAX_AGE)
 
 
 @router.post("/v1/analytics/retention",
-             summary="D-N retention of first-deposit or registration cohorts")
+             summary="D-N retention of first-deposit or registration cohorts",
+             response_model=None, responses=_documented(answers.Retention, 413, 415, 422),
+             openapi_extra=_body_doc(RetentionBody))
 async def post_retention(request: Request, principal: AnalyticsReader,
                          runtime: RuntimeDep) -> Response:
-    return await _answer(request, runtime, principal, plans.retention, await _body(request),
+    return await _answer(request, runtime, principal, plans.retention,
+                         await _body(request, RetentionBody), COHORT_MAX_AGE)
+
+
+@router.get("/v1/analytics/ltv", summary="Cumulative ggr or ngr per cohort member by day",
+            response_model=None, responses=_documented(answers.Ltv, 422))
+async def get_ltv(request: Request, principal: AnalyticsReader, runtime: RuntimeDep,
+                  q: Annotated[LtvQuery, Query()]) -> Response:
+    return await _answer(request, runtime, principal, plans.ltv, q.model_dump(by_alias=True),
                          COHORT_MAX_AGE)
-
-
-@router.get("/v1/analytics/ltv", summary="Cumulative ggr or ngr per cohort member by day")
-async def get_ltv(request: Request, principal: AnalyticsReader,
-                  runtime: RuntimeDep) -> Response:
-    return await _answer(request, runtime, principal, plans.ltv,
-                         _params(request, LTV_PARAMS), COHORT_MAX_AGE)

@@ -14,10 +14,12 @@ from typing import Annotated
 from fastapi import APIRouter, Query, Request
 from fastapi.responses import JSONResponse
 
-from tally.api.cursors import MAX_POSITION, decode_cursor, encode_cursor
+from tally.api import answers
+from tally.api.answers import AUTHED, problems
+from tally.api.cursors import decode_cursor, encode_cursor
 from tally.api.deps import Admin, RuntimeDep
+from tally.api.models import AuditQuery
 from tally.audit.log import EntryPage
-from tally.insights.request import parse_bounded_int
 from tally.runtime import Runtime
 from tally.security import policy
 from tally.security.clients import registered_clients
@@ -27,18 +29,16 @@ router = APIRouter(tags=["admin"])
 NO_STORE = {"Cache-Control": "private, no-store"}
 
 
-@router.get("/v1/admin/audit", summary="Audit log entries, oldest first")
+@router.get("/v1/admin/audit", summary="Audit log entries, oldest first", response_model=None,
+            responses={200: {"model": answers.AuditPage}, **problems(*AUTHED)})
 async def list_audit(
     request: Request,
     principal: Admin,
     runtime: RuntimeDep,
-    after: Annotated[str | None, Query(description="Entries with seq greater than this.")] = None,
-    cursor: str | None = None,
-    limit: Annotated[str | None, Query(description="1 to 1000 (default 100).")] = None,
+    q: Annotated[AuditQuery, Query()],
 ) -> JSONResponse:
-    size = parse_bounded_int(limit, "limit", 1, 1000, default=100)
-    first = parse_bounded_int(after, "after", 0, MAX_POSITION, default=0)
-    start = decode_cursor("a", cursor) if cursor else first
+    size = q.limit or 100
+    start = decode_cursor("a", q.cursor) if q.cursor else (q.after or 0)
     page = await asyncio.to_thread(_readable_page, runtime, principal, start, size)
     request.state.audit_rows = len(page.items)
     next_cursor = None if page.next_after is None else encode_cursor("a", page.next_after)
@@ -52,7 +52,9 @@ def _readable_page(runtime: Runtime, principal: Principal, after: int,
 
 
 @router.get("/v1/admin/audit/verify",
-            summary="Verify the audit log now: chain, signed checkpoints, length")
+            summary="Verify the audit log now: chain, signed checkpoints, length",
+            response_model=None, responses={200: {"model": answers.Open},
+                                            **problems(*AUTHED)})
 async def verify_audit(principal: Admin, runtime: RuntimeDep) -> JSONResponse:
     policy.require_unrestricted(principal, "verifying the audit log")
     verdict = await asyncio.to_thread(runtime.audit.verify)

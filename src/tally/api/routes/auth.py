@@ -10,8 +10,10 @@ from urllib.parse import parse_qs, unquote
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
 
+from tally.api import answers
+from tally.api.answers import COMMON, problems
 from tally.api.deps import RuntimeDep
-from tally.errors import BadRequest, Unauthorized
+from tally.errors import InvalidClient, InvalidScope, OAuthError, UnsupportedGrantType
 from tally.security.admission import admit_token_request, admit_token_source
 from tally.security.clients import authenticate
 from tally.security.mtls import token_binding
@@ -19,16 +21,7 @@ from tally.security.tokens import TokenService
 
 router = APIRouter(tags=["auth"])
 NO_STORE = {"Cache-Control": "no-store", "Pragma": "no-cache"}
-
-
-class OAuthError(BadRequest):
-    def __init__(self, error: str, detail: str) -> None:
-        super().__init__(detail, error=error)
-
-
-class InvalidClient(Unauthorized):
-    def __init__(self) -> None:
-        super().__init__("unknown client or wrong secret", error="invalid_client")
+KNOWN_FIELDS = ("grant_type", "scope", "client_id", "client_secret")
 
 
 def _basic_credentials(header: str | None) -> tuple[str, str] | None:
@@ -37,19 +30,37 @@ def _basic_credentials(header: str | None) -> tuple[str, str] | None:
     try:
         decoded = base64.b64decode(header[6:].strip(), validate=True).decode()
     except (binascii.Error, UnicodeDecodeError):
-        raise InvalidClient() from None
+        raise InvalidClient("the Basic credentials are not base64 of client_id:secret") from None
     client_id, sep, secret = decoded.partition(":")
     if not sep:
-        raise InvalidClient()
+        raise InvalidClient("the Basic credentials are not client_id:secret")
     return unquote(client_id), unquote(secret)
 
 
-@router.post("/oauth/token", summary="Issue an access token (client credentials grant)")
+TOKEN_FORM = {"requestBody": {"required": True, "content": {
+    "application/x-www-form-urlencoded": {"schema": {
+        "type": "object", "required": ["grant_type"],
+        "description": "RFC 6749 §4.4.2. Client authentication by HTTP Basic (preferred) or "
+                       "client_id and client_secret here. Unrecognised parameters are ignored "
+                       "(RFC 6749 §3.2); a parameter given twice is invalid_request.",
+        "properties": {
+            "grant_type": {"type": "string", "enum": ["client_credentials"]},
+            "scope": {"type": "string", "description": "Space-separated subset of the "
+                      "client's scopes (default: all of them)."},
+            "client_id": {"type": "string"},
+            "client_secret": {"type": "string", "format": "password"},
+        }}}}}}
+
+
+@router.post("/oauth/token", summary="Issue an access token (client credentials grant)",
+             response_model=None, openapi_extra=TOKEN_FORM,
+             responses={200: {"model": answers.Token}, **problems(*COMMON, 401, 408, 413,
+                                                                   415)})
 async def token(request: Request, runtime: RuntimeDep) -> JSONResponse:
     tokens = runtime.tokens
     if not isinstance(tokens, TokenService):  # TALLY_JWKS_URL: an identity provider issues
-        raise OAuthError("unsupported_grant_type", "this deployment does not issue tokens: "
-                         f"get one from the identity provider {runtime.settings.issuer!r}")
+        raise UnsupportedGrantType("this deployment does not issue tokens: get one from the "
+                                   f"identity provider {runtime.settings.issuer!r}")
     # the peer's address (a proxy's forwarded one only from TALLY_FORWARDED_ALLOW_IPS): every
     # token request from it, well-formed or not, spends its bucket before any other work
     source = request.client.host if request.client else "unknown"
@@ -57,15 +68,22 @@ async def token(request: Request, runtime: RuntimeDep) -> JSONResponse:
     if not request.headers.get("content-type", "").startswith(
         "application/x-www-form-urlencoded"
     ):
-        raise OAuthError("invalid_request", "body must be application/x-www-form-urlencoded")
+        raise OAuthError("body must be application/x-www-form-urlencoded")
     raw = await request.body()  # at most 8 KiB, bounded as it streams in (api/bodies.py)
-    form = {k: v[0] for k, v in parse_qs(raw.decode(errors="replace")).items()}
-    if form.get("grant_type") != "client_credentials":
-        raise OAuthError("unsupported_grant_type", "grant_type must be client_credentials")
+    fields = parse_qs(raw.decode(errors="replace"), keep_blank_values=True)
+    repeated = sorted(k for k, v in fields.items() if len(v) > 1 and k in KNOWN_FIELDS)
+    if repeated:  # RFC 6749 §3.2: parameters MUST NOT be included more than once
+        raise OAuthError(f"parameter {repeated[0]} is given more than once")
+    form = {k: v[0] for k, v in fields.items()}
+    if "grant_type" not in form:
+        raise OAuthError("grant_type is required (client_credentials)")
+    if form["grant_type"] != "client_credentials":
+        raise UnsupportedGrantType("grant_type must be client_credentials")
     creds = _basic_credentials(request.headers.get("authorization"))
     if creds is None:
         if "client_id" not in form or "client_secret" not in form:
-            raise InvalidClient()
+            raise InvalidClient("client authentication is required: HTTP Basic, or "
+                                "client_id and client_secret in the form")
         creds = (form["client_id"], form["client_secret"])
     request.state.audit_client_id = creds[0]  # the audit log keeps the id, never the secret
     # per (client_id, address), before the secret is checked: an address that guesses is
@@ -78,14 +96,14 @@ async def token(request: Request, runtime: RuntimeDep) -> JSONResponse:
     if "scope" in form:
         asked = frozenset(form["scope"].split())
         if not asked or not asked <= client.scopes:
-            raise OAuthError("invalid_scope",
-                             f"scope must be a subset of {' '.join(sorted(client.scopes))}")
+            raise InvalidScope(f"scope must be a subset of {' '.join(sorted(client.scopes))}")
         scopes = asked
     request.state.audit_params = {"scope": " ".join(sorted(scopes))}
     body: dict[str, Any] = tokens.issue(client, scopes, token_binding(client, request.scope))
     return JSONResponse(body, headers=NO_STORE)
 
 
-@router.get("/.well-known/jwks.json", summary="Public keys that verify access tokens")
+@router.get("/.well-known/jwks.json", summary="Public keys that verify access tokens",
+            response_model=None, responses={200: {"model": answers.Jwks}, **problems(*COMMON)})
 async def jwks(runtime: RuntimeDep) -> JSONResponse:
     return JSONResponse(runtime.tokens.jwks(), headers={"Cache-Control": "public, max-age=300"})

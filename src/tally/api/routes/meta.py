@@ -13,6 +13,8 @@ from fastapi import APIRouter, Request, Response
 from fastapi.responses import JSONResponse
 
 from tally import __version__
+from tally.api import answers
+from tally.api.answers import AUTHED, COMMON, problems
 from tally.api.deps import AnyToken, RuntimeDep
 from tally.errors import Unauthorized
 from tally.events.registry import describe_registry
@@ -20,12 +22,19 @@ from tally.events.registry import describe_registry
 router = APIRouter()
 
 
-@router.get("/healthz", tags=["operations"], summary="Liveness: the process answers")
+@router.get("/healthz", tags=["operations"], summary="Liveness: the process answers",
+            response_model=None,
+            responses={200: {"model": answers.Status}, **problems(*COMMON)})
 async def healthz() -> JSONResponse:
     return JSONResponse({"status": "ok", "version": __version__})
 
 
-@router.get("/readyz", tags=["operations"], summary="Readiness: the store answers")
+@router.get("/readyz", tags=["operations"], summary="Readiness: the store answers",
+            response_model=None,
+            responses={200: {"model": answers.Status},
+                       503: {"model": answers.Status,
+                             "description": "Not ready: `reasons` says why."},
+                       **problems(400, 406, 429, 500)})
 async def readyz(runtime: RuntimeDep) -> JSONResponse:
     try:
         runtime.backend.setting("dedup_key")  # the store answers (no count: not disclosed)
@@ -39,7 +48,12 @@ async def readyz(runtime: RuntimeDep) -> JSONResponse:
     return JSONResponse({"status": "ready"})
 
 
-@router.get("/metrics", tags=["operations"], summary="Prometheus metrics (text format)")
+@router.get("/metrics", tags=["operations"], summary="Prometheus metrics (text format)",
+            response_model=None, openapi_extra={"security": [{}, {"metricsToken": []}]},
+            responses={200: {"content": {"text/plain; version=0.0.4": {
+                "schema": {"type": "string"}}},
+                "description": "Prometheus text exposition format 0.0.4."},
+                **problems(*COMMON, 401)})
 async def metrics(request: Request, runtime: RuntimeDep) -> Response:
     expected = runtime.settings.metrics_token
     if expected is not None:
@@ -52,6 +66,8 @@ async def metrics(request: Request, runtime: RuntimeDep) -> Response:
                     media_type="text/plain; version=0.0.4; charset=utf-8")
 
 
-@router.get("/v1/schemas", tags=["events"], summary="The event schema registry")
+@router.get("/v1/schemas", tags=["events"], summary="The event schema registry",
+            response_model=None,
+            responses={200: {"model": answers.Open}, **problems(*AUTHED)})
 async def schemas(_: AnyToken) -> JSONResponse:
     return JSONResponse(describe_registry(), headers={"Cache-Control": "private, max-age=300"})

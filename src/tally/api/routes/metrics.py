@@ -5,6 +5,8 @@ from __future__ import annotations
 from fastapi import APIRouter
 from fastapi.responses import JSONResponse
 
+from tally.api import answers
+from tally.api.answers import AUTHED, problems
 from tally.api.deps import AnalyticsReader, RuntimeDep
 from tally.security import policy
 from tally.semantic.catalog import DIMENSIONS, PERCENTILE_METHOD, describe
@@ -12,7 +14,9 @@ from tally.semantic.catalog import DIMENSIONS, PERCENTILE_METHOD, describe
 router = APIRouter(tags=["analytics"])
 
 
-@router.get("/v1/metrics", summary="Every metric: definition, unit, dimensions, granularities")
+@router.get("/v1/metrics", summary="Every metric: definition, unit, dimensions, granularities",
+            response_model=None,
+            responses={200: {"model": answers.Catalog}, **problems(*AUTHED)})
 async def metrics(principal: AnalyticsReader, runtime: RuntimeDep) -> JSONResponse:
     body = {
         "base_currency": runtime.settings.base_currency,

@@ -1,0 +1,204 @@
+"""The documented answers of every route (response schemas in ``/openapi.json``), and the
+problem answers each route may give (``responses(...)``). Schemathesis checks every answer
+against these in ``make test`` (tests/test_schemathesis.py), so they cannot drift."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from tally.errors import PROBLEM_BASE, PROBLEM_MEDIA_TYPE, PROBLEM_TYPES
+
+
+class Open(BaseModel):
+    """An answer object: the members listed, and possibly more (clients must ignore those)."""
+
+    model_config = ConfigDict(extra="allow")
+
+
+class Problem(Open):
+    """RFC 9457 problem details. ``type`` is one stable URI per error class
+    (docs/api.md#problem-types); extension members (``parameter``, ``parameters``, ``errors``,
+    ``missing_scope``, ``retry_after``, ``limit``, OAuth's ``error``/``error_description``)
+    add specifics."""
+
+    type: str = Field(description="Stable URI of the error class.",
+                      examples=[PROBLEM_BASE + "unknown-parameter"])
+    title: str
+    status: int
+    detail: str = Field(description="Human-readable explanation (prose; do not parse).")
+    instance: str | None = None
+    trace_id: str | None = Field(None, description="Quote it when reporting a problem.")
+
+
+# ---- analytics
+
+
+class SeriesPoint(Open):
+    """One bucket of one group: ``ts``, the ``group_by`` keys, and ``value_minor`` (money,
+    an integer) or ``value`` (counts, ratios; ``null`` for an empty ratio bucket)."""
+
+    ts: str = Field(description="Bucket start, RFC 3339 UTC.")
+    value_minor: int | None = None
+    value: float | int | None = None
+    suppressed: bool | None = None
+
+
+class Timeseries(Open):
+    metric: str
+    granularity: str
+    currency: str
+    series: list[SeriesPoint]
+    next_cursor: str | None
+
+
+class SliceItem(Open):
+    """``{<dim>: key, "value_minor" | "value"}``."""
+
+    value_minor: int | None = None
+    value: float | int | None = None
+    suppressed: bool | None = None
+
+
+class Slice(Open):
+    metric: str
+    dim: str
+    currency: str
+    items: list[SliceItem]
+    next_cursor: str | None
+
+
+class FunnelStep(Open):
+    name: str
+    count: int | None
+    rate: float | None
+    median_sec: float | None = None
+    suppressed: bool | None = None
+
+
+class Funnel(Open):
+    total: int | None
+    steps: list[FunnelStep]
+    window_sec: int
+    correlate_by: str
+
+
+class RetentionRow(Open):
+    """``cohort_date``, ``size`` and one ``dN`` share per day asked (``null`` until the
+    watermark has passed day c+N)."""
+
+    cohort_date: str
+    size: int | None
+
+
+class Retention(Open):
+    cohort: str
+    timezone: str
+    mode: str
+    rows: list[RetentionRow]
+
+
+class LtvCohort(Open):
+    date: str
+    size: int | None
+    ltv_minor: list[int] | None
+
+
+class Ltv(Open):
+    metric: str
+    currency: str
+    horizon: int
+    cohort: str
+    cohorts: list[LtvCohort]
+
+
+class MetricInfo(Open):
+    name: str
+
+
+class Catalog(Open):
+    base_currency: str
+    metrics: list[MetricInfo]
+    analyses: list[str]
+    dimensions: list[dict[str, Any]]
+
+
+# ---- ingestion and operations
+
+
+class Rejection(Open):
+    index: int
+    event_id: str | None = None
+    detail: str
+
+
+class Receipt(Open):
+    accepted: int
+    duplicates: int
+    rejected: int
+    errors: list[Rejection]
+    trace_id: str
+
+
+class Token(Open):
+    access_token: str
+    token_type: str = Field(examples=["Bearer"])
+    expires_in: int
+    scope: str
+
+
+class Jwks(Open):
+    keys: list[dict[str, Any]]
+
+
+class FxInserted(Open):
+    inserted: int
+    unchanged: int
+
+
+class FxListing(Open):
+    base_currency: str
+    rates: list[dict[str, str]]
+
+
+class QuarantineItem(Open):
+    received_at: str
+    reason: str
+    event: Any = Field(description="The event as sent (any JSON).")
+    event_id: str | None = None
+    batch_index: int | None = None
+    client_id: str | None = None
+
+
+class Quarantine(Open):
+    items: list[QuarantineItem]
+    next_cursor: str | None
+
+
+class AuditPage(Open):
+    items: list[dict[str, Any]]
+    next_cursor: str | None
+
+
+class Status(Open):
+    status: str
+
+
+def problems(*statuses: int) -> dict[int | str, dict[str, Any]]:
+    """The ``responses`` of the problem statuses a route may answer, each listing the problem
+    types of that status."""
+    out: dict[int | str, dict[str, Any]] = {}
+    for status in sorted(set(statuses)):
+        types = [t for t in PROBLEM_TYPES.values() if t.status == status]
+        listed = "; ".join(f"`{t.code}`: {t.description}" for t in types)
+        out[status] = {
+            "content": {PROBLEM_MEDIA_TYPE: {"schema": {"$ref": "#/components/schemas/Problem"}}},
+            "description": listed or "A problem (RFC 9457).",
+        }
+    return out
+
+
+# every route: bad input, rate limits and an unavailable store, body and head limits
+COMMON = (400, 406, 429, 500, 503)
+AUTHED = (*COMMON, 401, 403)

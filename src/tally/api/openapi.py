@@ -1,0 +1,49 @@
+"""The OpenAPI 3.1 document: FastAPI's, generated from the routes and their typed models
+(``api/models.py``, ``api/answers.py``), completed with what FastAPI cannot see: the
+component schemas of the bodies routes read themselves (to keep Tally's strict JSON
+decoding), the ``Problem`` schema, and the scrape token of ``/metrics``."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fastapi import FastAPI
+from fastapi.openapi.utils import get_openapi
+from pydantic import BaseModel
+
+from tally.api.answers import Problem
+from tally.api.models import FunnelBody, RetentionBody
+from tally.api.routes.admin import FxRates
+
+DESCRIPTION = (
+    "Analytics API for online gaming operators: events in, metrics, funnels, retention and "
+    "LTV out, with strict metric semantics (docs/metrics.md). Every error is RFC 9457 "
+    "`application/problem+json` with a stable `type` (docs/api.md#problem-types). Unknown "
+    "query parameters and body fields are `400 unknown-parameter`, never ignored."
+)
+# schemas of bodies the routes decode themselves (json_input), documented by their models
+BODY_MODELS: tuple[type[BaseModel], ...] = (FunnelBody, RetentionBody, FxRates, Problem)
+REF = "#/components/schemas/{model}"
+
+
+def document(app: FastAPI) -> dict[str, Any]:
+    doc = get_openapi(title=app.title, version=app.version, openapi_version=app.openapi_version,
+                      description=app.description, routes=app.routes)
+    schemas = doc.setdefault("components", {}).setdefault("schemas", {})
+    for model in BODY_MODELS:
+        schema = model.model_json_schema(ref_template=REF, by_alias=True)
+        schemas.update(schema.pop("$defs", {}))
+        schemas[model.__name__] = schema
+    doc["components"].setdefault("securitySchemes", {})["metricsToken"] = {
+        "type": "http", "scheme": "bearer",
+        "description": "TALLY_METRICS_TOKEN, when the deployment sets one (else no auth)."}
+    return doc
+
+
+def install(app: FastAPI) -> None:
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema is None:
+            app.openapi_schema = document(app)
+        return app.openapi_schema
+
+    app.openapi = openapi  # type: ignore[method-assign]
