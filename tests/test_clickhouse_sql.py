@@ -196,7 +196,7 @@ def test_clickhouse_snapshot_answers_what_duckdb_answers(name: str, duck, chdb) 
 
 
 @pytest.fixture(scope="module")
-def fresh(chdb, tmp_path_factory) -> Iterator[Any]:
+def fresh(chdb) -> Iterator[Any]:
     """A second database of the same engine (one engine a process: a second client on its
     path) with the events and empty derived tables, for the statements that fill them."""
     chdb.command("CREATE DATABASE IF NOT EXISTS fresh")
