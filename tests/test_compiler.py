@@ -26,6 +26,7 @@ from tally.semantic.compiler import (
     compile_settle_lag,
     compile_webhook_lag,
 )
+from tally.storage.dialects import render
 
 SNAPSHOTS = Path(__file__).parent / "snapshots"
 SCOPE = Scope(datetime(2025, 10, 22), datetime(2025, 10, 23), 300,
@@ -124,7 +125,7 @@ def test_player_attributes_maintenance_snapshot():
 @pytest.mark.parametrize("dialect", ["duckdb", "clickhouse"])
 @pytest.mark.parametrize("grain", sorted(MAINTENANCE))
 def test_rollup_maintenance_snapshot(grain: str, dialect: str):
-    sql = MAINTENANCE[grain].sql(dialect=dialect) + "\n"
+    sql = render(MAINTENANCE[grain], dialect) + "\n"
     path = SNAPSHOTS / f"rollup_{grain}_maintenance.{dialect}.sql"
     if os.environ.get("TALLY_UPDATE_SNAPSHOTS") == "1":
         path.write_text(sql)

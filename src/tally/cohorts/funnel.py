@@ -35,6 +35,7 @@ from tally.insights.request import parse_instant
 from tally.semantic import attributes
 from tally.semantic.compiler import Compiled, Params, column, filter_conditions
 from tally.storage.base import Backend
+from tally.storage.dialects import hash64
 
 
 @dataclass(frozen=True)
@@ -118,7 +119,7 @@ def compile_funnel(f: Funnel, hashed: bool = True) -> Compiled:
         [exp.alias_(x.condition(params), f"x{k}") for k, x in enumerate(f.exclusions)]
     unit = column(f.correlate_by)
     event_types = sorted({s.event for s in (*f.steps, *f.exclusions)})
-    key = [exp.alias_(exp.func("HASH", column("tenant_id"), unit.copy()), "k")] if hashed \
+    key = [exp.alias_(hash64(column("tenant_id"), unit.copy()), "k")] if hashed \
         else []
     base = (
         exp.select(column("tenant_id"), exp.alias_(unit, "unit"), *key,
@@ -167,7 +168,7 @@ def compile_funnel(f: Funnel, hashed: bool = True) -> Compiled:
             return []
         other = exp.or_(column("tenant_id", "r").neq(column("tenant_id", "l")),
                         column("unit", "r").neq(column("unit", "l")))
-        return [exp.alias_(exp.func("COALESCE", other, exp.false()), name)]
+        return [exp.alias_(exp.Coalesce(this=other, expressions=[exp.false()]), name)]
 
     collisions: list[str] = []
     prev = "a0"
@@ -182,8 +183,9 @@ def compile_funnel(f: Funnel, hashed: bool = True) -> Compiled:
         collisions += [f"w{k}"] if hashed else []
         if sequenced:
             # the latest position so far (a non-overlapping step may tie before it)
-            keep.append(exp.alias_(exp.func("GREATEST", column(f"q{k - 1}", "l"),
-                                            column("seq", "r")), f"q{k}"))
+            keep.append(exp.alias_(exp.Greatest(this=column(f"q{k - 1}", "l"),
+                                                expressions=[column("seq", "r")],
+                                                ignore_nulls=True), f"q{k}"))
         step = (exp.select(exp.Column(this=exp.Star(), table=exp.to_identifier("l")), *keep)
                 .from_(exp.alias_(exp.to_table(prev), "l", table=True))
                 .join(exp.alias_(exp.to_table(f"m{k}"), "r", table=True), on=on,
@@ -242,7 +244,7 @@ def compile_funnel(f: Funnel, hashed: bool = True) -> Compiled:
                                      *([exp.Ordered(this=column("q0"))] if sequenced
                                        else [])]))
     # a collision in any attempt (not only the best) makes the whole answer suspect
-    any_collision = exp.Window(this=exp.func("BOOL_OR", column("collided")))
+    any_collision = exp.Window(this=exp.LogicalOr(this=column("collided")))
     best = exp.select("*", exp.alias_(ranked, "rank"),
                       exp.alias_(any_collision, "any_collided")).from_(attempts.subquery("at"))
     tree = exp.select(column("depth"), *(column(f"g{k}") for k in range(1, n)),

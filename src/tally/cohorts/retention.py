@@ -170,7 +170,7 @@ def compile_retention(r: Retention) -> tuple[Compiled, Compiled]:
             .from_(joined.subquery("j")).group_by(column("c"), column("n"))
     else:
         latest = exp.select(column("c"), column("tenant_id"), column("player_id"),
-                            exp.alias_(exp.func("MAX", column("n")), "n")) \
+                            exp.alias_(exp.Max(this=column("n")), "n")) \
             .from_(joined.subquery("j")).group_by(column("c"), column("tenant_id"),
                                                   column("player_id"))
         rows = exp.select(column("c"), column("n"),
@@ -237,7 +237,7 @@ def compile_ltv(q: Ltv) -> Compiled:
     names = list(dict.fromkeys(name for _, name in q.metric.terms))
     tree = (
         exp.select(column("c", "m"), column("day", "r"), column("currency", "r"),
-                   *(exp.alias_(exp.func("SUM", column(n, "r")), n) for n in names))
+                   *(exp.alias_(exp.Sum(this=column(n, "r")), n) for n in names))
         .from_(m.subquery("m"))
         .join(exp.alias_(exp.to_table("player_days"), "r", table=True), on=_pair("m"))
         .where(column("day", "r") >= cohort_start)

@@ -15,6 +15,7 @@ from sqlglot import exp
 from tally.semantic.catalog import MEASURES, METRICS
 from tally.semantic.compiler import bucket, measure_sum, measure_sum_type
 from tally.storage.base import DerivedTable
+from tally.storage.dialects import render
 
 DAY = 86_400
 COHORTS = {"first_deposit": "event_type = 'wallet.credit' AND reason = 'deposit'",
@@ -51,7 +52,7 @@ def _player_days(source: str, dialect: str) -> str:
         .group_by(*(exp.column(k.alias_or_name) for k in keys))
         .order_by(exp.column("day"))
     )
-    return exp.insert(select, "player_days").sql(dialect=dialect)
+    return render(exp.insert(select, "player_days"), dialect)
 
 
 def derived_tables(dialect: str) -> list[DerivedTable]:

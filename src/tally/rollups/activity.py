@@ -21,26 +21,55 @@ from tally.semantic import attributes
 from tally.semantic.catalog import DIMENSIONS
 from tally.semantic.compiler import Compiled, Params, Scope, bucket, filter_conditions
 from tally.storage.base import DerivedTable
+from tally.storage.dialects import render
 
 DAY = 86_400
 # measured on the 10M demo store (docs/benchmarks.md): see GRAINS' comment there
 GRAINS = {"1m": 60, "1h": 3600, "1d": DAY}
-_DIRECT = ("event_type = 'bet.placed' OR (event_type = 'wallet.credit' AND reason = 'deposit')")
 
 
-_PAIRS = ("SELECT s.tenant_id, s.region, s.player_id, s.occurred_at AS started_at, "
-          "e.duration_sec FROM {s} AS s JOIN {e} AS e "
-          "ON e.tenant_id = s.tenant_id AND e.session_id = s.session_id")
-_NEW_STARTS = ("(SELECT * FROM _new_events WHERE event_type = 'session.started' "
-               "AND player_id IS NOT NULL)")
-_NEW_ENDS = "(SELECT * FROM _new_events WHERE event_type = 'session.ended')"
+def _is(event_type: str) -> exp.Expr:
+    return exp.column("event_type").eq(exp.Literal.string(event_type))
 
 
-def _bucket(size: int) -> str:
-    return bucket(size).sql(dialect="duckdb")
+# a bet or a deposit: active whatever else happens
+_DIRECT = exp.or_(_is("bet.placed"), exp.and_(
+    _is("wallet.credit"), exp.column("reason").eq(exp.Literal.string("deposit"))))
 
 
-def derived_tables() -> list[DerivedTable]:
+def _side(source: str | exp.Expr, alias: str) -> exp.Expr:
+    """A table, or a query of the new events, under ``alias``."""
+    if isinstance(source, str):
+        return exp.alias_(exp.to_table(source), alias, table=True)
+    return exp.alias_(exp.Subquery(this=source), alias, table=True)
+
+
+def _pairs(starts: str | exp.Expr, ends: str | exp.Expr) -> exp.Select:
+    """Each session start with its end's duration (a session known from both sides)."""
+    return (
+        exp.select(exp.column("tenant_id", "s"), exp.column("region", "s"),
+                   exp.column("player_id", "s"),
+                   exp.alias_(exp.column("occurred_at", "s"), "started_at"),
+                   exp.column("duration_sec", "e"))
+        .from_(_side(starts, "s"))
+        .join(_side(ends, "e"), on=exp.and_(
+            exp.column("tenant_id", "e").eq(exp.column("tenant_id", "s")),
+            exp.column("session_id", "e").eq(exp.column("session_id", "s"))))
+    )
+
+
+_NEW_STARTS = exp.select("*").from_("_new_events").where(_is("session.started")) \
+    .where(exp.column("player_id").is_(exp.null()).not_())
+_NEW_ENDS = exp.select("*").from_("_new_events").where(_is("session.ended"))
+
+
+def derived_tables(dialect: str) -> list[DerivedTable]:
+    """The session sides and the activity tables, their statements in ``dialect``."""
+    new_pairs = exp.Create(
+        this=exp.to_table("_new_pairs"), kind="TABLE", replace=True,
+        properties=exp.Properties(expressions=[exp.TemporaryProperty()]),
+        expression=exp.union(_pairs(_NEW_STARTS, "session_ends"),
+                             _pairs("session_starts", _NEW_ENDS), distinct=True))
     starts = DerivedTable(
         "session_starts",
         "CREATE TABLE IF NOT EXISTS session_starts (tenant_id VARCHAR, session_id VARCHAR, "
@@ -58,12 +87,10 @@ def derived_tables() -> list[DerivedTable]:
         ("INSERT INTO session_ends SELECT tenant_id, session_id, duration_sec FROM _new_events "
          "WHERE event_type = 'session.ended'",
          # the sessions this batch completes, paired once for every grain
-         "CREATE OR REPLACE TEMP TABLE _new_pairs AS "
-         + _PAIRS.format(s=_NEW_STARTS, e="session_ends") + " UNION "
-         + _PAIRS.format(s="session_starts", e=_NEW_ENDS)),
+         render(new_pairs, dialect)),
         ("INSERT INTO session_ends SELECT tenant_id, session_id, duration_sec FROM events "
          "WHERE event_type = 'session.ended'",))
-    return [starts, ends, *(_activity(grain) for grain in GRAINS)]
+    return [starts, ends, *(_activity(grain, dialect) for grain in GRAINS)]
 
 
 def table(grain: str) -> str:
@@ -75,24 +102,32 @@ RETIRED = tuple(f"activity_{grain}" for grain in GRAINS)
 KINDS = {"bet.placed": "bet", "deposit": "deposit"}  # retention's return events, by kind
 
 
-def _activity(grain: str) -> DerivedTable:
+def _activity(grain: str, dialect: str) -> DerivedTable:
     name, size = table(grain), GRAINS[grain]
-    kind = "CASE WHEN event_type = 'bet.placed' THEN 'bet' ELSE 'deposit' END"
-    direct = ("SELECT DISTINCT {b}, tenant_id, region, player_id, NULL, " + kind  # noqa: S608
-              + " FROM {src} WHERE (" + _DIRECT + ") AND player_id IS NOT NULL ORDER BY 1")
-    sessions = ("SELECT DISTINCT {b}, tenant_id, region, player_id, duration_sec, "  # noqa: S608
-                "'session' FROM ({src})")
-    here, started = _bucket(size), bucket(size, None, "started_at").sql(dialect="duckdb")
-    insert = f"INSERT INTO {name} "  # noqa: S608 - names and SQL of this module only
+    kind = exp.Case().when(_is("bet.placed"), exp.Literal.string(KINDS["bet.placed"])) \
+        .else_(exp.Literal.string(KINDS["deposit"]))
+
+    def direct(source: str) -> exp.Expr:
+        return exp.insert(
+            exp.select(bucket(size), "tenant_id", "region", "player_id", exp.null(), kind)
+            .distinct().from_(source).where(_DIRECT)
+            .where(exp.column("player_id").is_(exp.null()).not_())
+            .order_by(exp.Literal.number(1)), name)
+
+    def sessions(pairs: exp.Expr) -> exp.Expr:
+        return exp.insert(
+            exp.select(bucket(size, None, "started_at"), "tenant_id", "region", "player_id",
+                       "duration_sec", exp.Literal.string("session"))
+            .distinct().from_(exp.Subquery(this=pairs)), name)
+
     return DerivedTable(
         name,
         f"CREATE TABLE IF NOT EXISTS {name} (bucket BIGINT NOT NULL, tenant_id VARCHAR, "
         "region VARCHAR, player_id VARCHAR, session_sec BIGINT, kind VARCHAR)",
-        (insert + direct.format(b=here, src="_new_events"),
-         insert + sessions.format(b=started, src="SELECT * FROM _new_pairs")),
-        (insert + direct.format(b=here, src="events"),
-         insert + sessions.format(
-             b=started, src=_PAIRS.format(s="session_starts", e="session_ends"))))
+        (render(direct("_new_events"), dialect),
+         render(sessions(exp.select("*").from_("_new_pairs")), dialect)),
+        (render(direct("events"), dialect),
+         render(sessions(_pairs("session_starts", "session_ends")), dialect)))
 
 
 def grain_for(scope: Scope) -> str | None:
@@ -118,22 +153,26 @@ def compile_active_from_rollup(scope: Scope, min_session_seconds: int,
     params = Params()
     start = int(scope.start.replace(tzinfo=UTC).timestamp())
     end = int(scope.end.replace(tzinfo=UTC).timestamp())
+    # every column by its table's name: the answer's `bucket` (an alias) is not the table's
+    # (ClickHouse resolves a bare name to the alias first, in WHERE and GROUP BY too)
+    name = table(grain)
     conditions: list[exp.Expr] = [
-        exp.column("bucket") >= params.bind(start), exp.column("bucket") < params.bind(end),
-        exp.or_(exp.column("session_sec").is_(exp.null()),
-                exp.column("session_sec") >= params.bind(min_session_seconds)),
+        exp.column("bucket", name) >= params.bind(start),
+        exp.column("bucket", name) < params.bind(end),
+        exp.or_(exp.column("session_sec", name).is_(exp.null()),
+                exp.column("session_sec", name) >= params.bind(min_session_seconds)),
     ]
-    conditions += filter_conditions(scope.filters, params)
-    at: exp.Expr = exp.column("bucket")
+    conditions += filter_conditions(scope.filters, params, name)
+    at: exp.Expr = exp.column("bucket", name)
     if scope.step_seconds != GRAINS[grain]:
         step = exp.Literal.number(scope.step_seconds)
         at = exp.Mul(this=exp.IntDiv(this=at, expression=step), expression=step.copy())
     keys: list[exp.Expr] = [exp.alias_(at, "bucket"),
-                            *(exp.alias_(exp.column(DIMENSIONS[g].column), g)
+                            *(exp.alias_(exp.column(DIMENSIONS[g].column, name), g)
                               for g in scope.group_by)]
-    player = exp.column("player_id")
+    player = exp.column("player_id", name)
     value = exp.Count(this=exp.Distinct(expressions=[player])) if distinct else player
     tree = exp.select(*keys, exp.alias_(value, "value")) \
-        .from_(attributes.source(table(grain), scope.keys)).where(exp.and_(*conditions))
+        .from_(attributes.source(name, scope.keys)).where(exp.and_(*conditions))
     tree = tree.group_by(*(k.this.copy() for k in keys)) if distinct else tree.distinct()
     return Compiled(tree, params.values)

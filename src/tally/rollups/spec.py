@@ -27,6 +27,7 @@ from tally.semantic.compiler import (
     measure_sum_type,
 )
 from tally.storage.base import DerivedTable
+from tally.storage.dialects import render
 
 GRAINS = {"1m": 60, "1h": 3600, "1d": 86400}
 # event_type is kept so a group is present exactly when the events path finds it present
@@ -61,12 +62,15 @@ def maintenance(grain: str, source: str) -> exp.Insert:
 
 
 def derived_tables(dialect: str) -> list[DerivedTable]:
-    """The rollups as tables the store keeps from the events, one per grain."""
+    """The rollups as tables the store keeps from the events, one per grain, and the other
+    derived tables, their statements in ``dialect`` — except the upserts of
+    ``player_firsts`` and ``player_attributes`` (``ON CONFLICT``: DuckDB only, see
+    docs/architecture.md#clickhouse-what-runs-on-it-today)."""
     types = tuple((name, measure_sum_type(m)) for name, m in MEASURES.items())
     return [DerivedTable(table(grain), ddl(grain),
-                         (maintenance(grain, "_new_events").sql(dialect=dialect),),
-                         (maintenance(grain, "events").sql(dialect=dialect),), types)
-            for grain in GRAINS] + activity.derived_tables() + cohort_tables(dialect) \
+                         (render(maintenance(grain, "_new_events"), dialect),),
+                         (render(maintenance(grain, "events"), dialect),), types)
+            for grain in GRAINS] + activity.derived_tables(dialect) + cohort_tables(dialect) \
         + [attributes.derived_table()]
 
 
@@ -83,22 +87,25 @@ def compile_from_rollup(metric: Metric, scope: Scope, by_currency: bool) -> Comp
     if start % size or end % size:
         return None
     params = Params()
+    # every column by its table's name: the answer's `bucket` (an alias) is not the table's
+    # (ClickHouse resolves a bare name to the alias first, in WHERE and GROUP BY too)
+    name = table(grain)
     step = exp.Literal.number(scope.step_seconds)
     keys: list[exp.Expr] = [
-        exp.alias_(exp.Mul(this=exp.IntDiv(this=exp.column("bucket"), expression=step),
+        exp.alias_(exp.Mul(this=exp.IntDiv(this=exp.column("bucket", name), expression=step),
                            expression=step.copy()), "bucket"),
-        *(exp.alias_(exp.column(DIMENSIONS[g].column), g) for g in scope.group_by)]
+        *(exp.alias_(exp.column(DIMENSIONS[g].column, name), g) for g in scope.group_by)]
     if by_currency:
-        keys.append(exp.alias_(exp.column("currency"), "source_currency"))
+        keys.append(exp.alias_(exp.column("currency", name), "source_currency"))
     measures = list(dict.fromkeys(metric.measures))
-    conditions: list[exp.Expr] = [exp.column("bucket") >= params.bind(start),
-                                  exp.column("bucket") < params.bind(end),
-                                  counted_rows(measures)]
-    conditions += filter_conditions(scope.filters, params)
+    conditions: list[exp.Expr] = [exp.column("bucket", name) >= params.bind(start),
+                                  exp.column("bucket", name) < params.bind(end),
+                                  counted_rows(measures, name)]
+    conditions += filter_conditions(scope.filters, params, name)
     tree = (
-        exp.select(*keys, *(exp.alias_(exp.func("SUM", exp.column(m.name)), m.name)
+        exp.select(*keys, *(exp.alias_(exp.Sum(this=exp.column(m.name, name)), m.name)
                             for m in measures))
-        .from_(table(grain), copy=False)
+        .from_(name, copy=False)
         # built fresh here: no copies (sqlglot copies the whole tree per call by default)
         .where(exp.and_(*conditions, copy=False), copy=False)
         # by expression, not alias: the table's own `bucket` column would win over the alias
@@ -107,20 +114,21 @@ def compile_from_rollup(metric: Metric, scope: Scope, by_currency: bool) -> Comp
     return Compiled(tree, params.values)
 
 
-def counted_rows(measures: list[Measure]) -> exp.Expr:
+def counted_rows(measures: list[Measure], name: str | None = None) -> exp.Expr:
     """The rollup rows holding an event ``measures`` count — a group is present exactly where
     it is on the events (``compiler.counted_events``). The reason of a wallet event is not
     a rollup dimension: a row of its event type holds one when that reason's count is not 0
-    (leaving out the other rows changes no sum: theirs are 0)."""
+    (leaving out the other rows changes no sum: theirs are 0). Columns of table ``name``."""
     plain = sorted({m.event_type for m in measures if m.reason is None})
+    kind = exp.column("event_type", name)
     conditions: list[exp.Expr] = \
-        [exp.column("event_type").isin(*(exp.Literal.string(t) for t in plain))] if plain else []
+        [kind.isin(*(exp.Literal.string(t) for t in plain))] if plain else []
     for event_type, reason in sorted({(m.event_type, m.reason) for m in measures
                                       if m.reason is not None}):
         count = next(c for c in MEASURES.values() if c.column is None
                      and (c.event_type, c.reason) == (event_type, reason))
-        conditions.append(exp.and_(exp.column("event_type").eq(exp.Literal.string(event_type)),
-                                   exp.column(count.name) > exp.Literal.number(0)))
+        conditions.append(exp.and_(kind.copy().eq(exp.Literal.string(event_type)),
+                                   exp.column(count.name, name) > exp.Literal.number(0)))
     return exp.or_(*conditions)
 
 

@@ -16,6 +16,7 @@ from sqlglot import exp
 
 from tally.semantic import attributes
 from tally.semantic.catalog import DIMENSIONS, Measure, Metric
+from tally.storage.dialects import render
 
 EPOCH = exp.cast(exp.Literal.string("1970-01-01 00:00:00"), exp.DataType.Type.TIMESTAMP)
 _CLICKHOUSE_TYPES = {str: "String", int: "Int64", bool: "Bool", datetime: "DateTime64(6)"}
@@ -64,7 +65,7 @@ class Compiled:
     params: dict[str, Any]
 
     def sql(self, dialect: str) -> str:
-        return self.tree.sql(dialect=dialect)
+        return render(self.tree, dialect)
 
 
 def column(name: str, table: str | None = None) -> exp.Column:
@@ -124,9 +125,9 @@ def measure_sum_type(measure: Measure) -> str:
 def measure_sum(measure: Measure) -> exp.Expr:
     value: exp.Expr = exp.Literal.number(1)
     if measure.column is not None:
-        value = exp.func("COALESCE", column(measure.column), exp.Literal.number(0))
+        value = exp.Coalesce(this=column(measure.column), expressions=[exp.Literal.number(0)])
     case = exp.Case().when(_measure_condition(measure), value).else_(exp.Literal.number(0))
-    return exp.alias_(exp.func("SUM", case), measure.name)
+    return exp.alias_(exp.Sum(this=case), measure.name)
 
 
 def counted_events(measures: list[Measure]) -> exp.Expr:

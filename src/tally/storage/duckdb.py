@@ -17,6 +17,7 @@ from sqlglot import exp
 
 from tally.errors import StoreUnavailable, WriteRejected
 from tally.storage.base import DerivedTable, IdempotencyRecord, QuarantineItem, WriteSet
+from tally.storage.dialects import render
 from tally.storage.limits import QueryLimits, bounded
 from tally.storage.metering import current_meter
 from tally.storage.schema import EVENTS_SCHEMA, QUARANTINE_SCHEMA, duckdb_columns
@@ -225,7 +226,7 @@ class DuckDBBackend:
     def execute(self, tree: exp.Expr, params: dict[str, Any]) -> pa.Table:
         """A sqlglot tree rendered in DuckDB's dialect, with named bound parameters. The rows
         it scans (DuckDB's profiler) are charged to the current request's scan meter."""
-        sql = tree.sql(dialect=self.dialect)
+        sql = render(tree, self.dialect)
         meter = current_meter.get()
         if meter is not None:
             meter.before_scan(lambda: self.estimate_rows(sql, params))

@@ -1,0 +1,69 @@
+"""The SQL dialect of each store: every difference between the engines is written here.
+
+The query modules build typed sqlglot nodes (``exp.LogicalOr``, ``exp.IntDiv``,
+:class:`Hash64`, …) and never a function name as a string; each store renders a tree with
+:func:`render` in its own dialect, a sqlglot ``Dialect`` subclass whose generator maps the
+nodes its engine spells differently (as sqlglot's own dialects and ibis do).
+
+ClickHouse also needs session settings for the SQL to mean what it means on DuckDB:
+:data:`CLICKHOUSE_SETTINGS`, set on every connection of a ClickHouse store.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from sqlglot import exp
+from sqlglot.dialects.clickhouse import ClickHouse
+from sqlglot.dialects.dialect import Dialect, rename_func
+from sqlglot.dialects.duckdb import DuckDB
+from sqlglot.generators.clickhouse import ClickHouseGenerator
+from sqlglot.generators.duckdb import DuckDBGenerator
+
+
+class Hash64(exp.Expression, exp.Func):
+    """A 64-bit hash of its arguments: equal arguments, equal hashes (different ones may
+    collide, so a join on it checks the values it stands for)."""
+
+    arg_types = {"expressions": True}
+    is_var_len_args = True
+
+
+def hash64(*args: exp.Expr) -> Hash64:
+    return Hash64(expressions=list(args))
+
+
+class TallyDuckDB(DuckDB):
+    """DuckDB as sqlglot writes it, and :class:`Hash64` as ``HASH``."""
+
+    class Generator(DuckDBGenerator):
+        TRANSFORMS = {**DuckDBGenerator.TRANSFORMS, Hash64: rename_func("HASH")}
+
+
+class TallyClickHouse(ClickHouse):
+    """ClickHouse (26.x, the engine chDB embeds) where sqlglot's rendering differs from it."""
+
+    class Generator(ClickHouseGenerator):
+        TRANSFORMS = {
+            **ClickHouseGenerator.TRANSFORMS,
+            Hash64: rename_func("cityHash64"),
+            # no LOGICAL_OR / BOOL_OR: the greatest of the Bool values is their OR
+            exp.LogicalOr: rename_func("max"),
+            # sqlglot's `CAST(a / b AS Int64)` divides in Float64: exact integers instead
+            exp.IntDiv: rename_func("intDiv"),
+        }
+
+
+DIALECTS: dict[str, type[Dialect]] = {"duckdb": TallyDuckDB, "clickhouse": TallyClickHouse}
+
+# ClickHouse session settings the rendered SQL relies on:
+# - join_use_nulls: a LEFT (or ASOF LEFT) join's row without a match has NULL columns of the
+#   other side, as in SQL and DuckDB (by default ClickHouse fills in the type's default value:
+#   an empty string, the epoch), so `r.t IS NULL` finds "not found" and a player without a
+#   registration has NULL attributes
+CLICKHOUSE_SETTINGS: dict[str, Any] = {"join_use_nulls": 1}
+
+
+def render(tree: exp.Expr, dialect: str) -> str:
+    """``tree`` as SQL text of the store ``dialect`` (``duckdb`` or ``clickhouse``)."""
+    return tree.sql(dialect=DIALECTS[dialect])
