@@ -23,6 +23,7 @@ from tests.server import Server, new_client, token
 
 TS = "/v1/analytics/timeseries"
 TS_PARAMS = {"metric": "ggr", "granularity": "1d", "from": "2025-10-23", "to": "2025-10-24"}
+SLICE_PARAMS = {k: v for k, v in TS_PARAMS.items() if k != "granularity"}
 
 
 def sample_requests(client: TestClient, headers: dict[str, str]) -> list[httpx.Response]:
@@ -32,7 +33,7 @@ def sample_requests(client: TestClient, headers: dict[str, str]) -> list[httpx.R
     return [
         ts,
         client.get(TS, params=TS_PARAMS, headers={**headers, "If-None-Match": ts.headers["etag"]}),
-        client.get("/v1/analytics/slice", headers=headers, params={**TS_PARAMS, "granularity": None, "dim": "region"}),
+        client.get("/v1/analytics/slice", headers=headers, params={**SLICE_PARAMS, "dim": "region"}),
         client.get(TS, params={**TS_PARAMS, "metric": "nope"}, headers=headers),  # 400
         client.get(TS, params=TS_PARAMS),  # 401
         client.get("/v1/metrics", headers=headers),
@@ -189,7 +190,7 @@ def test_deprecation_end_to_end_through_the_real_server(tmp_path):
     try:
         headers = token(server.url, *creds)
         with httpx.Client(base_url=server.url, headers=headers, timeout=10) as http:
-            answer = http.get("/v1/analytics/slice", params={**TS_PARAMS, "granularity": None, "dim": "region"})
+            answer = http.get("/v1/analytics/slice", params={**SLICE_PARAMS, "dim": "region"})
             error = http.get("/v1/analytics/slice", params={"metric": "nope"})
             unauthenticated = httpx.get(f"{server.url}/v1/analytics/slice")
             other = http.get(TS, params=TS_PARAMS)
