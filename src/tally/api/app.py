@@ -14,7 +14,7 @@ from starlette.datastructures import Headers, MutableHeaders
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from tally import __version__
-from tally.api import hygiene, problems
+from tally.api import docs, hygiene, problems
 from tally.api.bodies import BodyMiddleware, body_rules
 from tally.api.limiting import LimitsMiddleware
 from tally.api.routes import admin, analytics, audit, auth, ingest, meta, metrics
@@ -97,7 +97,8 @@ def create_app(settings: Settings | None = None, runtime: Runtime | None = None)
             runtime = None
 
     app = FastAPI(title="Tally", version=__version__, lifespan=lifespan,
-                  description="Analytics API for online gaming operators.")
+                  description="Analytics API for online gaming operators.",
+                  docs_url=None, redoc_url=None)  # served without a CDN by api/docs.py
     app.state.metrics = app_metrics = Metrics()
 
     app.add_middleware(BodyMiddleware, rules=body_rules(settings),  # innermost: body rules
@@ -109,4 +110,5 @@ def create_app(settings: Settings | None = None, runtime: Runtime | None = None)
     problems.install(app)
     for module in (auth, ingest, admin, audit, meta, metrics, analytics):
         app.include_router(module.router)
+    docs.install(app)
     return app
