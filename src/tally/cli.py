@@ -181,6 +181,7 @@ def openapi(
     """Print the OpenAPI 3.1 document of the API (sorted, indented: the committed
     openapi.json, `make openapi`); opens no store."""
     from tally.api.app import create_app
+    from tally.api.compat import operations
     from tally.api.docs import openapi_text
 
     document = create_app(settings_for(None)).openapi()  # the lifespan (the store) never runs
@@ -195,12 +196,12 @@ def openapi(
     except OSError as exc:
         partial.unlink(missing_ok=True)
         fail(f"cannot write {output}: {exc.strerror or exc}")
-    operations = sum(len(item) for item in document["paths"].values())
+    paths, count = len(document["paths"]), len(list(operations(document)))
     if json_output:
-        print_json({"output": str(output), "paths": len(document["paths"]),
-                    "operations": operations, "bytes": len(text.encode())})
+        print_json({"output": str(output), "paths": paths, "operations": count,
+                    "bytes": len(text.encode())})
     else:
-        typer.echo(f"wrote {output}: {len(document['paths'])} paths, {operations} operations")
+        typer.echo(f"wrote {output}: {paths} paths, {count} operations")
 
 
 @audit_app.command("verify")
