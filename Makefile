@@ -11,7 +11,7 @@ DEMO_EVENTS ?= 300000
 DEMO_DAYS ?= 30
 BENCH_STORED ?= 10000000
 
-.PHONY: install run test lint bench reliability clean
+.PHONY: install run test lint openapi bench reliability clean
 
 .tools/bin/uv:
 	$(PY) -m venv .tools
@@ -32,6 +32,9 @@ lint: install  ## ruff and mypy --strict
 
 test: lint  ## the whole suite (lint first)
 	$(VENV)/bin/pytest -q -n auto
+
+openapi: install  ## regenerate openapi.json (commit it: tests/test_openapi_doc.py compares)
+	$(TALLY) openapi --output openapi.json
 
 bench: install  ## reproducible benchmarks; results in docs/benchmarks.md
 	$(VENV)/bin/python -m bench.dedup_bench --keys 10000000 --keys 100000000

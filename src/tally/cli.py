@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 import sqlite3
+import sys
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -168,6 +169,39 @@ def _demo_to_url(url: str, client_id: str | None, client_secret: str | None,
         fail(f"cannot reach {url}: {exc or type(exc).__name__}")
     except ValueError as exc:
         fail(str(exc))
+
+
+@app.command()
+def openapi(
+    output: Annotated[Path | None, typer.Option(
+        "--output", metavar="FILE",
+        help="Write the document to FILE (replaced whole) instead of printing it.")] = None,
+    json_output: Json = False,
+) -> None:
+    """Print the OpenAPI 3.1 document of the API (sorted, indented: the committed
+    openapi.json, `make openapi`); opens no store."""
+    from tally.api.app import create_app
+    from tally.api.compat import operations
+    from tally.api.docs import openapi_text
+
+    document = create_app(settings_for(None)).openapi()  # the lifespan (the store) never runs
+    text = openapi_text(document)
+    if output is None:
+        sys.stdout.write(text)
+        return
+    partial = output.with_name(f".{output.name}.partial")
+    try:
+        partial.write_text(text, encoding="utf-8")
+        partial.replace(output)
+    except OSError as exc:
+        partial.unlink(missing_ok=True)
+        fail(f"cannot write {output}: {exc.strerror or exc}")
+    paths, count = len(document["paths"]), len(list(operations(document)))
+    if json_output:
+        print_json({"output": str(output), "paths": paths, "operations": count,
+                    "bytes": len(text.encode())})
+    else:
+        typer.echo(f"wrote {output}: {paths} paths, {count} operations")
 
 
 @audit_app.command("verify")

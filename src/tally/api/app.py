@@ -16,7 +16,7 @@ from starlette.datastructures import Headers, MutableHeaders
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from tally import __version__
-from tally.api import hygiene, openapi, problems
+from tally.api import docs, hygiene, openapi, problems
 from tally.api.bodies import BodyMiddleware, body_rules
 from tally.api.limiting import LimitsMiddleware
 from tally.api.routes import admin, analytics, audit, auth, ingest, meta, metrics
@@ -101,6 +101,7 @@ def create_app(settings: Settings | None = None, runtime: Runtime | None = None)
 
     app = FastAPI(title="Tally", version=__version__, lifespan=lifespan,
                   description=openapi.DESCRIPTION,
+                  docs_url=None, redoc_url=None,  # served without a CDN by api/docs.py
                   dependencies=[Depends(strict_input)])  # CONTRACT §4 strict input
     app.state.metrics = app_metrics = Metrics()
 
@@ -114,4 +115,5 @@ def create_app(settings: Settings | None = None, runtime: Runtime | None = None)
     for module in (auth, ingest, admin, audit, meta, metrics, analytics):
         app.include_router(module.router)
     openapi.install(app)
+    docs.install(app)
     return app
