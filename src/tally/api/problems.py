@@ -10,6 +10,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.routing import Match
 
 from tally.api.models import problem_for
 
@@ -50,6 +51,17 @@ def user_error_response(request: Request, exc: UserError) -> ProblemResponse:
     return problem_response(request, exc.problem(str(request.url.path)), dict(exc.headers or {}))
 
 
+def allowed_methods(request: Request) -> list[str]:
+    """The methods of every route matching the request's path (a path may be served by one
+    route per method)."""
+    methods: set[str] = set()
+    for route in request.app.router.routes:
+        match, _ = route.matches(request.scope)
+        if match is not Match.NONE:  # the path matches (FULL: the method too; PARTIAL: not)
+            methods |= set(getattr(route, "methods", None) or ())
+    return sorted(methods)
+
+
 def install(app: FastAPI) -> None:
     @app.exception_handler(UserError)
     async def _user_error(request: Request, exc: UserError) -> ProblemResponse:
@@ -62,7 +74,10 @@ def install(app: FastAPI) -> None:
             status, UserError.code if 400 <= status < 500 else INTERNAL)
         body = problem(status, HTTPStatus(status).phrase, str(exc.detail), code,
                        str(request.url.path))
-        return problem_response(request, body, dict(exc.headers or {}))
+        headers = dict(exc.headers or {})
+        if status == 405:  # RFC 9110 §15.5.6: every method of the path, not only one route's
+            headers["Allow"] = ", ".join(allowed_methods(request))
+        return problem_response(request, body, headers)
 
     @app.exception_handler(RequestValidationError)
     async def _validation_error(request: Request, exc: RequestValidationError) -> ProblemResponse:
