@@ -34,7 +34,8 @@ def sample_requests(client: TestClient, headers: dict[str, str]) -> list[httpx.R
     return [
         ts,
         client.get(TS, params=TS_PARAMS, headers={**headers, "If-None-Match": ts.headers["etag"]}),
-        client.get("/v1/analytics/slice", headers=headers, params={**SLICE_PARAMS, "dim": "region"}),
+        client.get("/v1/analytics/slice", headers=headers,
+                   params={**SLICE_PARAMS, "dim": "region"}),
         client.get(TS, params={**TS_PARAMS, "metric": "nope"}, headers=headers),  # 400
         client.get(TS, params=TS_PARAMS),  # 401
         client.get("/v1/metrics", headers=headers),

@@ -213,29 +213,31 @@ ExclusionObject = create_model(
         None, description="`[i, j]`: a unit with this event between steps i and j (1-based) "
                           "drops out there (default: the whole funnel).")))
 
-FunnelFilters = create_model(
-    "FunnelFilters", __base__=Body,
-    **{key: (str | list[str] | None, Field(None, description=f"Only `{key}` (any of a list)."))
-       for key in EVENT_FILTER_KEYS})
-PlayerFilters = create_model(
-    "PlayerFilters", __base__=Body,
-    **{key: (str | list[str] | None, Field(None, description=f"Only `{key}` (any of a list)."))
-       for key in PLAYER_FILTER_KEYS})
+
+
+def _filter_fields(keys: tuple[str, ...]) -> dict[str, Any]:
+    return {key: (str | list[str] | None, Field(None, description=f"Only `{key}` (any of "
+                                                                  "a list)."))
+            for key in keys}
+
+
+FunnelFilters = create_model("FunnelFilters", __base__=Body, **_filter_fields(EVENT_FILTER_KEYS))
+PlayerFilters = create_model("PlayerFilters", __base__=Body, **_filter_fields(PLAYER_FILTER_KEYS))
 
 
 class FunnelBody(Body):
     """``POST /v1/analytics/funnel`` (docs/cohorts.md#funnels)."""
 
-    steps: list[EventType | FunnelStepObject] = Field(  # type: ignore[valid-type]
+    steps: list[EventType | FunnelStepObject] = Field(
         min_length=1, max_length=MAX_STEPS,
         description="Ordered steps: an event type, or an object with conditions.")
     window_sec: PositiveSeconds = Field(description="All steps within this of entering.")
     from_: From
     to: To
-    filters: FunnelFilters | None = None  # type: ignore[valid-type]
+    filters: FunnelFilters | None = None
     correlate_by: Literal[CORRELATE_FIELDS] = Field(  # type: ignore[valid-type]
         "player_id", description="The unit counted: distinct values of this field.")
-    exclusions: list[EventType | ExclusionObject] = Field(  # type: ignore[valid-type]
+    exclusions: list[EventType | ExclusionObject] = Field(
         [], max_length=MAX_EXCLUSIONS, description="Events that drop a unit out.")
 
 
@@ -247,11 +249,11 @@ class RetentionBody(Body):
                                      examples=["2026-11-01"])]
     end_date: Annotated[str, Field(description=f"Last cohort day (inclusive). {DAY}.",
                                    examples=["2026-11-07"])]
-    return_event: EventType | StepObject = Field(  # type: ignore[valid-type]
+    return_event: EventType | StepObject = Field(
         "bet.placed", description="What counts as a return.")
     days: list[Annotated[int, Field(ge=0, le=MAX_DAY)]] = Field(
         [1, 7, 14, 30], min_length=1, max_length=64, description="Distinct day offsets N.")
-    filters: PlayerFilters | None = None  # type: ignore[valid-type]
+    filters: PlayerFilters | None = None
     timezone: str = Field("UTC", description="IANA time zone of the cohort days.",
                           examples=["Europe/London"])
     mode: Literal[MODES] = Field("on", description="`on` day c+N, or `on_or_after` it.")  # type: ignore[valid-type]

@@ -13,7 +13,6 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.routing import Match
 
 from tally.api.models import problem_for
-
 from tally.errors import (
     INTERNAL,
     METHOD_NOT_ALLOWED,

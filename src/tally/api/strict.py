@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from typing import Any
+
 from fastapi import FastAPI, Request
 
 from tally.errors import InvalidParameter, NotAcceptable, UnknownParameter

@@ -70,7 +70,8 @@ def parse_rates(body: Any, base: str) -> list[tuple[date, str, Decimal]]:
         if not isinstance(currency, str) or currency not in ISO_4217:  # lists: unhashable
             raise InvalidParameter(f"{where}: currency {currency!r:.40} is not an ISO 4217 code")
         if currency == base:
-            raise InvalidParameter(f"{where}: {base} is the base currency; its rate is 1 by definition")
+            raise InvalidParameter(f"{where}: {base} is the base currency; its rate is 1 by "
+                                   "definition")
         rows.append((day, str(currency), parse_rate(item.get("rate"), where)))
     return rows
 

@@ -12,7 +12,6 @@ from pydantic import BaseModel
 
 from tally.api import answers
 from tally.api.answers import AUTHED, problems
-
 from tally.api.caching import (
     COHORT_MAX_AGE,
     MAX_AGE,
@@ -39,7 +38,7 @@ from tally.runtime import Runtime
 from tally.security.tokens import Principal
 
 router = APIRouter(tags=["analytics"])
-_CACHED = {
+_CACHED: dict[str, Any] = {
     "ETag": {"description": "Validator of this answer (send it back as If-None-Match).",
              "schema": {"type": "string"}, "required": True},
     "Cache-Control": {"description": "How long the answer may be reused.",
@@ -48,7 +47,7 @@ _CACHED = {
                                         "is included.",
                          "schema": {"type": "string"}, "required": True},
 }
-_NOT_MODIFIED = {304: {"description": "Not modified: the If-None-Match ETag is current.",
+_NOT_MODIFIED: dict[int | str, dict[str, Any]] = {304: {"description": "Not modified: the If-None-Match ETag is current.",
                        "headers": _CACHED}}
 
 

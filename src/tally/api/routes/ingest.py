@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from datetime import UTC, datetime
-
 from typing import Annotated
 
 from fastapi import APIRouter, Header, Request
@@ -21,8 +20,8 @@ MAX_IDEMPOTENCY_KEY = 255
 BATCH_BODY = {"requestBody": {"required": True, "content": {"application/json": {"schema": {
     "type": "array",
     "description": "At most TALLY_MAX_BATCH_EVENTS (default 10,000) events and "
-                   "TALLY_MAX_BATCH_BYTES (default 10 MiB). Events (CONTRACT §2): each object is checked on its own against the "
-                   "envelope (`Event`) and its type's payload schema (`GET /v1/schemas`); an "
+                   "TALLY_MAX_BATCH_BYTES (default 10 MiB). Events (CONTRACT §2): each object "
+                   "is checked on its own against the envelope (`Event`) and its type's payload schema (`GET /v1/schemas`); an "
                    "invalid one is rejected with a reason and quarantined, the rest accepted "
                    "(202). A body that is not an array of objects is 400.",
     "items": {"type": "object"}}}}}}

@@ -10,7 +10,7 @@ from __future__ import annotations
 import hmac
 
 from fastapi import APIRouter, Request, Response
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, PlainTextResponse
 
 from tally import __version__
 from tally.api import answers
@@ -49,10 +49,10 @@ async def readyz(runtime: RuntimeDep) -> JSONResponse:
 
 
 @router.get("/metrics", tags=["operations"], summary="Prometheus metrics (text format)",
-            response_model=None, openapi_extra={"security": [{}, {"metricsToken": []}]},
-            responses={200: {"content": {"text/plain; version=0.0.4": {
-                "schema": {"type": "string"}}},
-                "description": "Prometheus text exposition format 0.0.4."},
+            response_model=None, response_class=PlainTextResponse,
+            openapi_extra={"security": [{}, {"metricsToken": []}]},
+            responses={200: {"content": {"text/plain": {"schema": {"type": "string"}}},
+                             "description": "Prometheus text exposition format 0.0.4."},
                 **problems(*COMMON, 401)})
 async def metrics(request: Request, runtime: RuntimeDep) -> Response:
     expected = runtime.settings.metrics_token
