@@ -47,8 +47,8 @@ _CACHED: dict[str, Any] = {
                                         "is included.",
                          "schema": {"type": "string"}, "required": True},
 }
-_NOT_MODIFIED: dict[int | str, dict[str, Any]] = {304: {"description": "Not modified: the If-None-Match ETag is current.",
-                       "headers": _CACHED}}
+_NOT_MODIFIED: dict[int | str, dict[str, Any]] = {
+    304: {"description": "Not modified: the If-None-Match ETag is current.", "headers": _CACHED}}
 
 
 def _documented(model: type[Any], *extra: int) -> dict[int | str, dict[str, Any]]:
