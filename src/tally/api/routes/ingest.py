@@ -22,8 +22,8 @@ BATCH_BODY = {"requestBody": {"required": True, "content": {"application/json": 
     "description": "At most TALLY_MAX_BATCH_EVENTS (default 10,000) events and "
                    "TALLY_MAX_BATCH_BYTES (default 10 MiB). Events (CONTRACT §2): each object "
                    "is checked on its own against the envelope and its type's payload "
-                   "schema (`GET /v1/schemas`); an invalid one is rejected with a reason and quarantined, the rest accepted "
-                   "(202). A body that is not an array of objects is 400.",
+                   "schema (`GET /v1/schemas`); an invalid one is rejected with a reason and "
+                   "quarantined, the rest accepted (202). A body that is not an array of objects is 400.",
     "items": {"type": "object"}}}}}}
 
 
