@@ -23,7 +23,8 @@ BATCH_BODY = {"requestBody": {"required": True, "content": {"application/json": 
                    "TALLY_MAX_BATCH_BYTES (default 10 MiB). Events (CONTRACT §2): each object "
                    "is checked on its own against the envelope and its type's payload "
                    "schema (`GET /v1/schemas`); an invalid one is rejected with a reason and "
-                   "quarantined, the rest accepted (202). A body that is not an array of objects is 400.",
+                   "quarantined, the rest accepted (202). A body that is not an array of "
+                   "objects is 400.",
     "items": {"type": "object"}}}}}}
 
 
