@@ -75,7 +75,7 @@ def test_each_event_is_stored_exactly_once(steps):
         if key is not None and key not in first_body_for_key and isinstance(outcome, dict):
             first_body_for_key[key] = indices
         if isinstance(outcome, str):  # refused: must be a key reused with another body
-            assert outcome == "Unprocessable" and key is not None
+            assert outcome == "IdempotencyKeyReused" and key is not None
             continue
         if key is not None and first_body_for_key[key] is not indices:
             assert json.dumps(first_body_for_key[key]) == json.dumps(indices)

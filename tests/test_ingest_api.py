@@ -272,7 +272,7 @@ def test_quarantine_pagination(client, headers):
 
 def test_routes_need_a_token_and_the_scope(client, auth):
     assert_problem(client.post(BATCH, json=[]), 401)
-    assert client.post(BATCH, json=[]).headers["www-authenticate"] == "Bearer"
+    assert client.post(BATCH, json=[]).headers["www-authenticate"] == 'Bearer realm="tally"'
     assert_problem(client.post(BATCH, json=[],
                                headers={"Authorization": "Bearer not-a-jwt"}), 401)
     reader = auth(scopes="analytics:read")

@@ -51,8 +51,8 @@ def _ascii_count(value: Any) -> Any:
 
 
 def Count(low: int, high: int, description: str) -> Any:  # noqa: N802 (a type factory)
-    return Annotated[int, BeforeValidator(_ascii_count),
-                     Field(ge=low, le=high, description=description)]
+    return Annotated[int, Field(ge=low, le=high, description=description),
+                     BeforeValidator(_ascii_count)]
 
 
 def _enum(values: tuple[str, ...] | list[str]) -> dict[str, Any]:
@@ -62,7 +62,7 @@ def _enum(values: tuple[str, ...] | list[str]) -> dict[str, Any]:
 def _kv_list(keys: tuple[str, ...] | list[str]) -> str:
     """A regex of ``key:value,key:value`` on ``keys``."""
     pair = f"(?:{'|'.join(keys)}):[^,]+"
-    return f"^{pair}(?:,{pair})*$"
+    return f"^(?:{pair}(?:,{pair})*)?$"  # empty: no filter
 
 
 INSTANT = ("RFC 3339 date-time with offset (`2026-11-02T10:00:00Z`) or `YYYY-MM-DD` "
@@ -105,7 +105,7 @@ class TimeseriesQuery(QueryModel):
     filters: Filters = None
     group_by: Annotated[str | None, Field(
         description="Comma-separated filter keys to split the series by.",
-        pattern=rf"^(?:{'|'.join(DIMENSION_NAMES)})(?:,(?:{'|'.join(DIMENSION_NAMES)}))*$",
+        pattern=rf"^(?:(?:{'|'.join(DIMENSION_NAMES)})(?:,(?:{'|'.join(DIMENSION_NAMES)}))*)?$",
         examples=["brand_id"])] = None
     currency: Currency = None
     cursor: Cursor = None

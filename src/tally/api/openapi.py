@@ -34,10 +34,26 @@ def document(app: FastAPI) -> dict[str, Any]:
         schema = model.model_json_schema(ref_template=REF, by_alias=True)
         schemas.update(schema.pop("$defs", {}))
         schemas[model.__name__] = schema
+    for item in doc.get("paths", {}).values():
+        for op in item.values():
+            for param in op.get("parameters", []):
+                param["schema"] = _not_null(param["schema"])
     doc["components"].setdefault("securitySchemes", {})["metricsToken"] = {
         "type": "http", "scheme": "bearer",
         "description": "TALLY_METRICS_TOKEN, when the deployment sets one (else no auth)."}
     return doc
+
+
+def _not_null(schema: dict[str, Any]) -> dict[str, Any]:
+    """A parameter's schema without the ``null`` of an optional model field: a query string or
+    header carries text or nothing (absent: the default), never a null."""
+    branches = [b for b in schema.get("anyOf", []) if b.get("type") != "null"]
+    if "anyOf" not in schema or len(branches) == len(schema["anyOf"]):
+        return schema
+    rest = {k: v for k, v in schema.items() if k != "anyOf"}
+    if len(branches) == 1:
+        return {**branches[0], **rest}
+    return {**rest, "anyOf": branches}
 
 
 def install(app: FastAPI) -> None:

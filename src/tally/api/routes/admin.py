@@ -41,9 +41,8 @@ class FxRates(RootModel[list[FxRate]]):
 async def add_fx_rates(request: Request, principal: Admin, runtime: RuntimeDep) -> JSONResponse:
     policy.require_unrestricted(principal, "setting FX rates")
     body = decode(await request.body(), "body", ANY)
-    if isinstance(body, list):  # the shape is parse_rates' to explain; the fields the model's
-        validated(FxRates, body)
-    rows = parse_rates(body, runtime.fx.base)
+    rows = parse_rates(body, runtime.fx.base)  # the meaning, with its own messages
+    validated(FxRates, body)  # and the documented shape, so the two cannot drift apart
     result = await asyncio.to_thread(runtime.fx.add, rows)
     return JSONResponse(result, headers={"Cache-Control": "no-store"})
 
