@@ -12,6 +12,7 @@ from datetime import timedelta
 from tally import metadata
 from tally.audit.log import AuditLog
 from tally.config import Settings
+from tally.ingest.batch import warm_up
 from tally.ingest.service import IngestService
 from tally.insights.cache import AnswerCache
 from tally.rollups import activity
@@ -92,6 +93,7 @@ class Runtime:
                    FxRates(backend, settings.base_currency), AnswerCache(), audit, limits)
 
     def start(self) -> None:
+        warm_up()  # lazy imports of the ingestion path, before the first request
         self.ingest.start()
 
     def unready(self) -> list[str]:

@@ -18,7 +18,7 @@ from tally.api import docs, hygiene, openapi, problems
 from tally.api.bodies import BodyMiddleware, body_rules
 from tally.api.limiting import LimitsMiddleware
 from tally.api.routes import admin, analytics, audit, auth, ingest, meta, metrics
-from tally.api.strict import strict_input
+from tally.api.strict import strict_input, strict_operations
 from tally.audit.middleware import AuditMiddleware
 from tally.config import Settings, get_settings
 from tally.observability.metrics import Metrics
@@ -89,6 +89,7 @@ def create_app(settings: Settings | None = None, runtime: Runtime | None = None)
         runtime = runtime or Runtime.open(settings)
         runtime.start()
         app.state.runtime = runtime
+        strict_operations(app)  # built before the first request (api/strict.py)
         app_metrics.watch(runtime.gauges)
         app_metrics.registry.register(RowsScanned(runtime.backend))
         try:

@@ -56,10 +56,20 @@ def _not_null(schema: dict[str, Any]) -> dict[str, Any]:
     return {**rest, "anyOf": branches}
 
 
+# The document depends on the routes only (never on settings), and building it takes a few
+# hundred milliseconds: built once per process and per set of routes, when the app starts
+_BUILT: dict[tuple[Any, ...], dict[str, Any]] = {}
+
+
 def install(app: FastAPI) -> None:
     def openapi() -> dict[str, Any]:
         if app.openapi_schema is None:
-            app.openapi_schema = document(app)
+            key = (app.title, app.version, tuple(
+                (getattr(r, "path", ""), tuple(sorted(getattr(r, "methods", None) or ())),
+                 getattr(r, "endpoint", None)) for r in app.routes))
+            if key not in _BUILT:
+                _BUILT[key] = document(app)
+            app.openapi_schema = _BUILT[key]
         return app.openapi_schema
 
     app.openapi = openapi  # type: ignore[method-assign]

@@ -25,7 +25,7 @@ class Operation:
     produces: tuple[str, ...]  # media types of its success answers (empty: unknown, any)
 
 
-def _operations(app: FastAPI) -> dict[tuple[str, str], Operation]:
+def strict_operations(app: FastAPI) -> dict[tuple[str, str], Operation]:
     known: dict[tuple[str, str], Operation] | None = getattr(app.state, "strict_ops", None)
     if known is None:
         known = {}
@@ -50,7 +50,7 @@ def _is_array(schema: dict[str, Any]) -> bool:
 async def strict_input(request: Request) -> None:
     """The route's dependency (installed app-wide in ``create_app``)."""
     route = request.scope.get("route")
-    op = _operations(request.app).get((request.method, getattr(route, "path_format", "")))
+    op = strict_operations(request.app).get((request.method, getattr(route, "path_format", "")))
     if op is None:  # not in the document: the docs UI's pages and assets (api/docs.py)
         return
     names = [name for name, _ in request.query_params.multi_items()]

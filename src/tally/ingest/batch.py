@@ -157,6 +157,13 @@ def _decode_one_by_one(body: bytes, rejections: list[Rejection]) -> list[tuple[i
     return indexed
 
 
+def warm_up() -> None:
+    """Convert an instant as :func:`event_table` does, once: pyarrow imports pandas (when it
+    is installed) on its first conversion of an aware datetime — seconds, on the event loop —
+    so a server does it at start, not in its first ingestion request."""
+    pa.array([datetime(2000, 1, 1, tzinfo=UTC)], UTC_US)
+
+
 def event_table(valid: list[tuple[int, Event]], payload_texts: list[PayloadText],
                 received_at: datetime, hasher: Hasher,
                 pseudonymiser: Pseudonymiser | None = None) -> pa.Table:
