@@ -35,14 +35,19 @@ class Problem(Open):
 # ---- analytics
 
 
-class SeriesPoint(Open):
-    """One bucket of one group: ``ts``, the ``group_by`` keys, and ``value_minor`` (money,
-    an integer) or ``value`` (counts, ratios; ``null`` for an empty ratio bucket)."""
+class Valued(Open):
+    """``value_minor`` (money, an integer) or ``value`` (counts, ratios: ``null`` when there
+    is nothing to divide); ``suppressed`` when withheld below the client's minimum group."""
 
-    ts: str = Field(description="Bucket start, RFC 3339 UTC.")
     value_minor: int | None = None
     value: float | int | None = None
     suppressed: bool | None = None
+
+
+class SeriesPoint(Valued):
+    """One bucket of one group: ``ts``, the ``group_by`` keys and the value."""
+
+    ts: str = Field(description="Bucket start, RFC 3339 UTC.")
 
 
 class Timeseries(Open):
@@ -53,12 +58,8 @@ class Timeseries(Open):
     next_cursor: str | None
 
 
-class SliceItem(Open):
+class SliceItem(Valued):
     """``{<dim>: key, "value_minor" | "value"}``."""
-
-    value_minor: int | None = None
-    value: float | int | None = None
-    suppressed: bool | None = None
 
 
 class Slice(Open):
