@@ -102,7 +102,7 @@ def test_rates_survive_a_restart(settings, client, headers):
         ([{"date": "01/09/2025", "currency": "GBP", "rate": "1.1"}], "YYYY-MM-DD"),
         ([{"date": "2025-09-01", "currency": "XYZ", "rate": "1.1"}], "ISO 4217"),
         ([{"date": "2025-09-01", "currency": "EUR", "rate": "1.1"}], "base currency"),
-        ([{"date": "2025-09-01", "currency": "GBP", "rate": "1.1", "x": 1}], "unknown field"),
+        ([{"date": "2025-09-01", "currency": "GBP", "rate": "1.1", "x": 1}], "unknown body field"),
         ({"date": "2025-09-01"}, "JSON array"),
     ],
 )

@@ -61,7 +61,9 @@ def parse_rates(body: Any, base: str) -> list[tuple[date, str, Decimal]]:
         where = f"item {i}"
         unknown = set(item) - {"date", "currency", "rate"}
         if unknown:
-            raise UnknownParameter(f"{where}: unknown field(s) {sorted(unknown)}")
+            named = [f"[{i}].{name}" for name in sorted(unknown)]
+            raise UnknownParameter(f"unknown body field(s) {', '.join(named)} ({where})",
+                                   parameters=named)
         try:
             day = date.fromisoformat(str(item.get("date")))
         except ValueError:
