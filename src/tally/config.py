@@ -62,6 +62,7 @@ class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="TALLY_", extra="ignore")
 
     data_dir: Path = Path("./data")
+    store: str = "duckdb"  # TALLY_STORE (CONTRACT §10): storage/factory.py says what runs
     regions: str = "EU,UK,LATAM,NA,APAC"
     base_currency: str = "EUR"
     active_session_min: int = Field(default=1, ge=0, le=24 * 60)

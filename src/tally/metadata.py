@@ -154,3 +154,8 @@ class Watched(Generic[T]):
             finally:
                 self._lock.release()
         return self._value
+
+
+def ping(con: sqlite3.Connection) -> None:
+    """Raises ``sqlite3.Error`` when the metadata database does not answer (``/readyz``)."""
+    con.execute("SELECT 1").fetchone()

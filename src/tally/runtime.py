@@ -22,8 +22,11 @@ from tally.security.jwks import ExternalIssuer, authority_for
 from tally.security.pseudonym import pseudonymiser_for
 from tally.security.tokens import TokenService
 from tally.semantic.fx import FxRates
-from tally.storage.duckdb import DuckDBBackend
+from tally.storage.base import Backend
+from tally.storage.factory import SPILL_DIR, check_store, open_backend
 from tally.storage.limits import QueryLimits
+
+__all__ = ["SPILL_DIR", "Runtime", "open_store", "tune_gc"]
 
 
 def tune_gc() -> None:
@@ -36,20 +39,18 @@ def tune_gc() -> None:
     sys.setswitchinterval(0.0005)
 
 
-SPILL_DIR = "query-spill"  # where DuckDB spills what a query cannot hold in memory
-
-
-def open_store(settings: Settings) -> DuckDBBackend:
-    """The event store with its rollups: the one way to open it for writing, so every
-    appended batch maintains them (``tally serve`` and ``tally demo`` alike)."""
+def open_store(settings: Settings) -> Backend:
+    """The event store ``TALLY_STORE`` names, with its rollups: the one way to open it for
+    writing, so every appended batch maintains them (``tally serve`` and ``tally demo``
+    alike). An unsupported ``TALLY_STORE`` raises ``StoreUnavailable`` (one line)."""
+    check_store(settings.store)
     metadata.ensure_data_dir(settings.data_dir)
-    return DuckDBBackend(
-        settings.data_dir,
+    return open_backend(
+        settings.store, settings.data_dir,
+        derived=derived_tables, retired=activity.RETIRED,
         idempotency_ttl=timedelta(seconds=settings.idempotency_ttl_seconds),
-        derived=derived_tables(DuckDBBackend.dialect), retired=activity.RETIRED,
         limits=QueryLimits(settings.query_timeout_seconds, settings.query_memory_bytes,
                            settings.query_spill_bytes),
-        spill_dir=settings.data_dir / SPILL_DIR,
     )
 
 
@@ -58,7 +59,7 @@ class Runtime:
     settings: Settings
     meta: sqlite3.Connection
     tokens: TokenService | ExternalIssuer  # external: TALLY_JWKS_URL
-    backend: DuckDBBackend
+    backend: Backend
     ingest: IngestService
     fx: FxRates
     answers: AnswerCache
@@ -67,6 +68,7 @@ class Runtime:
 
     @classmethod
     def open(cls, settings: Settings) -> Runtime:
+        check_store(settings.store)  # before anything is created in the data dir
         limits = Limits.open(settings)  # first: an unreachable Redis fails before the store
         meta = metadata.connect(settings.data_dir)
         tokens = authority_for(settings, meta)

@@ -30,7 +30,7 @@ from tally.cohorts.request import (
 from tally.errors import InvalidParameter
 from tally.insights.request import parse_bounded_int
 from tally.rollups import activity
-from tally.semantic import attributes
+from tally.semantic import attributes, rules
 from tally.semantic.catalog import Metric
 from tally.semantic.compiler import Compiled, Params, column, filter_conditions
 from tally.semantic.fx import FxRates
@@ -58,7 +58,8 @@ def parse_retention(body: Any) -> Retention:
     raw = _object(body, "the request body")
     cohort = parse_cohort(raw.get("cohort"))
     first, last = parse_days_range(raw.get("start_date"), raw.get("end_date"))
-    return_event = parse_step(raw.get("return_event", "bet.placed"), "return_event")
+    return_event = parse_step(raw.get("return_event", rules.BET_PLACED.event_type),
+                              "return_event")
     days = raw.get("days", list(DEFAULT_DAYS))
     if (not isinstance(days, list) or not days or len(days) > 64
             or not all(isinstance(d, int) and not isinstance(d, bool) and 0 <= d <= MAX_DAY
@@ -100,12 +101,11 @@ def activity_source(step: Step, starts: list[int]) -> tuple[str, str] | None:
     """(activity grain, kind) when the return event is a bet or a deposit — the activity
     tables keep who placed a bet or deposited per minute, hour and UTC day — and a grain
     tiles every local day of the span (UTC: days; whole-hour offsets: hours); else None."""
-    if step.event == "bet.placed" and not step.conditions:
-        kind = activity.KINDS["bet.placed"]
-    elif step.event == "wallet.credit" and step.conditions == (("reason", ("deposit",)),):
-        kind = activity.KINDS["deposit"]
-    else:
+    rule = rules.matching(step.event, step.conditions)
+    kinds = [kind for kind, always in rules.ALWAYS_ACTIVE.items() if always == rule]
+    if not kinds:
         return None
+    kind = kinds[0]
     for grain in sorted(activity.GRAINS, key=activity.GRAINS.__getitem__, reverse=True):
         if all(start % activity.GRAINS[grain] == 0 for start in starts):
             return grain, kind

@@ -1,7 +1,8 @@
 """What cohorts read, kept from the events in the events' transaction (like the rollups).
 
 - ``player_firsts``: one row per (brand, player, cohort kind) with the first-ever cohort event
-  (``first_deposit``: wallet.credit with reason=deposit; ``registration``: player.registered)
+  (:data:`COHORTS`: ``first_deposit`` a deposit, ``registration`` a registration, each the
+  rule of semantic/rules.py)
   and its region. A late, earlier event moves the row back (``ON CONFLICT … least``).
 - ``player_days``: per (UTC day, brand, player, currency) the money measures of ggr and ngr,
   one row per batch and key (a batch adds rows, it never rewrites them), so LTV sums a
@@ -14,29 +15,43 @@ from sqlglot import exp
 
 from tally.semantic.catalog import MEASURES, METRICS
 from tally.semantic.compiler import bucket, measure_sum, measure_sum_type
+from tally.semantic.rules import DEPOSIT, REGISTRATION, EventRule
 from tally.storage.base import DerivedTable
-from tally.storage.dialects import render
+from tally.storage.dialects import excluded, render, upsert
+
+TABLE = "player_firsts"
 
 DAY = 86_400
-COHORTS = {"first_deposit": "event_type = 'wallet.credit' AND reason = 'deposit'",
-           "registration": "event_type = 'player.registered'"}
+# each cohort kind by the rule of its first event (semantic/rules.py)
+COHORTS: dict[str, EventRule] = {"first_deposit": DEPOSIT, "registration": REGISTRATION}
 # the measures LTV needs: every term of ggr and ngr
 LTV_MEASURES = tuple(dict.fromkeys(name for metric in ("ggr", "ngr")
                                    for _, name in METRICS[metric].terms))
 
 
-def _firsts(source: str) -> str:
-    kind = "CASE " + " ".join(f"WHEN {cond} THEN '{name}'" for name, cond in COHORTS.items()) \
-        + " END"
-    any_cohort = " OR ".join(f"({cond})" for cond in COHORTS.values())
-    return (
-        f"INSERT INTO player_firsts SELECT tenant_id, player_id, {kind} AS kind, "  # noqa: S608
-        "min(occurred_at), arg_min(region, occurred_at) "
-        f"FROM {source} WHERE player_id IS NOT NULL AND ({any_cohort}) GROUP BY ALL "
-        "ON CONFLICT (tenant_id, player_id, kind) DO UPDATE SET "
-        "region = CASE WHEN excluded.first_at < player_firsts.first_at "
-        "THEN excluded.region ELSE player_firsts.region END, "
-        "first_at = least(player_firsts.first_at, excluded.first_at)")
+def _firsts(source: str) -> exp.Insert:
+    """Each (brand, player, cohort kind)'s first event of ``source``, kept when earlier than
+    the stored one (the region moves with it)."""
+    kind = exp.Case()
+    for name, rule in COHORTS.items():
+        kind = kind.when(rule.condition(), exp.Literal.string(name))
+    select = (
+        exp.select("tenant_id", "player_id", exp.alias_(kind, "kind"),
+                   exp.Min(this=exp.column("occurred_at")),
+                   exp.ArgMin(this=exp.column("region"), expression=exp.column("occurred_at")))
+        .from_(source)
+        .where(exp.column("player_id").is_(exp.null()).not_())
+        .where(exp.or_(*(rule.condition() for rule in COHORTS.values())))
+    )
+    select.set("group", exp.Group(all=True))
+    kept = exp.column("first_at", TABLE)
+    earlier = excluded("first_at") < kept
+    return upsert(exp.insert(select, TABLE), ("tenant_id", "player_id", "kind"), {
+        "region": exp.Case().when(earlier, excluded("region"))
+        .else_(exp.column("region", TABLE)),
+        "first_at": exp.Least(this=kept.copy(), expressions=[excluded("first_at")],
+                              ignore_nulls=True),
+    })
 
 
 def _player_days(source: str, dialect: str) -> str:
@@ -61,7 +76,7 @@ def derived_tables(dialect: str) -> list[DerivedTable]:
         "CREATE TABLE IF NOT EXISTS player_firsts (tenant_id VARCHAR NOT NULL, "
         "player_id VARCHAR NOT NULL, kind VARCHAR NOT NULL, first_at TIMESTAMP NOT NULL, "
         "region VARCHAR, PRIMARY KEY (tenant_id, player_id, kind))",
-        (_firsts("_new_events"),), (_firsts("events"),))
+        (render(_firsts("_new_events"), dialect),), (render(_firsts("events"), dialect),))
     types = {name: measure_sum_type(MEASURES[name]) for name in LTV_MEASURES}
     columns = ", ".join(f"{name} {kind} NOT NULL" for name, kind in types.items())
     days = DerivedTable(

@@ -25,9 +25,7 @@ class DataVersions:
         self._pending: dict[str, dict[int, datetime]] = {}  # brand → {seq → min occurred_at}
 
     def load(self, backend: Backend) -> None:
-        table = backend.query(
-            "SELECT tenant_id, CAST(occurred_at AS DATE) AS day, max(ingest_seq) AS seq, "
-            "max(occurred_at) AS latest FROM events GROUP BY ALL")
+        table = backend.data_versions()
         self._merge(table.column("tenant_id").to_pylist(), table.column("day").to_pylist(),
                     table.column("seq").to_pylist(), table.column("latest").to_pylist())
 

@@ -1,7 +1,7 @@
 """``tally_rows_scanned_total``: rows read by analytics queries (CONTRACT §7).
 
-Read at scrape time from the store's own count (``DuckDBBackend.rows_scanned``: DuckDB's
-profiler, summed over every ``execute``), so queries run outside a request count too.
+Read at scrape time from the store's own count (``Backend.rows_scanned``: on DuckDB, its
+profiler's, summed over every ``execute``), so queries run outside a request count too.
 """
 
 from __future__ import annotations
@@ -24,6 +24,6 @@ class RowsScanned(Collector):
 
     def collect(self) -> Iterable[Metric]:
         family = CounterMetricFamily(
-            "tally_rows_scanned", "Rows read by analytics queries (DuckDB's profiler).")
+            "tally_rows_scanned", "Rows read by analytics queries (the store's own count).")
         family.add_metric([], float(self._store.rows_scanned))
         return [family]

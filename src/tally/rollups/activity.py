@@ -17,7 +17,7 @@ from datetime import UTC
 
 from sqlglot import exp
 
-from tally.semantic import attributes
+from tally.semantic import attributes, rules
 from tally.semantic.catalog import DIMENSIONS
 from tally.semantic.compiler import Compiled, Params, Scope, bucket, filter_conditions
 from tally.storage.base import DerivedTable
@@ -28,13 +28,8 @@ DAY = 86_400
 GRAINS = {"1m": 60, "1h": 3600, "1d": DAY}
 
 
-def _is(event_type: str) -> exp.Expr:
-    return exp.column("event_type").eq(exp.Literal.string(event_type))
-
-
-# a bet or a deposit: active whatever else happens
-_DIRECT = exp.or_(_is("bet.placed"), exp.and_(
-    _is("wallet.credit"), exp.column("reason").eq(exp.Literal.string("deposit"))))
+def _not_null(name: str) -> exp.Expr:
+    return exp.column(name).is_(exp.null()).not_()
 
 
 def _side(source: str | exp.Expr, alias: str) -> exp.Expr:
@@ -58,9 +53,24 @@ def _pairs(starts: str | exp.Expr, ends: str | exp.Expr) -> exp.Select:
     )
 
 
-_NEW_STARTS = exp.select("*").from_("_new_events").where(_is("session.started")) \
-    .where(exp.column("player_id").is_(exp.null()).not_())
-_NEW_ENDS = exp.select("*").from_("_new_events").where(_is("session.ended"))
+_NEW_STARTS = exp.select("*").from_("_new_events").where(rules.SESSION_STARTED.condition()) \
+    .where(_not_null("player_id"))
+_NEW_ENDS = exp.select("*").from_("_new_events").where(rules.SESSION_ENDED.condition())
+_START_COLUMNS = ("tenant_id", "session_id", "occurred_at", "region", "player_id")
+_END_COLUMNS = ("tenant_id", "session_id", "duration_sec")
+
+
+def _keep_starts(source: str) -> exp.Expr:
+    """The session starts of ``source`` (of a player) into ``session_starts``."""
+    return exp.insert(exp.select(*_START_COLUMNS).from_(source)
+                      .where(rules.SESSION_STARTED.condition())
+                      .where(_not_null("player_id")), "session_starts")
+
+
+def _keep_ends(source: str) -> exp.Expr:
+    """The session ends of ``source`` into ``session_ends``."""
+    return exp.insert(exp.select(*_END_COLUMNS).from_(source)
+                      .where(rules.SESSION_ENDED.condition()), "session_ends")
 
 
 def derived_tables(dialect: str) -> list[DerivedTable]:
@@ -74,22 +84,16 @@ def derived_tables(dialect: str) -> list[DerivedTable]:
         "session_starts",
         "CREATE TABLE IF NOT EXISTS session_starts (tenant_id VARCHAR, session_id VARCHAR, "
         "occurred_at TIMESTAMP, region VARCHAR, player_id VARCHAR)",
-        ("INSERT INTO session_starts SELECT tenant_id, session_id, occurred_at, region, "
-         "player_id FROM _new_events WHERE event_type = 'session.started' "
-         "AND player_id IS NOT NULL",),
-        ("INSERT INTO session_starts SELECT tenant_id, session_id, occurred_at, region, "
-         "player_id FROM events WHERE event_type = 'session.started' "
-         "AND player_id IS NOT NULL",))
+        (render(_keep_starts("_new_events"), dialect),),
+        (render(_keep_starts("events"), dialect),))
     ends = DerivedTable(
         "session_ends",
         "CREATE TABLE IF NOT EXISTS session_ends (tenant_id VARCHAR, session_id VARCHAR, "
         "duration_sec BIGINT)",
-        ("INSERT INTO session_ends SELECT tenant_id, session_id, duration_sec FROM _new_events "
-         "WHERE event_type = 'session.ended'",
+        (render(_keep_ends("_new_events"), dialect),
          # the sessions this batch completes, paired once for every grain
          render(new_pairs, dialect)),
-        ("INSERT INTO session_ends SELECT tenant_id, session_id, duration_sec FROM events "
-         "WHERE event_type = 'session.ended'",))
+        (render(_keep_ends("events"), dialect),))
     return [starts, ends, *(_activity(grain, dialect) for grain in GRAINS)]
 
 
@@ -99,25 +103,23 @@ def table(grain: str) -> str:
 
 # tables of earlier versions, dropped when a store is opened (see storage.duckdb)
 RETIRED = tuple(f"activity_{grain}" for grain in GRAINS)
-KINDS = {"bet.placed": "bet", "deposit": "deposit"}  # retention's return events, by kind
 
 
 def _activity(grain: str, dialect: str) -> DerivedTable:
     name, size = table(grain), GRAINS[grain]
-    kind = exp.Case().when(_is("bet.placed"), exp.Literal.string(KINDS["bet.placed"])) \
-        .else_(exp.Literal.string(KINDS["deposit"]))
+    kind = rules.active_kind()
 
     def direct(source: str) -> exp.Expr:
         return exp.insert(
             exp.select(bucket(size), "tenant_id", "region", "player_id", exp.null(), kind)
-            .distinct().from_(source).where(_DIRECT)
-            .where(exp.column("player_id").is_(exp.null()).not_())
+            .distinct().from_(source).where(rules.always_active())
+            .where(_not_null("player_id"))
             .order_by(exp.Literal.number(1)), name)
 
     def sessions(pairs: exp.Expr) -> exp.Expr:
         return exp.insert(
             exp.select(bucket(size, None, "started_at"), "tenant_id", "region", "player_id",
-                       "duration_sec", exp.Literal.string("session"))
+                       "duration_sec", exp.Literal.string(rules.SESSION_KIND))
             .distinct().from_(exp.Subquery(this=pairs)), name)
 
     return DerivedTable(
@@ -160,7 +162,8 @@ def compile_active_from_rollup(scope: Scope, min_session_seconds: int,
         exp.column("bucket", name) >= params.bind(start),
         exp.column("bucket", name) < params.bind(end),
         exp.or_(exp.column("session_sec", name).is_(exp.null()),
-                exp.column("session_sec", name) >= params.bind(min_session_seconds)),
+                rules.long_enough(exp.column("session_sec", name),
+                                  params.bind(min_session_seconds))),
     ]
     conditions += filter_conditions(scope.filters, params, name)
     at: exp.Expr = exp.column("bucket", name)

@@ -71,7 +71,7 @@ def derived_tables(dialect: str) -> list[DerivedTable]:
                          (render(maintenance(grain, "_new_events"), dialect),),
                          (render(maintenance(grain, "events"), dialect),), types)
             for grain in GRAINS] + activity.derived_tables(dialect) + cohort_tables(dialect) \
-        + [attributes.derived_table()]
+        + [attributes.derived_table(dialect)]
 
 
 def compile_from_rollup(metric: Metric, scope: Scope, by_currency: bool) -> Compiled | None:

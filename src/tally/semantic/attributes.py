@@ -24,10 +24,11 @@ from collections.abc import Iterable
 from sqlglot import exp
 
 from tally.semantic.catalog import DIMENSIONS
+from tally.semantic.rules import REGISTRATION
 from tally.storage.base import DerivedTable
+from tally.storage.dialects import excluded, render, upsert
 
 TABLE = "player_attributes"
-REGISTRATION = "player.registered"
 # (events field of the registration, column kept) per attribute dimension, in catalog order
 COLUMNS = tuple((d.registration_field, d.column) for d in DIMENSIONS.values()
                 if d.registration_field is not None)
@@ -57,23 +58,36 @@ def source(table: str, keys: Iterable[str], alias: str | None = None) -> exp.Exp
     return exp.alias_(joined.subquery(), name, table=True)
 
 
-def _maintenance(events: str) -> str:
-    fields = ", ".join(field for field, _ in COLUMNS)
-    updates = ", ".join(f"{c} = excluded.{c}" for c in
-                        ("registered_at", "registration_id", *(kept for _, kept in COLUMNS)))
-    kept, new = TABLE, "excluded"
-    return (
-        f"INSERT INTO {TABLE} SELECT tenant_id, player_id, occurred_at, "  # noqa: S608
-        f"event_id, {fields} FROM {events} "
-        f"WHERE event_type = '{REGISTRATION}' AND player_id IS NOT NULL "
-        "QUALIFY row_number() OVER (PARTITION BY tenant_id, player_id "
-        "ORDER BY occurred_at, event_id) = 1 "
-        f"ON CONFLICT (tenant_id, player_id) DO UPDATE SET {updates} "
-        f"WHERE {new}.registered_at < {kept}.registered_at OR ({new}.registered_at = "
-        f"{kept}.registered_at AND {new}.registration_id < {kept}.registration_id)")
+def _maintenance(events: str) -> exp.Insert:
+    """Each (brand, player)'s first registration in ``events``, replacing the kept row only
+    when it comes first in (occurred_at, event_id) order."""
+    first = exp.Window(
+        this=exp.RowNumber(),
+        partition_by=[exp.column("tenant_id"), exp.column("player_id")],
+        order=exp.Order(expressions=[exp.Ordered(this=exp.column("occurred_at")),
+                                     exp.Ordered(this=exp.column("event_id"))]))
+    select = (
+        exp.select("tenant_id", "player_id", "occurred_at", "event_id",
+                   *(field for field, _ in COLUMNS))
+        .from_(events)
+        .where(REGISTRATION.condition())
+        .where(exp.column("player_id").is_(exp.null()).not_())
+        .qualify(first.eq(exp.Literal.number(1)))
+    )
+    updates = {c: excluded(c) for c in
+               ("registered_at", "registration_id", *(kept for _, kept in COLUMNS))}
+
+    def kept(name: str) -> exp.Column:
+        return exp.column(name, TABLE)
+
+    earlier = exp.or_(
+        excluded("registered_at") < kept("registered_at"),
+        exp.and_(excluded("registered_at").eq(kept("registered_at")),
+                 excluded("registration_id") < kept("registration_id")))
+    return upsert(exp.insert(select, TABLE), ("tenant_id", "player_id"), updates, earlier)
 
 
-def derived_table() -> DerivedTable:
+def derived_table(dialect: str = "duckdb") -> DerivedTable:
     """``player_attributes`` as a table the store keeps from the events (filled from the
     stored events when new to an existing store)."""
     columns = ", ".join(f"{kept} VARCHAR" for _, kept in COLUMNS)
@@ -82,4 +96,5 @@ def derived_table() -> DerivedTable:
         f"CREATE TABLE IF NOT EXISTS {TABLE} (tenant_id VARCHAR NOT NULL, "
         "player_id VARCHAR NOT NULL, registered_at TIMESTAMP NOT NULL, "
         f"registration_id VARCHAR NOT NULL, {columns}, PRIMARY KEY (tenant_id, player_id))",
-        (_maintenance("_new_events"),), (_maintenance("events"),))
+        (render(_maintenance("_new_events"), dialect),),
+        (render(_maintenance("events"), dialect),))

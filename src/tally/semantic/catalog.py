@@ -11,6 +11,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from enum import StrEnum
 
+from tally.semantic.rules import ACTIVE_DEFINITION, BET_SETTLED, DEPOSIT, EventRule
+
 
 class Unit(StrEnum):
     MONEY = "money"  # integer minor units of the reporting currency: answered as value_minor
@@ -70,25 +72,32 @@ PLAYER_DIMENSIONS = ("brand_id", "region", *PLAYER_ATTRIBUTES)
 @dataclass(frozen=True)
 class Measure:
     name: str
-    event_type: str
+    event: EventRule  # the events it aggregates (semantic/rules.py)
     column: str | None  # summed column; None counts events
     money: bool = False
-    reason: str | None = None  # wallet reason the event must carry
+
+    @property
+    def event_type(self) -> str:
+        return self.event.event_type
+
+    @property
+    def reason(self) -> str | None:  # wallet reason the event must carry
+        return self.event.reason
 
 
 MEASURES: dict[str, Measure] = {
     m.name: m
     for m in (
-        Measure("stake_sum", "bet.settled", "stake_minor", money=True),
-        Measure("win_sum", "bet.settled", "win_minor", money=True),
-        Measure("jackpot_sum", "bet.settled", "jackpot_contribution_minor", money=True),
-        Measure("commission_sum", "bet.settled", "commission_minor", money=True),
-        Measure("bonus_consumed_sum", "bonus.consumed", "amount_minor", money=True),
-        Measure("bet_count", "bet.settled", None),
-        Measure("deposit_sum", "wallet.credit", "amount_minor", money=True, reason="deposit"),
-        Measure("deposit_count", "wallet.credit", None, reason="deposit"),
-        Measure("intent_count", "payment.intent", None),
-        Measure("capture_count", "payment.captured", None),
+        Measure("stake_sum", BET_SETTLED, "stake_minor", money=True),
+        Measure("win_sum", BET_SETTLED, "win_minor", money=True),
+        Measure("jackpot_sum", BET_SETTLED, "jackpot_contribution_minor", money=True),
+        Measure("commission_sum", BET_SETTLED, "commission_minor", money=True),
+        Measure("bonus_consumed_sum", EventRule("bonus.consumed"), "amount_minor", money=True),
+        Measure("bet_count", BET_SETTLED, None),
+        Measure("deposit_sum", DEPOSIT, "amount_minor", money=True),
+        Measure("deposit_count", DEPOSIT, None),
+        Measure("intent_count", EventRule("payment.intent"), None),
+        Measure("capture_count", EventRule("payment.captured"), None),
     )
 }
 
@@ -114,9 +123,7 @@ def _additive(name: str, unit: Unit, definition: str, dims: tuple[str, ...],
     return Metric(name, unit, Kind.ADDITIVE, definition, dims, terms)
 
 
-_ACTIVE = ("active = placed a bet (bet.placed), or made a deposit (wallet.credit with "
-           "reason=deposit), or had a session whose session.ended.duration_sec ≥ "
-           "TALLY_ACTIVE_SESSION_MIN minutes (counted at the session's start)")
+_ACTIVE = ACTIVE_DEFINITION
 
 METRICS: dict[str, Metric] = {
     m.name: m
@@ -139,10 +146,10 @@ METRICS: dict[str, Metric] = {
         _additive("bets", Unit.COUNT, "count of bet.settled", BET_DIMENSIONS,
                   (1, "bet_count")),
         _additive("deposits", Unit.MONEY,
-                  "Σ amount_minor of wallet.credit with reason=deposit", WALLET_DIMENSIONS,
+                  f"Σ amount_minor of {DEPOSIT.describe()}", WALLET_DIMENSIONS,
                   (1, "deposit_sum")),
         _additive("deposits_count", Unit.COUNT,
-                  "count of wallet.credit with reason=deposit", WALLET_DIMENSIONS,
+                  f"count of {DEPOSIT.describe()}", WALLET_DIMENSIONS,
                   (1, "deposit_count")),
         Metric("deposits_success", Unit.RATIO, Kind.RATIO,
                "count of payment.captured / count of payment.intent in the bucket (null "

@@ -66,7 +66,15 @@ class QuarantineItem:
 
 
 class Backend(Protocol):
+    """A store. ``dialect`` names the SQL dialect its trees render in
+    (``storage/dialects.py``); everything the rest of Tally asks of a store is here."""
+
     dialect: str
+
+    @property
+    def rows_scanned(self) -> int:
+        """Rows read by :meth:`execute` since the store was opened (the Prometheus counter
+        ``tally_rows_scanned_total``, read at scrape time)."""
 
     def write(self, writes: WriteSet, journal_seq: int | None = None, *,
               dry_run: bool = False) -> None:
@@ -86,9 +94,17 @@ class Backend(Protocol):
 
     def max_ingest_seq(self) -> int: ...
 
+    def data_versions(self) -> pa.Table:
+        """Per (brand, UTC day of ``occurred_at``) of the stored events: ``tenant_id``,
+        ``day`` (a date), ``seq`` (the greatest ingest_seq) and ``latest`` (the greatest
+        occurred_at) — what ``ingest/versions.py`` loads at start."""
+
     def count_events(self) -> int: ...
 
     def idempotency(self, client_id: str, key: str) -> IdempotencyRecord | None: ...
+
+    def expire_idempotency(self) -> None:
+        """Delete the idempotency records older than the store's time to live."""
 
     def quarantine(self, after_id: int, limit: int, brands: Sequence[str] | None = None,
                    regions: Sequence[str] | None = None) -> list[QuarantineItem]:
@@ -99,11 +115,17 @@ class Backend(Protocol):
 
     def put_setting(self, name: str, value: str) -> None: ...
 
-    def query(self, sql: str, params: Sequence[Any] = ()) -> pa.Table: ...
+    def query(self, sql: str, params: Sequence[Any] = ()) -> pa.Table:
+        """SQL text in this store's dialect, unmetered (for tests and the store's own
+        reads; the query modules build trees and call :meth:`execute`)."""
 
     def execute(self, tree: exp.Expr, params: dict[str, Any]) -> pa.Table:
         """Render ``tree`` in this backend's dialect and run it with named parameters,
         asking the current request's scan meter first and charging it the rows scanned
         afterwards (``storage/metering.py``)."""
+
+    def estimate_rows(self, sql: str, params: dict[str, Any]) -> int:
+        """The planner's estimate, before running, of the rows ``sql`` (rendered in this
+        store's dialect) will read: what the scan meter checks first."""
 
     def close(self) -> None: ...

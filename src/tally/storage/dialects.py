@@ -11,6 +11,7 @@ ClickHouse also needs session settings for the SQL to mean what it means on Duck
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 from sqlglot import exp
@@ -62,6 +63,26 @@ DIALECTS: dict[str, type[Dialect]] = {"duckdb": TallyDuckDB, "clickhouse": Tally
 #   an empty string, the epoch), so `r.t IS NULL` finds "not found" and a player without a
 #   registration has NULL attributes
 CLICKHOUSE_SETTINGS: dict[str, Any] = {"join_use_nulls": 1}
+
+
+def upsert(insert: exp.Insert, keys: tuple[str, ...], updates: Mapping[str, exp.Expr],
+           where: exp.Expr | None = None) -> exp.Insert:
+    """``insert`` where a row whose ``keys`` are already stored updates the stored row
+    (``ON CONFLICT (keys) DO UPDATE SET column = value, … [WHERE where]``; the new row's
+    columns are :func:`excluded`'s). DuckDB only: ClickHouse keeps such tables otherwise
+    (issue 11 item 3)."""
+    conflict = exp.OnConflict(
+        conflict_keys=[exp.column(key) for key in keys], action=exp.var("DO UPDATE"),
+        expressions=[exp.column(name).eq(value) for name, value in updates.items()])
+    if where is not None:
+        conflict.set("where", exp.Where(this=where))
+    insert.set("conflict", conflict)
+    return insert
+
+
+def excluded(name: str) -> exp.Column:
+    """Column ``name`` of the row an :func:`upsert` did not insert."""
+    return exp.column(name, "excluded")
 
 
 def render(tree: exp.Expr, dialect: str) -> str:

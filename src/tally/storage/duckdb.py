@@ -273,6 +273,11 @@ class DuckDBBackend:
     def max_ingest_seq(self) -> int:
         return int(self._scalar("SELECT coalesce(max(ingest_seq), 0) FROM events"))
 
+    def data_versions(self) -> pa.Table:
+        return self.query(
+            "SELECT tenant_id, CAST(occurred_at AS DATE) AS day, max(ingest_seq) AS seq, "
+            "max(occurred_at) AS latest FROM events GROUP BY ALL")
+
     def event_keys(self, chunk_rows: int) -> Iterator[tuple[Any, Any]]:
         cur = self._con.cursor()
         rel = cur.sql("SELECT id_hi, id_lo FROM events")

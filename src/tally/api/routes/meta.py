@@ -12,7 +12,7 @@ import hmac
 from fastapi import APIRouter, Request, Response
 from fastapi.responses import JSONResponse, PlainTextResponse
 
-from tally import __version__
+from tally import __version__, metadata
 from tally.api import answers
 from tally.api.answers import AUTHED, COMMON, problems
 from tally.api.deps import AnyToken, RuntimeDep
@@ -38,7 +38,7 @@ async def healthz() -> JSONResponse:
 async def readyz(runtime: RuntimeDep) -> JSONResponse:
     try:
         runtime.backend.setting("dedup_key")  # the store answers (no count: not disclosed)
-        runtime.meta.execute("SELECT 1").fetchone()
+        metadata.ping(runtime.meta)  # and so does the metadata database
         reasons = runtime.unready()
     except Exception as exc:  # readiness reports any failure as not ready
         reasons = [f"store does not answer: {type(exc).__name__}"]
