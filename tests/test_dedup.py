@@ -76,3 +76,226 @@ def test_fence_edges_extreme_values_and_long_equal_runs():
     probes_hi = np.array([lo_end, hi_end, 0, -1, 7, 7, 8, 1], dtype=np.int64)
     probes_lo = np.array([0, 1, 2, 3, 4 + 99, 4 + 100, 0, 0], dtype=np.int64)
     assert index.contains(probes_hi, probes_lo).tolist() == [True] * 5 + [False] * 3
+
+
+# -- the partitioned index on disk -------------------------------------------------------------
+
+import os  # noqa: E402
+import signal  # noqa: E402
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+import textwrap  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+from tally.ingest.dedup_disk import PartitionedDedupIndex, partition_of  # noqa: E402
+
+
+class KeyStore:
+    """A store as the index sees it: keys with their ingest seq, and settings."""
+
+    def __init__(self, store_id: str = "store-1") -> None:
+        self.hi: list[np.ndarray] = []
+        self.lo: list[np.ndarray] = []
+        self.seq = 0
+        self.settings: dict[str, str] = {"dedup_index_id": store_id}
+
+    def store(self, hi, lo, seq):
+        self.hi.append(np.asarray(hi, np.int64))
+        self.lo.append(np.asarray(lo, np.int64))
+        self.seq = max(self.seq, seq)
+
+    def event_keys(self, chunk_rows):
+        yield from zip(self.hi, self.lo, strict=True)
+
+    def max_ingest_seq(self):
+        return self.seq
+
+    def setting(self, name):
+        return self.settings.get(name)
+
+    def put_setting(self, name, value):
+        self.settings[name] = value
+
+
+def rand(rng, n):
+    return (rng.integers(-(2**63), 2**63 - 1, n, dtype=np.int64),
+            rng.integers(-(2**63), 2**63 - 1, n, dtype=np.int64))
+
+
+def small_index(tmp: Path, store: KeyStore, **kw) -> PartitionedDedupIndex:
+    index = PartitionedDedupIndex.open(tmp, store, memory_mb=8, bits=3, **kw)
+    index.memtable_keys, index.max_run = 700, 5000  # many runs, merges and flushes
+    index.resident_budget = 64 * 4096  # pages given back all the time
+    return index
+
+
+def probe(index, reference, rng, stored_hi, stored_lo):
+    qhi, qlo = rand(rng, 300)
+    pick = rng.integers(0, len(stored_hi), 200) if len(stored_hi) else np.array([], int)
+    qhi = np.concatenate((qhi, stored_hi[pick], stored_hi[pick[:50]]))
+    qlo = np.concatenate((qlo, stored_lo[pick], stored_lo[pick[:50]] ^ 1))  # same hi, other lo
+    got = index.contains(qhi, qlo)
+    want = [(int(h), int(v)) in reference for h, v in zip(qhi, qlo, strict=True)]
+    assert got.tolist() == want
+
+
+def test_partitioned_index_agrees_with_a_set_across_flushes_merges_and_evictions(tmp_path):
+    rng = np.random.default_rng(7)
+    store = KeyStore()
+    index = small_index(tmp_path, store)
+    reference: set[tuple[int, int]] = set()
+    all_hi, all_lo = np.empty(0, np.int64), np.empty(0, np.int64)
+    for seq in range(1, 60):
+        hi, lo = rand(rng, int(rng.integers(1, 400)))
+        hi[:3] = hi[0]  # equal high halves, different low halves
+        found = index.contains(hi, lo)
+        assert not found.any()
+        index.add(hi, lo, seq)
+        store.store(hi, lo, seq)
+        reference.update(zip(hi.tolist(), lo.tolist(), strict=True))
+        all_hi, all_lo = np.concatenate((all_hi, hi)), np.concatenate((all_lo, lo))
+        probe(index, reference, rng, all_hi, all_lo)
+    assert len(index) == len(reference)
+    assert index.run_count > 8  # the test went through runs on disk, not only the memtable
+    assert index.resident_estimate() < 8 << 20
+    index.close()
+    again = small_index(tmp_path, store)
+    assert again.rebuilt == []  # reused, not rebuilt
+    probe(again, reference, rng, all_hi, all_lo)
+    assert len(again) == len(reference)
+
+
+def test_discarded_keys_are_new_again_after_a_restart(tmp_path):
+    rng = np.random.default_rng(8)
+    store = KeyStore()
+    index = small_index(tmp_path, store)
+    hi, lo = rand(rng, 2000)
+    index.add(hi, lo, 1)
+    store.store(hi[10:], lo[10:], 1)  # the first ten were set aside when applied
+    index.discard(hi[:10], lo[:10])
+    index.close()
+    again = small_index(tmp_path, store)
+    assert again.contains(hi, lo).tolist() == [False] * 10 + [True] * 1990
+    again.add(hi[:5], lo[:5], 2)  # sent again and stored this time
+    store.store(hi[:5], lo[:5], 2)
+    assert again.contains(hi[:10], lo[:10]).tolist() == [True] * 5 + [False] * 5
+
+
+def test_stale_index_of_another_store_or_behind_the_store_is_rebuilt(tmp_path):
+    rng = np.random.default_rng(9)
+    store = KeyStore()
+    index = small_index(tmp_path, store)
+    hi, lo = rand(rng, 3000)
+    index.add(hi, lo, 1)
+    store.store(hi, lo, 1)
+    index.close()
+    more_hi, more_lo = rand(rng, 500)
+    store.store(more_hi, more_lo, 2)  # written by something that did not keep the index
+    again = small_index(tmp_path, store)
+    assert again.rebuilt and "covers ingest seq 1" in again.rebuilt[0]
+    assert again.contains(more_hi, more_lo).all() and again.contains(hi, lo).all()
+    again.close()
+    other = KeyStore("store-2")  # another store in the same data dir
+    fresh = small_index(tmp_path, other)
+    assert fresh.rebuilt == ["index of another store"]
+    assert not fresh.contains(hi, lo).any()
+    assert len(fresh) == 0
+
+
+def test_damaged_or_truncated_partition_is_detected_and_rebuilt(tmp_path):
+    rng = np.random.default_rng(10)
+    store = KeyStore()
+    index = small_index(tmp_path, store)
+    hi, lo = rand(rng, 6000)
+    for seq, a in enumerate(range(0, 6000, 1000), start=1):
+        index.add(hi[a:a + 1000], lo[a:a + 1000], seq)
+        store.store(hi[a:a + 1000], lo[a:a + 1000], seq)
+    index.close()
+    runs = sorted(tmp_path.glob("*.run"))
+    with open(runs[0], "r+b") as f:  # truncated
+        f.truncate(os.path.getsize(runs[0]) - 100)
+    with open(runs[-1], "r+b") as f:  # one bit flipped in the keys
+        f.seek(4096 + 8)
+        byte = f.read(1)
+        f.seek(4096 + 8)
+        f.write(bytes([byte[0] ^ 1]))
+    again = small_index(tmp_path, store)
+    assert len(again.rebuilt) == 1 and again.rebuilt[0].startswith("damaged partitions")
+    damaged = {int(p.name[1:4], 16) for p in (runs[0], runs[-1])}
+    assert again.rebuilt[0] == f"damaged partitions {sorted(damaged)}"
+    assert again.contains(hi, lo).all()
+    assert not again.contains(hi, lo ^ 1).any()
+    assert set(partition_of(hi, 3).tolist()) >= damaged
+
+
+KILLED_WRITER = textwrap.dedent("""
+    import sys, numpy as np
+    from pathlib import Path
+    sys.path.insert(0, {tests!r})
+    from test_dedup import KeyStore, rand, small_index
+    store = KeyStore()
+    index = small_index(Path({folder!r}), store)
+    rng = np.random.default_rng(12)
+    for seq in range(1, 40):
+        hi, lo = rand(rng, 250)
+        index.add(hi, lo, seq)
+        np.save(Path({folder!r}) / f"keys-{{seq}}.npy", np.stack((hi, lo)))
+    print("ready", flush=True)
+    import time; time.sleep(60)
+""")
+
+
+def test_kill_9_loses_no_key(tmp_path):
+    """A process adds keys (some flushed to runs, the rest only in the log) and is killed:
+    the next open knows every one of them."""
+    folder = tmp_path / "dedup"
+    code = KILLED_WRITER.format(tests=str(Path(__file__).parent), folder=str(folder))
+    proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+    assert proc.stdout is not None and proc.stdout.readline().strip() == "ready"
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    proc.stdout.close()
+    store = KeyStore()
+    keys = [np.load(folder / f"keys-{seq}.npy") for seq in range(1, 40)]
+    for seq, pair in enumerate(keys[:30], start=1):  # the store applied 30 of 39 records
+        store.store(pair[0], pair[1], seq)
+    again = small_index(folder, store, journal_last_seq=39)
+    assert again.rebuilt == []  # log replayed, nothing to rebuild
+    for pair in keys:
+        assert again.contains(pair[0], pair[1]).all()
+    assert not again.contains(keys[0][0], keys[0][1] ^ 1).any()
+
+
+RSS_PROBE = textwrap.dedent("""
+    import json, sys, numpy as np, psutil
+    from pathlib import Path
+    sys.path.insert(0, {tests!r})
+    from test_dedup import KeyStore, rand
+    from tally.ingest.dedup_disk import PartitionedDedupIndex
+    store = KeyStore()
+    index = PartitionedDedupIndex.open(Path({folder!r}), store, memory_mb={mb})
+    rng = np.random.default_rng(1)
+    rss = []
+    for step in range(8):
+        index.load(rand(rng, 1_000_000) for _ in range({millions}))
+        for _ in range(50):
+            hi, lo = rand(rng, 1000)
+            index.contains(hi, lo)
+        rss.append(psutil.Process().memory_info().rss)
+    print(json.dumps({{"rss": rss, "keys": len(index)}}))
+""")
+
+
+def test_memory_stays_bounded_as_keys_grow(tmp_path):
+    """RSS of a process holding 24M keys in a 32 MB budget: it stops growing with the keys
+    (an in-memory index of them would take ~400 MB)."""
+    code = RSS_PROBE.format(tests=str(Path(__file__).parent), folder=str(tmp_path), mb=32,
+                            millions=3)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         check=True).stdout
+    import json
+    figures = json.loads(out)
+    rss = figures["rss"]
+    assert figures["keys"] == 24_000_000
+    growth = rss[-1] - rss[1]  # from 6M keys to 24M keys
+    assert growth < 60 << 20, rss  # ~18M more keys would be 300 MB in memory

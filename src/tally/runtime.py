@@ -86,7 +86,8 @@ class Runtime:
                                    pseudonymiser_for(settings.pseudonymise_key,
                                                      settings.pseudonymise_scope),
                                    max_backlog_rows=settings.max_backlog_rows,
-                                   max_backlog_seconds=settings.max_backlog_seconds)
+                                   max_backlog_seconds=settings.max_backlog_seconds,
+                                   dedup_memory_mb=settings.dedup_memory_mb)
         except BaseException:
             audit.close()
             backend.close()
@@ -130,7 +131,7 @@ class Runtime:
                float(self.ingest.applier.set_aside_rows))
         yield ("tally_store_writable", "1 if the applier can write the store, else 0.", {},
                0.0 if self.ingest.applier.store_failure else 1.0)
-        yield ("tally_dedup_index_keys", "Keys in the in-memory dedup index.", {},
+        yield ("tally_dedup_index_keys", "Keys in the dedup index.", {},
                float(len(self.ingest.index)))
         for result, count in (("hit", self.answers.hits), ("miss", self.answers.misses)):
             yield ("tally_answer_cache_lookups", "Answer cache lookups by result.",

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Iterable, Sequence
+from typing import Protocol
 
 import numpy as np
 import numpy.typing as npt
@@ -60,6 +61,15 @@ class _Run:
             right = active & (self.hi[np.minimum(mid, top)] < q)
             lo = np.where(right, mid + 1, lo)
             hi = np.where(active & ~right, mid, hi)
+
+
+class KeyIndex(Protocol):
+    """What the writer asks of a dedup index (this module's, or the one on disk)."""
+
+    def __len__(self) -> int: ...
+    def contains(self, hi: I64, lo: I64) -> npt.NDArray[np.bool_]: ...
+    def add(self, hi: Sequence[int] | I64, lo: Sequence[int] | I64, seq: int = 0) -> None: ...
+    def discard(self, hi: Sequence[int] | I64, lo: Sequence[int] | I64) -> None: ...
 
 
 def key_hasher(secret: bytes) -> _Hasher:
@@ -133,7 +143,20 @@ class DedupIndex:
                     found[i] = False
         return found
 
-    def add(self, hi: Sequence[int] | I64, lo: Sequence[int] | I64) -> None:
+    def arrays(self) -> tuple[I64, I64]:
+        """Every key (discarded ones left out), unordered."""
+        if not self._runs:
+            return np.empty(0, np.int64), np.empty(0, np.int64)
+        hi = np.concatenate([run.hi for run in self._runs])
+        lo = np.concatenate([run.lo for run in self._runs])
+        if self._discarded:
+            keep = np.array([(int(h), int(v)) not in self._discarded
+                             for h, v in zip(hi, lo, strict=True)], dtype=np.bool_)
+            hi, lo = hi[keep], lo[keep]
+        return hi, lo
+
+    def add(self, hi: Sequence[int] | I64, lo: Sequence[int] | I64, seq: int = 0) -> None:
+        """Add new keys (``seq``, their journal record, matters only to an index on disk)."""
         if self._discarded:  # a discarded key added again is live again
             self._discarded.difference_update(
                 zip((int(h) for h in hi), (int(v) for v in lo), strict=True))

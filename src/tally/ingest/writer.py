@@ -28,7 +28,7 @@ import pyarrow as pa
 from tally.errors import IdempotencyKeyReused, ServiceUnavailable
 from tally.ingest.applier import Applier
 from tally.ingest.batch import PreparedBatch, quarantine_table
-from tally.ingest.dedup import DedupIndex
+from tally.ingest.dedup import DedupIndex, KeyIndex
 from tally.ingest.journal import Journal, JournalUnavailable
 from tally.storage.base import Backend, IdempotencyRecord, WriteSet
 
@@ -56,7 +56,7 @@ FirstResponse = tuple[str, dict[str, Any]]  # (body SHA-256, receipt)
 
 
 class IngestWriter:
-    def __init__(self, backend: Backend, index: DedupIndex, journal: Journal, applier: Applier,
+    def __init__(self, backend: Backend, index: KeyIndex, journal: Journal, applier: Applier,
                  last_seq: int,
                  unapplied: Sequence[tuple[int, list[IdempotencyRecord]]] = ()) -> None:
         self._backend = backend
@@ -152,6 +152,7 @@ class IngestWriter:
             self._index.add(
                 np.concatenate([t.column("id_hi").to_numpy() for t in writes.events]),
                 np.concatenate([t.column("id_lo").to_numpy() for t in writes.events]),
+                self._seq,
             )
         if has_writes:  # before the receipts, so a flush() after a 202 waits for this group
             self._applier.enqueue(self._seq, writes)  # may wait: backpressure
