@@ -299,3 +299,26 @@ def test_memory_stays_bounded_as_keys_grow(tmp_path):
     assert figures["keys"] == 24_000_000
     growth = rss[-1] - rss[1]  # from 6M keys to 24M keys
     assert growth < 60 << 20, rss  # ~18M more keys would be 300 MB in memory
+
+
+def test_the_server_on_the_disk_index_dedups_across_restarts(tmp_path):
+    """``TALLY_DEDUP_INDEX=disk``: the ingestion path uses the partitioned index, and a
+    duplicate that comes back after a restart is counted, not stored again."""
+    from fastapi.testclient import TestClient
+
+    from tally.api.app import create_app
+    from tally.config import Settings
+    from tests.conftest import bearer, make_event
+
+    settings = Settings(data_dir=tmp_path / "data", dedup_index="disk")
+    events = [make_event() for _ in range(50)]
+    with TestClient(create_app(settings)) as client:
+        headers = bearer(client, settings.data_dir)
+        first = client.post("/v1/events:batch", json=events, headers=headers).json()
+    assert (first["accepted"], first["duplicates"]) == (50, 0)
+    assert any((settings.data_dir / "dedup").iterdir())
+    with TestClient(create_app(settings)) as client:
+        headers = bearer(client, settings.data_dir)
+        again = client.post("/v1/events:batch", json=events[:20] + [make_event()],
+                            headers=headers).json()
+    assert (again["accepted"], again["duplicates"]) == (1, 20)

@@ -87,7 +87,8 @@ class Runtime:
                                                      settings.pseudonymise_scope),
                                    max_backlog_rows=settings.max_backlog_rows,
                                    max_backlog_seconds=settings.max_backlog_seconds,
-                                   dedup_memory_mb=settings.dedup_memory_mb)
+                                   dedup_memory_mb=settings.dedup_memory_mb,
+                                   dedup_index=settings.dedup_index)
         except BaseException:
             audit.close()
             backend.close()

@@ -16,7 +16,7 @@ import pyarrow as pa
 from tally.events.envelope import ValidationContext
 from tally.ingest.applier import Applier
 from tally.ingest.batch import PreparedBatch, prepare
-from tally.ingest.dedup import key_hasher
+from tally.ingest.dedup import DedupIndex, KeyIndex, key_hasher
 from tally.ingest.dedup_disk import DEFAULT_MEMORY_MB, PartitionedDedupIndex
 from tally.ingest.journal import Journal
 from tally.ingest.versions import DataVersions
@@ -32,7 +32,8 @@ class IngestService:
     def __init__(self, backend: Backend, journal_dir: Path, max_batch_events: int,
                  pseudonymiser: Pseudonymiser | None = None, *,
                  max_backlog_rows: int = 1_000_000, max_backlog_seconds: float = 60.0,
-                 dedup_memory_mb: int = DEFAULT_MEMORY_MB) -> None:
+                 dedup_memory_mb: int = DEFAULT_MEMORY_MB,
+                 dedup_index: str = "memory") -> None:
         self.backend = backend
         self.max_batch_events = max_batch_events
         self.pseudonymiser = pseudonymiser  # TALLY_PSEUDONYMISE_KEY: player ids keyed at ingest
@@ -46,10 +47,15 @@ class IngestService:
         assert secret is not None
         self._hash = key_hasher(bytes.fromhex(secret))
         started = time.perf_counter()
-        # on disk beside the journal; reused if current, else rebuilt from the store
-        self.index = PartitionedDedupIndex.open(
-            journal_dir.parent / "dedup", backend, memory_mb=dedup_memory_mb,
-            journal_last_seq=unapplied[-1].seq if unapplied else applied)
+        self.index: KeyIndex
+        if dedup_index == "disk":  # beside the journal; reused if current, else rebuilt
+            self.index = PartitionedDedupIndex.open(
+                journal_dir.parent / "dedup", backend, memory_mb=dedup_memory_mb,
+                journal_last_seq=unapplied[-1].seq if unapplied else applied)
+        else:  # in memory, loaded from the store: fastest, ~15 bytes of RAM per stored event
+            memory = DedupIndex()
+            memory.load(backend.event_keys(1 << 20))
+            self.index = memory
         for record in unapplied:  # acknowledged before the last stop: stored as far as dedup goes
             for table in record.writes.events:
                 self.index.add(table.column("id_hi").to_numpy(), table.column("id_lo").to_numpy(),
@@ -88,7 +94,8 @@ class IngestService:
         True when everything acknowledged is in the store."""
         self.writer.stop()
         drained = self.applier.stop(timeout)
-        self.index.close()
+        if isinstance(self.index, PartitionedDedupIndex):
+            self.index.close()
         self.journal.close()
         if drained:
             self.journal.clear()
