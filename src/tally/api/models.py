@@ -50,8 +50,9 @@ def _ascii_count(value: Any) -> Any:
     return value
 
 
-def Count(low: int, high: int, description: str) -> Any:  # noqa: N802 (a type factory)
-    return Annotated[int, Field(ge=low, le=high, description=description),
+def Count(low: int, high: int, description: str, example: int = 100) -> Any:  # noqa: N802
+    """A bounded count parameter (a type factory)."""
+    return Annotated[int, Field(ge=low, le=high, description=description, examples=[example]),
                      BeforeValidator(_ascii_count)]
 
 
@@ -84,7 +85,7 @@ Filters = Annotated[str | None, Field(
     pattern=_kv_list(DIMENSION_NAMES), examples=["brand_id:brand-1,region:EU"])]
 Cursor = Annotated[str | None, Field(
     description="`next_cursor` of the previous page of this same query.",
-    pattern=r"^[A-Za-z0-9_-]+$")]
+    pattern=r"^[A-Za-z0-9_-]+$", examples=["WzEwMDAsIjNmOWEyYjFjIl0"])]
 Currency = Annotated[str | None, Field(
     description="Reporting currency (ISO 4217); default: the deployment's base currency.",
     pattern=r"^[A-Z]{3}$", examples=["EUR"])]
@@ -144,7 +145,7 @@ class LtvQuery(QueryModel):
                                    examples=["2026-11-07"])]
     filters: Annotated[str | None, Field(
         description="`key:value,…` on the cohort's players and their events.",
-        pattern=_kv_list(LTV_FILTER_KEYS))] = None
+        pattern=_kv_list(LTV_FILTER_KEYS), examples=["brand_id:brand-1"])] = None
     currency: Currency = None
 
 
@@ -156,14 +157,14 @@ class PageQuery(QueryModel):
 class QuarantineQuery(PageQuery):
     brand_id: list[str] | None = Field(
         None, description="Only entries of this brand (repeatable; OR-ed). A brand outside "
-                          "the token's limits is 403.")
+                          "the token's limits is 403.", examples=[["brand-1"]])
     region: list[str] | None = Field(
         None, description="Only entries of this region (repeatable; OR-ed). A region outside "
-                          "the token's limits is 403.")
+                          "the token's limits is 403.", examples=[["EU"]])
 
 
 class AuditQuery(PageQuery):
-    after: Count(0, MAX_POSITION, "Entries with `seq` greater than this.") = None  # type: ignore[valid-type]
+    after: Count(0, MAX_POSITION, "Entries with `seq` greater than this.", 0) = None  # type: ignore[valid-type]
 
 
 # ---- JSON bodies: closed at every depth, no coercion (a "1" is not 1, true is not 1)

@@ -43,7 +43,8 @@ async def ingest_batch(
     x_idempotency_key: Annotated[str | None, Header(
         min_length=1, max_length=MAX_IDEMPOTENCY_KEY,
         description="Replays the first response for the same key and body (per client); "
-                    "the same key with another body is 422.")] = None,
+                    "the same key with another body is 422.",
+        examples=["batch-2026-11-02T10:00:00Z-0001"])] = None,
 ) -> JSONResponse:
     settings = runtime.settings
     key = x_idempotency_key
