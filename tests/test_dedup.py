@@ -87,28 +87,58 @@ import sys  # noqa: E402
 import textwrap  # noqa: E402
 from pathlib import Path  # noqa: E402
 
+from datetime import datetime  # noqa: E402
+
+import pyarrow as pa  # noqa: E402
+
 from tally.ingest.dedup_disk import PartitionedDedupIndex, partition_of  # noqa: E402
+from tally.storage.base import WriteSet  # noqa: E402
+from tally.storage.factory import open_backend  # noqa: E402
+from tally.storage.schema import EVENTS_SCHEMA  # noqa: E402
 
 
-class KeyStore:
-    """A store as the index sees it: keys with their ingest seq, and settings."""
+class StoreKeys:
+    """A real store (the DuckDB backend, as ``tally serve`` opens it) whose events carry the
+    given keys: what the index checks itself against and rebuilds from."""
 
-    def __init__(self, store_id: str = "store-1") -> None:
-        self.hi: list[np.ndarray] = []
-        self.lo: list[np.ndarray] = []
-        self.seq = 0
-        self.settings: dict[str, str] = {"dedup_index_id": store_id}
+    def __init__(self, root: Path) -> None:
+        root.mkdir(parents=True, exist_ok=True)
+        self.backend = open_backend("duckdb", root, derived=lambda dialect: ())
+        self.rows = 0
 
     def store(self, hi, lo, seq):
-        self.hi.append(np.asarray(hi, np.int64))
-        self.lo.append(np.asarray(lo, np.int64))
-        self.seq = max(self.seq, seq)
+        n = len(hi)
+        ids = [f"e{self.rows + i}" for i in range(n)]
+        self.rows += n
+        at = pa.array([datetime(2025, 10, 23)] * n, pa.timestamp("us"))
+        text = {"event_type": "bet.placed", "tenant_id": "brand-1", "region": "EU",
+                "schema_version": "1.0.0", "payload": "{}"}
+        columns = {"ingest_seq": pa.array([seq] * n, pa.int64()),
+                   "id_hi": pa.array(np.asarray(hi, np.int64)),
+                   "id_lo": pa.array(np.asarray(lo, np.int64)),
+                   "event_id": pa.array(ids), "occurred_at": at, "ingested_at": at,
+                   "received_at": at, **{k: pa.array([v] * n) for k, v in text.items()}}
+        table = pa.Table.from_arrays(
+            [columns.get(f.name, pa.nulls(n, f.type)) for f in EVENTS_SCHEMA],
+            schema=EVENTS_SCHEMA)
+        self.backend.write(WriteSet(events=[table]), journal_seq=seq)
+
+    def __getattr__(self, name):  # event_keys, max_ingest_seq, setting, put_setting
+        return getattr(self.backend, name)
+
+
+class MemoryKeys:
+    """Only for the RSS probe, which adds 24M keys: the index's own memory is what it
+    measures, so no store runs in that process (a store would add its own)."""
+
+    def __init__(self) -> None:
+        self.settings: dict[str, str] = {}
 
     def event_keys(self, chunk_rows):
-        yield from zip(self.hi, self.lo, strict=True)
+        return iter(())
 
     def max_ingest_seq(self):
-        return self.seq
+        return 0
 
     def setting(self, name):
         return self.settings.get(name)
@@ -122,7 +152,7 @@ def rand(rng, n):
             rng.integers(-(2**63), 2**63 - 1, n, dtype=np.int64))
 
 
-def small_index(tmp: Path, store: KeyStore, **kw) -> PartitionedDedupIndex:
+def small_index(tmp: Path, store: StoreKeys, **kw) -> PartitionedDedupIndex:
     index = PartitionedDedupIndex.open(tmp, store, memory_mb=8, bits=3, **kw)
     index.memtable_keys, index.max_run = 700, 5000  # many runs, merges and flushes
     index.resident_budget = 64 * 4096  # pages given back all the time
@@ -141,8 +171,8 @@ def probe(index, reference, rng, stored_hi, stored_lo):
 
 def test_partitioned_index_agrees_with_a_set_across_flushes_merges_and_evictions(tmp_path):
     rng = np.random.default_rng(7)
-    store = KeyStore()
-    index = small_index(tmp_path, store)
+    store = StoreKeys(tmp_path / "store")
+    index = small_index(tmp_path / "dedup", store)
     reference: set[tuple[int, int]] = set()
     all_hi, all_lo = np.empty(0, np.int64), np.empty(0, np.int64)
     for seq in range(1, 60):
@@ -159,7 +189,7 @@ def test_partitioned_index_agrees_with_a_set_across_flushes_merges_and_evictions
     assert index.run_count > 8  # the test went through runs on disk, not only the memtable
     assert index.resident_estimate() < 8 << 20
     index.close()
-    again = small_index(tmp_path, store)
+    again = small_index(tmp_path / "dedup", store)
     assert again.rebuilt == []  # reused, not rebuilt
     probe(again, reference, rng, all_hi, all_lo)
     assert len(again) == len(reference)
@@ -167,14 +197,14 @@ def test_partitioned_index_agrees_with_a_set_across_flushes_merges_and_evictions
 
 def test_discarded_keys_are_new_again_after_a_restart(tmp_path):
     rng = np.random.default_rng(8)
-    store = KeyStore()
-    index = small_index(tmp_path, store)
+    store = StoreKeys(tmp_path / "store")
+    index = small_index(tmp_path / "dedup", store)
     hi, lo = rand(rng, 2000)
     index.add(hi, lo, 1)
     store.store(hi[10:], lo[10:], 1)  # the first ten were set aside when applied
     index.discard(hi[:10], lo[:10])
     index.close()
-    again = small_index(tmp_path, store)
+    again = small_index(tmp_path / "dedup", store)
     assert again.contains(hi, lo).tolist() == [False] * 10 + [True] * 1990
     again.add(hi[:5], lo[:5], 2)  # sent again and stored this time
     store.store(hi[:5], lo[:5], 2)
@@ -183,20 +213,20 @@ def test_discarded_keys_are_new_again_after_a_restart(tmp_path):
 
 def test_stale_index_of_another_store_or_behind_the_store_is_rebuilt(tmp_path):
     rng = np.random.default_rng(9)
-    store = KeyStore()
-    index = small_index(tmp_path, store)
+    store = StoreKeys(tmp_path / "store")
+    index = small_index(tmp_path / "dedup", store)
     hi, lo = rand(rng, 3000)
     index.add(hi, lo, 1)
     store.store(hi, lo, 1)
     index.close()
     more_hi, more_lo = rand(rng, 500)
     store.store(more_hi, more_lo, 2)  # written by something that did not keep the index
-    again = small_index(tmp_path, store)
+    again = small_index(tmp_path / "dedup", store)
     assert again.rebuilt and "covers ingest seq 1" in again.rebuilt[0]
     assert again.contains(more_hi, more_lo).all() and again.contains(hi, lo).all()
     again.close()
-    other = KeyStore("store-2")  # another store in the same data dir
-    fresh = small_index(tmp_path, other)
+    other = StoreKeys(tmp_path / "store-2")  # another store, the same index folder
+    fresh = small_index(tmp_path / "dedup", other)
     assert fresh.rebuilt == ["index of another store"]
     assert not fresh.contains(hi, lo).any()
     assert len(fresh) == 0
@@ -204,14 +234,14 @@ def test_stale_index_of_another_store_or_behind_the_store_is_rebuilt(tmp_path):
 
 def test_damaged_or_truncated_partition_is_detected_and_rebuilt(tmp_path):
     rng = np.random.default_rng(10)
-    store = KeyStore()
-    index = small_index(tmp_path, store)
+    store = StoreKeys(tmp_path / "store")
+    index = small_index(tmp_path / "dedup", store)
     hi, lo = rand(rng, 6000)
     for seq, a in enumerate(range(0, 6000, 1000), start=1):
         index.add(hi[a:a + 1000], lo[a:a + 1000], seq)
         store.store(hi[a:a + 1000], lo[a:a + 1000], seq)
     index.close()
-    runs = sorted(tmp_path.glob("*.run"))
+    runs = sorted((tmp_path / "dedup").glob("*.run"))
     with open(runs[0], "r+b") as f:  # truncated
         f.truncate(os.path.getsize(runs[0]) - 100)
     with open(runs[-1], "r+b") as f:  # one bit flipped in the keys
@@ -219,7 +249,7 @@ def test_damaged_or_truncated_partition_is_detected_and_rebuilt(tmp_path):
         byte = f.read(1)
         f.seek(4096 + 8)
         f.write(bytes([byte[0] ^ 1]))
-    again = small_index(tmp_path, store)
+    again = small_index(tmp_path / "dedup", store)
     assert len(again.rebuilt) == 1 and again.rebuilt[0].startswith("damaged partitions")
     damaged = {int(p.name[1:4], 16) for p in (runs[0], runs[-1])}
     assert again.rebuilt[0] == f"damaged partitions {sorted(damaged)}"
@@ -232,8 +262,8 @@ KILLED_WRITER = textwrap.dedent("""
     import sys, numpy as np
     from pathlib import Path
     sys.path.insert(0, {tests!r})
-    from test_dedup import KeyStore, rand, small_index
-    store = KeyStore()
+    from test_dedup import StoreKeys, rand, small_index
+    store = StoreKeys(Path({folder!r}).parent / "store")  # applies nothing before the kill
     index = small_index(Path({folder!r}), store)
     rng = np.random.default_rng(12)
     for seq in range(1, 40):
@@ -255,7 +285,7 @@ def test_kill_9_loses_no_key(tmp_path):
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
     proc.stdout.close()
-    store = KeyStore()
+    store = StoreKeys(tmp_path / "store")  # the same store, its lock freed by the kill
     keys = [np.load(folder / f"keys-{seq}.npy") for seq in range(1, 40)]
     for seq, pair in enumerate(keys[:30], start=1):  # the store applied 30 of 39 records
         store.store(pair[0], pair[1], seq)
@@ -270,9 +300,9 @@ RSS_PROBE = textwrap.dedent("""
     import json, sys, numpy as np, psutil
     from pathlib import Path
     sys.path.insert(0, {tests!r})
-    from test_dedup import KeyStore, rand
+    from test_dedup import MemoryKeys, rand
     from tally.ingest.dedup_disk import PartitionedDedupIndex
-    store = KeyStore()
+    store = MemoryKeys()
     index = PartitionedDedupIndex.open(Path({folder!r}), store, memory_mb={mb})
     rng = np.random.default_rng(1)
     rss = []
