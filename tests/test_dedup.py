@@ -85,9 +85,8 @@ import signal  # noqa: E402
 import subprocess  # noqa: E402
 import sys  # noqa: E402
 import textwrap  # noqa: E402
-from pathlib import Path  # noqa: E402
-
 from datetime import datetime  # noqa: E402
+from pathlib import Path  # noqa: E402
 
 import pyarrow as pa  # noqa: E402
 
