@@ -121,12 +121,16 @@ def bind(params: dict[str, Any]) -> dict[str, Any]:
     return {k: _utc_text(v) if isinstance(v, datetime) else v for k, v in params.items()}
 
 
-def _wide_ints(table: pa.Table) -> pa.Table:
-    """``Int128`` values (money sums) come back from ClickHouse's Arrow output as 16
-    little-endian bytes (Arrow has no 128-bit integer): as DuckDB gives a ``HUGEINT``, a
-    ``decimal128(38, 0)``. Read as signed (no query of Tally's returns a ``UInt128``)."""
+def _as_duckdb(table: pa.Table) -> pa.Table:
+    """ClickHouse's Arrow output in the types DuckDB answers with: ``Int128`` values (money
+    sums) come back as 16 little-endian bytes (Arrow has no 128-bit integer) and become a
+    ``decimal128(38, 0)`` as DuckDB's ``HUGEINT`` (read as signed: no query of Tally's returns
+    a ``UInt128``); timestamps in the session's time zone (UTC) become naive."""
     for i, f in enumerate(table.schema):
-        if pa.types.is_fixed_size_binary(f.type) and f.type.byte_width == 16:
+        if pa.types.is_timestamp(f.type) and f.type.tz is not None:
+            table = table.set_column(i, pa.field(f.name, pa.timestamp(f.type.unit)),
+                                     table.column(i).cast(pa.timestamp(f.type.unit)))
+        elif pa.types.is_fixed_size_binary(f.type) and f.type.byte_width == 16:
             values = [None if v is None else Decimal(int.from_bytes(v, "little", signed=True))
                       for v in table.column(i).to_pylist()]
             table = table.set_column(i, pa.field(f.name, pa.decimal128(38, 0)),
@@ -208,7 +212,7 @@ class ClickHouseBackend:
         server) or positional (``%s``, bound by the driver)."""
         bound: Any = bind(params) if isinstance(params, dict) else (list(params) or None)
         with self._reading():
-            return _wide_ints(self._client().query_arrow(sql, parameters=bound))
+            return _as_duckdb(self._client().query_arrow(sql, parameters=bound))
 
     def execute(self, tree: exp.Expr, params: dict[str, Any]) -> pa.Table:
         """A sqlglot tree rendered in ClickHouse's dialect, its parameters bound by the
@@ -255,7 +259,7 @@ class ClickHouseBackend:
 
     def data_versions(self) -> pa.Table:
         table = self.query(
-            "SELECT tenant_id, toDate(occurred_at) AS day, max(ingest_seq) AS seq, "
+            "SELECT tenant_id, toDate32(occurred_at) AS day, max(ingest_seq) AS seq, "
             "max(occurred_at) AS latest FROM events GROUP BY tenant_id, day")
         return table.cast(pa.schema([
             pa.field("tenant_id", pa.string()), pa.field("day", pa.date32()),
@@ -306,8 +310,8 @@ class ClickHouseBackend:
         return [QuarantineItem(**row) for row in rows.to_pylist()]
 
     def setting(self, name: str) -> str | None:
-        value = self._scalar("SELECT argMax(value, version) FROM store_settings "
-                             "WHERE name = {n:String} HAVING count() > 0", {"n": name})
+        value = self._scalar("SELECT value FROM store_settings FINAL WHERE name = {n:String}",
+                             {"n": name})
         return None if value is None else str(value)
 
     def put_setting(self, name: str, value: str) -> None:
@@ -322,7 +326,8 @@ class ClickHouseBackend:
         return int(self.setting(JOURNAL_APPLIED) or 0)
 
     def fx_rates(self) -> list[tuple[date, str, str]]:
-        rows = self.query("SELECT day, currency, rate FROM fx_rates").to_pylist()
+        rows = self.query(
+            "SELECT toDate32(day) AS day, currency, rate FROM fx_rates").to_pylist()
         return [(row["day"], row["currency"], row["rate"]) for row in rows]
 
     def add_fx_rates(self, rows: list[tuple[date, str, str]]) -> None:
@@ -459,6 +464,10 @@ def _result_table(result: Any) -> pa.Table:
             name = name[name.index("(") + 1:-1]
             if name.startswith("Nullable("):
                 name = name[len("Nullable("):-1]
+        if name.startswith("DateTime64(6"):  # with or without a time zone
+            name = "DateTime64(6)"
+        elif name.startswith("DateTime("):
+            name = "DateTime"
         kind = _ARROW_TYPES.get(name)
         values = list(columns[i]) if columns else []
         if kind is not None and pa.types.is_decimal(kind):
