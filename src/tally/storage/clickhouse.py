@@ -158,6 +158,7 @@ class ClickHouseBackend:
         self._write_lock = threading.Lock()
         self._scan_lock = threading.Lock()
         self._dry_tables = False
+        self._closed = False
         self._rows_scanned = 0
         self._writer = self._connect()
         try:
@@ -170,11 +171,14 @@ class ClickHouseBackend:
 
     def _connect(self) -> Client:
         """A new client of the store (a session of its own), remembered to be closed."""
+        if self._closed:
+            raise StoreUnavailable("the ClickHouse store is closed")
         try:
             client = clickhouse_connect.get_client(dsn=self.dsn, settings=SETTINGS)
         except Exception as exc:  # the URL is not shown: it may hold a password
             raise StoreUnavailable(f"cannot open the ClickHouse store: {first_line(exc)}") \
                 from None
+        _storage_read_rows(client)
         with self._clients_lock:
             self._clients.append(client)
         return client
@@ -428,6 +432,7 @@ class ClickHouseBackend:
 
     def close(self) -> None:
         """Close every client (chDB lets a process open another path only then)."""
+        self._closed = True
         with self._clients_lock:
             clients, self._clients = self._clients, []
         for client in clients:
@@ -435,6 +440,27 @@ class ClickHouseBackend:
                 client.close()
             except Exception:  # noqa: S110 - closing a failed client: nothing to flush
                 pass
+
+
+def _storage_read_rows(client: Client) -> None:
+    """Have a chDB client's query summary say, as a server's does, the rows the query read
+    from storage (``read_rows``). clickhouse-connect 1.12 fills it from chDB's
+    ``rows_read()``, which counts the rows of the result; chDB's ``storage_rows_read()`` is the
+    server's ``read_rows``. Done on the client's engine handle, so only while it says so."""
+    backend = getattr(client, "_backend", None)
+    summary = getattr(backend, "_summary", None)
+    if type(backend).__name__ != "ChdbBackend" or summary is None:
+        return  # a server: its X-ClickHouse-Summary is the storage's already
+
+    def storage_summary(result: Any) -> dict[str, Any]:
+        found: dict[str, Any] = summary(result)
+        try:
+            found["read_rows"] = str(result.storage_rows_read())
+        except Exception:  # noqa: S110 - an older chDB: the driver's count stands
+            pass
+        return found
+
+    backend._summary = storage_summary  # type: ignore[union-attr]
 
 
 def _now() -> datetime:
