@@ -123,6 +123,20 @@ def test_write_then_read_the_base_tables(chstore: ClickHouseBackend) -> None:
                          "latest": datetime(2025, 10, 22, 10, 49)}]
 
 
+def test_events_are_stored_as_written(chstore: ClickHouseBackend) -> None:
+    """Every column of every event comes back as written (types, NULLs, microseconds)."""
+    table = events_table(event_set()[:400], 1)
+    chstore.write(WriteSet(events=[table]), journal_seq=1)
+    stored = chstore.query("SELECT * FROM events ORDER BY ingest_seq")
+    assert stored.column_names == EVENTS_SCHEMA.names
+    assert stored.to_pylist() == table.to_pylist()
+
+
+def test_an_unreachable_server_is_unavailable() -> None:
+    with pytest.raises(StoreUnavailable, match="cannot open"):
+        ClickHouseBackend("http://127.0.0.1:9/")
+
+
 def test_a_replayed_record_is_counted_once(chstore: ClickHouseBackend) -> None:
     """The same record written twice (a retried apply, a replay after a crash): its tokens
     drop the second copy of every table."""
