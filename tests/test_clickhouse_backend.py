@@ -8,6 +8,7 @@ another (the ``chstore`` fixture), and the killed writer is a process of its own
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import signal
@@ -356,6 +357,46 @@ def test_compiled_queries_answer_what_duckdb_answers(tmp_path: Path) -> None:
                 answers += len(expected)
         assert answers > 100
         assert ch.rows_scanned > 0
+    finally:
+        duck.close()
+        ch.close()
+
+
+def test_protocol_reads_answer_what_duckdb_answers(tmp_path: Path) -> None:
+    """The same journal records through both stores: every read of the protocol agrees
+    (quarantine ids aside: a sequence on DuckDB, the record's on ClickHouse)."""
+    (tmp_path / "duck").mkdir()
+    duck = DuckDBBackend(tmp_path / "duck")
+    ch = ClickHouseBackend(chdb_dsn(tmp_path / "ch"))
+    try:
+        rates = [(date(2025, 10, 1), "GBP", "1.15")]
+        records = {seq: record(seq) for seq in range(1, 4)}
+        for store in (duck, ch):
+            for seq, write in records.items():
+                store.write(write, journal_seq=seq)
+            store.add_fx_rates(rates)
+            store.put_setting("dedup_key", "k")
+        assert ch.journal_applied_seq() == duck.journal_applied_seq() == 3
+        assert ch.count_events() == duck.count_events()
+        assert ch.max_ingest_seq() == duck.max_ingest_seq()
+        assert rows(ch.data_versions()) == rows(duck.data_versions())
+        assert ch.fx_rates() == duck.fx_rates()
+        assert ch.setting("dedup_key") == duck.setting("dedup_key") == "k"
+        for key in ("k1", "k3", "k9"):
+            assert ch.idempotency("c1", key) == duck.idempotency("c1", key)
+
+        def keys(store: Any) -> list[tuple[int, int]]:
+            return sorted((h, lo) for hi, low in store.event_keys(64)
+                          for h, lo in zip(hi.tolist(), low.tolist(), strict=True))
+
+        assert keys(ch) == keys(duck)
+
+        def entries(store: Any, **scope: Any) -> list[tuple[Any, ...]]:
+            return [dataclasses.astuple(item)[1:] for item in store.quarantine(0, 100, **scope)]
+
+        for scope in ({}, {"brands": ["brand-7"]}, {"regions": ["UK"]}):
+            assert entries(ch, **scope) == entries(duck, **scope)
+        assert len(entries(ch)) == 6
     finally:
         duck.close()
         ch.close()
