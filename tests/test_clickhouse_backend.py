@@ -156,6 +156,9 @@ def test_a_replayed_record_is_counted_once(chstore: ClickHouseBackend) -> None:
     # an older record replayed never lowers the applied sequence
     chstore.write(record(7), journal_seq=7)
     assert chstore.journal_applied_seq() == 8 and chstore.count_events() == 100
+    # by the record, not by the content: the same rows as another record are kept
+    chstore.write(WriteSet(events=record(7).events), journal_seq=9)
+    assert chstore.count_events() == 150
 
 
 def test_a_write_without_a_record_is_not_deduplicated(chstore: ClickHouseBackend) -> None:
@@ -163,6 +166,10 @@ def test_a_write_without_a_record_is_not_deduplicated(chstore: ClickHouseBackend
     chstore.write(WriteSet(quarantine=[quarantine_table(3, 0)]))
     ids = [item.id for item in chstore.quarantine(0, 100)]
     assert ids == [1, 2, 3, 4, 5, 6]
+    same = record(1)  # the same rows twice, not by hash either
+    chstore.write(WriteSet(events=same.events))
+    chstore.write(WriteSet(events=same.events))
+    assert chstore.count_events() == 100
     assert chstore.journal_applied_seq() == 0
 
 

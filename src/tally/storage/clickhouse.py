@@ -24,6 +24,7 @@ journal record (not one the applier makes) numbers its entries after the greates
 from __future__ import annotations
 
 import threading
+import uuid
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from datetime import UTC, date, datetime, timedelta
@@ -104,9 +105,12 @@ def is_store_error(exc: BaseException) -> bool:
 
 
 def _token(journal_seq: int | None, table: str) -> dict[str, Any]:
-    """The settings of one insert of record ``journal_seq``: its deduplication token."""
+    """The settings of one insert of record ``journal_seq``: its deduplication token. An
+    insert of no record has a token of its own, so it is not deduplicated (a table with a
+    deduplication window drops a block whose content's hash it holds, and ClickHouse 26.9
+    ignores ``insert_deduplicate = 0`` there: measured)."""
     if journal_seq is None:
-        return {}
+        return {"insert_deduplication_token": f"once:{uuid.uuid4().hex}:{table}"}
     return {"insert_deduplication_token": f"{journal_seq}:{table}:0"}
 
 
