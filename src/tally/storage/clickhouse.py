@@ -1,0 +1,514 @@
+"""The ClickHouse backend: an embedded chDB under ``--data-dir`` or a ClickHouse server, one
+driver (clickhouse-connect) and one code path for both.
+
+``ClickHouseBackend(dsn)`` opens ``chdb:///<dir>`` (the engine in this process: one engine a
+process, one writer thread, concurrent readers each with a client of their own on the same
+path) or ``http(s)://…`` (a server). The base tables only, so far: events, quarantine,
+idempotency records, FX rates and the store's settings; the derived tables (rollups,
+activity, ``player_firsts``…) come with their specs (issue 11 item 3).
+
+ClickHouse has no multi-table transaction, so a write is made idempotent instead of atomic:
+each table of a :class:`WriteSet` is one ``INSERT`` carrying an ``insert_deduplication_token``
+derived from the journal record (``"<journal_seq>:<table>:0"``), every table keeps the tokens
+of its last :data:`DEDUP_WINDOW` inserts (``non_replicated_deduplication_window``), and the
+``journal_applied_seq`` setting is written last. A record applied in part (a crash, a
+``kill -9``) is replayed whole from the journal: the inserts that landed are dropped as
+duplicates, the others land, and nothing is counted twice.
+
+Quarantine ids: ClickHouse has no sequence, so an entry's id is ``journal_seq * 2**20 + i``
+(``i`` its row in the record: at most :data:`QUARANTINE_ROWS` a record), which grows with the
+journal like DuckDB's sequence and is the same when a record is replayed. A write without a
+journal record (not one the applier makes) numbers its entries after the greatest stored id.
+"""
+
+from __future__ import annotations
+
+import threading
+import uuid
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from datetime import UTC, date, datetime, timedelta
+from decimal import Decimal
+from pathlib import Path
+from typing import Any
+
+import clickhouse_connect
+import numpy as np
+import pyarrow as pa
+from clickhouse_connect.driver.client import Client
+from clickhouse_connect.driver.exceptions import (
+    DatabaseError,
+    InterfaceError,
+    OperationalError,
+    ProgrammingError,
+)
+from sqlglot import exp
+
+from tally.errors import StoreUnavailable, WriteRejected
+from tally.storage.base import Backend, DerivedTable, IdempotencyRecord, QuarantineItem, WriteSet
+from tally.storage.clickhouse_schema import clickhouse_table
+from tally.storage.dialects import CLICKHOUSE_SETTINGS, render
+from tally.storage.metering import current_meter
+from tally.storage.schema import EVENTS_SCHEMA, QUARANTINE_SCHEMA, duckdb_columns
+
+JOURNAL_APPLIED = "journal_applied_seq"
+# inserts a table remembers the token of: far more than the journal records a restart replays
+DEDUP_WINDOW = 10_000
+QUARANTINE_BITS = 20
+QUARANTINE_ROWS = 2 ** QUARANTINE_BITS  # quarantine entries one journal record may hold
+_DEDUP = f" SETTINGS non_replicated_deduplication_window = {DEDUP_WINDOW}"
+
+# every client's session: the SQL's meaning (dialects.py) and naive timestamps read as UTC
+SETTINGS: dict[str, Any] = {**CLICKHOUSE_SETTINGS, "session_timezone": "UTC"}
+
+DDL = (
+    clickhouse_table(f"CREATE TABLE events ({duckdb_columns(EVENTS_SCHEMA)})") + _DEDUP,
+    clickhouse_table(f"CREATE TABLE quarantine (id BIGINT NOT NULL, "
+                     f"{duckdb_columns(QUARANTINE_SCHEMA)}, PRIMARY KEY (id))") + _DEDUP,
+    # the last record of a (client_id, key) is the one kept (DuckDB: INSERT OR REPLACE)
+    "CREATE TABLE IF NOT EXISTS idempotency (client_id String, key String, "
+    "body_sha256 String, response String, created_at DateTime64(6)) "
+    "ENGINE = ReplacingMergeTree ORDER BY (client_id, key)" + _DEDUP,
+    "CREATE TABLE IF NOT EXISTS fx_rates (day Date, currency String, rate String, "
+    "created_at DateTime64(6) DEFAULT now64(6)) ENGINE = MergeTree ORDER BY (day, currency)",
+    # the greatest version of a name is its value: the journal's sequence for
+    # journal_applied_seq (replaying an older record never lowers it), 0 for the others
+    "CREATE TABLE IF NOT EXISTS store_settings (name String, value String, version UInt64) "
+    "ENGINE = ReplacingMergeTree(version) ORDER BY name" + _DEDUP,
+)
+
+# ClickHouse error codes of the store failing (as opposed to the rows or the SQL): I/O, a
+# full disk, memory, time, the network, a server refusing load or credentials
+STORE_CODES = frozenset({
+    3, 74, 75, 76, 159, 160, 164, 194, 202, 203, 209, 210, 236, 241, 242, 243, 252, 319,
+    394, 425, 516, 999, 1000, 1001,
+})
+
+
+def chdb_dsn(data_dir: Path) -> str:
+    """The DSN of the embedded engine whose files are under ``data_dir``."""
+    return f"chdb://{data_dir.resolve()}"
+
+
+def first_line(exc: BaseException) -> str:
+    return (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300]
+
+
+def is_store_error(exc: BaseException) -> bool:
+    """Does ``exc`` say the store cannot be used now (rather than that a statement or its
+    rows are at fault)?"""
+    if isinstance(exc, OperationalError | InterfaceError | OSError | ConnectionError):
+        return True
+    if isinstance(exc, ProgrammingError) and "closed" in str(exc):
+        return True
+    return isinstance(exc, DatabaseError) and getattr(exc, "code", None) in STORE_CODES
+
+
+def _token(journal_seq: int | None, table: str) -> dict[str, Any]:
+    """The settings of one insert of record ``journal_seq``: its deduplication token. An
+    insert of no record has a token of its own, so it is not deduplicated (a table with a
+    deduplication window drops a block whose content's hash it holds, and ClickHouse 26.9
+    ignores ``insert_deduplicate = 0`` there: measured)."""
+    if journal_seq is None:
+        return {"insert_deduplication_token": f"once:{uuid.uuid4().hex}:{table}"}
+    return {"insert_deduplication_token": f"{journal_seq}:{table}:0"}
+
+
+def _utc_text(t: datetime) -> str:
+    """A naive UTC timestamp as a ``DateTime64(6)`` parameter (to the microsecond)."""
+    return t.strftime("%Y-%m-%d %H:%M:%S.%f")
+
+
+def bind(params: dict[str, Any]) -> dict[str, Any]:
+    """Named parameters as ClickHouse binds them server-side (``{name:Type}``): timestamps
+    as text to the microsecond."""
+    return {k: _utc_text(v) if isinstance(v, datetime) else v for k, v in params.items()}
+
+
+def _as_duckdb(table: pa.Table) -> pa.Table:
+    """ClickHouse's Arrow output in the types DuckDB answers with: ``Int128`` values (money
+    sums) come back as 16 little-endian bytes (Arrow has no 128-bit integer) and become a
+    ``decimal128(38, 0)`` as DuckDB's ``HUGEINT`` (read as signed: no query of Tally's returns
+    a ``UInt128``); timestamps in the session's time zone (UTC) become naive."""
+    for i, f in enumerate(table.schema):
+        if pa.types.is_timestamp(f.type) and f.type.tz is not None:
+            table = table.set_column(i, pa.field(f.name, pa.timestamp(f.type.unit)),
+                                     table.column(i).cast(pa.timestamp(f.type.unit)))
+        elif pa.types.is_fixed_size_binary(f.type) and f.type.byte_width == 16:
+            values = [None if v is None else Decimal(int.from_bytes(v, "little", signed=True))
+                      for v in table.column(i).to_pylist()]
+            table = table.set_column(i, pa.field(f.name, pa.decimal128(38, 0)),
+                                     pa.array(values, pa.decimal128(38, 0)))
+    return table
+
+
+class ClickHouseBackend:
+    """Tally's base tables in ClickHouse. Writes come from one thread (the ingest writer);
+    each reading thread has a client of its own."""
+
+    dialect = "clickhouse"
+
+    def __init__(self, dsn: str, *, idempotency_ttl: timedelta = timedelta(hours=24),
+                 derived: Sequence[DerivedTable] = ()) -> None:
+        if derived:
+            raise StoreUnavailable(
+                "the ClickHouse store keeps no derived tables yet (rollups, activity, player "
+                f"firsts: issue 11 item 3): {', '.join(t.name for t in derived)}")
+        self.dsn = dsn
+        self.idempotency_ttl = idempotency_ttl
+        self._clients: list[Client] = []
+        self._clients_lock = threading.Lock()
+        self._local = threading.local()
+        self._write_lock = threading.Lock()
+        self._scan_lock = threading.Lock()
+        self._dry_tables = False
+        self._closed = False
+        self._rows_scanned = 0
+        self._writer = self._connect()
+        try:
+            for statement in DDL:
+                self._writer.command(statement)
+        except Exception as exc:
+            self.close()
+            raise StoreUnavailable(f"cannot create the store's tables: {first_line(exc)}") \
+                from None
+
+    def _connect(self) -> Client:
+        """A new client of the store (a session of its own), remembered to be closed."""
+        if self._closed:
+            raise StoreUnavailable("the ClickHouse store is closed")
+        try:
+            client = clickhouse_connect.get_client(dsn=self.dsn, settings=SETTINGS)
+        except Exception as exc:  # the URL is not shown: it may hold a password
+            raise StoreUnavailable(f"cannot open the ClickHouse store: {first_line(exc)}") \
+                from None
+        _storage_read_rows(client)
+        with self._clients_lock:
+            self._clients.append(client)
+        return client
+
+    def _forget(self, client: Client) -> None:
+        with self._clients_lock:
+            if client in self._clients:
+                self._clients.remove(client)
+        client.close()
+
+    # -- reads: one client per thread (a client runs one statement at a time) --------------
+    def _client(self) -> Client:
+        client: Client | None = getattr(self._local, "client", None)
+        if client is None:
+            client = self._local.client = self._connect()
+        return client
+
+    @contextmanager
+    def _reading(self) -> Iterator[None]:
+        """A read that fails because the store does raises ``StoreUnavailable`` (a 503)."""
+        try:
+            yield
+        except Exception as exc:
+            if is_store_error(exc):
+                raise StoreUnavailable(
+                    f"the store cannot be used now: {first_line(exc)}") from exc
+            raise
+
+    @property
+    def rows_scanned(self) -> int:
+        return self._rows_scanned
+
+    def query(self, sql: str, params: Sequence[Any] | dict[str, Any] = ()) -> pa.Table:
+        """SQL text in ClickHouse's dialect; ``params`` named (``{name:Type}``, bound by the
+        server) or positional (``%s``, bound by the driver)."""
+        bound: Any = bind(params) if isinstance(params, dict) else (list(params) or None)
+        with self._reading():
+            return _as_duckdb(self._client().query_arrow(sql, parameters=bound))
+
+    def execute(self, tree: exp.Expr, params: dict[str, Any]) -> pa.Table:
+        """A sqlglot tree rendered in ClickHouse's dialect, its parameters bound by the
+        server; the rows it reads (the query's summary, ``read_rows``) are charged to the
+        current request's scan meter."""
+        sql = render(tree, self.dialect)
+        meter = current_meter.get()
+        if meter is not None:
+            meter.before_scan(lambda: self.estimate_rows(sql, params))
+        with self._reading():
+            result = self._client().query(sql, parameters=bind(params))
+            table = _result_table(result)
+        rows = int(result.summary.get("read_rows", 0) or 0)
+        with self._scan_lock:
+            self._rows_scanned += rows
+        if meter is not None:
+            meter.after_scan(rows)
+        return table
+
+    def estimate_rows(self, sql: str, params: dict[str, Any]) -> int:
+        """The rows ``sql`` will read by ``EXPLAIN ESTIMATE`` (the parts and marks its
+        MergeTree reads select, before running); where the engine cannot estimate a
+        statement, every stored event (an upper bound of what a query of events reads)."""
+        try:
+            with self._reading():
+                rows = self._client().query(f"EXPLAIN ESTIMATE {sql}",
+                                            parameters=bind(params)).result_rows
+            return sum(int(row[3]) for row in rows)
+        except StoreUnavailable:
+            raise
+        except Exception:
+            return self.count_events()
+
+    def _scalar(self, sql: str, params: dict[str, Any] | None = None) -> Any:
+        with self._reading():
+            rows = self._client().query(sql, parameters=bind(params or {})).result_rows
+        return rows[0][0] if rows else None
+
+    def count_events(self) -> int:
+        return int(self._scalar("SELECT count() FROM events"))
+
+    def max_ingest_seq(self) -> int:
+        return int(self._scalar("SELECT max(ingest_seq) FROM events"))
+
+    def data_versions(self) -> pa.Table:
+        table = self.query(
+            "SELECT tenant_id, toDate32(occurred_at) AS day, max(ingest_seq) AS seq, "
+            "max(occurred_at) AS latest FROM events GROUP BY tenant_id, day")
+        return table.cast(pa.schema([
+            pa.field("tenant_id", pa.string()), pa.field("day", pa.date32()),
+            pa.field("seq", pa.int64()), pa.field("latest", pa.timestamp("us"))]))
+
+    def event_keys(self, chunk_rows: int) -> Iterator[tuple[Any, Any]]:
+        """The keys through a client of their own (a stream holds its client)."""
+        client = self._connect()
+        try:
+            with self._reading(), client.query_arrow_stream(
+                    "SELECT id_hi, id_lo FROM events",
+                    settings={"max_block_size": chunk_rows}) as stream:
+                for block in stream:
+                    for start in range(0, block.num_rows, chunk_rows):
+                        part = block.slice(start, chunk_rows)
+                        yield (np.asarray(part.column(0).to_numpy(zero_copy_only=False),
+                                          dtype=np.int64),
+                               np.asarray(part.column(1).to_numpy(zero_copy_only=False),
+                                          dtype=np.int64))
+        finally:
+            self._forget(client)
+
+    def idempotency(self, client_id: str, key: str) -> IdempotencyRecord | None:
+        rows = self.query(
+            "SELECT body_sha256, response, created_at FROM idempotency FINAL "
+            "WHERE client_id = {c:String} AND key = {k:String} "
+            "AND created_at >= {t:DateTime64(6)}",
+            {"c": client_id, "k": key, "t": _now() - self.idempotency_ttl}).to_pylist()
+        if not rows:
+            return None
+        row = rows[0]
+        return IdempotencyRecord(client_id, key, row["body_sha256"], row["response"],
+                                 row["created_at"])
+
+    def quarantine(self, after_id: int, limit: int, brands: Sequence[str] | None = None,
+                   regions: Sequence[str] | None = None) -> list[QuarantineItem]:
+        # the scope is in the WHERE clause, so LIMIT counts only rows the caller may see; a
+        # NULL brand or region is in no list
+        where = ["id > {after:Int64}"]
+        params: dict[str, Any] = {"after": after_id, "limit": limit}
+        for column, values in (("tenant_id", brands), ("region", regions)):
+            if values is not None:
+                where.append(f"has({{{column}:Array(String)}}, {column})")
+                params[column] = list(values)
+        rows = self.query(
+            f"SELECT id, {', '.join(QUARANTINE_SCHEMA.names)} FROM quarantine "  # noqa: S608
+            f"WHERE {' AND '.join(where)} ORDER BY id LIMIT {{limit:UInt64}}", params)
+        return [QuarantineItem(**row) for row in rows.to_pylist()]
+
+    def setting(self, name: str) -> str | None:
+        value = self._scalar("SELECT value FROM store_settings FINAL WHERE name = {n:String}",
+                             {"n": name})
+        return None if value is None else str(value)
+
+    def put_setting(self, name: str, value: str) -> None:
+        """Set ``name`` unless it is set (DuckDB: ``ON CONFLICT DO NOTHING``): checked under
+        the write lock, so within the one process that writes."""
+        with self._writing():
+            if self.setting(name) is None:
+                self._writer.insert("store_settings", [[name, value, 0]],
+                                    column_names=["name", "value", "version"])
+
+    def journal_applied_seq(self) -> int:
+        return int(self.setting(JOURNAL_APPLIED) or 0)
+
+    def fx_rates(self) -> list[tuple[date, str, str]]:
+        rows = self.query(
+            "SELECT toDate32(day) AS day, currency, rate FROM fx_rates").to_pylist()
+        return [(row["day"], row["currency"], row["rate"]) for row in rows]
+
+    def add_fx_rates(self, rows: list[tuple[date, str, str]]) -> None:
+        """Insert new rates (the caller checked they are new); a duplicate key is refused
+        (``WriteRejected``), as DuckDB's primary key refuses it."""
+        if not rows:
+            return
+        with self._writing():
+            stored = {(d, c) for d, c, _ in self.fx_rates()}
+            keys = [(d, c) for d, c, _ in rows]
+            if len(set(keys)) < len(keys) or stored & set(keys):
+                raise WriteRejected("fx_rates: a rate of that day and currency is stored")
+            self._writer.insert("fx_rates", [list(row) for row in rows],
+                                column_names=["day", "currency", "rate"])
+
+    def expire_idempotency(self) -> None:
+        with self._writing():
+            self._writer.command(
+                "DELETE FROM idempotency WHERE created_at < {t:DateTime64(6)}",
+                parameters={"t": _utc_text(_now() - self.idempotency_ttl)})
+
+    # -- writes: one thread; each table one insert with the record's token ----------------
+    @contextmanager
+    def _writing(self) -> Iterator[None]:
+        """The write lock, and errors told apart: the store's (``StoreUnavailable``) or the
+        rows' (``WriteRejected``)."""
+        with self._write_lock:
+            try:
+                yield
+            except (WriteRejected, StoreUnavailable):
+                raise
+            except Exception as exc:
+                if is_store_error(exc):
+                    raise StoreUnavailable(
+                        f"the store cannot be used now: {first_line(exc)}") from exc
+                raise WriteRejected(first_line(exc)) from exc
+
+    def write(self, writes: WriteSet, journal_seq: int | None = None, *,
+              dry_run: bool = False) -> None:
+        """The one write path of ingestion (see ``Backend.write``), idempotent per journal
+        record (module doc). ``dry_run``: the rows are inserted into temporary ``Memory``
+        tables of the same structure (this session's), which are emptied again."""
+        with self._writing():
+            if dry_run:
+                self._dry_run(writes)
+            else:
+                self._append(writes, journal_seq, "")
+
+    def _dry_run(self, writes: WriteSet) -> None:
+        if not self._dry_tables:
+            for name in ("events", "quarantine", "idempotency", "store_settings"):
+                self._writer.command(f"CREATE TEMPORARY TABLE IF NOT EXISTS _dry_{name} "
+                                     f"AS {name} ENGINE = Memory")
+            self._dry_tables = True
+        try:
+            self._append(writes, None, "_dry_")
+        finally:
+            for name in ("events", "quarantine", "idempotency", "store_settings"):
+                self._writer.command(f"TRUNCATE TABLE _dry_{name}")
+
+    def _append(self, writes: WriteSet, journal_seq: int | None, prefix: str) -> None:
+        client = self._writer
+        if writes.events:
+            client.insert_arrow(prefix + "events", pa.concat_tables(writes.events),
+                                settings=_token(journal_seq, "events"))
+        if writes.quarantine:
+            # by name: a journal record written before a column was added replays with that
+            # column NULL
+            table = pa.concat_tables(writes.quarantine, promote_options="default")
+            if table.num_rows > QUARANTINE_ROWS:
+                raise WriteRejected(f"more than {QUARANTINE_ROWS} quarantine entries in one "
+                                    "journal record")
+            first = (journal_seq * QUARANTINE_ROWS if journal_seq is not None
+                     else self._next_quarantine_id())
+            ids = pa.array(np.arange(first, first + table.num_rows, dtype=np.int64))
+            client.insert_arrow(prefix + "quarantine", table.add_column(0, "id", ids),
+                                settings=_token(journal_seq, "quarantine"))
+        if writes.idempotency:
+            records = pa.table({
+                "client_id": [r.client_id for r in writes.idempotency],
+                "key": [r.key for r in writes.idempotency],
+                "body_sha256": [r.body_sha256 for r in writes.idempotency],
+                "response": [r.response for r in writes.idempotency],
+                "created_at": pa.array([r.created_at.replace(tzinfo=None)
+                                        for r in writes.idempotency], pa.timestamp("us")),
+            })
+            client.insert_arrow(prefix + "idempotency", records,
+                                settings=_token(journal_seq, "idempotency"))
+        if journal_seq is not None:  # last: the record is applied when all of it is
+            client.insert(prefix + "store_settings",
+                          [[JOURNAL_APPLIED, str(journal_seq), journal_seq]],
+                          column_names=["name", "value", "version"],
+                          settings=_token(journal_seq, "store_settings"))
+
+    def _next_quarantine_id(self) -> int:
+        rows = self._writer.query("SELECT max(id) FROM quarantine").result_rows
+        return int(rows[0][0] or 0) + 1
+
+    def close(self) -> None:
+        """Close every client (chDB lets a process open another path only then)."""
+        self._closed = True
+        with self._clients_lock:
+            clients, self._clients = self._clients, []
+        for client in clients:
+            try:
+                client.close()
+            except Exception:  # noqa: S110 - closing a failed client: nothing to flush
+                pass
+
+
+def as_backend(store: ClickHouseBackend) -> Backend:
+    """The store as the protocol (and mypy's proof that it implements it)."""
+    return store
+
+
+def _storage_read_rows(client: Client) -> None:
+    """Have a chDB client's query summary say, as a server's does, the rows the query read
+    from storage (``read_rows``). clickhouse-connect 1.12 fills it from chDB's
+    ``rows_read()``, which counts the rows of the result; chDB's ``storage_rows_read()`` is the
+    server's ``read_rows``. Done on the client's engine handle, so only while it says so."""
+    backend = getattr(client, "_backend", None)
+    summary = getattr(backend, "_summary", None)
+    if type(backend).__name__ != "ChdbBackend" or summary is None:
+        return  # a server: its X-ClickHouse-Summary is the storage's already
+
+    def storage_summary(result: Any) -> dict[str, Any]:
+        found: dict[str, Any] = summary(result)
+        try:
+            found["read_rows"] = str(result.storage_rows_read())
+        except Exception:  # noqa: S110 - an older chDB: the driver's count stands
+            pass
+        return found
+
+    backend._summary = storage_summary  # type: ignore[union-attr]
+
+
+def _now() -> datetime:
+    return datetime.now(UTC).replace(tzinfo=None)
+
+
+# the Arrow type of each ClickHouse type a query of Tally's returns
+_ARROW_TYPES: dict[str, pa.DataType] = {
+    "Int8": pa.int8(), "Int16": pa.int16(), "Int32": pa.int32(), "Int64": pa.int64(),
+    "UInt8": pa.uint8(), "UInt16": pa.uint16(), "UInt32": pa.uint32(), "UInt64": pa.uint64(),
+    "Int128": pa.decimal128(38, 0), "UInt128": pa.decimal128(38, 0),
+    "Float32": pa.float32(), "Float64": pa.float64(), "String": pa.string(),
+    "Bool": pa.bool_(), "Date": pa.date32(), "Date32": pa.date32(),
+    "DateTime": pa.timestamp("s"), "DateTime64(6)": pa.timestamp("us"),
+    "DateTime64(3)": pa.timestamp("ms"),
+}
+
+
+def _result_table(result: Any) -> pa.Table:
+    """A query's result (the driver's columns, read with its summary) as an Arrow table of
+    the types DuckDB answers with: an ``Int128`` a ``decimal128(38, 0)``, timestamps naive."""
+    columns = result.result_columns if result.column_names else []
+    arrays = []
+    for i, ch_type in enumerate(result.column_types):
+        name = ch_type.name
+        if name.startswith("Nullable(") or name.startswith("LowCardinality("):
+            name = name[name.index("(") + 1:-1]
+            if name.startswith("Nullable("):
+                name = name[len("Nullable("):-1]
+        if name.startswith("DateTime64(6"):  # with or without a time zone
+            name = "DateTime64(6)"
+        elif name.startswith("DateTime("):
+            name = "DateTime"
+        kind = _ARROW_TYPES.get(name)
+        values = list(columns[i]) if columns else []
+        if kind is not None and pa.types.is_decimal(kind):
+            values = [None if v is None else Decimal(v) for v in values]
+        if kind is not None and pa.types.is_timestamp(kind):
+            values = [v.astimezone(UTC).replace(tzinfo=None)
+                      if isinstance(v, datetime) and v.tzinfo else v for v in values]
+        arrays.append(pa.array(values, kind))
+    return pa.Table.from_arrays(arrays, names=list(result.column_names))
