@@ -1,0 +1,392 @@
+"""Engine benchmark (issue 11): DuckDB and embedded ClickHouse (chDB) side by side on the BASE
+events table (no rollups: ClickHouse keeps no derived tables yet), in one run.
+
+    python -m bench.engine_bench --events 10000000
+
+1. A realistic stream from the demo generator (``tally demo``'s: distinct players, sessions,
+   payment flows, late events; its ~1% re-sent duplicates dropped, as dedup would), turned into
+   stored rows by the ingestion code (``tally.ingest.batch.prepare``) in requests of 1,000
+   events, written once to ``bench/out/engine-<N>/events.parquet`` (reused by later runs).
+2. Per engine, a subprocess of its own (so its RSS is the engine's): an empty store, the rows
+   written through ``backend.write()`` in group commits of ``--group`` requests (one journal
+   record each, as the applier writes them): rows/s, RSS, size on disk.
+3. Then the same compiled queries (``tally.semantic.compiler``, ``tally.cohorts.funnel``) through
+   ``backend.execute(tree, params)``, and beside each the same answer written by hand in that
+   engine's SQL through ``backend.query`` (the baseline), ``--runs`` times each, one at a time.
+   Every answer is checked: compiled = hand-written on each engine, and DuckDB = ClickHouse.
+
+Results: bench/out/engine-<N>.json and a Markdown table on stdout (docs/benchmarks.md).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from datetime import UTC, datetime, timedelta
+from decimal import Decimal
+from pathlib import Path
+from typing import Any
+
+from bench.common import OUT, machine, percentile
+
+END = datetime(2026, 11, 1, tzinfo=UTC)  # the stream covers [END - days, END)
+REQUEST = 1000  # events per ingestion request
+ENGINES = ("duckdb", "chdb")
+
+
+# -- the dataset ----------------------------------------------------------------------------
+def ensure_dataset(events: int, days: int) -> Path:
+    """The stored rows of ``events`` generated events, built once."""
+    import msgspec
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from tally.demo.generator import generate
+    from tally.events.envelope import ValidationContext
+    from tally.ingest.batch import prepare
+    from tally.ingest.dedup import key_hasher
+
+    folder = OUT / f"engine-{events}"
+    path, marker = folder / "events.parquet", folder / "dataset.json"
+    if marker.exists():
+        return path
+    folder.mkdir(parents=True, exist_ok=True)
+    started = time.perf_counter()
+    ctx = ValidationContext(datetime.now(UTC), frozenset({"EU", "UK", "LATAM", "NA", "APAC"}))
+    hasher = key_hasher(b"bench")
+    seen: set[tuple[str, str]] = set()
+    seq = rejected = duplicates = 0
+    writer: pq.ParquetWriter | None = None
+    for batch in generate(events, days, 7, END, REQUEST):
+        fresh = []
+        for event in batch:
+            key = (event["tenant_id"], event["event_id"])
+            if key in seen:
+                duplicates += 1
+                continue
+            seen.add(key)
+            fresh.append(event)
+        if not fresh:
+            continue
+        prepared = prepare(msgspec.json.encode(fresh), ctx, "bench", 10_000, hasher)
+        rejected += len(prepared.rejections)
+        table = prepared.table
+        table = table.set_column(table.schema.get_field_index("ingest_seq"), "ingest_seq",
+                                 pa.array(range(seq + 1, seq + 1 + table.num_rows), pa.int64()))
+        seq += table.num_rows
+        if writer is None:
+            writer = pq.ParquetWriter(path, table.schema)
+        writer.write_table(table)  # one row group per request
+    assert writer is not None
+    writer.close()
+    marker.write_text(json.dumps({"generated": events, "stored_rows": seq, "days": days,
+                                  "duplicates_dropped": duplicates, "rejected": rejected,
+                                  "seconds": round(time.perf_counter() - started, 1)}))
+    return path
+
+
+# -- the queries ----------------------------------------------------------------------------
+def _ts(t: datetime, engine: str) -> str:
+    text = t.strftime("%Y-%m-%d %H:%M:%S")
+    return f"TIMESTAMP '{text}'" if engine == "duckdb" else f"toDateTime64('{text}', 6)"
+
+
+def _bucket(step: int, engine: str) -> str:
+    if engine == "duckdb":
+        return f"date_diff('second', TIMESTAMP '1970-01-01', occurred_at) // {step} * {step}"
+    return f"intDiv(toUnixTimestamp(occurred_at), {step}) * {step}"
+
+
+def _range(s: datetime, e: datetime, engine: str) -> str:
+    return f"occurred_at >= {_ts(s, engine)} AND occurred_at < {_ts(e, engine)}"
+
+
+def _top(rows: list[list[Any]], n: int) -> list[list[Any]]:
+    """The slice's ranking (insights/series.py): per game, wins / stake over the range, the
+    greatest first, ties by key; the first ``n``."""
+    totals: dict[Any, list[int]] = {}
+    for _, game, _, win, stake in rows:
+        acc = totals.setdefault(game, [0, 0])
+        acc[0] += int(win)
+        acc[1] += int(stake)
+    ratios = [(g, w / s) for g, (w, s) in totals.items() if s]
+    return [[g, v] for g, v in sorted(ratios, key=lambda kv: (-kv[1], kv[0]))[:n]]
+
+
+def cases(days: int) -> list[dict[str, Any]]:
+    """name → the compiled query, how its rows become the answer, and the hand-written SQL of
+    the same answer on each engine (``raw(engine)``)."""
+    from tally.cohorts import funnel
+    from tally.semantic.catalog import METRICS
+    from tally.semantic.compiler import Scope, compile_active, compile_measures
+
+    end = END.replace(tzinfo=None)
+    s30, s1 = end - timedelta(days=min(30, days)), end - timedelta(days=1)
+    s7 = end - timedelta(days=min(7, days))
+
+    def ggr_1h(engine: str) -> str:
+        return (f"SELECT {_bucket(3600, engine)} AS b, tenant_id, currency, "
+                f"sum(coalesce(stake_minor, 0)), sum(coalesce(win_minor, 0)) FROM events "
+                f"WHERE event_type = 'bet.settled' AND {_range(s30, end, engine)} "
+                f"GROUP BY b, tenant_id, currency")
+
+    def ggr_5m(engine: str) -> str:
+        return (f"SELECT {_bucket(300, engine)} AS b, currency, sum(coalesce(stake_minor, 0)), "
+                f"sum(coalesce(win_minor, 0)) FROM events WHERE event_type = 'bet.settled' "
+                f"AND tenant_id = 'brand-1' AND {_range(s1, end, engine)} GROUP BY b, currency")
+
+    def dau(engine: str) -> str:
+        sessions = ("(tenant_id, session_id) IN (SELECT tenant_id, session_id FROM events "
+                    "WHERE event_type = 'session.ended' AND duration_sec >= 60)")
+        distinct = ("count(DISTINCT player_id)" if engine == "duckdb"
+                    else "uniqExact(player_id)")
+        return (f"SELECT {_bucket(86400, engine)} AS b, {distinct} FROM events WHERE "
+                f"{_range(s30, end, engine)} AND player_id IS NOT NULL AND ("
+                f"event_type = 'bet.placed' OR (event_type = 'wallet.credit' AND "
+                f"reason = 'deposit') OR (event_type = 'session.started' AND {sessions})) "
+                f"GROUP BY b")
+
+    def deposits_success(engine: str) -> str:
+        count = ((lambda t: f"count_if(event_type = '{t}')") if engine == "duckdb"
+                 else (lambda t: f"countIf(event_type = '{t}')"))
+        return (f"SELECT {_bucket(3600, engine)} AS b, {count('payment.captured')}, "
+                f"{count('payment.intent')} FROM events WHERE {_range(s30, end, engine)} AND "
+                f"event_type IN ('payment.captured', 'payment.intent') GROUP BY b")
+
+    def rtp(engine: str) -> str:
+        ratio = ("sum(win_minor) / sum(stake_minor)" if engine == "duckdb"
+                 else "sum(win_minor) / sum(stake_minor)")
+        return (f"SELECT game_id, {ratio} AS v FROM events WHERE event_type = 'bet.settled' "
+                f"AND currency = 'EUR' AND {_range(s30, end, engine)} GROUP BY game_id "
+                f"HAVING sum(stake_minor) <> 0 ORDER BY v DESC, game_id LIMIT 50")
+
+    deposit_funnel = funnel.parse({
+        "steps": [{"event": "payment.intent"},
+                  {"event": "payment.captured", "within_sec": 600},
+                  {"event": "wallet.credit", "reason": "deposit"}],
+        "window_sec": 3600, "from": s7.strftime("%Y-%m-%d"), "to": end.strftime("%Y-%m-%d"),
+        "filters": {"brand_id": "brand-1"}})
+    return [
+        {"name": "ggr 1h, 30 days, by brand",
+         "compiled": compile_measures(METRICS["ggr"], Scope(s30, end, 3600, {}, ("brand_id",)),
+                                      by_currency=True), "raw": ggr_1h},
+        {"name": "ggr 5m, 1 day, 1 brand",
+         "compiled": compile_measures(METRICS["ggr"],
+                                      Scope(s1, end, 300, {"brand_id": ("brand-1",)}, ()),
+                                      by_currency=True), "raw": ggr_5m},
+        {"name": "dau 1d, 30 days",
+         "compiled": compile_active(Scope(s30, end, 86400, {}, ()), 60, distinct=True),
+         "raw": dau},
+        {"name": "deposits_success 1h, 30 days",
+         "compiled": compile_measures(METRICS["deposits_success"],
+                                      Scope(s30, end, 3600, {}, ()), by_currency=False),
+         "raw": deposits_success},
+        {"name": "slice rtp by game_id, EUR, top 50, 30 days",
+         "compiled": compile_measures(METRICS["rtp"],
+                                      Scope(s30, end, 86400, {"currency": ("EUR",)},
+                                            ("game_id",)), by_currency=True),
+         "finish": lambda rows: _top(rows, 50), "raw": rtp},
+        {"name": "funnel intent → captured → deposit, 7 days, 1 brand",
+         "compiled": funnel.compile_funnel(deposit_funnel), "raw": None},
+    ]
+
+
+# -- one engine (a subprocess) ----------------------------------------------------------------
+def _value(v: Any) -> Any:
+    if isinstance(v, Decimal):
+        return int(v) if v == v.to_integral_value() else float(v)
+    if isinstance(v, float):
+        return float(f"{v:.12g}")
+    if isinstance(v, datetime):
+        return v.isoformat()
+    return v
+
+
+def normal(rows: list[dict[str, Any]] | list[list[Any]]) -> list[list[Any]]:
+    out = [[_value(v) for v in (r.values() if isinstance(r, dict) else r)] for r in rows]
+    return sorted(out, key=repr)
+
+
+def _proc(field: str) -> float:
+    """``VmRSS`` / ``VmHWM`` of this process in MB."""
+    line = next(x for x in Path("/proc/self/status").read_text().splitlines()
+                if x.startswith(field))
+    return int(line.split()[1]) / 1024
+
+
+def _size_mb(folder: Path) -> float:
+    return sum(f.stat().st_size for f in folder.rglob("*") if f.is_file()) / 2 ** 20
+
+
+def open_store(engine: str, folder: Path) -> Any:
+    if engine == "duckdb":
+        from tally.storage.factory import open_backend
+
+        return open_backend("duckdb", folder, derived=lambda d: ())
+    from tally.storage.clickhouse import ClickHouseBackend, chdb_dsn
+
+    return ClickHouseBackend(chdb_dsn(folder))
+
+
+def worker(engine: str, events: int, days: int, group: int, runs: int) -> dict[str, Any]:
+    import pyarrow.parquet as pq
+
+    from tally.storage.base import WriteSet
+
+    folder = OUT / f"engine-{events}" / engine
+    shutil.rmtree(folder, ignore_errors=True)
+    folder.mkdir(parents=True)
+    source = pq.ParquetFile(OUT / f"engine-{events}" / "events.parquet")
+    rss_before = _proc("VmRSS")
+    store = open_store(engine, folder)
+    written = seq = 0
+    write_s = 0.0
+    groups = source.num_row_groups
+    for first in range(0, groups, group):
+        tables = [source.read_row_group(i) for i in range(first, min(first + group, groups))]
+        seq += 1
+        started = time.perf_counter()
+        store.write(WriteSet(events=tables), journal_seq=seq)
+        write_s += time.perf_counter() - started
+        written += sum(t.num_rows for t in tables)
+    assert store.count_events() == written
+    result: dict[str, Any] = {
+        "engine": engine, "rows": written, "writes": seq, "write_s": round(write_s, 1),
+        "rows_per_s": round(written / write_s), "rss_before_store_mb": round(rss_before),
+        "rss_after_ingest_mb": round(_proc("VmRSS")),
+        "peak_rss_ingest_mb": round(_proc("VmHWM")), "disk_after_ingest_mb": round(
+            _size_mb(folder))}
+    if engine == "chdb":
+        result["active_parts_after_ingest"] = int(store.query(
+            "SELECT count() FROM system.parts WHERE table = 'events' AND active").column(0)[0]
+            .as_py())
+    result["queries"] = {}
+    for case in cases(days):
+        compiled, finish = case["compiled"], case.get("finish", lambda rows: rows)
+
+        def run_compiled(c: Any = compiled, f: Callable[[Any], Any] = finish) -> Any:
+            return f(normal(store.execute(c.tree, c.params).to_pylist()))
+
+        timings: dict[str, Any] = {}
+        answer = run_compiled()  # warm-up, and the answer
+        timings["compiled"] = _timed(run_compiled, runs)
+        if case["raw"] is not None:
+            sql = case["raw"]("duckdb" if engine == "duckdb" else "clickhouse")
+
+            def run_raw(q: str = sql) -> Any:
+                return normal(store.query(q).to_pylist())
+
+            baseline = run_raw()
+            timings["raw_sql"] = _timed(run_raw, runs)
+            timings["same_as_raw_sql"] = _close(normal(answer), baseline)
+            assert timings["same_as_raw_sql"], (case["name"], answer[:3], baseline[:3])
+        timings["answer_rows"] = len(answer)
+        timings["answer"] = normal(answer)
+        result["queries"][case["name"]] = timings
+    result["peak_rss_mb"] = round(_proc("VmHWM"))
+    result["rss_after_queries_mb"] = round(_proc("VmRSS"))
+    store.close()
+    result["disk_mb"] = round(_size_mb(folder))
+    return result
+
+
+def _timed(run: Callable[[], Any], runs: int) -> dict[str, float]:
+    took = []
+    for _ in range(runs):
+        started = time.perf_counter()
+        run()
+        took.append(time.perf_counter() - started)
+    return {"p50_ms": round(percentile(took, 0.5) * 1000, 1),
+            "p95_ms": round(percentile(took, 0.95) * 1000, 1), "runs": runs}
+
+
+def _close(a: list[list[Any]], b: list[list[Any]]) -> bool:
+    """Same rows; floats to 1e-9 relative (a ratio computed in another order)."""
+    if len(a) != len(b):
+        return False
+    for x, y in zip(a, b, strict=True):
+        if len(x) != len(y):
+            return False
+        for u, v in zip(x, y, strict=True):
+            if isinstance(u, float) or isinstance(v, float):
+                if u is None or v is None or abs(float(u) - float(v)) > 1e-9 * max(
+                        1.0, abs(float(u))):
+                    return False
+            elif u != v:
+                return False
+    return True
+
+
+# -- the run ----------------------------------------------------------------------------------
+def table(report: dict[str, Any]) -> str:
+    duck, ch = report["duckdb"], report["chdb"]
+    lines = [
+        "| | DuckDB | chDB |", "|---|---|---|",
+        f"| ingest, `write()` per group commit | {duck['rows_per_s']:,} rows/s | "
+        f"{ch['rows_per_s']:,} rows/s |",
+        f"| RSS after ingest / peak (ingest + queries) | {duck['rss_after_ingest_mb']:,} / "
+        f"{duck['peak_rss_mb']:,} MB | {ch['rss_after_ingest_mb']:,} / {ch['peak_rss_mb']:,} MB |",
+        f"| on disk | {duck['disk_mb']:,} MB | {ch['disk_mb']:,} MB |", "",
+        "| query (p50 / p95 ms) | DuckDB compiled | DuckDB raw SQL | chDB compiled | "
+        "chDB raw SQL | rows | same answer |", "|---|---|---|---|---|---|---|"]
+    for name, d in duck["queries"].items():
+        c = ch["queries"][name]
+
+        def cell(t: dict[str, Any] | None) -> str:
+            return "—" if t is None else f"{t['p50_ms']:,} / {t['p95_ms']:,}"
+
+        lines.append(f"| {name} | {cell(d['compiled'])} | {cell(d.get('raw_sql'))} | "
+                     f"{cell(c['compiled'])} | {cell(c.get('raw_sql'))} | {d['answer_rows']} | "
+                     f"{'yes' if report['same_answers'][name] else 'NO'} |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--events", type=int, default=10_000_000)
+    parser.add_argument("--days", type=int, default=60)
+    parser.add_argument("--group", type=int, default=10,
+                        help="requests of 1,000 events per group commit (one write)")
+    parser.add_argument("--runs", type=int, default=9)
+    parser.add_argument("--worker", choices=ENGINES, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.worker:
+        result = worker(args.worker, args.events, args.days, args.group, args.runs)
+        (OUT / f"engine-{args.events}" / f"{args.worker}.json").write_text(json.dumps(result))
+        return
+    OUT.mkdir(parents=True, exist_ok=True)
+    started = time.perf_counter()
+    ensure_dataset(args.events, args.days)
+    dataset = json.loads((OUT / f"engine-{args.events}" / "dataset.json").read_text())
+    report: dict[str, Any] = {"dataset": dataset, "group_rows": args.group * REQUEST,
+                              "runs": args.runs}
+    for engine in ENGINES:
+        subprocess.run([sys.executable, "-m", "bench.engine_bench", "--worker", engine,
+                        "--events", str(args.events), "--days", str(args.days), "--group",
+                        str(args.group), "--runs", str(args.runs)], check=True,
+                       env={**os.environ})
+        report[engine] = json.loads(
+            (OUT / f"engine-{args.events}" / f"{engine}.json").read_text())
+    report["same_answers"] = {
+        name: _close(q["answer"], report["chdb"]["queries"][name]["answer"])
+        for name, q in report["duckdb"]["queries"].items()}
+    for engine in ENGINES:
+        for q in report[engine]["queries"].values():
+            q.pop("answer")
+    report.update(machine=machine(), wall_s=round(time.perf_counter() - started),
+                  at=datetime.now(UTC).isoformat(timespec="seconds"))
+    (OUT / f"engine-{args.events}.json").write_text(json.dumps(report, indent=2))
+    print(json.dumps(report, indent=2))
+    print(table(report))
+    if not all(report["same_answers"].values()):
+        sys.exit("the engines answered differently")
+
+
+if __name__ == "__main__":
+    main()
