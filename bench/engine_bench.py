@@ -142,7 +142,10 @@ def cases(days: int) -> list[dict[str, Any]]:
                 f"AND tenant_id = 'brand-1' AND {_range(s1, end, engine)} GROUP BY b, currency")
 
     def dau(engine: str) -> str:
-        sessions = ("(tenant_id, session_id) IN (SELECT tenant_id, session_id FROM events "
+        # each engine's natural spelling of "the session ended after a minute or more"
+        pair = ("tenant_id || chr(31) || session_id" if engine == "duckdb"
+                else "(tenant_id, session_id)")
+        sessions = (f"{pair} IN (SELECT {pair} FROM events "
                     "WHERE event_type = 'session.ended' AND duration_sec >= 60)")
         distinct = ("count(DISTINCT player_id)" if engine == "duckdb"
                     else "uniqExact(player_id)")
@@ -160,11 +163,9 @@ def cases(days: int) -> list[dict[str, Any]]:
                 f"event_type IN ('payment.captured', 'payment.intent') GROUP BY b")
 
     def rtp(engine: str) -> str:
-        ratio = ("sum(win_minor) / sum(stake_minor)" if engine == "duckdb"
-                 else "sum(win_minor) / sum(stake_minor)")
-        return (f"SELECT game_id, {ratio} AS v FROM events WHERE event_type = 'bet.settled' "
-                f"AND currency = 'EUR' AND {_range(s30, end, engine)} GROUP BY game_id "
-                f"HAVING sum(stake_minor) <> 0 ORDER BY v DESC, game_id LIMIT 50")
+        return (f"SELECT game_id, sum(win_minor) / sum(stake_minor) AS v FROM events "
+                f"WHERE event_type = 'bet.settled' AND currency = 'EUR' AND "
+                f"{_range(s30, end, engine)} GROUP BY game_id HAVING sum(stake_minor) <> 0 ORDER BY v DESC, game_id LIMIT 50")
 
     deposit_funnel = funnel.parse({
         "steps": [{"event": "payment.intent"},
