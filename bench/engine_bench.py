@@ -156,16 +156,17 @@ def cases(days: int) -> list[dict[str, Any]]:
                 f"GROUP BY b")
 
     def deposits_success(engine: str) -> str:
-        count = ((lambda t: f"count_if(event_type = '{t}')") if engine == "duckdb"
-                 else (lambda t: f"countIf(event_type = '{t}')"))
-        return (f"SELECT {_bucket(3600, engine)} AS b, {count('payment.captured')}, "
-                f"{count('payment.intent')} FROM events WHERE {_range(s30, end, engine)} AND "
+        count = "count_if" if engine == "duckdb" else "countIf"
+        return (f"SELECT {_bucket(3600, engine)} AS b, "
+                f"{count}(event_type = 'payment.captured'), "
+                f"{count}(event_type = 'payment.intent') FROM events WHERE {_range(s30, end, engine)} AND "
                 f"event_type IN ('payment.captured', 'payment.intent') GROUP BY b")
 
     def rtp(engine: str) -> str:
         return (f"SELECT game_id, sum(win_minor) / sum(stake_minor) AS v FROM events "
                 f"WHERE event_type = 'bet.settled' AND currency = 'EUR' AND "
-                f"{_range(s30, end, engine)} GROUP BY game_id HAVING sum(stake_minor) <> 0 ORDER BY v DESC, game_id LIMIT 50")
+                f"{_range(s30, end, engine)} GROUP BY game_id HAVING sum(stake_minor) <> 0 "
+                f"ORDER BY v DESC, game_id LIMIT 50")
 
     deposit_funnel = funnel.parse({
         "steps": [{"event": "payment.intent"},
