@@ -160,7 +160,8 @@ def cases(days: int) -> list[dict[str, Any]]:
         return (f"SELECT {_bucket(3600, engine)} AS b, "
                 f"{count}(event_type = 'payment.captured'), "
                 f"{count}(event_type = 'payment.intent') FROM events WHERE "
-                f"{_range(s30, end, engine)} AND event_type IN ('payment.captured', 'payment.intent') GROUP BY b")
+                f"{_range(s30, end, engine)} AND "
+                f"event_type IN ('payment.captured', 'payment.intent') GROUP BY b")
 
     def rtp(engine: str) -> str:
         return (f"SELECT game_id, sum(win_minor) / sum(stake_minor) AS v FROM events "
