@@ -41,6 +41,7 @@ bench: install  ## reproducible benchmarks; results in docs/benchmarks.md
 	$(VENV)/bin/python -m bench.ingest_bench --stored $(BENCH_STORED)
 	$(VENV)/bin/python -m bench.query_bench --stored $(BENCH_STORED)
 	$(VENV)/bin/python -m bench.cohort_bench --stored $(BENCH_STORED)
+	$(VENV)/bin/python -m bench.engine_bench --events $(BENCH_STORED)
 
 reliability: install  ## the fault suite at full size; figures in docs/reliability.md (root)
 	$(VENV)/bin/python -m reliability.run
