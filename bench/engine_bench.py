@@ -247,6 +247,7 @@ def worker(engine: str, events: int, days: int, group: int, runs: int) -> dict[s
     folder.mkdir(parents=True)
     source = pq.ParquetFile(OUT / f"engine-{events}" / "events.parquet")
     rss_before = _proc("VmRSS")
+    load_before = os.getloadavg()[0]  # the machine is shared: say how busy it was
     store = open_store(engine, folder)
     written = seq = 0
     write_s = 0.0
@@ -264,7 +265,7 @@ def worker(engine: str, events: int, days: int, group: int, runs: int) -> dict[s
         "rows_per_s": round(written / write_s), "rss_before_store_mb": round(rss_before),
         "rss_after_ingest_mb": round(_proc("VmRSS")),
         "peak_rss_ingest_mb": round(_proc("VmHWM")), "disk_after_ingest_mb": round(
-            _size_mb(folder))}
+            _size_mb(folder)), "load_avg_1m_ingest": [load_before, os.getloadavg()[0]]}
     if engine == "chdb":
         result["active_parts_after_ingest"] = int(store.query(
             "SELECT count() FROM system.parts WHERE table = 'events' AND active").column(0)[0]
@@ -292,6 +293,7 @@ def worker(engine: str, events: int, days: int, group: int, runs: int) -> dict[s
         timings["answer_rows"] = len(answer)
         timings["answer"] = normal(answer)
         result["queries"][case["name"]] = timings
+    result["load_avg_1m_queries_end"] = os.getloadavg()[0]
     result["peak_rss_mb"] = round(_proc("VmHWM"))
     result["rss_after_queries_mb"] = round(_proc("VmRSS"))
     store.close()
