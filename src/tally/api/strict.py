@@ -55,20 +55,26 @@ async def strict_input(request: Request) -> None:
         return
     names = [name for name, _ in request.query_params.multi_items()]
     unknown = [name for name in dict.fromkeys(names) if name not in op.query]
+    repeated = [name for name in dict.fromkeys(names)
+                if name in op.query and names.count(name) > 1 and not op.query[name]]
+    accept = request.headers.get("accept")
+    unacceptable = bool(accept and op.produces
+                        and not any(acceptable(accept, m) for m in op.produces))
+    if (unknown or repeated or unacceptable) and request.method in ("POST", "PUT", "PATCH"):
+        # read the body (bounded by api/bodies.py) before answering: a connection closed with
+        # a request body unread is reset, and the client may lose the answer
+        await request.body()
     if unknown:
         shown = ", ".join(repr(name[:40]) for name in unknown[:10])
         allowed = ", ".join(op.query) or "none"
         raise UnknownParameter(f"unknown query parameter(s) {shown}: this route takes "
                                f"{allowed}", parameters=unknown[:10])
-    repeated = [name for name in dict.fromkeys(names)
-                if names.count(name) > 1 and not op.query[name]]
     if repeated:
         raise InvalidParameter(f"query parameter {repeated[0]!r} is given more than once",
                                parameter=repeated[0])
-    accept = request.headers.get("accept")
-    if accept and op.produces and not any(acceptable(accept, m) for m in op.produces):
+    if unacceptable:
         raise NotAcceptable(f"this route answers with {', '.join(op.produces)}; "
-                            f"Accept: {accept[:100]!r} allows none of them",
+                            f"Accept: {(accept or '')[:100]!r} allows none of them",
                             available=list(op.produces))
 
 
