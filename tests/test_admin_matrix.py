@@ -27,18 +27,17 @@ import json
 import sqlite3
 from collections.abc import Iterator
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import pytest
 from fastapi.testclient import TestClient
 
-from tally import metadata
 from tally.api.app import create_app
 from tally.config import Settings
 from tests.conftest import make_event
 from tests.test_ingest_api import assert_problem
 from tests.test_policy_matrix import BRANDS, CLIENTS, SERVED, UNSERVED, Limits
+from tests.test_policy_matrix import registered as register
 
 ADMIN_SCOPES = "admin analytics:read events:write"
 REGIONS_SENT = (*SERVED, UNSERVED)  # NA: refused for residency, still listed (as a stub)
@@ -87,22 +86,6 @@ class World:
     limits_of: dict[str, Limits]  # client id → its limits, every client registered here
     corrupted_id: str
     quarantined: list[Sent]  # in the order they were rejected
-
-
-def register(client: TestClient, data_dir: Path, limits: Limits,
-             scopes: str) -> tuple[str, dict[str, str]]:
-    """A client with these limits (through the real registration code) and a token of it."""
-    from tally.security.clients import create_client
-
-    con = metadata.connect(data_dir)
-    client_id, secret = create_client(con, limits.name, scopes, limits.cli(limits.brands),
-                                      limits.cli(limits.regions), limits.cli(limits.metrics),
-                                      providers=limits.cli(limits.providers))
-    con.close()
-    r = client.post("/oauth/token", auth=(client_id, secret),
-                    data={"grant_type": "client_credentials"})
-    assert r.status_code == 200, r.text
-    return client_id, {"Authorization": f"Bearer {r.json()['access_token']}"}
 
 
 def rejected_batch() -> tuple[list[dict[str, Any]], list[Sent]]:

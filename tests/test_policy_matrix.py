@@ -396,8 +396,9 @@ def expected_answer(sent: list[dict[str, Any]], limits: Limits, metric: str,
 # --------------------------------------------------------------------------- the store
 
 
-def register(client: TestClient, data_dir: Any, limits: Limits, scopes: str) -> dict[str, str]:
-    """A client with these limits (through the real registration code): its token's header."""
+def registered(client: TestClient, data_dir: Any, limits: Limits,
+               scopes: str) -> tuple[str, dict[str, str]]:
+    """A client with these limits (through the real registration code) and a token of it."""
     con = metadata.connect(data_dir)
     client_id, secret = create_client(con, limits.name, scopes, limits.cli(limits.brands),
                                       limits.cli(limits.regions), limits.cli(limits.metrics),
@@ -406,7 +407,12 @@ def register(client: TestClient, data_dir: Any, limits: Limits, scopes: str) -> 
     r = client.post("/oauth/token", auth=(client_id, secret),
                     data={"grant_type": "client_credentials"})
     assert r.status_code == 200, r.text
-    return {"Authorization": f"Bearer {r.json()['access_token']}"}
+    return client_id, {"Authorization": f"Bearer {r.json()['access_token']}"}
+
+
+def register(client: TestClient, data_dir: Any, limits: Limits, scopes: str) -> dict[str, str]:
+    """The token's header of :func:`registered`."""
+    return registered(client, data_dir, limits, scopes)[1]
 
 
 @dataclass
