@@ -246,10 +246,7 @@ def test_request_heads_over_64_kib_are_431_and_cost_no_memory(edge):
                  b"X-Endless: " + b"e" * (300 * 1024),  # one header that never ends
                  b"X-" + b"n" * (300 * 1024)):  # one name that never ends
         sock = connect(edge)
-        try:
-            sock.sendall(request_line + head)
-        except OSError:  # refused while we wrote
-            pass
+        sock.sendall(request_line + head)  # refused while we write, and not reset
         data, _ = until_closed(sock)
         assert data.startswith(b"HTTP/1.1 431") and b"headers-too-large" in data, data[:80]
     # pipelined requests are heads one after another, not one head: 100 KiB of them pass
@@ -261,6 +258,30 @@ def test_request_heads_over_64_kib_are_431_and_cost_no_memory(edge):
             answers.read(next(int(line.split(b":")[1]) for line in head
                               if line.lower().startswith(b"content-length")))
     assert psutil.Process(edge.proc.pid).memory_info().rss - rss_before < 32 * MIB
+
+
+def test_a_refused_head_is_answered_to_a_client_still_sending_its_body(edge):
+    """Lingering close: the 431 is sent while the client still writes its head and body;
+    closing at once, with its bytes unread, made the kernel reset the connection, so the
+    client got ECONNRESET in the middle of its write and never read the answer."""
+    for _ in range(3):
+        head = (b"POST /oauth/token HTTP/1.1\r\nHost: tally\r\nContent-Length: 300000\r\n"
+                + b"Authorization: Basic " + b"QUFB" * 100000 + b"\r\n\r\n")
+        with connect(edge) as sock:
+            sock.sendall(head)
+            time.sleep(0.2)  # the server has read the head, refused it and answered
+            sock.sendall(b"g" * 300000)  # no reset while writing
+            data, _ = until_closed(sock)
+            assert data.startswith(b"HTTP/1.1 431") and b"headers-too-large" in data, data[:80]
+    # what a client still sends is dropped up to 1 MiB, then the connection closes
+    with connect(edge) as sock:
+        sock.sendall(b"GET /healthz HTTP/1.1\r\n" + headers_of(300))
+        sent = 0
+        with pytest.raises(OSError):
+            while sent < 64 * MIB:
+                sock.sendall(b"x" * 65536)
+                sent += 65536
+        assert sent < 8 * MIB
 
 
 def form_head(length: int) -> bytes:

@@ -12,7 +12,9 @@ forever, and it accepts every connection the kernel hands it (``limit_concurrenc
   or, on a kept-alive connection, from the first byte after the previous answer — to the end
   of the request head. Late: ``408`` if part of a request came, then the connection is closed;
 - **the head size** (:data:`MAX_HEAD_BYTES`): a request line and headers over it are ``431``
-  and the connection is closed, before the app sees the request;
+  and the connection is closed, before the app sees the request — a lingering close: what the
+  client still sends is dropped for a moment first, so a client writing its body reads the
+  answer instead of a connection reset;
 - **the send timeout** (``TALLY_BODY_TIMEOUT_SECONDS``, the body timeout's other direction):
   a client that reads nothing of an answer for that long, once the socket's buffers are full,
   is disconnected;
@@ -54,6 +56,11 @@ DEFAULT_MAX_CONNECTIONS = 4096
 OVERLOAD_RETRY_AFTER = 1  # seconds
 MAX_HEAD_BYTES = 64 * 1024  # request line and headers; a token-bearing head is ~1.5 KiB
 WARN_EVERY = 10.0  # seconds between two "connection limit reached" log lines
+# after a refusal below the app, what the client still sends is read and dropped — this long,
+# at most this much — before the connection closes: closing with unread bytes makes the kernel
+# answer RST, and a client still sending its body gets "connection reset" instead of the answer
+LINGER_SECONDS = 2.0
+LINGER_BYTES = 1024 * 1024
 
 
 def raw_problem(error: UserError) -> bytes:
@@ -86,6 +93,7 @@ class EdgeProtocol(ClientCertProtocol):
     _messages = 0  # requests read to their end on this connection
     _head_bytes = 0  # of the current head: its URL, header names and values
     _head_refused = False  # over MAX_HEAD_BYTES: the parser's callbacks are ignored
+    _lingering = -1  # bytes dropped since a refusal (see :meth:`_refuse`); -1: none given
 
     def connection_made(self, transport: Any) -> None:
         super().connection_made(transport)
@@ -114,7 +122,25 @@ class EdgeProtocol(ClientCertProtocol):
                 return True
         return False
 
+    def _refuse(self, error: UserError) -> None:
+        """Answer ``error`` and end the connection as a lingering close (RFC 9112 §9.6): our
+        side is shut for writing once the answer is out, what the client still sends is
+        dropped for :data:`LINGER_SECONDS` or :data:`LINGER_BYTES`, then the socket closes."""
+        self._cancel_header_timer()
+        self.transport.write(raw_problem(error))
+        if not self.transport.can_write_eof():  # TLS: no half-close
+            self.transport.close()
+            return
+        self.transport.write_eof()
+        self._lingering = 0
+        self.loop.call_later(LINGER_SECONDS, self.transport.close)
+
     def data_received(self, data: bytes) -> None:
+        if self._lingering >= 0:
+            self._lingering += len(data)
+            if self._lingering > LINGER_BYTES:
+                self.transport.close()
+            return
         # a byte between two requests stops uvicorn's keep-alive timer: it starts the clock
         # of the next head (the parser skips blank lines without beginning a message, so
         # waiting for one would let a client that sends "\r\n" now and then stay forever)
@@ -126,10 +152,8 @@ class EdgeProtocol(ClientCertProtocol):
             self._head_read += len(data)  # all of it went to a head still incomplete
             self._head_refused = self._head_refused or self._head_read > MAX_HEAD_BYTES
         if self._head_refused and not self.transport.is_closing():
-            self._cancel_header_timer()
-            self.transport.write(raw_problem(HeadersTooLarge(
-                f"the request line and headers exceed {MAX_HEAD_BYTES} bytes")))
-            self.transport.close()
+            self._refuse(HeadersTooLarge(
+                f"the request line and headers exceed {MAX_HEAD_BYTES} bytes"))
 
     def on_message_begin(self) -> None:
         super().on_message_begin()
@@ -207,9 +231,10 @@ class EdgeProtocol(ClientCertProtocol):
             self.cycle.keep_alive = False  # a pipelined head is late: close after this answer
             return
         if self._head_begun:
-            self.transport.write(raw_problem(RequestTimeout(
-                f"the request head did not arrive within {self.header_timeout:g} s")))
-        self.transport.close()
+            self._refuse(RequestTimeout(
+                f"the request head did not arrive within {self.header_timeout:g} s"))
+        else:
+            self.transport.close()
 
 
 def protocol_class(header_timeout: float, send_timeout: float,
