@@ -22,6 +22,36 @@ from tests.redis_server import RedisServer
 # of the bound itself set it explicitly. Server processes inherit it.
 os.environ.setdefault("TALLY_READ_YOUR_WRITES_MS", "30000")
 
+# The store every test's Settings and server process uses (CONTRACT §10): `duckdb`, or `chdb`
+# to run the API suite on the ClickHouse engine (`make test` runs the API modules on both:
+# STORE_SUITE in the Makefile). Set as TALLY_STORE, which Settings and servers read.
+STORE = os.environ.get("TALLY_TEST_STORE", "duckdb")
+os.environ["TALLY_STORE"] = STORE
+ON_CHDB = STORE == "chdb"
+
+
+def on_duckdb_only(reason: str) -> pytest.MarkDecorator:
+    """A test of something only the DuckDB store has (its file, its engine's errors): a
+    strict xfail on another store, with the reason — a gap, never a skip."""
+    return pytest.mark.xfail(ON_CHDB, reason=reason, strict=True)
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """chDB runs one engine a process (a second store path is refused while one is open):
+    on it, a module's tests that open a store of their own run before those that share one
+    the module keeps open, so no two stores are open at once."""
+    if not ON_CHDB:
+        return
+
+    def shares_a_store(item: pytest.Item) -> bool:
+        info = getattr(item, "_fixtureinfo", None)
+        return info is not None and any(  # the session's fixtures open no store
+            d.scope == "module" for defs in info.name2fixturedefs.values() for d in defs)
+
+    order = {id(item): i for i, item in enumerate(items)}
+    items.sort(key=lambda item: (item.nodeid.split("::")[0], shares_a_store(item),
+                                 order[id(item)]))
+
 ALL_SCOPES = "events:write analytics:read exports:write admin"
 _ids = itertools.count()
 

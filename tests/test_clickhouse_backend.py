@@ -195,12 +195,6 @@ def test_a_closed_store_is_unavailable(tmp_path: Path) -> None:
         store.count_events()
 
 
-def test_derived_tables_are_refused(tmp_path: Path) -> None:
-    table = DerivedTable("rollup_1m", "CREATE TABLE rollup_1m (x BIGINT)", (), ())
-    with pytest.raises(StoreUnavailable, match="no derived tables"):
-        ClickHouseBackend(chdb_dsn(tmp_path / "ch"), derived=[table])
-
-
 # -- reads --------------------------------------------------------------------------------
 def test_quarantine_ids_and_pages(chstore: ClickHouseBackend) -> None:
     chstore.write(WriteSet(quarantine=[quarantine_table(3, 1)]), journal_seq=1)

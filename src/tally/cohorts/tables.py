@@ -16,10 +16,12 @@ from sqlglot import exp
 from tally.semantic.catalog import MEASURES, METRICS
 from tally.semantic.compiler import bucket, measure_sum, measure_sum_type
 from tally.semantic.rules import DEPOSIT, REGISTRATION, EventRule
-from tally.storage.base import DerivedTable
+from tally.storage.base import DerivedTable, Least
 from tally.storage.dialects import excluded, render, upsert
 
 TABLE = "player_firsts"
+# one row per (brand, player, cohort kind): the earliest
+FIRSTS = Least(keys=("tenant_id", "player_id", "kind"), by=("first_at",))
 
 DAY = 86_400
 # each cohort kind by the rule of its first event (semantic/rules.py)
@@ -46,7 +48,7 @@ def _firsts(source: str) -> exp.Insert:
     select.set("group", exp.Group(all=True))
     kept = exp.column("first_at", TABLE)
     earlier = excluded("first_at") < kept
-    return upsert(exp.insert(select, TABLE), ("tenant_id", "player_id", "kind"), {
+    return upsert(exp.insert(select, TABLE), FIRSTS.keys, {
         "region": exp.Case().when(earlier, excluded("region"))
         .else_(exp.column("region", TABLE)),
         "first_at": exp.Least(this=kept.copy(), expressions=[excluded("first_at")],
@@ -76,7 +78,8 @@ def derived_tables(dialect: str) -> list[DerivedTable]:
         "CREATE TABLE IF NOT EXISTS player_firsts (tenant_id VARCHAR NOT NULL, "
         "player_id VARCHAR NOT NULL, kind VARCHAR NOT NULL, first_at TIMESTAMP NOT NULL, "
         "region VARCHAR, PRIMARY KEY (tenant_id, player_id, kind))",
-        (render(_firsts("_new_events"), dialect),), (render(_firsts("events"), dialect),))
+        (render(_firsts("_new_events"), dialect),), (render(_firsts("events"), dialect),),
+        least=FIRSTS)
     types = {name: measure_sum_type(MEASURES[name]) for name in LTV_MEASURES}
     columns = ", ".join(f"{name} {kind} NOT NULL" for name, kind in types.items())
     days = DerivedTable(

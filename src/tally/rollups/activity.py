@@ -42,10 +42,11 @@ def _side(source: str | exp.Expr, alias: str) -> exp.Expr:
 def _pairs(starts: str | exp.Expr, ends: str | exp.Expr) -> exp.Select:
     """Each session start with its end's duration (a session known from both sides)."""
     return (
-        exp.select(exp.column("tenant_id", "s"), exp.column("region", "s"),
-                   exp.column("player_id", "s"),
+        # every column named (ClickHouse names an unaliased `e.duration_sec` with its table)
+        exp.select(*(exp.alias_(exp.column(c, "s"), c)
+                     for c in ("tenant_id", "region", "player_id")),
                    exp.alias_(exp.column("occurred_at", "s"), "started_at"),
-                   exp.column("duration_sec", "e"))
+                   exp.alias_(exp.column("duration_sec", "e"), "duration_sec"))
         .from_(_side(starts, "s"))
         .join(_side(ends, "e"), on=exp.and_(
             exp.column("tenant_id", "e").eq(exp.column("tenant_id", "s")),

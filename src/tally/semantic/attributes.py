@@ -25,10 +25,12 @@ from sqlglot import exp
 
 from tally.semantic.catalog import DIMENSIONS
 from tally.semantic.rules import REGISTRATION
-from tally.storage.base import DerivedTable
+from tally.storage.base import DerivedTable, Least
 from tally.storage.dialects import excluded, render, upsert
 
 TABLE = "player_attributes"
+# one row per (brand, player): the first registration, in (occurred_at, event_id) order
+KEPT = Least(keys=("tenant_id", "player_id"), by=("registered_at", "registration_id"))
 # (events field of the registration, column kept) per attribute dimension, in catalog order
 COLUMNS = tuple((d.registration_field, d.column) for d in DIMENSIONS.values()
                 if d.registration_field is not None)
@@ -84,7 +86,7 @@ def _maintenance(events: str) -> exp.Insert:
         excluded("registered_at") < kept("registered_at"),
         exp.and_(excluded("registered_at").eq(kept("registered_at")),
                  excluded("registration_id") < kept("registration_id")))
-    return upsert(exp.insert(select, TABLE), ("tenant_id", "player_id"), updates, earlier)
+    return upsert(exp.insert(select, TABLE), KEPT.keys, updates, earlier)
 
 
 def derived_table(dialect: str = "duckdb") -> DerivedTable:
@@ -97,4 +99,4 @@ def derived_table(dialect: str = "duckdb") -> DerivedTable:
         "player_id VARCHAR NOT NULL, registered_at TIMESTAMP NOT NULL, "
         f"registration_id VARCHAR NOT NULL, {columns}, PRIMARY KEY (tenant_id, player_id))",
         (render(_maintenance("_new_events"), dialect),),
-        (render(_maintenance("events"), dialect),))
+        (render(_maintenance("events"), dialect),), least=KEPT)

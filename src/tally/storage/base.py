@@ -21,10 +21,25 @@ class IdempotencyRecord:
 
 
 @dataclass(frozen=True)
+class Least:
+    """A derived table that holds one row per ``keys``: of the rows its statements give, the
+    one whose ``by`` columns are least. DuckDB keeps it by upsert (``dialects.upsert``); a
+    store without one keeps every row given and answers the least per key (ClickHouse:
+    ``argMin`` states, ``storage/clickhouse_schema.py``)."""
+
+    keys: tuple[str, ...]
+    by: tuple[str, ...]
+
+
+@dataclass(frozen=True)
 class DerivedTable:
     """A table the store keeps from the events (a rollup): created with ``ddl``, appended to
     from each batch by ``from_batch`` (statements over ``_new_events``, in order, in the events'
-    transaction) and filled once by ``from_all`` (over ``events``) when new to an existing store."""
+    transaction) and filled once by ``from_all`` (over ``events``) when new to an existing store.
+
+    Every table is kept by appending rows, which its readers aggregate (sums, distinct
+    players), except a :class:`Least` one. A statement may also create the temporary table a
+    later statement of the batch reads (``CREATE OR REPLACE TEMPORARY TABLE``)."""
 
     name: str
     ddl: str
@@ -32,6 +47,7 @@ class DerivedTable:
     from_all: tuple[str, ...]
     # (column, type) that older stores may hold narrower: changed to this type when opened
     column_types: tuple[tuple[str, str], ...] = ()
+    least: Least | None = None
 
 
 @dataclass

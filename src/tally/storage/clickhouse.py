@@ -3,9 +3,10 @@ driver (clickhouse-connect) and one code path for both.
 
 ``ClickHouseBackend(dsn)`` opens ``chdb:///<dir>`` (the engine in this process: one engine a
 process, one writer thread, concurrent readers each with a client of their own on the same
-path) or ``http(s)://…`` (a server). The base tables only, so far: events, quarantine,
-idempotency records, FX rates and the store's settings; the derived tables (rollups,
-activity, ``player_firsts``…) come with their specs (issue 11 item 3).
+path) or ``http(s)://…`` (a server): events, quarantine, idempotency records, FX rates, the
+store's settings, and the tables derived from the events (rollups, activity, cohorts' tables:
+``DerivedTable``), kept by the same statements as on DuckDB, run after the events' insert over
+the batch (:meth:`ClickHouseBackend._append_derived`).
 
 ClickHouse has no multi-table transaction, so a write is made idempotent instead of atomic:
 each table of a :class:`WriteSet` is one ``INSERT`` carrying an ``insert_deduplication_token``
@@ -23,6 +24,7 @@ journal record (not one the applier makes) numbers its entries after the greates
 
 from __future__ import annotations
 
+import os
 import threading
 import uuid
 from collections.abc import Iterator, Sequence
@@ -46,36 +48,30 @@ from sqlglot import exp
 
 from tally.errors import StoreUnavailable, WriteRejected
 from tally.storage.base import Backend, DerivedTable, IdempotencyRecord, QuarantineItem, WriteSet
-from tally.storage.clickhouse_schema import clickhouse_table
+from tally.storage.clickhouse_cluster import cluster_ddl, on_cluster
+from tally.storage.clickhouse_schema import (
+    DDL,
+    DEDUP_WINDOW,
+    STATE,
+    derived_ddl,
+    derived_statement,
+)
 from tally.storage.dialects import CLICKHOUSE_SETTINGS, render
+from tally.storage.limits import QueryLimits, out_of_memory, timed_out
 from tally.storage.metering import current_meter
-from tally.storage.schema import EVENTS_SCHEMA, QUARANTINE_SCHEMA, duckdb_columns
+from tally.storage.schema import QUARANTINE_SCHEMA
 
 JOURNAL_APPLIED = "journal_applied_seq"
-# inserts a table remembers the token of: far more than the journal records a restart replays
-DEDUP_WINDOW = 10_000
+__all__ = ["DDL", "DEDUP_WINDOW", "ClickHouseBackend"]
 QUARANTINE_BITS = 20
 QUARANTINE_ROWS = 2 ** QUARANTINE_BITS  # quarantine entries one journal record may hold
-_DEDUP = f" SETTINGS non_replicated_deduplication_window = {DEDUP_WINDOW}"
+# a derived table's insert runs in one thread, so a replayed record's statement splits its
+# rows into the same blocks as its first run (a token names a block by its position)
+DERIVED_INSERT: dict[str, Any] = {"max_threads": 1, "max_insert_threads": 1}
 
 # every client's session: the SQL's meaning (dialects.py) and naive timestamps read as UTC
 SETTINGS: dict[str, Any] = {**CLICKHOUSE_SETTINGS, "session_timezone": "UTC"}
-
-DDL = (
-    clickhouse_table(f"CREATE TABLE events ({duckdb_columns(EVENTS_SCHEMA)})") + _DEDUP,
-    clickhouse_table(f"CREATE TABLE quarantine (id BIGINT NOT NULL, "
-                     f"{duckdb_columns(QUARANTINE_SCHEMA)}, PRIMARY KEY (id))") + _DEDUP,
-    # the last record of a (client_id, key) is the one kept (DuckDB: INSERT OR REPLACE)
-    "CREATE TABLE IF NOT EXISTS idempotency (client_id String, key String, "
-    "body_sha256 String, response String, created_at DateTime64(6)) "
-    "ENGINE = ReplacingMergeTree ORDER BY (client_id, key)" + _DEDUP,
-    "CREATE TABLE IF NOT EXISTS fx_rates (day Date, currency String, rate String, "
-    "created_at DateTime64(6) DEFAULT now64(6)) ENGINE = MergeTree ORDER BY (day, currency)",
-    # the greatest version of a name is its value: the journal's sequence for
-    # journal_applied_seq (replaying an older record never lowers it), 0 for the others
-    "CREATE TABLE IF NOT EXISTS store_settings (name String, value String, version UInt64) "
-    "ENGINE = ReplacingMergeTree(version) ORDER BY name" + _DEDUP,
-)
+TIMEOUT_EXCEEDED, MEMORY_LIMIT_EXCEEDED = 159, 241  # ClickHouse's error codes
 
 # ClickHouse error codes of the store failing (as opposed to the rows or the SQL): I/O, a
 # full disk, memory, time, the network, a server refusing load or credentials
@@ -149,36 +145,65 @@ class ClickHouseBackend:
     dialect = "clickhouse"
 
     def __init__(self, dsn: str, *, idempotency_ttl: timedelta = timedelta(hours=24),
-                 derived: Sequence[DerivedTable] = ()) -> None:
-        if derived:
-            raise StoreUnavailable(
-                "the ClickHouse store keeps no derived tables yet (rollups, activity, player "
-                f"firsts: issue 11 item 3): {', '.join(t.name for t in derived)}")
+                 derived: Sequence[DerivedTable] = (), retired: Sequence[str] = (),
+                 database: str = "default", cluster: str | None = None,
+                 limits: QueryLimits | None = None, owner: int | None = None) -> None:
+        """``derived``: the tables kept from the events; ``retired``: tables of earlier
+        versions, dropped; ``cluster``: the tables are ``Distributed`` over it (in
+        ``database``, ``storage/clickhouse_cluster.py``); ``limits``: bounds on every read
+        statement; ``owner``: the descriptor holding the embedded store's folder lock, closed
+        with the store."""
         self.dsn = dsn
         self.idempotency_ttl = idempotency_ttl
+        self.limits = limits or QueryLimits()
+        self._owner = owner
         self._clients: list[Client] = []
         self._clients_lock = threading.Lock()
         self._local = threading.local()
         self._write_lock = threading.Lock()
         self._scan_lock = threading.Lock()
         self._dry_tables = False
+        self._new_events = False  # the writer's temporary table of a batch exists
         self._closed = False
         self._rows_scanned = 0
+        # (name of the statement's table, statement) of each batch's derived rows, in order
+        self._derived = [(table.name, derived_statement(sql, table))
+                         for table in derived for sql in table.from_batch]
         self._writer = self._connect()
         try:
-            for statement in DDL:
+            for statement in DDL if cluster is None else cluster_ddl(cluster, database, DDL):
                 self._writer.command(statement)
+            for name in retired:
+                self._writer.command(f"DROP TABLE IF EXISTS {name}")
+            self._create_derived(derived, cluster, database)
         except Exception as exc:
             self.close()
             raise StoreUnavailable(f"cannot create the store's tables: {first_line(exc)}") \
                 from None
+
+    def _create_derived(self, derived: Sequence[DerivedTable], cluster: str | None,
+                        database: str) -> None:
+        """Each derived table, filled from the stored events when new (the state table of a
+        Least one: its view may be created again without losing a row)."""
+        for table in derived:
+            stored = table.name + (STATE if table.least else "")
+            existed = bool(self._writer.command(f"EXISTS TABLE {stored}"))
+            statements = derived_ddl(table)
+            if cluster is not None:
+                statements = on_cluster(statements, cluster, database)
+            for statement in statements:
+                self._writer.command(statement)
+            if not existed:
+                for sql in table.from_all:
+                    self._writer.command(derived_statement(sql, table))
 
     def _connect(self) -> Client:
         """A new client of the store (a session of its own), remembered to be closed."""
         if self._closed:
             raise StoreUnavailable("the ClickHouse store is closed")
         try:
-            client = clickhouse_connect.get_client(dsn=self.dsn, settings=SETTINGS)
+            client = clickhouse_connect.get_client(dsn=self.dsn,
+                                                   settings={**SETTINGS, **self._bounds()})
         except Exception as exc:  # the URL is not shown: it may hold a password
             raise StoreUnavailable(f"cannot open the ClickHouse store: {first_line(exc)}") \
                 from None
@@ -186,6 +211,16 @@ class ClickHouseBackend:
         with self._clients_lock:
             self._clients.append(client)
         return client
+
+    def _bounds(self) -> dict[str, Any]:
+        """The session settings of :attr:`limits` (the writer's too: a statement of a batch
+        is small, and the bounds are far above it)."""
+        bounds: dict[str, Any] = {}
+        if self.limits.timeout_seconds is not None:
+            bounds["max_execution_time"] = self.limits.timeout_seconds
+        if self.limits.memory_bytes is not None:
+            bounds["max_memory_usage"] = self.limits.memory_bytes
+        return bounds
 
     def _forget(self, client: Client) -> None:
         with self._clients_lock:
@@ -202,10 +237,16 @@ class ClickHouseBackend:
 
     @contextmanager
     def _reading(self) -> Iterator[None]:
-        """A read that fails because the store does raises ``StoreUnavailable`` (a 503)."""
+        """A read that fails because the store does raises ``StoreUnavailable`` (a 503); one
+        stopped by a bound of :attr:`limits`, the 503 naming the bound."""
         try:
             yield
         except Exception as exc:
+            code = getattr(exc, "code", None)
+            if code == TIMEOUT_EXCEEDED and self.limits.timeout_seconds is not None:
+                raise timed_out(self.limits) from None
+            if code == MEMORY_LIMIT_EXCEEDED and self.limits.memory_bytes is not None:
+                raise out_of_memory(self.limits) from None
             if is_store_error(exc):
                 raise StoreUnavailable(
                     f"the store cannot be used now: {first_line(exc)}") from exc
@@ -399,8 +440,10 @@ class ClickHouseBackend:
     def _append(self, writes: WriteSet, journal_seq: int | None, prefix: str) -> None:
         client = self._writer
         if writes.events:
-            client.insert_arrow(prefix + "events", pa.concat_tables(writes.events),
-                                settings=_token(journal_seq, "events"))
+            batch = pa.concat_tables(writes.events)
+            client.insert_arrow(prefix + "events", batch, settings=_token(journal_seq, "events"))
+            if not prefix:
+                self._append_derived(batch, journal_seq)
         if writes.quarantine:
             # by name: a journal record written before a column was added replays with that
             # column NULL
@@ -430,12 +473,32 @@ class ClickHouseBackend:
                           column_names=["name", "value", "version"],
                           settings=_token(journal_seq, "store_settings"))
 
+    def _append_derived(self, batch: pa.Table, journal_seq: int | None) -> None:
+        """The derived tables' rows of a batch, by the statements DuckDB runs in the events'
+        transaction, over the batch in the writer's temporary ``_new_events``: each insert
+        with a token of the record, its table and its place, so a record replayed after a
+        failure between two of them adds only the rows that had not landed."""
+        if not self._derived:
+            return
+        client = self._writer
+        if not self._new_events:
+            client.command("CREATE TEMPORARY TABLE IF NOT EXISTS _new_events AS events "
+                           "ENGINE = Memory")
+            self._new_events = True
+        client.command("TRUNCATE TABLE _new_events")
+        client.insert_arrow("_new_events", batch)
+        for place, (name, sql) in enumerate(self._derived):
+            settings = {**DERIVED_INSERT, **_token(journal_seq, f"{name}:{place}")} \
+                if sql.startswith("INSERT") else None
+            client.command(sql, settings=settings)
+
     def _next_quarantine_id(self) -> int:
         rows = self._writer.query("SELECT max(id) FROM quarantine").result_rows
         return int(rows[0][0] or 0) + 1
 
     def close(self) -> None:
-        """Close every client (chDB lets a process open another path only then)."""
+        """Close every client (chDB lets a process open another path only then), then give
+        up the folder."""
         self._closed = True
         with self._clients_lock:
             clients, self._clients = self._clients, []
@@ -444,6 +507,9 @@ class ClickHouseBackend:
                 client.close()
             except Exception:  # noqa: S110 - closing a failed client: nothing to flush
                 pass
+        if self._owner is not None:
+            os.close(self._owner)
+            self._owner = None
 
 
 def as_backend(store: ClickHouseBackend) -> Backend:

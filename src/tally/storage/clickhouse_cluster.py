@@ -26,8 +26,8 @@ placed by its id. Every other table is sharded by a hash of its sort key, which 
 replacing key (idempotency: ``(client_id, key)``; store_settings: ``name``), so every version
 of a key is on one shard and ``FINAL`` keeps the last one there.
 
-Not wired yet: ``storage/factory.py`` does not select the ClickHouse backend; :func:`parse_store`
-is the part of ``TALLY_STORE`` it will use.
+A view (the merged states of a ``Least`` derived table) is created ``ON CLUSTER`` as it is: it
+reads the ``Distributed`` table of its states, so it answers over every shard.
 """
 
 from __future__ import annotations
@@ -41,7 +41,7 @@ import sqlglot
 from sqlglot import exp
 
 from tally.errors import StoreUnavailable
-from tally.storage.clickhouse import DDL
+from tally.storage.clickhouse_schema import DDL
 
 LOCAL = "_local"  # the suffix of a shard's table
 REPLICA_PATH = "/clickhouse/tables/{{shard}}/{database}.{table}"  # {shard}: the server's macro
@@ -168,4 +168,20 @@ def cluster_ddl(cluster: str, database: str, statements: Sequence[str] = DDL) ->
     for statement in statements:
         out += [local_table(statement, cluster, database),
                 distributed_table(statement, cluster, database)]
+    return out
+
+
+def on_cluster(statements: Sequence[str], cluster: str, database: str) -> list[str]:
+    """A derived table's DDL (``clickhouse_schema.derived_ddl``) on ``cluster``: each table
+    as :func:`cluster_ddl` makes it, each view created on every server."""
+    out: list[str] = []
+    for statement in statements:
+        create = sqlglot.parse_one(statement, read="clickhouse")
+        if isinstance(create, exp.Create) and create.kind == "VIEW":
+            properties = create.args.get("properties") or exp.Properties(expressions=[])
+            properties.append("expressions", _on_cluster(cluster))
+            create.set("properties", properties)
+            out.append(create.sql("clickhouse"))
+        else:
+            out += cluster_ddl(cluster, database, [statement])
     return out

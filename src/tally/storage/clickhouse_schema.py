@@ -7,22 +7,23 @@ again as ClickHouse DDL: the same columns, in the same order, of the ClickHouse 
 primary key (else its first column when that is ``NOT NULL``: the bucket, the ingest
 sequence; else unsorted).
 
-A ``MergeTree`` keeps every row it is given: the tables Tally keeps by upsert on DuckDB
-(``player_firsts``, ``player_attributes``: ``ON CONFLICT … DO UPDATE``) hold exactly what DuckDB
-holds only when loaded with DuckDB's rows, as the ClickHouse snapshot test does; the ClickHouse
-store will keep them with engines of its own (see docs/architecture.md).
+A ``MergeTree`` keeps every row it is given, and the readers of a derived table aggregate its
+rows; the tables Tally keeps by upsert on DuckDB (``player_firsts``, ``player_attributes``:
+``ON CONFLICT … DO UPDATE``, declared :class:`~tally.storage.base.Least`) are a view of
+``argMin`` states here (:func:`derived_ddl`).
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
 
 import pyarrow as pa
 import sqlglot
 from sqlglot import exp
 from sqlglot.expressions.datatypes import DType as _T
 
-from tally.storage.base import DerivedTable
+from tally.storage.base import DerivedTable, Least
 from tally.storage.schema import EVENTS_SCHEMA, QUARANTINE_SCHEMA, duckdb_columns
 
 TYPES: dict[_T, str] = {
@@ -38,12 +39,25 @@ TYPES: dict[_T, str] = {
 }
 
 
-def clickhouse_table(duckdb_ddl: str) -> str:
-    """The ClickHouse ``CREATE TABLE`` of one DuckDB ``CREATE TABLE`` statement."""
+DEDUP_WINDOW = 10_000  # inserts a table remembers the token of (``storage/clickhouse.py``)
+DEDUP = f" SETTINGS non_replicated_deduplication_window = {DEDUP_WINDOW}"
+STATE = "_state"  # the suffix of the table holding a Least table's argMin states
+
+
+@dataclass(frozen=True)
+class Columns:
+    """One DuckDB ``CREATE TABLE``'s table: its name, its columns with their ClickHouse
+    types, and its sort key (the primary key, else the first ``NOT NULL`` column)."""
+
+    name: str
+    types: dict[str, str]
+    order: list[str]
+
+
+def parse_table(duckdb_ddl: str) -> Columns:
     create = sqlglot.parse_one(duckdb_ddl, read="duckdb")
     assert isinstance(create, exp.Create) and isinstance(create.this, exp.Schema)
-    name = create.this.this.name
-    columns: list[str] = []
+    types: dict[str, str] = {}
     not_null: list[str] = []
     key: list[str] = []
     for item in create.this.expressions:
@@ -56,19 +70,97 @@ def clickhouse_table(duckdb_ddl: str) -> str:
             not_null.append(item.name)
         else:
             kind = f"Nullable({kind})"
-        columns.append(f"{item.name} {kind}")
-    order = key or not_null[:1]
-    sort = f"({', '.join(order)})" if order else "tuple()"
-    return (f"CREATE TABLE IF NOT EXISTS {name} ({', '.join(columns)}) "
-            f"ENGINE = MergeTree ORDER BY {sort}")
+        types[item.name] = kind
+    return Columns(create.this.this.name, types, key or not_null[:1])
+
+
+def _sort(order: Sequence[str]) -> str:
+    return f"({', '.join(order)})" if order else "tuple()"
+
+
+def clickhouse_table(duckdb_ddl: str) -> str:
+    """The ClickHouse ``CREATE TABLE`` of one DuckDB ``CREATE TABLE`` statement."""
+    table = parse_table(duckdb_ddl)
+    columns = ", ".join(f"{name} {kind}" for name, kind in table.types.items())
+    return (f"CREATE TABLE IF NOT EXISTS {table.name} ({columns}) "
+            f"ENGINE = MergeTree ORDER BY {_sort(table.order)}")
+
+
+def _row(table: Columns, least: Least) -> tuple[list[str], str, str]:
+    """A Least table's other columns (not keys), and the types of their tuple and of ``by``."""
+    rest = [c for c in table.types if c not in least.keys]
+    row = f"Tuple({', '.join(table.types[c] for c in rest)})"
+    return rest, row, f"Tuple({', '.join(table.types[c] for c in least.by)})"
+
+
+def derived_ddl(table: DerivedTable) -> list[str]:
+    """The ClickHouse DDL of a derived table. A :class:`Least` table ``T`` is ``T_state``, an
+    ``AggregatingMergeTree`` of one ``argMin`` state per key (the row of least ``by``, kept
+    whole as one tuple: ``argMin`` of a column alone would skip its NULLs), and the view ``T``
+    of the merged states, with ``T``'s columns."""
+    if table.least is None:
+        return [clickhouse_table(table.ddl) + DEDUP]
+    columns, least = parse_table(table.ddl), table.least
+    rest, row, by = _row(columns, least)
+    keys = ", ".join(f"{k} {columns.types[k]}" for k in least.keys)
+    merged = ", ".join(f"tupleElement(argMinMerge(_row), {i}) AS {name}"
+                       for i, name in enumerate(rest, 1))
+    return [f"CREATE TABLE IF NOT EXISTS {columns.name}{STATE} ({keys}, "
+            f"_row AggregateFunction(argMin, {row}, {by})) ENGINE = AggregatingMergeTree "
+            f"ORDER BY {_sort(least.keys)}" + DEDUP,
+            f"CREATE VIEW IF NOT EXISTS {columns.name} AS SELECT "  # noqa: S608 - our names
+            f"{', '.join(least.keys)}, {merged} FROM {columns.name}{STATE} "
+            f"GROUP BY {', '.join(least.keys)}"]
+
+
+def derived_statement(sql: str, table: DerivedTable) -> str:
+    """A derived table's statement (ClickHouse SQL) as the ClickHouse store runs it: a
+    Least table's ``INSERT INTO T SELECT …`` (its rows, in ``T``'s column order) becomes the
+    insert of their ``argMin`` states into ``T_state``; any other statement is unchanged."""
+    if table.least is None:
+        return sql
+    insert = sqlglot.parse_one(sql, read="clickhouse")
+    assert isinstance(insert, exp.Insert) and isinstance(insert.expression, exp.Query)
+    columns, least = parse_table(table.ddl), table.least
+    rest, _, _ = _row(columns, least)
+    rows = insert.expression
+    assert isinstance(rows, exp.Select)
+    names = list(columns.types)
+    rows.set("expressions", [exp.alias_(e.unalias(), names[i])
+                             for i, e in enumerate(rows.expressions)])
+    def typed(names: Sequence[str]) -> str:  # as the state's type says, not the rows'
+        return ", ".join(f"CAST({n} AS {columns.types[n]})" for n in names)
+
+    state = f"argMinState(tuple({typed(rest)}), tuple({typed(least.by)}))"
+    return (f"INSERT INTO {columns.name}{STATE} SELECT {', '.join(least.keys)}, "  # noqa: S608
+            f"{state} FROM ({rows.sql(dialect='clickhouse')}) GROUP BY {', '.join(least.keys)}")
 
 
 def _arrow_table(name: str, schema: pa.Schema) -> str:
     return clickhouse_table(f"CREATE TABLE {name} ({duckdb_columns(schema)})")
 
 
+# the base tables (the derived ones: derived_ddl)
+DDL = (
+    clickhouse_table(f"CREATE TABLE events ({duckdb_columns(EVENTS_SCHEMA)})") + DEDUP,
+    clickhouse_table(f"CREATE TABLE quarantine (id BIGINT NOT NULL, "
+                     f"{duckdb_columns(QUARANTINE_SCHEMA)}, PRIMARY KEY (id))") + DEDUP,
+    # the last record of a (client_id, key) is the one kept (DuckDB: INSERT OR REPLACE)
+    "CREATE TABLE IF NOT EXISTS idempotency (client_id String, key String, "
+    "body_sha256 String, response String, created_at DateTime64(6)) "
+    "ENGINE = ReplacingMergeTree ORDER BY (client_id, key)" + DEDUP,
+    "CREATE TABLE IF NOT EXISTS fx_rates (day Date, currency String, rate String, "
+    "created_at DateTime64(6) DEFAULT now64(6)) ENGINE = MergeTree ORDER BY (day, currency)",
+    # the greatest version of a name is its value: the journal's sequence for
+    # journal_applied_seq (replaying an older record never lowers it), 0 for the others
+    "CREATE TABLE IF NOT EXISTS store_settings (name String, value String, version UInt64) "
+    "ENGINE = ReplacingMergeTree(version) ORDER BY name" + DEDUP,
+)
+
+
+
 def ddl(derived: Iterable[DerivedTable]) -> list[str]:
     """The ClickHouse DDL of the events, the quarantine's columns and every derived table."""
     return [_arrow_table("events", EVENTS_SCHEMA),
             _arrow_table("quarantine", QUARANTINE_SCHEMA),
-            *(clickhouse_table(table.ddl) for table in derived)]
+            *(sql for table in derived for sql in derived_ddl(table))]

@@ -54,6 +54,11 @@ class TallyClickHouse(ClickHouse):
             exp.IntDiv: rename_func("intDiv"),
         }
 
+        def onconflict_sql(self, expression: exp.OnConflict) -> str:
+            """No upsert: the insert appends its rows, and the ClickHouse store answers the
+            least row per key of the table (``storage.base.Least``)."""
+            return ""
+
 
 DIALECTS: dict[str, type[Dialect]] = {"duckdb": TallyDuckDB, "clickhouse": TallyClickHouse}
 
@@ -69,8 +74,8 @@ def upsert(insert: exp.Insert, keys: tuple[str, ...], updates: Mapping[str, exp.
            where: exp.Expr | None = None) -> exp.Insert:
     """``insert`` where a row whose ``keys`` are already stored updates the stored row
     (``ON CONFLICT (keys) DO UPDATE SET column = value, … [WHERE where]``; the new row's
-    columns are :func:`excluded`'s). DuckDB only: ClickHouse keeps such tables otherwise
-    (issue 11 item 3)."""
+    columns are :func:`excluded`'s). DuckDB's: ClickHouse renders the plain insert, and its
+    store keeps one row per key by the table's ``Least`` declaration."""
     conflict = exp.OnConflict(
         conflict_keys=[exp.column(key) for key in keys], action=exp.var("DO UPDATE"),
         expressions=[exp.column(name).eq(value) for name, value in updates.items()])

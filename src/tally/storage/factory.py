@@ -1,12 +1,19 @@
 """The one place a store is chosen: ``TALLY_STORE`` (CONTRACT §10) → a :class:`Backend`.
 
-``duckdb`` (the default) is the embedded DuckDB store under ``--data-dir``. ``chdb`` and a
-ClickHouse URL (``http(s)://…``) are the contract's other stores, not implemented yet: they,
-and any other value, fail at start with one line naming what is supported.
+- ``duckdb`` (the default): the embedded DuckDB store, ``events.duckdb`` under ``--data-dir``;
+- ``chdb``: the ClickHouse engine in this process, its files under ``--data-dir``/``clickhouse``
+  (one process owns the folder: a lock file says which);
+- ``http(s)://user:pass@host:8123/db[?cluster=NAME]``: a ClickHouse server (or a cluster's
+  ``Distributed`` tables, ``storage/clickhouse_cluster.py``).
+
+Anything else fails at start with one line naming what is supported. The engines are imported
+only when chosen.
 """
 
 from __future__ import annotations
 
+import fcntl
+import os
 from collections.abc import Callable, Sequence
 from datetime import timedelta
 from pathlib import Path
@@ -15,23 +22,26 @@ from tally.errors import StoreUnavailable
 from tally.storage.base import Backend, DerivedTable
 from tally.storage.limits import QueryLimits
 
-SUPPORTED = ("duckdb",)
-PLANNED = ("chdb", "http://", "https://")  # CONTRACT §10; issue 11
+SUPPORTED = "duckdb, chdb, or a ClickHouse URL http(s)://[user:pass@]host[:port][/db]"
 SPILL_DIR = "query-spill"  # where a store spills what a query cannot hold in memory
+CHDB_DIR = "clickhouse"  # the embedded ClickHouse's files, under the data dir
+LOCK_FILE = ".tally-lock"
 
 
 def check_store(store: str) -> str:
-    """The store's kind (``duckdb``), or ``StoreUnavailable`` with one line saying why not."""
+    """The store's kind (``duckdb``, ``chdb`` or ``clickhouse``), or ``StoreUnavailable``
+    with one line saying why not (a URL is never shown: it may hold a password)."""
     kind = store.strip().lower()
-    if kind in SUPPORTED:
+    if kind in ("duckdb", "chdb"):
         return kind
-    supported = ", ".join(SUPPORTED)
-    if kind.startswith(PLANNED):  # a URL is not shown: it may hold a password
-        shown = "a ClickHouse server URL" if "://" in kind else f"{store!r}"
-        raise StoreUnavailable(f"TALLY_STORE: {shown} is not supported yet "
-                               f"(supported: {supported})")
-    raise StoreUnavailable(f"TALLY_STORE: {store!r} is not a store Tally knows "
-                           f"(supported: {supported})")
+    if kind.startswith(("http://", "https://")):
+        from tally.storage.clickhouse_cluster import parse_store
+
+        parse_store(store)
+        return "clickhouse"
+    shown = "a URL" if "://" in kind else repr(store[:64])
+    raise StoreUnavailable(f"TALLY_STORE: {shown} is not a store Tally knows "
+                           f"(supported: {SUPPORTED})")
 
 
 def open_backend(store: str, data_dir: Path, *,
@@ -41,10 +51,46 @@ def open_backend(store: str, data_dir: Path, *,
                  limits: QueryLimits | None = None) -> Backend:
     """The store ``store`` names, opened for writing with the tables it keeps from the events
     (``derived``: built for the store's SQL dialect) and ``retired`` ones dropped."""
-    check_store(store)
-    from tally.storage.duckdb import DuckDBBackend  # the engine is loaded only when chosen
+    kind = check_store(store)
+    if kind == "duckdb":
+        from tally.storage.duckdb import DuckDBBackend
 
-    return DuckDBBackend(data_dir, idempotency_ttl=idempotency_ttl,
-                         derived=derived(DuckDBBackend.dialect), retired=retired,
-                         limits=limits, spill_dir=data_dir / SPILL_DIR)
+        return DuckDBBackend(data_dir, idempotency_ttl=idempotency_ttl,
+                             derived=derived(DuckDBBackend.dialect), retired=retired,
+                             limits=limits, spill_dir=data_dir / SPILL_DIR)
+    from tally.storage.clickhouse import ClickHouseBackend, chdb_dsn
+    from tally.storage.clickhouse_cluster import parse_store
 
+    owner: int | None = None
+    if kind == "chdb":
+        folder = data_dir / CHDB_DIR
+        owner = own_folder(folder)
+        dsn, database, cluster = chdb_dsn(folder), "default", None
+    else:
+        url = parse_store(store)
+        dsn, database, cluster = url.dsn, url.database, url.cluster
+    # the backend owns the lock from here: its close (also when it fails to open) gives it up
+    return ClickHouseBackend(dsn, database=database, cluster=cluster,
+                             idempotency_ttl=idempotency_ttl,
+                             derived=derived(ClickHouseBackend.dialect), retired=retired,
+                             limits=limits, owner=owner)
+
+
+def own_folder(folder: Path) -> int:
+    """Make this process the one that uses ``folder`` (chDB keeps no lock of its own: two
+    processes on one folder would corrupt it): an exclusive ``flock`` on a file in it, held
+    by the returned descriptor until it is closed (or the process ends)."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        fd = os.open(folder / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o600)
+    except OSError as exc:
+        raise StoreUnavailable(f"cannot open store {folder}: {exc.strerror or exc}") from None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        os.close(fd)
+        raise StoreUnavailable(f"store {folder} is in use by another process (is `tally "
+                               "serve` running on this data dir?)") from None
+    os.ftruncate(fd, 0)
+    os.write(fd, f"{os.getpid()}\n".encode())
+    return fd

@@ -83,17 +83,9 @@ def bounded(cursor: Interruptible, limits: QueryLimits) -> Iterator[None]:
     except duckdb.InterruptException:
         if timer is None or not timer.fired:
             raise  # not ours (a shutdown): an internal error, not the client's query
-        raise QueryTimeout(
-            f"the query ran longer than the {limits.timeout_seconds:g} s limit "
-            "(TALLY_QUERY_TIMEOUT_SECONDS) and was stopped; narrow its range, filters or "
-            "groups", retry_after=RETRY_AFTER, limit="query_timeout_seconds") from None
+        raise timed_out(limits) from None
     except duckdb.OutOfMemoryException:
-        raise QueryMemoryExceeded(
-            "the query needed more than the engine's memory "
-            f"({_size(limits.memory_bytes)}, TALLY_QUERY_MEMORY_LIMIT) and its spill space "
-            f"({_size(limits.spill_bytes)}, TALLY_QUERY_SPILL_LIMIT) and was stopped; narrow "
-            "its range, filters or groups", retry_after=RETRY_AFTER,
-            limit="query_memory_limit") from None
+        raise out_of_memory(limits) from None
     finally:
         if timer is not None:
             timer.disarm()
@@ -106,3 +98,20 @@ def _size(n: int | None) -> str:
         if n >= size:
             return f"{n / size:.1f} {unit}"
     return f"{n} bytes"
+
+
+def timed_out(limits: QueryLimits) -> QueryTimeout:
+    """The 503 of a statement stopped by ``limits.timeout_seconds``."""
+    return QueryTimeout(
+        f"the query ran longer than the {limits.timeout_seconds:g} s limit "
+        "(TALLY_QUERY_TIMEOUT_SECONDS) and was stopped; narrow its range, filters or "
+        "groups", retry_after=RETRY_AFTER, limit="query_timeout_seconds")
+
+
+def out_of_memory(limits: QueryLimits) -> QueryMemoryExceeded:
+    """The 503 of a statement that needed more than the engine's memory (and spill)."""
+    return QueryMemoryExceeded(
+        "the query needed more than the engine's memory "
+        f"({_size(limits.memory_bytes)}, TALLY_QUERY_MEMORY_LIMIT) and its spill space "
+        f"({_size(limits.spill_bytes)}, TALLY_QUERY_SPILL_LIMIT) and was stopped; narrow "
+        "its range, filters or groups", retry_after=RETRY_AFTER, limit="query_memory_limit")
