@@ -27,7 +27,7 @@ import pytest
 from sqlglot import exp
 
 from tally.errors import StoreUnavailable, WriteRejected
-from tally.storage.base import DerivedTable, IdempotencyRecord, WriteSet
+from tally.storage.base import IdempotencyRecord, WriteSet
 from tally.storage.clickhouse import QUARANTINE_ROWS, ClickHouseBackend, chdb_dsn
 from tally.storage.duckdb import DuckDBBackend
 from tally.storage.metering import current_meter
