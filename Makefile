@@ -30,8 +30,16 @@ lint: install  ## ruff and mypy --strict
 	$(VENV)/bin/ruff check src tests bench reliability clients
 	$(VENV)/bin/mypy
 
-test: lint  ## the whole suite (lint first)
+# the API suite again on the embedded ClickHouse (TALLY_STORE=chdb): answers, rollups, cohorts,
+# security, ETags, ingestion, kill -9 and replay; a gap is a strict xfail naming it
+STORE_SUITE := tests/test_analytics.py tests/test_rollups.py tests/test_cohorts.py \
+	tests/test_policy.py tests/test_caching.py tests/test_e2e_server.py \
+	tests/test_exactly_once.py tests/test_player_attributes.py tests/test_fx.py \
+	tests/test_ingest_api.py tests/test_paging.py tests/test_residency.py
+
+test: lint  ## the whole suite (lint first), then the API suite on chDB
 	$(VENV)/bin/pytest -q -n auto
+	TALLY_TEST_STORE=chdb $(VENV)/bin/pytest -q -n auto $(STORE_SUITE)
 
 openapi: install  ## regenerate openapi.json (commit it: tests/test_openapi_doc.py compares)
 	$(TALLY) openapi --output openapi.json

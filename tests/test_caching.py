@@ -67,7 +67,7 @@ def test_etags_are_stable_across_a_restart(settings: Settings, client, headers):
         assert etag(again, headers) == before
 
 
-def test_watermark_is_per_brand_scope_and_less_the_lateness(tmp_path, auth):
+def test_watermark_is_per_brand_scope_and_less_the_lateness(tmp_path):
     with app_with(tmp_path, allowed_lateness=60) as (client, writer):
         ingest(client, writer, bet(occurred_at="2025-10-23T05:00:00Z"),
                bet(occurred_at="2025-10-23T09:30:00Z", tenant_id="brand-8"))

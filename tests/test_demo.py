@@ -21,7 +21,8 @@ from tally.config import Settings
 from tally.demo.catalog import GAMES_TABLE, pay_table
 from tally.demo.generator import generate
 from tally.demo.load import load_demo
-from tally.storage.duckdb import DuckDBBackend
+from tests.conftest import on_duckdb_only
+from tests.stores import open_test_store
 
 END = datetime(2025, 10, 23, tzinfo=UTC)
 EVENTS, DAYS, SEED = 20_000, 7, 5
@@ -66,7 +67,7 @@ def test_load_demo_goes_through_ingest_and_rejects_nothing(tmp_path: Path) -> No
     assert summary["duplicates"] > 0
     assert summary["accepted"] + summary["duplicates"] == EVENTS
     assert summary["data_dir"] == str(settings.data_dir)
-    backend = DuckDBBackend(settings.data_dir)
+    backend = open_test_store(settings.data_dir)
     try:
         assert backend.count_events() == summary["accepted"]
         stored = backend.query("SELECT count(DISTINCT event_id) AS n FROM events")
@@ -79,7 +80,7 @@ def test_only_served_regions(tmp_path: Path) -> None:
     settings = Settings(data_dir=tmp_path / "data", regions="UK,LATAM")
     summary = load_demo(settings, events=3_000, days=2, seed=1)
     assert summary["rejected"] == 0
-    backend = DuckDBBackend(settings.data_dir)
+    backend = open_test_store(settings.data_dir)
     try:
         rows = backend.query("SELECT DISTINCT region FROM events").column("region").to_pylist()
     finally:
@@ -324,6 +325,7 @@ def test_seasonality_and_retention(events: list[dict[str, Any]]) -> None:
     assert new and 0 < len(new & later) < len(new)  # some come back, not all
 
 
+@on_duckdb_only("its reference reads DuckDB's file with DuckDB SQL")
 def test_demo_money_answers_convert_out_of_the_box(tmp_path: Path) -> None:
     """`tally demo` sets rates for every demo currency, so ggr over all brands is not a 422,
     and it equals the per-currency sums converted at those rates (computed here)."""

@@ -21,7 +21,7 @@ from tally.config import Settings
 from tally.events.payloads import MAX_MINOR
 from tally.ingest.journal import Journal
 from tally.storage.base import WriteSet
-from tests.conftest import bearer, make_event
+from tests.conftest import bearer, make_event, on_duckdb_only
 from tests.fs import fill, tmpfs
 
 BATCH = "/v1/events:batch"
@@ -125,6 +125,7 @@ def test_sums_beyond_64_bits_are_exact_at_every_grain(client, headers, granulari
     assert {"game_id": "g_big", "value_minor": n * MAX_MINOR} in top
 
 
+@on_duckdb_only("an older DuckDB store's 64-bit rollup columns: DuckDB's migration")
 def test_an_older_store_with_64_bit_rollups_is_widened_when_opened(settings):
     with app(settings) as (client, headers):
         assert post(client, headers, [make_event()]).status_code == 202
@@ -142,6 +143,7 @@ def test_an_older_store_with_64_bit_rollups_is_widened_when_opened(settings):
 
 # -- 2. poison: a row the store refuses never blocks the rows behind it -------------------
 
+@on_duckdb_only("sabotages the schema through DuckDB's file (tests/test_durability.py sabotage)")
 def test_rows_the_store_refuses_are_quarantined_and_the_rest_applied(settings):
     # a store-level rule some valid events break: sessions ending over a million seconds
     sabotage(settings.data_dir, "CREATE TABLE session_ends (tenant_id VARCHAR, session_id "
@@ -169,6 +171,7 @@ def test_rows_the_store_refuses_are_quarantined_and_the_rest_applied(settings):
         assert post(client, headers, poison[:1]).json()["accepted"] == 1
 
 
+@on_duckdb_only("sabotages the schema through DuckDB's file")
 def test_rows_that_only_fail_together_set_aside_the_later_one(settings):
     sabotage(settings.data_dir, "CREATE TABLE session_ends (tenant_id VARCHAR, session_id "
              "VARCHAR PRIMARY KEY, duration_sec BIGINT)")
@@ -185,6 +188,7 @@ def test_rows_that_only_fail_together_set_aside_the_later_one(settings):
         assert [q["event_id"] for q in quarantined(client, headers)] == [b["event_id"]]
 
 
+@on_duckdb_only("sabotages the schema through DuckDB's file")
 def test_a_record_refused_even_without_its_poison_is_parked_whole(settings):
     """The last resort: the isolated write is refused too (here the quarantine itself refuses
     the entries of set-aside rows), so the whole record goes to DATA/parked/ and the records
@@ -214,6 +218,7 @@ def test_a_record_refused_even_without_its_poison_is_parked_whole(settings):
         assert post(client, headers, first[:1]).json()["accepted"] == 1  # not a duplicate
 
 
+@on_duckdb_only("sabotages the schema through DuckDB's file")
 def test_a_poison_record_left_in_the_journal_does_not_stop_the_restart(settings):
     """The restart freeze of issue 9: start-up replayed the same failing record and died."""
     with app(settings) as (client, headers):
@@ -240,6 +245,7 @@ def test_a_poison_record_left_in_the_journal_does_not_stop_the_restart(settings)
         assert post(client, headers, [make_event()]).json()["accepted"] == 1
 
 
+@on_duckdb_only("sabotages the schema through DuckDB's file")
 def test_a_store_that_refuses_even_an_empty_write_sets_nothing_aside(settings):
     """A fault of the store or of the code (here a table of the wrong shape), not of the
     rows: nothing is quarantined, the applier retries, the server says it is not ready, and
@@ -399,6 +405,7 @@ def test_a_full_store_disk_is_retried_and_nothing_acknowledged_is_lost(tmp_path:
             assert client.get("/readyz").status_code == 200
 
 
+@on_duckdb_only("DuckDB's checkpoint on a full disk")
 def test_a_checkpoint_that_fails_on_a_full_disk_reopens_the_store(tmp_path: Path):
     """DuckDB invalidates a database whose checkpoint fails (every later statement is a
     FATAL error until it is opened again): the backend reports the store unavailable, reads

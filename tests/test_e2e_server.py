@@ -10,7 +10,6 @@ import threading
 import time
 from pathlib import Path
 
-import duckdb
 import httpx
 import pytest
 
@@ -25,6 +24,7 @@ from tally_client import (
 )
 from tests.conftest import make_event
 from tests.server import Server, cli, new_client
+from tests.stores import rows as stored_rows
 
 pytestmark = pytest.mark.slow
 
@@ -83,9 +83,7 @@ def test_every_acknowledged_event_survives_sigkill(tmp_path: Path):
         assert receipt.duplicates == len(sample) and receipt.accepted == 0
     finally:
         again.stop()
-    con = duckdb.connect(str(data / "events.duckdb"), read_only=True)
-    rows = dict(con.execute("SELECT event_id, count(*) FROM events GROUP BY 1").fetchall())
-    con.close()
+    rows = dict(stored_rows(data, "SELECT event_id, count(*) FROM events GROUP BY event_id"))
     missing = [e for e in acked if rows.get(e) != 1]
     assert missing == [], f"{len(missing)} acknowledged events lost or doubled"
 

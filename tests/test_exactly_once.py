@@ -14,8 +14,8 @@ from hypothesis import strategies as st
 
 from tally.events.envelope import ValidationContext
 from tally.ingest.service import IngestService
-from tally.storage.duckdb import DuckDBBackend
-from tests.conftest import make_event
+from tests.conftest import ON_CHDB, make_event
+from tests.stores import open_test_store
 
 POOL = [make_event(event_id=f"e{i % 12}", tenant_id=f"brand-{i % 2}") for i in range(24)]
 # 24 events: 12 ids × 2 tenants, so equal event_ids under different tenants are distinct
@@ -44,11 +44,13 @@ async def run_wave(service: IngestService, wave_requests, replies) -> None:
     await asyncio.gather(*(one(indices, key) for indices, key in wave_requests))
 
 
-@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+# chDB opens and closes its engine at every restart of a plan: fewer plans there
+@settings(max_examples=10 if ON_CHDB else 40, deadline=None,
+          suppress_health_check=[HealthCheck.too_slow])
 @given(plan)
 def test_each_event_is_stored_exactly_once(steps):
     with tempfile.TemporaryDirectory() as tmp:
-        backend = DuckDBBackend(Path(tmp))
+        backend = open_test_store(Path(tmp))
         service = IngestService(backend, Path(tmp) / "journal", 10_000)
         service.start()
         replies: list = []
@@ -58,7 +60,7 @@ def test_each_event_is_stored_exactly_once(steps):
             if restart:
                 service.stop()
                 backend.close()
-                backend = DuckDBBackend(Path(tmp))
+                backend = open_test_store(Path(tmp))
                 service = IngestService(backend, Path(tmp) / "journal", 10_000)
                 service.start()
         assert service.flush()

@@ -14,7 +14,7 @@ from fastapi.testclient import TestClient
 
 from tally.api.app import create_app
 from tally.config import Settings
-from tests.conftest import TokenFactory, bearer, make_event
+from tests.conftest import TokenFactory, bearer, make_event, on_duckdb_only
 
 BATCH = "/v1/events:batch"
 
@@ -307,6 +307,7 @@ def test_journal_failure_is_a_503_and_nothing_is_acknowledged(client, headers):
     assert len(stored(client, f"event_id = '{lost['event_id']}'")) == 1
 
 
+@on_duckdb_only("kills DuckDB's connection under the applier")
 def test_a_store_that_dies_after_the_ack_is_reopened_and_loses_nothing(client, headers):
     acked = make_event()
     runtime = client.app.state.runtime  # type: ignore[attr-defined]

@@ -30,7 +30,7 @@ from tally.api.app import create_app
 from tally.config import Settings
 from tests import cohort_reference as cref
 from tests import reference as ref
-from tests.conftest import bearer
+from tests.conftest import bearer, on_duckdb_only
 from tests.test_cohorts import assert_answer, ev
 
 TS, SLICE = "/v1/analytics/timeseries", "/v1/analytics/slice"
@@ -208,6 +208,7 @@ def test_metrics_endpoint_lists_the_attributes_for_every_metric(api):
     assert "player.registered" in described["device"] and "registration" in described["geo"]
 
 
+@on_duckdb_only("drops a table through DuckDB's file (ClickHouse's: tests/test_rollups.py)")
 def test_an_existing_store_is_back_filled_when_opened(tmp_path):
     """A store made before player_attributes existed gets it filled from its events."""
     settings = Settings(data_dir=tmp_path / "data", regions="EU")

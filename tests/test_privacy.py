@@ -17,7 +17,6 @@ from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
 
-import duckdb
 import pydantic
 import pytest
 from fastapi.routing import iter_route_contexts
@@ -29,7 +28,9 @@ from tally.config import Settings
 from tally.security.clients import authenticate, create_client
 from tally.semantic.catalog import METRICS
 from tests.cells import player_day
-from tests.conftest import bearer
+from tests.conftest import bearer, on_duckdb_only
+from tests.stores import rows as stored_rows
+from tests.stores import stored as stored_store
 
 DAY = datetime(2025, 10, 23, 9)
 FROM, TO = "2025-10-23", "2025-10-25"
@@ -348,24 +349,28 @@ def test_stored_player_ids_are_the_keyed_pseudonyms(tmp_path, caplog):
                 if any(p in r.getMessage() + json.dumps(r.__dict__, default=str)
                        for p in raw_ids)]
 
-    con = duckdb.connect(str(data_dir / "events.duckdb"), read_only=True)
-    stored = set(con.sql("SELECT DISTINCT tenant_id, player_id FROM events").fetchall())
+    stored = set(stored_rows(data_dir, "SELECT DISTINCT tenant_id, player_id FROM events"))
     assert stored == {(e["tenant_id"], expected_pseudonym(KEY.encode(), e["tenant_id"],
                                                           e["player_id"])) for e in events}
     assert all(len(p) == 22 for _, p in stored)
     shared = {t: p for t, p in stored if p == expected_pseudonym(KEY.encode(), t, "p-shared")}
     assert len(set(shared.values())) == 2  # one player id, two brands: unrelated pseudonyms
     # no raw id anywhere in the store: every text column of every table
-    columns = con.sql("SELECT table_name, column_name FROM information_schema.columns "
-                      "WHERE data_type = 'VARCHAR'").fetchall()
-    assert ("events", "player_id") in columns
-    for table, column in columns:
-        for raw in raw_ids:
-            hits = con.execute(f'SELECT count(*) FROM "{table}" WHERE "{column}" LIKE ?',
-                               [f"%{raw}%"]).fetchone()
-            assert hits == (0,), (table, column, raw)
+    with stored_store(data_dir) as store:
+        listing = ("SELECT table_name, column_name FROM information_schema.columns "
+                   "WHERE data_type = 'VARCHAR'") if store.dialect == "duckdb" else (
+            "SELECT table, name FROM system.columns WHERE database = currentDatabase() "
+            "AND type IN ('String', 'Nullable(String)')")
+        columns = [tuple(r.values()) for r in store.query(listing).to_pylist()]
+        assert ("events", "player_id") in columns
+        for table, column in columns:
+            for raw in raw_ids:  # test ids: no quote in them
+                hits = store.query(f"SELECT count(*) AS n FROM {table} "  # noqa: S608
+                                   f"WHERE {column} LIKE '%{raw}%'").to_pylist()
+                assert hits == [{"n": 0}], (table, column, raw)
 
 
+@on_duckdb_only("two stores open at once: chDB runs one engine a process")
 def test_distinct_counts_are_unchanged_by_pseudonymisation(two_stores):
     """Within a brand, always. Across brands, "p-shared" (one raw id under b1 and b2) is one
     player with the deployment scope, and one per brand with the brand scope (documented)."""

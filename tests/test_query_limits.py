@@ -25,7 +25,7 @@ from tally.errors import QueryMemoryExceeded, QueryTimeout
 from tally.runtime import SPILL_DIR, open_store
 from tally.storage.duckdb import DuckDBBackend
 from tally.storage.limits import QueryLimits
-from tests.conftest import bearer, make_event
+from tests.conftest import bearer, make_event, on_duckdb_only
 
 # ~10^11 rows: minutes of work unless stopped
 ENDLESS = sqlglot.parse_one("SELECT count(*) AS n FROM range(100000000000) AS t(i) "
@@ -189,6 +189,7 @@ def test_a_query_stopped_by_the_timeout_is_503_and_the_next_query_is_answered(tm
         assert [s["count"] for s in r.json()["steps"]] == [1800] * 10
 
 
+@on_duckdb_only("DuckDB's spill settings (ClickHouse spills in its own folder)")
 def test_the_store_spills_under_the_data_dir_within_the_configured_bounds(tmp_path):
     settings = Settings(data_dir=tmp_path / "data", regions="EU", query_memory_limit="256MB",
                         query_spill_limit="1GB")

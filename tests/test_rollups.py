@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import random
+from collections.abc import Iterator
 from datetime import datetime
 from pathlib import Path
 
@@ -15,7 +16,8 @@ from tally.rollups.spec import GRAINS, compile_from_rollup
 from tally.runtime import open_store
 from tally.semantic.catalog import METRICS, Kind
 from tally.semantic.compiler import Scope, compile_measures
-from tally.storage.duckdb import DuckDBBackend
+from tally.storage.base import Backend
+from tally.storage.factory import open_backend
 from tests.conftest import bearer, make_event
 
 ADDITIVE = [m for m in METRICS.values() if m.kind in (Kind.ADDITIVE, Kind.RATIO)]
@@ -51,13 +53,13 @@ def events(n: int, seed: int) -> list[dict]:
     return out
 
 
-def sorted_rows(backend: DuckDBBackend, compiled) -> list[tuple]:
+def sorted_rows(backend: Backend, compiled) -> list[tuple]:
     table = backend.execute(compiled.tree, compiled.params)
     return sorted(tuple(str(v) for v in row.values()) for row in table.to_pylist())
 
 
 @pytest.fixture(scope="module")
-def store(tmp_path_factory) -> DuckDBBackend:
+def store(tmp_path_factory) -> Iterator[Backend]:
     from fastapi.testclient import TestClient
 
     from tally.api.app import create_app
@@ -69,7 +71,9 @@ def store(tmp_path_factory) -> DuckDBBackend:
         for part in (batch[:1500], batch[1000:], batch[2500:]):  # overlaps: duplicates
             r = client.post("/v1/events:batch", json=part, headers=headers)
             assert r.status_code == 202
-    return open_store(settings)
+    store = open_store(settings)
+    yield store
+    store.close()
 
 
 @pytest.mark.parametrize("metric", ADDITIVE, ids=lambda m: m.name)
@@ -98,7 +102,8 @@ def test_rollups_are_much_smaller_than_the_events(store):
 
 def test_a_store_without_rollups_is_back_filled(tmp_path: Path):
     settings = Settings(data_dir=tmp_path, regions="EU")
-    old = DuckDBBackend(tmp_path)  # a store from before rollups existed
+    # a store from before rollups existed
+    old = open_backend(settings.store, tmp_path, derived=lambda dialect: [])
     from tally.ingest.service import IngestService
 
     service = IngestService(old, tmp_path / "journal", 10_000)
@@ -124,6 +129,7 @@ def test_a_store_without_rollups_is_back_filled(tmp_path: Path):
     scope = Scope(datetime(2025, 10, 22), datetime(2025, 10, 24), 86400, {}, ("brand_id",))
     backfilled = sorted_rows(store, compile_active_from_rollup(scope, 60, True))
     assert backfilled and backfilled == sorted_rows(store, compile_active(scope, 60, True))
+    store.close()
 
 
 def session_events(seed: int) -> list[list[dict]]:
@@ -175,15 +181,18 @@ def test_activity_rollup_equals_events_for_any_threshold(tmp_path: Path, thresho
     store = open_store(Settings(data_dir=tmp_path, regions="EU"))
     service = IngestService(store, tmp_path / "journal", 10_000)
     service.start()
-    ctx = ValidationContext(datetime.now(UTC), frozenset({"EU"}))
-    for batch in session_events(threshold):
-        wait([service.submit(json.dumps(batch).encode(), ctx, "c", "t")])
-    assert service.flush()
-    scope = Scope(datetime(2025, 10, 22), datetime(2025, 10, 24), step, {},
-                  ("brand_id",))
-    rollup = compile_active_from_rollup(scope, threshold, distinct)
-    assert rollup is not None
-    got = sorted_rows(store, rollup)
-    assert got == sorted_rows(store, compile_active(scope, threshold, distinct))
-    assert len(got) > 1
-    service.stop()
+    try:
+        ctx = ValidationContext(datetime.now(UTC), frozenset({"EU"}))
+        for batch in session_events(threshold):
+            wait([service.submit(json.dumps(batch).encode(), ctx, "c", "t")])
+        assert service.flush()
+        scope = Scope(datetime(2025, 10, 22), datetime(2025, 10, 24), step, {},
+                      ("brand_id",))
+        rollup = compile_active_from_rollup(scope, threshold, distinct)
+        assert rollup is not None
+        got = sorted_rows(store, rollup)
+        assert got == sorted_rows(store, compile_active(scope, threshold, distinct))
+        assert len(got) > 1
+    finally:
+        service.stop()
+        store.close()

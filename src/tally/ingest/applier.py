@@ -159,7 +159,8 @@ class Applier:
             groups: list[WriteSet] = []
             taken = 0
             seq = self.applied_seq
-            while self._pending and (not groups or taken < self._max_rows):
+            merges = self._backend.merges_records
+            while self._pending and (not groups or (merges and taken < self._max_rows)):
                 seq, writes, _ = self._pending.popleft()
                 groups.append(writes)
                 taken += writes.rows

@@ -123,7 +123,10 @@ def measure_sum(measure: Measure) -> exp.Expr:
     value: exp.Expr = exp.Literal.number(1)
     if measure.column is not None:
         value = exp.Coalesce(this=column(measure.column), expressions=[exp.Literal.number(0)])
-    case = exp.Case().when(_measure_condition(measure), value).else_(exp.Literal.number(0))
+    case: exp.Expr = exp.Case().when(_measure_condition(measure), value) \
+        .else_(exp.Literal.number(0))
+    if measure.money:  # summed in 128 bits on every engine (ClickHouse sums Int64 in 64)
+        case = exp.cast(case, measure_sum_type(measure))
     return exp.alias_(exp.Sum(this=case), measure.name)
 
 

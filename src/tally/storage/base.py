@@ -86,6 +86,10 @@ class Backend(Protocol):
     (``storage/dialects.py``); everything the rest of Tally asks of a store is here."""
 
     dialect: str
+    # may one write hold several journal records? True where a write is one transaction
+    # (DuckDB); False where it is made idempotent per record instead (ClickHouse: its
+    # deduplication tokens name a record, so a replay must write the same records alone)
+    merges_records: bool
 
     @property
     def rows_scanned(self) -> int:

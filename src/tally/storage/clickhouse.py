@@ -143,6 +143,7 @@ class ClickHouseBackend:
     each reading thread has a client of its own."""
 
     dialect = "clickhouse"
+    merges_records = False  # a token names one journal record (module doc)
 
     def __init__(self, dsn: str, *, idempotency_ttl: timedelta = timedelta(hours=24),
                  derived: Sequence[DerivedTable] = (), retired: Sequence[str] = (),
@@ -202,8 +203,7 @@ class ClickHouseBackend:
         if self._closed:
             raise StoreUnavailable("the ClickHouse store is closed")
         try:
-            client = clickhouse_connect.get_client(dsn=self.dsn,
-                                                   settings={**SETTINGS, **self._bounds()})
+            client = clickhouse_connect.get_client(dsn=self.dsn, settings=SETTINGS)
         except Exception as exc:  # the URL is not shown: it may hold a password
             raise StoreUnavailable(f"cannot open the ClickHouse store: {first_line(exc)}") \
                 from None
@@ -213,8 +213,8 @@ class ClickHouseBackend:
         return client
 
     def _bounds(self) -> dict[str, Any]:
-        """The session settings of :attr:`limits` (the writer's too: a statement of a batch
-        is small, and the bounds are far above it)."""
+        """The settings of :attr:`limits`, on every statement :meth:`execute` runs (the
+        queries of requests)."""
         bounds: dict[str, Any] = {}
         if self.limits.timeout_seconds is not None:
             bounds["max_execution_time"] = self.limits.timeout_seconds
@@ -272,8 +272,12 @@ class ClickHouseBackend:
         if meter is not None:
             meter.before_scan(lambda: self.estimate_rows(sql, params))
         with self._reading():
-            result = self._client().query(sql, parameters=bind(params))
+            result = self._client().query(sql, parameters=bind(params),
+                                          settings=self._bounds())
             table = _result_table(result)
+        if not table.num_columns and isinstance(tree, exp.Query):
+            # chDB says nothing of an empty result, not even its columns: the tree names them
+            table = pa.table({name: pa.array([], pa.null()) for name in tree.named_selects})
         rows = int(result.summary.get("read_rows", 0) or 0)
         with self._scan_lock:
             self._rows_scanned += rows

@@ -72,6 +72,7 @@ class DuckDBBackend:
     """Events in ``DIR/events.duckdb``. Writes come from one thread (the ingest writer)."""
 
     dialect = "duckdb"
+    merges_records = True
 
     def __init__(self, data_dir: Path, *, read_only: bool = False,
                  idempotency_ttl: timedelta = timedelta(hours=24),
