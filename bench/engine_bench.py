@@ -1,5 +1,6 @@
-"""Engine benchmark (issue 11): DuckDB and embedded ClickHouse (chDB) side by side on the BASE
-events table (no rollups: ClickHouse keeps no derived tables yet), in one run.
+"""Engine benchmark (issue 11): DuckDB and embedded ClickHouse (chDB) side by side, each a
+whole Tally store (events and every derived table: rollups, activity, cohort tables), in one
+run.
 
     python -m bench.engine_bench --events 10000000
 
@@ -7,10 +8,13 @@ events table (no rollups: ClickHouse keeps no derived tables yet), in one run.
    payment flows, late events; its ~1% re-sent duplicates dropped, as dedup would), turned into
    stored rows by the ingestion code (``tally.ingest.batch.prepare``) in requests of 1,000
    events, written once to ``bench/out/engine-<N>/events.parquet`` (reused by later runs).
-2. Per engine, a subprocess of its own (so its RSS is the engine's): an empty store, the rows
-   written through ``backend.write()`` in group commits of ``--group`` requests (one journal
-   record each, as the applier writes them): rows/s, RSS, size on disk.
-3. Then the same compiled queries (``tally.semantic.compiler``, ``tally.cohorts.funnel``) through
+2. Per engine, a subprocess of its own (so its RSS is the engine's): an empty store opened as
+   ``tally serve`` opens it (``TALLY_STORE``, ``storage/factory.py``), the rows written through
+   ``backend.write()`` in group commits of ``--group`` requests (one journal record each, as
+   the applier writes them; the derived tables kept by each engine's own path): rows/s, RSS,
+   size on disk.
+3. Then the same compiled queries (``tally.semantic.compiler``, the rollup and activity-table
+   plans the routes choose, ``tally.cohorts.funnel``) through
    ``backend.execute(tree, params)``, and beside each the same answer written by hand in that
    engine's SQL through ``backend.query`` (the baseline), ``--runs`` times each, one at a time.
    Every answer is checked: compiled = hand-written on each engine, and DuckDB = ClickHouse.
@@ -123,6 +127,8 @@ def cases(days: int) -> list[dict[str, Any]]:
     """name → the compiled query, how its rows become the answer, and the hand-written SQL of
     the same answer on each engine (``raw(engine)``)."""
     from tally.cohorts import funnel
+    from tally.rollups.activity import compile_active_from_rollup
+    from tally.rollups.spec import compile_from_rollup
     from tally.semantic.catalog import METRICS
     from tally.semantic.compiler import Scope, compile_active, compile_measures
 
@@ -179,6 +185,10 @@ def cases(days: int) -> list[dict[str, Any]]:
         {"name": "ggr 1h, 30 days, by brand",
          "compiled": compile_measures(METRICS["ggr"], Scope(s30, end, 3600, {}, ("brand_id",)),
                                       by_currency=True), "raw": ggr_1h},
+        {"name": "ggr 1h, 30 days, by brand, from rollup_1h (the route's plan)",
+         "compiled": compile_from_rollup(METRICS["ggr"],
+                                         Scope(s30, end, 3600, {}, ("brand_id",)),
+                                         by_currency=True), "raw": ggr_1h},
         {"name": "ggr 5m, 1 day, 1 brand",
          "compiled": compile_measures(METRICS["ggr"],
                                       Scope(s1, end, 300, {"brand_id": ("brand-1",)}, ()),
@@ -186,6 +196,13 @@ def cases(days: int) -> list[dict[str, Any]]:
         {"name": "dau 1d, 30 days",
          "compiled": compile_active(Scope(s30, end, 86400, {}, ()), 60, distinct=True),
          "raw": dau},
+        {"name": "ggr 5m, 1 day, 1 brand, from rollup_1m (the route's plan)",
+         "compiled": compile_from_rollup(METRICS["ggr"],
+                                         Scope(s1, end, 300, {"brand_id": ("brand-1",)}, ()),
+                                         by_currency=True), "raw": ggr_5m},
+        {"name": "dau 1d, 30 days, from active_1d (the route's plan)",
+         "compiled": compile_active_from_rollup(Scope(s30, end, 86400, {}, ()), 60,
+                                                distinct=True), "raw": dau},
         {"name": "deposits_success 1h, 30 days",
          "compiled": compile_measures(METRICS["deposits_success"],
                                       Scope(s30, end, 3600, {}, ()), by_currency=False),
@@ -228,13 +245,12 @@ def _size_mb(folder: Path) -> float:
 
 
 def open_store(engine: str, folder: Path) -> Any:
-    if engine == "duckdb":
-        from tally.storage.factory import open_backend
+    """The store as ``tally serve`` opens it, with every derived table."""
+    from tally.rollups import activity
+    from tally.rollups.spec import derived_tables
+    from tally.storage.factory import open_backend
 
-        return open_backend("duckdb", folder, derived=lambda d: ())
-    from tally.storage.clickhouse import ClickHouseBackend, chdb_dsn
-
-    return ClickHouseBackend(chdb_dsn(folder))
+    return open_backend(engine, folder, derived=derived_tables, retired=activity.RETIRED)
 
 
 def worker(engine: str, events: int, days: int, group: int, runs: int) -> dict[str, Any]:

@@ -23,8 +23,10 @@ import sqlglot
 from sqlglot import exp
 
 from tally.errors import StoreUnavailable
+from tally.rollups.spec import derived_tables
 from tally.storage.clickhouse import DDL, DEDUP_WINDOW
-from tally.storage.clickhouse_cluster import LOCAL, cluster_ddl, parse_store
+from tally.storage.clickhouse_cluster import LOCAL, cluster_ddl, on_cluster, parse_store
+from tally.storage.clickhouse_schema import STATE, derived_ddl
 from tally.storage.dialects import CLICKHOUSE_SETTINGS
 from tests.test_compiler import SNAPSHOTS
 
@@ -216,3 +218,31 @@ def test_cluster_ddl_refuses_a_malformed_name() -> None:
     for cluster, database in (("a'b", "tally"), ("prod", "x y"), ("", "tally")):
         with pytest.raises(ValueError, match="not a ClickHouse"):
             cluster_ddl(cluster, database)
+
+
+DERIVED = derived_tables("clickhouse")
+DERIVED_STATEMENTS = [s for t in DERIVED for s in on_cluster(derived_ddl(t), CLUSTER, DATABASE)]
+
+
+def test_derived_tables_cluster_ddl_snapshot() -> None:
+    """The tables kept from the events on a cluster: each a shard table and its Distributed
+    table like the base tables; a Least table's view created on every server, reading the
+    Distributed table of its states (so it merges the states of every shard)."""
+    text = ";\n\n".join(DERIVED_STATEMENTS) + ";\n"
+    path = SNAPSHOTS / "cluster_derived_ddl.clickhouse.sql"
+    if os.environ.get("TALLY_UPDATE_SNAPSHOTS") == "1":
+        path.write_text(text)
+    assert path.read_text() == text
+    views = 0
+    for statement in DERIVED_STATEMENTS:
+        create = sqlglot.parse_one(statement, read="clickhouse",
+                                   error_level=sqlglot.ErrorLevel.RAISE)
+        assert isinstance(create, exp.Create)
+        on = create.find(exp.OnCluster)
+        assert on is not None and on.this.name == CLUSTER, statement
+        if create.kind == "VIEW":
+            views += 1
+            source = create.expression.find(exp.Table)
+            assert source is not None and source.name == f"{create.this.name}{STATE}"
+    assert views == sum(1 for t in DERIVED if t.least is not None) == 2
+    assert len(DERIVED_STATEMENTS) == 2 * len(DERIVED) + views

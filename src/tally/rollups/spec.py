@@ -63,9 +63,9 @@ def maintenance(grain: str, source: str) -> exp.Insert:
 
 def derived_tables(dialect: str) -> list[DerivedTable]:
     """The rollups as tables the store keeps from the events, one per grain, and the other
-    derived tables, their statements in ``dialect`` — except the upserts of
-    ``player_firsts`` and ``player_attributes`` (``ON CONFLICT``: DuckDB only, see
-    docs/architecture.md#clickhouse-what-runs-on-it-today)."""
+    derived tables, their statements in ``dialect`` (ClickHouse keeps the upserts of
+    ``player_firsts`` and ``player_attributes`` as argMin states: see
+    docs/architecture.md#derived-tables-on-clickhouse)."""
     types = tuple((name, measure_sum_type(m)) for name, m in MEASURES.items())
     return [DerivedTable(table(grain), ddl(grain),
                          (render(maintenance(grain, "_new_events"), dialect),),

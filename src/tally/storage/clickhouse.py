@@ -48,7 +48,7 @@ from sqlglot import exp
 
 from tally.errors import StoreUnavailable, WriteRejected
 from tally.storage.base import Backend, DerivedTable, IdempotencyRecord, QuarantineItem, WriteSet
-from tally.storage.clickhouse_cluster import cluster_ddl, on_cluster
+from tally.storage.clickhouse_cluster import LOCAL, cluster_ddl, on_cluster
 from tally.storage.clickhouse_schema import (
     DDL,
     DEDUP_WINDOW,
@@ -155,6 +155,9 @@ class ClickHouseBackend:
         statement; ``owner``: the descriptor holding the embedded store's folder lock, closed
         with the store."""
         self.dsn = dsn
+        self._cluster = cluster
+        # on a cluster an insert returns once the shards hold its rows (and its token)
+        self._settings = {**SETTINGS, **({"distributed_foreground_insert": 1} if cluster else {})}
         self.idempotency_ttl = idempotency_ttl
         self.limits = limits or QueryLimits()
         self._owner = owner
@@ -203,7 +206,7 @@ class ClickHouseBackend:
         if self._closed:
             raise StoreUnavailable("the ClickHouse store is closed")
         try:
-            client = clickhouse_connect.get_client(dsn=self.dsn, settings=SETTINGS)
+            client = clickhouse_connect.get_client(dsn=self.dsn, settings=self._settings)
         except Exception as exc:  # the URL is not shown: it may hold a password
             raise StoreUnavailable(f"cannot open the ClickHouse store: {first_line(exc)}") \
                 from None
@@ -398,8 +401,11 @@ class ClickHouseBackend:
 
     def expire_idempotency(self) -> None:
         with self._writing():
+            # a Distributed table takes no DELETE: its shards' tables do
+            table = ("idempotency" if self._cluster is None
+                     else f"idempotency{LOCAL} ON CLUSTER '{self._cluster}'")
             self._writer.command(
-                "DELETE FROM idempotency WHERE created_at < {t:DateTime64(6)}",
+                f"DELETE FROM {table} WHERE created_at < {{t:DateTime64(6)}}",  # noqa: S608
                 parameters={"t": _utc_text(_now() - self.idempotency_ttl)})
 
     # -- writes: one thread; each table one insert with the record's token ----------------
