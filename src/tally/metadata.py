@@ -8,6 +8,8 @@ cost of a clock read per use.
 
 from __future__ import annotations
 
+import fcntl
+import os
 import sqlite3
 import threading
 import time
@@ -159,3 +161,21 @@ class Watched(Generic[T]):
 def ping(con: sqlite3.Connection) -> None:
     """Raises ``sqlite3.Error`` when the metadata database does not answer (``/readyz``)."""
     con.execute("SELECT 1").fetchone()
+
+
+def exclusive_file(path: Path, flags: int, what: str, hint: str = "") -> int:
+    """``path`` opened (created ``0o600`` if missing, with ``flags``) under an exclusive
+    ``flock`` this process holds until the descriptor is closed: one process a file (the audit
+    log, the embedded ClickHouse's folder). ``StoreUnavailable`` in one line naming ``what``
+    when it cannot be opened, or when another process holds it (``hint`` appended)."""
+    try:
+        path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        fd = os.open(path, flags | os.O_CREAT, 0o600)
+    except OSError as exc:
+        raise StoreUnavailable(f"{what} {path} is unusable: {exc}") from None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        os.close(fd)
+        raise StoreUnavailable(f"{what} {path} is in use by another process{hint}") from None
+    return fd

@@ -16,7 +16,6 @@ during a write, whose request was never answered) is cut off and the cut is itse
 from __future__ import annotations
 
 import bisect
-import fcntl
 import logging
 import os
 import sqlite3
@@ -96,17 +95,7 @@ class AuditLog:
         self._thread.start()
 
     def _open_file(self) -> int:
-        try:
-            self.path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-            fd = os.open(self.path, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o600)
-        except OSError as exc:
-            raise StoreUnavailable(f"audit log {self.path} is unusable: {exc}") from None
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
-            os.close(fd)
-            raise StoreUnavailable(f"audit log {self.path} is in use by another process") from None
-        return fd
+        return metadata.exclusive_file(self.path, os.O_RDWR | os.O_APPEND, "audit log")
 
     def _resume(self) -> int:
         """Position at the end of the log; returns the bytes of a torn tail cut off."""

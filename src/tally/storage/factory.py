@@ -12,13 +12,13 @@ only when chosen.
 
 from __future__ import annotations
 
-import fcntl
 import os
 from collections.abc import Callable, Sequence
 from datetime import timedelta
 from pathlib import Path
 
 from tally.errors import StoreUnavailable
+from tally.metadata import exclusive_file
 from tally.storage.base import Backend, DerivedTable
 from tally.storage.limits import QueryLimits
 
@@ -80,17 +80,8 @@ def own_folder(folder: Path) -> int:
     """Make this process the one that uses ``folder`` (chDB keeps no lock of its own: two
     processes on one folder would corrupt it): an exclusive ``flock`` on a file in it, held
     by the returned descriptor until it is closed (or the process ends)."""
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-        fd = os.open(folder / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o600)
-    except OSError as exc:
-        raise StoreUnavailable(f"cannot open store {folder}: {exc.strerror or exc}") from None
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError:
-        os.close(fd)
-        raise StoreUnavailable(f"store {folder} is in use by another process (is `tally "
-                               "serve` running on this data dir?)") from None
+    fd = exclusive_file(folder / LOCK_FILE, os.O_RDWR, "store lock",
+                        " (is `tally serve` running on this data dir?)")
     os.ftruncate(fd, 0)
     os.write(fd, f"{os.getpid()}\n".encode())
     return fd
