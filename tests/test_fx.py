@@ -82,6 +82,16 @@ def test_rates_are_append_only_through_the_api(client, headers):
         {"date": "2025-09-01", "currency": "USD", "rate": "0.92"}]}  # nothing of the 409
 
 
+def test_the_first_and_last_days_a_rate_may_be_for_are_stored_on_every_store(client,
+                                                                            headers):
+    """1900-01-01 and 2299-12-31: what ClickHouse's Date32 holds (a 0001-01-01 rate was a 500
+    there and stored on DuckDB)."""
+    body = [{"date": "1900-01-01", "currency": "GBP", "rate": "1.1"},
+            {"date": "2299-12-31", "currency": "GBP", "rate": "1.2"}]
+    assert client.post(FX, json=body, headers=headers).json() == {"inserted": 2, "unchanged": 0}
+    assert client.get(FX, headers=headers).json()["rates"] == body
+
+
 def test_rates_survive_a_restart(settings, client, headers):
     client.post(FX, json=[{"date": "2025-09-01", "currency": "GBP", "rate": "1.15"}],
                 headers=headers)
@@ -100,6 +110,9 @@ def test_rates_survive_a_restart(settings, client, headers):
         ([{"date": "2025-09-01", "currency": "GBP", "rate": "NaN"}], "must be > 0"),
         ([{"date": "2025-09-01", "currency": "GBP", "rate": "1.0000000000001"}], "12 decimals"),
         ([{"date": "01/09/2025", "currency": "GBP", "rate": "1.1"}], "YYYY-MM-DD"),
+        ([{"date": "0001-01-01", "currency": "GBP", "rate": "1.1"}], "from 1900-01-01"),
+        ([{"date": "1899-12-31", "currency": "GBP", "rate": "1.1"}], "to 2299-12-31"),
+        ([{"date": "2300-01-01", "currency": "GBP", "rate": "1.1"}], "from 1900-01-01"),
         ([{"date": "2025-09-01", "currency": "XYZ", "rate": "1.1"}], "ISO 4217"),
         ([{"date": "2025-09-01", "currency": "EUR", "rate": "1.1"}], "base currency"),
         ([{"date": "2025-09-01", "currency": "GBP", "rate": "1.1", "x": 1}], "unknown body field"),

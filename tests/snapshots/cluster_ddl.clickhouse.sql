@@ -10,9 +10,9 @@ CREATE TABLE IF NOT EXISTS idempotency_local ON CLUSTER 'tally_cluster' (client_
 
 CREATE TABLE IF NOT EXISTS idempotency ON CLUSTER 'tally_cluster' (client_id String, key String, body_sha256 String, response String, created_at DateTime64(6)) ENGINE=Distributed('tally_cluster', 'tally', 'idempotency_local', cityHash64(client_id, key));
 
-CREATE TABLE IF NOT EXISTS fx_rates_local ON CLUSTER 'tally_cluster' (day DATE, currency String, rate String, created_at DateTime64(6) DEFAULT now64(6)) ENGINE=ReplicatedMergeTree('/clickhouse/tables/{shard}/tally.fx_rates', '{replica}') ORDER BY (day, currency);
+CREATE TABLE IF NOT EXISTS fx_rates_local ON CLUSTER 'tally_cluster' (day Date32, currency String, rate String, created_at DateTime64(6) DEFAULT now64(6)) ENGINE=ReplicatedMergeTree('/clickhouse/tables/{shard}/tally.fx_rates', '{replica}') ORDER BY (day, currency);
 
-CREATE TABLE IF NOT EXISTS fx_rates ON CLUSTER 'tally_cluster' (day DATE, currency String, rate String, created_at DateTime64(6) DEFAULT now64(6)) ENGINE=Distributed('tally_cluster', 'tally', 'fx_rates_local', cityHash64(day, currency));
+CREATE TABLE IF NOT EXISTS fx_rates ON CLUSTER 'tally_cluster' (day Date32, currency String, rate String, created_at DateTime64(6) DEFAULT now64(6)) ENGINE=Distributed('tally_cluster', 'tally', 'fx_rates_local', cityHash64(day, currency));
 
 CREATE TABLE IF NOT EXISTS store_settings_local ON CLUSTER 'tally_cluster' (name String, value String, version UInt64) ENGINE=ReplicatedReplacingMergeTree('/clickhouse/tables/{shard}/tally.store_settings', '{replica}', version) ORDER BY name SETTINGS replicated_deduplication_window = 10000;
 

@@ -261,7 +261,8 @@ class RetentionBody(Body):
 
 
 class FxRate(Body):
-    date: Annotated[str, Field(description=DAY, examples=["2026-11-02"])]
+    date: Annotated[str, Field(description=f"{DAY}, from 1900-01-01 to 2299-12-31.",
+                               examples=["2026-11-02"])]
     currency: Annotated[str, Field(pattern=r"^[A-Z]{3}$", examples=["GBP"])]
     rate: Annotated[str, Field(description="Base-currency units per unit of `currency`, a "
                                            "decimal string.", examples=["1.1534"])]

@@ -51,6 +51,11 @@ def parse_rate(text: Any, where: str) -> Decimal:
     return rate
 
 
+# the days a rate may be for: what every store represents (ClickHouse's Date32), and far
+# around any event (a 0001-01-01 rate was stored on DuckDB and a 500 on ClickHouse)
+FIRST_DAY, LAST_DAY = date(1900, 1, 1), date(2299, 12, 31)
+
+
 def parse_rates(body: Any, base: str) -> list[tuple[date, str, Decimal]]:
     if not isinstance(body, list) or not all(isinstance(item, dict) for item in body):
         raise InvalidBody('body must be a JSON array of {"date","currency","rate"} objects')
@@ -68,6 +73,8 @@ def parse_rates(body: Any, base: str) -> list[tuple[date, str, Decimal]]:
             day = date.fromisoformat(str(item.get("date")))
         except ValueError:
             raise InvalidParameter(f"{where}: date must be YYYY-MM-DD") from None
+        if not FIRST_DAY <= day <= LAST_DAY:
+            raise InvalidParameter(f"{where}: date must be from {FIRST_DAY} to {LAST_DAY}")
         currency = item.get("currency")
         if not isinstance(currency, str) or currency not in ISO_4217:  # lists: unhashable
             raise InvalidParameter(f"{where}: currency {currency!r:.40} is not an ISO 4217 code")

@@ -157,7 +157,7 @@ DDL = (
     "CREATE TABLE IF NOT EXISTS idempotency (client_id String, key String, "
     "body_sha256 String, response String, created_at DateTime64(6)) "
     "ENGINE = ReplacingMergeTree ORDER BY (client_id, key)" + DEDUP,
-    "CREATE TABLE IF NOT EXISTS fx_rates (day Date, currency String, rate String, "
+    "CREATE TABLE IF NOT EXISTS fx_rates (day Date32, currency String, rate String, "
     "created_at DateTime64(6) DEFAULT now64(6)) ENGINE = MergeTree ORDER BY (day, currency)",
     # the greatest version of a name is its value: the journal's sequence for
     # journal_applied_seq (replaying an older record never lowers it), 0 for the others
