@@ -509,3 +509,37 @@ def test_derived_tables_of_a_record_replayed_after_failing_midway_count_once(
         assert _derived_rows(store) == expected
     finally:
         store.close()
+
+
+def test_a_group_interrupted_mid_write_is_replayed_as_the_same_group(tmp_path: Path) -> None:
+    """The applier merges journal records into one write; on ClickHouse a write is made
+    idempotent by tokens that name it, so a write replayed after a failure must hold exactly
+    the records of its first try. Records 1–3 were begun as one group (``begin_group``) and
+    only their events landed; after the restart records 1–5 wait: the first write is 1–3
+    again (its events dropped by their tokens, the rest written), then 4–5."""
+    from tally.ingest.applier import Applier, merge
+    from tally.ingest.journal import Journal
+    from tally.ingest.versions import DataVersions
+
+    records = {seq: record(seq, rows_per_record=20) for seq in range(1, 6)}
+    store = _open(tmp_path / "ch")
+    try:
+        store.begin_group(3)
+        group = merge([records[1], records[2], records[3]])
+        # its events' insert, with the token the backend gives it, and then the process died
+        store._writer.insert_arrow("events", pa.concat_tables(group.events),
+                                   settings={"insert_deduplication_token": "3:events:0"})
+        assert store.count_events() == 60 and store.journal_applied_seq() == 0
+        assert store.pending_group() == 3
+        applier = Applier(store, Journal(tmp_path / "journal"), DataVersions(), 0,
+                          parked_dir=tmp_path / "parked")
+        for seq, writes in records.items():  # the journal's records, handed over at start
+            applier.enqueue(seq, writes, block=False)
+        applier.start()
+        assert applier.flush(timeout=60)
+        applier.stop(timeout=10)
+        ids = store.query("SELECT event_id, count() AS n FROM events GROUP BY event_id")
+        assert store.count_events() == 100 and set(ids.column("n").to_pylist()) == {1}
+        assert _count(store, "quarantine") == 10 and store.journal_applied_seq() == 5
+    finally:
+        store.close()

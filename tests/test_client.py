@@ -25,7 +25,6 @@ from decimal import ROUND_HALF_EVEN, Decimal
 from pathlib import Path
 from typing import Any
 
-import duckdb
 import httpx
 import msgspec
 import pytest
@@ -54,6 +53,7 @@ from tally_client.batching import split
 from tally_client.problems import problem_from, retry_after
 from tests.conftest import make_event
 from tests.server import TALLY, Server, cli, new_client
+from tests.stores import rows as stored_rows
 
 pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parents[1]
@@ -326,10 +326,8 @@ def test_ingestion_survives_a_server_crash_with_nothing_lost_or_doubled(tmp_path
     result = outcome["result"]
     assert (result.accepted, result.duplicates, result.rejected) == (4000, 0, 0)
     assert any("try" in r.getMessage() for r in caplog.records if r.name == "tally_client")
-    con = duckdb.connect(str(data / "events.duckdb"), read_only=True)
-    counts = dict(con.execute("SELECT event_id, count(*) FROM events "
-                              "WHERE tenant_id = 'brand-crash' GROUP BY 1").fetchall())
-    con.close()
+    counts = dict(stored_rows(data, "SELECT event_id, count(*) FROM events "
+                                    "WHERE tenant_id = 'brand-crash' GROUP BY event_id"))
     assert len(counts) == 4000 and set(counts.values()) == {1}
 
 
@@ -617,13 +615,10 @@ def test_demo_url_sends_the_in_process_demo_through_the_client(tmp_path):
 
 
 def _store(data: Path) -> tuple:
-    con = duckdb.connect(str(data / "events.duckdb"), read_only=True)
-    try:
-        ids = con.execute("SELECT tenant_id, event_id, event_type, occurred_at, stake_minor "
-                          "FROM events ORDER BY 1, 2").fetchall()
-        rates = con.execute("SELECT day, currency, rate FROM fx_rates ORDER BY ALL").fetchall()
-    finally:
-        con.close()
+    ids = stored_rows(data, "SELECT tenant_id, event_id, event_type, occurred_at, stake_minor "
+                            "FROM events ORDER BY tenant_id, event_id")
+    rates = stored_rows(data, "SELECT day, currency, rate FROM fx_rates "
+                              "ORDER BY day, currency, rate")
     return ids, rates
 
 

@@ -68,6 +68,9 @@ class Applier:
         self._enqueued_seq = applied_seq
         self._cond = threading.Condition()
         self._stopping = False
+        # the last record of the first write: the group a failure interrupted, if any
+        begun = backend.pending_group()
+        self._replay_until = begun if begun is not None and begun > applied_seq else None
         self._deadline: float | None = None  # stop(): give up applying after this
         self.store_failure: str | None = None  # why the store refuses writes now, if it does
         self.set_aside_rows = 0
@@ -159,8 +162,10 @@ class Applier:
             groups: list[WriteSet] = []
             taken = 0
             seq = self.applied_seq
-            merges = self._backend.merges_records
-            while self._pending and (not groups or (merges and taken < self._max_rows)):
+            # a group begun before a failure is written again exactly (Backend.begin_group)
+            until, self._replay_until = self._replay_until, None
+            while self._pending and (not groups or (
+                    seq < until if until is not None else taken < self._max_rows)):
                 seq, writes, _ = self._pending.popleft()
                 groups.append(writes)
                 taken += writes.rows
@@ -189,6 +194,7 @@ class Applier:
     def _requeue(self, seq: int, writes: WriteSet) -> None:
         with self._cond:
             self._pending.appendleft((seq, writes, time.monotonic()))
+            self._replay_until = seq  # the same group again, nothing merged into it
 
     def _apply(self, seq: int, writes: WriteSet) -> Isolated | None:
         """Write ``writes`` as record ``seq``; the write as applied, or None if stopped."""
@@ -199,6 +205,7 @@ class Applier:
                 if attempt and self._backend.journal_applied_seq() >= seq:
                     return result  # an earlier attempt's commit landed despite its error
                 attempt += 1
+                self._backend.begin_group(seq)
                 try:
                     self._backend.write(result.writes, journal_seq=seq)
                 except WriteRejected as exc:

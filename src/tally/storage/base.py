@@ -86,10 +86,6 @@ class Backend(Protocol):
     (``storage/dialects.py``); everything the rest of Tally asks of a store is here."""
 
     dialect: str
-    # may one write hold several journal records? True where a write is one transaction
-    # (DuckDB); False where it is made idempotent per record instead (ClickHouse: its
-    # deduplication tokens name a record, so a replay must write the same records alone)
-    merges_records: bool
 
     @property
     def rows_scanned(self) -> int:
@@ -104,6 +100,16 @@ class Backend(Protocol):
         the rows are at fault, ``StoreUnavailable`` when the store is."""
 
     def journal_applied_seq(self) -> int: ...
+
+    def begin_group(self, last_seq: int) -> None:
+        """Say, durably, that the journal records after the applied one up to ``last_seq``
+        are written next, as one write. A store whose write is one transaction ignores it; a
+        store that makes a write idempotent instead (its deduplication tokens name the write)
+        needs a write replayed after a failure to hold exactly the same records."""
+
+    def pending_group(self) -> int | None:
+        """The ``last_seq`` of the group begun last (:meth:`begin_group`), if the store keeps
+        it: the applier's first write at start ends there."""
 
     def fx_rates(self) -> list[tuple[date, str, str]]: ...
 

@@ -62,6 +62,7 @@ from tally.storage.metering import current_meter
 from tally.storage.schema import QUARANTINE_SCHEMA
 
 JOURNAL_APPLIED = "journal_applied_seq"
+WRITE_GROUP = "write_group"  # the last record of the group being written (begin_group)
 __all__ = ["DDL", "DEDUP_WINDOW", "ClickHouseBackend"]
 QUARANTINE_BITS = 20
 QUARANTINE_ROWS = 2 ** QUARANTINE_BITS  # quarantine entries one journal record may hold
@@ -143,7 +144,6 @@ class ClickHouseBackend:
     each reading thread has a client of its own."""
 
     dialect = "clickhouse"
-    merges_records = False  # a token names one journal record (module doc)
 
     def __init__(self, dsn: str, *, idempotency_ttl: timedelta = timedelta(hours=24),
                  derived: Sequence[DerivedTable] = (), retired: Sequence[str] = (),
@@ -380,6 +380,19 @@ class ClickHouseBackend:
 
     def journal_applied_seq(self) -> int:
         return int(self.setting(JOURNAL_APPLIED) or 0)
+
+    def begin_group(self, last_seq: int) -> None:
+        """The group's last record, as the ``write_group`` setting (its version the record:
+        the greatest wins), before any row of it: a replay after a failure ends the first
+        write there, so it holds the records, and its inserts the tokens, of the first try."""
+        with self._writing():
+            self._writer.insert("store_settings", [[WRITE_GROUP, str(last_seq), last_seq]],
+                                column_names=["name", "value", "version"],
+                                settings=_token(last_seq, WRITE_GROUP))
+
+    def pending_group(self) -> int | None:
+        value = self.setting(WRITE_GROUP)
+        return None if value is None else int(value)
 
     def fx_rates(self) -> list[tuple[date, str, str]]:
         rows = self.query(

@@ -72,7 +72,6 @@ class DuckDBBackend:
     """Events in ``DIR/events.duckdb``. Writes come from one thread (the ingest writer)."""
 
     dialect = "duckdb"
-    merges_records = True
 
     def __init__(self, data_dir: Path, *, read_only: bool = False,
                  idempotency_ttl: timedelta = timedelta(hours=24),
@@ -393,6 +392,12 @@ class DuckDBBackend:
 
     def journal_applied_seq(self) -> int:
         return int(self.setting(JOURNAL_APPLIED) or 0)
+
+    def begin_group(self, last_seq: int) -> None:
+        """Nothing to keep: a write is one transaction, whatever records it holds."""
+
+    def pending_group(self) -> int | None:
+        return None
 
     def close(self) -> None:
         with self._write_lock:
