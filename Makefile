@@ -37,9 +37,13 @@ STORE_SUITE := tests/test_analytics.py tests/test_rollups.py tests/test_cohorts.
 	tests/test_exactly_once.py tests/test_player_attributes.py tests/test_fx.py \
 	tests/test_ingest_api.py tests/test_paging.py tests/test_residency.py
 
+# the fault scenarios that run there too (the disk-full one's volumes are sized for DuckDB)
+STORE_FAULTS := sigkill_cycles or sigterm_under_backlog or overload or poison_record
+
 test: lint  ## the whole suite (lint first), then the API suite on chDB
 	$(VENV)/bin/pytest -q -n auto
 	TALLY_TEST_STORE=chdb $(VENV)/bin/pytest -q -n auto $(STORE_SUITE)
+	TALLY_TEST_STORE=chdb $(VENV)/bin/pytest -q -n auto tests/test_faults.py -k "$(STORE_FAULTS)"
 
 openapi: install  ## regenerate openapi.json (commit it: tests/test_openapi_doc.py compares)
 	$(TALLY) openapi --output openapi.json
