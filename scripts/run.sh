@@ -58,7 +58,8 @@ main() {
   # a busy port is one line, before any demo load or banner (and `tally serve` checks it again)
   .venv/bin/python -m tally.commands.listen "$host" "$port"
   mkdir -p "$data_dir"
-  if [ ! -f "$data_dir/events.duckdb" ]; then
+  # an empty store: neither DuckDB's file nor the embedded ClickHouse's folder (TALLY_STORE)
+  if [ ! -f "$data_dir/events.duckdb" ] && [ ! -d "$data_dir/clickhouse" ]; then
     echo "==> empty store at $data_dir: loading $events demo events over $days days"
     "$tally" demo --events "$events" --days "$days" --data-dir "$data_dir"
   fi
