@@ -96,9 +96,11 @@ class OpenLoad:
             self.started = time.monotonic()
             i = 0
             while not self._stop.is_set():
-                intended = self.started + i / self.rate
-                if intended - self.started >= self.duration:
+                # by the offset itself: (started + offset) - started may round below duration
+                # and send one request more than the scenario made
+                if i / self.rate >= self.duration:
                     break
+                intended = self.started + i / self.rate
                 delay = intended - time.monotonic()
                 if delay > 0:
                     await asyncio.sleep(delay)
