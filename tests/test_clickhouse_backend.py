@@ -25,14 +25,16 @@ import clickhouse_connect
 import numpy as np
 import pyarrow as pa
 import pytest
+import sqlglot
 from sqlglot import exp
 
-from tally.errors import StoreUnavailable, WriteRejected
+from tally.errors import QueryMemoryExceeded, QueryTimeout, StoreUnavailable, WriteRejected
 from tally.rollups import activity
 from tally.rollups.spec import derived_tables
 from tally.storage.base import IdempotencyRecord, WriteSet
 from tally.storage.clickhouse import QUARANTINE_ROWS, ClickHouseBackend, chdb_dsn
 from tally.storage.duckdb import DuckDBBackend
+from tally.storage.limits import QueryLimits
 from tally.storage.metering import current_meter
 from tally.storage.schema import (
     EVENTS_SCHEMA,
@@ -541,5 +543,33 @@ def test_a_group_interrupted_mid_write_is_replayed_as_the_same_group(tmp_path: P
         ids = store.query("SELECT event_id, count() AS n FROM events GROUP BY event_id")
         assert store.count_events() == 100 and set(ids.column("n").to_pylist()) == {1}
         assert _count(store, "quarantine") == 10 and store.journal_applied_seq() == 5
+    finally:
+        store.close()
+
+
+def test_a_query_past_a_bound_is_the_503_naming_it_and_the_next_query_is_answered(
+        tmp_path: Path) -> None:
+    """``TALLY_QUERY_TIMEOUT_SECONDS`` and ``TALLY_QUERY_MEMORY_LIMIT`` on ClickHouse: the
+    statements ``execute`` runs carry them, a statement stopped by one is the 503 of that
+    bound (not a store failure), the reader's client answers the next query, and the store's
+    own statements (its tables, writes) are not bounded by them."""
+    limits = QueryLimits(timeout_seconds=0.2, memory_bytes=50 * 2**20)
+    store = ClickHouseBackend(chdb_dsn(tmp_path / "ch"), limits=limits,
+                              derived=derived_tables("clickhouse"))
+    try:
+        store.write(record(1), journal_seq=1)
+        endless = sqlglot.parse_one("SELECT count() FROM numbers(100000000000)",
+                                    read="clickhouse")
+        with pytest.raises(QueryTimeout) as timed_out:
+            store.execute(endless, {})
+        assert timed_out.value.status == 503 and "0.2 s" in str(timed_out.value)
+        hungry = sqlglot.parse_one("SELECT length(groupArray(number)) AS n "
+                                   "FROM numbers(100000000)", read="clickhouse")
+        with pytest.raises(QueryMemoryExceeded) as too_big:
+            store.execute(hungry, {})
+        assert too_big.value.status == 503 and "50.0 MiB" in str(too_big.value)
+        assert store.execute(sqlglot.parse_one("SELECT count() AS n FROM events",
+                                               read="clickhouse"), {}).to_pylist() == [
+            {"n": 50}]
     finally:
         store.close()
