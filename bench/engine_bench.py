@@ -31,7 +31,7 @@ import shutil
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from pathlib import Path
@@ -45,8 +45,28 @@ ENGINES = ("duckdb", "chdb")
 
 
 # -- the dataset ----------------------------------------------------------------------------
-def ensure_dataset(events: int, days: int) -> Path:
-    """The stored rows of ``events`` generated events, built once."""
+# The stream is generated in shards that run in parallel, one per group of regions: a player
+# lives in one market, so the shards hold disjoint players, sessions and event ids (the
+# generator's tag covers its markets) and their union is one operator's stream.
+SHARDS = (("EU", "UK"), ("LATAM", "NA", "APAC"))
+ROW_GROUP = 10  # requests per Parquet row group
+# The generator re-sends ~1% of events one to a few batches (at most about an hour of the
+# stream) after the first send; a window of the last 2M keys drops every such retry exactly,
+# in bounded memory (a set of 100M keys would not fit).
+DEDUP_WINDOW = 2_000_000
+
+
+def _shard_share(regions: tuple[str, ...]) -> float:
+    from tally.demo.catalog import MARKETS
+
+    return (sum(m[6] for m in MARKETS if m[1] in regions)
+            / sum(m[6] for m in MARKETS))
+
+
+def _generate_shard(args: tuple[int, int, int, tuple[str, ...], Path]) -> dict[str, int]:
+    """One shard's stored rows (``tally.ingest.batch.prepare``, requests of 1,000 events)."""
+    from collections import deque
+
     import msgspec
     import pyarrow as pa
     import pyarrow.parquet as pq
@@ -56,18 +76,15 @@ def ensure_dataset(events: int, days: int) -> Path:
     from tally.ingest.batch import prepare
     from tally.ingest.dedup import key_hasher
 
-    folder = OUT / f"engine-{events}"
-    path, marker = folder / "events.parquet", folder / "dataset.json"
-    if marker.exists():
-        return path
-    folder.mkdir(parents=True, exist_ok=True)
-    started = time.perf_counter()
+    events, days, index, regions, path = args
     ctx = ValidationContext(datetime.now(UTC), frozenset({"EU", "UK", "LATAM", "NA", "APAC"}))
     hasher = key_hasher(b"bench")
     seen: set[tuple[str, str]] = set()
-    seq = rejected = duplicates = 0
+    order: deque[tuple[str, str]] = deque()
+    rows = rejected = duplicates = 0
     writer: pq.ParquetWriter | None = None
-    for batch in generate(events, days, 7, END, REQUEST):
+    pending: list[pa.Table] = []
+    for batch in generate(events, days, 7 + index, END, REQUEST, regions=regions):
         fresh = []
         for event in batch:
             key = (event["tenant_id"], event["event_id"])
@@ -75,24 +92,79 @@ def ensure_dataset(events: int, days: int) -> Path:
                 duplicates += 1
                 continue
             seen.add(key)
+            order.append(key)
+            if len(order) > DEDUP_WINDOW:
+                seen.discard(order.popleft())
             fresh.append(event)
         if not fresh:
             continue
         prepared = prepare(msgspec.json.encode(fresh), ctx, "bench", 10_000, hasher)
         rejected += len(prepared.rejections)
-        table = prepared.table
+        rows += prepared.table.num_rows
+        pending.append(prepared.table)
+        if len(pending) == ROW_GROUP:
+            table = pa.concat_tables(pending)
+            pending = []
+            if writer is None:
+                writer = pq.ParquetWriter(path, table.schema)
+            writer.write_table(table)
+    if pending:
+        table = pa.concat_tables(pending)
+        if writer is None:
+            writer = pq.ParquetWriter(path, table.schema)
+        writer.write_table(table)
+    assert writer is not None
+    writer.close()
+    return {"generated": events, "stored_rows": rows, "duplicates_dropped": duplicates,
+            "rejected": rejected}
+
+
+def ensure_dataset(events: int, days: int) -> list[Path]:
+    """The stored rows of ``events`` generated events, built once (one file per shard)."""
+    from concurrent.futures import ProcessPoolExecutor
+
+    folder = OUT / f"engine-{events}"
+    marker = folder / "dataset.json"
+    paths = [folder / f"events-{i}.parquet" for i in range(len(SHARDS))]
+    if marker.exists():
+        return paths
+    folder.mkdir(parents=True, exist_ok=True)
+    started = time.perf_counter()
+    sizes = [round(events * _shard_share(r)) for r in SHARDS]
+    sizes[-1] = events - sum(sizes[:-1])
+    jobs = [(n, days, i, r, p) for i, (n, r, p) in enumerate(zip(sizes, SHARDS, paths,
+                                                                  strict=True))]
+    with ProcessPoolExecutor(len(jobs)) as pool:
+        shards = list(pool.map(_generate_shard, jobs))
+    marker.write_text(json.dumps({
+        "generated": events, "days": days, "shards": [list(r) for r in SHARDS],
+        **{k: sum(s[k] for s in shards) for k in ("stored_rows", "duplicates_dropped",
+                                                 "rejected")},
+        "seconds": round(time.perf_counter() - started, 1)}))
+    return paths
+
+
+def _requests(paths: list[Path], group: int) -> Iterator[list[Any]]:
+    """The shards' rows interleaved in proportion (the stream's order across regions), in
+    writes of ``group`` requests, each row given its ``ingest_seq``."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    files = [pq.ParquetFile(p) for p in paths]
+    readers = [f.iter_batches(batch_size=group * REQUEST) for f in files]
+    totals = [f.metadata.num_rows for f in files]
+    done = [0] * len(files)
+    seq = 0
+    while any(d < t for d, t in zip(done, totals, strict=True)):
+        i = min((k for k in range(len(files)) if done[k] < totals[k]),
+                key=lambda k: done[k] / totals[k])
+        batch = next(readers[i])
+        done[i] += batch.num_rows
+        table = pa.Table.from_batches([batch])
         table = table.set_column(table.schema.get_field_index("ingest_seq"), "ingest_seq",
                                  pa.array(range(seq + 1, seq + 1 + table.num_rows), pa.int64()))
         seq += table.num_rows
-        if writer is None:
-            writer = pq.ParquetWriter(path, table.schema)
-        writer.write_table(table)  # one row group per request
-    assert writer is not None
-    writer.close()
-    marker.write_text(json.dumps({"generated": events, "stored_rows": seq, "days": days,
-                                  "duplicates_dropped": duplicates, "rejected": rejected,
-                                  "seconds": round(time.perf_counter() - started, 1)}))
-    return path
+        yield [table]
 
 
 # -- the queries ----------------------------------------------------------------------------
@@ -253,23 +325,32 @@ def open_store(engine: str, folder: Path) -> Any:
     return open_backend(engine, folder, derived=derived_tables, retired=activity.RETIRED)
 
 
-def worker(engine: str, events: int, days: int, group: int, runs: int) -> dict[str, Any]:
-    import pyarrow.parquet as pq
+def _queries_alone(folder: Path, engine: str) -> Any:
+    """With ``--together`` the engines ingest at the same time, then query one at a time:
+    wait until every engine has ingested, then hold the lock of the query phase."""
+    import fcntl
 
+    (folder / f"{engine}.ingested").touch()
+    while not all((folder / f"{e}.ingested").exists() for e in ENGINES):
+        time.sleep(1)
+    lock = (folder / "queries.lock").open("w")
+    fcntl.flock(lock, fcntl.LOCK_EX)
+    return lock
+
+
+def worker(engine: str, events: int, days: int, group: int, runs: int,
+           together: bool = False) -> dict[str, Any]:
     from tally.storage.base import WriteSet
 
     folder = OUT / f"engine-{events}" / engine
     shutil.rmtree(folder, ignore_errors=True)
     folder.mkdir(parents=True)
-    source = pq.ParquetFile(OUT / f"engine-{events}" / "events.parquet")
     rss_before = _proc("VmRSS")
     load_before = os.getloadavg()[0]  # the machine is shared: say how busy it was
     store = open_store(engine, folder)
     written = seq = 0
     write_s = 0.0
-    groups = source.num_row_groups
-    for first in range(0, groups, group):
-        tables = [source.read_row_group(i) for i in range(first, min(first + group, groups))]
+    for tables in _requests(ensure_dataset(events, days), group):
         seq += 1
         started = time.perf_counter()
         store.write(WriteSet(events=tables), journal_seq=seq)
@@ -286,6 +367,8 @@ def worker(engine: str, events: int, days: int, group: int, runs: int) -> dict[s
         result["active_parts_after_ingest"] = int(store.query(
             "SELECT count() FROM system.parts WHERE table = 'events' AND active").column(0)[0]
             .as_py())
+    lock = _queries_alone(folder.parent, engine) if together else None
+    result["load_avg_1m_queries_start"] = os.getloadavg()[0]
     result["queries"] = {}
     for case in cases(days):
         compiled, finish = case["compiled"], case.get("finish", lambda rows: rows)
@@ -314,6 +397,8 @@ def worker(engine: str, events: int, days: int, group: int, runs: int) -> dict[s
     result["rss_after_queries_mb"] = round(_proc("VmRSS"))
     store.close()
     result["disk_mb"] = round(_size_mb(folder))
+    if lock is not None:
+        lock.close()
     return result
 
 
@@ -375,10 +460,14 @@ def main() -> None:
     parser.add_argument("--group", type=int, default=10,
                         help="requests of 1,000 events per group commit (one write)")
     parser.add_argument("--runs", type=int, default=9)
+    parser.add_argument("--together", action="store_true",
+                        help="the engines ingest at the same time (each a process), then "
+                        "query one after the other (halves the wall time of a large run)")
     parser.add_argument("--worker", choices=ENGINES, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
-        result = worker(args.worker, args.events, args.days, args.group, args.runs)
+        result = worker(args.worker, args.events, args.days, args.group, args.runs,
+                        args.together)
         (OUT / f"engine-{args.events}" / f"{args.worker}.json").write_text(json.dumps(result))
         return
     OUT.mkdir(parents=True, exist_ok=True)
@@ -386,12 +475,21 @@ def main() -> None:
     ensure_dataset(args.events, args.days)
     dataset = json.loads((OUT / f"engine-{args.events}" / "dataset.json").read_text())
     report: dict[str, Any] = {"dataset": dataset, "group_rows": args.group * REQUEST,
-                              "runs": args.runs}
+                              "runs": args.runs, "together": args.together}
+    for marker in (OUT / f"engine-{args.events}").glob("*.ingested"):
+        marker.unlink()
+    argv = ["--events", str(args.events), "--days", str(args.days), "--group",
+            str(args.group), "--runs", str(args.runs)] + (["--together"] if args.together
+                                                          else [])
+    runs = [[sys.executable, "-m", "bench.engine_bench", "--worker", e, *argv] for e in ENGINES]
+    if args.together:
+        procs = [subprocess.Popen(cmd) for cmd in runs]
+        if any(p.wait() for p in procs):
+            sys.exit("an engine's worker failed")
+    else:
+        for cmd in runs:
+            subprocess.run(cmd, check=True)
     for engine in ENGINES:
-        subprocess.run([sys.executable, "-m", "bench.engine_bench", "--worker", engine,
-                        "--events", str(args.events), "--days", str(args.days), "--group",
-                        str(args.group), "--runs", str(args.runs)], check=True,
-                       env={**os.environ})
         report[engine] = json.loads(
             (OUT / f"engine-{args.events}" / f"{engine}.json").read_text())
     report["same_answers"] = {
