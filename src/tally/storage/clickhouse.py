@@ -249,7 +249,7 @@ class ClickHouseBackend:
             if code == TIMEOUT_EXCEEDED and self.limits.timeout_seconds is not None:
                 raise timed_out(self.limits) from None
             if code == MEMORY_LIMIT_EXCEEDED and self.limits.memory_bytes is not None:
-                raise out_of_memory(self.limits) from None
+                raise out_of_memory(self.limits, spills=False) from None
             if is_store_error(exc):
                 raise StoreUnavailable(
                     f"the store cannot be used now: {first_line(exc)}") from exc

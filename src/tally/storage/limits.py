@@ -108,10 +108,13 @@ def timed_out(limits: QueryLimits) -> QueryTimeout:
         "groups", retry_after=RETRY_AFTER, limit="query_timeout_seconds")
 
 
-def out_of_memory(limits: QueryLimits) -> QueryMemoryExceeded:
-    """The 503 of a statement that needed more than the engine's memory (and spill)."""
+def out_of_memory(limits: QueryLimits, *, spills: bool = True) -> QueryMemoryExceeded:
+    """The 503 of a statement that needed more than the engine's memory (and spill, on an
+    engine that spills: DuckDB; ClickHouse's per-query bound is memory alone)."""
+    spill = (f" and its spill space ({_size(limits.spill_bytes)}, TALLY_QUERY_SPILL_LIMIT)"
+             if spills else "")
     return QueryMemoryExceeded(
         "the query needed more than the engine's memory "
-        f"({_size(limits.memory_bytes)}, TALLY_QUERY_MEMORY_LIMIT) and its spill space "
-        f"({_size(limits.spill_bytes)}, TALLY_QUERY_SPILL_LIMIT) and was stopped; narrow "
-        "its range, filters or groups", retry_after=RETRY_AFTER, limit="query_memory_limit")
+        f"({_size(limits.memory_bytes)}, TALLY_QUERY_MEMORY_LIMIT){spill} and was stopped; "
+        "narrow its range, filters or groups", retry_after=RETRY_AFTER,
+        limit="query_memory_limit")
