@@ -120,8 +120,10 @@ def event_set(seed: int = 11) -> list[dict[str, Any]]:
 
 @pytest.fixture(scope="module")
 def duck(tmp_path_factory: pytest.TempPathFactory) -> Iterator[duckdb.DuckDBPyConnection]:
-    """The events ingested through the API in three batches; the store, read-only."""
-    settings = Settings(data_dir=tmp_path_factory.mktemp("duck"), regions=",".join(REGIONS))
+    """The events ingested through the API in three batches; the store, read-only. DuckDB
+    whatever the suite's store: this module compares the engines."""
+    settings = Settings(data_dir=tmp_path_factory.mktemp("duck"), regions=",".join(REGIONS),
+                        store="duckdb")
     events = event_set()
     with TestClient(create_app(settings)) as client:
         headers = bearer(client, settings.data_dir, "events:write")
