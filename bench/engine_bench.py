@@ -356,6 +356,10 @@ def worker(engine: str, events: int, days: int, group: int, runs: int,
         store.write(WriteSet(events=tables), journal_seq=seq)
         write_s += time.perf_counter() - started
         written += sum(t.num_rows for t in tables)
+        if seq % 50 == 0:  # progress of a long run, on stderr
+            print(f"{engine}: {written:,} rows in {write_s:.0f} s of writes "
+                  f"({written / write_s:,.0f} rows/s), RSS {_proc('VmRSS'):,.0f} MB",
+                  file=sys.stderr, flush=True)
     assert store.count_events() == written
     result: dict[str, Any] = {
         "engine": engine, "rows": written, "writes": seq, "write_s": round(write_s, 1),
@@ -367,6 +371,8 @@ def worker(engine: str, events: int, days: int, group: int, runs: int,
         result["active_parts_after_ingest"] = int(store.query(
             "SELECT count() FROM system.parts WHERE table = 'events' AND active").column(0)[0]
             .as_py())
+    # the ingest figures kept before the queries (a long run stopped there keeps them)
+    (folder.parent / f"{engine}-ingest.json").write_text(json.dumps(result))
     lock = _queries_alone(folder.parent, engine) if together else None
     result["load_avg_1m_queries_start"] = os.getloadavg()[0]
     result["queries"] = {}
