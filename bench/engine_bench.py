@@ -316,13 +316,21 @@ def _size_mb(folder: Path) -> float:
     return sum(f.stat().st_size for f in folder.rglob("*") if f.is_file()) / 2 ** 20
 
 
+# The engine's memory, as TALLY_QUERY_MEMORY_LIMIT gives it (DuckDB: the database's buffer
+# memory, readers and writer together; ClickHouse: each statement's): 4 GiB, the RSS goal of
+# issue 14 at 100M, and with --together two engines share the machine within its 23 GB.
+MEMORY_LIMIT = 4 * 2**30
+
+
 def open_store(engine: str, folder: Path) -> Any:
     """The store as ``tally serve`` opens it, with every derived table."""
     from tally.rollups import activity
     from tally.rollups.spec import derived_tables
     from tally.storage.factory import open_backend
+    from tally.storage.limits import QueryLimits
 
-    return open_backend(engine, folder, derived=derived_tables, retired=activity.RETIRED)
+    return open_backend(engine, folder, derived=derived_tables, retired=activity.RETIRED,
+                        limits=QueryLimits(memory_bytes=MEMORY_LIMIT))
 
 
 def _queries_alone(folder: Path, engine: str) -> Any:
