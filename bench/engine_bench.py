@@ -84,6 +84,15 @@ def _generate_shard(args: tuple[int, int, int, tuple[str, ...], Path]) -> dict[s
     rows = rejected = duplicates = 0
     writer: pq.ParquetWriter | None = None
     pending: list[pa.Table] = []
+
+    def write_row_group() -> None:
+        nonlocal writer, pending
+        table = pa.concat_tables(pending)
+        pending = []
+        if writer is None:
+            writer = pq.ParquetWriter(path, table.schema)
+        writer.write_table(table)
+
     for batch in generate(events, days, 7 + index, END, REQUEST, regions=regions):
         fresh = []
         for event in batch:
@@ -103,16 +112,9 @@ def _generate_shard(args: tuple[int, int, int, tuple[str, ...], Path]) -> dict[s
         rows += prepared.table.num_rows
         pending.append(prepared.table)
         if len(pending) == ROW_GROUP:
-            table = pa.concat_tables(pending)
-            pending = []
-            if writer is None:
-                writer = pq.ParquetWriter(path, table.schema)
-            writer.write_table(table)
+            write_row_group()
     if pending:
-        table = pa.concat_tables(pending)
-        if writer is None:
-            writer = pq.ParquetWriter(path, table.schema)
-        writer.write_table(table)
+        write_row_group()
     assert writer is not None
     writer.close()
     return {"generated": events, "stored_rows": rows, "duplicates_dropped": duplicates,
@@ -476,7 +478,7 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=9)
     parser.add_argument("--together", action="store_true",
                         help="the engines ingest at the same time (each a process), then "
-                        "query one after the other (halves the wall time of a large run)")
+                        "query one after the other")
     parser.add_argument("--worker", choices=ENGINES, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
@@ -498,7 +500,13 @@ def main() -> None:
     runs = [[sys.executable, "-m", "bench.engine_bench", "--worker", e, *argv] for e in ENGINES]
     if args.together:
         procs = [subprocess.Popen(cmd) for cmd in runs]
-        if any(p.wait() for p in procs):
+        while any(p.poll() is None for p in procs):
+            if any(p.returncode for p in procs):  # the others would wait for it forever
+                for p in procs:
+                    p.kill()
+                sys.exit("an engine's worker failed")
+            time.sleep(1)
+        if any(p.returncode for p in procs):
             sys.exit("an engine's worker failed")
     else:
         for cmd in runs:

@@ -52,6 +52,7 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     items.sort(key=lambda item: (item.nodeid.split("::")[0], shares_a_store(item),
                                  order[id(item)]))
 
+
 @pytest.fixture(autouse=True)
 def _no_store_left_open(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
     """On chDB a store a test opened and left open (a strict xfail stopped at its first
@@ -66,8 +67,8 @@ def _no_store_left_open(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
     init = ClickHouseBackend.__init__
 
     def recording(self: ClickHouseBackend, *args: Any, **kwargs: Any) -> None:
+        init(self, *args, **kwargs)  # a store that fails to open closes itself
         opened.append(self)
-        init(self, *args, **kwargs)
 
     monkeypatch.setattr(ClickHouseBackend, "__init__", recording)
     yield
