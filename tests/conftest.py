@@ -15,6 +15,7 @@ from tally import metadata
 from tally.api.app import create_app
 from tally.config import Settings
 from tally.security.clients import create_client
+from tests.kafka_broker import KafkaBroker
 from tests.redis_server import RedisServer
 
 # The suite checks answers right after ingesting: queries wait for the applier (bounded by
@@ -152,3 +153,14 @@ def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
         yield server.url
     finally:
         server.stop()
+
+
+@pytest.fixture(scope="session")
+def kafka_broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[KafkaBroker]:
+    """A Kafka-protocol broker of this test session (of this xdist worker), started on first
+    use on a free port (tests/kafka_broker.py), stopped at the end."""
+    broker = KafkaBroker(tmp_path_factory.mktemp("kafka"))
+    try:
+        yield broker
+    finally:
+        broker.stop()

@@ -172,6 +172,37 @@ def _demo_to_url(url: str, client_id: str | None, client_secret: str | None,
 
 
 @app.command()
+def consume(
+    source: Annotated[str, typer.Option(
+        "--from", metavar="URL",
+        help="The topic: kafka://HOST:PORT[,HOST:PORT…]/TOPIC (one JSON event a message).")],
+    group: Annotated[str, typer.Option(
+        "--group", metavar="G", help="Consumer group: its committed offsets are where a "
+                                     "restart resumes.")],
+    data_dir: DataDir = None,
+    metrics_port: Annotated[int | None, typer.Option(
+        "--metrics-port", metavar="P", min=0, max=65535,
+        help="Serve Prometheus metrics (lag per partition) on 127.0.0.1:P/metrics.")] = None,
+    json_output: Json = False,
+) -> None:
+    """Ingest an operator's Kafka topic with every rule of ingestion; offsets are committed
+    only once the events are durable. Runs until SIGTERM or SIGINT."""
+    if metrics_port is not None and (busy := listen_error("127.0.0.1", metrics_port)):
+        fail(busy)
+    from tally.commands.consume import consume as run
+
+    summary = run(source, group, data_dir,
+                  None if metrics_port is None else ("127.0.0.1", metrics_port))
+    if json_output:
+        print_json(summary)
+    else:
+        typer.echo(f"consumed {summary['messages']:,} messages from {summary['from']} "
+                   f"(group {summary['group']}): {summary['accepted']:,} accepted, "
+                   f"{summary['duplicates']:,} duplicates, {summary['rejected']:,} rejected "
+                   f"({summary['poison']:,} unreadable messages)", err=True)
+
+
+@app.command()
 def openapi(
     output: Annotated[Path | None, typer.Option(
         "--output", metavar="FILE",

@@ -20,6 +20,7 @@ from tally.config_values import (
     check_cors_origins,
     check_deprecations,
     parse_endpoints,
+    parse_kafka_url,
     parse_rate,
 )
 from tally.events.currencies import ISO_4217
@@ -118,6 +119,10 @@ class Settings(BaseSettings):
     max_connections: int | None = Field(default=None, ge=1)  # None: from the fd limit
     forwarded_allow_ips: str = ""  # proxies whose X-Forwarded-For is believed; "": none
     metrics_token: SecretStr | None = None  # set: GET /metrics needs it as a bearer token
+    # an operator's Kafka topic consumed by `tally serve` itself (stream/kafka.py), as
+    # `tally consume --from URL --group G` would: kafka://host:9092/topic
+    consume_from: str | None = None
+    consume_group: str = Field(default="tally", min_length=1, max_length=255)
 
     @field_validator("regions")
     @classmethod
@@ -153,6 +158,13 @@ class Settings(BaseSettings):
     def _deprecations(cls, value: dict[str, DeprecationRule]) -> dict[str, DeprecationRule]:
         check_deprecations(value)
         return value
+
+    @field_validator("consume_from")
+    @classmethod
+    def _consume_from(cls, value: str | None) -> str | None:
+        if value:
+            parse_kafka_url(value)
+        return value or None
 
     @field_validator("redis_url")
     @classmethod

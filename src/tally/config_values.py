@@ -1,5 +1,5 @@
 """The value types of settings and their parsers: token-bucket rates, deprecation rules, CORS
-origins, served regions and their endpoints, key lengths.
+origins, served regions and their endpoints, key lengths, Kafka addresses.
 
 Pure and light (no web framework, no Redis client), so ``config.py`` validates every setting
 while importing nothing above it, and a CLI command that only reads settings starts fast; the
@@ -143,3 +143,43 @@ class ServedRegions(frozenset[str]):
         served.endpoints = MappingProxyType(
             {r: url for r, url in endpoints.items() if r not in served})
         return served
+
+
+# -- Kafka addresses (TALLY_CONSUME_FROM, tally consume --from) ------------------------
+_TOPIC = re.compile(r"[A-Za-z0-9._-]{1,249}")
+_HOST_PORT = re.compile(r"(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9.-]+):(\d{1,5})")
+
+
+class KafkaUrlError(ValueError):
+    """A ``kafka://`` address that names no broker or topic (the CLI's one-line message)."""
+
+
+@dataclass(frozen=True)
+class KafkaAddress:
+    bootstrap: str  # "host:port[,host:port…]", as librdkafka's bootstrap.servers takes it
+    topic: str
+
+    @property
+    def url(self) -> str:
+        return f"kafka://{self.bootstrap}/{self.topic}"
+
+
+def parse_kafka_url(url: str) -> KafkaAddress:
+    """``kafka://host:port[,host:port…]/topic`` → its brokers and topic, or KafkaUrlError."""
+    parts = urlsplit(url)
+    if parts.scheme != "kafka":
+        raise KafkaUrlError(f"{url!r}: expected kafka://HOST:PORT/TOPIC")
+    if parts.query or parts.fragment or parts.username or parts.password:
+        raise KafkaUrlError(f"{url!r}: a Kafka address has no query, fragment or credentials")
+    brokers = parts.netloc.split(",") if parts.netloc else []
+    if not brokers:
+        raise KafkaUrlError(f"{url!r}: no broker (kafka://HOST:PORT/TOPIC)")
+    for broker in brokers:
+        match = _HOST_PORT.fullmatch(broker)
+        if match is None or not 0 < int(match[2]) < 65536:
+            raise KafkaUrlError(f"{url!r}: {broker!r} is not HOST:PORT")
+    topic = parts.path.removeprefix("/")
+    if not _TOPIC.fullmatch(topic) or topic in {".", ".."}:
+        raise KafkaUrlError(f"{url!r}: {topic!r} is not a topic name "
+                            "(1 to 249 of A-Z a-z 0-9 . _ -)")
+    return KafkaAddress(",".join(brokers), topic)

@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import gc
+import logging
 import sqlite3
 import sys
+import threading
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import timedelta
+from typing import TYPE_CHECKING
 
 from tally import metadata
 from tally.audit.log import AuditLog
@@ -26,7 +29,12 @@ from tally.storage.base import Backend
 from tally.storage.factory import SPILL_DIR, check_store, open_backend
 from tally.storage.limits import QueryLimits
 
-__all__ = ["SPILL_DIR", "Runtime", "open_store", "tune_gc"]
+if TYPE_CHECKING:  # imported only when a topic is consumed (confluent-kafka)
+    from tally.stream.kafka import KafkaSource
+
+log = logging.getLogger(__name__)
+
+__all__ = ["SPILL_DIR", "Runtime", "open_ingest", "open_source", "open_store", "tune_gc"]
 
 
 def tune_gc() -> None:
@@ -54,6 +62,31 @@ def open_store(settings: Settings) -> Backend:
     )
 
 
+def open_ingest(settings: Settings, backend: Backend) -> IngestService:
+    """The ingestion service over an open store, as the settings configure it: the one way
+    to build it (``tally serve``, ``tally demo``, ``tally consume``)."""
+    return IngestService(backend, settings.data_dir / "journal", settings.max_batch_events,
+                         pseudonymiser_for(settings.pseudonymise_key,
+                                           settings.pseudonymise_scope),
+                         max_backlog_rows=settings.max_backlog_rows,
+                         max_backlog_seconds=settings.max_backlog_seconds,
+                         dedup_memory_mb=settings.dedup_memory_mb,
+                         dedup_index=settings.dedup_index)
+
+
+def open_source(settings: Settings, ingest: IngestService, url: str,
+                group: str) -> KafkaSource:
+    """The Kafka source connector over an ingestion service (``tally consume``, and
+    ``tally serve`` with ``TALLY_CONSUME_FROM``)."""
+    from tally.config_values import parse_kafka_url
+    from tally.stream.kafka import KafkaSource
+
+    return KafkaSource(ingest, parse_kafka_url(url), group,
+                       served_regions=settings.served_regions,
+                       max_events=settings.max_batch_events,
+                       max_bytes=settings.max_batch_bytes)
+
+
 @dataclass
 class Runtime:
     settings: Settings
@@ -65,6 +98,10 @@ class Runtime:
     answers: AnswerCache
     audit: AuditLog
     limits: Limits  # rate limits and row quotas (security/admission.py)
+    source: KafkaSource | None = None  # TALLY_CONSUME_FROM: an operator's topic, consumed here
+    _source_stop: threading.Event = field(default_factory=threading.Event)
+    _source_thread: threading.Thread | None = None
+    source_failure: str | None = None
 
     @classmethod
     def open(cls, settings: Settings) -> Runtime:
@@ -81,24 +118,33 @@ class Runtime:
             raise
         backend.expire_idempotency()
         try:
-            ingest = IngestService(backend, settings.data_dir / "journal",
-                                   settings.max_batch_events,
-                                   pseudonymiser_for(settings.pseudonymise_key,
-                                                     settings.pseudonymise_scope),
-                                   max_backlog_rows=settings.max_backlog_rows,
-                                   max_backlog_seconds=settings.max_backlog_seconds,
-                                   dedup_memory_mb=settings.dedup_memory_mb,
-                                   dedup_index=settings.dedup_index)
+            ingest = open_ingest(settings, backend)
         except BaseException:
             audit.close()
             backend.close()
             raise
-        return cls(settings, meta, tokens, backend, ingest,
-                   FxRates(backend, settings.base_currency), AnswerCache(), audit, limits)
+        runtime = cls(settings, meta, tokens, backend, ingest,
+                      FxRates(backend, settings.base_currency), AnswerCache(), audit, limits)
+        if settings.consume_from:
+            runtime.source = open_source(settings, ingest, settings.consume_from,
+                                         settings.consume_group)
+        return runtime
 
     def start(self) -> None:
         warm_up()  # lazy imports of the ingestion path, before the first request
         self.ingest.start()
+        if self.source is not None:
+            self._source_thread = threading.Thread(target=self._consume, name="tally-kafka",
+                                                   daemon=True)
+            self._source_thread.start()
+
+    def _consume(self) -> None:
+        assert self.source is not None
+        try:
+            self.source.run(self._source_stop)
+        except Exception as exc:  # a fatal Kafka error: the API goes on, /readyz says so
+            self.source_failure = f"{type(exc).__name__}: {exc}".splitlines()[0][:300]
+            log.exception("kafka source stopped", extra={"detail": self.source_failure})
 
     def unready(self) -> list[str]:
         """Why this process should get no traffic now (empty: ready): the journal or the store
@@ -109,6 +155,8 @@ class Runtime:
         failure = self.ingest.applier.store_failure
         if failure is not None:
             reasons.append(f"store cannot be written: {failure}")
+        if self.source_failure is not None:
+            reasons.append(f"kafka source stopped: {self.source_failure}")
         applier = self.ingest.applier
         if applier.lag_rows() > applier.max_backlog_rows \
                 or applier.lag_seconds() > applier.max_backlog_seconds:
@@ -137,12 +185,19 @@ class Runtime:
         for result, count in (("hit", self.answers.hits), ("miss", self.answers.misses)):
             yield ("tally_answer_cache_lookups", "Answer cache lookups by result.",
                    {"result": result}, float(count))
+        if self.source is not None:
+            yield from self.source.gauges()
         yield ("tally_audit_entries", "Entries in the audit log.", {}, float(self.audit.size))
         yield ("tally_audit_checkpointed_entries",
                "Audit entries covered by the latest signed checkpoint.", {},
                float(self.audit.checkpointed))
 
     def close(self) -> None:
+        if self._source_thread is not None:  # the group in flight is finished and committed
+            self._source_stop.set()
+            self._source_thread.join()
+        if self.source is not None:
+            self.source.close()
         self.audit.close()  # signs a last checkpoint
         self.ingest.stop(self.settings.shutdown_seconds)
         self.backend.close()

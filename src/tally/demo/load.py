@@ -32,9 +32,7 @@ from tally.config import Settings
 from tally.demo.catalog import Event, fx_rates
 from tally.demo.generator import demo_markets, generate
 from tally.events.envelope import ValidationContext
-from tally.ingest.service import IngestService
-from tally.runtime import open_store, tune_gc
-from tally.security.pseudonym import pseudonymiser_for
+from tally.runtime import open_ingest, open_store, tune_gc
 from tally.semantic.fx import FxRates
 
 BATCH_EVENTS = 10_000  # ~4 MB of JSON: amortises a commit, well under the 10 MiB default
@@ -58,9 +56,7 @@ def load_demo(settings: Settings, *, events: int, days: int, seed: int) -> dict[
         return _summary(totals, started, settings)  # no demo brand lives where we may store
     backend = open_store(settings)  # StoreUnavailable if `tally serve` holds it
     try:
-        svc = IngestService(backend, settings.data_dir / "journal", settings.max_batch_events,
-                            pseudonymiser_for(settings.pseudonymise_key,
-                                              settings.pseudonymise_scope))
+        svc = open_ingest(settings, backend)
         tune_gc()
         end = datetime.now(UTC).replace(minute=0, second=0, microsecond=0)
         # rates from the first day on, so money answers over demo data convert out of the box

@@ -119,8 +119,10 @@ class IngestService:
         if not self.applier.caught_up() and self.applier.drain_seconds() <= bound:
             self.applier.flush(bound)
 
-    def prepare(self, body: bytes, ctx: ValidationContext, client_id: str) -> PreparedBatch:
-        return prepare(body, ctx, client_id, self.max_batch_events, self._hash,
+    def prepare(self, body: bytes, ctx: ValidationContext, client_id: str,
+                max_events: int | None = None) -> PreparedBatch:
+        """``max_events``: the batch's event limit (default: the requests', 413 past it)."""
+        return prepare(body, ctx, client_id, max_events or self.max_batch_events, self._hash,
                        self.pseudonymiser)
 
     async def ingest(self, body: bytes, ctx: ValidationContext, client_id: str, trace_id: str,
@@ -140,5 +142,10 @@ class IngestService:
                trace_id: str) -> Future[dict[str, Any]]:
         """The same path without waiting for the commit (needs :meth:`start`): a bulk loader
         prepares the next batch while the writer thread commits this one."""
-        return self.writer.submit(self.prepare(body, ctx, client_id), trace_id, None)
+        return self.submit_prepared(self.prepare(body, ctx, client_id), trace_id)
+
+    def submit_prepared(self, batch: PreparedBatch, trace_id: str) -> Future[dict[str, Any]]:
+        """A prepared batch to the writer (dedup, durable commit); its receipt once durable.
+        A journal that cannot take it fails the future with ``ServiceUnavailable``."""
+        return self.writer.submit(batch, trace_id, None)
 

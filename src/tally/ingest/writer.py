@@ -75,8 +75,9 @@ class IngestWriter:
         self._thread.start()
 
     def stop(self) -> None:
-        self._queue.put(None)
-        self._thread.join()
+        if self._thread.is_alive():  # never started (a command that failed at start): done
+            self._queue.put(None)
+            self._thread.join()
 
     def submit(self, batch: PreparedBatch, trace_id: str,
                idempotency: IdempotencyKey | None) -> Future[dict[str, Any]]:

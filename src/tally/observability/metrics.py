@@ -48,6 +48,14 @@ class Metrics:
         return generate_latest(self.registry)
 
 
+def gauge_registry(read: Callable[[], Iterable[tuple[str, str, dict[str, str], float]]]
+                   ) -> CollectorRegistry:
+    """A registry of gauges read at scrape time (a process with no API: ``tally consume``)."""
+    registry = CollectorRegistry()
+    registry.register(_Gauges(read))
+    return registry
+
+
 class _Gauges(Collector):
     def __init__(self, read: Callable[[], Iterable[tuple[str, str, dict[str, str], float]]]
                  ) -> None:

@@ -1,0 +1,1 @@
+"""Streams into and out of Tally: the Kafka source connector (``tally consume``)."""
