@@ -31,7 +31,7 @@ import shutil
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from pathlib import Path
@@ -337,13 +337,13 @@ def open_store(engine: str, folder: Path) -> Any:
                         limits=QueryLimits(memory_bytes=MEMORY_LIMIT))
 
 
-def _queries_alone(folder: Path, engine: str) -> Any:
+def _queries_alone(folder: Path, engine: str, engines: Sequence[str]) -> Any:
     """With ``--together`` the engines ingest at the same time, then query one at a time:
     wait until every engine has ingested, then hold the lock of the query phase."""
     import fcntl
 
     (folder / f"{engine}.ingested").touch()
-    while not all((folder / f"{e}.ingested").exists() for e in ENGINES):
+    while not all((folder / f"{e}.ingested").exists() for e in engines):
         time.sleep(1)
     lock = (folder / "queries.lock").open("w")
     fcntl.flock(lock, fcntl.LOCK_EX)
@@ -351,7 +351,7 @@ def _queries_alone(folder: Path, engine: str) -> Any:
 
 
 def worker(engine: str, events: int, days: int, group: int, runs: int,
-           together: bool = False) -> dict[str, Any]:
+           together: bool = False, engines: Sequence[str] = ENGINES) -> dict[str, Any]:
     from tally.storage.base import WriteSet
 
     folder = OUT / f"engine-{events}" / engine
@@ -385,7 +385,7 @@ def worker(engine: str, events: int, days: int, group: int, runs: int,
             .as_py())
     # the ingest figures kept before the queries (a long run stopped there keeps them)
     (folder.parent / f"{engine}-ingest.json").write_text(json.dumps(result))
-    lock = _queries_alone(folder.parent, engine) if together else None
+    lock = _queries_alone(folder.parent, engine, engines) if together else None
     result["load_avg_1m_queries_start"] = os.getloadavg()[0]
     result["queries"] = {}
     for case in cases(days):
@@ -448,26 +448,38 @@ def _close(a: list[list[Any]], b: list[list[Any]]) -> bool:
 
 
 # -- the run ----------------------------------------------------------------------------------
-def table(report: dict[str, Any]) -> str:
-    duck, ch = report["duckdb"], report["chdb"]
+NAMES = {"duckdb": "DuckDB", "chdb": "chDB"}
+
+
+def table(report: dict[str, Any], engines: list[str]) -> str:
+    runs = [report[e] for e in engines]
+    names = [NAMES[e] for e in engines]
+    same = report.get("same_answers")
+
+    def row(label: str, cells: list[str]) -> str:
+        return f"| {label} | {' | '.join(cells)} |"
+
+    def cell(t: dict[str, Any] | None) -> str:
+        return "—" if t is None else f"{t['p50_ms']:,} / {t['p95_ms']:,}"
+
     lines = [
-        "| | DuckDB | chDB |", "|---|---|---|",
-        f"| ingest, `write()` per group commit | {duck['rows_per_s']:,} rows/s | "
-        f"{ch['rows_per_s']:,} rows/s |",
-        f"| RSS after ingest / peak (ingest + queries) | {duck['rss_after_ingest_mb']:,} / "
-        f"{duck['peak_rss_mb']:,} MB | {ch['rss_after_ingest_mb']:,} / {ch['peak_rss_mb']:,} MB |",
-        f"| on disk | {duck['disk_mb']:,} MB | {ch['disk_mb']:,} MB |", "",
-        "| query (p50 / p95 ms) | DuckDB compiled | DuckDB raw SQL | chDB compiled | "
-        "chDB raw SQL | rows | same answer |", "|---|---|---|---|---|---|---|"]
-    for name, d in duck["queries"].items():
-        c = ch["queries"][name]
-
-        def cell(t: dict[str, Any] | None) -> str:
-            return "—" if t is None else f"{t['p50_ms']:,} / {t['p95_ms']:,}"
-
-        lines.append(f"| {name} | {cell(d['compiled'])} | {cell(d.get('raw_sql'))} | "
-                     f"{cell(c['compiled'])} | {cell(c.get('raw_sql'))} | {d['answer_rows']} | "
-                     f"{'yes' if report['same_answers'][name] else 'NO'} |")
+        row("", names), "|---" * (len(engines) + 1) + "|",
+        row("ingest, `write()` per group commit", [f"{r['rows_per_s']:,} rows/s" for r in runs]),
+        row("RSS after ingest / peak (ingest + queries)",
+            [f"{r['rss_after_ingest_mb']:,} / {r['peak_rss_mb']:,} MB" for r in runs]),
+        row("on disk", [f"{r['disk_mb']:,} MB" for r in runs]), "",
+        row("query (p50 / p95 ms)", [f"{n} {kind}" for n in names
+                                     for kind in ("compiled", "raw SQL")]
+            + ["rows"] + (["same answer"] if same else [])),
+        "|---" * (2 * len(engines) + 2 + bool(same)) + "|"]
+    for name, first in runs[0]["queries"].items():
+        cells = [cell(r["queries"][name][kind]) if kind == "compiled"
+                 else cell(r["queries"][name].get("raw_sql"))
+                 for r in runs for kind in ("compiled", "raw")]
+        cells.append(str(first["answer_rows"]))
+        if same:
+            cells.append("yes" if same[name] else "NO")
+        lines.append(row(name, cells))
     return "\n".join(lines)
 
 
@@ -481,11 +493,16 @@ def main() -> None:
     parser.add_argument("--together", action="store_true",
                         help="the engines ingest at the same time (each a process), then "
                         "query one after the other")
+    parser.add_argument("--engines", default=",".join(ENGINES),
+                        help="the engines to run, comma-separated (default: both)")
     parser.add_argument("--worker", choices=ENGINES, help=argparse.SUPPRESS)
     args = parser.parse_args()
+    engines = [e for e in args.engines.split(",") if e]
+    if not engines or set(engines) - set(ENGINES):
+        parser.error(f"--engines: a comma-separated subset of {','.join(ENGINES)}")
     if args.worker:
         result = worker(args.worker, args.events, args.days, args.group, args.runs,
-                        args.together)
+                        args.together, engines)
         (OUT / f"engine-{args.events}" / f"{args.worker}.json").write_text(json.dumps(result))
         return
     OUT.mkdir(parents=True, exist_ok=True)
@@ -499,7 +516,8 @@ def main() -> None:
     argv = ["--events", str(args.events), "--days", str(args.days), "--group",
             str(args.group), "--runs", str(args.runs)] + (["--together"] if args.together
                                                           else [])
-    runs = [[sys.executable, "-m", "bench.engine_bench", "--worker", e, *argv] for e in ENGINES]
+    argv += ["--engines", ",".join(engines)]
+    runs = [[sys.executable, "-m", "bench.engine_bench", "--worker", e, *argv] for e in engines]
     if args.together:
         procs = [subprocess.Popen(cmd) for cmd in runs]
         while any(p.poll() is None for p in procs):
@@ -513,21 +531,22 @@ def main() -> None:
     else:
         for cmd in runs:
             subprocess.run(cmd, check=True)
-    for engine in ENGINES:
+    for engine in engines:
         report[engine] = json.loads(
             (OUT / f"engine-{args.events}" / f"{engine}.json").read_text())
-    report["same_answers"] = {
-        name: _close(q["answer"], report["chdb"]["queries"][name]["answer"])
-        for name, q in report["duckdb"]["queries"].items()}
-    for engine in ENGINES:
+    if len(engines) == len(ENGINES):
+        report["same_answers"] = {
+            name: _close(q["answer"], report["chdb"]["queries"][name]["answer"])
+            for name, q in report["duckdb"]["queries"].items()}
+    for engine in engines:
         for q in report[engine]["queries"].values():
             q.pop("answer")
     report.update(machine=machine(), wall_s=round(time.perf_counter() - started),
                   at=datetime.now(UTC).isoformat(timespec="seconds"))
     (OUT / f"engine-{args.events}.json").write_text(json.dumps(report, indent=2))
     print(json.dumps(report, indent=2))
-    print(table(report))
-    if not all(report["same_answers"].values()):
+    print(table(report, engines))
+    if not all(report.get("same_answers", {}).values()):
         sys.exit("the engines answered differently")
 
 
