@@ -330,3 +330,53 @@ def test_the_server_consumes_a_topic_and_says_so_in_its_metrics(kafka_broker: Ka
         server.stop()
     assert rows(data, "SELECT count(*), sum(stake_minor) FROM events") == [
         (len(events), sum(e["payload"]["stake_minor"] for e in events))]
+
+
+def test_a_full_journal_disk_holds_the_group_and_commits_nothing_until_it_has_room(
+        kafka_broker: KafkaBroker, tmp_path: Path) -> None:
+    """The journal cannot take the group (its disk is full): nothing is committed, the group is
+    retried with backoff, and once there is room every event is stored once and the offsets
+    committed — no restart, nothing lost."""
+    from tests.fs import fill, tmpfs
+
+    topic = kafka_broker.topic(partitions=2)
+    data = tmp_path / "data"
+    data.mkdir()
+    with tmpfs(data / "journal", "8m") as journal:
+        run = Consume(data, kafka_broker.bootstrap, topic, "tally-f")
+        run.wait(lambda m: "tally_kafka_consumer_messages" in m)
+        filler = fill(journal)
+        events = [make_event(event_id=f"f-{i}") for i in range(500)]
+        kafka_broker.produce(topic, [encode(e) for e in events])
+        run.wait(lambda m: m.get("tally_kafka_consumer_refused_writes", 0) >= 1)
+        time.sleep(2)
+        assert committed(kafka_broker.bootstrap, topic, "tally-f", 2) == {0: -1001, 1: -1001}
+        assert run.metrics()["tally_kafka_consumer_messages"] == 0
+        filler.unlink()
+        run.wait_committed(kafka_broker.bootstrap, "tally-f",
+                           partition_ends(kafka_broker.bootstrap, topic, 2))
+        summary = run.stop()
+    assert (summary["accepted"], summary["duplicates"]) == (500, 0)
+    assert rows(data, "SELECT count(*), count(DISTINCT event_id) FROM events") == [(500, 500)]
+
+
+def test_pseudonymisation_holds_for_a_topic_unreadable_messages_included(
+        kafka_broker: KafkaBroker, tmp_path: Path) -> None:
+    """With ``TALLY_PSEUDONYMISE_KEY`` no raw player id is stored from a topic: not in the
+    events, not in a rejected event, not in a message that is no event (only its digest)."""
+    topic = kafka_broker.topic(partitions=1)
+    data = tmp_path / "data"
+    good = make_event(event_id="pz-1", player_id="alice@example.com")
+    bad = make_event(event_id="pz-2", player_id="bob@example.com", occurred_at="yesterday")
+    poison = b'player carol@example.com said {"not": "an event"}'
+    kafka_broker.produce(topic, [encode(good), encode(bad), poison])
+    run = Consume(data, kafka_broker.bootstrap, topic, "tally-p",
+                  env={"TALLY_PSEUDONYMISE_KEY": "k" * 40})
+    run.wait(consumed(3))
+    assert run.stop()["poison"] == 1
+    [(player,)] = rows(data, "SELECT player_id FROM events")
+    assert player not in {"alice@example.com", ""} and "@" not in player
+    kept = " ".join(str(r) for r in rows(data, "SELECT event_id, reason, event FROM quarantine"))
+    assert "pz-2" in kept and "redacted" in kept
+    for raw in ("alice", "bob", "carol"):
+        assert raw not in kept
