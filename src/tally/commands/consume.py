@@ -9,6 +9,7 @@ its offsets committed, the acknowledged events are applied to the store (for at 
 
 from __future__ import annotations
 
+import logging
 import signal
 import threading
 from pathlib import Path
@@ -17,6 +18,7 @@ from typing import Any
 from tally.commands.common import fail
 from tally.errors import StoreUnavailable
 
+log = logging.getLogger(__name__)
 CHECK_SECONDS = 10.0  # how long the brokers may take to answer at start
 
 
@@ -63,6 +65,9 @@ def consume(url: str, group: str, data_dir: Path | None,
             source.run(stop)
         except KafkaException as exc:
             fail(f"kafka: {kafka_error_text(exc)}", code=1)
+        except Exception as exc:  # logged whole; what was not committed is re-read next time
+            log.exception("tally consume stopped")
+            fail(f"stopped: {type(exc).__name__}: {exc}".splitlines()[0][:300], code=1)
     finally:
         if source is not None:
             source.close()

@@ -123,14 +123,31 @@ class KafkaSource:
         while not stop.is_set():
             messages = [m for m in self._consumer.consume(self._max_events, self._poll)
                         if self._usable(m)]
-            if messages and self._store(messages, stop):
-                self._commit(messages)
+            for group in self._groups(messages):
+                if not self._store(group, stop):
+                    break  # stopping: the rest is re-read next time, like this group
+                self._commit(group)
             self._measure_lag()
 
     def close(self) -> None:
         """Leave the group (its partitions go to the other members at once)."""
         self._closing = True  # errors queued before the close are no news any more
         self._consumer.close()
+
+    def _groups(self, messages: list[Message]) -> Iterator[list[Message]]:
+        """The messages in groups of at most ``max_bytes`` (one message over it is a group
+        alone, and poison): a group is bounded like a request's body."""
+        group: list[Message] = []
+        size = 0
+        for message in messages:
+            length = len(message.value() or b"")
+            if group and size + length > self._max_bytes:
+                yield group
+                group, size = [], 0
+            group.append(message)
+            size += length
+        if group:
+            yield group
 
     def _usable(self, message: Message) -> bool:
         error = message.error()
