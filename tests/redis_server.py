@@ -13,7 +13,7 @@ from pathlib import Path
 
 import redis
 
-from tests.server import free_port
+from tests.server import free_port, terminate
 
 ATTEMPTS = 5  # a probed free port may be taken before redis-server binds it
 
@@ -48,10 +48,4 @@ class RedisServer:
             client.close()
 
     def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(timeout=10)
+        terminate(self.proc)
