@@ -112,6 +112,9 @@ class Consume:
         text = httpx.get(f"http://127.0.0.1:{self.metrics_port}/metrics", timeout=2).text
         values: dict[str, float] = {}
         for family in text_string_to_metric_families(text):
+            if family.name.startswith("tally_kafka_consumer_"):  # counts are counters
+                assert family.type == ("gauge" if family.name.endswith("lag_messages")
+                                       else "counter"), family
             for sample in family.samples:
                 if sample.name == "tally_kafka_consumer_lag_messages":
                     values[f"lag:{sample.labels['partition']}"] = sample.value
@@ -165,7 +168,7 @@ def consumed(count: int) -> Callable[[dict[str, float]], bool]:
     """All ``count`` messages consumed and committed, no lag left."""
     def done(m: dict[str, float]) -> bool:
         lags = [v for k, v in m.items() if k.startswith("lag:")]
-        return m.get("tally_kafka_consumer_messages", 0) >= count and bool(lags) \
+        return m.get("tally_kafka_consumer_messages_total", 0) >= count and bool(lags) \
             and not any(lags)
     return done
 
@@ -282,7 +285,7 @@ def test_kill_9_mid_stream_loses_nothing_and_doubles_nothing(kafka_broker: Kafka
     small_groups = {"TALLY_MAX_BATCH_EVENTS": "200"}
     for kill_after in (1_500, 6_000):  # killed twice, at different points
         run = Consume(data, kafka_broker.bootstrap, topic, "tally-k", env=small_groups)
-        run.wait(lambda m, n=kill_after: m.get("tally_kafka_consumer_messages", 0) >= n)
+        run.wait(lambda m, n=kill_after: m.get("tally_kafka_consumer_messages_total", 0) >= n)
         run.kill()
     ends = partition_ends(kafka_broker.bootstrap, topic, 4)
     last = Consume(data, kafka_broker.bootstrap, topic, "tally-k", env=small_groups)
@@ -318,11 +321,11 @@ def test_the_server_consumes_a_topic_and_says_so_in_its_metrics(kafka_broker: Ka
                     if s.name.startswith("tally_kafka_consumer"):
                         key = s.labels.get("partition", "")
                         seen[f"{s.name}{key}"] = s.value
-            if seen.get("tally_kafka_consumer_messages") == len(events) and not any(
+            if seen.get("tally_kafka_consumer_messages_total") == len(events) and not any(
                     v for k, v in seen.items() if k.startswith("tally_kafka_consumer_lag")):
                 break
             time.sleep(0.2)
-        assert seen.get("tally_kafka_consumer_messages") == len(events), seen
+        assert seen.get("tally_kafka_consumer_messages_total") == len(events), seen
         assert {"tally_kafka_consumer_lag_messages0", "tally_kafka_consumer_lag_messages1"} \
             <= set(seen)
         assert httpx.get(f"{server.url}/readyz", timeout=5).status_code == 200
@@ -344,14 +347,14 @@ def test_a_full_journal_disk_holds_the_group_and_commits_nothing_until_it_has_ro
     data.mkdir()
     with tmpfs(data / "journal", "8m") as journal:
         run = Consume(data, kafka_broker.bootstrap, topic, "tally-f")
-        run.wait(lambda m: "tally_kafka_consumer_messages" in m)
+        run.wait(lambda m: "tally_kafka_consumer_messages_total" in m)
         filler = fill(journal)
         events = [make_event(event_id=f"f-{i}") for i in range(500)]
         kafka_broker.produce(topic, [encode(e) for e in events])
-        run.wait(lambda m: m.get("tally_kafka_consumer_refused_writes", 0) >= 1)
+        run.wait(lambda m: m.get("tally_kafka_consumer_refused_writes_total", 0) >= 1)
         time.sleep(2)
         assert committed(kafka_broker.bootstrap, topic, "tally-f", 2) == {0: -1001, 1: -1001}
-        assert run.metrics()["tally_kafka_consumer_messages"] == 0
+        assert run.metrics()["tally_kafka_consumer_messages_total"] == 0
         filler.unlink()
         run.wait_committed(kafka_broker.bootstrap, "tally-f",
                            partition_ends(kafka_broker.bootstrap, topic, 2))

@@ -11,7 +11,7 @@ from collections.abc import Callable, Iterable
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
-from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
@@ -41,7 +41,8 @@ class Metrics:
 
     def watch(self, gauges: Callable[[], Iterable[tuple[str, str, dict[str, str], float]]]
               ) -> None:
-        """Register gauges read at scrape time: (name, help, labels, value) tuples."""
+        """Register values read at scrape time: (name, help, labels, value) tuples; a name
+        ending in ``_total`` is exposed as a counter, any other as a gauge."""
         self.registry.register(_Gauges(gauges))
 
     def exposition(self) -> bytes:
@@ -62,12 +63,13 @@ class _Gauges(Collector):
         self._read = read
 
     def collect(self) -> Iterable[Metric]:
-        families: dict[str, GaugeMetricFamily] = {}
+        families: dict[str, GaugeMetricFamily | CounterMetricFamily] = {}
         for name, help_text, labels, value in self._read():
             family = families.get(name)
-            if family is None:
-                family = families[name] = GaugeMetricFamily(name, help_text,
-                                                            labels=sorted(labels))
+            if family is None:  # a name ending in _total is a counter (a count since start)
+                kind = CounterMetricFamily if name.endswith("_total") else GaugeMetricFamily
+                family = families[name] = kind(name.removesuffix("_total"), help_text,
+                                               labels=sorted(labels))
             family.add_metric([labels[k] for k in sorted(labels)], value)
         return list(families.values())
 

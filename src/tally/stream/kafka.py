@@ -320,7 +320,7 @@ class KafkaSource:
                    {**labels, "partition": str(partition)}, float(lag))
         for name, value in (("messages", stats.messages), ("poison", stats.poison),
                             ("commits", stats.commits), ("refused_writes", stats.refused_writes)):
-            yield (f"tally_kafka_consumer_{name}",
+            yield (f"tally_kafka_consumer_{name}_total",
                    f"Kafka source connector: {name.replace('_', ' ')} since start.",
                    labels, float(value))
 
