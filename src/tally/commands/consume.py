@@ -13,10 +13,13 @@ import logging
 import signal
 import threading
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from tally.commands.common import fail
 from tally.errors import StoreUnavailable
+
+if TYPE_CHECKING:
+    from tally.stream.kafka import KafkaSource
 
 log = logging.getLogger(__name__)
 CHECK_SECONDS = 10.0  # how long the brokers may take to answer at start
@@ -80,7 +83,7 @@ def consume(url: str, group: str, data_dir: Path | None,
             "applied": drained}
 
 
-def _serve_metrics(source: Any, where: tuple[str, int]) -> None:
+def _serve_metrics(source: KafkaSource, where: tuple[str, int]) -> None:
     """The connector's gauges (lag per partition, counts) and the process's own, in the
     Prometheus text format at ``http://HOST:PORT/metrics``."""
     from prometheus_client import start_http_server

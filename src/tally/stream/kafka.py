@@ -19,12 +19,14 @@ import base64
 import hashlib
 import logging
 import threading
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
 import msgspec
+import pyarrow as pa
 from confluent_kafka import Consumer, KafkaError, KafkaException, Message, TopicPartition
 
 from tally.config_values import KafkaAddress
@@ -32,11 +34,13 @@ from tally.errors import ServiceUnavailable, UserError
 from tally.events.envelope import ValidationContext
 from tally.ingest.batch import PreparedBatch, Rejection
 from tally.ingest.service import IngestService
+from tally.storage.schema import EVENTS_SCHEMA
 
 log = logging.getLogger(__name__)
 
 KEPT_BYTES = 4096  # of a poison message over the byte limit: its first bytes only
 RETRY_MAX_SECONDS = 30.0  # the longest wait before taking a refused batch again
+LAG_EVERY_SECONDS = 1.0
 
 
 @dataclass
@@ -62,7 +66,7 @@ class KafkaSource:
 
     def __init__(self, ingest: IngestService, address: KafkaAddress, group: str, *,
                  served_regions: frozenset[str], max_events: int, max_bytes: int,
-                 poll_seconds: float = 0.5, config: dict[str, Any] | None = None) -> None:
+                 poll_seconds: float = 0.5) -> None:
         self.ingest = ingest
         self.address = address
         self.group = group
@@ -75,6 +79,7 @@ class KafkaSource:
         self._last_error: int | None = None
         self._closing = False
         self._committed: dict[int, int] = {}  # partition → offset committed (lag, below)
+        self._lag_at = 0.0
         self._lock = threading.Lock()
         self._consumer = Consumer({
             "bootstrap.servers": address.bootstrap,
@@ -94,7 +99,6 @@ class KafkaSource:
             # librdkafka's own log is silenced: its errors come to _on_error, once per change
             "log_level": 0,
             "error_cb": self._on_error,
-            **(config or {}),
         })
 
     def _on_error(self, error: KafkaError) -> None:
@@ -287,9 +291,13 @@ class KafkaSource:
 
     def _measure_lag(self) -> None:
         """Per assigned partition: its high watermark (as last fetched, else as the broker
-        says) less where this
-        consumer is: its position, or before any message was consumed the group's committed
-        offset (or the earliest offset when none is committed: it reads from there)."""
+        says) less where this consumer is: its position, or before any message was consumed
+        the group's committed offset (or the earliest offset when none is committed: it reads
+        from there). At most once a second: it may ask the broker."""
+        now = time.monotonic()
+        if now - self._lag_at < LAG_EVERY_SECONDS:
+            return
+        self._lag_at = now
         lag: dict[int, int] = {}
         try:
             positions = self._consumer.position(self._consumer.assignment())
@@ -347,10 +355,6 @@ class _NotOnePerMessage(Exception):
 
 def _combined(batches: list[PreparedBatch], poison: list[Rejection], received: datetime,
               client_id: str) -> PreparedBatch:
-    import pyarrow as pa
-
-    from tally.storage.schema import EVENTS_SCHEMA
-
     tables = [b.table for b in batches if b.table.num_rows]
     table = pa.concat_tables(tables) if tables else EVENTS_SCHEMA.empty_table()
     rejections = sorted([r for b in batches for r in b.rejections] + poison,
