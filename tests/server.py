@@ -58,15 +58,23 @@ class Server:
                 if nofile else None,
             )
         deadline = time.monotonic() + ready_within  # start-up replays the journal first
+        last = "no answer"
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"server exited: {self.log.read_text()}")
             try:
-                if httpx.get(f"{self.url}/readyz", timeout=1).status_code == 200:
+                answer = httpx.get(f"{self.url}/readyz", timeout=1)
+                if answer.status_code == 200:
                     return
+                last = f"{answer.status_code} {answer.text[:500]}"
+                time.sleep(0.1)
             except httpx.TransportError:
                 time.sleep(0.1)
-        raise RuntimeError("server did not become ready")
+        self.proc.kill()  # not left running behind the failure
+        self.proc.wait(timeout=10)
+        tail = self.log.read_text(errors="replace")[-4000:]
+        raise RuntimeError(f"server did not become ready within {ready_within:.0f} s "
+                           f"(/readyz: {last}); its log ends:\n{tail}")
 
     def kill(self) -> None:
         self.proc.send_signal(signal.SIGKILL)
