@@ -69,7 +69,10 @@ class Volume:
         return written
 
     def free(self) -> None:
+        """Remove the ballast for good: synced, so a later I/O error (ext4 aborts its journal,
+        dropping what it had not committed) cannot bring it back and fill the disk again."""
         (self.path / BALLAST).unlink(missing_ok=True)
+        os.sync()
 
 
 class Tmpfs(Volume):
@@ -89,12 +92,16 @@ def tmpfs(path: Path, size: int) -> Iterator[Tmpfs]:
 
 
 class Ext4Volume(Volume):
-    def __init__(self, path: Path, image: Path) -> None:
+    def __init__(self, path: Path, image: Path, commit: int | None = None) -> None:
         super().__init__(path)
         self.image = image
+        self.commit = commit
 
     def mount(self) -> None:
-        _run("mount", "-o", "loop,errors=remount-ro", str(self.image), str(self.path))
+        """``commit``: seconds between ext4's journal commits (default 5): what a simulated
+        I/O error drops is what was written since the last one and not synced."""
+        extra = f",commit={self.commit}" if self.commit else ""
+        _run("mount", "-o", f"loop,errors=remount-ro{extra}", str(self.image), str(self.path))
 
     def device(self) -> str:
         source = subprocess.run(["findmnt", "-no", "SOURCE", str(self.path)],
@@ -127,15 +134,16 @@ class Ext4Volume(Volume):
 
 
 @contextlib.contextmanager
-def ext4(path: Path, size: int, image: Path) -> Iterator[Ext4Volume]:
-    """An ext4 filesystem of ``size`` bytes in the file ``image``, mounted at ``path``. Its
-    content survives :meth:`Ext4Volume.repair` (a tmpfs' would not)."""
+def ext4(path: Path, size: int, image: Path, commit: int | None = None) -> Iterator[Ext4Volume]:
+    """An ext4 filesystem of ``size`` bytes in the file ``image``, mounted at ``path`` (with
+    ``commit``, see :meth:`Ext4Volume.mount`). Its content survives
+    :meth:`Ext4Volume.repair` (a tmpfs' would not)."""
     path.mkdir(parents=True, exist_ok=True)
     image.parent.mkdir(parents=True, exist_ok=True)
     with image.open("wb") as f:
         f.truncate(size)
     _run("mkfs.ext4", "-q", "-F", "-m", "0", str(image))
-    volume = Ext4Volume(path, image)
+    volume = Ext4Volume(path, image, commit)
     volume.mount()
     try:
         yield volume

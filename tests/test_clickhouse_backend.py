@@ -26,13 +26,19 @@ import numpy as np
 import pyarrow as pa
 import pytest
 import sqlglot
+from clickhouse_connect.driver.exceptions import DatabaseError, DataError
 from sqlglot import exp
 
 from tally.errors import QueryMemoryExceeded, QueryTimeout, StoreUnavailable, WriteRejected
 from tally.rollups import activity
 from tally.rollups.spec import derived_tables
 from tally.storage.base import IdempotencyRecord, WriteSet
-from tally.storage.clickhouse import QUARANTINE_ROWS, ClickHouseBackend, chdb_dsn
+from tally.storage.clickhouse import (
+    QUARANTINE_ROWS,
+    ClickHouseBackend,
+    chdb_dsn,
+    is_store_error,
+)
 from tally.storage.duckdb import DuckDBBackend
 from tally.storage.limits import QueryLimits
 from tally.storage.metering import current_meter
@@ -199,6 +205,31 @@ def test_a_closed_store_is_unavailable(tmp_path: Path) -> None:
     with pytest.raises(StoreUnavailable):
         store.count_events()
 
+
+
+def test_the_engine_failing_is_told_from_the_rows_at_fault(chstore: ClickHouseBackend) -> None:
+    """A write the store refuses for its own reasons is retried, never set aside: only an
+    error that is a verdict on the rows or the statement blames them."""
+    with pytest.raises(DatabaseError) as rows_fault:  # real errors of the engine, rows' first
+        chstore.query("SELECT throwIf(number = 3) FROM numbers(10)")
+    assert not is_store_error(rows_fault.value)
+    with pytest.raises(DatabaseError) as conversion:
+        chstore.query("SELECT toUInt8('x')")
+    assert not is_store_error(conversion.value)
+    with pytest.raises(StoreUnavailable, match="MEMORY_LIMIT_EXCEEDED"):
+        chstore.query("SELECT groupArray(number) FROM numbers(10000000) "
+                      "SETTINGS max_memory_usage = 1000000")
+    # what the engine says when threads, files or the disk fail (as chDB words them)
+    for code, text in ((439, "Cannot schedule a task: failed to start the thread"),
+                       (1001, 'filesystem error: in create_directories: Read-only file system'),
+                       (243, "Cannot reserve 1.00 MiB, not enough space"),
+                       (75, "Cannot write to file descriptor"),
+                       (6000, "Cannot open file: No space left on device")):
+        assert is_store_error(DatabaseError(f"Code: {code}. DB::Exception: {text}", code=code))
+    assert is_store_error(DatabaseError("the engine stopped"))  # no code: not the rows' verdict
+    assert is_store_error(MemoryError())
+    assert not is_store_error(DataError("Invalid value for UInt8 column"))  # the driver's verdict
+    assert not is_store_error(ValueError("a bug"))
 
 # -- reads --------------------------------------------------------------------------------
 def test_quarantine_ids_and_pages(chstore: ClickHouseBackend) -> None:

@@ -79,12 +79,27 @@ def test_release_deletes_only_fully_applied_closed_segments(tmp_path: Path):
     for seq in (1, 2, 3):
         journal.append(seq, writes(seq))
     assert len(journal.segments()) == 3
-    journal.release(1)
+    synced: list[list[Path]] = []  # the segments there when the store was made durable
+
+    def durable() -> None:
+        synced.append(journal.segments())
+
+    journal.release(0, durable)
+    assert synced == []  # nothing to forget: the store is not synced for nothing
+    journal.release(1, durable)
     assert [r.seq for r in journal.records()] == [2, 3]
-    journal.release(3)  # the open segment stays until clear()
+    assert len(synced) == 1 and len(synced[0]) == 3  # synced before a segment went
+    journal.release(3, durable)  # the open segment stays until clear()
     assert [r.seq for r in journal.records()] == [3]
-    journal.clear()
-    assert journal.segments() == []
+
+    def failing() -> None:
+        raise OSError(5, "syncfs: Input/output error")
+
+    with pytest.raises(OSError):
+        journal.clear(failing)
+    assert [r.seq for r in journal.records()] == [3]  # not synced: nothing forgotten
+    journal.clear(durable)
+    assert journal.segments() == [] and len(synced) == 3
 
 
 def big_writes(rows: int) -> WriteSet:

@@ -243,6 +243,6 @@ class Applier:
                     rows / seconds
             self._cond.notify_all()
         try:
-            self._journal.release(seq)
+            self._journal.release(seq, self._backend.make_durable)
         except OSError as exc:  # a segment left behind is replayed harmlessly
             log.warning("journal: could not release segments", extra={"error": str(exc)})

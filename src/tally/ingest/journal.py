@@ -25,7 +25,7 @@ import logging
 import os
 import struct
 import zlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
@@ -205,17 +205,26 @@ class Journal:
                 yield record
                 offset += FRAME.size + FRAME.unpack_from(data, offset)[1]
 
-    def release(self, applied_seq: int) -> None:
-        """Delete closed segments whose records are all applied (seq ≤ ``applied_seq``)."""
+    def release(self, applied_seq: int, durable: Callable[[], None]) -> None:
+        """Delete closed segments whose records are all applied (seq ≤ ``applied_seq``),
+        after ``durable()`` (the store's :meth:`~tally.storage.base.Backend.make_durable`)
+        returned: a record is forgotten only once what it wrote survives a power loss."""
         segments = self.segments()
-        for segment, following in zip(segments, segments[1:], strict=False):
-            if self._first_seq(following) - 1 <= applied_seq:
-                segment.unlink()
+        done = [segment for segment, following in zip(segments, segments[1:], strict=False)
+                if self._first_seq(following) - 1 <= applied_seq]
+        if done:
+            durable()
+        for segment in done:
+            segment.unlink()
 
-    def clear(self) -> None:
-        """Delete every segment (all applied: after a clean stop with nothing pending)."""
+    def clear(self, durable: Callable[[], None]) -> None:
+        """Delete every segment (all applied: after a clean stop with nothing pending), after
+        ``durable()`` returned (as :meth:`release`)."""
         self.close()
-        for segment in self.segments():
+        segments = self.segments()
+        if segments:
+            durable()
+        for segment in segments:
             segment.unlink()
 
     def close(self) -> None:

@@ -69,7 +69,10 @@ class IngestService:
                                max_backlog_rows=max_backlog_rows,
                                max_backlog_seconds=max_backlog_seconds,
                                on_set_aside=self._forget)
-        self.journal.release(applied)
+        try:
+            self.journal.release(applied, backend.make_durable)
+        except OSError as exc:  # kept: replayed harmlessly (the store's tokens or keys)
+            log.warning("journal: could not release segments", extra={"error": str(exc)})
         for record in unapplied:  # applied by the applier like any new group, poison and all
             self.applier.enqueue(record.seq, record.writes, block=False)
         if unapplied:
@@ -98,7 +101,11 @@ class IngestService:
             self.index.close()
         self.journal.close()
         if drained:
-            self.journal.clear()
+            try:
+                self.journal.clear(self.backend.make_durable)
+            except OSError as exc:  # the store's files not synced: replayed at the next start
+                log.warning("shutdown: the journal is kept (the store could not be synced)",
+                            extra={"error": str(exc)})
         else:
             log.warning("shutdown: acknowledged rows left in the journal for the next start",
                         extra={"rows": self.applier.lag_rows()})

@@ -111,6 +111,11 @@ class Backend(Protocol):
         """The ``last_seq`` of the group begun last (:meth:`begin_group`), if the store keeps
         it: the applier's first write at start ends there."""
 
+    def make_durable(self) -> None:
+        """Make every write so far survive a power loss or a kernel crash: the journal
+        forgets its records only after this returned (``Journal.release``). Raises
+        ``OSError`` if the store's files cannot be synced (the records are kept)."""
+
     def fx_rates(self) -> list[tuple[date, str, str]]: ...
 
     def add_fx_rates(self, rows: list[tuple[date, str, str]]) -> None: ...

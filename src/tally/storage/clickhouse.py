@@ -24,6 +24,7 @@ journal record (not one the applier makes) numbers its entries after the greates
 
 from __future__ import annotations
 
+import ctypes
 import os
 import threading
 import uuid
@@ -40,6 +41,7 @@ import pyarrow as pa
 from clickhouse_connect.driver.client import Client
 from clickhouse_connect.driver.exceptions import (
     DatabaseError,
+    DataError,
     InterfaceError,
     OperationalError,
     ProgrammingError,
@@ -74,12 +76,28 @@ DERIVED_INSERT: dict[str, Any] = {"max_threads": 1, "max_insert_threads": 1}
 SETTINGS: dict[str, Any] = {**CLICKHOUSE_SETTINGS, "session_timezone": "UTC"}
 TIMEOUT_EXCEEDED, MEMORY_LIMIT_EXCEEDED = 159, 241  # ClickHouse's error codes
 
-# ClickHouse error codes of the store failing (as opposed to the rows or the SQL): I/O, a
-# full disk, memory, time, the network, a server refusing load or credentials
+# ClickHouse error codes of the store failing (as opposed to the rows or the SQL): I/O and
+# the file system (a full or read-only disk included), memory, threads, time, the network, a
+# server refusing load or credentials. A write refused with one of these is retried, never
+# set aside: the same rows go in once the store recovers (``ingest/setaside.py``).
 STORE_CODES = frozenset({
-    3, 74, 75, 76, 159, 160, 164, 194, 202, 203, 209, 210, 236, 241, 242, 243, 252, 319,
-    394, 425, 516, 999, 1000, 1001,
+    3, 74, 75, 76, 77, 83, 87, 88, 107, 159, 160, 164, 172, 173, 194, 202, 203, 204, 209,
+    210, 226, 227, 228, 236, 241, 242, 243, 252, 272, 273, 274, 275, 279, 294, 319, 363, 384,
+    394, 402, 411, 425, 439, 458, 459, 461, 468, 473, 521, 516, 999, 1000, 1001, 1002,
 })
+# what the operating system says when the disk, not the rows, fails (in an error of no code)
+OS_FAILURES = ("read-only file system", "no space left", "input/output error",
+               "too many open files", "cannot allocate memory", "disk quota exceeded")
+
+
+_LIBC = ctypes.CDLL(None, use_errno=True)
+
+
+def syncfs(fd: int) -> None:
+    """``syncfs(2)``: write back every file of the file system ``fd`` is on (Linux)."""
+    if _LIBC.syncfs(fd) != 0:
+        errno = ctypes.get_errno()
+        raise OSError(errno, f"syncfs: {os.strerror(errno)}")
 
 
 def chdb_dsn(data_dir: Path) -> str:
@@ -98,7 +116,14 @@ def is_store_error(exc: BaseException) -> bool:
         return True
     if isinstance(exc, ProgrammingError) and "closed" in str(exc):
         return True
-    return isinstance(exc, DatabaseError) and getattr(exc, "code", None) in STORE_CODES
+    if not isinstance(exc, DatabaseError):
+        return isinstance(exc, MemoryError)
+    code = getattr(exc, "code", None)
+    # an error of no code is the engine failing, not a verdict on the rows (unless the
+    # driver says the data or the statement is at fault)
+    return (code is None and not isinstance(exc, DataError | ProgrammingError)) \
+        or code in STORE_CODES \
+        or any(failure in str(exc).lower() for failure in OS_FAILURES)
 
 
 def _token(journal_seq: int | None, table: str) -> dict[str, Any]:
@@ -393,6 +418,13 @@ class ClickHouseBackend:
     def pending_group(self) -> int | None:
         value = self.setting(WRITE_GROUP)
         return None if value is None else int(value)
+
+    def make_durable(self) -> None:
+        """The embedded engine's files synced (``syncfs`` of its folder's file system: an
+        insert returns before its part is on disk). A server's writes are its own to keep
+        (its replicas, its ``fsync_after_insert``): nothing to do from here."""
+        if self._owner is not None:
+            syncfs(self._owner)
 
     def fx_rates(self) -> list[tuple[date, str, str]]:
         rows = self.query(

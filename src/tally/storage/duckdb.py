@@ -399,6 +399,9 @@ class DuckDBBackend:
     def pending_group(self) -> int | None:
         return None
 
+    def make_durable(self) -> None:
+        """Nothing to do: DuckDB syncs its write-ahead log at each commit."""
+
     def close(self) -> None:
         with self._write_lock:
             try:
