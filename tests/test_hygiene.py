@@ -62,7 +62,7 @@ def test_tenant_data_is_private_or_not_stored(client, headers):
             assert "private" in cache or "no-store" in cache, (response.url, cache)
     answer = client.get(TS, params=TS_PARAMS, headers=headers)
     assert answer.headers["cache-control"] == "private, max-age=900"
-    assert answer.headers["vary"] == "Authorization"
+    assert answer.headers["vary"] == "Authorization, Accept"  # JSON or CSV (CONTRACT §8)
 
 
 def test_token_responses_are_never_cached_errors_included(client, auth, settings):

@@ -143,8 +143,8 @@ def test_a_single_valued_parameter_given_twice_is_400(client, headers):
 
 @pytest.mark.parametrize(("accept", "status"), [
     ("application/json", 200), ("*/*", 200), ("application/*", 200),
-    ("text/html, application/json;q=0.1", 200), ("text/csv", 406),
-    ("application/json;q=0", 406), ("text/*", 406),
+    ("text/html, application/json;q=0.1", 200), ("text/csv", 200), ("text/*", 200),
+    ("application/json;q=0", 406), ("image/png", 406), ("text/html", 406),
 ])
 def test_accept_is_honoured_or_406(client, headers, accept, status):
     r = client.get("/v1/analytics/slice", params={"metric": "ggr", "dim": "game_id", **RANGE},
@@ -152,7 +152,10 @@ def test_accept_is_honoured_or_406(client, headers, accept, status):
     assert r.status_code == status, r.text
     if status == 406:
         body = assert_problem(r, 406, "not-acceptable")
-        assert body["available"] == ["application/json"]
+        assert body["available"] == ["application/json", "text/csv"]  # CSV: CONTRACT §8
+    # and a route answering JSON only refuses CSV
+    r = client.get("/v1/metrics", headers={**headers, "Accept": "text/csv"})
+    assert_problem(r, 406, "not-acceptable")
 
 
 def test_metrics_text_is_served_to_a_prometheus_accept(client):

@@ -38,11 +38,14 @@ def not_modified(request: Request, etag: str) -> bool:
 
 def headers(etag: str, max_age: int, data_watermark: str) -> dict[str, str]:
     return {"ETag": etag, "Cache-Control": f"private, max-age={max_age}",
-            "X-Data-Watermark": data_watermark, "Vary": "Authorization"}
+            "X-Data-Watermark": data_watermark, "Vary": "Authorization, Accept"}
 
 
-def respond(etag: str, content: bytes | None, max_age: int, data_watermark: str) -> Response:
+def respond(etag: str, content: bytes | None, max_age: int, data_watermark: str,
+            media_type: str = "application/json",
+            extra: dict[str, str] | None = None) -> Response:
+    """The answer (``None``: ``304``) with its validators; ``extra`` headers on a ``200``."""
     h = headers(etag, max_age, data_watermark)
     if content is None:
         return Response(status_code=304, headers=h)
-    return Response(content, media_type="application/json", headers=h)
+    return Response(content, media_type=media_type, headers={**h, **(extra or {})})

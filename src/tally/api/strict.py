@@ -96,12 +96,15 @@ def _ranges(accept: str) -> list[tuple[str, float]]:
     return out
 
 
-def acceptable(accept: str, media: str) -> bool:
-    """Does ``accept`` allow ``media`` (the most specific matching range decides)?"""
+def quality(accept: str, media: str) -> float:
+    """The weight ``accept`` gives ``media``: that of its most specific matching range (the
+    type, then ``type/*``, then ``*/*``); 0 when none matches, 1 when ``accept`` names no
+    range at all (malformed: it restricts nothing)."""
     kind = media.split(";")[0].strip().lower()
     major = kind.split("/")[0]
     best: tuple[int, float] | None = None
-    for rng, weight in _ranges(accept):
+    ranges = _ranges(accept)
+    for rng, weight in ranges:
         if rng == kind:
             rank = 3
         elif rng == f"{major}/*":
@@ -113,7 +116,10 @@ def acceptable(accept: str, media: str) -> bool:
         if best is None or rank > best[0]:
             best = (rank, weight)
     if best is None:
-        # an Accept that names no range at all (malformed) restricts nothing
-        return not _ranges(accept)
-    return best[1] > 0
+        return 0.0 if ranges else 1.0
+    return best[1]
 
+
+def acceptable(accept: str, media: str) -> bool:
+    """Does ``accept`` allow ``media`` (the most specific matching range decides)?"""
+    return quality(accept, media) > 0

@@ -55,6 +55,22 @@ class Plan:
     brands: tuple[str, ...] | None  # the brands the answer is confined to (None: all)
     reads: tuple[datetime, datetime] | None  # the days whose changes can change it (None: any)
     run: Callable[[], dict[str, Any]]
+    # an answer that is a table (CSV, api/representations.py): the member holding its rows,
+    # their columns, and the parts of its file name
+    table: Table | None = None
+
+
+@dataclass(frozen=True)
+class Table:
+    rows: str
+    columns: tuple[str, ...]
+    name: tuple[str, ...]
+
+
+def _columns(metric: Metric, principal: Principal, *keys: str) -> tuple[str, ...]:
+    """A table's columns: ``keys``, the value, and ``suppressed`` when values can be withheld."""
+    flag = (policy.SUPPRESSED,) if policy.may_suppress(metric, principal) else ()
+    return (*keys, answer_field(metric), *flag)
 
 
 def _reads(metric: Metric, scope: Scope) -> tuple[datetime, datetime] | None:
@@ -126,7 +142,9 @@ def timeseries(ctx: Context, q: dict[str, str | None]) -> Plan:
                                                        ctx.principal),
                 "next_cursor": rq.next_cursor(at + limit, fp) if at + limit < total else None}
 
-    return Plan(f"{fp}:{at}:{limit}", filters.get("brand_id"), _reads(metric, scope), run)
+    return Plan(f"{fp}:{at}:{limit}", filters.get("brand_id"), _reads(metric, scope), run,
+                Table("series", _columns(metric, ctx.principal, "ts", *group_by),
+                      (metric.name, granularity, currency)))
 
 
 def _series_page(ctx: Context, metric: Metric, scope: Scope, currency: str,
@@ -204,7 +222,8 @@ def slice_(ctx: Context, q: dict[str, str | None]) -> Plan:
                 "next_cursor": cursor}
 
     return Plan(f"{fp}:{at}:{limit}", filters.get("brand_id"),
-                _reads(metric, Scope(start, end, 0, filters, (dim,))), run)
+                _reads(metric, Scope(start, end, 0, filters, (dim,))), run,
+                Table("items", _columns(metric, ctx.principal, dim), (metric.name, dim, currency)))
 
 
 def _slice_scope(metric: Metric, scope: Scope) -> Scope:

@@ -311,6 +311,12 @@ def below_min_group(count: int | None, principal: Principal) -> bool:
     return k is not None and count is not None and 0 < count < k
 
 
+def may_suppress(metric: Metric, principal: Principal) -> bool:
+    """Whether an answer of ``metric`` to ``principal`` can withhold values (and so flag
+    them ``suppressed``): distinct-player counts, to a client with a minimum group size."""
+    return principal.min_group_size is not None and metric.kind is Kind.DISTINCT
+
+
 def suppress_small_groups(metric: Metric, rows: list[dict[str, Any]], field: str,
                           principal: Principal, *, ranked_by: str | None = None
                           ) -> list[dict[str, Any]]:
@@ -319,7 +325,7 @@ def suppress_small_groups(metric: Metric, rows: list[dict[str, Any]], field: str
 
     ``ranked_by`` (the slice dimension): rows are ranked by value, so withheld rows move to
     the end ordered by that key, like every other null, and their order leaks nothing."""
-    if principal.min_group_size is None or metric.kind is not Kind.DISTINCT:
+    if not may_suppress(metric, principal):
         return rows
     shown: list[dict[str, Any]] = []
     withheld: list[dict[str, Any]] = []

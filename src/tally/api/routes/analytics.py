@@ -30,6 +30,13 @@ from tally.api.models import (
     TimeseriesQuery,
     validated,
 )
+from tally.api.representations import (
+    CSV,
+    CSV_MEDIA_TYPE,
+    csv_headers,
+    csv_rows,
+    wants_csv,
+)
 from tally.audit.record import count_rows
 from tally.cohorts import plans
 from tally.insights.series import Context, Plan, slice_, timeseries
@@ -51,9 +58,23 @@ _NOT_MODIFIED: dict[int | str, dict[str, Any]] = {
     304: {"description": "Not modified: the If-None-Match ETag is current.", "headers": _CACHED}}
 
 
-def _documented(model: type[Any], *extra: int) -> dict[int | str, dict[str, Any]]:
-    return {200: {"model": model, "headers": _CACHED}, **_NOT_MODIFIED,
-            **problems(*AUTHED, *extra)}
+_CSV: dict[str, Any] = {"text/csv": {"schema": {
+    "type": "string", "description": "With Accept: text/csv: the same rows as the JSON's, RFC "
+    "4180 with a header row (docs/api.md#csv); the next page in the Link header."}}}
+_CSV_HEADERS: dict[str, Any] = {
+    "Link": {"description": 'CSV only: <the next page>; rel="next" (RFC 8288), when there is '
+                            "one (the JSON's next_cursor).", "schema": {"type": "string"}},
+    "Content-Disposition": {"description": "CSV only: a file name of the query's metric.",
+                            "schema": {"type": "string"}},
+}
+
+
+def _documented(model: type[Any], *extra: int,
+                csv: bool = False) -> dict[int | str, dict[str, Any]]:
+    ok: dict[str, Any] = {"model": model, "headers": _CACHED}
+    if csv:
+        ok = {**ok, "content": _CSV, "headers": {**_CACHED, **_CSV_HEADERS}}
+    return {200: ok, **_NOT_MODIFIED, **problems(*AUTHED, *extra)}
 
 
 async def _body(request: Request, model: type[BaseModel]) -> Any:
@@ -81,22 +102,30 @@ async def _answer(request: Request, runtime: Runtime, principal: Principal,
     if not runtime.ingest.caught_up():
         await asyncio.to_thread(runtime.ingest.read_your_writes,
                                 runtime.settings.read_your_writes_ms / 1000)
-    etag = etag_for(plan.fingerprint, versions.version(plan.brands, plan.reads),
-                    runtime.fx.version)
+    version = versions.version(plan.brands, plan.reads)
+    etag = etag_for(plan.fingerprint, version, runtime.fx.version)
     mark = format_watermark(versions.complete_before(plan.brands),
                             runtime.settings.allowed_lateness)
-    if not_modified(request, etag):
-        return respond(etag, None, max_age, mark)
-    content = runtime.answers.get(etag)
+    table = plan.table if plan.table is not None and wants_csv(request) else None
+    # each representation has its own validator
+    tag = etag if table is None else \
+        etag_for(f"{plan.fingerprint}|{CSV}", version, runtime.fx.version)
+    if not_modified(request, tag):
+        return respond(tag, None, max_age, mark)
+    content = runtime.answers.get(etag)  # the JSON answer; a CSV is made from it
     if content is None:
         content = msgspec.json.encode(await asyncio.to_thread(plan.run))
         runtime.answers.put(etag, content, max_age)
     request.state.audit_rows = count_rows(content)
-    return respond(etag, content, max_age, mark)
+    if table is None:
+        return respond(etag, content, max_age, mark)
+    answer = msgspec.json.decode(content)
+    return respond(tag, csv_rows(answer[table.rows], table.columns), max_age, mark,
+                   CSV_MEDIA_TYPE, csv_headers(request, answer, table.name))
 
 
 @router.get("/v1/analytics/timeseries", summary="A metric over time, bucketed in UTC",
-            response_model=None, responses=_documented(answers.Timeseries, 422))
+            response_model=None, responses=_documented(answers.Timeseries, 422, csv=True))
 async def get_timeseries(request: Request, principal: AnalyticsReader, runtime: RuntimeDep,
                          q: Annotated[TimeseriesQuery, Query()]) -> Response:
     return await _answer(request, runtime, principal, timeseries, q.model_dump(by_alias=True),
@@ -104,7 +133,7 @@ async def get_timeseries(request: Request, principal: AnalyticsReader, runtime: 
 
 
 @router.get("/v1/analytics/slice", summary="A metric by one dimension, ranked (top-N)",
-            response_model=None, responses=_documented(answers.Slice, 422))
+            response_model=None, responses=_documented(answers.Slice, 422, csv=True))
 async def get_slice(request: Request, principal: AnalyticsReader, runtime: RuntimeDep,
                     q: Annotated[SliceQuery, Query()]) -> Response:
     return await _answer(request, runtime, principal, slice_, q.model_dump(by_alias=True),
