@@ -18,6 +18,7 @@ from fastapi.testclient import TestClient
 
 from tally.api.app import create_app
 from tally.config import Settings
+from tally.errors import WriteRejected
 from tally.events.payloads import MAX_MINOR
 from tally.ingest.journal import Journal
 from tally.storage.base import WriteSet
@@ -216,6 +217,34 @@ def test_a_record_refused_even_without_its_poison_is_parked_whole(settings):
         assert all("CHECK" in line["reason"] for line in lines)
         assert runtime.ingest.applier.set_aside_rows == 3
         assert post(client, headers, first[:1]).json()["accepted"] == 1  # not a duplicate
+
+
+def test_a_refusal_that_passes_is_retried_not_parked(settings):
+    """The store refuses a write as if its rows were at fault, then refuses it again once
+    every row has passed its dry run, then takes it (a passing engine failure worded as the
+    rows'): the write is retried and stored whole — nothing parked, nothing quarantined."""
+    with app(settings) as (client, headers):
+        runtime = runtime_of(client)
+        store, refusals = runtime.backend, [2]
+        real = store.write
+
+        def refusing(writes: WriteSet, journal_seq: int | None = None, *,
+                     dry_run: bool = False) -> None:
+            if not dry_run and refusals[0]:
+                refusals[0] -= 1
+                raise WriteRejected("Code: 1002. DB::Exception: a failure that passes")
+            real(writes, journal_seq, dry_run=dry_run)
+
+        store.write = refusing  # the real store, refusing its first two writes
+        events = [make_event() for _ in range(5)]
+        assert post(client, headers, events).json()["accepted"] == 5
+        assert runtime.ingest.flush(30)
+        assert refusals == [0]  # both refusals happened
+        ids = stored_ids(client)
+        assert [ids.get(e["event_id"]) for e in events] == [1] * 5
+        assert list((settings.data_dir / "parked").glob("*")) == []
+        assert quarantined(client, headers) == []
+        assert runtime.ingest.applier.set_aside_rows == 0
 
 
 @on_duckdb_only("sabotages the schema through DuckDB's file")

@@ -40,6 +40,10 @@ from tally.storage.base import Backend, WriteSet
 
 log = logging.getLogger(__name__)
 BACKOFF_FIRST, BACKOFF_MAX = 0.05, 5.0  # seconds between retries of a failing store
+# a write refused again once its rows at fault are set aside is tried this many more times
+# (seconds apart, doubling) before the record is parked: a refusal that passes (the store's,
+# in words that do not say so) must not send acknowledged rows out of the store
+RETRIES_BEFORE_PARKING, PARKING_BACKOFF = 3, 0.5
 
 
 def merge(groups: list[WriteSet]) -> WriteSet:
@@ -199,7 +203,7 @@ class Applier:
     def _apply(self, seq: int, writes: WriteSet) -> Isolated | None:
         """Write ``writes`` as record ``seq``; the write as applied, or None if stopped."""
         result = Isolated(writes)
-        delay, attempt, isolated = BACKOFF_FIRST, 0, False
+        delay, attempt, isolated, refused = BACKOFF_FIRST, 0, False, 0
         while True:
             try:
                 if attempt and self._backend.journal_applied_seq() >= seq:
@@ -209,11 +213,20 @@ class Applier:
                 try:
                     self._backend.write(result.writes, journal_seq=seq)
                 except WriteRejected as exc:
-                    if isolated:  # isolated once and refused again: park the whole record
-                        result = park_all(result, self._parked_dir, seq, str(exc))
-                    else:
+                    if not isolated:
                         result = isolate(self._backend, result.writes, self._parked_dir, seq)
                         isolated = True
+                    elif refused < RETRIES_BEFORE_PARKING:  # the rows passed their dry runs
+                        refused += 1
+                        log.warning("applier: a write without its rows at fault was refused; "
+                                    "retrying", extra={"seq": seq, "error": str(exc),
+                                                       "retry": refused})
+                        with self._cond:  # stop() wakes this early
+                            self._cond.wait(PARKING_BACKOFF * 2 ** (refused - 1))
+                        if self._given_up():
+                            return None
+                    else:  # refused every time: park the whole record, the rest goes on
+                        result = park_all(result, self._parked_dir, seq, str(exc))
                     continue
                 self.store_failure = None
                 return result
