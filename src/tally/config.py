@@ -123,6 +123,9 @@ class Settings(BaseSettings):
     # `tally consume --from URL --group G` would: kafka://host:9092/topic
     consume_from: str | None = None
     consume_group: str = Field(default="tally", min_length=1, max_length=255)
+    # webhooks may be delivered over http to loopback addresses (tests, a local relay);
+    # otherwise https only, and never to private or link-local addresses (webhooks/delivery.py)
+    webhook_allow_loopback: bool = False
 
     @field_validator("regions")
     @classmethod

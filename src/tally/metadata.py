@@ -1,4 +1,4 @@
-"""Operator metadata (clients, signing keys) in SQLite beside the event store.
+"""Operator metadata (clients, signing keys, webhook secrets) in SQLite beside the event store.
 
 DuckDB allows one writing process, and ``tally serve`` is it; SQLite in WAL mode lets the
 operator's commands (``tally client create``, ``revoke``, ``keys rotate``) write while the
@@ -43,6 +43,14 @@ CREATE TABLE IF NOT EXISTS signing_keys (
   created_at TEXT NOT NULL,
   active INTEGER NOT NULL DEFAULT 1
 );
+CREATE TABLE IF NOT EXISTS webhook_secrets (
+  client_id TEXT NOT NULL,
+  secret TEXT NOT NULL,
+  created_at TEXT NOT NULL,
+  retired_at TEXT
+);
+CREATE UNIQUE INDEX IF NOT EXISTS webhook_secrets_current
+  ON webhook_secrets (client_id) WHERE retired_at IS NULL;
 """
 
 # Columns added after the first release: (table, column, type). A store made by an older

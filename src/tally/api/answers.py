@@ -114,6 +114,15 @@ class Ltv(Open):
     cohorts: list[LtvCohort]
 
 
+class WebhookSecret(Open):
+    """The secret that signs this client's webhooks (Standard Webhooks): verify
+    ``webhook-signature`` with it. After a rotation the old secret signs alongside for 24 h
+    (a message then carries both signatures)."""
+
+    secret: str = Field(description="whsec_ and 32 bytes, base64.",
+                        examples=["whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw"])
+
+
 class MetricInfo(Open):
     name: str
 

@@ -64,6 +64,8 @@ def body_rules(settings: Settings) -> dict[tuple[str, str], BodyRule]:
         ("POST", "/v1/analytics/funnel"): query,
         ("POST", "/v1/analytics/retention"): query,
         ("POST", "/v1/admin/fx-rates"): BodyRule(FX_BODY_LIMIT, True, "an FX rates request"),
+        # a rotation takes no body: any byte of one is refused (413) before it is read on
+        ("POST", "/v1/webhook-secret"): BodyRule(0, False, "a secret rotation"),
     }
 
 
