@@ -37,7 +37,30 @@ VALID: dict[tuple[str, str], dict[str, Any]] = {
     ("POST", "/v1/admin/fx-rates"): {"json": [{"date": "2025-10-23", "currency": "GBP",
                                                "rate": "1.15"}]},
     ("POST", "/oauth/token"): {},  # form: checked in its own tests below
+    ("POST", "/v1/exports"): {"json": {"query": {"kind": "slice", "metric": "ggr",
+                                                 "dim": "game_id", **RANGE},
+                                       "format": "csv"}},
+    # a job of this client (made first), and its file by the signed link
+    ("GET", "/v1/exports/{job_id}"): {"job": "self"},
+    ("GET", "/v1/exports/{job_id}/file"): {"job": "file"},
 }
+
+
+def _exported(client: TestClient, headers: dict[str, str]) -> dict[str, Any]:
+    """A finished export job of the caller."""
+    import time
+
+    made = client.post("/v1/exports", json=VALID[("POST", "/v1/exports")]["json"],
+                       headers=headers)
+    assert made.status_code == 202, made.text
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        job: dict[str, Any] = client.get(f"/v1/exports/{made.json()['id']}",
+                                         headers=headers).json()
+        if job["status"] == "succeeded":
+            return job
+        time.sleep(0.05)
+    raise AssertionError("the export did not finish")
 
 
 def operations() -> list[tuple[str, str]]:
@@ -50,6 +73,14 @@ def _send(client: TestClient, method: str, path: str, headers: dict[str, str],
     spec = dict(VALID.get((method, path), {}))
     if "json_factory" in spec:
         spec["json"] = spec.pop("json_factory")()
+    if "job" in spec:  # a route of one export job: a real one, made now
+        job = _exported(client, headers)
+        if spec.pop("job") == "file":
+            link, _, signed = job["download_url"].partition("?")
+            path = link
+            spec["params"] = dict(part.split("=", 1) for part in signed.split("&"))
+        else:
+            path = job["links"]["self"]
     query = {**spec.pop("params", {}), **(params or {})}
     if "json" in extra:
         spec["json"] = extra.pop("json")

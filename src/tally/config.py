@@ -126,6 +126,11 @@ class Settings(BaseSettings):
     # webhooks may be delivered over http to loopback addresses (tests, a local relay);
     # otherwise https only, and never to private or link-local addresses (webhooks/delivery.py)
     webhook_allow_loopback: bool = False
+    # export jobs (CONTRACT §8): a job over either limit fails with the reason; a download link
+    # is good this long
+    export_max_rows: int = Field(default=5_000_000, ge=1)
+    export_max_bytes: int = Field(default=1 << 30, ge=1)
+    export_link_ttl_seconds: int = Field(default=3600, ge=1, le=7 * 86400)
 
     @field_validator("regions")
     @classmethod

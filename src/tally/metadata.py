@@ -51,6 +51,31 @@ CREATE TABLE IF NOT EXISTS webhook_secrets (
 );
 CREATE UNIQUE INDEX IF NOT EXISTS webhook_secrets_current
   ON webhook_secrets (client_id) WHERE retired_at IS NULL;
+CREATE TABLE IF NOT EXISTS deployment_keys (
+  name TEXT PRIMARY KEY,
+  key BLOB NOT NULL,
+  created_at TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS export_jobs (
+  id TEXT PRIMARY KEY,
+  client_id TEXT NOT NULL,
+  principal TEXT NOT NULL,
+  query TEXT NOT NULL,
+  format TEXT NOT NULL,
+  webhook_url TEXT,
+  status TEXT NOT NULL,
+  attempts INTEGER NOT NULL DEFAULT 0,
+  created_at TEXT NOT NULL,
+  finished_at TEXT,
+  expires_at TEXT,
+  rows INTEGER,
+  bytes INTEGER,
+  sha256 TEXT,
+  watermark TEXT,
+  error TEXT,
+  deliveries TEXT
+);
+CREATE INDEX IF NOT EXISTS export_jobs_by_client ON export_jobs (client_id, created_at);
 """
 
 # Columns added after the first release: (table, column, type). A store made by an older

@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING
 from tally import metadata
 from tally.audit.log import AuditLog
 from tally.config import Settings
+from tally.exports.runner import ExportWorker
 from tally.ingest.batch import warm_up
 from tally.ingest.service import IngestService
 from tally.insights.cache import AnswerCache
@@ -102,6 +103,7 @@ class Runtime:
     _source_stop: threading.Event = field(default_factory=threading.Event)
     _source_thread: threading.Thread | None = None
     source_failure: str | None = None
+    exports: ExportWorker = field(init=False)  # export jobs, run off the request path
 
     @classmethod
     def open(cls, settings: Settings) -> Runtime:
@@ -125,6 +127,8 @@ class Runtime:
             raise
         runtime = cls(settings, meta, tokens, backend, ingest,
                       FxRates(backend, settings.base_currency), AnswerCache(), audit, limits)
+        runtime.exports = ExportWorker(settings, meta, backend, runtime.fx, ingest.versions,
+                                       ingest.read_your_writes)
         if settings.consume_from:
             runtime.source = open_source(settings, ingest, settings.consume_from,
                                          settings.consume_group)
@@ -133,6 +137,7 @@ class Runtime:
     def start(self) -> None:
         warm_up()  # lazy imports of the ingestion path, before the first request
         self.ingest.start()
+        self.exports.start()
         if self.source is not None:
             self._source_thread = threading.Thread(target=self._consume, name="tally-kafka",
                                                    daemon=True)
@@ -198,6 +203,7 @@ class Runtime:
             self._source_thread.join()
         if self.source is not None:
             self.source.close()
+        self.exports.stop()  # the job running is cut off: queued again at the next start
         self.audit.close()  # signs a last checkpoint
         self.ingest.stop(self.settings.shutdown_seconds)
         self.backend.close()

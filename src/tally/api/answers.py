@@ -114,6 +114,28 @@ class Ltv(Open):
     cohorts: list[LtvCohort]
 
 
+class ExportJob(Open):
+    """An export job (CONTRACT §8); ``download_url`` (signed, expiring, no token needed) once
+    it succeeded, until its file expires (``expires_at``)."""
+
+    id: str
+    status: str = Field(description="queued, running, succeeded or failed.")
+    links: dict[str, str] | None = None
+    created_at: str | None = None
+    rows: int | None = None
+    bytes: int | None = None
+    sha256: str | None = None
+    watermark: str | None = None
+    expires_at: str | None = None
+    download_url: str | None = None
+    error: str | None = None
+
+
+class ExportJobs(Open):
+    items: list[ExportJob]
+    next_cursor: str | None
+
+
 class WebhookSecret(Open):
     """The secret that signs this client's webhooks (Standard Webhooks): verify
     ``webhook-signature`` with it. After a rotation the old secret signs alongside for 24 h

@@ -17,7 +17,17 @@ from tally import __version__
 from tally.api import docs, hygiene, openapi, problems
 from tally.api.bodies import BodyMiddleware, body_rules
 from tally.api.limiting import LimitsMiddleware
-from tally.api.routes import admin, analytics, audit, auth, ingest, meta, metrics, webhooks
+from tally.api.routes import (
+    admin,
+    analytics,
+    audit,
+    auth,
+    exports,
+    ingest,
+    meta,
+    metrics,
+    webhooks,
+)
 from tally.api.strict import strict_input, strict_operations
 from tally.audit.middleware import AuditMiddleware
 from tally.config import Settings, get_settings
@@ -111,7 +121,8 @@ def create_app(settings: Settings | None = None, runtime: Runtime | None = None)
     app.add_middleware(TraceMiddleware, metrics=app_metrics)
     hygiene.install(app, settings.cors_origins, settings.deprecations)
     problems.install(app)
-    for module in (auth, ingest, admin, audit, meta, metrics, analytics, webhooks):
+    for module in (auth, ingest, admin, audit, meta, metrics, analytics, exports,
+                   webhooks):
         app.include_router(module.router)
     openapi.install(app)
     docs.install(app)

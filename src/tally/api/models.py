@@ -319,3 +319,16 @@ def problem_for(errors: Any, where: str) -> UserError:
     detail = "; ".join(f"{name}: {msg}" for name, msg in first.items()) or "invalid request"
     return InvalidParameter(detail,
                             errors=[{"parameter": k, "msg": v} for k, v in first.items()])
+
+
+class ExportBody(BaseModel):
+    """``POST /v1/exports`` (CONTRACT §8): the query, as its route takes it, and the format."""
+
+    model_config = ConfigDict(extra="forbid")
+    query: dict[str, Any] = Field(
+        description='{"kind": "timeseries"|"slice", ...that route\'s query parameters}',
+        examples=[{"kind": "timeseries", "metric": "ggr", "granularity": "1h",
+                   "from": "2025-10-23T00:00:00Z", "to": "2025-10-24T00:00:00Z"}])
+    format: Literal["csv", "parquet"]
+    webhook_url: str | None = Field(None, max_length=2048, description=(
+        "https URL told of the outcome (docs/api.md#webhooks)."))

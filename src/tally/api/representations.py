@@ -14,8 +14,6 @@ The representation is chosen by the ``Accept`` header's weights (RFC 9110 §12.5
 
 from __future__ import annotations
 
-import csv
-import io
 import re
 from collections.abc import Sequence
 from typing import Any
@@ -24,6 +22,9 @@ from urllib.parse import urlencode
 from starlette.requests import Request
 
 from tally.api.strict import quality
+from tally.insights.tables import csv_rows
+
+__all__ = ["CSV", "CSV_MEDIA_TYPE", "csv_headers", "csv_rows", "wants_csv"]
 
 JSON, CSV = "application/json", "text/csv"
 CSV_MEDIA_TYPE = "text/csv; charset=utf-8; header=present"
@@ -37,24 +38,6 @@ def wants_csv(request: Request) -> bool:
     if not accept:
         return False
     return quality(accept, CSV) > quality(accept, JSON)
-
-
-def _field(value: Any) -> str:
-    if value is None:
-        return ""
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    return str(value)
-
-
-def csv_rows(rows: Sequence[dict[str, Any]], columns: Sequence[str]) -> bytes:
-    """``rows`` (JSON answer rows) as RFC 4180 CSV with ``columns`` as the header."""
-    out = io.StringIO()
-    writer = csv.writer(out, lineterminator="\r\n")
-    writer.writerow(columns)
-    for row in rows:
-        writer.writerow([_field(row.get(column)) for column in columns])
-    return out.getvalue().encode()
 
 
 def csv_headers(request: Request, answer: dict[str, Any], name: Sequence[str]) -> dict[str, str]:

@@ -23,7 +23,7 @@ from tally.insights.evaluate import (
 )
 from tally.security import policy
 from tally.security.tokens import Principal
-from tally.semantic.catalog import Kind, Metric
+from tally.semantic.catalog import Kind, Metric, Unit
 from tally.semantic.compiler import Scope
 from tally.semantic.fx import FxRates
 from tally.storage.base import Backend
@@ -65,12 +65,15 @@ class Table:
     rows: str
     columns: tuple[str, ...]
     name: tuple[str, ...]
+    whole: bool  # the value column holds integers (money in minor units, counts)
 
 
-def _columns(metric: Metric, principal: Principal, *keys: str) -> tuple[str, ...]:
+def _table(rows: str, metric: Metric, principal: Principal, keys: tuple[str, ...],
+           name: tuple[str, ...]) -> Table:
     """A table's columns: ``keys``, the value, and ``suppressed`` when values can be withheld."""
     flag = (policy.SUPPRESSED,) if policy.may_suppress(metric, principal) else ()
-    return (*keys, answer_field(metric), *flag)
+    return Table(rows, (*keys, answer_field(metric), *flag), name,
+                 metric.unit in (Unit.MONEY, Unit.COUNT))
 
 
 def _reads(metric: Metric, scope: Scope) -> tuple[datetime, datetime] | None:
@@ -143,8 +146,8 @@ def timeseries(ctx: Context, q: dict[str, str | None]) -> Plan:
                 "next_cursor": rq.next_cursor(at + limit, fp) if at + limit < total else None}
 
     return Plan(f"{fp}:{at}:{limit}", filters.get("brand_id"), _reads(metric, scope), run,
-                Table("series", _columns(metric, ctx.principal, "ts", *group_by),
-                      (metric.name, granularity, currency)))
+                _table("series", metric, ctx.principal, ("ts", *group_by),
+                       (metric.name, granularity, currency)))
 
 
 def _series_page(ctx: Context, metric: Metric, scope: Scope, currency: str,
@@ -223,7 +226,7 @@ def slice_(ctx: Context, q: dict[str, str | None]) -> Plan:
 
     return Plan(f"{fp}:{at}:{limit}", filters.get("brand_id"),
                 _reads(metric, Scope(start, end, 0, filters, (dim,))), run,
-                Table("items", _columns(metric, ctx.principal, dim), (metric.name, dim, currency)))
+                _table("items", metric, ctx.principal, (dim,), (metric.name, dim, currency)))
 
 
 def _slice_scope(metric: Metric, scope: Scope) -> Scope:

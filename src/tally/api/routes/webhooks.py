@@ -4,6 +4,8 @@ for the webhooks Tally sends it (export completions, alerts), and its rotation."
 from __future__ import annotations
 
 import asyncio
+import sqlite3
+from collections.abc import Callable
 
 from fastapi import APIRouter
 from fastapi.responses import JSONResponse
@@ -11,6 +13,8 @@ from fastapi.responses import JSONResponse
 from tally.api import answers
 from tally.api.answers import AUTHED, problems
 from tally.api.deps import AnyToken, RuntimeDep
+from tally.runtime import Runtime
+from tally.security.tokens import Principal
 from tally.webhooks import secrets
 
 router = APIRouter(tags=["webhooks"])
@@ -21,13 +25,17 @@ NO_STORE = {"Cache-Control": "no-store"}  # a secret is never kept by a cache
             response_model=None,
             responses={200: {"model": answers.WebhookSecret}, **problems(*AUTHED)})
 async def get_webhook_secret(principal: AnyToken, runtime: RuntimeDep) -> JSONResponse:
-    secret = await asyncio.to_thread(secrets.current, runtime.meta, principal.client_id)
-    return JSONResponse({"secret": secret}, headers=NO_STORE)
+    return await _answer(secrets.current, runtime, principal)
 
 
 @router.post("/v1/webhook-secret", summary="Rotate this client's webhook signing secret",
              response_model=None,
              responses={200: {"model": answers.WebhookSecret}, **problems(*AUTHED)})
 async def rotate_webhook_secret(principal: AnyToken, runtime: RuntimeDep) -> JSONResponse:
-    secret = await asyncio.to_thread(secrets.rotate, runtime.meta, principal.client_id)
+    return await _answer(secrets.rotate, runtime, principal)
+
+
+async def _answer(action: Callable[[sqlite3.Connection, str], str], runtime: Runtime,
+                  principal: Principal) -> JSONResponse:
+    secret = await asyncio.to_thread(action, runtime.meta, principal.client_id)
     return JSONResponse({"secret": secret}, headers=NO_STORE)

@@ -1,0 +1,265 @@
+"""Running export jobs: one worker thread, one job at a time, off the request path.
+
+A job pages through its query exactly as a client would (the route's plan, the creator's
+principal, the largest page), writing each page as it comes — CSV (RFC 4180, the rows of
+``Accept: text/csv``) or Parquet (a row group a page; ``ts`` a UTC timestamp, money and counts
+``int64``) — so memory holds one page, never the export. Over ``TALLY_EXPORT_MAX_ROWS`` rows or
+``TALLY_EXPORT_MAX_BYTES`` bytes the job fails with that reason (never a truncated file). The
+file is written as ``<id>.<ext>.part``, fsynced, then renamed: a file under its final name is
+whole. Finished jobs' files are deleted once they expire. With a ``webhook_url``, the outcome
+is delivered signed (``webhooks/delivery.py``) and each attempt recorded on the job.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import sqlite3
+import threading
+from collections.abc import Callable
+from dataclasses import asdict
+from datetime import datetime
+from pathlib import Path
+from typing import Any, Protocol
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from tally.config import Settings
+from tally.errors import TallyError, UserError
+from tally.exports import jobs
+from tally.exports.jobs import Job
+from tally.insights.series import Context, Plan, Table, slice_, timeseries
+from tally.insights.tables import csv_rows
+from tally.security.tokens import Principal
+from tally.semantic.fx import FxRates
+from tally.storage.base import Backend
+from tally.webhooks import secrets
+from tally.webhooks.delivery import deliver
+
+log = logging.getLogger(__name__)
+PLANNERS: dict[str, Callable[[Context, Any], Plan]] = {"timeseries": timeseries,
+                                                      "slice": slice_}
+PAGE = {"timeseries": 10_000, "slice": 1_000}  # the routes' largest page
+POLL_SECONDS = 0.5
+
+
+class Versions(Protocol):
+    def complete_before(self, brands: tuple[str, ...] | None) -> datetime | None: ...
+
+
+class TooLarge(TallyError):
+    pass
+
+
+class _Interrupted(Exception):
+    """The server is stopping: the job goes back to the queue, its partial file away."""
+
+
+class _Sink:
+    """One export file being written, page by page."""
+
+    def __init__(self, path: Path, fmt: str, table: Table) -> None:
+        self.path, self.fmt, self.table = path, fmt, table
+        self._file = path.open("wb")
+        self._parquet: pq.ParquetWriter | None = None
+        self._first = True
+
+    def write(self, rows: list[dict[str, Any]]) -> None:
+        if self.fmt == "csv":
+            self._file.write(csv_rows(rows, self.table.columns, header=self._first))
+        else:
+            batch = pa.Table.from_pylist([self._typed(r) for r in rows], self._schema())
+            if self._parquet is None:
+                self._parquet = pq.ParquetWriter(self._file, batch.schema)
+            self._parquet.write_table(batch)
+        self._first = False
+
+    def _schema(self) -> pa.Schema:
+        def kind(column: str) -> pa.DataType:
+            if column == "ts":
+                return pa.timestamp("us", tz="UTC")
+            if column in ("value", "value_minor"):
+                return pa.int64() if self.table.whole else pa.float64()
+            if column == "suppressed":
+                return pa.bool_()
+            return pa.string()
+
+        return pa.schema([pa.field(c, kind(c)) for c in self.table.columns])
+
+    def _typed(self, row: dict[str, Any]) -> dict[str, Any]:
+        out = {c: row.get(c) for c in self.table.columns}
+        if out.get("ts") is not None:
+            out["ts"] = datetime.fromisoformat(str(out["ts"]).replace("Z", "+00:00"))
+        for key in self.table.columns:  # dimension keys as text, whatever they were
+            if key not in ("ts", "value", "value_minor", "suppressed") and out[key] is not None:
+                out[key] = str(out[key])
+        return out
+
+    def size(self) -> int:
+        self._file.flush()
+        return self._file.tell()
+
+    def close(self) -> None:
+        if self._parquet is not None:
+            self._parquet.close()
+        elif self.fmt == "parquet":  # no page at all: a valid file of no rows
+            pq.write_table(pa.Table.from_pylist([], self._schema()), self._file)
+        elif self._first:
+            self._file.write(csv_rows([], self.table.columns))
+        self._file.flush()
+        os.fsync(self._file.fileno())
+        self._file.close()
+
+
+def file_of(directory: Path, job: Job) -> Path:
+    return directory / f"{job.id}.{job.extension}"
+
+
+def plan_for(job_query: dict[str, Any], ctx: Context, cursor: str | None = None) -> Plan:
+    """The route's plan of a job's query (the first page, or the one at ``cursor``)."""
+    kind = job_query["kind"]
+    params = {**job_query["params"], "limit": str(PAGE[kind])}
+    if cursor is not None:
+        params["cursor"] = cursor
+    return PLANNERS[kind](ctx, params)
+
+
+class ExportWorker:
+    def __init__(self, settings: Settings, meta: sqlite3.Connection, backend: Backend,
+                 fx: FxRates, versions: Versions,
+                 catch_up: Callable[[float], None] = lambda seconds: None) -> None:
+        """``catch_up(seconds)``: wait (that long at most) for the events acknowledged so far
+        to be in the store, as a route does before it answers (read-your-writes)."""
+        self.settings, self.meta, self.backend, self.fx = settings, meta, backend, fx
+        self.versions, self.catch_up = versions, catch_up
+        self.directory = settings.data_dir / "exports"
+        self._stop = threading.Event()
+        self._wake = threading.Event()
+        self._thread = threading.Thread(target=self._loop, name="tally-exports", daemon=True)
+
+    def start(self) -> None:
+        self.directory.mkdir(mode=0o700, exist_ok=True)
+        jobs.recover(self.meta)
+        self._thread.start()
+
+    def wake(self) -> None:
+        """A job was queued: run it now rather than at the next poll."""
+        self._wake.set()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._wake.set()
+        if self._thread.is_alive():
+            self._thread.join()
+
+    def _loop(self) -> None:
+        while not self._stop.is_set():
+            try:
+                self._sweep()
+                job = jobs.claim(self.meta)
+                if job is not None:
+                    self.run(job)
+                    continue
+            except Exception:  # a bug: log it, keep the worker
+                log.exception("exports: the worker failed; going on")
+            self._wake.wait(POLL_SECONDS)
+            self._wake.clear()
+
+    def context_for(self, principal: Principal) -> Context:
+        return Context(self.backend, self.fx, self.settings, principal,
+                       self.versions.complete_before)
+
+    def run(self, job: Job) -> None:
+        """Run a claimed job to its end (succeeded or failed), then tell its webhook."""
+        final = file_of(self.directory, job)
+        part = final.with_name(final.name + ".part")
+        sink: _Sink | None = None
+        try:
+            self.catch_up(self.settings.read_your_writes_ms / 1000)
+            ctx = self.context_for(job.who())
+            plan = plan_for(job.query, ctx)
+            assert plan.table is not None
+            mark = ctx.watermark(plan.brands)  # as the route's X-Data-Watermark says it
+            job.watermark = (mark or datetime(1970, 1, 1)).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+            sink = _Sink(part, job.format, plan.table)
+            rows = 0
+            while True:
+                answer = plan.run()
+                page = answer[plan.table.rows]
+                rows += len(page)
+                if rows > self.settings.export_max_rows:
+                    raise TooLarge(f"the export has more than TALLY_EXPORT_MAX_ROWS "
+                                   f"({self.settings.export_max_rows}) rows: narrow the query")
+                sink.write(page)
+                if sink.size() > self.settings.export_max_bytes:
+                    raise TooLarge(f"the export is over TALLY_EXPORT_MAX_BYTES "
+                                   f"({self.settings.export_max_bytes}) bytes: narrow the query")
+                cursor = answer.get("next_cursor")
+                if not cursor:
+                    break
+                if self._stop.is_set():  # a stop does not wait for a long export
+                    raise _Interrupted
+                plan = plan_for(job.query, ctx, cursor)
+            sink.close()
+            sink = None
+            part.replace(final)
+            job.status, job.rows, job.bytes = "succeeded", rows, final.stat().st_size
+            job.sha256 = _sha256(final)
+        except _Interrupted:
+            jobs.requeue(self.meta, job)
+            return
+        except (UserError, TooLarge, TallyError, OSError) as exc:
+            job.status = "failed"
+            job.error = getattr(exc, "detail", None) or str(exc) or type(exc).__name__
+        finally:
+            if sink is not None:
+                sink.close()
+            part.unlink(missing_ok=True)
+        jobs.finish(self.meta, job)
+        log.info("exports: job finished", extra={"job": job.id, "status": job.status,
+                                                 "rows": job.rows, "error": job.error})
+        if job.webhook_url:
+            threading.Thread(target=self._notify, args=(job,), name="tally-export-webhook",
+                             daemon=True).start()
+
+    def _notify(self, job: Job) -> None:
+        body = json.dumps({"type": f"export.{job.status}", "data": view(job)}).encode()
+        assert job.webhook_url is not None
+        outcome = deliver(job.webhook_url, body, secrets.signing(self.meta, job.client_id),
+                          allow_loopback=self.settings.webhook_allow_loopback)
+        job.deliveries = [{"message_id": outcome.message_id, **asdict(a)}
+                          for a in outcome.attempts]
+        jobs.record_deliveries(self.meta, job)
+
+    def _sweep(self) -> None:
+        for job in jobs.expired(self.meta):
+            file_of(self.directory, job).unlink(missing_ok=True)
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def view(job: Job, download_url: str | None = None) -> dict[str, Any]:
+    """A job as the API shows it (CONTRACT §8)."""
+    out: dict[str, Any] = {
+        "id": job.id, "status": job.status, "format": job.format,
+        "query": job.query["params"] | {"kind": job.query["kind"]},
+        "created_at": job.created_at, "finished_at": job.finished_at, "rows": job.rows,
+        "bytes": job.bytes, "sha256": job.sha256, "watermark": job.watermark,
+        "expires_at": job.expires_at, "download_url": download_url,
+        "links": {"self": f"/v1/exports/{job.id}"},
+    }
+    if job.error is not None:
+        out["error"] = job.error
+    if job.webhook_url is not None:
+        out["webhook_url"] = job.webhook_url
+        out["deliveries"] = job.deliveries
+    return out
