@@ -197,6 +197,18 @@ def test_a_link_works_for_its_file_until_it_expires(client, headers, stored, set
     assert client.get(f"{EXPORTS}/{job['id']}/file").status_code == 400  # no signature
 
 
+def test_exports_and_downloads_are_in_the_audit_log(client, headers, auth, stored):
+    job, _ = exported(client, headers, TS_QUERY, "csv")
+    client.post("/v1/webhook-secret", headers=headers)
+    entries = client.get("/v1/admin/audit", params={"limit": "1000"},
+                         headers=auth(scopes="admin")).json()["items"]
+    seen = [(e["kind"], e["method"], e["route"], e["status"]) for e in entries]
+    assert ("export", "POST", "/v1/exports", 202) in seen
+    assert ("export", "GET", "/v1/exports/{job_id}", 200) in seen
+    assert ("export", "GET", "/v1/exports/{job_id}/file", 200) in seen  # the download
+    assert ("webhook", "POST", "/v1/webhook-secret", 200) in seen
+
+
 @pytest.fixture
 def tight(tmp_path) -> Iterator[tuple[TestClient, dict[str, str]]]:
     settings = Settings(data_dir=tmp_path / "data", regions="EU,UK,LATAM", export_max_rows=10)

@@ -76,6 +76,8 @@ def kind_of(path: str) -> str | None:
         return "admin"
     if path.startswith("/v1/exports"):
         return "export"
+    if path == "/v1/webhook-secret":  # reading or rotating a signing secret
+        return "webhook"
     return None
 
 
