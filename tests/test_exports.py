@@ -188,8 +188,10 @@ def test_a_link_works_for_its_file_until_it_expires(client, headers, stored, set
         other, _ = exported(client, headers, SLICE_QUERY, "csv")
         swapped = url.replace(job["id"], other["id"])  # this signature, another file
         assert client.get(swapped).status_code == 403
-        links.rotate_key(con)  # the deployment's key replaced: every old link dies
-        assert client.get(url).status_code == 403
+        from tests.server import cli  # the operator's command, while the server runs
+        done = cli("keys", "rotate-link-key", "--json", data_dir=settings.data_dir)
+        assert done.returncode == 0 and json.loads(done.stdout) == {"rotated": "export_links"}
+        assert client.get(url).status_code == 403  # the key replaced: every old link dies
         fresh = client.get(f"{EXPORTS}/{job['id']}", headers=headers).json()["download_url"]
         assert client.get(fresh).content == content
     finally:

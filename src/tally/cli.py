@@ -291,6 +291,20 @@ def _kids(value: object) -> str:
     return ", ".join(map(str, value)) if isinstance(value, list) and value else "none"
 
 
+@keys_app.command("rotate-link-key")
+def keys_rotate_link_key(data_dir: DataDir = None, json_output: Json = False) -> None:
+    """Replace the key that signs export download links: every link made before stops
+    working (403); a job's next GET signs a fresh one."""
+    from tally.exports.links import rotate_key
+
+    rotate_key(existing_metadata(data_dir))
+    if json_output:
+        print_json({"rotated": "export_links"})
+        return
+    typer.echo("export link key replaced: earlier download links now answer 403 "
+               "(GET /v1/exports/{id} signs a fresh one)")
+
+
 @keys_app.command("list")
 def keys_list(data_dir: DataDir = None, json_output: Json = False) -> None:
     """The signing keys: kid, created, active / retired (still verifying) / expired."""
