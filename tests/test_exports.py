@@ -309,3 +309,21 @@ def test_a_stop_does_not_wait_for_a_long_export_which_runs_again_after(tmp_path)
         content = client.get(job["download_url"]).content
         assert len(parsed(content.decode())[1]) == 30 * 1440
     print(f"status seen before the stop: {seen}; after it: {status}")
+
+
+def test_a_file_is_deleted_once_its_job_expires(client, headers, stored, settings):
+    job, _ = exported(client, headers, TS_QUERY, "csv")
+    url = job["download_url"]  # signed for an hour: outlives the file here
+    exports_dir = settings.data_dir / "exports"
+    assert [p.name for p in exports_dir.iterdir()] == [f"{job['id']}.csv"]
+    con = sqlite3.connect(settings.data_dir / "meta.sqlite3", isolation_level=None)
+    con.execute("UPDATE export_jobs SET expires_at = ? WHERE id = ?",
+                (jobs.stamp(jobs.now() - timedelta(seconds=1)), job["id"]))
+    con.close()
+    deadline = time.monotonic() + 10
+    while list(exports_dir.iterdir()) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert list(exports_dir.iterdir()) == []  # the worker's sweep deleted it
+    assert client.get(url).status_code == 404  # a link still good, to a file gone
+    again = client.get(f"{EXPORTS}/{job['id']}", headers=headers).json()
+    assert again["status"] == "succeeded" and again["download_url"] is None

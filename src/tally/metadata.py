@@ -73,7 +73,8 @@ CREATE TABLE IF NOT EXISTS export_jobs (
   sha256 TEXT,
   watermark TEXT,
   error TEXT,
-  deliveries TEXT
+  deliveries TEXT,
+  file_deleted INTEGER NOT NULL DEFAULT 0
 );
 CREATE INDEX IF NOT EXISTS export_jobs_by_client ON export_jobs (client_id, created_at);
 """

@@ -172,8 +172,14 @@ def recover(con: sqlite3.Connection) -> int:
 
 
 def expired(con: sqlite3.Connection) -> list[Job]:
-    """Finished jobs past their ``expires_at`` (their files are deleted)."""
+    """Finished jobs past their ``expires_at`` whose file is not deleted yet."""
     with _lock:
         rows = con.execute(f"SELECT {COLUMNS} FROM export_jobs WHERE expires_at IS NOT NULL "  # noqa: S608
-                           "AND expires_at < ?", (stamp(now()),)).fetchall()
+                           "AND expires_at < ? AND file_deleted = 0",
+                           (stamp(now()),)).fetchall()
     return [_job(row) for row in rows]
+
+
+def file_deleted(con: sqlite3.Connection, job: Job) -> None:
+    with _lock:
+        con.execute("UPDATE export_jobs SET file_deleted = 1 WHERE id = ?", (job.id,))

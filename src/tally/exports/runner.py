@@ -237,6 +237,7 @@ class ExportWorker:
     def _sweep(self) -> None:
         for job in jobs.expired(self.meta):
             file_of(self.directory, job).unlink(missing_ok=True)
+            jobs.file_deleted(self.meta, job)
 
 
 def _sha256(path: Path) -> str:
