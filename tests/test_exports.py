@@ -157,7 +157,8 @@ def test_an_export_needs_both_scopes_and_a_valid_query(client, auth: TokenFactor
         ({**TS_QUERY, "metric": "nope"}, "csv", {}, 400),
         ({**TS_QUERY, "granularity": "2h"}, "csv", {}, 400),
         ({**TS_QUERY, "fitlers": "x"}, "csv", {}, 400),
-        ({"kind": "funnel"}, "csv", {}, 400),
+        ({"kind": "funnel"}, "csv", {}, 400),  # a funnel without its steps
+        ({"kind": "cohorts"}, "csv", {}, 400),
         ({"metric": "ggr"}, "csv", {}, 400),
         (TS_QUERY, "xlsx", {}, 400),
         (TS_QUERY, "csv", {"webhook_url": "https://10.0.0.7/hook"}, 400),
@@ -327,3 +328,43 @@ def test_a_file_is_deleted_once_its_job_expires(client, headers, stored, setting
     assert client.get(url).status_code == 404  # a link still good, to a file gone
     again = client.get(f"{EXPORTS}/{job['id']}", headers=headers).json()
     assert again["status"] == "succeeded" and again["download_url"] is None
+
+
+def test_analyses_export_as_their_answers(client, headers):
+    """Funnel, retention and LTV: the answer's rows (steps, cohorts) as the file's, an LTV
+    cohort's per-day values one column a day."""
+    from datetime import datetime
+
+    from tests.cells import player_day
+    from tests.test_csv_answers import as_field
+
+    events = [e for i in range(8) for e in player_day("brand-a", "EU", f"pa-{i}",
+                                                       datetime(2025, 10, 23, 1 + i))]
+    # a later day of the brand's: the watermark passes the LTV's two days
+    events += player_day("brand-a", "EU", "pa-later", datetime(2025, 10, 27, 12))
+    r = client.post(BATCH, content=json.dumps(events), headers={**headers, **JSON_TYPE})
+    assert r.status_code == 202 and r.json()["rejected"] == 0, r.text
+    funnel = {"steps": ["payment.intent", "payment.captured", "bet.placed"],
+              "window_sec": 3600, "from": DAY, "to": "2025-10-24"}
+    job, content = exported(client, headers, {"kind": "funnel", **funnel}, "csv")
+    steps = client.post("/v1/analytics/funnel", json=funnel, headers=headers).json()["steps"]
+    columns, rows = parsed(content.decode())
+    assert columns == ["name", "count", "rate", "median_sec"] and steps[0]["count"] == 8
+    assert rows == [{c: as_field(s.get(c)) for c in columns} for s in steps]
+    retention = {"cohort": "registration", "start_date": DAY, "end_date": DAY, "days": [0, 1]}
+    job, content = exported(client, headers, {"kind": "retention", **retention}, "parquet")
+    answer = client.post("/v1/analytics/retention", json=retention, headers=headers).json()
+    table = pq.read_table(io.BytesIO(content))
+    assert table.column_names == ["cohort_date", "size", "d0", "d1"]
+    assert [{**row, "cohort_date": row["cohort_date"].isoformat()} for row in table.to_pylist()] \
+        == [{k: row.get(k) for k in table.column_names} for row in answer["rows"]]
+    assert job["rows"] == len(answer["rows"]) == 1 and answer["rows"][0]["size"] == 8
+    ltv = {"cohort": "first_deposit", "start_date": DAY, "end_date": DAY, "horizon": "2d"}
+    job, content = exported(client, headers, {"kind": "ltv", **ltv}, "csv")
+    cohorts = client.get("/v1/analytics/ltv", params=ltv, headers=headers).json()["cohorts"]
+    columns, rows = parsed(content.decode())
+    assert columns == ["date", "size", "ltv_minor_d0", "ltv_minor_d1"]
+    assert [len(c["ltv_minor"]) for c in cohorts] == [2]  # both days have values
+    assert rows == [{"date": c["date"], "size": str(c["size"]),
+                     **{f"ltv_minor_d{k}": str(v) for k, v in enumerate(c["ltv_minor"])}}
+                    for c in cohorts]

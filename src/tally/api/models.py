@@ -326,7 +326,8 @@ class ExportBody(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
     query: dict[str, Any] = Field(
-        description='{"kind": "timeseries"|"slice", ...that route\'s query parameters}',
+        description=('{"kind": "timeseries"|"slice"|"ltv", ...that route\'s query '
+                     'parameters} or {"kind": "funnel"|"retention", ...that route\'s body}'),
         examples=[{"kind": "timeseries", "metric": "ggr", "granularity": "1h",
                    "from": "2025-10-23T00:00:00Z", "to": "2025-10-24T00:00:00Z"}])
     format: Literal["csv", "parquet"]

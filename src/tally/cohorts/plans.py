@@ -18,7 +18,7 @@ from tally.cohorts.request import (
 )
 from tally.errors import InvalidFilter, InvalidParameter
 from tally.insights import request as rq
-from tally.insights.series import Context, Plan, currency_of
+from tally.insights.series import Context, Plan, Table, currency_of
 from tally.security import policy
 from tally.security.clients import ANALYSIS_METRICS
 from tally.security.tokens import Principal
@@ -38,7 +38,10 @@ def funnel(ctx: Context, body: Any) -> Plan:
     fp = rq.fingerprint("funnel", f)
     fp = rq.fingerprint(fp, ctx.principal.min_group_size)
     return Plan(fp, f.filters.get("brand_id"), None,
-                lambda: _private_funnel(funnel_.answer(ctx.backend, f), ctx.principal))
+                lambda: _private_funnel(funnel_.answer(ctx.backend, f), ctx.principal),
+                Table("steps", ("name", "count", "rate", "median_sec", *_flag(ctx)), ("funnel",),
+                      {"count": "int", "rate": "float", "median_sec": "float",
+                       policy.SUPPRESSED: "bool"}))
 
 
 def retention(ctx: Context, body: Any) -> Plan:
@@ -48,8 +51,12 @@ def retention(ctx: Context, body: Any) -> Plan:
                              _confine(ctx, r.filters), r.zone, r.mode)
     fp = rq.fingerprint("retention", r, ctx.principal.min_group_size)
     brands = r.filters.get("brand_id")
+    shares = tuple(f"d{n}" for n in r.days)
     return Plan(fp, brands, None, lambda: _private_retention(
-        retention_.answer_retention(ctx.backend, r, ctx.watermark(brands)), ctx.principal))
+        retention_.answer_retention(ctx.backend, r, ctx.watermark(brands)), ctx.principal),
+        Table("rows", ("cohort_date", "size", *shares, *_flag(ctx)), ("retention", r.cohort),
+              {"cohort_date": "date", "size": "int", policy.SUPPRESSED: "bool",
+               **dict.fromkeys(shares, "float")}))
 
 
 def ltv(ctx: Context, q: dict[str, str | None]) -> Plan:
@@ -74,9 +81,26 @@ def ltv(ctx: Context, q: dict[str, str | None]) -> Plan:
                         query.horizon, sorted(query.filters.items()), query.currency,
                         ctx.principal.min_group_size)
     brands = query.filters.get("brand_id")
+    days = tuple(f"ltv_minor_d{k}" for k in range(query.horizon))
     return Plan(fp, brands, None, lambda: _private_ltv(
         retention_.answer_ltv(ctx.backend, ctx.fx, query, ctx.watermark(brands)),
-        ctx.principal))
+        ctx.principal),
+        Table("cohorts", ("date", "size", *days, *_flag(ctx)),
+              ("ltv", query.metric.name, query.currency),
+              {"date": "date", "size": "int", policy.SUPPRESSED: "bool",
+               **dict.fromkeys(days, "int")}, _ltv_row))
+
+
+def _flag(ctx: Context) -> tuple[str, ...]:
+    """The ``suppressed`` column of an analysis, for a caller whose counts can be withheld."""
+    return (policy.SUPPRESSED,) if ctx.principal.min_group_size is not None else ()
+
+
+def _ltv_row(cohort: dict[str, Any]) -> dict[str, Any]:
+    """An LTV cohort as a table row: its per-day values as one column a day."""
+    values = cohort.get("ltv_minor") or []
+    return {**{k: v for k, v in cohort.items() if k != "ltv_minor"},
+            **{f"ltv_minor_d{k}": v for k, v in enumerate(values)}}
 
 
 # the caller's minimum group size (docs/security.md#privacy): a count of units below it is

@@ -20,13 +20,14 @@ import sqlite3
 import threading
 from collections.abc import Callable
 from dataclasses import asdict
-from datetime import datetime
+from datetime import date, datetime
 from pathlib import Path
 from typing import Any, Protocol
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from tally.cohorts import plans
 from tally.config import Settings
 from tally.errors import TallyError, UserError
 from tally.exports import jobs
@@ -40,10 +41,13 @@ from tally.webhooks import secrets
 from tally.webhooks.delivery import deliver
 
 log = logging.getLogger(__name__)
-PLANNERS: dict[str, Callable[[Context, Any], Plan]] = {"timeseries": timeseries,
-                                                      "slice": slice_}
-PAGE = {"timeseries": 10_000, "slice": 1_000}  # the routes' largest page
+PLANNERS: dict[str, Callable[[Context, Any], Plan]] = {
+    "timeseries": timeseries, "slice": slice_, "funnel": plans.funnel,
+    "retention": plans.retention, "ltv": plans.ltv}
+PAGE = {"timeseries": 10_000, "slice": 1_000}  # the routes' largest page (the others: one)
 POLL_SECONDS = 0.5
+ARROW = {"timestamp": pa.timestamp("us", tz="UTC"), "date": pa.date32(), "int": pa.int64(),
+         "float": pa.float64(), "bool": pa.bool_(), "str": pa.string()}
 
 
 class Versions(Protocol):
@@ -78,24 +82,21 @@ class _Sink:
         self._first = False
 
     def _schema(self) -> pa.Schema:
-        def kind(column: str) -> pa.DataType:
-            if column == "ts":
-                return pa.timestamp("us", tz="UTC")
-            if column in ("value", "value_minor"):
-                return pa.int64() if self.table.whole else pa.float64()
-            if column == "suppressed":
-                return pa.bool_()
-            return pa.string()
-
-        return pa.schema([pa.field(c, kind(c)) for c in self.table.columns])
+        return pa.schema([pa.field(c, ARROW[self.table.kinds.get(c, "str")])
+                          for c in self.table.columns])
 
     def _typed(self, row: dict[str, Any]) -> dict[str, Any]:
         out = {c: row.get(c) for c in self.table.columns}
-        if out.get("ts") is not None:
-            out["ts"] = datetime.fromisoformat(str(out["ts"]).replace("Z", "+00:00"))
-        for key in self.table.columns:  # dimension keys as text, whatever they were
-            if key not in ("ts", "value", "value_minor", "suppressed") and out[key] is not None:
-                out[key] = str(out[key])
+        for column, value in out.items():
+            if value is None:
+                continue
+            kind = self.table.kinds.get(column, "str")
+            if kind == "timestamp":
+                out[column] = datetime.fromisoformat(str(value).replace("Z", "+00:00"))
+            elif kind == "date":
+                out[column] = date.fromisoformat(str(value))
+            elif kind == "str":  # keys as text, whatever they were
+                out[column] = str(value)
         return out
 
     def size(self) -> int:
@@ -121,9 +122,11 @@ def file_of(directory: Path, job: Job) -> Path:
 def plan_for(job_query: dict[str, Any], ctx: Context, cursor: str | None = None) -> Plan:
     """The route's plan of a job's query (the first page, or the one at ``cursor``)."""
     kind = job_query["kind"]
-    params = {**job_query["params"], "limit": str(PAGE[kind])}
-    if cursor is not None:
-        params["cursor"] = cursor
+    params = dict(job_query["params"])
+    if kind in PAGE:
+        params["limit"] = str(PAGE[kind])
+        if cursor is not None:
+            params["cursor"] = cursor
     return PLANNERS[kind](ctx, params)
 
 
@@ -188,7 +191,7 @@ class ExportWorker:
             rows = 0
             while True:
                 answer = plan.run()
-                page = answer[plan.table.rows]
+                page = plan.table.table_rows(answer)
                 rows += len(page)
                 if rows > self.settings.export_max_rows:
                     raise TooLarge(f"the export has more than TALLY_EXPORT_MAX_ROWS "

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -62,18 +62,30 @@ class Plan:
 
 @dataclass(frozen=True)
 class Table:
+    """An answer that is a table (CSV, api/representations.py; exports, exports/runner.py):
+    the member holding its rows, their columns, the parts of its file name, each column's
+    kind where it is not text (``timestamp``, ``date``, ``int``, ``float``, ``bool``), and how
+    an answer row becomes a table row (default: as it is)."""
+
     rows: str
     columns: tuple[str, ...]
     name: tuple[str, ...]
-    whole: bool  # the value column holds integers (money in minor units, counts)
+    kinds: dict[str, str] = field(default_factory=dict)
+    reshape: Callable[[dict[str, Any]], dict[str, Any]] | None = None
+
+    def table_rows(self, answer: dict[str, Any]) -> list[dict[str, Any]]:
+        rows: list[dict[str, Any]] = answer[self.rows]
+        return rows if self.reshape is None else [self.reshape(row) for row in rows]
 
 
 def _table(rows: str, metric: Metric, principal: Principal, keys: tuple[str, ...],
            name: tuple[str, ...]) -> Table:
     """A table's columns: ``keys``, the value, and ``suppressed`` when values can be withheld."""
     flag = (policy.SUPPRESSED,) if policy.may_suppress(metric, principal) else ()
-    return Table(rows, (*keys, answer_field(metric), *flag), name,
-                 metric.unit in (Unit.MONEY, Unit.COUNT))
+    field_ = answer_field(metric)
+    return Table(rows, (*keys, field_, *flag), name,
+                 {"ts": "timestamp", policy.SUPPRESSED: "bool",
+                  field_: "int" if metric.unit in (Unit.MONEY, Unit.COUNT) else "float"})
 
 
 def _reads(metric: Metric, scope: Scope) -> tuple[datetime, datetime] | None:

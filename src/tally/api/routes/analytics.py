@@ -92,7 +92,9 @@ def _body_doc(model: type[BaseModel]) -> dict[str, Any]:
 
 
 async def _answer(request: Request, runtime: Runtime, principal: Principal,
-                  planner: Callable[[Context, Any], Plan], q: Any, max_age: int) -> Response:
+                  planner: Callable[[Context, Any], Plan], q: Any, max_age: int,
+                  csv: bool = False) -> Response:
+    """The plan's answer, JSON — or CSV (``csv``: a route documenting it) when preferred."""
     versions = runtime.ingest.versions
     plan = planner(Context(runtime.backend, runtime.fx, runtime.settings, principal,
                            versions.complete_before), q)
@@ -106,7 +108,7 @@ async def _answer(request: Request, runtime: Runtime, principal: Principal,
     etag = etag_for(plan.fingerprint, version, runtime.fx.version)
     mark = format_watermark(versions.complete_before(plan.brands),
                             runtime.settings.allowed_lateness)
-    table = plan.table if plan.table is not None and wants_csv(request) else None
+    table = plan.table if csv and plan.table is not None and wants_csv(request) else None
     # each representation has its own validator
     tag = etag if table is None else \
         etag_for(f"{plan.fingerprint}|{CSV}", version, runtime.fx.version)
@@ -120,7 +122,7 @@ async def _answer(request: Request, runtime: Runtime, principal: Principal,
     if table is None:
         return respond(etag, content, max_age, mark)
     answer = msgspec.json.decode(content)
-    return respond(tag, csv_rows(answer[table.rows], table.columns), max_age, mark,
+    return respond(tag, csv_rows(table.table_rows(answer), table.columns), max_age, mark,
                    CSV_MEDIA_TYPE, csv_headers(request, answer, table.name))
 
 
@@ -129,7 +131,7 @@ async def _answer(request: Request, runtime: Runtime, principal: Principal,
 async def get_timeseries(request: Request, principal: AnalyticsReader, runtime: RuntimeDep,
                          q: Annotated[TimeseriesQuery, Query()]) -> Response:
     return await _answer(request, runtime, principal, timeseries, q.model_dump(by_alias=True),
-                         MAX_AGE.get(q.granularity, 60))
+                         MAX_AGE.get(q.granularity, 60), csv=True)
 
 
 @router.get("/v1/analytics/slice", summary="A metric by one dimension, ranked (top-N)",
@@ -137,7 +139,7 @@ async def get_timeseries(request: Request, principal: AnalyticsReader, runtime: 
 async def get_slice(request: Request, principal: AnalyticsReader, runtime: RuntimeDep,
                     q: Annotated[SliceQuery, Query()]) -> Response:
     return await _answer(request, runtime, principal, slice_, q.model_dump(by_alias=True),
-                         SLICE_MAX_AGE)
+                         SLICE_MAX_AGE, csv=True)
 
 
 @router.post("/v1/analytics/funnel", summary="Conversion through ordered steps (docs/cohorts.md)",

@@ -20,7 +20,15 @@ from tally.api import answers
 from tally.api.answers import AUTHED, problems
 from tally.api.cursors import decode_cursor, encode_cursor
 from tally.api.deps import AnyToken, ExportsWriter, RuntimeDep
-from tally.api.models import ExportBody, SliceQuery, TimeseriesQuery, validated
+from tally.api.models import (
+    ExportBody,
+    FunnelBody,
+    LtvQuery,
+    RetentionBody,
+    SliceQuery,
+    TimeseriesQuery,
+    validated,
+)
 from tally.errors import Forbidden, InsufficientScope, InvalidParameter, UserError
 from tally.exports import jobs, links
 from tally.exports.runner import file_of, plan_for, view
@@ -31,9 +39,11 @@ from tally.security.tokens import Principal
 from tally.webhooks.delivery import UnsafeDestination, check_url
 
 router = APIRouter(tags=["exports"])
-QUERY_MODELS: dict[str, type[BaseModel]] = {"timeseries": TimeseriesQuery,
-                                            "slice": SliceQuery}
-NOT_YET = ("funnel", "retention", "ltv")  # CONTRACT §8 kinds this version cannot export yet
+# each kind's request model: its route's query parameters, or its body
+QUERY_MODELS: dict[str, type[BaseModel]] = {
+    "timeseries": TimeseriesQuery, "slice": SliceQuery, "ltv": LtvQuery,
+    "funnel": FunnelBody, "retention": RetentionBody}
+BODIES = ("funnel", "retention")  # kinds whose route takes a JSON body (kept as JSON)
 NO_STORE = {"Cache-Control": "no-store"}
 CURSOR_KIND = "exports"
 
@@ -83,14 +93,12 @@ async def create_export(request: Request, principal: ExportsWriter,
     body = validated(ExportBody, decode(await request.body(), "the body", ANY))
     query = dict(body["query"])
     kind = query.pop("kind", None)
-    if kind in NOT_YET:
-        raise InvalidParameter(f"exports of {kind} are not available yet (timeseries, slice)",
+    if not isinstance(kind, str) or kind not in QUERY_MODELS:
+        raise InvalidParameter(f"query.kind must be one of {', '.join(QUERY_MODELS)}",
                                parameter="query.kind")
-    if kind not in QUERY_MODELS:
-        raise InvalidParameter("query.kind must be timeseries or slice",
-                               parameter="query.kind")
-    params = {k: str(v) for k, v in validated(QUERY_MODELS[kind], query, "query").items()
-              if v is not None and k not in ("limit", "cursor")}
+    checked = validated(QUERY_MODELS[kind], query, "query")
+    params = checked if kind in BODIES else {
+        k: str(v) for k, v in checked.items() if v is not None and k not in ("limit", "cursor")}
     job_query = {"kind": kind, "params": params}
     # the route's validation and confinement, now, with the creator's token
     ctx = runtime.exports.context_for(principal)
