@@ -278,6 +278,14 @@ def test_the_outcome_is_delivered_signed_to_the_webhook(tmp_path):
                 "deliveries"]
             assert [d["status"] for d in deliveries] == [200]
             assert deliveries[0]["message_id"] == received_headers["webhook-id"]
+            admin = bearer(client, settings.data_dir, "admin")
+            entries = client.get("/v1/admin/audit", params={"limit": "1000"},
+                                 headers=admin).json()["items"]
+            sent = [e for e in entries if e["route"] == "webhook:export"]
+            assert [(e["kind"], e["status"], e["params"]["job"]) for e in sent] == [
+                ("webhook", 200, job["id"])]
+            verified = client.get("/v1/admin/audit/verify", headers=admin).json()
+            assert verified["intact"] is True
     finally:
         receiver.close()
 

@@ -128,7 +128,7 @@ class Runtime:
         runtime = cls(settings, meta, tokens, backend, ingest,
                       FxRates(backend, settings.base_currency), AnswerCache(), audit, limits)
         runtime.exports = ExportWorker(settings, meta, backend, runtime.fx, ingest.versions,
-                                       ingest.read_your_writes)
+                                       ingest.read_your_writes, audit.append)
         if settings.consume_from:
             runtime.source = open_source(settings, ingest, settings.consume_from,
                                          settings.consume_group)

@@ -189,6 +189,18 @@ def build(scope: Mapping[str, Any], kind: str, status: int) -> dict[str, Any]:
     }
 
 
+def delivery(job_id: str, client_id: str, token_id: str, url_host: str, attempts: int,
+             status: int | None) -> dict[str, Any]:
+    """The record of a webhook delivery (done off any request): ``status`` the receiver's last
+    answer (0: none came)."""
+    code = status or 0
+    return {"kind": "webhook", "method": "POST", "route": "webhook:export",
+            "actor": {"client_id": client_id, "token_id": token_id},
+            "params": {"job": job_id, "host": url_host, "attempts": str(attempts)},
+            "filters": {}, "withheld": [], "rows": None, "status": code,
+            "outcome": "ok" if 200 <= code < 300 else "error", "trace_id": None}
+
+
 class _Counted(msgspec.Struct):
     series: list[msgspec.Raw] | None = None
     items: list[msgspec.Raw] | None = None

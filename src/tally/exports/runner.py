@@ -23,10 +23,12 @@ from dataclasses import asdict
 from datetime import date, datetime
 from pathlib import Path
 from typing import Any, Protocol
+from urllib.parse import urlsplit
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from tally.audit import record
 from tally.cohorts import plans
 from tally.config import Settings
 from tally.errors import TallyError, UserError
@@ -133,11 +135,13 @@ def plan_for(job_query: dict[str, Any], ctx: Context, cursor: str | None = None)
 class ExportWorker:
     def __init__(self, settings: Settings, meta: sqlite3.Connection, backend: Backend,
                  fx: FxRates, versions: Versions,
-                 catch_up: Callable[[float], None] = lambda seconds: None) -> None:
+                 catch_up: Callable[[float], None] = lambda seconds: None,
+                 audit: Callable[[dict[str, Any]], object] = lambda entry: None) -> None:
         """``catch_up(seconds)``: wait (that long at most) for the events acknowledged so far
-        to be in the store, as a route does before it answers (read-your-writes)."""
+        to be in the store, as a route does before it answers (read-your-writes); ``audit``:
+        append an entry to the audit log (a webhook delivery's)."""
         self.settings, self.meta, self.backend, self.fx = settings, meta, backend, fx
-        self.versions, self.catch_up = versions, catch_up
+        self.versions, self.catch_up, self.audit = versions, catch_up, audit
         self.directory = settings.data_dir / "exports"
         self._stop = threading.Event()
         self._wake = threading.Event()
@@ -233,9 +237,17 @@ class ExportWorker:
         assert job.webhook_url is not None
         outcome = deliver(job.webhook_url, body, secrets.signing(self.meta, job.client_id),
                           allow_loopback=self.settings.webhook_allow_loopback)
+        last = outcome.attempts[-1].status if outcome.attempts else None
+        try:  # every webhook is in the audit log (CONTRACT §8)
+            self.audit(record.delivery(job.id, job.client_id, str(job.principal["token_id"]),
+                                       urlsplit(job.webhook_url).hostname or "",
+                                       len(outcome.attempts), last))
+        except Exception:  # the log cannot take it: the delivery stays on the job
+            log.exception("exports: a webhook delivery could not be audited",
+                          extra={"job": job.id})
         job.deliveries = [{"message_id": outcome.message_id, **asdict(a)}
                           for a in outcome.attempts]
-        jobs.record_deliveries(self.meta, job)
+        jobs.record_deliveries(self.meta, job)  # after the audit entry: shown once recorded
 
     def _sweep(self) -> None:
         for job in jobs.expired(self.meta):
