@@ -148,19 +148,24 @@ FUNNEL = {"steps": ["session.started"] + ["bet.placed", "bet.settled"] * 4 + ["b
 
 
 def events(players: int) -> list[dict[str, Any]]:
+    """A session, then 5 bets placed and settled at the same instant: their order is the
+    event ids' (``-a`` before ``-b``), fixed here — not the test session's id counter, whose
+    value when this runs (``ev-9999`` after ``ev-10000`` as text) once lost a player."""
     start = datetime(2025, 10, 22, tzinfo=UTC)
     out = []
     for p in range(players):
         t = start + timedelta(minutes=2 * p)
         out.append(make_event(event_type="session.started", occurred_at=t.isoformat(),
-                              player_id=f"p{p}", payload={"session_id": f"s{p}"}))
+                              event_id=f"q{p:05d}-s", player_id=f"p{p}",
+                              payload={"session_id": f"s{p}"}))
         for k in range(5):
             payload = {"bet_id": f"b{p}-{k}", "stake_minor": 100, "currency": "EUR",
                        "game_id": "g_01", "provider_id": "studio_x"}
             at = (t + timedelta(seconds=10 + k)).isoformat()
             out.append(make_event(event_type="bet.placed", occurred_at=at, player_id=f"p{p}",
-                                  payload=payload))
+                                  event_id=f"q{p:05d}-{k}-a", payload=payload))
             out.append(make_event(event_type="bet.settled", occurred_at=at, player_id=f"p{p}",
+                                  event_id=f"q{p:05d}-{k}-b",
                                   payload={**payload, "win_minor": 0}))
     return out
 
