@@ -376,3 +376,22 @@ def test_analyses_export_as_their_answers(client, headers):
     assert rows == [{"date": c["date"], "size": str(c["size"]),
                      **{f"ltv_minor_d{k}": str(v) for k, v in enumerate(c["ltv_minor"])}}
                     for c in cohorts]
+
+
+def test_an_export_onto_a_full_disk_fails_with_the_reason(tmp_path):
+    """The exports' file system fills up mid-file: the job fails saying so, no partial file
+    is left, and the server goes on (the next small export to a freed disk succeeds)."""
+    from tests.fs import tmpfs
+
+    settings = Settings(data_dir=tmp_path / "data", regions="EU,UK,LATAM")
+    with tmpfs(settings.data_dir / "exports", "256k"), \
+            TestClient(create_app(settings), raise_server_exceptions=False) as client:
+        headers = bearer(client, settings.data_dir)
+        client.post(BATCH, content=json.dumps(_events()), headers={**headers, **JSON_TYPE})
+        big = {"kind": "timeseries", "metric": "bets", "granularity": "1m", "from": DAY,
+               "to": "2025-10-31"}  # ~300 KB of CSV
+        job = finished(client, headers, start(client, headers, big, "csv").json()["id"])
+        assert job["status"] == "failed" and "No space left" in job["error"], job
+        assert list((settings.data_dir / "exports").iterdir()) == []
+        small, _ = exported(client, headers, SLICE_QUERY, "csv")
+        assert small["rows"] == 4

@@ -4,7 +4,9 @@ a real flaky receiver, and the SSRF guard — at registration and at every conne
 
 from __future__ import annotations
 
+import base64
 import json
+import os
 import threading
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -85,8 +87,6 @@ def test_a_client_has_one_secret_until_it_rotates_it(client, auth, settings):
 
 
 def _client_id(client, headers: dict[str, str]) -> str:
-    import base64
-
     token = headers["Authorization"].split()[1]
     claims = json.loads(base64.urlsafe_b64decode(token.split(".")[1] + "=="))
     return str(claims["sub"])
@@ -187,4 +187,4 @@ def test_the_guard_holds_at_the_connection_not_only_at_the_check(receiver: Recei
 
 
 def _secret() -> str:
-    return secrets.PREFIX + __import__("base64").b64encode(__import__("os").urandom(32)).decode()
+    return secrets.PREFIX + base64.b64encode(os.urandom(32)).decode()

@@ -17,10 +17,15 @@ KEY_NAME = "export_links"
 
 
 def _key(con: sqlite3.Connection) -> bytes:
-    con.execute("INSERT INTO deployment_keys (name, key, created_at) VALUES (?, ?, ?) "
-                "ON CONFLICT DO NOTHING", (KEY_NAME, secrets.token_bytes(32), stamp(now())))
-    return bytes(con.execute("SELECT key FROM deployment_keys WHERE name = ?",
-                             (KEY_NAME,)).fetchone()[0])
+    """The key, made on first use (a write only then: a link is signed or checked per job
+    shown and per download)."""
+    read = "SELECT key FROM deployment_keys WHERE name = ?"
+    row = con.execute(read, (KEY_NAME,)).fetchone()
+    if row is None:
+        con.execute("INSERT INTO deployment_keys (name, key, created_at) VALUES (?, ?, ?) "
+                    "ON CONFLICT DO NOTHING", (KEY_NAME, secrets.token_bytes(32), stamp(now())))
+        row = con.execute(read, (KEY_NAME,)).fetchone()
+    return bytes(row[0])
 
 
 def rotate_key(con: sqlite3.Connection) -> None:

@@ -31,7 +31,7 @@ import pyarrow.parquet as pq
 from tally.audit import record
 from tally.cohorts import plans
 from tally.config import Settings
-from tally.errors import TallyError, UserError
+from tally.errors import TallyError
 from tally.exports import jobs
 from tally.exports.jobs import Job
 from tally.insights.series import Context, Plan, Table, slice_, timeseries
@@ -218,7 +218,7 @@ class ExportWorker:
         except _Interrupted:
             jobs.requeue(self.meta, job)
             return
-        except (UserError, TooLarge, TallyError, OSError) as exc:
+        except (TallyError, OSError) as exc:  # the query's, a limit's, the disk's
             job.status = "failed"
             job.error = getattr(exc, "detail", None) or str(exc) or type(exc).__name__
         finally:
