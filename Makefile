@@ -11,7 +11,7 @@ DEMO_EVENTS ?= 300000
 DEMO_DAYS ?= 30
 BENCH_STORED ?= 10000000
 
-.PHONY: install run test test-chdb lint openapi bench reliability clean
+.PHONY: install run test test-chdb lint openapi bench reliability clean browser
 
 .tools/bin/uv:
 	$(PY) -m venv .tools
@@ -46,12 +46,15 @@ STORE_SUITE := tests/test_analytics.py tests/test_rollups.py tests/test_cohorts.
 STORE_FAULTS := sigkill_cycles or sigterm_under_backlog or overload or poison_record or \
 	full_and_read_only or read_only_storage
 
-test: lint  ## the whole suite (lint first), then the API suite on chDB
+browser:  ## Debian's chromium for the widget tests, if missing (scripts/install-chromium.sh)
+	@bash scripts/install-chromium.sh
+
+test: lint browser  ## the whole suite (lint first), then the API suite on chDB
 	$(VENV)/bin/pytest -q -n auto
 	TALLY_TEST_STORE=chdb $(VENV)/bin/pytest -q -n auto $(STORE_SUITE)
 	TALLY_TEST_STORE=chdb $(VENV)/bin/pytest -q -n auto tests/test_faults.py -k "$(STORE_FAULTS)"
 
-test-chdb: install  ## the whole suite on the embedded ClickHouse
+test-chdb: install browser  ## the whole suite on the embedded ClickHouse
 	TALLY_TEST_STORE=chdb $(VENV)/bin/pytest -q -n auto
 
 openapi: install  ## regenerate openapi.json (commit it: tests/test_openapi_doc.py compares)

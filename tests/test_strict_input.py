@@ -43,6 +43,11 @@ VALID: dict[tuple[str, str], dict[str, Any]] = {
     # a job of this client (made first), and its file by the signed link
     ("GET", "/v1/exports/{job_id}"): {"job": "self"},
     ("GET", "/v1/exports/{job_id}/file"): {"job": "file"},
+    ("POST", "/v1/embeds"): {"json": {"query": {"kind": "slice", "metric": "ggr",
+                                                "dim": "game_id", **RANGE}, "chart": "bar"}},
+    # a widget of this client (made first): its page, its data
+    ("GET", "/embed/{token}"): {"embed": ""},
+    ("GET", "/embed/{token}/data"): {"embed": "/data"},
 }
 
 
@@ -81,6 +86,11 @@ def _send(client: TestClient, method: str, path: str, headers: dict[str, str],
             spec["params"] = dict(part.split("=", 1) for part in signed.split("&"))
         else:
             path = job["links"]["self"]
+    if "embed" in spec:  # a route of one widget: a real one, made now
+        made = client.post("/v1/embeds", json=VALID[("POST", "/v1/embeds")]["json"],
+                           headers=headers)
+        assert made.status_code == 201, made.text
+        path = made.json()["url"] + spec.pop("embed")
     query = {**spec.pop("params", {}), **(params or {})}
     if "json" in extra:
         spec["json"] = extra.pop("json")

@@ -291,18 +291,37 @@ def _kids(value: object) -> str:
     return ", ".join(map(str, value)) if isinstance(value, list) and value else "none"
 
 
+def _rotate_deployment_key(data_dir: Path | None, name: str, json_output: bool,
+                           said: str) -> None:
+    from tally.metadata import rotate_deployment_key
+
+    rotate_deployment_key(existing_metadata(data_dir), name)
+    if json_output:
+        print_json({"rotated": name})
+        return
+    typer.echo(said)
+
+
 @keys_app.command("rotate-link-key")
 def keys_rotate_link_key(data_dir: DataDir = None, json_output: Json = False) -> None:
     """Replace the key that signs export download links: every link made before stops
     working (403); a job's next GET signs a fresh one."""
-    from tally.exports.links import rotate_key
+    from tally.exports.links import KEY_NAME
 
-    rotate_key(existing_metadata(data_dir))
-    if json_output:
-        print_json({"rotated": "export_links"})
-        return
-    typer.echo("export link key replaced: earlier download links now answer 403 "
-               "(GET /v1/exports/{id} signs a fresh one)")
+    _rotate_deployment_key(data_dir, KEY_NAME, json_output,
+                           "export link key replaced: earlier download links now answer 403 "
+                           "(GET /v1/exports/{id} signs a fresh one)")
+
+
+@keys_app.command("rotate-embed-key")
+def keys_rotate_embed_key(data_dir: DataDir = None, json_output: Json = False) -> None:
+    """Replace the key that signs embedded widgets' URLs: every widget made before stops
+    working (403); POST /v1/embeds makes new ones."""
+    from tally.embeds.tokens import KEY_NAME
+
+    _rotate_deployment_key(data_dir, KEY_NAME, json_output,
+                           "embed key replaced: earlier widget URLs now answer 403 "
+                           "(POST /v1/embeds makes new ones)")
 
 
 @keys_app.command("list")

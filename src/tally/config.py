@@ -131,6 +131,9 @@ class Settings(BaseSettings):
     export_max_rows: int = Field(default=5_000_000, ge=1)
     export_max_bytes: int = Field(default=1 << 30, ge=1)
     export_link_ttl_seconds: int = Field(default=3600, ge=1, le=7 * 86400)
+    # the origins whose pages may frame an embedded widget (CONTRACT §9; CSP frame-ancestors);
+    # empty: only Tally's own pages
+    embed_origins: str = ""
 
     @field_validator("regions")
     @classmethod
@@ -159,6 +162,12 @@ class Settings(BaseSettings):
     @classmethod
     def _cors(cls, value: str) -> str:
         check_cors_origins(value)
+        return value
+
+    @field_validator("embed_origins")
+    @classmethod
+    def _embed_origins(cls, value: str) -> str:
+        check_cors_origins(value, "TALLY_EMBED_ORIGINS")
         return value
 
     @field_validator("deprecations")

@@ -92,9 +92,10 @@ def check_deprecations(rules: Mapping[str, DeprecationRule]) -> None:
                              "starting with / (optionally ending in * for a prefix)")
 
 
-def check_cors_origins(text: str) -> list[str]:
+def check_cors_origins(text: str, setting: str = "TALLY_CORS_ORIGINS") -> list[str]:
     """``https://app.example.com,https://bi.example.com`` → the list; refuses ``*``, ``null``
-    and anything that is not ``scheme://host[:port]``."""
+    and anything that is not ``scheme://host[:port]`` (``setting`` names the list in errors:
+    TALLY_CORS_ORIGINS, TALLY_EMBED_ORIGINS)."""
     origins: list[str] = []
     for origin in (o.strip() for o in text.split(",")):
         if not origin:
@@ -102,7 +103,7 @@ def check_cors_origins(text: str) -> list[str]:
         parts = urlsplit(origin)
         if (parts.scheme not in ("http", "https") or not parts.hostname
                 or parts.path or parts.query or parts.fragment or "*" in origin):
-            raise ValueError(f"TALLY_CORS_ORIGINS entry {origin!r} is not an origin "
+            raise ValueError(f"{setting} entry {origin!r} is not an origin "
                              "(scheme://host[:port]; no wildcard)")
         origins.append(origin)
     return origins

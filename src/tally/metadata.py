@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import fcntl
 import os
+import secrets
 import sqlite3
 import threading
 import time
@@ -93,6 +94,25 @@ ADDED_COLUMNS: tuple[tuple[str, str, str], ...] = (
     # a partner's (game studio's) provider ids, comma-separated, like brands; NULL: every one
     ("clients", "providers", "TEXT"),
 )
+
+
+def deployment_key(con: sqlite3.Connection, name: str) -> bytes:
+    """The deployment's secret key ``name`` (32 random bytes), made on first use — a write only
+    then, since keys are read per link signed or checked."""
+    read = "SELECT key FROM deployment_keys WHERE name = ?"
+    row = con.execute(read, (name,)).fetchone()
+    if row is None:
+        made = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+        con.execute("INSERT INTO deployment_keys (name, key, created_at) VALUES (?, ?, ?) "
+                    "ON CONFLICT DO NOTHING", (name, secrets.token_bytes(32), made))
+        row = con.execute(read, (name,)).fetchone()
+    return bytes(row[0])
+
+
+def rotate_deployment_key(con: sqlite3.Connection, name: str) -> None:
+    """Replace the key ``name``: whatever it signed stops verifying."""
+    con.execute("DELETE FROM deployment_keys WHERE name = ?", (name,))
+    deployment_key(con, name)
 
 
 def add_missing_columns(con: sqlite3.Connection) -> None:

@@ -234,3 +234,43 @@ def problems(*statuses: int) -> dict[int | str, dict[str, Any]]:
 # every route: bad input, rate limits and an unavailable store, body and head limits
 COMMON = (400, 406, 429, 500, 503)
 AUTHED = (*COMMON, 401, 403)
+
+
+class EmbedCreated(Open):
+    """A widget (CONTRACT §9): ``url`` is ``/embed/<signed token>``, for an ``<iframe>``."""
+
+    id: str
+    url: str
+    expires_at: str
+
+
+class EmbedSeries(Open):
+    name: str
+    values: list[float | int | None]
+
+
+class EmbedAxis(Open):
+    name: str
+    kind: str = Field(description="time (epoch seconds), category or number.")
+    values: list[int | str]
+
+
+class EmbedData(Open):
+    """What a widget's page draws: its chart (x axis and series, money in minor units of
+    ``currency``) and its table (``columns`` and ``rows``: the route's rows)."""
+
+    id: str
+    kind: str
+    chart: str
+    title: str | None
+    refresh_seconds: int | None
+    expires_at: str
+    watermark: str
+    x: EmbedAxis
+    series: list[EmbedSeries]
+    omitted: int = Field(description="Series not drawn (over 10): the table has them all.")
+    unit: str = Field(description="money, count, share or number.")
+    currency: str | None
+    columns: list[str]
+    rows: list[list[Any]]
+    more: bool = Field(description="The route has more rows than the widget shows.")

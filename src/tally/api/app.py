@@ -16,12 +16,14 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from tally import __version__
 from tally.api import docs, hygiene, openapi, problems
 from tally.api.bodies import BodyMiddleware, body_rules
+from tally.api.embed_page import EMBED_ASSETS
 from tally.api.limiting import LimitsMiddleware
 from tally.api.routes import (
     admin,
     analytics,
     audit,
     auth,
+    embeds,
     exports,
     ingest,
     meta,
@@ -121,8 +123,9 @@ def create_app(settings: Settings | None = None, runtime: Runtime | None = None)
     app.add_middleware(TraceMiddleware, metrics=app_metrics)
     hygiene.install(app, settings.cors_origins, settings.deprecations)
     problems.install(app)
+    EMBED_ASSETS.install(app)  # before /embed/{token}/data: /embed/assets/* is an asset
     for module in (auth, ingest, admin, audit, meta, metrics, analytics, exports,
-                   webhooks):
+                   webhooks, embeds):
         app.include_router(module.router)
     openapi.install(app)
     docs.install(app)

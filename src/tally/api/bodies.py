@@ -67,6 +67,7 @@ def body_rules(settings: Settings) -> dict[tuple[str, str], BodyRule]:
         # a rotation takes no body: any byte of one is refused (413) before it is read on
         ("POST", "/v1/webhook-secret"): BodyRule(0, False, "a secret rotation"),
         ("POST", "/v1/exports"): BodyRule(QUERY_BODY_LIMIT, True, "an export request"),
+        ("POST", "/v1/embeds"): BodyRule(QUERY_BODY_LIMIT, True, "an embed request"),
     }
 
 

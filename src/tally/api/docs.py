@@ -89,23 +89,57 @@ class Asset:
     version: str  # a hash of the body: the URL's ?v=
 
 
-@cache
+class Assets:
+    """Files served at ``{url}/{name}``, each read once, with its content type, cached for a
+    year (a URL carries a hash of its file's bytes, so a new version is a new URL)."""
+
+    def __init__(self, url: str, files_: Mapping[str, tuple[str, Callable[[], bytes]]]) -> None:
+        self.url, self.files = url, files_
+        self.get = cache(self._read)
+
+    def _read(self, name: str) -> Asset:
+        content_type, read = self.files[name]
+        body = read()
+        return Asset(content_type, body, hashlib.sha256(body).hexdigest()[:16])
+
+    def href(self, root: str, name: str) -> str:
+        """The URL of ``name`` (escaped for an HTML attribute)."""
+        return escape(f"{root}{self.url}/{name}?v={self.get(name).version}")
+
+    def install(self, app: FastAPI) -> None:
+        @app.get(f"{self.url}/{{name}}", include_in_schema=False)
+        def served_asset(name: str) -> Response:
+            if name not in self.files:
+                raise HTTPException(404, f"no asset {name!r}")
+            found = self.get(name)
+            return Response(found.body, media_type=found.content_type,
+                            headers={"Cache-Control": ASSET_CACHE})
+
+
+DOCS_ASSETS = Assets(ASSETS_URL, ASSETS)
+
+
 def asset(name: str) -> Asset:
-    """The asset ``name`` (a key of :data:`ASSETS`), read once."""
-    content_type, read = ASSETS[name]
-    body = read()
-    return Asset(content_type, body, hashlib.sha256(body).hexdigest()[:16])
+    """The docs asset ``name`` (a key of :data:`ASSETS`)."""
+    return DOCS_ASSETS.get(name)
 
 
 def _url(root: str, name: str) -> str:
-    return escape(f"{root}{ASSETS_URL}/{name}?v={asset(name).version}")
+    return DOCS_ASSETS.href(root, name)
 
 
-def _page(title: str, head: str, body: str) -> HTMLResponse:
+def html_page(title: str, head: str, body: str, policy: str, status: int = 200,
+              headers: Mapping[str, str] | None = None) -> HTMLResponse:
+    """A page with no inline script, under its own ``Content-Security-Policy``."""
     html = (f'<!DOCTYPE html>\n<html lang="en">\n<head>\n<meta charset="utf-8">\n'
             f'<meta name="viewport" content="width=device-width, initial-scale=1">\n'
             f"<title>{escape(title)}</title>\n{head}</head>\n<body>\n{body}</body>\n</html>\n")
-    return HTMLResponse(html, headers={"Content-Security-Policy": PAGE_POLICY})
+    return HTMLResponse(html, status_code=status,
+                        headers={"Content-Security-Policy": policy, **(headers or {})})
+
+
+def _page(title: str, head: str, body: str) -> HTMLResponse:
+    return html_page(title, head, body, PAGE_POLICY)
 
 
 def swagger_page(title: str, root: str, openapi_url: str) -> HTMLResponse:
@@ -144,13 +178,7 @@ def install(app: FastAPI) -> None:
     def redoc(request: Request) -> HTMLResponse:
         return redoc_page(app.title, root_path(request), openapi_url)
 
-    @app.get(f"{ASSETS_URL}/{{name}}", include_in_schema=False)
-    def docs_asset(name: str) -> Response:
-        if name not in ASSETS:
-            raise HTTPException(404, f"no docs asset {name!r}")
-        found = asset(name)
-        return Response(found.body, media_type=found.content_type,
-                        headers={"Cache-Control": ASSET_CACHE})
+    DOCS_ASSETS.install(app)
 
 
 def openapi_text(document: Mapping[str, Any]) -> str:

@@ -17,7 +17,9 @@ from tally.security.admission import admitting
 
 
 def limited(path: str) -> bool:
-    return path.startswith("/v1/") or path == "/oauth/token"
+    """Every ``/v1`` route, token requests, and widgets' pages and data (charged to their
+    creators: ``api/routes/embeds.py``)."""
+    return path.startswith(("/v1/", "/embed/")) or path == "/oauth/token"
 
 
 class LimitsMiddleware:

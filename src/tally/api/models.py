@@ -333,3 +333,21 @@ class ExportBody(BaseModel):
     format: Literal["csv", "parquet"]
     webhook_url: str | None = Field(None, max_length=2048, description=(
         "https URL told of the outcome (docs/api.md#webhooks)."))
+
+
+class EmbedBody(BaseModel):
+    """``POST /v1/embeds`` (CONTRACT §9): a query, as in an export, and how to draw it."""
+
+    model_config = ConfigDict(extra="forbid")
+    query: dict[str, Any] = Field(
+        description="As in POST /v1/exports: {\"kind\": ..., ...that route's parameters or "
+                    "body}; a slice's limit is kept (its top N), a cursor is not.",
+        examples=[{"kind": "timeseries", "metric": "rtp", "granularity": "1h",
+                   "from": "2025-10-23T00:00:00Z", "to": "2025-10-24T00:00:00Z"}])
+    chart: Literal["line", "bar", "table", "funnel"] = Field(description=(
+        "line: timeseries, retention, ltv; bar: timeseries, slice, funnel, retention; "
+        "table: any; funnel: funnel."))
+    title: str | None = Field(None, min_length=1, max_length=200)
+    ttl_seconds: int = Field(3600, ge=60, le=86_400, description="How long the URL works.")
+    refresh_seconds: int | None = Field(None, ge=10, le=86_400, description=(
+        "The page fetches its data again this often (unset: once)."))

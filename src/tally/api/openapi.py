@@ -12,7 +12,7 @@ from fastapi.openapi.utils import get_openapi
 from pydantic import BaseModel
 
 from tally.api.answers import Problem
-from tally.api.models import ExportBody, FunnelBody, RetentionBody
+from tally.api.models import EmbedBody, ExportBody, FunnelBody, RetentionBody
 from tally.api.routes.admin import FxRates
 
 DESCRIPTION = (
@@ -22,8 +22,8 @@ DESCRIPTION = (
     "query parameters and body fields are `400 unknown-parameter`, never ignored."
 )
 # schemas of bodies the routes decode themselves (json_input), documented by their models
-BODY_MODELS: tuple[type[BaseModel], ...] = (FunnelBody, RetentionBody, ExportBody, FxRates,
-                                             Problem)
+BODY_MODELS: tuple[type[BaseModel], ...] = (FunnelBody, RetentionBody, ExportBody,
+                                             EmbedBody, FxRates, Problem)
 REF = "#/components/schemas/{model}"
 
 

@@ -59,6 +59,8 @@ PARAM_CHECKS: dict[str, Callable[[str], bool]] = {
     "currency": lambda v: v in ISO_4217,
     **{name: _matches(_INSTANT) for name in ("from", "to", "start_date", "end_date")},
     **{name: _matches(_NUMBER) for name in ("limit", "after", "window_sec")},
+    "embed": _matches(re.compile(r"emb_[0-9a-f]{24}")),
+    "chart": lambda v: v in ("line", "bar", "table", "funnel"),
     **{name: _matches(_WORD) for name in ("cohort", "horizon", "timezone", "return_event",
                                           "correlate_by", "scope")},
 }
@@ -78,6 +80,9 @@ def kind_of(path: str) -> str | None:
         return "export"
     if path == "/v1/webhook-secret":  # reading or rotating a signing secret
         return "webhook"
+    if path == "/v1/embeds" or (path.startswith("/embed/")
+                                and not path.startswith("/embed/assets/")):
+        return "embed"  # made, its page viewed, its data read
     return None
 
 

@@ -12,11 +12,11 @@ import json
 import secrets
 import sqlite3
 import threading
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from tally.security.tokens import Principal
+from tally.security.tokens import Principal, principal_of_record, principal_record
 
 MAX_ATTEMPTS = 3  # runs a job may start (a stop cuts one off) before it fails
 KEEP = timedelta(hours=24)  # a finished job's file is kept this long (its expires_at)
@@ -59,20 +59,7 @@ class Job:
         return "csv" if self.format == "csv" else "parquet"
 
     def who(self) -> Principal:
-        p = self.principal
-        return Principal(p["client_id"], frozenset(p["scopes"]), _set(p["brands"]),
-                         _set(p["regions"]), _set(p["metrics"]), p["token_id"],
-                         p.get("min_group_size"), p.get("cert_thumbprint"),
-                         _set(p.get("providers")))
-
-
-def _set(values: list[str] | None) -> frozenset[str] | None:
-    return None if values is None else frozenset(values)
-
-
-def principal_record(principal: Principal) -> dict[str, Any]:
-    out = asdict(principal)
-    return {k: sorted(v) if isinstance(v, frozenset) else v for k, v in out.items()}
+        return principal_of_record(self.principal)
 
 
 def _job(row: sqlite3.Row | tuple[Any, ...]) -> Job:

@@ -7,34 +7,22 @@ from __future__ import annotations
 
 import hashlib
 import hmac
-import secrets
 import sqlite3
 from datetime import datetime
 
-from tally.exports.jobs import now, stamp
+from tally.exports.jobs import now
+from tally.metadata import deployment_key, rotate_deployment_key
 
 KEY_NAME = "export_links"
 
 
-def _key(con: sqlite3.Connection) -> bytes:
-    """The key, made on first use (a write only then: a link is signed or checked per job
-    shown and per download)."""
-    read = "SELECT key FROM deployment_keys WHERE name = ?"
-    row = con.execute(read, (KEY_NAME,)).fetchone()
-    if row is None:
-        con.execute("INSERT INTO deployment_keys (name, key, created_at) VALUES (?, ?, ?) "
-                    "ON CONFLICT DO NOTHING", (KEY_NAME, secrets.token_bytes(32), stamp(now())))
-        row = con.execute(read, (KEY_NAME,)).fetchone()
-    return bytes(row[0])
-
-
 def rotate_key(con: sqlite3.Connection) -> None:
-    con.execute("DELETE FROM deployment_keys WHERE name = ?", (KEY_NAME,))
-    _key(con)
+    rotate_deployment_key(con, KEY_NAME)
 
 
 def signature(con: sqlite3.Connection, job_id: str, expires: int) -> str:
-    return hmac.new(_key(con), f"{job_id}.{expires}".encode(), hashlib.sha256).hexdigest()
+    message = f"{job_id}.{expires}".encode()
+    return hmac.new(deployment_key(con, KEY_NAME), message, hashlib.sha256).hexdigest()
 
 
 def link(con: sqlite3.Connection, job_id: str, until: datetime) -> str:

@@ -29,12 +29,12 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from tally.audit import record
-from tally.cohorts import plans
 from tally.config import Settings
 from tally.errors import TallyError
 from tally.exports import jobs
 from tally.exports.jobs import Job
-from tally.insights.series import Context, Plan, Table, slice_, timeseries
+from tally.insights.kinds import plan_for
+from tally.insights.series import Context, Table
 from tally.insights.tables import csv_rows
 from tally.security.tokens import Principal
 from tally.semantic.fx import FxRates
@@ -43,10 +43,6 @@ from tally.webhooks import secrets
 from tally.webhooks.delivery import deliver
 
 log = logging.getLogger(__name__)
-PLANNERS: dict[str, Callable[[Context, Any], Plan]] = {
-    "timeseries": timeseries, "slice": slice_, "funnel": plans.funnel,
-    "retention": plans.retention, "ltv": plans.ltv}
-PAGE = {"timeseries": 10_000, "slice": 1_000}  # the routes' largest page (the others: one)
 POLL_SECONDS = 0.5
 ARROW = {"timestamp": pa.timestamp("us", tz="UTC"), "date": pa.date32(), "int": pa.int64(),
          "float": pa.float64(), "bool": pa.bool_(), "str": pa.string()}
@@ -119,17 +115,6 @@ class _Sink:
 
 def file_of(directory: Path, job: Job) -> Path:
     return directory / f"{job.id}.{job.extension}"
-
-
-def plan_for(job_query: dict[str, Any], ctx: Context, cursor: str | None = None) -> Plan:
-    """The route's plan of a job's query (the first page, or the one at ``cursor``)."""
-    kind = job_query["kind"]
-    params = dict(job_query["params"])
-    if kind in PAGE:
-        params["limit"] = str(PAGE[kind])
-        if cursor is not None:
-            params["cursor"] = cursor
-    return PLANNERS[kind](ctx, params)
 
 
 class ExportWorker:

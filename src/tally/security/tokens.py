@@ -12,7 +12,7 @@ from __future__ import annotations
 import secrets
 import sqlite3
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from typing import Any, Protocol
 
 import jwt
@@ -41,6 +41,24 @@ class Principal:
     cert_thumbprint: str | None = None  # RFC 8705 cnf.x5t#S256: usable over that cert only
     # a partner (game studio): only bets on these providers' games (security/policy.py)
     providers: frozenset[str] | None = None
+
+
+def principal_record(principal: Principal) -> dict[str, Any]:
+    """A principal as JSON (an export job's, an embed token's): its limits, kept as they were."""
+    out = asdict(principal)
+    return {k: sorted(v) if isinstance(v, frozenset) else v for k, v in out.items()}
+
+
+def principal_of_record(record: dict[str, Any]) -> Principal:
+    """The principal :func:`principal_record` kept."""
+    def as_set(values: list[str] | None) -> frozenset[str] | None:
+        return None if values is None else frozenset(values)
+
+    return Principal(record["client_id"], frozenset(record["scopes"]),
+                     as_set(record["brands"]), as_set(record["regions"]),
+                     as_set(record["metrics"]), record["token_id"],
+                     record.get("min_group_size"), record.get("cert_thumbprint"),
+                     as_set(record.get("providers")))
 
 
 def _claim_list(items: frozenset[str] | None) -> list[str] | None:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import Callable
 from typing import Annotated, Any
 
@@ -11,16 +10,9 @@ from fastapi import APIRouter, Query, Request, Response
 from pydantic import BaseModel
 
 from tally.api import answers
+from tally.api.answering import answering, json_answer
 from tally.api.answers import AUTHED, problems
-from tally.api.caching import (
-    COHORT_MAX_AGE,
-    MAX_AGE,
-    SLICE_MAX_AGE,
-    etag_for,
-    format_watermark,
-    not_modified,
-    respond,
-)
+from tally.api.caching import COHORT_MAX_AGE, MAX_AGE, SLICE_MAX_AGE, respond
 from tally.api.deps import AnalyticsReader, RuntimeDep
 from tally.api.models import (
     FunnelBody,
@@ -37,7 +29,6 @@ from tally.api.representations import (
     csv_rows,
     wants_csv,
 )
-from tally.audit.record import count_rows
 from tally.cohorts import plans
 from tally.insights.series import Context, Plan, slice_, timeseries
 from tally.json_input import ANY, decode
@@ -95,35 +86,18 @@ async def _answer(request: Request, runtime: Runtime, principal: Principal,
                   planner: Callable[[Context, Any], Plan], q: Any, max_age: int,
                   csv: bool = False) -> Response:
     """The plan's answer, JSON — or CSV (``csv``: a route documenting it) when preferred."""
-    versions = runtime.ingest.versions
     plan = planner(Context(runtime.backend, runtime.fx, runtime.settings, principal,
-                           versions.complete_before), q)
-    # read-your-writes, bounded: an answer includes the events acknowledged before the request
-    # if the applier gets them in within TALLY_READ_YOUR_WRITES_MS; else it answers now, and
-    # its watermark says which events it holds
-    if not runtime.ingest.caught_up():
-        await asyncio.to_thread(runtime.ingest.read_your_writes,
-                                runtime.settings.read_your_writes_ms / 1000)
-    version = versions.version(plan.brands, plan.reads)
-    etag = etag_for(plan.fingerprint, version, runtime.fx.version)
-    mark = format_watermark(versions.complete_before(plan.brands),
-                            runtime.settings.allowed_lateness)
+                           runtime.ingest.versions.complete_before), q)
     table = plan.table if csv and plan.table is not None and wants_csv(request) else None
-    # each representation has its own validator
-    tag = etag if table is None else \
-        etag_for(f"{plan.fingerprint}|{CSV}", version, runtime.fx.version)
-    if not_modified(request, tag):
-        return respond(tag, None, max_age, mark)
-    content = runtime.answers.get(etag)  # the JSON answer; a CSV is made from it
-    if content is None:
-        content = msgspec.json.encode(await asyncio.to_thread(plan.run))
-        runtime.answers.put(etag, content, max_age)
-    request.state.audit_rows = count_rows(content)
+    state = await answering(request, runtime, plan, None if table is None else CSV)
+    if state.fresh:
+        return respond(state.tag, None, max_age, state.watermark)
+    content = await json_answer(request, runtime, state, max_age)  # a CSV is made from it
     if table is None:
-        return respond(etag, content, max_age, mark)
+        return respond(state.etag, content, max_age, state.watermark)
     answer = msgspec.json.decode(content)
-    return respond(tag, csv_rows(table.table_rows(answer), table.columns), max_age, mark,
-                   CSV_MEDIA_TYPE, csv_headers(request, answer, table.name))
+    return respond(state.tag, csv_rows(table.table_rows(answer), table.columns), max_age,
+                   state.watermark, CSV_MEDIA_TYPE, csv_headers(request, answer, table.name))
 
 
 @router.get("/v1/analytics/timeseries", summary="A metric over time, bucketed in UTC",

@@ -14,24 +14,17 @@ from typing import Annotated, Any
 
 from fastapi import APIRouter, Query, Request
 from fastapi.responses import FileResponse, JSONResponse
-from pydantic import BaseModel
 
 from tally.api import answers
 from tally.api.answers import AUTHED, problems
 from tally.api.cursors import decode_cursor, encode_cursor
 from tally.api.deps import AnyToken, ExportsWriter, RuntimeDep
-from tally.api.models import (
-    ExportBody,
-    FunnelBody,
-    LtvQuery,
-    RetentionBody,
-    SliceQuery,
-    TimeseriesQuery,
-    validated,
-)
+from tally.api.models import ExportBody, validated
+from tally.api.queries import stored_query
 from tally.errors import Forbidden, InsufficientScope, InvalidParameter, UserError
 from tally.exports import jobs, links
-from tally.exports.runner import file_of, plan_for, view
+from tally.exports.runner import file_of, view
+from tally.insights.kinds import plan_for
 from tally.insights.request import parse_bounded_int
 from tally.json_input import ANY, decode
 from tally.runtime import Runtime
@@ -39,11 +32,6 @@ from tally.security.tokens import Principal
 from tally.webhooks.delivery import UnsafeDestination, check_url
 
 router = APIRouter(tags=["exports"])
-# each kind's request model: its route's query parameters, or its body
-QUERY_MODELS: dict[str, type[BaseModel]] = {
-    "timeseries": TimeseriesQuery, "slice": SliceQuery, "ltv": LtvQuery,
-    "funnel": FunnelBody, "retention": RetentionBody}
-BODIES = ("funnel", "retention")  # kinds whose route takes a JSON body (kept as JSON)
 NO_STORE = {"Cache-Control": "no-store"}
 CURSOR_KIND = "exports"
 
@@ -91,15 +79,7 @@ async def create_export(request: Request, principal: ExportsWriter,
                         runtime: RuntimeDep) -> JSONResponse:
     _export_reader(principal)
     body = validated(ExportBody, decode(await request.body(), "the body", ANY))
-    query = dict(body["query"])
-    kind = query.pop("kind", None)
-    if not isinstance(kind, str) or kind not in QUERY_MODELS:
-        raise InvalidParameter(f"query.kind must be one of {', '.join(QUERY_MODELS)}",
-                               parameter="query.kind")
-    checked = validated(QUERY_MODELS[kind], query, "query")
-    params = checked if kind in BODIES else {
-        k: str(v) for k, v in checked.items() if v is not None and k not in ("limit", "cursor")}
-    job_query = {"kind": kind, "params": params}
+    job_query = stored_query(body["query"], ("limit", "cursor"))
     # the route's validation and confinement, now, with the creator's token
     ctx = runtime.exports.context_for(principal)
     plan_for(job_query, ctx)

@@ -1,0 +1,1 @@
+"""Embeddable widgets (CONTRACT §9): signed embed tokens and the charts they draw."""
