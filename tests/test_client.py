@@ -125,7 +125,7 @@ def expected_ggr() -> dict[tuple[int, str], int]:
 def served(tmp_path_factory):
     """A server holding :func:`dataset` (and a GBP rate), and the admin's credentials."""
     data = tmp_path_factory.mktemp("client") / "data"
-    admin = new_client(data)
+    admin = new_client(data, scopes="events:write analytics:read exports:write admin")
     server = Server(data, env=LIMITS)
     with TallyClient(server.url, client_id=admin[0], client_secret=admin[1],
                      max_batch_events=100, max_batch_bytes=65536) as tally:
@@ -160,7 +160,8 @@ def test_token_is_cached_renewed_before_expiry_and_on_a_401(served):
                      clock=lambda: now[0]) as tally:
         first = tally.token()
         assert first.token_type == "Bearer" and first.expires_in == 900
-        assert set(first.scope.split()) == {"events:write", "analytics:read", "admin"}
+        assert set(first.scope.split()) == {"events:write", "analytics:read", "exports:write",
+                                           "admin"}
         now[0] = 839.0  # within the lifetime less a tenth (at most 60 s): still the same
         assert tally.token() == first
         now[0] = 841.0

@@ -18,7 +18,10 @@ from tally_client.models import (
     AuditPage,
     AuditVerification,
     BadEntry,
+    Embed,
     EventTypeSchema,
+    ExportJob,
+    ExportJobs,
     Funnel,
     FunnelStep,
     FxRate,
@@ -43,6 +46,8 @@ from tally_client.models import (
     SliceItem,
     Timeseries,
     Token,
+    WebhookDelivery,
+    WebhookSecret,
 )
 from tally_client.problems import (
     BadRequest,
@@ -69,7 +74,8 @@ from tally_client.retry import NO_RETRY, RetryPolicy
 
 __all__ = [
     "NO_RETRY", "AsyncTallyClient", "AuditEntry", "AuditKey", "AuditPage",
-    "AuditVerification", "BadEntry", "BadRequest", "Conflict", "Day", "EventTypeSchema",
+    "AuditVerification", "BadEntry", "BadRequest", "Conflict", "Day", "Embed",
+    "EventTypeSchema", "ExportJob", "ExportJobs",
     "Filters", "Forbidden", "Funnel", "FunnelStep", "FxRate", "FxRates", "FxRatesAdded",
     "HeadersTooLarge", "IngestResult", "Instant", "Ltv", "LtvCohort", "MethodNotAllowed",
     "MetricInfo", "MetricsCatalog", "MisdirectedRequest", "NotAcceptable", "NotFound",
@@ -78,5 +84,5 @@ __all__ = [
     "RetryPolicy", "SchemaRegistry", "SchemaVersion", "ServerError", "ServiceUnavailable",
     "Slice", "SliceItem", "TallyClient", "TallyError", "TallyProblem", "Timeseries", "Token",
     "Unauthorized", "UnexpectedResponse", "Unprocessable", "UnsupportedMediaType",
-    "__version__",
+    "WebhookDelivery", "WebhookSecret", "__version__",
 ]

@@ -22,6 +22,9 @@ from tally_client._exchange import Send, answer_decoder, decoder
 from tally_client.models import (
     AuditPage,
     AuditVerification,
+    Embed,
+    ExportJob,
+    ExportJobs,
     Funnel,
     FxRate,
     FxRates,
@@ -35,7 +38,9 @@ from tally_client.models import (
     SchemaRegistry,
     Slice,
     Timeseries,
+    WebhookSecret,
 )
+from tally_client.problems import problem_from
 
 T = TypeVar("T")
 Instant = datetime | date | str
@@ -240,3 +245,52 @@ def audit(after: int | None, limit: int | None, cursor: str | None) -> Call[Audi
 
 def verify_audit() -> Call[AuditVerification]:
     return Call(Send("GET", "/v1/admin/audit/verify"), decoder(AuditVerification))
+
+
+def _query(kind: str, query: Mapping[str, Any]) -> dict[str, Any]:
+    """A stored query (exports, embeds): ``kind`` and that route's parameters or body, as
+    the route takes them (wire names: ``from``, not ``from_``)."""
+    return {"kind": kind, **{k.rstrip("_") if k == "from_" else k: v
+                             for k, v in query.items() if v is not None}}
+
+
+def create_export(kind: str, query: Mapping[str, Any], format_: str,
+                  webhook_url: str | None) -> Call[ExportJob]:
+    body = _body(query=_query(kind, query), format_=format_, webhook_url=webhook_url)
+    return Call(Send("POST", "/v1/exports", content=body, headers=JSON),
+                decoder(ExportJob, status=202))
+
+
+def export_job(job_id: str) -> Call[ExportJob]:
+    return Call(Send("GET", f"/v1/exports/{job_id}"), decoder(ExportJob))
+
+
+def exports(limit: int | None, cursor: str | None) -> Call[ExportJobs]:
+    return Call(Send("GET", "/v1/exports", _params(limit=limit, cursor=cursor)),
+                decoder(ExportJobs))
+
+
+def download(url: str) -> Call[bytes]:
+    """An export's file by its signed ``download_url`` (``path?expires=…&signature=…``)."""
+    path, _, query = url.partition("?")
+    params = tuple(tuple(part.split("=", 1)) for part in query.split("&") if "=" in part)
+
+    def parse(response: httpx.Response) -> bytes:
+        if response.status_code != 200:
+            raise problem_from(response)
+        return response.content
+
+    return Call(Send("GET", path, cast("tuple[tuple[str, str], ...]", params)), parse)
+
+
+def webhook_secret(rotate: bool) -> Call[WebhookSecret]:
+    return Call(Send("POST" if rotate else "GET", "/v1/webhook-secret"),
+                decoder(WebhookSecret))
+
+
+def create_embed(kind: str, query: Mapping[str, Any], chart: str, title: str | None,
+                 ttl_seconds: int | None, refresh_seconds: int | None) -> Call[Embed]:
+    body = _body(query=_query(kind, query), chart=chart, title=title, ttl_seconds=ttl_seconds,
+                 refresh_seconds=refresh_seconds)
+    return Call(Send("POST", "/v1/embeds", content=body, headers=JSON),
+                decoder(Embed, status=201))

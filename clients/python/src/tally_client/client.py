@@ -21,6 +21,8 @@ from tally_client.models import (
     AuditEntry,
     AuditPage,
     AuditVerification,
+    Embed,
+    ExportJob,
     Funnel,
     FxRate,
     FxRates,
@@ -39,6 +41,7 @@ from tally_client.models import (
     SliceItem,
     Timeseries,
     Token,
+    WebhookSecret,
 )
 
 T = TypeVar("T")
@@ -290,3 +293,46 @@ class TallyClient(ClientBase):
 
     def verify_audit(self) -> AuditVerification:
         return self._do(_routes.verify_audit())
+
+    # --- data out (CONTRACT §8–9) -----------------------------------------------------------
+
+    def export(self, kind: str, query: Mapping[str, Any], *, format: str = "csv",
+               webhook_url: str | None = None) -> ExportJob:
+        """Start an export job of ``kind`` (timeseries, slice, ltv: ``query`` the route's
+        parameters; funnel, retention: its body) as ``csv`` or ``parquet``."""
+        return self._do(_routes.create_export(kind, query, format, webhook_url))
+
+    def export_job(self, job_id: str) -> ExportJob:
+        return self._do(_routes.export_job(job_id))
+
+    def wait_for_export(self, job_id: str, *, timeout: float = 600,
+                        poll: float = 0.5) -> ExportJob:
+        """The job once it has succeeded or failed (``TimeoutError`` after ``timeout`` s)."""
+        deadline = time.monotonic() + timeout
+        while not (job := self.export_job(job_id)).done:
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"export {job_id} is still {job.status}")
+            time.sleep(poll)
+        return job
+
+    def iter_exports(self, *, page_size: int | None = None) -> Iterator[ExportJob]:
+        return self._pages(lambda c: _routes.exports(page_size, c),
+                           lambda page: page.items, lambda page: page.next_cursor)
+
+    def download(self, job: ExportJob) -> bytes:
+        """A succeeded job's file, by its signed link."""
+        if job.download_url is None:
+            raise ValueError(f"export {job.id} has no file to download ({job.status})")
+        return self._do(_routes.download(job.download_url))
+
+    def webhook_secret(self, *, rotate: bool = False) -> WebhookSecret:
+        """The secret that signs this client's webhooks; ``rotate``: a new one (the old one
+        signs beside it for 24 h)."""
+        return self._do(_routes.webhook_secret(rotate))
+
+    def embed(self, kind: str, query: Mapping[str, Any], *, chart: str,
+              title: str | None = None, ttl_seconds: int | None = None,
+              refresh_seconds: int | None = None) -> Embed:
+        """An embeddable widget of the query (``chart``: line, bar, table, funnel)."""
+        return self._do(_routes.create_embed(kind, query, chart, title, ttl_seconds,
+                                             refresh_seconds))

@@ -238,7 +238,7 @@ class AuditEntry(_Model, frozen=True, kw_only=True):
     kind: str | None = None
     method: str | None = None
     route: str | None = None
-    actor: dict[str, Any] = {}
+    actor: dict[str, Any] | None = None  # None: a call with no client (a signed link)
     params: dict[str, Any] = {}
     filters: dict[str, Any] = {}
     withheld: list[Any] = []
@@ -275,3 +275,57 @@ class AuditVerification(_Model, frozen=True, kw_only=True):
     head_hash: str | None = None
     latest_checkpoint: dict[str, Any] | None = None
     keys: list[AuditKey] = []
+
+
+class WebhookDelivery(_Model, frozen=True, kw_only=True):
+    """One attempt to deliver an export's webhook: the receiver's status (``None``: no answer)."""
+
+    message_id: str
+    at: UtcDatetime
+    status: int | None = None
+    error: str | None = None
+    ms: float | None = None
+
+
+class ExportJob(_Model, frozen=True, kw_only=True):
+    """An export job (CONTRACT §8). ``download_url`` (a path, signed and expiring: no token
+    needed) once it ``succeeded``, until its file expires."""
+
+    id: str
+    status: str
+    format: str | None = None
+    query: dict[str, Any] | None = None
+    created_at: UtcDatetime | None = None
+    finished_at: UtcDatetime | None = None
+    rows: int | None = None
+    bytes: int | None = None
+    sha256: str | None = None
+    watermark: UtcDatetime | None = None
+    expires_at: UtcDatetime | None = None
+    download_url: str | None = None
+    error: str | None = None
+    webhook_url: str | None = None
+    deliveries: list[WebhookDelivery] = []
+
+    @property
+    def done(self) -> bool:
+        return self.status in ("succeeded", "failed")
+
+
+class ExportJobs(_Model, frozen=True, kw_only=True):
+    items: list[ExportJob]
+    next_cursor: str | None = None
+
+
+class WebhookSecret(_Model, frozen=True, kw_only=True):
+    """The secret that signs the webhooks sent to this client (Standard Webhooks)."""
+
+    secret: str
+
+
+class Embed(_Model, frozen=True, kw_only=True):
+    """An embeddable widget (CONTRACT §9): ``url`` (a path) for an ``<iframe>``."""
+
+    id: str
+    url: str
+    expires_at: UtcDatetime
