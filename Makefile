@@ -11,7 +11,7 @@ DEMO_EVENTS ?= 300000
 DEMO_DAYS ?= 30
 BENCH_STORED ?= 10000000
 
-.PHONY: install run test test-chdb lint openapi bench reliability clean browser
+.PHONY: install run test test-chdb lint openapi bench bench-quick reliability clean browser
 
 .tools/bin/uv:
 	$(PY) -m venv .tools
@@ -32,7 +32,7 @@ lint: install  ## ruff and mypy --strict
 
 # the API suite again on the embedded ClickHouse (TALLY_STORE=chdb): answers, rollups, cohorts,
 # security (every route under a confined token), ETags, ingestion, restart, kill -9 and replay,
-# durability, audit; a gap is a strict xfail naming it. `make test-chdb` runs the whole suite
+# durability, audit, CSV, exports and widgets; a gap is a strict xfail naming it. `make test-chdb` runs the whole suite
 # there (the HTTP edge, parsers and CLI too: ~7 more minutes).
 STORE_SUITE := tests/test_analytics.py tests/test_rollups.py tests/test_cohorts.py \
 	tests/test_policy.py tests/test_caching.py tests/test_e2e_server.py \
@@ -40,7 +40,8 @@ STORE_SUITE := tests/test_analytics.py tests/test_rollups.py tests/test_cohorts.
 	tests/test_ingest_api.py tests/test_paging.py tests/test_residency.py \
 	tests/test_policy_matrix.py tests/test_admin_matrix.py tests/test_admin_scope.py \
 	tests/test_privacy.py tests/test_partners.py tests/test_durability.py \
-	tests/test_query_limits.py tests/test_audit.py tests/test_demo.py
+	tests/test_query_limits.py tests/test_audit.py tests/test_demo.py \
+	tests/test_csv_answers.py tests/test_exports.py tests/test_embeds.py
 
 # the fault scenarios that run there too (a slow-client scenario tests the HTTP edge alone)
 STORE_FAULTS := sigkill_cycles or sigterm_under_backlog or overload or poison_record or \
@@ -68,6 +69,9 @@ bench: install  ## reproducible benchmarks; results in docs/benchmarks.md
 	$(VENV)/bin/python -m bench.engine_bench --events $(BENCH_STORED)
 	$(VENV)/bin/python -m bench.consume_bench --events 1000000
 	$(VENV)/bin/python -m bench.export_bench --brands 100 --days 34
+
+bench-quick: install  ## ~3 min regression guard: main queries at 1M, ratios to raw SQL
+	$(VENV)/bin/python -m bench.quick_bench
 
 reliability: install  ## the fault suite at full size; figures in docs/reliability.md (root)
 	$(VENV)/bin/python -m reliability.run

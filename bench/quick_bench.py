@@ -1,0 +1,193 @@
+"""Regression guard (issue 14 item 5): the main queries at 1M events over HTTP, each beside the
+same answer by raw SQL on the same engine in the same run, as ratios — in about 3 minutes.
+
+    python -m bench.quick_bench                 # make bench-quick
+    python -m bench.quick_bench --compare A.json B.json
+
+The store is `tally demo`'s (distinct players, sessions and payments over 90 days), built
+once into bench/out/store-1000000 and reused. Each query is asked REQUESTS times from
+CLIENTS clients with ranges shifted by whole buckets or days (so the answer cache cannot
+serve them), then the raw SQL the same number of times from as many cursors; each HTTP answer
+is checked against its raw SQL first. The figure to watch is the **ratio** of HTTP p50 to raw
+SQL p50 (machines are noisy; a ratio measured in one run is not). Results go to
+bench/out/quick-<commit>.json; ``--compare`` prints two such files side by side, so two
+commits compare as: check out A, ``make bench-quick``; check out B, ``make bench-quick``;
+``python -m bench.quick_bench --compare bench/out/quick-A.json bench/out/quick-B.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import time
+from collections.abc import Callable
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import duckdb
+import httpx2 as httpx
+
+from bench.cohort_bench import (
+    funnel_body,
+    ltv_params,
+    raw_funnel,
+    raw_ltv,
+    raw_retention,
+    retention_body,
+)
+from bench.common import OUT, ROOT, Server, ensure_store, machine, percentile
+from bench.query_bench import cases, prepare, same_answer, timed_concurrently
+
+STORED, DAYS, REQUESTS = 1_000_000, 90, 12
+
+
+def _p(latencies: list[float], q: float) -> float:
+    return round(percentile(latencies, q) * 1000, 2)
+
+
+def _http(url: str, headers: dict[str, str], method: str, path: str,
+          items: list[Any]) -> list[float]:
+    def make_worker() -> tuple[Callable[[Any], None], Callable[[], None]]:
+        http = httpx.Client(base_url=url, headers=headers, timeout=300)
+
+        def work(item: Any) -> None:
+            r = http.post(path, json=item) if method == "POST" else http.get(path, params=item)
+            assert r.status_code in (200, 304), r.text
+
+        return work, http.close
+
+    return timed_concurrently(items, make_worker)
+
+
+def _raw(con: duckdb.DuckDBPyConnection, sqls: list[str]) -> list[float]:
+    def make_worker() -> tuple[Callable[[str], Any], Callable[[], None]]:
+        cur = con.cursor()
+        return (lambda sql: cur.execute(sql).fetchall()), cur.close
+
+    return timed_concurrently(sqls, make_worker)
+
+
+def _commit() -> str:
+    out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT,
+                         capture_output=True, text=True)
+    dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT,
+                           capture_output=True, text=True).stdout.strip()
+    return (out.stdout.strip() or "unknown") + ("-dirty" if dirty else "")
+
+
+def run() -> dict[str, Any]:
+    started = time.perf_counter()
+    data = ensure_store(STORED, DAYS)
+    shape = json.loads((data / "demo.json").read_text())
+    server = Server(data)
+    queries: list[dict[str, Any]] = []
+    try:
+        headers, end = prepare(server, data)
+        for case in cases(end):
+            queries.append({"name": case["name"], "method": "GET", "path": case["path"],
+                            "items": [case["params"](k) for k in range(REQUESTS)],
+                            "raw": [case["raw"](k) for k in range(REQUESTS)],
+                            "check": same_answer})
+        queries += [
+            {"name": "funnel 4 steps, 30 days, 1 h window", "method": "POST",
+             "path": "/v1/analytics/funnel",
+             "items": [funnel_body(end, k) for k in range(REQUESTS)],
+             "raw": [raw_funnel(end, k) for k in range(REQUESTS)], "check": _same_funnel},
+            {"name": "retention, a month of first-deposit cohorts", "method": "POST",
+             "path": "/v1/analytics/retention",
+             "items": [retention_body(end, k) for k in range(REQUESTS)],
+             "raw": [raw_retention(end, k) for k in range(REQUESTS)], "check": None},
+            {"name": "ltv ggr 90 days, a month of cohorts", "method": "GET",
+             "path": "/v1/analytics/ltv", "items": [ltv_params(end, k) for k in range(REQUESTS)],
+             "raw": [raw_ltv(end, k) for k in range(REQUESTS)], "check": None},
+        ]
+        for q in queries:
+            _http(server.url, headers, q["method"], q["path"], q["items"][:1])  # warm-up
+            q["http"] = _http(server.url, headers, q["method"], q["path"], q["items"])
+            first = httpx.request(q["method"], f"{server.url}{q['path']}", headers=headers,
+                                  timeout=300, **({"json": q["items"][0]} if q["method"] ==
+                                                  "POST" else {"params": q["items"][0]}))
+            q["answer"] = first.json()
+        same = queries[0]["items"][0]
+        tag = httpx.get(f"{server.url}{queries[0]['path']}", params=same,
+                        headers=headers).headers["etag"]
+        revalidation = _http(server.url, {**headers, "If-None-Match": tag}, "GET",
+                             queries[0]["path"], [same] * REQUESTS * 4)
+    finally:
+        server.stop()
+    con = duckdb.connect(str(data / "events.duckdb"), read_only=True)
+    rows: list[dict[str, Any]] = []
+    for q in queries:
+        if q["check"] is not None:
+            q["check"](q["answer"], con.execute(q["raw"][0]).fetchall())
+        raw = _raw(con, q["raw"])
+        rows.append({"query": q["name"], "http_p50_ms": _p(q["http"], 0.5),
+                     "http_p95_ms": _p(q["http"], 0.95), "raw_p50_ms": _p(raw, 0.5),
+                     "raw_p95_ms": _p(raw, 0.95),
+                     "ratio_p50": round(percentile(q["http"], 0.5) / percentile(raw, 0.5), 2)})
+    con.close()
+    rows.append({"query": "304 revalidation (no raw SQL)", "http_p50_ms": _p(revalidation, 0.5),
+                 "http_p95_ms": _p(revalidation, 0.95), "raw_p50_ms": None, "raw_p95_ms": None,
+                 "ratio_p50": None})
+    return {"commit": _commit(), "at": datetime.now(UTC).isoformat(timespec="seconds"),
+            "stored": STORED, "store": {k: shape.get(k) for k in ("accepted", "days", "players")
+                                        if k in shape},
+            "requests": REQUESTS, "machine": machine(), "rows": rows,
+            "wall_seconds": round(time.perf_counter() - started, 1)}
+
+
+def _same_funnel(answer: dict[str, Any], raw: list[tuple[Any, ...]]) -> None:
+    depth = dict(raw)
+    counts = [s["count"] for s in answer["steps"]]
+    assert counts == [sum(v for d, v in depth.items() if d >= i + 1) for i in range(4)], \
+        (counts, depth)
+
+
+def table(result: dict[str, Any]) -> str:
+    lines = [f"commit {result['commit']}, {result['stored']:,} events, "
+             f"{result['requests']} requests × 3 clients, {result['wall_seconds']} s",
+             f"{'query':<44} {'HTTP p50':>9} {'p95':>8} {'raw p50':>9} {'p95':>8} {'ratio':>6}"]
+    for r in result["rows"]:
+        raw = (f"{r['raw_p50_ms']:>9.1f} {r['raw_p95_ms']:>8.1f} {r['ratio_p50']:>6.2f}"
+               if r["raw_p50_ms"] is not None else f"{'—':>9} {'—':>8} {'—':>6}")
+        lines.append(f"{r['query'][:44]:<44} {r['http_p50_ms']:>9.1f} {r['http_p95_ms']:>8.1f} "
+                     + raw)
+    return "\n".join(lines)
+
+
+def compare(a: dict[str, Any], b: dict[str, Any]) -> str:
+    """Two runs' ratios (and the 304's p50, which has none) side by side."""
+    lines = [f"{'query':<44} {a['commit']:>12} {b['commit']:>12} {'change':>8}"]
+    theirs = {r["query"]: r for r in b["rows"]}
+    for r in a["rows"]:
+        other = theirs.get(r["query"])
+        if other is None:
+            continue
+        key = "ratio_p50" if r["ratio_p50"] is not None else "http_p50_ms"
+        x, y = r[key], other[key]
+        change = f"{(y - x) / x:+.0%}" if x else "—"
+        lines.append(f"{r['query'][:44]:<44} {x:>12} {y:>12} {change:>8}")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--compare", nargs=2, type=Path, metavar=("A", "B"))
+    args = parser.parse_args()
+    if args.compare:
+        a, b = (json.loads(p.read_text()) for p in args.compare)
+        print(compare(a, b))
+        return
+    result = run()
+    OUT.mkdir(parents=True, exist_ok=True)
+    path = OUT / f"quick-{result['commit']}.json"
+    path.write_text(json.dumps(result, indent=2))
+    print(table(result))
+    print(f"(saved {path.relative_to(ROOT)})")
+
+
+if __name__ == "__main__":
+    main()
