@@ -32,8 +32,8 @@ lint: install  ## ruff and mypy --strict
 
 # the API suite again on the embedded ClickHouse (TALLY_STORE=chdb): answers, rollups, cohorts,
 # security (every route under a confined token), ETags, ingestion, restart, kill -9 and replay,
-# durability, audit, CSV, exports and widgets; a gap is a strict xfail naming it. `make test-chdb` runs the whole suite
-# there (the HTTP edge, parsers and CLI too: ~7 more minutes).
+# durability, audit, CSV, exports and widgets; a gap is a strict xfail naming it.
+# `make test-chdb` runs the whole suite there (the HTTP edge, parsers and CLI too).
 STORE_SUITE := tests/test_analytics.py tests/test_rollups.py tests/test_cohorts.py \
 	tests/test_policy.py tests/test_caching.py tests/test_e2e_server.py \
 	tests/test_exactly_once.py tests/test_player_attributes.py tests/test_fx.py \
