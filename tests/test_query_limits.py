@@ -278,3 +278,34 @@ def test_timeseries_bucket_limit_names_it(empty_api):
     r = client.get("/v1/analytics/timeseries", headers=headers, params={
         "metric": "bets", "granularity": "1m", "from": "2025-01-01", "to": "2025-02-05"})
     assert problem(r, 400, "50000 buckets")["limit"] == "max_buckets"
+
+
+def test_one_watchdog_keeps_every_statement_timer_and_stays_small():
+    """Statement timers share one thread (storage/limits._Watchdog): a due timer interrupts
+    its statement again and again until disarmed, a disarmed one never does, and timers
+    disarmed long before their deadline do not pile up."""
+    import threading
+
+    from tally.storage import limits
+
+    class Statement:
+        def __init__(self) -> None:
+            self.interrupts = 0
+
+        def interrupt(self) -> None:
+            self.interrupts += 1
+
+    before = threading.active_count()
+    for _ in range(3000):  # short statements under a long timeout
+        limits._Timer(Statement(), 60).disarm()
+    assert len(limits._WATCHDOG._heap) <= 1024 + 1
+    slow, quick = Statement(), Statement()
+    due = limits._Timer(slow, 0.05)
+    limits._Timer(quick, 0.05).disarm()
+    time.sleep(0.3)
+    due.disarm()
+    fired = slow.interrupts
+    assert due.fired and fired >= 5 and quick.interrupts == 0  # every 10 ms once due
+    time.sleep(0.1)
+    assert slow.interrupts == fired  # disarmed: no more
+    assert threading.active_count() <= before + 1  # one watchdog thread, at most

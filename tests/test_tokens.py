@@ -395,3 +395,40 @@ def test_revoking_rotation_fails_every_older_token_at_once(client, settings):
     assert_problem(client.get(URL, headers=bearer(old)), 401)
     assert _published(client) == {rotated["active"]}
     assert client.get(URL, headers=bearer(_token(client, creds))).status_code == 200
+
+
+def test_a_remembered_token_is_checked_again_on_every_use(client, settings):
+    """A token's signature is verified once and remembered (security/tokens.Verified), but
+    what can change after — its client revoked, its key deleted — is checked on every use
+    (and an expired token is forgotten: test_remembered_tokens_are_bounded)."""
+
+    def issued() -> tuple[tuple[str, str], str]:
+        con = metadata.connect(settings.data_dir)
+        creds = create_client(con, "p", "analytics:read")
+        con.close()
+        token = _token(client, creds)
+        assert client.get(URL, headers=bearer(token)).status_code == 200  # now remembered
+        assert client.get(URL, headers=bearer(token)).status_code == 200
+        return creds, token
+
+    creds, revoked = issued()
+    assert cli("client", "revoke", creds[0], data_dir=settings.data_dir).returncode == 0
+    time.sleep(1.2)  # the server sees another process's commit within a second
+    assert_problem(client.get(URL, headers=bearer(revoked)), 401)
+
+    _, rekeyed = issued()
+    _rotate(settings.data_dir, "--revoke")
+    assert_problem(client.get(URL, headers=bearer(rekeyed)), 401)
+
+
+def test_remembered_tokens_are_bounded():
+    from tally.security.tokens import Principal, Verified, VerifiedToken
+
+    verified = Verified(size=100)
+    someone = Principal("cl", frozenset(), None, None, None, "t")
+    for n in range(1000):
+        verified.put(f"token-{n}", VerifiedToken(someone, "kid", 0, time.time() + 900))
+    assert verified.get("token-0") is None and verified.get("token-999") is not None
+    assert len(verified._tokens) == 100
+    verified.put("stale", VerifiedToken(someone, "kid", 0, time.time() - 31))
+    assert verified.get("stale") is None  # past its expiry and the leeway: forgotten

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from typing import Annotated
 
 from fastapi import Depends, Request, Security
@@ -12,7 +13,7 @@ from tally.errors import InsufficientScope, Unauthorized
 from tally.runtime import Runtime
 from tally.security.admission import admit_client
 from tally.security.mtls import require_certificate
-from tally.security.tokens import Principal
+from tally.security.tokens import Principal, TokenService
 
 SCOPE_HELP = {
     "events:write": "Ingest events (POST /v1/events:batch).",
@@ -43,18 +44,26 @@ async def get_runtime(request: Request) -> Runtime:
 RuntimeDep = Annotated[Runtime, Depends(get_runtime)]
 
 
-def authenticated(
+async def authenticated(
     request: Request,
     runtime: RuntimeDep,
     authorization: Annotated[str | None, Depends(oauth2)],
 ) -> Principal:
+    """On the event loop when nothing can block: the built-in issuer's tokens (verified once,
+    then memoised: security/tokens.Verified) and in-process rate limits. An identity
+    provider's keys (fetched over the network) and Redis-held limits go to a thread."""
     scheme, _, credentials = (authorization or "").partition(" ")
     if scheme.lower() != "bearer" or not credentials.strip():
         raise Unauthorized("a bearer token is required (POST /oauth/token)")
-    principal = runtime.tokens.verify(credentials.strip())
+    tokens = runtime.tokens
+    principal = tokens.verify(credentials.strip()) if isinstance(tokens, TokenService) \
+        else await asyncio.to_thread(tokens.verify, credentials.strip())
     require_certificate(principal, request.scope)  # RFC 8705: a cnf-bound token's own cert
     request.state.principal = principal  # who asked, for the audit log
-    admit_client(principal.client_id)  # the client's rate limit (429 when spent)
+    if runtime.limits.in_process:
+        admit_client(principal.client_id)  # the client's rate limit (429 when spent)
+    else:  # a Redis round trip (0.5 s at most when Redis does not answer)
+        await asyncio.to_thread(admit_client, principal.client_id)
     return principal
 
 

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
+from functools import lru_cache
 from typing import Any
 
 from tally.config import Settings
@@ -97,8 +99,10 @@ def _reads(metric: Metric, scope: Scope) -> tuple[datetime, datetime] | None:
     return None
 
 
+@lru_cache(maxsize=1 << 16)
 def _iso(epoch: int) -> str:
-    return datetime.fromtimestamp(epoch, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+    """A bucket's start as RFC 3339 UTC (remembered: dashboards ask for the same buckets)."""
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(epoch))
 
 
 def currency_of(value: str | None, settings: Settings) -> str:

@@ -106,6 +106,8 @@ class Limits:
                  wall_clock: Callable[[], float] = time.time) -> None:
         self.policy, self.limiter, self.ledger = policy, limiter, ledger
         self.wall_clock = wall_clock
+        # no call of these can block (no Redis): they may run on the event loop
+        self.in_process = isinstance(limiter, LocalRateLimiter)
 
     @classmethod
     def open(cls, settings: Settings) -> Limits:

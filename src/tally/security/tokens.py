@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import secrets
 import sqlite3
+import threading
 import time
+from collections import OrderedDict
 from dataclasses import asdict, dataclass
 from typing import Any, Protocol
 
@@ -176,6 +178,40 @@ class Verifier(Protocol):
     def jwks(self) -> dict[str, Any]: ...
 
 
+@dataclass(frozen=True)
+class VerifiedToken:
+    principal: Principal
+    kid: str
+    issued_at: float
+    expires_at: float
+
+
+class Verified:
+    """Tokens whose signature and claims were verified, until they expire: a client sends one
+    token for its whole life (15 minutes by default), and an Ed25519 verification costs far
+    more than the rest of a small answer. Bounded (``size`` tokens, the oldest dropped
+    first); thread-safe for the dict operations it uses."""
+
+    def __init__(self, size: int = 4096) -> None:
+        self.size = size
+        self._tokens: OrderedDict[str, VerifiedToken] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def get(self, token: str) -> VerifiedToken | None:
+        with self._lock:
+            found = self._tokens.get(token)
+            if found is not None and found.expires_at + LEEWAY_SECONDS < time.time():
+                del self._tokens[token]
+                return None
+            return found
+
+    def put(self, token: str, verified: VerifiedToken) -> None:
+        with self._lock:
+            self._tokens[token] = verified
+            while len(self._tokens) > self.size:
+                self._tokens.popitem(last=False)
+
+
 class TokenService:
     """The built-in authority: issues and verifies tokens with the keys of :class:`KeyRing`;
     a valid token of a revoked client is refused too (:class:`ClientStates`)."""
@@ -186,6 +222,7 @@ class TokenService:
         self.issuer, self.audience, self.ttl = issuer, audience, ttl
         self.keys = KeyRing(con)
         self.clients = ClientStates(con)
+        self.verified = Verified()
 
     def issue(self, client: Client, scopes: frozenset[str],
               cert_thumbprint: str | None = None) -> dict[str, Any]:
@@ -210,16 +247,26 @@ class TokenService:
                 "scope": claims["scope"]}
 
     def verify(self, token: str) -> Principal:
-        header = unverified_header(token, self.algorithms)
-        key = self.keys.verifying(header["kid"])
-        if key is None:
+        """The token's principal. A token verified before is taken from :class:`Verified`
+        (its signature and claims do not change; it forgets a token once it expires), with
+        what can change since checked again on every use: its key still verifies, its client
+        is not revoked."""
+        known = self.verified.get(token)
+        if known is None:
+            header = unverified_header(token, self.algorithms)
+            key = self.keys.verifying(header["kid"])
+            if key is None:
+                raise InvalidToken("token signed with an unknown or retired key")
+            claims = decode_claims(token, key.public, ALGORITHM, self.issuer, self.audience)
+            iat, exp = claims["iat"], claims["exp"]  # required and checked by decode_claims;
+            # a non-number iat counts as issued long ago (refused after a rotation)
+            known = VerifiedToken(principal_from(claims), header["kid"],
+                                  iat if isinstance(iat, (int, float)) else 0, float(exp))
+            self.verified.put(token, known)
+        elif self.keys.verifying(known.kid) is None:  # (an expired one is not remembered)
             raise InvalidToken("token signed with an unknown or retired key")
-        claims = decode_claims(token, key.public, ALGORITHM, self.issuer, self.audience)
-        principal = principal_from(claims)
-        iat = claims["iat"]  # required and checked by decode_claims; a non-number counts as
-        # issued long ago (refused after a rotation), never as new
-        self.clients.check(principal.client_id, iat if isinstance(iat, (int, float)) else 0)
-        return principal
+        self.clients.check(known.principal.client_id, known.issued_at)
+        return known.principal
 
     def jwks(self) -> dict[str, Any]:
         keys = []

@@ -172,9 +172,10 @@ class FxRates:
                     self._factors[key] = known
         return known
 
-    def exact(self, sums: Iterable[tuple[date, str, int]], target: str) -> Fraction:
-        """Σ over (day, source currency, minor sum) of sum × factor, nothing rounded."""
-        total = Fraction(0)
+    def exact(self, sums: Iterable[tuple[date, str, int]], target: str) -> Fraction | int:
+        """Σ over (day, source currency, minor sum) of sum × factor, nothing rounded (an
+        ``int`` while no conversion was needed: integer sums are far cheaper than fractions)."""
+        total: Fraction | int = 0
         for day, source, amount in sums:
             total += amount if source == target else amount * self.factor(source, target, day)
         return total

@@ -11,7 +11,10 @@ back (disarming it) as soon as it ends.
 
 from __future__ import annotations
 
+import heapq
+import itertools
 import threading
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -43,7 +46,9 @@ class Interruptible(Protocol):
 class _Timer:
     """Interrupts ``cursor`` from ``seconds`` on, every ``REPEAT`` seconds, until disarmed:
     DuckDB drops an interrupt that arrives while a statement is still being planned (measured:
-    a 0.4 s funnel interrupted 1 ms or 5 ms in ran to completion), so one is not enough."""
+    a 0.4 s funnel interrupted 1 ms or 5 ms in ran to completion), so one is not enough.
+    Timers are kept by one :class:`_Watchdog` thread (a thread per statement cost more than
+    a small answer's query)."""
 
     REPEAT = 0.01
 
@@ -51,26 +56,73 @@ class _Timer:
         self._cursor = cursor
         self._lock = threading.Lock()
         self._armed = True
-        self._done = threading.Event()
         self.fired = False
-        self._thread = threading.Thread(target=self._run, args=(seconds,), daemon=True,
-                                        name="query-timeout")
-        self._thread.start()
+        _WATCHDOG.arm(self, time.monotonic() + seconds)
 
-    def _run(self, seconds: float) -> None:
-        wait = seconds
-        while not self._done.wait(wait):
-            with self._lock:
-                if not self._armed:
-                    return
-                self.fired = True
-                self._cursor.interrupt()
-            wait = self.REPEAT
+    def fire(self) -> bool:
+        """Interrupt the statement if still armed; whether to fire again after REPEAT."""
+        with self._lock:
+            if not self._armed:
+                return False
+            self.fired = True
+            self._cursor.interrupt()
+            return True
 
     def disarm(self) -> None:
         with self._lock:
+            if self._armed:
+                _WATCHDOG.disarmed()
             self._armed = False
-        self._done.set()
+
+    @property
+    def armed(self) -> bool:
+        return self._armed
+
+
+class _Watchdog:
+    """One daemon thread firing the timers that are due (a heap by deadline), started on
+    first use; a disarmed timer is dropped when its deadline comes, or when disarmed ones
+    outnumber the armed ones (the heap stays a few times the statements running)."""
+
+    def __init__(self) -> None:
+        self._heap: list[tuple[float, int, _Timer]] = []
+        self._wake = threading.Condition()
+        self._seq = itertools.count()
+        self._thread: threading.Thread | None = None
+        self._armed = 0
+
+    def disarmed(self) -> None:
+        with self._wake:
+            self._armed -= 1
+
+    def arm(self, timer: _Timer, deadline: float) -> None:
+        with self._wake:
+            self._armed += 1
+            if len(self._heap) > 1024 and len(self._heap) > 4 * self._armed:
+                self._heap = [entry for entry in self._heap if entry[2].armed]
+                heapq.heapify(self._heap)
+            heapq.heappush(self._heap, (deadline, next(self._seq), timer))
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._run, daemon=True,
+                                                name="query-timeout")
+                self._thread.start()
+            elif self._heap[0][2] is timer:  # the earliest deadline now: wait less
+                self._wake.notify()
+
+    def _run(self) -> None:
+        while True:
+            with self._wake:
+                while not self._heap or self._heap[0][0] > time.monotonic():
+                    self._wake.wait(self._heap[0][0] - time.monotonic() if self._heap
+                                    else None)
+                _, _, timer = heapq.heappop(self._heap)
+            if timer.fire():  # outside the heap's lock: an interrupt may take a while
+                with self._wake:
+                    heapq.heappush(self._heap, (time.monotonic() + timer.REPEAT,
+                                                next(self._seq), timer))
+
+
+_WATCHDOG = _Watchdog()
 
 
 @contextmanager
