@@ -365,3 +365,24 @@ def test_cohort_widgets_draw_their_answers(client, headers):
     assert drawn["x"] == {"name": "day", "kind": "number", "values": [0, 1]}
     assert drawn["series"] == [{"name": c["date"], "values": c["ltv_minor"]} for c in cohorts]
     assert drawn["unit"] == "money" and len(cohorts) == 1
+
+
+def test_a_query_too_long_for_a_url_is_refused(client, headers):
+    games = ",".join(f"game_id:{'g' * 100}{n}" for n in range(60))  # ~6.5 KB of filters
+    r = embed(client, headers, {"kind": "slice", "metric": "ggr", "dim": "game_id",
+                                "from": DAY, "to": "2025-10-24", "filters": games}, "bar")
+    assert r.status_code == 400 and r.json()["parameter"] == "query", r.text
+    assert "too long" in r.json()["detail"]
+
+
+def test_refused_links_spend_their_senders_bucket_not_the_widgets(tmp_path):
+    """Guessing links from one address is rate limited (the token-request bucket per
+    address); real widgets' views are charged to their creators, untouched by it."""
+    settings = Settings(data_dir=tmp_path / "data", regions="EU,UK,LATAM",
+                        rate_token_source="1/s burst 3")
+    with TestClient(create_app(settings), raise_server_exceptions=False) as client:
+        widget = made(client, bearer(client, settings.data_dir), TS_QUERY)
+        statuses = [client.get(f"/embed/guess-{n}/data").status_code for n in range(6)]
+        assert statuses[:2] == [403, 403] and statuses[-1] == 429, statuses
+        assert client.get("/embed/guess-page").status_code == 429  # the page too
+        assert all(client.get(widget["url"] + "/data").status_code == 200 for _ in range(5))

@@ -36,7 +36,7 @@ from tally.insights.kinds import PAGE, plan_for
 from tally.insights.series import Context, Plan
 from tally.json_input import ANY, decode
 from tally.runtime import Runtime
-from tally.security.admission import admit_client
+from tally.security.admission import admit_client, admit_token_source
 from tally.security.tokens import Principal, TokenService
 
 router = APIRouter(tags=["embeds"])
@@ -93,8 +93,14 @@ async def create_embed(request: Request, principal: AnalyticsReader,
 
 
 def _viewed(request: Request, runtime: Runtime, token: str) -> Embed:
-    """The token's widget, if it still stands; its creator is charged and audited."""
-    embed = tokens.verify(runtime.meta, token)
+    """The token's widget, if it still stands; its creator is charged and audited. A refused
+    link spends the bucket of its sender's address (as a token request does), so guessing
+    or replaying links from one address is rate limited without touching real viewers."""
+    try:
+        embed = tokens.verify(runtime.meta, token)
+    except EmbedRefused:
+        admit_token_source(request.client.host if request.client else "unknown")
+        raise
     request.state.audit_params = {"embed": embed.id, "chart": embed.chart}
     principal = embed.principal()
     if isinstance(runtime.tokens, TokenService):  # a revoked creator's widgets go with it
