@@ -119,6 +119,14 @@ def run() -> dict[str, Any]:
     finally:
         server.stop()
     con = duckdb.connect(str(data / "events.duckdb"), read_only=True)
+    players, sessions, days, first, last = con.execute(
+        "SELECT count(DISTINCT player_id), count(DISTINCT session_id), "
+        "count(DISTINCT CAST(occurred_at AS DATE)), min(occurred_at), max(occurred_at) "
+        "FROM events").fetchone() or (0, 0, 0, None, None)
+    shape = {"events": shape.get("accepted"), "players": players, "sessions": sessions,
+             "days": days, "from": str(first)[:10], "to": str(last)[:10],
+             "by_type": dict(con.execute("SELECT event_type, count(*) FROM events GROUP BY 1 "
+                                         "ORDER BY 2 DESC").fetchall())}
     rows: list[dict[str, Any]] = []
     for q in queries:
         if q["check"] is not None:
@@ -133,8 +141,7 @@ def run() -> dict[str, Any]:
                  "http_p95_ms": _p(revalidation, 0.95), "raw_p50_ms": None, "raw_p95_ms": None,
                  "ratio_p50": None})
     return {"commit": _commit(), "at": datetime.now(UTC).isoformat(timespec="seconds"),
-            "stored": STORED, "store": {k: shape.get(k) for k in ("accepted", "days", "players")
-                                        if k in shape},
+            "stored": STORED, "store": shape,
             "requests": REQUESTS, "machine": machine(), "rows": rows,
             "wall_seconds": round(time.perf_counter() - started, 1)}
 
@@ -147,8 +154,10 @@ def _same_funnel(answer: dict[str, Any], raw: list[tuple[Any, ...]]) -> None:
 
 
 def table(result: dict[str, Any]) -> str:
-    lines = [f"commit {result['commit']}, {result['stored']:,} events, "
-             f"{result['requests']} requests × 3 clients, {result['wall_seconds']} s",
+    store = result["store"]
+    lines = [f"commit {result['commit']}: {store['events']:,} events of {store['players']:,} "
+             f"players, {store['sessions']:,} sessions, {store['days']} days; "
+             f"{result['requests']} requests × 3 clients; {result['wall_seconds']} s",
              f"{'query':<44} {'HTTP p50':>9} {'p95':>8} {'raw p50':>9} {'p95':>8} {'ratio':>6}"]
     for r in result["rows"]:
         raw = (f"{r['raw_p50_ms']:>9.1f} {r['raw_p95_ms']:>8.1f} {r['ratio_p50']:>6.2f}"
