@@ -38,8 +38,7 @@ DAY = 86_400
 
 
 def run(backend: Backend, compiled: Compiled) -> list[dict[str, Any]]:
-    rows: list[dict[str, Any]] = backend.execute(compiled.tree, compiled.params).to_pylist()
-    return rows
+    return backend.rows(compiled.tree, compiled.params)
 
 
 def _key(row: dict[str, Any], scope: Scope) -> Key:
@@ -88,7 +87,7 @@ def present_groups(backend: Backend, metric: Metric, scope: Scope, min_session_s
         tree.set("expressions", [exp.alias_(exp.Literal.number(1), "present")])
         tree.set("distinct", None)
         tree = tree.limit(1)
-    rows = backend.execute(tree, compiled.params).to_pylist()
+    rows = backend.rows(tree, compiled.params)
     if len(rows) > at_most:
         return None
     return [tuple(row[g] for g in scope.group_by) for row in rows]

@@ -155,6 +155,10 @@ class Backend(Protocol):
         asking the current request's scan meter first and charging it the rows scanned
         afterwards (``storage/metering.py``)."""
 
+    def rows(self, tree: exp.Expr, params: dict[str, Any]) -> list[dict[str, Any]]:
+        """What :meth:`execute` answers, as Python rows (``execute(...).to_pylist()``, but an
+        engine may skip Arrow: the small answers' path); metered and bounded the same."""
+
     def estimate_rows(self, sql: str, params: dict[str, Any]) -> int:
         """The planner's estimate, before running, of the rows ``sql`` (rendered in this
         store's dialect) will read: what the scan meter checks first."""

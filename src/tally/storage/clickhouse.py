@@ -313,6 +313,10 @@ class ClickHouseBackend:
             meter.after_scan(rows)
         return table
 
+    def rows(self, tree: exp.Expr, params: dict[str, Any]) -> list[dict[str, Any]]:
+        rows: list[dict[str, Any]] = self.execute(tree, params).to_pylist()
+        return rows
+
     def estimate_rows(self, sql: str, params: dict[str, Any]) -> int:
         """The rows ``sql`` will read by ``EXPLAIN ESTIMATE`` (the parts and marks its
         MergeTree reads select, before running); where the engine cannot estimate a

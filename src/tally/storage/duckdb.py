@@ -9,7 +9,7 @@ from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import duckdb
 import pyarrow as pa
@@ -56,6 +56,7 @@ QUARANTINE_COLUMNS = ", ".join(QUARANTINE_SCHEMA.names)
 QUARANTINE_ADDED = ("tenant_id", "region")
 _STRING_MEMBER = ("try(CASE WHEN json_type(event, '$.{0}') = 'VARCHAR' "
                   "THEN json_extract_string(event, '$.{0}') END)")
+T = TypeVar("T")
 ROWS_SCANNED_METRIC = "query.total_rows_scanned"
 JOURNAL_APPLIED = "journal_applied_seq"
 # errors of the store itself (I/O, a full or read-only disk, memory, a database invalidated by
@@ -226,6 +227,26 @@ class DuckDBBackend:
     def execute(self, tree: exp.Expr, params: dict[str, Any]) -> pa.Table:
         """A sqlglot tree rendered in DuckDB's dialect, with named bound parameters. The rows
         it scans (DuckDB's profiler) are charged to the current request's scan meter."""
+        def arrow(cur: duckdb.DuckDBPyConnection, sql: str) -> pa.Table:
+            rel = cur.sql(sql, params=params)
+            assert rel is not None, "execute() is for queries that return rows"
+            return rel.to_arrow_table()
+
+        return self._metered(tree, params, arrow)
+
+    def rows(self, tree: exp.Expr, params: dict[str, Any]) -> list[dict[str, Any]]:
+        """:meth:`execute` as Python rows, by the DB-API cursor: no Arrow table, and not
+        DuckDB's relation layer, which parses and binds again in Python (~1 ms of a 3 ms
+        small answer, measured)."""
+        def fetched(cur: duckdb.DuckDBPyConnection, sql: str) -> list[dict[str, Any]]:
+            cur.execute(sql, params)
+            names = [column[0] for column in cur.description or ()]
+            return [dict(zip(names, row, strict=True)) for row in cur.fetchall()]
+
+        return self._metered(tree, params, fetched)
+
+    def _metered(self, tree: exp.Expr, params: dict[str, Any],
+                 fetch: Callable[[duckdb.DuckDBPyConnection, str], T]) -> T:
         sql = render(tree, self.dialect)
         meter = current_meter.get()
         if meter is not None:
@@ -233,15 +254,13 @@ class DuckDBBackend:
         with self._reading():
             cur = self._profiled_cursor()
             with bounded(cur, self.limits):  # TALLY_QUERY_TIMEOUT_SECONDS, memory: a 503
-                rel = cur.sql(sql, params=params)
-                assert rel is not None, "execute() is for queries that return rows"
-                table = rel.to_arrow_table()
+                answer = fetch(cur, sql)
             rows = profiled_rows_scanned(cur.get_profiling_information(format="json"))
         with self._scan_lock:
             self.rows_scanned += rows
         if meter is not None:
             meter.after_scan(rows)
-        return table
+        return answer
 
     def _profiled_cursor(self) -> duckdb.DuckDBPyConnection:
         """The thread's cursor for :meth:`execute`: profiled, tracking only the rows scanned
