@@ -183,9 +183,9 @@ def answer_retention(backend: Backend, r: Retention,
                      watermark: datetime | None) -> dict[str, Any]:
     sizes_q, rows_q = compile_retention(r)
     sizes = {int(row["c"]): int(row["size"])
-             for row in backend.execute(sizes_q.tree, sizes_q.params).to_pylist()}
+             for row in backend.rows(sizes_q.tree, sizes_q.params)}
     returned: dict[int, dict[int, int]] = defaultdict(dict)
-    for row in backend.execute(rows_q.tree, rows_q.params).to_pylist():
+    for row in backend.rows(rows_q.tree, rows_q.params):
         returned[int(row["c"])][int(row["n"])] = int(row["players"])
     rows = []
     for c in sorted(sizes):
@@ -255,7 +255,7 @@ def answer_ltv(backend: Backend, fx: FxRates, q: Ltv,
         .from_(members(q.cohort, q.first, q.last, UTC_ZONE, q.filters, params).subquery("m")) \
         .group_by(column("c"))
     sizes = {int(row["c"]): int(row["size"])
-             for row in backend.execute(sizes_tree, params.values).to_pylist()}
+             for row in backend.rows(sizes_tree, params.values)}
     compiled = compile_ltv(q)
     table = backend.execute(compiled.tree, compiled.params)
     amounts = [0] * table.num_rows
