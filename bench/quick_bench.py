@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import time
 from collections.abc import Callable
@@ -69,6 +70,13 @@ def _raw(con: duckdb.DuckDBPyConnection, sqls: list[str]) -> list[float]:
     return timed_concurrently(sqls, make_worker)
 
 
+def _cpu_seconds(pid: int) -> float:
+    """The server process's CPU time so far (all its threads, DuckDB's included): steadier
+    than latency on a shared machine, where the clients and neighbours take turns."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def _commit() -> str:
     out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT,
                          capture_output=True, text=True)
@@ -106,7 +114,9 @@ def run() -> dict[str, Any]:
         for q in queries:
             warm = [q["items"][-1]] * WARM  # warm-up: the engine's caches, the code paths
             _http(server.url, headers, q["method"], q["path"], warm)
+            spent = _cpu_seconds(server.proc.pid)
             q["http"] = _http(server.url, headers, q["method"], q["path"], q["items"])
+            q["cpu_ms"] = (_cpu_seconds(server.proc.pid) - spent) / len(q["items"]) * 1000
             first = httpx.request(q["method"], f"{server.url}{q['path']}", headers=headers,
                                   timeout=300, **({"json": q["items"][0]} if q["method"] ==
                                                   "POST" else {"params": q["items"][0]}))
@@ -135,11 +145,12 @@ def run() -> dict[str, Any]:
         rows.append({"query": q["name"], "http_p50_ms": _p(q["http"], 0.5),
                      "http_p95_ms": _p(q["http"], 0.95), "raw_p50_ms": _p(raw, 0.5),
                      "raw_p95_ms": _p(raw, 0.95),
-                     "ratio_p50": round(percentile(q["http"], 0.5) / percentile(raw, 0.5), 2)})
+                     "ratio_p50": round(percentile(q["http"], 0.5) / percentile(raw, 0.5), 2),
+                     "server_cpu_ms": round(q["cpu_ms"], 2)})
     con.close()
     rows.append({"query": "304 revalidation (no raw SQL)", "http_p50_ms": _p(revalidation, 0.5),
                  "http_p95_ms": _p(revalidation, 0.95), "raw_p50_ms": None, "raw_p95_ms": None,
-                 "ratio_p50": None})
+                 "ratio_p50": None, "server_cpu_ms": None})
     return {"commit": _commit(), "at": datetime.now(UTC).isoformat(timespec="seconds"),
             "stored": STORED, "store": shape,
             "requests": REQUESTS, "machine": machine(), "rows": rows,
@@ -158,10 +169,12 @@ def table(result: dict[str, Any]) -> str:
     lines = [f"commit {result['commit']}: {store['events']:,} events of {store['players']:,} "
              f"players, {store['sessions']:,} sessions, {store['days']} days; "
              f"{result['requests']} requests × 3 clients; {result['wall_seconds']} s",
-             f"{'query':<44} {'HTTP p50':>9} {'p95':>8} {'raw p50':>9} {'p95':>8} {'ratio':>6}"]
+             f"{'query':<44} {'HTTP p50':>9} {'p95':>8} {'raw p50':>9} {'p95':>8} {'ratio':>6}"
+             f" {'CPU/req':>8}"]
     for r in result["rows"]:
-        raw = (f"{r['raw_p50_ms']:>9.1f} {r['raw_p95_ms']:>8.1f} {r['ratio_p50']:>6.2f}"
-               if r["raw_p50_ms"] is not None else f"{'—':>9} {'—':>8} {'—':>6}")
+        raw = (f"{r['raw_p50_ms']:>9.1f} {r['raw_p95_ms']:>8.1f} {r['ratio_p50']:>6.2f} "
+               f"{r['server_cpu_ms']:>8.2f}"
+               if r["raw_p50_ms"] is not None else f"{'—':>9} {'—':>8} {'—':>6} {'—':>8}")
         lines.append(f"{r['query'][:44]:<44} {r['http_p50_ms']:>9.1f} {r['http_p95_ms']:>8.1f} "
                      + raw)
     return "\n".join(lines)
@@ -169,16 +182,22 @@ def table(result: dict[str, Any]) -> str:
 
 def compare(a: dict[str, Any], b: dict[str, Any]) -> str:
     """Two runs' ratios (and the 304's p50, which has none) side by side."""
-    lines = [f"{'query':<44} {a['commit']:>12} {b['commit']:>12} {'change':>8}"]
+    lines = [f"{'query (ratio to raw SQL; CPU ms/request)':<44} {a['commit']:>14} "
+             f"{b['commit']:>14} {'change':>8}"]
     theirs = {r["query"]: r for r in b["rows"]}
     for r in a["rows"]:
         other = theirs.get(r["query"])
         if other is None:
             continue
-        key = "ratio_p50" if r["ratio_p50"] is not None else "http_p50_ms"
-        x, y = r[key], other[key]
-        change = f"{(y - x) / x:+.0%}" if x else "—"
-        lines.append(f"{r['query'][:44]:<44} {x:>12} {y:>12} {change:>8}")
+        keys = ("ratio_p50", "server_cpu_ms") if r["ratio_p50"] is not None \
+            else ("http_p50_ms",)
+        for key in keys:
+            x, y = r.get(key), other.get(key)
+            if x is None or y is None:  # an older run, without the column
+                continue
+            change = f"{(y - x) / x:+.0%}" if x else "—"
+            label = {"ratio_p50": "", "server_cpu_ms": " (CPU)", "http_p50_ms": " (p50)"}[key]
+            lines.append(f"{(r['query'][:36] + label):<44} {x:>14} {y:>14} {change:>8}")
     return "\n".join(lines)
 
 
