@@ -39,27 +39,13 @@ from bench.cohort_bench import (
     retention_body,
 )
 from bench.common import OUT, ROOT, Server, ensure_store, machine, percentile
-from bench.query_bench import cases, prepare, same_answer, timed_concurrently
+from bench.query_bench import cases, load, prepare, same_answer, timed_concurrently
 
 STORED, DAYS, REQUESTS, WARM = 1_000_000, 90, 40, 6
 
 
 def _p(latencies: list[float], q: float) -> float:
     return round(percentile(latencies, q) * 1000, 2)
-
-
-def _http(url: str, headers: dict[str, str], method: str, path: str,
-          items: list[Any]) -> list[float]:
-    def make_worker() -> tuple[Callable[[Any], None], Callable[[], None]]:
-        http = httpx.Client(base_url=url, headers=headers, timeout=300)
-
-        def work(item: Any) -> None:
-            r = http.post(path, json=item) if method == "POST" else http.get(path, params=item)
-            assert r.status_code in (200, 304), r.text
-
-        return work, http.close
-
-    return timed_concurrently(items, make_worker)
 
 
 def _raw(con: duckdb.DuckDBPyConnection, sqls: list[str]) -> list[float]:
@@ -113,9 +99,9 @@ def run() -> dict[str, Any]:
         ]
         for q in queries:
             warm = [q["items"][-1]] * WARM  # warm-up: the engine's caches, the code paths
-            _http(server.url, headers, q["method"], q["path"], warm)
+            load(server.url, headers, q["path"], warm, q["method"])
             spent = _cpu_seconds(server.proc.pid)
-            q["http"] = _http(server.url, headers, q["method"], q["path"], q["items"])
+            q["http"] = load(server.url, headers, q["path"], q["items"], q["method"])
             q["cpu_ms"] = (_cpu_seconds(server.proc.pid) - spent) / len(q["items"]) * 1000
             first = httpx.request(q["method"], f"{server.url}{q['path']}", headers=headers,
                                   timeout=300, **({"json": q["items"][0]} if q["method"] ==
@@ -124,8 +110,8 @@ def run() -> dict[str, Any]:
         same = queries[0]["items"][0]
         tag = httpx.get(f"{server.url}{queries[0]['path']}", params=same,
                         headers=headers).headers["etag"]
-        revalidation = _http(server.url, {**headers, "If-None-Match": tag}, "GET",
-                             queries[0]["path"], [same] * REQUESTS * 4)
+        revalidation = load(server.url, {**headers, "If-None-Match": tag},
+                            queries[0]["path"], [same] * REQUESTS * 4)
     finally:
         server.stop()
     con = duckdb.connect(str(data / "events.duckdb"), read_only=True)
