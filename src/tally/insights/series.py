@@ -185,10 +185,13 @@ def _series_page(ctx: Context, metric: Metric, scope: Scope, currency: str,
                    ctx.settings.active_session_min * 60)
     begin = int(page.start.replace(tzinfo=UTC).timestamp())
     field, empty = answer_field(metric), empty_value(metric)
-    points = [{"ts": _iso(ts), **dict(zip(scope.group_by, group, strict=True)),
-               field: found.get((ts, *group), empty)}
-              for ts in range(begin, begin + (last - first + 1) * step, step)
-              for group in groups]
+    # each group's labels and each bucket's timestamp made once, not once per point
+    labels = [(group, dict(zip(scope.group_by, group, strict=True))) for group in groups]
+    points: list[dict[str, Any]] = []
+    for ts in range(begin, begin + (last - first + 1) * step, step):
+        stamp = _iso(ts)
+        points.extend({"ts": stamp, **label, field: found.get((ts, *group), empty)}
+                      for group, label in labels)
     skip = at - first * len(groups)
     return points[skip:skip + limit], bool(found)
 
