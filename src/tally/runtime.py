@@ -19,12 +19,13 @@ from tally.exports.runner import ExportWorker
 from tally.ingest.batch import warm_up
 from tally.ingest.service import IngestService
 from tally.insights.cache import AnswerCache
+from tally.insights.series import Context
 from tally.rollups import activity
 from tally.rollups.spec import GRAINS, derived_tables
 from tally.security.admission import Limits
 from tally.security.jwks import ExternalIssuer, authority_for
 from tally.security.pseudonym import pseudonymiser_for
-from tally.security.tokens import TokenService
+from tally.security.tokens import Principal, TokenService
 from tally.semantic.fx import FxRates
 from tally.storage.base import Backend
 from tally.storage.factory import SPILL_DIR, check_store, open_backend
@@ -105,6 +106,12 @@ class Runtime:
     source_failure: str | None = None
     exports: ExportWorker = field(init=False)  # export jobs, run off the request path
 
+    def context_for(self, principal: Principal) -> Context:
+        """What a query of ``principal`` is planned with (a route's, an export's, a
+        widget's): the store, FX rates, settings, the caller's limits and the watermark."""
+        return Context(self.backend, self.fx, self.settings, principal,
+                       self.ingest.versions.complete_before)
+
     @classmethod
     def open(cls, settings: Settings) -> Runtime:
         check_store(settings.store)  # before anything is created in the data dir
@@ -127,7 +134,7 @@ class Runtime:
             raise
         runtime = cls(settings, meta, tokens, backend, ingest,
                       FxRates(backend, settings.base_currency), AnswerCache(), audit, limits)
-        runtime.exports = ExportWorker(settings, meta, backend, runtime.fx, ingest.versions,
+        runtime.exports = ExportWorker(settings, meta, runtime.context_for,
                                        ingest.read_your_writes, audit.append)
         if settings.consume_from:
             runtime.source = open_source(settings, ingest, settings.consume_from,

@@ -119,11 +119,6 @@ class Assets:
 DOCS_ASSETS = Assets(ASSETS_URL, ASSETS)
 
 
-def asset(name: str) -> Asset:
-    """The docs asset ``name`` (a key of :data:`ASSETS`)."""
-    return DOCS_ASSETS.get(name)
-
-
 def _url(root: str, name: str) -> str:
     return DOCS_ASSETS.href(root, name)
 

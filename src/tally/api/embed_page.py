@@ -11,7 +11,7 @@ the page sends no ``Referer`` anywhere and asks not to be indexed.
 
 from __future__ import annotations
 
-from functools import partial
+from functools import lru_cache, partial
 from html import escape
 from importlib.resources import files
 
@@ -36,6 +36,7 @@ PAGE_HEADERS = {"Referrer-Policy": "no-referrer", "X-Robots-Tag": "noindex, nofo
                 "Cache-Control": "private, no-store"}
 
 
+@lru_cache(maxsize=8)
 def policy(embed_origins: str) -> str:
     ancestors = " ".join(["'self'", *check_cors_origins(embed_origins, "TALLY_EMBED_ORIGINS")])
     return "; ".join((

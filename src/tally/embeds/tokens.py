@@ -21,7 +21,7 @@ from typing import Any
 import jwt
 
 from tally.errors import Forbidden
-from tally.metadata import deployment_key, rotate_deployment_key
+from tally.metadata import deployment_key
 from tally.security.tokens import Principal, principal_of_record, principal_record
 
 KEY_NAME = "embed_tokens"
@@ -99,7 +99,3 @@ def verify(con: sqlite3.Connection, token: str) -> Embed:
     except (KeyError, TypeError, ValueError):  # signed by us, so never: but not a 500
         raise EmbedRefused("the embed link is not one Tally made") from None
 
-
-def rotate_key(con: sqlite3.Connection) -> None:
-    """Replace the key: every embed made before answers 403."""
-    rotate_deployment_key(con, KEY_NAME)

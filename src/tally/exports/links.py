@@ -1,7 +1,7 @@
 """Signed, expiring download links: HMAC-SHA256 over the job id and the expiry, with a key of
 the deployment (made on first use in the metadata database). A link works without a bearer
 token, for its one file, until it expires; a changed id, expiry or signature is refused, and
-replacing the key (:func:`rotate_key`) invalidates every link made before."""
+replacing the key (``tally keys rotate-link-key``) invalidates every link made before."""
 
 from __future__ import annotations
 
@@ -11,13 +11,9 @@ import sqlite3
 from datetime import datetime
 
 from tally.exports.jobs import now
-from tally.metadata import deployment_key, rotate_deployment_key
+from tally.metadata import deployment_key
 
 KEY_NAME = "export_links"
-
-
-def rotate_key(con: sqlite3.Connection) -> None:
-    rotate_deployment_key(con, KEY_NAME)
 
 
 def signature(con: sqlite3.Connection, job_id: str, expires: int) -> str:

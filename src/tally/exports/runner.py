@@ -22,7 +22,7 @@ from collections.abc import Callable
 from dataclasses import asdict
 from datetime import date, datetime
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 from urllib.parse import urlsplit
 
 import pyarrow as pa
@@ -37,8 +37,6 @@ from tally.insights.kinds import plan_for
 from tally.insights.series import Context, Table
 from tally.insights.tables import csv_rows
 from tally.security.tokens import Principal
-from tally.semantic.fx import FxRates
-from tally.storage.base import Backend
 from tally.webhooks import secrets
 from tally.webhooks.delivery import deliver
 
@@ -46,10 +44,6 @@ log = logging.getLogger(__name__)
 POLL_SECONDS = 0.5
 ARROW = {"timestamp": pa.timestamp("us", tz="UTC"), "date": pa.date32(), "int": pa.int64(),
          "float": pa.float64(), "bool": pa.bool_(), "str": pa.string()}
-
-
-class Versions(Protocol):
-    def complete_before(self, brands: tuple[str, ...] | None) -> datetime | None: ...
 
 
 class TooLarge(TallyError):
@@ -118,15 +112,16 @@ def file_of(directory: Path, job: Job) -> Path:
 
 
 class ExportWorker:
-    def __init__(self, settings: Settings, meta: sqlite3.Connection, backend: Backend,
-                 fx: FxRates, versions: Versions,
+    def __init__(self, settings: Settings, meta: sqlite3.Connection,
+                 context_for: Callable[[Principal], Context],
                  catch_up: Callable[[float], None] = lambda seconds: None,
                  audit: Callable[[dict[str, Any]], object] = lambda entry: None) -> None:
-        """``catch_up(seconds)``: wait (that long at most) for the events acknowledged so far
+        """``context_for``: what a query of a principal is planned with (``Runtime``'s);
+        ``catch_up(seconds)``: wait (that long at most) for the events acknowledged so far
         to be in the store, as a route does before it answers (read-your-writes); ``audit``:
         append an entry to the audit log (a webhook delivery's)."""
-        self.settings, self.meta, self.backend, self.fx = settings, meta, backend, fx
-        self.versions, self.catch_up, self.audit = versions, catch_up, audit
+        self.settings, self.meta, self.context_for = settings, meta, context_for
+        self.catch_up, self.audit = catch_up, audit
         self.directory = settings.data_dir / "exports"
         self._stop = threading.Event()
         self._wake = threading.Event()
@@ -159,10 +154,6 @@ class ExportWorker:
                 log.exception("exports: the worker failed; going on")
             self._wake.wait(POLL_SECONDS)
             self._wake.clear()
-
-    def context_for(self, principal: Principal) -> Context:
-        return Context(self.backend, self.fx, self.settings, principal,
-                       self.versions.complete_before)
 
     def run(self, job: Job) -> None:
         """Run a claimed job to its end (succeeded or failed), then tell its webhook."""

@@ -100,8 +100,9 @@ def _reads(metric: Metric, scope: Scope) -> tuple[datetime, datetime] | None:
 
 
 @lru_cache(maxsize=1 << 16)
-def _iso(epoch: int) -> str:
-    """A bucket's start as RFC 3339 UTC (remembered: dashboards ask for the same buckets)."""
+def utc_text(epoch: int) -> str:
+    """Epoch seconds as RFC 3339 UTC, to the second (remembered: dashboards ask for the
+    same buckets)."""
     return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(epoch))
 
 
@@ -189,7 +190,7 @@ def _series_page(ctx: Context, metric: Metric, scope: Scope, currency: str,
     labels = [(group, dict(zip(scope.group_by, group, strict=True))) for group in groups]
     points: list[dict[str, Any]] = []
     for ts in range(begin, begin + (last - first + 1) * step, step):
-        stamp = _iso(ts)
+        stamp = utc_text(ts)
         points.extend({"ts": stamp, **label, field: found.get((ts, *group), empty)}
                       for group, label in labels)
     skip = at - first * len(groups)

@@ -14,6 +14,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, date, datetime
 from typing import Any, Generic, TypeVar, cast
+from urllib.parse import parse_qsl
 
 import httpx
 import msgspec
@@ -250,8 +251,7 @@ def verify_audit() -> Call[AuditVerification]:
 def _query(kind: str, query: Mapping[str, Any]) -> dict[str, Any]:
     """A stored query (exports, embeds): ``kind`` and that route's parameters or body, as
     the route takes them (wire names: ``from``, not ``from_``)."""
-    return {"kind": kind, **{k.rstrip("_") if k == "from_" else k: v
-                             for k, v in query.items() if v is not None}}
+    return {"kind": kind, **{k.rstrip("_"): v for k, v in query.items() if v is not None}}
 
 
 def create_export(kind: str, query: Mapping[str, Any], format_: str,
@@ -273,14 +273,13 @@ def exports(limit: int | None, cursor: str | None) -> Call[ExportJobs]:
 def download(url: str) -> Call[bytes]:
     """An export's file by its signed ``download_url`` (``path?expires=…&signature=…``)."""
     path, _, query = url.partition("?")
-    params = tuple(tuple(part.split("=", 1)) for part in query.split("&") if "=" in part)
 
     def parse(response: httpx.Response) -> bytes:
         if response.status_code != 200:
             raise problem_from(response)
         return response.content
 
-    return Call(Send("GET", path, cast("tuple[tuple[str, str], ...]", params)), parse)
+    return Call(Send("GET", path, tuple(parse_qsl(query))), parse)
 
 
 def webhook_secret(rotate: bool) -> Call[WebhookSecret]:

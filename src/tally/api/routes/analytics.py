@@ -86,8 +86,7 @@ async def _answer(request: Request, runtime: Runtime, principal: Principal,
                   planner: Callable[[Context, Any], Plan], q: Any, max_age: int,
                   csv: bool = False) -> Response:
     """The plan's answer, JSON — or CSV (``csv``: a route documenting it) when preferred."""
-    plan = planner(Context(runtime.backend, runtime.fx, runtime.settings, principal,
-                           runtime.ingest.versions.complete_before), q)
+    plan = planner(runtime.context_for(principal), q)
     table = plan.table if csv and plan.table is not None and wants_csv(request) else None
     state = await answering(request, runtime, plan, None if table is None else CSV)
     if state.fresh:

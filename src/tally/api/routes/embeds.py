@@ -13,7 +13,6 @@ creator's client with the widget's id; a creator revoked (or whose secret was ro
 
 from __future__ import annotations
 
-from datetime import UTC, datetime
 from typing import Any
 
 import msgspec
@@ -33,7 +32,7 @@ from tally.embeds.charts import shape
 from tally.embeds.tokens import CHARTS, Embed, EmbedRefused
 from tally.errors import InvalidParameter, InvalidToken
 from tally.insights.kinds import PAGE, plan_for
-from tally.insights.series import Context, Plan
+from tally.insights.series import Plan, utc_text
 from tally.json_input import ANY, decode
 from tally.runtime import Runtime
 from tally.security.admission import admit_client, admit_token_source
@@ -46,17 +45,11 @@ _REFUSED: dict[int | str, dict[str, Any]] = {403: {
     "content": {"text/html": {"schema": {"type": "string"}}}}}
 
 
-def _iso(epoch: int) -> str:
-    return datetime.fromtimestamp(epoch, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
-
-
 def _plan(runtime: Runtime, principal: Principal, query: dict[str, Any]) -> Plan:
     """The query's plan, confined by ``principal``: a slice's own top N, else the route's
     largest page."""
-    ctx = Context(runtime.backend, runtime.fx, runtime.settings, principal,
-                  runtime.ingest.versions.complete_before)
     limit = query["params"].get("limit") if query["kind"] in PAGE else None
-    return plan_for(query, ctx, limit=int(limit) if limit else None)
+    return plan_for(query, runtime.context_for(principal), limit=int(limit) if limit else None)
 
 
 def _root(request: Request) -> str:
@@ -87,7 +80,7 @@ async def create_embed(request: Request, principal: AnalyticsReader,
                                parameter="query")
     request.state.audit_params = {"embed": embed.id, "chart": chart}
     url = f"{_root(request)}/embed/{token}"
-    return JSONResponse({"id": embed.id, "url": url, "expires_at": _iso(embed.expires_at)},
+    return JSONResponse({"id": embed.id, "url": url, "expires_at": utc_text(embed.expires_at)},
                         status_code=201, headers={"Cache-Control": "no-store",
                                                   "Location": url})
 
@@ -141,7 +134,7 @@ async def embed_data(token: str, request: Request, runtime: RuntimeDep) -> Respo
     answer = msgspec.json.decode(await json_answer(request, runtime, state, DATA_MAX_AGE))
     data = {"id": embed.id, "kind": embed.query["kind"], "chart": embed.chart,
             "title": embed.title, "refresh_seconds": embed.refresh_seconds,
-            "expires_at": _iso(embed.expires_at), "watermark": state.watermark,
+            "expires_at": utc_text(embed.expires_at), "watermark": state.watermark,
             **shape(embed.query["kind"], plan.table, answer),
             "more": bool(answer.get("next_cursor"))}
     return respond(state.tag, msgspec.json.encode(data), DATA_MAX_AGE, state.watermark,

@@ -81,7 +81,7 @@ async def create_export(request: Request, principal: ExportsWriter,
     body = validated(ExportBody, decode(await request.body(), "the body", ANY))
     job_query = stored_query(body["query"], ("limit", "cursor"))
     # the route's validation and confinement, now, with the creator's token
-    ctx = runtime.exports.context_for(principal)
+    ctx = runtime.context_for(principal)
     plan_for(job_query, ctx)
     webhook = body.get("webhook_url")
     if webhook is not None:
