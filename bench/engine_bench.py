@@ -4,10 +4,12 @@ run.
 
     python -m bench.engine_bench --events 10000000
 
-1. A realistic stream from the demo generator (``tally demo``'s: distinct players, sessions,
-   payment flows, late events; its ~1% re-sent duplicates dropped, as dedup would), turned into
-   stored rows by the ingestion code (``tally.ingest.batch.prepare``) in requests of 1,000
-   events, written once to ``bench/out/engine-<N>/events.parquet`` (reused by later runs).
+1. A realistic stream from the vectorised demo generator (``tally demo --bulk``'s: distinct
+   players, sessions, payment flows, late events; its ~1% re-sent duplicates dropped by the
+   real dedup index), turned into stored rows by the columnar ingestion path
+   (``tally.ingest.columnar.prepare_table``) in requests of 10,000 events, written once to
+   ``bench/out/engine-<N>/events-<shard>.parquet`` (reused by later runs); its shape (players,
+   sessions, events per type) in ``dataset.json``.
 2. Per engine, a subprocess of its own (so its RSS is the engine's): an empty store opened as
    ``tally serve`` opens it (``TALLY_STORE``, ``storage/factory.py``), the rows written through
    ``backend.write()`` in group commits of ``--group`` requests (one journal record each, as
@@ -50,10 +52,6 @@ ENGINES = ("duckdb", "chdb")
 # generator's tag covers its markets) and their union is one operator's stream.
 SHARDS = (("EU", "UK"), ("LATAM", "NA", "APAC"))
 ROW_GROUP = 10  # requests per Parquet row group
-# The generator re-sends ~1% of events one to a few batches (at most about an hour of the
-# stream) after the first send; a window of the last 2M keys drops every such retry exactly,
-# in bounded memory (a set of 100M keys would not fit).
-DEDUP_WINDOW = 2_000_000
 
 
 def _shard_share(regions: tuple[str, ...]) -> float:
@@ -63,62 +61,41 @@ def _shard_share(regions: tuple[str, ...]) -> float:
             / sum(m[6] for m in MARKETS))
 
 
-def _generate_shard(args: tuple[int, int, int, tuple[str, ...], Path]) -> dict[str, int]:
-    """One shard's stored rows (``tally.ingest.batch.prepare``, requests of 1,000 events)."""
-    from collections import deque
-
-    import msgspec
-    import pyarrow as pa
+def _generate_shard(args: tuple[int, int, int, tuple[str, ...], Path]) -> dict[str, Any]:
+    """One shard's stored rows: the vectorised demo stream (``tally.demo.columnar``) through
+    the columnar ingestion path (``tally.ingest.columnar.prepare_table``) and the real dedup
+    index (``tally.ingest.dedup``), in requests of 10,000 events."""
     import pyarrow.parquet as pq
 
-    from tally.demo.generator import generate
+    from tally.demo.columnar import tables
     from tally.events.envelope import ValidationContext
-    from tally.ingest.batch import prepare
-    from tally.ingest.dedup import key_hasher
+    from tally.ingest.columnar import prepare_table
+    from tally.ingest.dedup import DedupIndex, first_unseen, key_hasher
 
     events, days, index, regions, path = args
     ctx = ValidationContext(datetime.now(UTC), frozenset({"EU", "UK", "LATAM", "NA", "APAC"}))
     hasher = key_hasher(b"bench")
-    seen: set[tuple[str, str]] = set()
-    order: deque[tuple[str, str]] = deque()
+    seen = DedupIndex()
     rows = rejected = duplicates = 0
     writer: pq.ParquetWriter | None = None
-    pending: list[pa.Table] = []
-
-    def write_row_group() -> None:
-        nonlocal writer, pending
-        table = pa.concat_tables(pending)
-        pending = []
+    stream, batches = tables(events, days, 7 + index, END, REQUEST * ROW_GROUP, regions)
+    for batch in batches:
+        prepared = prepare_table(batch, ctx, "bench", hasher)
+        rejected += len(prepared.rejections)
+        table = prepared.table
+        hi, lo = table.column("id_hi").to_numpy(), table.column("id_lo").to_numpy()
+        keep = first_unseen(hi, lo, seen)
+        seen.add(hi[keep], lo[keep])
+        duplicates += int(len(keep) - keep.sum())
+        table = table.filter(keep)
+        rows += table.num_rows
         if writer is None:
             writer = pq.ParquetWriter(path, table.schema)
         writer.write_table(table)
-
-    for batch in generate(events, days, 7 + index, END, REQUEST, regions=regions):
-        fresh = []
-        for event in batch:
-            key = (event["tenant_id"], event["event_id"])
-            if key in seen:
-                duplicates += 1
-                continue
-            seen.add(key)
-            order.append(key)
-            if len(order) > DEDUP_WINDOW:
-                seen.discard(order.popleft())
-            fresh.append(event)
-        if not fresh:
-            continue
-        prepared = prepare(msgspec.json.encode(fresh), ctx, "bench", 10_000, hasher)
-        rejected += len(prepared.rejections)
-        rows += prepared.table.num_rows
-        pending.append(prepared.table)
-        if len(pending) == ROW_GROUP:
-            write_row_group()
-    if pending:
-        write_row_group()
     assert writer is not None
     writer.close()
-    return {"generated": events, "stored_rows": rows, "duplicates_dropped": duplicates,
-            "rejected": rejected}
+    return {"generated": stream.emitted, "stored_rows": rows, "duplicates_dropped": duplicates,
+            "rejected": rejected, "shape": stream.shape()}
 
 
 def ensure_dataset(events: int, days: int) -> list[Path]:
@@ -139,6 +116,7 @@ def ensure_dataset(events: int, days: int) -> list[Path]:
     with ProcessPoolExecutor(len(jobs)) as pool:
         shards = list(pool.map(_generate_shard, jobs))
     marker.write_text(json.dumps({
+        "generator": "tally.demo.columnar", "shapes": [s.pop("shape") for s in shards],
         "generated": events, "days": days, "shards": [list(r) for r in SHARDS],
         **{k: sum(s[k] for s in shards) for k in ("stored_rows", "duplicates_dropped",
                                                  "rejected")},

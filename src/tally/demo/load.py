@@ -9,11 +9,15 @@ from __future__ import annotations
 
 import time
 from collections import deque
+from collections.abc import Iterable, Sequence
 from concurrent.futures import Future
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, date, datetime, timedelta
+from pathlib import Path
 from typing import Any
 
 import msgspec
+import pyarrow as pa
+import pyarrow.parquet as pq
 from rich.console import Console
 from rich.progress import (
     BarColumn,
@@ -29,13 +33,17 @@ from rich.text import Text
 
 from tally import metadata
 from tally.config import Settings
+from tally.demo import columnar
 from tally.demo.catalog import Event, fx_rates
 from tally.demo.generator import demo_markets, generate
+from tally.errors import InvalidBody
 from tally.events.envelope import ValidationContext
+from tally.ingest.columnar import conform
 from tally.runtime import open_ingest, open_store, tune_gc
 from tally.semantic.fx import FxRates
 
 BATCH_EVENTS = 10_000  # ~4 MB of JSON: amortises a commit, well under the 10 MiB default
+BULK_EVENTS = 50_000  # columnar batches: one group commit each (the writer's group limit)
 PIPELINE_DEPTH = 2  # batches prepared ahead of the one being committed
 
 
@@ -46,41 +54,84 @@ class _RateColumn(ProgressColumn):
         return Text(f"{rate:,.0f} events/s", style="progress.data.speed")
 
 
-def load_demo(settings: Settings, *, events: int, days: int, seed: int) -> dict[str, Any]:
+def load_demo(settings: Settings, *, events: int, days: int, seed: int,
+              bulk: bool = False) -> dict[str, Any]:
     """Fill the store at ``settings.data_dir`` with ``events`` synthetic events over the
-    ``days`` before the current hour; returns a JSON-able summary."""
+    ``days`` before the current hour; returns a JSON-able summary. ``bulk``: the vectorised
+    generator (``columnar.py``) through the columnar path, for big stores."""
+    if not demo_markets(settings.served_regions):
+        return _summary({"events_generated": 0, "accepted": 0, "duplicates": 0, "rejected": 0},
+                        time.perf_counter(), settings)  # no demo brand lives where we may store
+    end = datetime.now(UTC).replace(minute=0, second=0, microsecond=0)
+    if bulk:
+        stream, tables = columnar.tables(events, days, seed, end, BULK_EVENTS,
+                                         settings.served_regions)
+        summary = load_batches(settings, ((t.num_rows, t) for t in tables), "demo events",
+                               events, fx_from=(end - timedelta(days=days)).date(),
+                               trace=f"tr_demo_{seed}")
+        return {**summary, "shape": stream.shape()}
+    batch_size = max(1, min(BATCH_EVENTS, settings.max_batch_events))
+    batches = generate(events, days, seed, end, batch_size, settings.served_regions)
+    bodies = (body for batch in batches for body in _bodies(batch, settings.max_batch_bytes))
+    return load_batches(settings, bodies, "demo events", events,
+                        fx_from=(end - timedelta(days=days)).date(), trace=f"tr_demo_{seed}")
+
+
+def load_files(settings: Settings, paths: Sequence[Path]) -> dict[str, Any]:
+    """``tally load``: Parquet files in the columnar format, every one checked (readable, of
+    the format) before anything is loaded; ``InvalidBody`` names the first that is not."""
+    files = []
+    for path in paths:
+        try:
+            parquet = pq.ParquetFile(path)
+            conform(parquet.schema_arrow.empty_table())
+        except InvalidBody as exc:
+            raise InvalidBody(f"{path}: {exc.detail}") from None
+        except (OSError, pa.ArrowException) as exc:
+            raise InvalidBody(f"{path}: not a readable Parquet file ({exc})") from None
+        files.append(parquet)
+    total = sum(f.metadata.num_rows for f in files)
+    batches = ((b.num_rows, pa.Table.from_batches([b])) for f in files
+               for b in f.iter_batches(batch_size=BULK_EVENTS))
+    return load_batches(settings, batches, "events", total, client_id="load")
+
+
+def load_batches(settings: Settings, batches: Iterable[tuple[int, bytes | pa.Table]],
+                 label: str, total: int | None, *, fx_from: date | None = None,
+                 trace: str = "tr_load", client_id: str = "demo") -> dict[str, Any]:
+    """Every batch — a JSON body or a columnar table, with its event count — through the
+    ingestion path into the store at ``settings.data_dir`` (validation, quarantine, dedup,
+    journal, apply), the next prepared while the writer commits the last; a summary."""
     metadata.ensure_data_dir(settings.data_dir)
     started = time.perf_counter()
     totals = {"events_generated": 0, "accepted": 0, "duplicates": 0, "rejected": 0}
-    if not demo_markets(settings.served_regions):
-        return _summary(totals, started, settings)  # no demo brand lives where we may store
     backend = open_store(settings)  # StoreUnavailable if `tally serve` holds it
+    svc = None
     try:
         svc = open_ingest(settings, backend)
         tune_gc()
-        end = datetime.now(UTC).replace(minute=0, second=0, microsecond=0)
-        # rates from the first day on, so money answers over demo data convert out of the box
-        FxRates(backend, settings.base_currency).add(
-            fx_rates(settings.base_currency, (end - timedelta(days=days)).date()))
-        batch_size = max(1, min(BATCH_EVENTS, settings.max_batch_events))
-        batches = generate(events, days, seed, end, batch_size, settings.served_regions)
+        if fx_from is not None:  # rates from the first day on: money answers convert
+            FxRates(backend, settings.base_currency).add(
+                fx_rates(settings.base_currency, fx_from))
         svc.start()
         in_flight: deque[tuple[int, Future[dict[str, Any]]]] = deque()
         with _progress() as progress:
-            task = progress.add_task("demo events", total=events)
-            for number, batch in enumerate(batches):
-                for count, body in _bodies(batch, settings.max_batch_bytes):
-                    ctx = ValidationContext(received_at=datetime.now(UTC),
-                                            served_regions=settings.served_regions)
-                    trace_id = f"tr_demo_{seed}_{number}"
-                    in_flight.append((count, svc.submit(body, ctx, "demo", trace_id)))
-                    while len(in_flight) > PIPELINE_DEPTH:  # prepare ahead, commit behind
-                        _count(in_flight.popleft(), totals)
-                progress.advance(task, len(batch))
+            task = progress.add_task(label, total=total)
+            for number, (count, batch) in enumerate(batches):
+                ctx = ValidationContext(received_at=datetime.now(UTC),
+                                        served_regions=settings.served_regions)
+                prepared = (svc.prepare_columns(batch, ctx, client_id)
+                            if isinstance(batch, pa.Table)
+                            else svc.prepare(batch, ctx, client_id))
+                in_flight.append((count, svc.submit_prepared(prepared, f"{trace}_{number}")))
+                while len(in_flight) > PIPELINE_DEPTH:  # prepare ahead, commit behind
+                    _count(in_flight.popleft(), totals)
+                progress.advance(task, count)
             while in_flight:
                 _count(in_flight.popleft(), totals)
     finally:
-        svc.stop()
+        if svc is not None:
+            svc.stop()
         backend.close()
     return _summary(totals, started, settings)
 

@@ -73,7 +73,7 @@ class Problem:
 
 
 EARLIEST = datetime(2000, 1, 1, tzinfo=UTC)
-_PLAYER_OPTIONAL = frozenset(name for name, spec in REGISTRY.items() if not spec.player_required)
+PLAYER_OPTIONAL = frozenset(name for name, spec in REGISTRY.items() if not spec.player_required)
 
 
 @lru_cache(maxsize=256)
@@ -88,9 +88,43 @@ def _version_problem(event_type: str, version: str) -> str | None:
     return None
 
 
+def version_problem(event_type: str, version: str) -> str | None:
+    """The rule on ``schema_version``: semver, of a major the registry knows for the type."""
+    return _version_problem(event_type, version)
+
+
+def latest_instant(ctx: ValidationContext) -> datetime:
+    """The latest ``occurred_at``/``ingested_at`` accepted: the receive time plus the skew."""
+    return ctx.received_at + ctx.max_future_skew
+
+
+def instant_problem(name: str, value: datetime, ctx: ValidationContext) -> str | None:
+    """The rule on an instant of the envelope: an explicit offset, from 2000-01-01 (EARLIEST)
+    to :func:`latest_instant`."""
+    if value.tzinfo is None:
+        return f"{name} has no UTC offset (RFC 3339 requires 'Z' or '+hh:mm')"
+    if value < EARLIEST:  # year 1 less an offset is year 0: no datetime can hold it
+        return f"{name} is before 2000-01-01"
+    if value > latest_instant(ctx):
+        return f"{name} is more than {int(ctx.max_future_skew.total_seconds())} s in the future"
+    return None
+
+
+def player_problem(event_type: str) -> str | None:
+    """The rule for an event without ``player_id``: only the registry's optional types."""
+    return None if event_type in PLAYER_OPTIONAL else f"player_id is required for {event_type}"
+
+
+def currency_problem(currency: str) -> str | None:
+    """The rule on a payload's ``currency`` beyond its pattern: a code of ISO 4217."""
+    return (None if currency in ISO_4217
+            else f"payload.currency {currency!r} is not an ISO 4217 code")
+
+
 def check(event: Event, ctx: ValidationContext) -> Problem | None:
     """The rules beyond types; None when the event is valid. Residency comes first, so an
-    event for a region this deployment does not serve is never looked at further."""
+    event for a region this deployment does not serve is never looked at further. The
+    columnar path (``tally.ingest.columnar``) applies the same rules, in this order."""
     providers = ctx.allowed_providers  # a partner's events: bets on its providers' games only
     refusal = policy.check_event(event.tenant_id, event.region, ctx.served_regions,
                                  ctx.allowed_brands, ctx.allowed_regions, providers=providers,
@@ -99,32 +133,15 @@ def check(event: Event, ctx: ValidationContext) -> Problem | None:
     if refusal is not None:
         return Problem(refusal.reason, residency=refusal.residency)
     event_type: str = event.__struct_config__.tag  # type: ignore[assignment]
-    version = _version_problem(event_type, event.schema_version)
-    if version is not None:
-        return Problem(version)
-    occurred = event.occurred_at
-    if occurred.tzinfo is None:
-        return Problem("occurred_at has no UTC offset (RFC 3339 requires 'Z' or '+hh:mm')")
-    if occurred < EARLIEST:
-        return Problem("occurred_at is before 2000-01-01")
-    if occurred > ctx.received_at + ctx.max_future_skew:
-        return Problem(f"occurred_at is more than "
-                       f"{int(ctx.max_future_skew.total_seconds())} s in the future")
-    ingested = event.ingested_at
-    if ingested is not None:
-        if ingested.tzinfo is None:
-            return Problem("ingested_at has no UTC offset (RFC 3339 requires 'Z' or '+hh:mm')")
-        if ingested < EARLIEST:  # year 1 less an offset is year 0: no datetime can hold it
-            return Problem("ingested_at is before 2000-01-01")
-        if ingested > ctx.received_at + ctx.max_future_skew:
-            return Problem(f"ingested_at is more than "
-                           f"{int(ctx.max_future_skew.total_seconds())} s in the future")
-    if event.player_id is None and event_type not in _PLAYER_OPTIONAL:
-        return Problem(f"player_id is required for {event_type}")
+    problem = (version_problem(event_type, event.schema_version)
+               or instant_problem("occurred_at", event.occurred_at, ctx)
+               or (None if event.ingested_at is None
+                   else instant_problem("ingested_at", event.ingested_at, ctx))
+               or (player_problem(event_type) if event.player_id is None else None))
     currency = getattr(event.payload, "currency", None)
-    if currency is not None and currency not in ISO_4217:
-        return Problem(f"payload.currency {currency!r} is not an ISO 4217 code")
-    return None
+    if problem is None and currency is not None:
+        problem = currency_problem(currency)
+    return None if problem is None else Problem(problem)
 
 
 def explain(error: msgspec.ValidationError) -> str:

@@ -12,7 +12,6 @@ the UTF-8 JSON text it was sent as (so the listing can always return it again).
 from __future__ import annotations
 
 from collections import defaultdict
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
@@ -29,6 +28,7 @@ from tally.events.envelope import (
     check,
     explain,
 )
+from tally.ingest.dedup import KeyHasher
 from tally.json_input import ANY, check_utf8, decode
 from tally.security.pseudonym import Pseudonymiser
 from tally.storage.schema import EVENTS_SCHEMA, QUARANTINE_SCHEMA
@@ -50,7 +50,6 @@ _TOP_LEVEL = msgspec.json.Decoder(dict[str, msgspec.Raw])
 _ENVELOPE_TEXT = ("event_id", "tenant_id", "region", "player_id", "trace_id", "schema_version")
 UTC_US = pa.timestamp("us", tz="UTC")
 
-Hasher = Callable[[str, str], tuple[int, int]]
 
 
 @dataclass
@@ -76,7 +75,7 @@ class PreparedBatch:
 
 
 def prepare(body: bytes, ctx: ValidationContext, client_id: str, max_events: int,
-            hasher: Hasher, pseudonymiser: Pseudonymiser | None = None) -> PreparedBatch:
+            hasher: KeyHasher, pseudonymiser: Pseudonymiser | None = None) -> PreparedBatch:
     """Decode and check a request body; raise 400/413 for a body that is not a batch.
     With a ``pseudonymiser`` no raw player id leaves this function (events nor quarantine)."""
     rejections: list[Rejection] = []
@@ -165,7 +164,7 @@ def warm_up() -> None:
 
 
 def event_table(valid: list[tuple[int, Event]], payload_texts: list[PayloadText],
-                received_at: datetime, hasher: Hasher,
+                received_at: datetime, hasher: KeyHasher,
                 pseudonymiser: Pseudonymiser | None = None) -> pa.Table:
     """EVENTS_SCHEMA rows of the valid events, grouped by type (row order carries no meaning);
     ``ingest_seq`` is left 0 for the writer to stamp."""
@@ -180,18 +179,18 @@ def event_table(valid: list[tuple[int, Event]], payload_texts: list[PayloadText]
 
 
 def _type_table(items: list[tuple[int, Event]], payload_texts: list[PayloadText],
-                received_at: datetime, hasher: Hasher,
+                received_at: datetime, hasher: KeyHasher,
                 pseudonymiser: Pseudonymiser | None) -> pa.Table:
     events = [event for _, event in items]
     n = len(events)
-    keys = [hasher(e.tenant_id, e.event_id) for e in events]
+    id_hi, id_lo = hasher.columns([e.tenant_id for e in events], [e.event_id for e in events])
     occurred = pa.array([e.occurred_at for e in events], UTC_US).cast(pa.timestamp("us"))
     ingested = pa.array([e.ingested_at for e in events], UTC_US).cast(pa.timestamp("us"))
     received = pa.array([received_at] * n, pa.timestamp("us"))
     cols: dict[str, Any] = {
         "ingest_seq": pa.repeat(pa.scalar(0, pa.int64()), n),
-        "id_hi": [k[0] for k in keys],
-        "id_lo": [k[1] for k in keys],
+        "id_hi": pa.array(id_hi),
+        "id_lo": pa.array(id_lo),
         "event_type": [events[0].__struct_config__.tag] * n,
         "occurred_at": occurred,
         "ingested_at": ingested.fill_null(received),

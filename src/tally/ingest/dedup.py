@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Iterable, Sequence
-from typing import Protocol
+from typing import Any, Protocol
 
 import numpy as np
 import numpy.typing as npt
@@ -72,20 +72,51 @@ class KeyIndex(Protocol):
     def discard(self, hi: Sequence[int] | I64, lo: Sequence[int] | I64) -> None: ...
 
 
-def key_hasher(secret: bytes) -> _Hasher:
-    return _Hasher(secret)
+def first_unseen(hi: I64, lo: I64, *indexes: KeyIndex) -> npt.NDArray[np.bool_]:
+    """Which keys are new: the first of repeats within the batch, in none of ``indexes``."""
+    keep = np.zeros(len(hi), dtype=np.bool_)
+    pairs = np.stack((hi, lo), axis=1).view("V16").ravel()
+    keep[np.unique(pairs, return_index=True)[1]] = True
+    for index in indexes:
+        keep &= ~index.contains(hi, lo)
+    return keep
 
 
-class _Hasher:
+def key_hasher(secret: bytes) -> KeyHasher:
+    return KeyHasher(secret)
+
+
+class KeyHasher:
+    """The dedup key of (tenant_id, event_id): the one definition, for one event or a column."""
+
     def __init__(self, secret: bytes) -> None:
         self._base = hashlib.blake2b(digest_size=16, key=secret)
 
-    def __call__(self, tenant_id: str, event_id: str) -> tuple[int, int]:
+    def digest(self, tenant_id: str, event_id: str) -> bytes:
         h = self._base.copy()
         h.update(f"{tenant_id}\x1f{event_id}".encode())
-        digest = h.digest()
-        return (int.from_bytes(digest[:8], "little", signed=True),
-                int.from_bytes(digest[8:], "little", signed=True))
+        return h.digest()
+
+    def __call__(self, tenant_id: str, event_id: str) -> tuple[int, int]:
+        hi, lo = self.columns([tenant_id], [event_id])
+        return int(hi[0]), int(lo[0])
+
+    def columns(self, tenant_ids: Sequence[str], event_ids: Sequence[str]) -> tuple[I64, I64]:
+        """``id_hi`` and ``id_lo`` of many events: the digest's two little-endian halves.
+        (BLAKE2b is streamed: the state after each tenant's prefix is computed once.)"""
+        prefixes: dict[str, Any] = {}
+        digests: list[bytes] = []
+        append = digests.append
+        for tenant, event in zip(tenant_ids, event_ids, strict=True):
+            state = prefixes.get(tenant)
+            if state is None:
+                state = prefixes[tenant] = self._base.copy()
+                state.update(f"{tenant}\x1f".encode())
+            h = state.copy()
+            h.update(event.encode())
+            append(h.digest())
+        pairs = np.frombuffer(b"".join(digests), dtype="<i8").reshape(-1, 2)
+        return pairs[:, 0].astype(np.int64), pairs[:, 1].astype(np.int64)
 
 
 class DedupIndex:

@@ -16,6 +16,7 @@ import pyarrow as pa
 from tally.events.envelope import ValidationContext
 from tally.ingest.applier import Applier
 from tally.ingest.batch import PreparedBatch, prepare
+from tally.ingest.columnar import prepare_table
 from tally.ingest.dedup import DedupIndex, KeyIndex, key_hasher
 from tally.ingest.dedup_disk import DEFAULT_MEMORY_MB, PartitionedDedupIndex
 from tally.ingest.journal import Journal
@@ -131,6 +132,11 @@ class IngestService:
         """``max_events``: the batch's event limit (default: the requests', 413 past it)."""
         return prepare(body, ctx, client_id, max_events or self.max_batch_events, self._hash,
                        self.pseudonymiser)
+
+    def prepare_columns(self, table: pa.Table, ctx: ValidationContext,
+                        client_id: str) -> PreparedBatch:
+        """A columnar batch (``tally.ingest.columnar``): the same rules, vectorised."""
+        return prepare_table(table, ctx, client_id, self._hash, self.pseudonymiser)
 
     async def ingest(self, body: bytes, ctx: ValidationContext, client_id: str, trace_id: str,
                      idempotency_key: str | None = None) -> dict[str, Any]:

@@ -36,7 +36,9 @@ import msgspec
 import pyarrow as pa
 
 from tally.errors import StoreUnavailable, WriteRejected
+from tally.events.registry import REGISTRY
 from tally.ingest.batch import Rejection, quarantine_table
+from tally.ingest.columnar import typed_payload
 from tally.ingest.journal import write_all
 from tally.storage.base import Backend, IdempotencyRecord, WriteSet
 
@@ -181,7 +183,9 @@ def event_json(row: dict[str, Any]) -> bytes:
         "tenant_id": row["tenant_id"], "region": row["region"],
         "player_id": row["player_id"], "trace_id": row["trace_id"],
         "schema_version": row["schema_version"],
-        "payload": msgspec.Raw(row["payload"].encode()) if row.get("payload") else None,
+        # an empty payload text: loaded from columns, its typed columns are its payload
+        "payload": (msgspec.Raw(row["payload"].encode()) if row.get("payload")
+                    else typed_payload(row) if row.get("event_type") in REGISTRY else None),
     }
     return msgspec.json.encode({k: v for k, v in envelope.items() if v is not None})
 

@@ -28,7 +28,7 @@ import pyarrow as pa
 from tally.errors import IdempotencyKeyReused, ServiceUnavailable
 from tally.ingest.applier import Applier
 from tally.ingest.batch import PreparedBatch, quarantine_table
-from tally.ingest.dedup import DedupIndex, KeyIndex
+from tally.ingest.dedup import DedupIndex, KeyIndex, first_unseen
 from tally.ingest.journal import Journal, JournalUnavailable
 from tally.storage.base import Backend, IdempotencyRecord, WriteSet
 
@@ -196,10 +196,7 @@ class IngestWriter:
         batch, table = sub.batch, sub.batch.table
         hi = table.column("id_hi").to_numpy()
         lo = table.column("id_lo").to_numpy()
-        keep = np.zeros(len(hi), dtype=np.bool_)
-        pairs = np.stack((hi, lo), axis=1).view("V16").ravel()
-        keep[np.unique(pairs, return_index=True)[1]] = True  # first of repeats in the batch
-        keep &= ~self._index.contains(hi, lo) & ~staged_keys.contains(hi, lo)
+        keep = first_unseen(hi, lo, self._index, staged_keys)
         staged_keys.add(hi[keep], lo[keep])
         kept = table.filter(pa.array(keep)) if not keep.all() else table
         if kept.num_rows:
