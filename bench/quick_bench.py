@@ -3,6 +3,7 @@ same answer by raw SQL on the same engine in the same run, as ratios — in abou
 
     python -m bench.quick_bench                 # make bench-quick
     python -m bench.quick_bench --compare A.json B.json
+    python -m bench.quick_bench --stored 100000000 --requests 12   # the goals at 100M
 
 The store is `tally demo`'s (distinct players, sessions and payments over 90 days), built
 once into bench/out/store-1000000 and reused. Each query is asked REQUESTS times from
@@ -71,9 +72,9 @@ def _commit() -> str:
     return (out.stdout.strip() or "unknown") + ("-dirty" if dirty else "")
 
 
-def run() -> dict[str, Any]:
+def run(stored: int = STORED, requests: int = REQUESTS) -> dict[str, Any]:
     started = time.perf_counter()
-    data = ensure_store(STORED, DAYS)
+    data = ensure_store(stored, DAYS)
     shape = json.loads((data / "demo.json").read_text())
     server = Server(data)
     queries: list[dict[str, Any]] = []
@@ -81,21 +82,21 @@ def run() -> dict[str, Any]:
         headers, end = prepare(server, data)
         for case in cases(end):
             queries.append({"name": case["name"], "method": "GET", "path": case["path"],
-                            "items": [case["params"](k) for k in range(REQUESTS)],
-                            "raw": [case["raw"](k) for k in range(REQUESTS)],
+                            "items": [case["params"](k) for k in range(requests)],
+                            "raw": [case["raw"](k) for k in range(requests)],
                             "check": same_answer})
         queries += [
             {"name": "funnel 4 steps, 30 days, 1 h window", "method": "POST",
              "path": "/v1/analytics/funnel",
-             "items": [funnel_body(end, k) for k in range(REQUESTS)],
-             "raw": [raw_funnel(end, k) for k in range(REQUESTS)], "check": _same_funnel},
+             "items": [funnel_body(end, k) for k in range(requests)],
+             "raw": [raw_funnel(end, k) for k in range(requests)], "check": _same_funnel},
             {"name": "retention, a month of first-deposit cohorts", "method": "POST",
              "path": "/v1/analytics/retention",
-             "items": [retention_body(end, k) for k in range(REQUESTS)],
-             "raw": [raw_retention(end, k) for k in range(REQUESTS)], "check": None},
+             "items": [retention_body(end, k) for k in range(requests)],
+             "raw": [raw_retention(end, k) for k in range(requests)], "check": None},
             {"name": "ltv ggr 90 days, a month of cohorts", "method": "GET",
-             "path": "/v1/analytics/ltv", "items": [ltv_params(end, k) for k in range(REQUESTS)],
-             "raw": [raw_ltv(end, k) for k in range(REQUESTS)], "check": None},
+             "path": "/v1/analytics/ltv", "items": [ltv_params(end, k) for k in range(requests)],
+             "raw": [raw_ltv(end, k) for k in range(requests)], "check": None},
         ]
         for q in queries:
             warm = [q["items"][-1]] * WARM  # warm-up: the engine's caches, the code paths
@@ -111,7 +112,7 @@ def run() -> dict[str, Any]:
         tag = httpx.get(f"{server.url}{queries[0]['path']}", params=same,
                         headers=headers).headers["etag"]
         revalidation = load(server.url, {**headers, "If-None-Match": tag},
-                            queries[0]["path"], [same] * REQUESTS * 4)
+                            queries[0]["path"], [same] * requests * 4)
     finally:
         server.stop()
     con = duckdb.connect(str(data / "events.duckdb"), read_only=True)
@@ -138,8 +139,8 @@ def run() -> dict[str, Any]:
                  "http_p95_ms": _p(revalidation, 0.95), "raw_p50_ms": None, "raw_p95_ms": None,
                  "ratio_p50": None, "server_cpu_ms": None})
     return {"commit": _commit(), "at": datetime.now(UTC).isoformat(timespec="seconds"),
-            "stored": STORED, "store": shape,
-            "requests": REQUESTS, "machine": machine(), "rows": rows,
+            "stored": stored, "store": shape,
+            "requests": requests, "machine": machine(), "rows": rows,
             "wall_seconds": round(time.perf_counter() - started, 1)}
 
 
@@ -191,14 +192,19 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--compare", nargs=2, type=Path, metavar=("A", "B"))
+    parser.add_argument("--stored", type=int, default=STORED,
+                        help="events in the store (above 1M built with `tally demo --bulk`)")
+    parser.add_argument("--requests", type=int, default=REQUESTS,
+                        help="requests per query (fewer for big stores)")
     args = parser.parse_args()
     if args.compare:
         a, b = (json.loads(p.read_text()) for p in args.compare)
         print(compare(a, b))
         return
-    result = run()
+    result = run(args.stored, args.requests)
     OUT.mkdir(parents=True, exist_ok=True)
-    path = OUT / f"quick-{result['commit']}.json"
+    size = "" if args.stored == STORED else f"-{args.stored}"
+    path = OUT / f"quick-{result['commit']}{size}.json"
     path.write_text(json.dumps(result, indent=2))
     print(table(result))
     print(f"(saved {path.relative_to(ROOT)})")

@@ -393,3 +393,22 @@ def test_tally_load_refuses_a_bad_file_before_loading_anything(tmp_path: Path) -
         assert message in run.stderr and str(path) in run.stderr
         assert len(run.stderr.strip().splitlines()) == 1
     assert not data.exists()  # checked before the store was even opened
+
+
+def test_tally_demo_bulk(tmp_path: Path) -> None:
+    data = tmp_path / "data"
+    run = tally("demo", "--bulk", "--events", "30000", "--days", "3", "--data-dir", str(data),
+                "--json")
+    assert run.returncode == 0, run.stderr
+    summary = msgspec.json.decode(run.stdout)
+    assert summary["rejected"] == 0
+    assert summary["accepted"] + summary["duplicates"] == summary["events_generated"]
+    assert summary["shape"]["events"] == summary["events_generated"] <= 30_000
+    assert summary["shape"]["players"] > 0 and summary["shape"]["by_type"]["bet.settled"] > 0
+    with stored(data) as store:
+        assert store.count_events() == summary["accepted"]
+        rates = store.query("SELECT count(*) AS n FROM fx_rates").column("n")[0].as_py()
+    assert rates > 0  # money answers convert out of the box, as with the JSON demo
+    refused = tally("demo", "--bulk", "--url", "http://127.0.0.1:9", "--data-dir", str(data))
+    assert refused.returncode != 0 and "--bulk" in refused.stderr
+    assert len(refused.stderr.strip().splitlines()) == 1
