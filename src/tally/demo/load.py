@@ -68,7 +68,7 @@ def load_demo(settings: Settings, *, events: int, days: int, seed: int,
                                          settings.served_regions)
         summary = load_batches(settings, ((t.num_rows, t) for t in tables), "demo events",
                                events, fx_from=(end - timedelta(days=days)).date(),
-                               trace=f"tr_demo_{seed}")
+                               trace=f"tr_demo_{seed}", bulk=True)
         return {**summary, "shape": stream.shape()}
     batch_size = max(1, min(BATCH_EVENTS, settings.max_batch_events))
     batches = generate(events, days, seed, end, batch_size, settings.served_regions)
@@ -93,21 +93,26 @@ def load_files(settings: Settings, paths: Sequence[Path]) -> dict[str, Any]:
     total = sum(f.metadata.num_rows for f in files)
     batches = ((b.num_rows, pa.Table.from_batches([b])) for f in files
                for b in f.iter_batches(batch_size=BULK_EVENTS))
-    return load_batches(settings, batches, "events", total, client_id="load")
+    return load_batches(settings, batches, "events", total, client_id="load", bulk=True)
 
 
 def load_batches(settings: Settings, batches: Iterable[tuple[int, bytes | pa.Table]],
                  label: str, total: int | None, *, fx_from: date | None = None,
-                 trace: str = "tr_load", client_id: str = "demo") -> dict[str, Any]:
+                 trace: str = "tr_load", client_id: str = "demo",
+                 bulk: bool = False) -> dict[str, Any]:
     """Every batch — a JSON body or a columnar table, with its event count — through the
     ingestion path into the store at ``settings.data_dir`` (validation, quarantine, dedup,
-    journal, apply), the next prepared while the writer commits the last; a summary."""
+    journal, apply), the next prepared while the writer commits the last; a summary.
+    ``bulk``: the store derives its rollups and cohort tables once at the end
+    (``Backend.defer_derived``) instead of in every write."""
     metadata.ensure_data_dir(settings.data_dir)
     started = time.perf_counter()
     totals = {"events_generated": 0, "accepted": 0, "duplicates": 0, "rejected": 0}
     backend = open_store(settings)  # StoreUnavailable if `tally serve` holds it
     svc = None
+    derive_seconds = 0.0
     try:
+        backend.defer_derived(bulk)
         svc = open_ingest(settings, backend)
         tune_gc()
         if fx_from is not None:  # rates from the first day on: money answers convert
@@ -130,10 +135,16 @@ def load_batches(settings: Settings, batches: Iterable[tuple[int, bytes | pa.Tab
             while in_flight:
                 _count(in_flight.popleft(), totals)
     finally:
-        if svc is not None:
-            svc.stop()
-        backend.close()
-    return _summary(totals, started, settings)
+        try:
+            if svc is not None:
+                svc.stop()
+            derived = time.perf_counter()
+            backend.defer_derived(False)  # the derived rows of a bulk load, made now
+            derive_seconds = time.perf_counter() - derived
+        finally:
+            backend.close()
+    return {**_summary(totals, started, settings),
+            **({"derive_seconds": round(derive_seconds, 2)} if bulk else {})}
 
 
 def _count(done: tuple[int, Future[dict[str, Any]]], totals: dict[str, int]) -> None:

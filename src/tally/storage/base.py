@@ -101,6 +101,12 @@ class Backend(Protocol):
 
     def journal_applied_seq(self) -> int: ...
 
+    def defer_derived(self, defer: bool) -> None:
+        """A bulk load's writes may leave their derived rows (rollups, activity, cohort
+        tables) to be made together when the deferral ends (or at the next open, after a
+        crash), in a few large transactions. A store that derives on insert by itself
+        (ClickHouse's materialized views) ignores it."""
+
     def begin_group(self, last_seq: int) -> None:
         """Say, durably, that the journal records after the applied one up to ``last_seq``
         are written next, as one write. A store whose write is one transaction ignores it; a

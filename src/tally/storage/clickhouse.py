@@ -423,6 +423,10 @@ class ClickHouseBackend:
         value = self.setting(WRITE_GROUP)
         return None if value is None else int(value)
 
+    def defer_derived(self, defer: bool) -> None:
+        """Nothing to defer: the materialized views derive every insert's rows as it lands,
+        each idempotent with the insert's token."""
+
     def make_durable(self) -> None:
         """The embedded engine's files synced (``syncfs`` of its folder's file system: an
         insert returns before its part is on disk). A server's writes are its own to keep

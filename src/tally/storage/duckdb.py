@@ -13,6 +13,7 @@ from typing import Any, TypeVar
 
 import duckdb
 import pyarrow as pa
+import pyarrow.compute as pc
 from sqlglot import exp
 
 from tally.errors import StoreUnavailable, WriteRejected
@@ -59,6 +60,10 @@ _STRING_MEMBER = ("try(CASE WHEN json_type(event, '$.{0}') = 'VARCHAR' "
 T = TypeVar("T")
 ROWS_SCANNED_METRIC = "query.total_rows_scanned"
 JOURNAL_APPLIED = "journal_applied_seq"
+# "first,last": the ingest_seq range of events written while derived rows were deferred (a
+# bulk load) and not yet derived; caught up at the end of the load, or at the next open
+DERIVED_PENDING = "derived_pending"
+CATCH_UP_ROWS = 5_000_000  # events a catch-up transaction derives
 # The WAL size that triggers an automatic checkpoint (DuckDB's default: 16 MB). A checkpoint
 # rewrites the row groups every derived table's merge touched since the last one; at 16 MB the
 # applier checkpointed at nearly every 100k-row group, and commits were ~60% of its time. At
@@ -110,6 +115,14 @@ class DuckDBBackend:
         self._write_lock = threading.Lock()
         self._scan_lock = threading.Lock()
         self.rows_scanned = 0  # by execute(), since the store was opened
+        self._defer = False
+        self._pending: tuple[int, int] | None = None
+        if not read_only:
+            pending = self.setting(DERIVED_PENDING)
+            if pending is not None:  # a bulk load stopped before its catch-up: finish it
+                first, last = pending.split(",")
+                self._pending = (int(first), int(last))
+                self.catch_up_derived()
 
     def _connect(self) -> duckdb.DuckDBPyConnection:
         """A connection to the store with the engine's bounds set (again after a reopen)."""
@@ -372,15 +385,77 @@ class DuckDBBackend:
               dry_run: bool = False) -> None:
         """The one write path of ingestion (see ``Backend.write``); every table of a kind is
         appended by one statement, so many small batches cost what one large one does."""
-        self._transaction(lambda con: self._append(con, writes, journal_seq), dry_run)
+        if self._pending is not None and not self._defer and not dry_run:
+            self.catch_up_derived()  # derived rows are made in ingest_seq order
+        pending: list[tuple[int, int]] = []
+        self._transaction(lambda con: self._append(con, writes, journal_seq, dry_run, pending),
+                          dry_run)
+        if pending and not dry_run:
+            self._pending = pending[-1]
+
+    def defer_derived(self, defer: bool) -> None:
+        """While deferred (a bulk load), a write appends its events and leaves their derived
+        rows for :meth:`catch_up_derived`, which makes them in a few large transactions: a
+        derived table's merge costs per write, and a checkpoint rewrites what it touched.
+        The range left is recorded in each write's transaction, so a load killed before its
+        catch-up is caught up when the store is opened next; ending the deferral catches up."""
+        self._defer = defer
+        if not defer:
+            self.catch_up_derived()
+
+    def catch_up_derived(self) -> None:
+        """Make the derived rows of the events written while deferred, in ingest_seq order,
+        :data:`CATCH_UP_ROWS` events a transaction (each records how far it got)."""
+        if self._pending is None:
+            return
+        first, last = self._pending
+        counts = self._cursor().execute(
+            "SELECT ingest_seq, count(*) FROM events WHERE ingest_seq BETWEEN ? AND ? "
+            "GROUP BY ingest_seq ORDER BY ingest_seq", [first, last]).fetchall()
+        chunks: list[tuple[int, int]] = []
+        start, rows = None, 0
+        for seq, n in counts:
+            start = seq if start is None else start
+            rows += n
+            if rows >= CATCH_UP_ROWS:
+                chunks.append((start, seq))
+                start, rows = None, 0
+        if start is not None:
+            chunks.append((start, counts[-1][0]))
+        for a, b in chunks:
+            def derive(con: duckdb.DuckDBPyConnection, a: int = a, b: int = b) -> None:
+                con.execute("CREATE OR REPLACE TEMPORARY VIEW _new_events AS SELECT * FROM "
+                            f"events WHERE ingest_seq BETWEEN {int(a)} AND {int(b)}")  # noqa: S608
+                for sql in self._derived:
+                    con.execute(sql)
+                con.execute("DROP VIEW _new_events")
+                if b >= last:
+                    con.execute("DELETE FROM store_settings WHERE name = ?", [DERIVED_PENDING])
+                else:
+                    con.execute("INSERT OR REPLACE INTO store_settings VALUES (?, ?)",
+                                [DERIVED_PENDING, f"{b + 1},{last}"])
+            self._transaction(derive)
+            self._pending = None if b >= last else (b + 1, last)
+        self._pending = None
 
     def _append(self, con: duckdb.DuckDBPyConnection, writes: WriteSet,
-                journal_seq: int | None) -> None:
+                journal_seq: int | None, dry_run: bool = False,
+                pending: list[tuple[int, int]] | None = None) -> None:
         if writes.events:
-            con.register("_new_events", pa.concat_tables(writes.events))
+            events = pa.concat_tables(writes.events)
+            con.register("_new_events", events)
             con.execute("INSERT INTO events SELECT * FROM _new_events")
-            for sql in self._derived:  # rollups, in the same transaction
-                con.execute(sql)
+            if self._defer and not dry_run:  # derived later: say which rows are left
+                seq = pc.min_max(events.column("ingest_seq")).as_py()
+                first, last = self._pending or (seq["min"], seq["max"])
+                left = (min(first, seq["min"]), max(last, seq["max"]))
+                con.execute("INSERT OR REPLACE INTO store_settings VALUES (?, ?)",
+                            [DERIVED_PENDING, f"{left[0]},{left[1]}"])
+                if pending is not None:
+                    pending.append(left)
+            else:
+                for sql in self._derived:  # rollups, in the same transaction
+                    con.execute(sql)
             con.unregister("_new_events")
         if writes.quarantine:
             con.register("_new_quarantine",
