@@ -185,9 +185,9 @@ class Runtime:
                    {"rollup": grain}, lag)
         yield ("tally_applier_pending_rows", "Acknowledged rows waiting for the store.", {},
                float(self.ingest.applier.lag_rows()))
-        yield ("tally_applier_applied_rows", "Rows applied to the store since start.", {},
-               float(self.ingest.applier.applied_rows))
-        yield ("tally_applier_set_aside_rows",
+        yield ("tally_applier_applied_rows_total", "Rows applied to the store since start.",
+               {}, float(self.ingest.applier.applied_rows))
+        yield ("tally_applier_set_aside_rows_total",
                "Acknowledged rows the store refused, quarantined or parked since start.", {},
                float(self.ingest.applier.set_aside_rows))
         yield ("tally_store_writable", "1 if the applier can write the store, else 0.", {},
@@ -195,7 +195,7 @@ class Runtime:
         yield ("tally_dedup_index_keys", "Keys in the dedup index.", {},
                float(len(self.ingest.index)))
         for result, count in (("hit", self.answers.hits), ("miss", self.answers.misses)):
-            yield ("tally_answer_cache_lookups", "Answer cache lookups by result.",
+            yield ("tally_answer_cache_lookups_total", "Answer cache lookups by result.",
                    {"result": result}, float(count))
         if self.source is not None:
             yield from self.source.gauges()
