@@ -4,11 +4,19 @@ ingestion outcomes, cache lookups, index size and freshness per rollup."""
 from __future__ import annotations
 
 import json
+import time
 from typing import Any
 
+from fastapi.testclient import TestClient
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.conftest import make_event
+from tally import metadata
+from tally.api.app import create_app
+from tally.config import Settings
+from tally.security.clients import create_client
+from tests.conftest import bearer, make_event
+from tests.test_exports import finished
+from tests.test_webhooks import Receiver
 
 
 def scrape(client) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
@@ -96,6 +104,68 @@ def test_ingestion_outcomes_are_zero_before_the_first_batch(client):
     m = scrape(client)
     for outcome in ("accepted", "duplicate", "rejected"):
         assert m[("tally_ingest_events_total", (("outcome", outcome),))] == 0
+
+
+def test_rate_limit_refusals_are_counted_by_limit(tmp_path):
+    settings = Settings(data_dir=tmp_path / "data", rate_client="1/h burst 2",
+                        rate_token="1/h burst 3")
+    with TestClient(create_app(settings), raise_server_exceptions=False) as client:
+        headers = bearer(client, settings.data_dir)  # one token request of 3
+        before = scrape(client)
+        assert {before[("tally_rate_limit_refusals_total", (("limit", limit),))]
+                for limit in ("client", "brand", "region", "token", "token_source",
+                              "rows_per_day")} == {0}
+        statuses = [client.get("/v1/metrics", headers=headers).status_code for _ in range(4)]
+        assert statuses == [200, 200, 429, 429]
+        con = metadata.connect(settings.data_dir)
+        client_id, secret = create_client(con, "more", "analytics:read")
+        con.close()
+        statuses = [client.post("/oauth/token", auth=(client_id, secret), data={
+            "grant_type": "client_credentials"}).status_code for _ in range(4)]
+        assert statuses == [200, 200, 200, 429]
+        after = scrape(client)
+    assert after[("tally_rate_limit_refusals_total", (("limit", "client"),))] == 2
+    assert after[("tally_rate_limit_refusals_total", (("limit", "token"),))] == 1
+    assert after[("tally_rate_limit_refusals_total", (("limit", "brand"),))] == 0
+
+
+def test_export_jobs_and_their_webhooks_are_counted_by_outcome(tmp_path):
+    settings = Settings(data_dir=tmp_path / "data", webhook_allow_loopback=True,
+                        export_max_rows=3)
+    receiver = Receiver()
+    try:
+        with TestClient(create_app(settings), raise_server_exceptions=False) as client:
+            headers = bearer(client, settings.data_dir)
+            events = [make_event(occurred_at=f"2025-10-23T{h:02d}:00:00Z") for h in range(6)]
+            assert client.post("/v1/events:batch", json=events,
+                               headers=headers).status_code == 202
+            m = scrape(client)
+            for outcome in ("succeeded", "failed"):
+                assert m[("tally_export_jobs_total", (("outcome", outcome),))] == 0
+            small = {"kind": "timeseries", "metric": "bets", "granularity": "1d",
+                     "from": "2025-10-23", "to": "2025-10-24"}
+            large = small | {"granularity": "1h"}  # 24 rows: over TALLY_EXPORT_MAX_ROWS
+            for query, webhook in ((small, receiver.url), (large, None), (large, None)):
+                body = {"query": query, "format": "csv"} | (
+                    {"webhook_url": webhook} if webhook else {})
+                r = client.post("/v1/exports", json=body, headers=headers)
+                assert r.status_code == 202, r.text
+                finished(client, headers, r.json()["id"])
+            deadline = time.monotonic() + 30
+            while time.monotonic() < deadline and scrape(client)[(
+                    "tally_webhook_deliveries_total",
+                    (("kind", "export"), ("outcome", "delivered")))] == 0:
+                time.sleep(0.05)
+            m = scrape(client)
+    finally:
+        receiver.close()
+    assert m[("tally_export_jobs_total", (("outcome", "succeeded"),))] == 1
+    assert m[("tally_export_jobs_total", (("outcome", "failed"),))] == 2
+    assert m[("tally_webhook_deliveries_total",
+              (("kind", "export"), ("outcome", "delivered")))] == 1
+    assert m[("tally_webhook_deliveries_total",
+              (("kind", "export"), ("outcome", "failed")))] == 0
+    assert len(receiver.received) == 1
 
 
 def test_one_json_log_line_per_request_with_its_trace_id(client, headers, caplog):

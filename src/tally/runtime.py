@@ -197,6 +197,17 @@ class Runtime:
         for result, count in (("hit", self.answers.hits), ("miss", self.answers.misses)):
             yield ("tally_answer_cache_lookups_total", "Answer cache lookups by result.",
                    {"result": result}, float(count))
+        for limit, count in self.limits.refusals.counts().items():
+            yield ("tally_rate_limit_refusals_total",
+                   "Requests refused with 429 by a rate limit or the daily row quota, by limit.",
+                   {"limit": limit}, float(count))
+        for status, count in self.exports.finished.counts().items():
+            yield ("tally_export_jobs_total", "Export jobs finished since start, by outcome.",
+                   {"outcome": status}, float(count))
+        for outcome, count in self.exports.deliveries.counts().items():
+            yield ("tally_webhook_deliveries_total",
+                   "Webhook deliveries since start (each after its retries), by outcome.",
+                   {"kind": "export", "outcome": outcome}, float(count))
         if self.source is not None:
             yield from self.source.gauges()
         yield ("tally_audit_entries", "Entries in the audit log.", {}, float(self.audit.size))
