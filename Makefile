@@ -28,7 +28,7 @@ run: install  ## demo data into an empty store, a demo client, then the API
 	@bash scripts/run.sh "$(DATA_DIR)" "$(HOST)" "$(PORT)" "$(DEMO_EVENTS)" "$(DEMO_DAYS)"
 
 lint: install  ## ruff and mypy --strict
-	$(VENV)/bin/ruff check src tests bench reliability clients
+	$(VENV)/bin/ruff check src tests bench reliability clients deploy
 	$(VENV)/bin/mypy
 
 # the API suite again on the embedded ClickHouse (TALLY_STORE=chdb): answers, rollups, cohorts,
@@ -64,6 +64,9 @@ test-chdb: install browser promtool  ## the whole suite on the embedded ClickHou
 
 openapi: install  ## regenerate openapi.json (commit it: tests/test_openapi_doc.py compares)
 	$(TALLY) openapi --output openapi.json
+
+dashboard: install  ## regenerate deploy/grafana/tally.json (commit it: tests/test_dashboard.py compares)
+	$(VENV)/bin/python deploy/grafana/generate.py
 
 bench: install  ## reproducible benchmarks; results in docs/benchmarks.md
 	$(VENV)/bin/python -m bench.dedup_bench --keys 10000000 --keys 100000000

@@ -4,6 +4,8 @@ dashboard panel reads is in it (docs/operations.md)."""
 
 from __future__ import annotations
 
+import re
+import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -12,14 +14,16 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from tests.conftest import make_event
+from tests.promql import dashboard_queries, metric_names, recorded, rules
 from tests.promtool import promtool
 from tests.server import Server, new_client, token
+from tests.test_webhooks import Receiver
 
 pytestmark = pytest.mark.slow
 DAY = "2025-10-23"
 
 
-def traffic(url: str, headers: dict[str, str]) -> None:
+def traffic(url: str, headers: dict[str, str], receiver: Receiver) -> None:
     """Requests of every kind the shipped rules and panels count."""
     dup = make_event()
     batch = [dup, dup, make_event(event_type="nope"),
@@ -40,19 +44,33 @@ def traffic(url: str, headers: dict[str, str]) -> None:
     assert r.status_code == 200, r.text
     assert httpx.get(f"{url}/v1/nowhere", headers=headers).status_code == 404
     assert httpx.get(f"{url}/openapi.json").status_code == 200
+    r = httpx.post(f"{url}/v1/exports", headers=headers, json={
+        "query": {"kind": "timeseries", "metric": "bets", "granularity": "1d", **span},
+        "format": "csv", "webhook_url": receiver.url})
+    assert r.status_code == 202, r.text
+    deadline = time.monotonic() + 30
+    while not receiver.received and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert receiver.received, "the export's webhook never came"
 
 
 @pytest.fixture(scope="module")
 def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
     data = tmp_path_factory.mktemp("exposition") / "data"
     creds = new_client(data, scopes="events:write analytics:read exports:write admin")
-    server = Server(data)
+    receiver = Receiver()
+    server = Server(data, env={"TALLY_WEBHOOK_ALLOW_LOOPBACK": "1",
+                               "TALLY_RATE_TOKEN": "1/h burst 1"})
     try:
         headers = token(server.url, *creds)
-        traffic(server.url, headers)
+        refused = httpx.post(f"{server.url}/oauth/token", auth=creds,
+                             data={"grant_type": "client_credentials"})
+        assert refused.status_code == 429  # a second token within the hour
+        traffic(server.url, headers, receiver)
         yield {"url": server.url, "headers": headers}
     finally:
         server.stop()
+        receiver.close()
 
 
 def scrape(url: str) -> str:
@@ -78,3 +96,53 @@ def test_promtool_check_metrics_does_find_lint():
     linted = promtool("check", "metrics", stdin=bad)
     assert linted.returncode != 0 and "counter metrics should have \"_total\" suffix" in (
         linted.stdout + linted.stderr)
+
+
+def samples(text: str) -> list[tuple[str, dict[str, str], float]]:
+    return [(s.name, s.labels, s.value)
+            for f in text_string_to_metric_families(text) for s in f.samples]
+
+
+def test_every_metric_a_rule_or_panel_reads_is_exposed(served):
+    """Every name the shipped rules and dashboard select is a series of a real server (or a
+    series the rules record), after traffic of every kind."""
+    exposed = samples(scrape(served["url"]))
+    names = {name for name, _, _ in exposed}
+    read = {f"rule {n} {r.get('record') or r['alert']} {r.get('labels', {}).get('slo', '')}":
+            metric_names(r["expr"]) for n, r in enumerate(rules())}
+    read |= {f"panel {where}": metric_names(expr) for where, expr in dashboard_queries().items()}
+    assert len(read) == len(rules()) + len(dashboard_queries()) > 40
+    # only the budgets, constants, read no metric
+    assert {where.split()[2] for where, names in read.items() if not names} == {
+        "tally:slo_error_budget:ratio"}
+    made_here = recorded()
+    missing = {where: sorted(wanted - names - made_here) for where, wanted in read.items()
+               if wanted - names - made_here}
+    assert not missing
+    used = set().union(*read.values())
+    for name in ("tally_rate_limit_refusals_total", "tally_export_jobs_total",
+                 "tally_webhook_deliveries_total", "tally_applier_pending_rows",
+                 "tally_answer_cache_lookups_total", "tally_rows_scanned_total"):
+        assert name in used  # the dashboard's concerns (issue 15), each read by a panel
+    moved = {(name, tuple(sorted(labels.items()))) for name, labels, value in exposed
+             if value > 0}
+    for wanted in (("tally_rate_limit_refusals_total", (("limit", "token"),)),
+                   ("tally_export_jobs_total", (("outcome", "succeeded"),)),
+                   ("tally_webhook_deliveries_total",
+                    (("kind", "export"), ("outcome", "delivered"))),
+                   ("tally_answer_cache_lookups_total", (("result", "hit"),)),
+                   ("tally_rows_scanned_total", ()),
+                   ("tally_ingest_events_total", (("outcome", "rejected"),))):
+        assert wanted in moved, wanted
+
+
+def test_the_buckets_the_latency_rules_read_are_exposed(served):
+    """``le="0.8"`` of ``/v1/analytics/timeseries`` and the like: the exact series a rule
+    reads exists, with the label values the server writes."""
+    exposed = samples(scrape(served["url"]))
+    for rule in rules():
+        for route, le in re.findall(r'_bucket\{route="([^"]+)", le="([^"]+)"\}',
+                                    rule.get("expr", "")):
+            assert [v for name, labels, v in exposed
+                    if name == "tally_http_request_duration_seconds_bucket"
+                    and labels.get("route") == route and labels.get("le") == le], (route, le)
