@@ -14,7 +14,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from tests.conftest import make_event
-from tests.promql import dashboard_queries, metric_names, recorded, rules
+from tests.promql import ROOT, dashboard_queries, metric_names, recorded, rules
 from tests.promtool import promtool
 from tests.server import Server, new_client, token
 from tests.test_webhooks import Receiver
@@ -146,3 +146,12 @@ def test_the_buckets_the_latency_rules_read_are_exposed(served):
             assert [v for name, labels, v in exposed
                     if name == "tally_http_request_duration_seconds_bucket"
                     and labels.get("route") == route and labels.get("le") == le], (route, le)
+
+
+def test_every_exposed_metric_is_in_docs_operations(served):
+    documented = (ROOT / "docs" / "operations.md").read_text()
+    families = list(text_string_to_metric_families(scrape(served["url"])))
+    assert len(families) > 20
+    for family in families:  # the parser names a counter without its _total
+        name = family.name + ("_total" if family.type == "counter" else "")
+        assert f"`{name}`" in documented, name

@@ -86,3 +86,14 @@ def test_latency_objectives_are_bucket_bounds_of_the_histogram():
             assert le in bounds, (route, le)
             used.add((route, le))
     assert used == set(objectives.items())
+
+
+def test_docs_operations_names_every_objective_and_alert():
+    documented = (ROOT / "docs" / "operations.md").read_text()
+    for name in [*OBJECTIVES, *(r["alert"] for r in rules() if "alert" in r)]:
+        assert f"`{name}`" in documented, name
+    for rule in rules():  # the alerts' runbook link lands on a heading of that page
+        runbook = rule.get("annotations", {}).get("runbook")
+        if runbook:
+            assert runbook == "docs/operations.md#when-an-alert-fires"
+    assert "\n### When an alert fires\n" in documented
