@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Debian's promtool (package `prometheus`) for the rule, dashboard and exposition tests
-# (tests/test_slo_rules.py, tests/test_dashboard.py, tests/test_metrics_lint.py): installed
+# (tests/test_slo_rules.py, tests/test_dashboard.py, tests/test_exposition.py): installed
 # once, if missing. Needs apt-get and root (or sudo); prints what to do otherwise.
 set -euo pipefail
 PROMTOOL=${TALLY_TEST_PROMTOOL:-/usr/bin/promtool}

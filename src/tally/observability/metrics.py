@@ -4,7 +4,7 @@ Instruments are updated where things happen (requests in the trace middleware, i
 its route); the rest (cache, index size, freshness per rollup, refusals, exports) is read at
 scrape time from the live objects, so nothing is counted twice.
 
-Hygiene (checked by ``promtool check metrics`` in tests/test_metrics_lint.py): a count since
+Hygiene (checked by ``promtool check metrics`` in tests/test_exposition.py): a count since
 start is a counter (its name ends in ``_total``), never a gauge; counters and histograms carry
 no ``_created`` series (one more series per label set that no rule of ours reads); the
 process's own ``process_*`` and ``python_info`` series, and ``tally_build_info``, come from
