@@ -11,7 +11,8 @@ DEMO_EVENTS ?= 300000
 DEMO_DAYS ?= 30
 BENCH_STORED ?= 10000000
 
-.PHONY: install run test test-chdb lint openapi bench bench-quick reliability clean browser
+.PHONY: install run test test-chdb lint openapi bench bench-quick reliability clean browser \
+	promtool dashboard
 
 .tools/bin/uv:
 	$(PY) -m venv .tools
@@ -27,7 +28,7 @@ run: install  ## demo data into an empty store, a demo client, then the API
 	@bash scripts/run.sh "$(DATA_DIR)" "$(HOST)" "$(PORT)" "$(DEMO_EVENTS)" "$(DEMO_DAYS)"
 
 lint: install  ## ruff and mypy --strict
-	$(VENV)/bin/ruff check src tests bench reliability clients
+	$(VENV)/bin/ruff check src tests bench reliability clients deploy
 	$(VENV)/bin/mypy
 
 # the API suite again on the embedded ClickHouse (TALLY_STORE=chdb): answers, rollups, cohorts,
@@ -50,16 +51,22 @@ STORE_FAULTS := sigkill_cycles or sigterm_under_backlog or overload or poison_re
 browser:  ## Debian's chromium for the widget tests, if missing (scripts/install-chromium.sh)
 	@bash scripts/install-chromium.sh
 
-test: lint browser  ## the whole suite (lint first), then the API suite on chDB
+promtool:  ## Debian's promtool for the rule and exposition tests, if missing (scripts/install-promtool.sh)
+	@bash scripts/install-promtool.sh
+
+test: lint browser promtool  ## the whole suite (lint first), then the API suite on chDB
 	$(VENV)/bin/pytest -q -n auto
 	TALLY_TEST_STORE=chdb $(VENV)/bin/pytest -q -n auto $(STORE_SUITE)
 	TALLY_TEST_STORE=chdb $(VENV)/bin/pytest -q -n auto tests/test_faults.py -k "$(STORE_FAULTS)"
 
-test-chdb: install browser  ## the whole suite on the embedded ClickHouse
+test-chdb: install browser promtool  ## the whole suite on the embedded ClickHouse
 	TALLY_TEST_STORE=chdb $(VENV)/bin/pytest -q -n auto
 
 openapi: install  ## regenerate openapi.json (commit it: tests/test_openapi_doc.py compares)
 	$(TALLY) openapi --output openapi.json
+
+dashboard: install  ## regenerate deploy/grafana/tally.json (commit it: tests/test_dashboard.py compares)
+	$(VENV)/bin/python deploy/grafana/generate.py
 
 bench: install  ## reproducible benchmarks; results in docs/benchmarks.md
 	$(VENV)/bin/python -m bench.dedup_bench --keys 10000000 --keys 100000000

@@ -185,9 +185,9 @@ class Runtime:
                    {"rollup": grain}, lag)
         yield ("tally_applier_pending_rows", "Acknowledged rows waiting for the store.", {},
                float(self.ingest.applier.lag_rows()))
-        yield ("tally_applier_applied_rows", "Rows applied to the store since start.", {},
-               float(self.ingest.applier.applied_rows))
-        yield ("tally_applier_set_aside_rows",
+        yield ("tally_applier_applied_rows_total", "Rows applied to the store since start.",
+               {}, float(self.ingest.applier.applied_rows))
+        yield ("tally_applier_set_aside_rows_total",
                "Acknowledged rows the store refused, quarantined or parked since start.", {},
                float(self.ingest.applier.set_aside_rows))
         yield ("tally_store_writable", "1 if the applier can write the store, else 0.", {},
@@ -195,8 +195,19 @@ class Runtime:
         yield ("tally_dedup_index_keys", "Keys in the dedup index.", {},
                float(len(self.ingest.index)))
         for result, count in (("hit", self.answers.hits), ("miss", self.answers.misses)):
-            yield ("tally_answer_cache_lookups", "Answer cache lookups by result.",
+            yield ("tally_answer_cache_lookups_total", "Answer cache lookups by result.",
                    {"result": result}, float(count))
+        for limit, count in self.limits.refusals.counts().items():
+            yield ("tally_rate_limit_refusals_total",
+                   "Requests refused with 429 by a rate limit or the daily row quota, by limit.",
+                   {"limit": limit}, float(count))
+        for status, count in self.exports.finished.counts().items():
+            yield ("tally_export_jobs_total", "Export jobs finished since start, by outcome.",
+                   {"outcome": status}, float(count))
+        for outcome, count in self.exports.deliveries.counts().items():
+            yield ("tally_webhook_deliveries_total",
+                   "Webhook deliveries since start (each after its retries), by outcome.",
+                   {"kind": "export", "outcome": outcome}, float(count))
         if self.source is not None:
             yield from self.source.gauges()
         yield ("tally_audit_entries", "Entries in the audit log.", {}, float(self.audit.size))

@@ -54,6 +54,18 @@ def trace_id_for(traceparent: str) -> str:
     return secrets.token_hex(16)
 
 
+def route_template(scope: Scope) -> str:
+    """The template of the route that answered (``/v1/exports/{job_id}``), ``unmatched`` if
+    none did. FastAPI's routes name themselves in the scope; Starlette's plain ones (FastAPI's
+    own ``/openapi.json``) leave only their endpoint, found among the app's routes."""
+    route = scope.get("route")
+    endpoint = scope.get("endpoint")
+    if route is None and endpoint is not None:
+        route = next((r for r in getattr(scope.get("app"), "routes", ())
+                      if getattr(r, "endpoint", None) is endpoint), None)
+    return str(getattr(route, "path", "unmatched"))
+
+
 class TraceMiddleware:
     """Gives every request a trace id (``request.state.trace_id``) and answers it in
     ``X-Trace-Id``. Pure ASGI: BaseHTTPMiddleware costs a task and a stream per request."""
@@ -81,7 +93,7 @@ class TraceMiddleware:
         try:
             await self.app(scope, receive, send_with_trace)
         finally:
-            route = getattr(scope.get("route"), "path", "unmatched")
+            route = route_template(scope)
             seconds = time.perf_counter() - started
             self.metrics.observe(route, scope["method"], status, seconds)
             # the route template, never the query string: filters may carry ids

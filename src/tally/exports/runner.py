@@ -36,6 +36,7 @@ from tally.exports.jobs import Job
 from tally.insights.kinds import plan_for
 from tally.insights.series import Context, Table
 from tally.insights.tables import csv_rows
+from tally.observability.outcomes import Outcomes
 from tally.security.tokens import Principal
 from tally.webhooks import secrets
 from tally.webhooks.delivery import deliver
@@ -123,6 +124,9 @@ class ExportWorker:
         self.settings, self.meta, self.context_for = settings, meta, context_for
         self.catch_up, self.audit = catch_up, audit
         self.directory = settings.data_dir / "exports"
+        # since start, read at scrape time: tally_export_jobs_total, tally_webhook_deliveries
+        self.finished = Outcomes("succeeded", "failed")
+        self.deliveries = Outcomes("delivered", "failed")
         self._stop = threading.Event()
         self._wake = threading.Event()
         self._thread = threading.Thread(target=self._loop, name="tally-exports", daemon=True)
@@ -202,6 +206,7 @@ class ExportWorker:
                 sink.close()
             part.unlink(missing_ok=True)
         jobs.finish(self.meta, job)
+        self.finished.add(job.status)
         log.info("exports: job finished", extra={"job": job.id, "status": job.status,
                                                  "rows": job.rows, "error": job.error})
         if job.webhook_url:
@@ -214,6 +219,7 @@ class ExportWorker:
         outcome = deliver(job.webhook_url, body, secrets.signing(self.meta, job.client_id),
                           allow_loopback=self.settings.webhook_allow_loopback)
         last = outcome.attempts[-1].status if outcome.attempts else None
+        self.deliveries.add("delivered" if outcome.delivered else "failed")
         try:  # every webhook is in the audit log (CONTRACT §8)
             self.audit(record.delivery(job.id, job.client_id, str(job.principal["token_id"]),
                                        urlsplit(job.webhook_url).hostname or "",

@@ -39,6 +39,7 @@ from redis.retry import Retry
 from tally.config import Settings
 from tally.config_values import Rate, parse_rate
 from tally.errors import QueryTooLarge, StoreUnavailable, TooManyRequests
+from tally.observability.outcomes import Outcomes
 from tally.security.limits import (
     Bucket,
     BucketState,
@@ -56,6 +57,8 @@ from tally.security.quotas import (
 from tally.storage.metering import current_meter
 
 REDIS_TIMEOUT_SECONDS = 0.5  # a Redis that stops answering costs a check at most 2 × this
+# what may refuse a request with 429: a bucket (its kind, Bucket.limit) or the daily quota
+REFUSING_LIMITS = ("client", "brand", "region", "token", "token_source", "rows_per_day")
 
 
 class RateLimited(TooManyRequests):
@@ -106,6 +109,8 @@ class Limits:
                  wall_clock: Callable[[], float] = time.time) -> None:
         self.policy, self.limiter, self.ledger = policy, limiter, ledger
         self.wall_clock = wall_clock
+        # requests refused with 429, by the limit that refused them (tally_rate_limit_refusals)
+        self.refusals = Outcomes(*REFUSING_LIMITS)
         # no call of these can block (no Redis): they may run on the event loop
         self.in_process = isinstance(limiter, LocalRateLimiter)
 
@@ -181,6 +186,7 @@ class Admission:
             return
         self.retry_after = denied.retry_after
         bucket, rate = denied.bucket, denied.bucket.rate
+        self.limits.refusals.add(bucket.limit)
         who = _describe(bucket)
         raise RateLimited(
             f"rate limit of {who} reached ({rate.burst} requests at once, then {rate}); "
@@ -197,6 +203,7 @@ class Admission:
             used = self.limits.ledger.used(self.client_id, utc_day(now))
             if used >= policy.rows_per_day:
                 self.retry_after = seconds_to_midnight(now)
+                self.limits.refusals.add("rows_per_day")
                 raise RowsQuotaExhausted(
                     f"client {self.client_id!r} has scanned {used} rows today (UTC), the "
                     f"daily quota is {policy.rows_per_day}; it resets at 00:00 UTC, in "

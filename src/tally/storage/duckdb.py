@@ -424,8 +424,9 @@ class DuckDBBackend:
             chunks.append((start, counts[-1][0]))
         for a, b in chunks:
             def derive(con: duckdb.DuckDBPyConnection, a: int = a, b: int = b) -> None:
-                con.execute("CREATE OR REPLACE TEMPORARY VIEW _new_events AS SELECT * FROM "
-                            f"events WHERE ingest_seq BETWEEN {int(a)} AND {int(b)}")  # noqa: S608
+                con.execute(  # a view cannot take parameters; a and b are ints
+                    "CREATE OR REPLACE TEMPORARY VIEW _new_events AS SELECT * FROM events "  # noqa: S608
+                    f"WHERE ingest_seq BETWEEN {int(a)} AND {int(b)}")
                 for sql in self._derived:
                     con.execute(sql)
                 con.execute("DROP VIEW _new_events")
