@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import json
+import logging
 import re
 import threading
+import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from datetime import UTC, date, datetime, timedelta
@@ -64,6 +66,7 @@ JOURNAL_APPLIED = "journal_applied_seq"
 # bulk load) and not yet derived; caught up at the end of the load, or at the next open
 DERIVED_PENDING = "derived_pending"
 CATCH_UP_ROWS = 5_000_000  # events a catch-up transaction derives
+log = logging.getLogger(__name__)
 # The WAL size that triggers an automatic checkpoint (DuckDB's default: 16 MB). A checkpoint
 # rewrites the row groups every derived table's merge touched since the last one; at 16 MB the
 # applier checkpointed at nearly every 100k-row group, and commits were ~60% of its time. At
@@ -422,6 +425,9 @@ class DuckDBBackend:
                 start, rows = None, 0
         if start is not None:
             chunks.append((start, counts[-1][0]))
+        started = time.perf_counter()
+        log.info("deriving the rollups of a bulk load",
+                 extra={"events": sum(n for _, n in counts), "transactions": len(chunks)})
         for a, b in chunks:
             def derive(con: duckdb.DuckDBPyConnection, a: int = a, b: int = b) -> None:
                 con.execute(  # a view cannot take parameters; a and b are ints
@@ -438,6 +444,8 @@ class DuckDBBackend:
             self._transaction(derive)
             self._pending = None if b >= last else (b + 1, last)
         self._pending = None
+        log.info("derived the rollups of a bulk load",
+                 extra={"seconds": round(time.perf_counter() - started, 1)})
 
     def _append(self, con: duckdb.DuckDBPyConnection, writes: WriteSet,
                 journal_seq: int | None, dry_run: bool = False,
