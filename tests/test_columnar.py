@@ -233,6 +233,15 @@ def test_a_table_not_in_the_format_is_refused_whole(change: Any, message: str) -
         prepare_table(change(table), ctx(), "c", HASHER)
 
 
+def test_a_string_column_that_is_not_utf8_is_refused() -> None:
+    table = columns_of(sample_events()[:3])
+    raw = pa.array([b"ok", b"\xff\xfe", b"ok"], pa.binary())
+    bad = raw.view(pa.string())  # the bytes as they would arrive in a file's string column
+    with pytest.raises(InvalidBody, match="'device'.*UTF-8|'device'.*utf8|'device'"):
+        prepare_table(table.set_column(table.schema.get_field_index("device"), "device", bad),
+                      ctx(), "c", HASHER)
+
+
 def test_equivalent_encodings_are_accepted() -> None:
     events = sample_events()[:300]
     table = columns_of(events)

@@ -113,7 +113,10 @@ def _conform_column(f: pa.Field, column: pa.ChunkedArray) -> pa.ChunkedArray:
         raise InvalidBody(f"column {f.name!r} is {t}; it must be {f.type}"
                           + (" (an instant with a time zone)" if f.type == UTC_US else ""))
     try:
-        return column.cast(f.type)
+        column = column.cast(f.type)
+        if f.type == pa.string():
+            column.validate(full=True)  # UTF-8: a file may hold any bytes in a string
+        return column
     except (pa.ArrowInvalid, pa.ArrowNotImplementedError) as exc:
         raise InvalidBody(f"column {f.name!r}: {exc}") from None
 
