@@ -242,6 +242,14 @@ def test_a_string_column_that_is_not_utf8_is_refused() -> None:
                       ctx(), "c", HASHER)
 
 
+def test_a_huge_value_refuses_the_batch_before_anything_is_kept() -> None:
+    table = columns_of(sample_events()[:3])
+    huge = pa.array(["x", "y" * (64 * 1024 + 1), None])
+    with pytest.raises(InvalidBody, match="'trace_id' holds a value of 65,537 bytes"):
+        prepare_table(table.set_column(table.schema.get_field_index("trace_id"), "trace_id",
+                                       huge), ctx(), "c", HASHER)
+
+
 def test_equivalent_encodings_are_accepted() -> None:
     events = sample_events()[:300]
     table = columns_of(events)

@@ -56,6 +56,9 @@ from tally.security.pseudonym import Pseudonymiser
 from tally.storage.schema import EVENTS_SCHEMA
 
 UTC_US = pa.timestamp("us", tz="UTC")
+# No field of the contract holds more than 128 characters (512 bytes of UTF-8); a value far
+# beyond that refuses the batch, so a rejected event kept in the quarantine stays small
+MAX_VALUE_BYTES = 64 * 1024
 _STORED_ONLY = ("ingest_seq", "id_hi", "id_lo", "received_at", "payload")
 _INSTANTS = ("occurred_at", "ingested_at")
 INPUT_SCHEMA = pa.schema([
@@ -116,6 +119,10 @@ def _conform_column(f: pa.Field, column: pa.ChunkedArray) -> pa.ChunkedArray:
         column = column.cast(f.type)
         if f.type == pa.string():
             column.validate(full=True)  # UTF-8: a file may hold any bytes in a string
+            longest = pc.max(pc.binary_length(column)).as_py() or 0
+            if longest > MAX_VALUE_BYTES:
+                raise InvalidBody(f"column {f.name!r} holds a value of {longest:,} bytes; "
+                                  f"the limit is {MAX_VALUE_BYTES:,}")
         return column
     except (pa.ArrowInvalid, pa.ArrowNotImplementedError) as exc:
         raise InvalidBody(f"column {f.name!r}: {exc}") from None
