@@ -79,7 +79,7 @@ def read(query: dict[str, Any], condition: dict[str, Any], ctx: Context,
          whole: Plan) -> list[Reading]:
     """Every subject's reading now (``whole``: :func:`plan` of the query)."""
     if "rtp_drift" in condition:
-        from tally.alerts import drift  # the statistics (numpy-free, but only for drift)
+        from tally.alerts import drift  # here: drift imports this module
 
         return drift.read(query, condition["rtp_drift"], ctx)
     compare = OPERATORS[condition["op"]]

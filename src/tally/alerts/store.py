@@ -160,8 +160,7 @@ def listing(con: sqlite3.Connection, client_id: str, after: int,
 
 
 def delete(con: sqlite3.Connection, alert_id: str) -> None:
-    """The rule and its state go; its events stay readable nowhere, and those not delivered
-    yet are cancelled (never sent)."""
+    """The rule, its state and its events go (those not delivered yet are never sent)."""
     with _lock:
         con.execute("BEGIN IMMEDIATE")
         try:
