@@ -33,7 +33,7 @@ lint: install  ## ruff and mypy --strict
 
 # the API suite again on the embedded ClickHouse (TALLY_STORE=chdb): answers, rollups, cohorts,
 # security (every route under a confined token), ETags, ingestion, restart, kill -9 and replay,
-# durability, audit, CSV, exports and widgets; a gap is a strict xfail naming it.
+# durability, audit, CSV, exports, widgets and alerts; a gap is a strict xfail naming it.
 # `make test-chdb` runs the whole suite there (the HTTP edge, parsers and CLI too).
 STORE_SUITE := tests/test_analytics.py tests/test_rollups.py tests/test_cohorts.py \
 	tests/test_policy.py tests/test_caching.py tests/test_e2e_server.py \
@@ -42,7 +42,8 @@ STORE_SUITE := tests/test_analytics.py tests/test_rollups.py tests/test_cohorts.
 	tests/test_policy_matrix.py tests/test_admin_matrix.py tests/test_admin_scope.py \
 	tests/test_privacy.py tests/test_partners.py tests/test_durability.py \
 	tests/test_query_limits.py tests/test_audit.py tests/test_demo.py \
-	tests/test_csv_answers.py tests/test_exports.py tests/test_embeds.py
+	tests/test_csv_answers.py tests/test_exports.py tests/test_embeds.py tests/test_alerts.py \
+	tests/test_drift.py
 
 # the fault scenarios that run there too (a slow-client scenario tests the HTTP edge alone)
 STORE_FAULTS := sigkill_cycles or sigterm_under_backlog or overload or poison_record or \

@@ -4,10 +4,10 @@ Every fenced shell block of README.md and docs/*.md says whether it runs: ``<!--
 the line before it, or ``<!-- not run: why -->``. The runnable blocks of a file run in order in
 one ``bash`` (a tour builds on its earlier steps) against a real ``tally serve`` on a demo
 store, from a directory holding ``data/demo-client.json`` as ``make run`` leaves it, with the
-demo client's credentials in ``$CLIENT_ID``/``$CLIENT_SECRET`` and the server's URL in
-``$TALLY``. ``curl`` is the real curl behind a wrapper that records each call's arguments,
-HTTP status and body: every call must get a 2xx, and an answer the text shows after
-``# →`` must be the answer (``"…"`` stands for any value).
+demo client's credentials in ``$CLIENT_ID``/``$CLIENT_SECRET``, the server's URL in ``$TALLY``
+and a webhook receiver on loopback in ``$WEBHOOK_URL``. ``curl`` is the real curl behind a
+wrapper that records each call's arguments, HTTP status and body: every call must get a 2xx,
+and an answer the text shows after ``# →`` must be the answer (``"…"`` stands for any value).
 
 The banner's examples come from ``banner`` in scripts/run.sh (sourced, so nothing starts) and
 must also agree with each other: the sample event lies in the range the queries ask for, and
@@ -36,6 +36,7 @@ from tally.demo.load import load_demo
 from tally.security.clients import create_client
 from tests.conftest import ALL_SCOPES
 from tests.server import Server
+from tests.test_webhooks import Receiver
 
 ROOT = Path(__file__).resolve().parents[1]
 DOCS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
@@ -72,6 +73,7 @@ class Demo:
     url: str
     client_id: str
     secret: str
+    webhook_url: str = ""
 
     def run(self, script: str, tmp: Path) -> list[Call]:
         """``script`` in bash from the demo's directory; the curl calls it made, in order."""
@@ -82,7 +84,8 @@ class Demo:
         (wrapper / "curl").chmod(0o755)
         env = {**os.environ, "PATH": f"{wrapper}:{os.environ['PATH']}", "TALLY": self.url,
                "CLIENT_ID": self.client_id, "CLIENT_SECRET": self.secret,
-               "CURL_LOG": str(log), "REAL_CURL": str(shutil.which("curl"))}
+               "CURL_LOG": str(log), "REAL_CURL": str(shutil.which("curl")),
+               "WEBHOOK_URL": self.webhook_url}
         out = subprocess.run(["bash", "-c", "set -euo pipefail\n" + script], cwd=self.work,
                              env=env, capture_output=True, text=True, timeout=120)
         assert out.returncode == 0, f"{script}\n--- stdout\n{out.stdout}\n--- stderr\n{out.stderr}"
@@ -109,11 +112,15 @@ def demo(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Demo]:
     con.close()
     creds = {"client_id": client_id, "client_secret": secret}  # as `tally client create` prints
     (data / "demo-client.json").write_text(json.dumps(creds))
-    server = Server(data)
+    # docs/alerts.md's rules tell a real receiver on loopback ($WEBHOOK_URL)
+    receiver = Receiver()
+    server = Server(data, env={"TALLY_WEBHOOK_ALLOW_LOOPBACK": "1"})
     try:
-        yield Demo(work, server.url, creds["client_id"], creds["client_secret"])
+        yield Demo(work, server.url, creds["client_id"], creds["client_secret"],
+                   receiver.url)
     finally:
         server.stop()
+        receiver.close()
 
 
 def shell_blocks(path: Path) -> list[tuple[str | None, str, int]]:

@@ -48,6 +48,14 @@ VALID: dict[tuple[str, str], dict[str, Any]] = {
     # a widget of this client (made first): its page, its data
     ("GET", "/embed/{token}"): {"embed": ""},
     ("GET", "/embed/{token}/data"): {"embed": "/data"},
+    ("POST", "/v1/alerts"): {"json": {"name": "n", "query": {"kind": "slice", "metric": "ggr",
+                                                             "dim": "game_id", **RANGE},
+                                      "condition": {"op": ">", "value": 1e15},
+                                      "webhook_url": "https://1.1.1.1/hook"}},
+    # an alert of this client (made first): itself, its events, its deletion
+    ("GET", "/v1/alerts/{alert_id}"): {"alert": ""},
+    ("GET", "/v1/alerts/{alert_id}/events"): {"alert": "/events"},
+    ("DELETE", "/v1/alerts/{alert_id}"): {"alert": ""},
 }
 
 
@@ -91,6 +99,11 @@ def _send(client: TestClient, method: str, path: str, headers: dict[str, str],
                            headers=headers)
         assert made.status_code == 201, made.text
         path = made.json()["url"] + spec.pop("embed")
+    if "alert" in spec:  # a route of one alert: a real one, made now
+        made = client.post("/v1/alerts", json=VALID[("POST", "/v1/alerts")]["json"],
+                           headers=headers)
+        assert made.status_code == 201, made.text
+        path = made.json()["links"]["self"] + spec.pop("alert")
     query = {**spec.pop("params", {}), **(params or {})}
     if "json" in extra:
         spec["json"] = extra.pop("json")

@@ -131,6 +131,8 @@ class Settings(BaseSettings):
     export_max_rows: int = Field(default=5_000_000, ge=1)
     export_max_bytes: int = Field(default=1 << 30, ge=1)
     export_link_ttl_seconds: int = Field(default=3600, ge=1, le=7 * 86400)
+    # metric alerts (CONTRACT §11): rules a client may hold at once (docs/alerts.md)
+    alerts_max_per_client: int = Field(default=100, ge=1, le=10_000)
     # the origins whose pages may frame an embedded widget (CONTRACT §9; CSP frame-ancestors);
     # empty: only Tally's own pages
     embed_origins: str = ""

@@ -223,6 +223,11 @@ class RequestTimeout(UserError):
     doc = "The request body or head arrived too slowly; the connection is closed."
 
 
+class NotFound(UserError):
+    status, title, code = 404, "Not Found", "not-found"
+    doc = "No route or resource at this URL."
+
+
 class Conflict(UserError):
     status, title, code = 409, "Conflict", "conflict"
     doc = "The request conflicts with the current state of the resource."

@@ -1,4 +1,5 @@
-"""Operator metadata (clients, signing keys, webhook secrets) in SQLite beside the event store.
+"""Operator metadata (clients, signing keys, webhook secrets, export jobs, alerts) in SQLite
+beside the event store.
 
 DuckDB allows one writing process, and ``tally serve`` is it; SQLite in WAL mode lets the
 operator's commands (``tally client create``, ``revoke``, ``keys rotate``) write while the
@@ -78,6 +79,44 @@ CREATE TABLE IF NOT EXISTS export_jobs (
   file_deleted INTEGER NOT NULL DEFAULT 0
 );
 CREATE INDEX IF NOT EXISTS export_jobs_by_client ON export_jobs (client_id, created_at);
+CREATE TABLE IF NOT EXISTS alerts (
+  id TEXT PRIMARY KEY,
+  client_id TEXT NOT NULL,
+  principal TEXT NOT NULL,
+  name TEXT NOT NULL,
+  query TEXT NOT NULL,
+  condition TEXT NOT NULL,
+  webhook_url TEXT NOT NULL,
+  every_seconds INTEGER NOT NULL,
+  created_at TEXT NOT NULL,
+  evaluated_at TEXT,
+  data_version INTEGER,
+  breaching INTEGER NOT NULL DEFAULT 0,
+  error TEXT
+);
+CREATE INDEX IF NOT EXISTS alerts_by_client ON alerts (client_id);
+CREATE TABLE IF NOT EXISTS alert_subjects (
+  alert_id TEXT NOT NULL,
+  subject TEXT NOT NULL,
+  since TEXT NOT NULL,
+  PRIMARY KEY (alert_id, subject)
+);
+CREATE TABLE IF NOT EXISTS alert_events (
+  id TEXT PRIMARY KEY,
+  alert_id TEXT NOT NULL,
+  client_id TEXT NOT NULL,
+  type TEXT NOT NULL,
+  at TEXT NOT NULL,
+  body TEXT NOT NULL,
+  status TEXT NOT NULL,
+  attempts INTEGER NOT NULL DEFAULT 0,
+  next_attempt_at REAL NOT NULL,
+  last_status INTEGER,
+  last_error TEXT,
+  delivered_at TEXT
+);
+CREATE INDEX IF NOT EXISTS alert_events_by_alert ON alert_events (alert_id);
+CREATE INDEX IF NOT EXISTS alert_events_pending ON alert_events (status, next_attempt_at);
 """
 
 # Columns added after the first release: (table, column, type). A store made by an older

@@ -13,8 +13,11 @@ from datetime import timedelta
 from typing import TYPE_CHECKING
 
 from tally import metadata
+from tally.alerts.service import AlertService
+from tally.alerts.store import Alert
 from tally.audit.log import AuditLog
 from tally.config import Settings
+from tally.errors import TallyError
 from tally.exports.runner import ExportWorker
 from tally.ingest.batch import warm_up
 from tally.ingest.service import IngestService
@@ -105,12 +108,24 @@ class Runtime:
     _source_thread: threading.Thread | None = None
     source_failure: str | None = None
     exports: ExportWorker = field(init=False)  # export jobs, run off the request path
+    alerts: AlertService = field(init=False)  # alert rules, evaluated as data is applied
 
     def context_for(self, principal: Principal) -> Context:
         """What a query of ``principal`` is planned with (a route's, an export's, a
         widget's): the store, FX rates, settings, the caller's limits and the watermark."""
         return Context(self.backend, self.fx, self.settings, principal,
                        self.ingest.versions.complete_before)
+
+    def refusal(self, alert: Alert) -> str | None:
+        """Why an alert's creator may no longer be served (revoked, or its tokens of the
+        alert's time refused): its alerts then stop. None: it may."""
+        if not isinstance(self.tokens, TokenService):  # an identity provider's clients
+            return None
+        try:
+            self.tokens.clients.check(alert.client_id, alert.created_epoch)
+        except TallyError as exc:
+            return f"the alert's creator no longer has access: {exc}"
+        return None
 
     @classmethod
     def open(cls, settings: Settings) -> Runtime:
@@ -136,6 +151,10 @@ class Runtime:
                       FxRates(backend, settings.base_currency), AnswerCache(), audit, limits)
         runtime.exports = ExportWorker(settings, meta, runtime.context_for,
                                        ingest.read_your_writes, audit.append)
+        runtime.alerts = AlertService(meta, runtime.context_for, ingest.versions,
+                                      runtime.refusal, audit.append,
+                                      settings.webhook_allow_loopback)
+        ingest.applier.after_apply.append(runtime.alerts.wake)
         if settings.consume_from:
             runtime.source = open_source(settings, ingest, settings.consume_from,
                                          settings.consume_group)
@@ -145,6 +164,7 @@ class Runtime:
         warm_up()  # lazy imports of the ingestion path, before the first request
         self.ingest.start()
         self.exports.start()
+        self.alerts.start()
         if self.source is not None:
             self._source_thread = threading.Thread(target=self._consume, name="tally-kafka",
                                                    daemon=True)
@@ -222,6 +242,7 @@ class Runtime:
         if self.source is not None:
             self.source.close()
         self.exports.stop()  # the job running is cut off: queued again at the next start
+        self.alerts.stop()  # after the evaluation and the delivery attempt in flight
         self.audit.close()  # signs a last checkpoint
         self.ingest.stop(self.settings.shutdown_seconds)
         self.backend.close()

@@ -136,6 +136,44 @@ class ExportJobs(Open):
     next_cursor: str | None
 
 
+class Alert(Open):
+    """An alert rule (CONTRACT §11) and its last evaluation: ``breaching`` subjects then,
+    ``error`` why it could not be evaluated (null: it was)."""
+
+    id: str
+    name: str
+    query: dict[str, Any]
+    condition: dict[str, Any]
+    webhook_url: str
+    every_seconds: int
+    created_at: str
+    evaluated_at: str | None
+    breaching: int
+    error: str | None
+    links: dict[str, str]
+
+
+class Alerts(Open):
+    items: list[Alert]
+    next_cursor: str | None
+
+
+class AlertEvent(Open):
+    """A firing or a resolution (``type``), what its webhook says (``data``) and how its
+    delivery goes (``delivery.status``: pending, delivered, failed or cancelled)."""
+
+    id: str
+    type: str = Field(description="alert.firing or alert.resolved.")
+    at: str
+    data: dict[str, Any]
+    delivery: dict[str, Any]
+
+
+class AlertEvents(Open):
+    items: list[AlertEvent]
+    next_cursor: str | None
+
+
 class WebhookSecret(Open):
     """The secret that signs this client's webhooks (Standard Webhooks): verify
     ``webhook-signature`` with it. After a rotation the old secret signs alongside for 24 h

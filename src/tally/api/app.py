@@ -20,6 +20,7 @@ from tally.api.embed_page import EMBED_ASSETS
 from tally.api.limiting import LimitsMiddleware
 from tally.api.routes import (
     admin,
+    alerts,
     analytics,
     audit,
     auth,
@@ -137,7 +138,7 @@ def create_app(settings: Settings | None = None, runtime: Runtime | None = None)
     problems.install(app)
     EMBED_ASSETS.install(app)  # before /embed/{token}/data: /embed/assets/* is an asset
     for module in (auth, ingest, admin, audit, meta, metrics, analytics, exports,
-                   webhooks, embeds):
+                   webhooks, embeds, alerts):
         app.include_router(module.router)
     openapi.install(app)
     docs.install(app)

@@ -68,6 +68,7 @@ def body_rules(settings: Settings) -> dict[tuple[str, str], BodyRule]:
         ("POST", "/v1/webhook-secret"): BodyRule(0, False, "a secret rotation"),
         ("POST", "/v1/exports"): BodyRule(QUERY_BODY_LIMIT, True, "an export request"),
         ("POST", "/v1/embeds"): BodyRule(QUERY_BODY_LIMIT, True, "an embed request"),
+        ("POST", "/v1/alerts"): BodyRule(QUERY_BODY_LIMIT, True, "an alert rule"),
     }
 
 

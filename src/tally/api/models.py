@@ -19,7 +19,9 @@ from pydantic import (
     BaseModel,
     BeforeValidator,
     ConfigDict,
+    Discriminator,
     Field,
+    Tag,
     ValidationError,
     create_model,
 )
@@ -333,6 +335,63 @@ class ExportBody(BaseModel):
     format: Literal["csv", "parquet"]
     webhook_url: str | None = Field(None, max_length=2048, description=(
         "https URL told of the outcome (docs/api.md#webhooks)."))
+
+
+class ThresholdCondition(BaseModel):
+    """Fires while the value compares so with ``value`` (a null value never does)."""
+
+    model_config = ConfigDict(extra="forbid")
+    op: Literal[">", "<", ">=", "<="]
+    value: float = Field(strict=True, allow_inf_nan=False, description=(
+        "In the answer's unit: minor units for money, a fraction for ratios."))
+
+
+class RtpDrift(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    theoretical: float = Field(gt=0, le=10, allow_inf_nan=False,
+                               description="The game's theoretical RTP, e.g. 0.96.")
+    confidence: float = Field(ge=0.5, le=0.999999, allow_inf_nan=False, description=(
+        "Of the interval around the theoretical RTP: 0.999 fires for 1 game in 1,000 that "
+        "plays true."))
+    min_bets: int = Field(1000, ge=30, le=1_000_000_000, description=(
+        "A key is judged once it has this many bets (the interval is a normal "
+        "approximation)."))
+
+
+class DriftCondition(BaseModel):
+    """Fires when a key's observed RTP lies outside the confidence interval of its
+    theoretical RTP given its bets (docs/alerts.md#rtp-drift)."""
+
+    model_config = ConfigDict(extra="forbid")
+    rtp_drift: RtpDrift
+
+
+def _condition_kind(value: Any) -> str:
+    """The condition's branch, of a body's object or of a model (when dumped)."""
+    drift = isinstance(value, DriftCondition) or (isinstance(value, dict)
+                                                  and "rtp_drift" in value)
+    return "RtpDrift" if drift else "Threshold"
+
+
+class AlertBody(BaseModel):
+    """``POST /v1/alerts`` (CONTRACT §11): a rule on a timeseries or slice query."""
+
+    model_config = ConfigDict(extra="forbid")
+    name: str = Field(min_length=1, max_length=200)
+    query: dict[str, Any] = Field(
+        description=('{"kind": "timeseries"|"slice", ...that route\'s query parameters} '
+                     "(no limit or cursor): a timeseries is judged at its latest complete "
+                     "bucket, a slice over its range (docs/alerts.md)."),
+        examples=[{"kind": "timeseries", "metric": "dau", "granularity": "1d",
+                   "from": "2026-01-01", "to": "2027-01-01", "group_by": "brand_id"}])
+    condition: Annotated[
+        Annotated[ThresholdCondition, Tag("Threshold")] | Annotated[DriftCondition,
+                                                                    Tag("RtpDrift")],
+        Discriminator(_condition_kind)]
+    webhook_url: str = Field(max_length=2048, description=(
+        "https URL told of each firing and resolution (docs/alerts.md#webhooks)."))
+    every_seconds: int = Field(60, ge=1, le=86_400, description=(
+        "The least time between two evaluations of the rule."))
 
 
 class EmbedBody(BaseModel):

@@ -12,7 +12,7 @@ from fastapi.openapi.utils import get_openapi
 from pydantic import BaseModel
 
 from tally.api.answers import Problem
-from tally.api.models import EmbedBody, ExportBody, FunnelBody, RetentionBody
+from tally.api.models import AlertBody, EmbedBody, ExportBody, FunnelBody, RetentionBody
 from tally.api.routes.admin import FxRates
 
 DESCRIPTION = (
@@ -23,7 +23,7 @@ DESCRIPTION = (
 )
 # schemas of bodies the routes decode themselves (json_input), documented by their models
 BODY_MODELS: tuple[type[BaseModel], ...] = (FunnelBody, RetentionBody, ExportBody,
-                                             EmbedBody, FxRates, Problem)
+                                             EmbedBody, AlertBody, FxRates, Problem)
 REF = "#/components/schemas/{model}"
 
 

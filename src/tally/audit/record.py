@@ -60,6 +60,7 @@ PARAM_CHECKS: dict[str, Callable[[str], bool]] = {
     **{name: _matches(_INSTANT) for name in ("from", "to", "start_date", "end_date")},
     **{name: _matches(_NUMBER) for name in ("limit", "after", "window_sec")},
     "embed": _matches(re.compile(r"emb_[0-9a-f]{24}")),
+    "alert": _matches(re.compile(r"alr_[0-9a-f]{24}")),
     "chart": lambda v: v in ("line", "bar", "table", "funnel"),
     **{name: _matches(_WORD) for name in ("cohort", "horizon", "timezone", "return_event",
                                           "correlate_by", "scope")},
@@ -80,6 +81,8 @@ def kind_of(path: str) -> str | None:
         return "export"
     if path == "/v1/webhook-secret":  # reading or rotating a signing secret
         return "webhook"
+    if path.startswith("/v1/alerts"):
+        return "alert"  # made, listed, its events read, deleted
     if path == "/v1/embeds" or (path.startswith("/embed/")
                                 and not path.startswith("/embed/assets/")):
         return "embed"  # made, its page viewed, its data read
@@ -195,13 +198,15 @@ def build(scope: Mapping[str, Any], kind: str, status: int) -> dict[str, Any]:
 
 
 def delivery(job_id: str, client_id: str, token_id: str, url_host: str, attempts: int,
-             status: int | None) -> dict[str, Any]:
+             status: int | None, *, source: str = "export",
+             subject: str = "job") -> dict[str, Any]:
     """The record of a webhook delivery (done off any request): ``status`` the receiver's last
-    answer (0: none came)."""
+    answer (0: none came); ``source`` what sent it (``export``, ``alert``) and ``subject`` the
+    name of the id it is about (an export's ``job``, an alert's ``event``)."""
     code = status or 0
-    return {"kind": "webhook", "method": "POST", "route": "webhook:export",
+    return {"kind": "webhook", "method": "POST", "route": f"webhook:{source}",
             "actor": {"client_id": client_id, "token_id": token_id},
-            "params": {"job": job_id, "host": url_host, "attempts": str(attempts)},
+            "params": {subject: job_id, "host": url_host, "attempts": str(attempts)},
             "filters": {}, "withheld": [], "rows": None, "status": code,
             "outcome": "ok" if 200 <= code < 300 else "error", "trace_id": None}
 

@@ -66,6 +66,9 @@ class Applier:
         self._max_rows = max_rows
         self.max_backlog_rows, self.max_backlog_seconds = max_backlog_rows, max_backlog_seconds
         self._on_set_aside = on_set_aside
+        # called (no argument) after each group is applied and its data versions bumped: the
+        # alert evaluator's wake-up (alerts/service.py); each must return at once
+        self.after_apply: list[Callable[[], None]] = []
         self._pending: deque[tuple[int, WriteSet, float]] = deque()  # (seq, writes, since)
         self._pending_rows = 0  # acknowledged rows not in the store yet (taken ones included)
         self._oldest: float | None = None  # when the oldest unapplied group was acknowledged
@@ -255,6 +258,11 @@ class Applier:
                 self._rate = 0.7 * self._rate + 0.3 * rows / seconds if self._rate else \
                     rows / seconds
             self._cond.notify_all()
+        for hook in self.after_apply:
+            try:
+                hook()
+            except Exception:  # a listener's bug never stops the applier
+                log.exception("applier: an after-apply hook failed")
         try:
             self._journal.release(seq, self._backend.make_durable)
         except OSError as exc:  # a segment left behind is replayed harmlessly

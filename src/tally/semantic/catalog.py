@@ -75,6 +75,9 @@ class Measure:
     event: EventRule  # the events it aggregates (semantic/rules.py)
     column: str | None  # summed column; None counts events
     money: bool = False
+    # a second column: the measure sums column × times per event (a second moment, for the
+    # variance of RTP: alerts/drift.py); money² in minor units², converted by rate²
+    times: str | None = None
 
     @property
     def event_type(self) -> str:
@@ -98,6 +101,10 @@ MEASURES: dict[str, Measure] = {
         Measure("deposit_count", DEPOSIT, None),
         Measure("intent_count", EventRule("payment.intent"), None),
         Measure("capture_count", EventRule("payment.captured"), None),
+        # second moments of bets (RTP drift, docs/alerts.md#rtp-drift): no metric reads them
+        Measure("stake_sq_sum", BET_SETTLED, "stake_minor", money=True, times="stake_minor"),
+        Measure("win_sq_sum", BET_SETTLED, "win_minor", money=True, times="win_minor"),
+        Measure("stake_win_sum", BET_SETTLED, "stake_minor", money=True, times="win_minor"),
     )
 }
 
@@ -172,6 +179,14 @@ METRICS: dict[str, Metric] = {
                PLAYER_DIMENSIONS, window_days=30, granularities=("1d",)),
     )
 }
+
+# what RTP drift reads per (day, key, currency): the bets, their first and second moments
+# (not a metric of the catalog: alerts/drift.py asks the semantic layer for it)
+RTP_MOMENTS = Metric("rtp_moments", Unit.RATIO, Kind.RATIO,
+                     "bets, Σ stake, Σ win, Σ stake², Σ win², Σ stake·win of bet.settled",
+                     BET_DIMENSIONS, ((1, "bet_count"), (1, "stake_sum"), (1, "win_sum"),
+                                      (1, "stake_sq_sum"), (1, "win_sq_sum"),
+                                      (1, "stake_win_sum")))
 
 PERCENTILE_METHOD = "nearest-rank"  # the smallest value with at least 95% of values ≤ it
 

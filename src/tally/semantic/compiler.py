@@ -115,14 +115,24 @@ def _measure_condition(measure: Measure) -> exp.Expr:
 
 def measure_sum_type(measure: Measure) -> str:
     """The stored type of a measure's sum: money is 128-bit, because a bucket of events at the
-    per-event maximum (2^53 − 1) overflows 64 bits after 1,024 of them; counts are 64-bit."""
+    per-event maximum (2^53 − 1) overflows 64 bits after 1,024 of them; counts are 64-bit.
+    A second moment (money × money) is 128-bit too: exact while a sum stays under 2^127 —
+    10^20 bets of 10^9 minor units each (docs/alerts.md#rtp-drift)."""
     return "HUGEINT" if measure.money else "BIGINT"
+
+
+def _zero_if_null(name: str) -> exp.Expr:
+    return exp.Coalesce(this=column(name), expressions=[exp.Literal.number(0)])
 
 
 def measure_sum(measure: Measure) -> exp.Expr:
     value: exp.Expr = exp.Literal.number(1)
     if measure.column is not None:
-        value = exp.Coalesce(this=column(measure.column), expressions=[exp.Literal.number(0)])
+        value = _zero_if_null(measure.column)
+    if measure.times is not None:  # each factor widened first: 64 × 64 bits overflows 64
+        wide = measure_sum_type(measure)
+        value = exp.Mul(this=exp.cast(value, wide),
+                        expression=exp.cast(_zero_if_null(measure.times), wide))
     case: exp.Expr = exp.Case().when(_measure_condition(measure), value) \
         .else_(exp.Literal.number(0))
     if measure.money:  # summed in 128 bits on every engine (ClickHouse sums Int64 in 64)

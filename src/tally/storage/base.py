@@ -8,6 +8,7 @@ from datetime import date, datetime
 from typing import Any, Protocol
 
 import pyarrow as pa
+import sqlglot
 from sqlglot import exp
 
 
@@ -48,6 +49,16 @@ class DerivedTable:
     # (column, type) that older stores may hold narrower: changed to this type when opened
     column_types: tuple[tuple[str, str], ...] = ()
     least: Least | None = None
+
+
+def declared_columns(ddl: str) -> tuple[str, ...]:
+    """The columns a derived table's ``CREATE TABLE`` (DuckDB SQL) declares, in order: a
+    stored table lacking one of them was made by an older version and is rebuilt from the
+    events when the store is opened (each backend's ``_create_derived``)."""
+    create = sqlglot.parse_one(ddl, read="duckdb")
+    assert isinstance(create, exp.Create) and isinstance(create.this, exp.Schema)
+    return tuple(item.name for item in create.this.expressions
+                 if isinstance(item, exp.ColumnDef))
 
 
 @dataclass

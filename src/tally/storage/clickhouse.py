@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import ctypes
 import os
+import re
 import threading
 import uuid
 from collections.abc import Iterator, Sequence
@@ -49,7 +50,14 @@ from clickhouse_connect.driver.exceptions import (
 from sqlglot import exp
 
 from tally.errors import StoreUnavailable, WriteRejected
-from tally.storage.base import Backend, DerivedTable, IdempotencyRecord, QuarantineItem, WriteSet
+from tally.storage.base import (
+    Backend,
+    DerivedTable,
+    IdempotencyRecord,
+    QuarantineItem,
+    WriteSet,
+    declared_columns,
+)
 from tally.storage.clickhouse_cluster import LOCAL, cluster_ddl, on_cluster
 from tally.storage.clickhouse_schema import (
     DDL,
@@ -217,6 +225,13 @@ class ClickHouseBackend:
         for table in derived:
             stored = table.name + (STATE if table.least else "")
             existed = bool(self._writer.command(f"EXISTS TABLE {stored}"))
+            if existed and table.least is None and self._lacks_columns(table):
+                if cluster is not None:  # not rebuilt on a cluster behind the operator's back
+                    raise StoreUnavailable(
+                        f"{table.name} was made by an older version of Tally and lacks "
+                        "columns: rebuild it from the events (docs/alerts.md#rtp-drift)")
+                self._rebuild(table)
+                continue
             statements = derived_ddl(table)
             if cluster is not None:
                 statements = on_cluster(statements, cluster, database)
@@ -225,6 +240,24 @@ class ClickHouseBackend:
             if not existed:
                 for sql in table.from_all:
                     self._writer.command(derived_statement(sql, table))
+
+    def _lacks_columns(self, table: DerivedTable) -> bool:
+        present = {row[0] for row in self._writer.query(
+            f"DESCRIBE TABLE {table.name}").result_rows}
+        return not set(declared_columns(table.ddl)) <= present
+
+    def _rebuild(self, table: DerivedTable) -> None:
+        """A derived table made again from the stored events beside the old one, then
+        swapped in (``EXCHANGE TABLES``, atomic): a crash leaves the old table, rebuilt again
+        at the next open. How a store made before a measure was added gets it, exactly."""
+        fresh = f"{table.name}_rebuild"
+        self._writer.command(f"DROP TABLE IF EXISTS {fresh}")
+        for statement in derived_ddl(table):
+            self._writer.command(_renamed(statement, table.name, fresh))
+        for sql in table.from_all:
+            self._writer.command(_renamed(derived_statement(sql, table), table.name, fresh))
+        self._writer.command(f"EXCHANGE TABLES {fresh} AND {table.name}")
+        self._writer.command(f"DROP TABLE {fresh}")
 
     def _connect(self) -> Client:
         """A new client of the store (a session of its own), remembered to be closed."""
@@ -599,6 +632,12 @@ def _storage_read_rows(client: Client) -> None:
         return found
 
     backend._summary = storage_summary  # type: ignore[union-attr]
+
+
+def _renamed(statement: str, name: str, to: str) -> str:
+    """A table's statement (its ``CREATE`` or ``INSERT INTO``) naming table ``to`` instead:
+    the first mention of ``name`` is the table's own."""
+    return re.sub(rf"\b{re.escape(name)}\b", to, statement, count=1)
 
 
 def _now() -> datetime:

@@ -19,7 +19,13 @@ import pyarrow.compute as pc
 from sqlglot import exp
 
 from tally.errors import StoreUnavailable, WriteRejected
-from tally.storage.base import DerivedTable, IdempotencyRecord, QuarantineItem, WriteSet
+from tally.storage.base import (
+    DerivedTable,
+    IdempotencyRecord,
+    QuarantineItem,
+    WriteSet,
+    declared_columns,
+)
 from tally.storage.dialects import render
 from tally.storage.limits import QueryLimits, bounded
 from tally.storage.metering import current_meter
@@ -164,14 +170,32 @@ class DuckDBBackend:
 
     def _create_derived(self, derived: Sequence[DerivedTable]) -> None:
         for table in derived:
-            existed = bool(self._con.execute(
-                "SELECT count(*) FROM duckdb_tables() WHERE table_name = ?", [table.name]
-            ).fetchall()[0][0])
+            present = {row[0] for row in self._con.execute(
+                "SELECT column_name FROM duckdb_columns() WHERE table_name = ?", [table.name]
+            ).fetchall()}
+            if present and not set(declared_columns(table.ddl)) <= present:
+                self._rebuild(table)  # a newer version declares more columns (measures)
+                continue
             self._con.execute(table.ddl)
-            if not existed:  # a new derived table over an existing store: fill it once
+            if not present:  # a new derived table over an existing store: fill it once
                 for sql in table.from_all:
                     self._con.execute(sql)
             self._widen(table)
+
+    def _rebuild(self, table: DerivedTable) -> None:
+        """A derived table made again from the stored events, in one transaction (a crash
+        leaves the old table, and the next open rebuilds again): how a store made before a
+        measure was added gets it, exactly (a sum of squares cannot be derived from sums)."""
+        self._con.execute("BEGIN TRANSACTION")
+        try:
+            self._con.execute(f"DROP TABLE {table.name}")
+            self._con.execute(table.ddl)
+            for sql in table.from_all:
+                self._con.execute(sql)
+            self._con.execute("COMMIT")
+        except BaseException:
+            self._con.execute("ROLLBACK")
+            raise
 
     def _widen(self, table: DerivedTable) -> None:
         """Columns an older version created narrower (money sums were BIGINT before they

@@ -155,10 +155,12 @@ def signed_headers(secrets: list[str], message_id: str, at: datetime,
 def deliver(url: str, body: bytes, secrets: list[str], *, allow_loopback: bool,
             attempts: int = ATTEMPTS, first_delay: float = FIRST_DELAY,
             timeout: float = TIMEOUT, sleep: Callable[[float], None] = time.sleep,
-            rng: random.Random | None = None) -> Outcome:
-    """POST ``body`` to ``url`` until a ``2xx`` (at most ``attempts`` times)."""
+            rng: random.Random | None = None, message_id: str | None = None) -> Outcome:
+    """POST ``body`` to ``url`` until a ``2xx`` (at most ``attempts`` times). ``message_id``:
+    the ``webhook-id`` of a message whose attempts are spread over several calls (an alert's
+    event, retried across restarts: the receiver deduplicates by it); None: a new one."""
     rng = rng or random.Random()  # noqa: S311 - jitter, not a secret
-    message_id = f"msg_{uuid.uuid4().hex}"
+    message_id = message_id or f"msg_{uuid.uuid4().hex}"
     log: list[Attempt] = []
     try:
         check_url(url, allow_loopback, resolve=False)

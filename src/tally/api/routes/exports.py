@@ -21,7 +21,7 @@ from tally.api.cursors import decode_cursor, encode_cursor
 from tally.api.deps import AnyToken, ExportsWriter, RuntimeDep
 from tally.api.models import ExportBody, validated
 from tally.api.queries import stored_query
-from tally.errors import Forbidden, InsufficientScope, InvalidParameter, UserError
+from tally.errors import Forbidden, InsufficientScope, InvalidParameter, NotFound
 from tally.exports import jobs, links
 from tally.exports.runner import file_of, view
 from tally.insights.kinds import plan_for
@@ -34,11 +34,6 @@ from tally.webhooks.delivery import UnsafeDestination, check_url
 router = APIRouter(tags=["exports"])
 NO_STORE = {"Cache-Control": "no-store"}
 CURSOR_KIND = "exports"
-
-
-class NotFound(UserError):
-    status, title, code = 404, "Not Found", "not-found"
-    doc = "No route or resource at this URL."
 
 
 def _export_reader(principal: Principal) -> None:
