@@ -129,9 +129,9 @@ class SloWindow:
         with self._lock:
             now = self._clock()
             self._counts(now)  # drops slots that left the window
-            oldest = self._slots[0][0] * SLOT_SECONDS
+            opened = (int(now // SLOT_SECONDS) - WINDOW_SLOTS + 1) * SLOT_SECONDS
             totals = [[sum(s[1][i][k] for s in self._slots) for k in (0, 1)]
                       for i in range(len(OBJECTIVES))]
-        covered = now - max(oldest, self.started)
+        covered = now - max(opened, self.started)
         return covered, [Compliance(o.slo, o.objective, o.budget, bad, total)
                          for o, (bad, total) in zip(OBJECTIVES, totals, strict=True)]
