@@ -352,3 +352,11 @@ def test_a_directory_without_a_store_is_one_line(tmp_path: Path):
     out = status_cli("--data-dir", str(tmp_path / "none"))
     assert_one_line_error(out, 2, "no Tally store")
     assert not (tmp_path / "none").exists()
+
+
+def test_redis_is_reported_when_configured(settings: Settings, redis_server: str):
+    settings = settings.model_copy(update={"redis_url": redis_server})
+    with TestClient(create_app(settings), raise_server_exceptions=False) as client:
+        document = client.get("/status", headers=JSON_ACCEPT).json()
+    assert document["health"]["redis"] == {"reachable": True, "failure": None}
+    assert redis_server not in json.dumps(document)  # no URL (it may carry a password)
