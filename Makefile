@@ -12,7 +12,7 @@ DEMO_DAYS ?= 30
 BENCH_STORED ?= 10000000
 
 .PHONY: install run test test-chdb lint openapi bench bench-quick reliability clean browser \
-	promtool dashboard
+	promtool dashboard compose
 
 .tools/bin/uv:
 	$(PY) -m venv .tools
@@ -55,12 +55,15 @@ browser:  ## Debian's chromium for the widget tests, if missing (scripts/install
 promtool:  ## Debian's promtool for the rule and exposition tests, if missing (scripts/install-promtool.sh)
 	@bash scripts/install-promtool.sh
 
-test: lint browser promtool  ## the whole suite (lint first), then the API suite on chDB
+compose:  ## Debian's docker-compose for the deployment tests, if missing (scripts/install-compose.sh)
+	@bash scripts/install-compose.sh
+
+test: lint browser promtool compose  ## the whole suite (lint first), then the API suite on chDB
 	$(VENV)/bin/pytest -q -n auto
 	TALLY_TEST_STORE=chdb $(VENV)/bin/pytest -q -n auto $(STORE_SUITE)
 	TALLY_TEST_STORE=chdb $(VENV)/bin/pytest -q -n auto tests/test_faults.py -k "$(STORE_FAULTS)"
 
-test-chdb: install browser promtool  ## the whole suite on the embedded ClickHouse
+test-chdb: install browser promtool compose  ## the whole suite on the embedded ClickHouse
 	TALLY_TEST_STORE=chdb $(VENV)/bin/pytest -q -n auto
 
 openapi: install  ## regenerate openapi.json (commit it: tests/test_openapi_doc.py compares)

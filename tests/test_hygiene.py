@@ -18,6 +18,7 @@ from tally.api import docs as api_docs
 from tally.api.app import create_app
 from tally.api.embed_page import EMBED_ASSETS
 from tally.api.hygiene import Deprecations
+from tally.api.status_page import STATUS_ASSETS
 from tally.config import Settings
 from tally.config_values import DeprecationRule
 from tests.conftest import make_event
@@ -85,8 +86,10 @@ def test_token_responses_are_never_cached_errors_included(client, auth, settings
 
 def test_every_route_is_in_the_openapi_document(client):
     app = client.app
-    # the reference (/openapi.json, /docs, /redoc) and the widgets' scripts and styles
-    docs = {app.openapi_url, *api_docs.PATHS, f"{EMBED_ASSETS.url}/{{name}}"}
+    # the reference (/openapi.json, /docs, /redoc), the widgets' scripts and styles, and the
+    # status page's style sheet
+    docs = {app.openapi_url, *api_docs.PATHS, f"{EMBED_ASSETS.url}/{{name}}",
+            f"{STATUS_ASSETS.url}/{{name}}"}
     served = {(method, ctx.path) for ctx in iter_route_contexts(app.routes)
               if ctx.path not in docs for method in (ctx.methods or ()) if method != "HEAD"}
     documented = {(method.upper(), path) for path, ops in app.openapi()["paths"].items()

@@ -234,6 +234,29 @@ def consume(
 
 
 @app.command()
+def status(
+    data_dir: DataDir = None,
+    url: Annotated[str | None, typer.Option(
+        "--url", metavar="URL",
+        help="Ask the running server at URL (its GET /status) instead of reading a stopped "
+             "store in --data-dir.")] = None,
+    token: Annotated[str | None, typer.Option(
+        "--token", metavar="TOKEN", envvar="TALLY_METRICS_TOKEN",
+        help="With --url: the server's scrape token, if it has one (default "
+             "$TALLY_METRICS_TOKEN).")] = None,
+    json_output: Json = False,
+) -> None:
+    """Health, freshness per rollup, backlog and SLO compliance: of a running server (--url),
+    or of a stopped store read in place (--data-dir, read-only). Exit 1 when the server
+    reports itself unavailable."""
+    from tally.commands.status import run
+
+    code = run(url, data_dir, token, json_output)
+    if code:
+        raise typer.Exit(code)
+
+
+@app.command()
 def openapi(
     output: Annotated[Path | None, typer.Option(
         "--output", metavar="FILE",

@@ -178,6 +178,11 @@ class Runtime:
             self.source_failure = f"{type(exc).__name__}: {exc}".splitlines()[0][:300]
             log.exception("kafka source stopped", extra={"detail": self.source_failure})
 
+    def source_running(self) -> bool:
+        """Whether the Kafka source (``TALLY_CONSUME_FROM``) is consuming now."""
+        thread = self._source_thread
+        return thread is not None and thread.is_alive() and self.source_failure is None
+
     def unready(self) -> list[str]:
         """Why this process should get no traffic now (empty: ready): the journal or the store
         cannot be written, or the ingestion backlog is past its bound (``/readyz``)."""

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import re
 import secrets
 import time
 from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+from contextlib import asynccontextmanager, suppress
+from datetime import UTC, datetime
 
 from fastapi import Depends, FastAPI
 from starlette.datastructures import Headers, MutableHeaders
@@ -29,13 +31,16 @@ from tally.api.routes import (
     ingest,
     meta,
     metrics,
+    status,
     webhooks,
 )
+from tally.api.status_page import STATUS_ASSETS
 from tally.api.strict import strict_input, strict_operations
 from tally.audit.middleware import AuditMiddleware
 from tally.config import Settings, get_settings
 from tally.observability.metrics import Metrics
 from tally.observability.scans import RowsScanned
+from tally.observability.slo import FRESHNESS_SAMPLE_SECONDS, SloWindow
 from tally.runtime import Runtime
 
 access_log = logging.getLogger("tally.access")
@@ -103,6 +108,14 @@ class TraceMiddleware:
                 "status": status, "ms": round(seconds * 1000, 2)})
 
 
+async def sample_freshness(window: SloWindow, runtime: Runtime) -> None:
+    """The freshness objective's samples (``/status``): the worst rollup's lag, every
+    :data:`FRESHNESS_SAMPLE_SECONDS` (all rollups are kept in one transaction: one lag)."""
+    while True:
+        window.sample_freshness(runtime.ingest.applier.lag_seconds())
+        await asyncio.sleep(FRESHNESS_SAMPLE_SECONDS)
+
+
 def create_app(settings: Settings | None = None, runtime: Runtime | None = None) -> FastAPI:
     """The app; with ``runtime`` it serves an already opened store (``tally serve`` opens it
     first so an unusable data dir fails before the port is bound)."""
@@ -117,9 +130,14 @@ def create_app(settings: Settings | None = None, runtime: Runtime | None = None)
         strict_operations(app)  # built before the first request (api/strict.py)
         app_metrics.watch(runtime.gauges)
         app_metrics.registry.register(RowsScanned(runtime.backend))
+        app.state.started_at = datetime.now(UTC)
+        sampler = asyncio.create_task(sample_freshness(app_metrics.slo, runtime))
         try:
             yield
         finally:
+            sampler.cancel()
+            with suppress(asyncio.CancelledError):
+                await sampler
             runtime.close()
             runtime = None
 
@@ -137,7 +155,8 @@ def create_app(settings: Settings | None = None, runtime: Runtime | None = None)
     hygiene.install(app, settings.cors_origins, settings.deprecations)
     problems.install(app)
     EMBED_ASSETS.install(app)  # before /embed/{token}/data: /embed/assets/* is an asset
-    for module in (auth, ingest, admin, audit, meta, metrics, analytics, exports,
+    STATUS_ASSETS.install(app)
+    for module in (auth, ingest, admin, audit, meta, status, metrics, analytics, exports,
                    webhooks, embeds, alerts):
         app.include_router(module.router)
     openapi.install(app)

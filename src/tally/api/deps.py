@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import base64
+import binascii
+import hmac
 from typing import Annotated
 
 from fastapi import Depends, Request, Security
@@ -75,6 +78,25 @@ async def authorized(security_scopes: SecurityScopes,
         if scope not in principal.scopes:
             raise InsufficientScope(scope)
     return principal
+
+
+def operations_token_given(request: Request, runtime: Runtime, basic: bool = False) -> bool:
+    """Whether the caller may read the operational routes (``/metrics``, ``/status``): yes
+    when ``TALLY_METRICS_TOKEN`` is unset, else only with it as a bearer token — or, with
+    ``basic``, as the password of HTTP Basic (any user name: a browser asks for it)."""
+    expected = runtime.settings.metrics_token
+    if expected is None:
+        return True
+    scheme, _, given = request.headers.get("authorization", "").partition(" ")
+    secret = given.strip()
+    if basic and scheme.lower() == "basic":
+        try:
+            secret = base64.b64decode(secret, validate=True).decode().partition(":")[2]
+        except (binascii.Error, UnicodeDecodeError):
+            return False
+    elif scheme.lower() != "bearer":
+        return False
+    return hmac.compare_digest(secret.encode(), expected.get_secret_value().encode())
 
 
 AnyToken = Annotated[Principal, Security(authorized)]

@@ -31,6 +31,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from prometheus_client.registry import Collector
 
 from tally import __version__
+from tally.observability.slo import SloWindow
 
 # 0.8, 2 and 5 s are the latency objectives (timeseries, slice, retention p95; CONTRACT §7)
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 0.8, 1, 2, 2.5, 5,
@@ -57,10 +58,12 @@ class Metrics:
                                            "python_version": platform.python_version()})
         ProcessCollector(registry=self.registry)  # process_cpu_seconds_total, memory, fds...
         PlatformCollector(registry=self.registry)  # python_info
+        self.slo = SloWindow()  # the objectives over the last hour, for /status
 
     def observe(self, route: str, method: str, status: int, seconds: float) -> None:
         self.request_seconds.labels(route, method).observe(seconds)
         self.responses.labels(route, method, str(status)).inc()
+        self.slo.observe(route, status, seconds)
 
     def count_receipt(self, receipt: dict[str, Any]) -> None:
         for outcome, key in (("accepted", "accepted"), ("duplicate", "duplicates"),

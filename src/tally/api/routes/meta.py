@@ -7,17 +7,16 @@ operational series only — behind a bearer token when ``TALLY_METRICS_TOKEN`` i
 
 from __future__ import annotations
 
-import hmac
-
 from fastapi import APIRouter, Request, Response
 from fastapi.responses import JSONResponse, PlainTextResponse
 
-from tally import __version__, metadata
+from tally import __version__
 from tally.api import answers
 from tally.api.answers import AUTHED, COMMON, problems
-from tally.api.deps import AnyToken, RuntimeDep
+from tally.api.deps import AnyToken, RuntimeDep, operations_token_given
 from tally.errors import Unauthorized
 from tally.events.registry import describe_registry
+from tally.observability.status import store_probe
 
 router = APIRouter()
 
@@ -36,10 +35,9 @@ async def healthz() -> JSONResponse:
                              "description": "Not ready: `reasons` says why."},
                        **problems(400, 406, 429, 500)})
 async def readyz(runtime: RuntimeDep) -> JSONResponse:
-    try:
-        runtime.backend.setting("dedup_key")  # the store answers (no count: not disclosed)
-        metadata.ping(runtime.meta)  # and so does the metadata database
-        reasons = runtime.unready()
+    try:  # the store and the metadata database answer (no count: not disclosed)
+        unreachable = store_probe(runtime)
+        reasons = [unreachable] if unreachable else runtime.unready()
     except Exception as exc:  # readiness reports any failure as not ready
         reasons = [f"store does not answer: {type(exc).__name__}"]
     if reasons:
@@ -55,13 +53,9 @@ async def readyz(runtime: RuntimeDep) -> JSONResponse:
                              "description": "Prometheus text exposition format 0.0.4."},
                 **problems(*COMMON, 401)})
 async def metrics(request: Request, runtime: RuntimeDep) -> Response:
-    expected = runtime.settings.metrics_token
-    if expected is not None:
-        scheme, _, given = request.headers.get("authorization", "").partition(" ")
-        if scheme.lower() != "bearer" or not hmac.compare_digest(
-                given.strip().encode(), expected.get_secret_value().encode()):
-            raise Unauthorized("GET /metrics needs the scrape token (TALLY_METRICS_TOKEN) as "
-                               "a bearer token")
+    if not operations_token_given(request, runtime):
+        raise Unauthorized("GET /metrics needs the scrape token (TALLY_METRICS_TOKEN) as "
+                           "a bearer token")
     return Response(request.app.state.metrics.exposition(),
                     media_type="text/plain; version=0.0.4; charset=utf-8")
 
