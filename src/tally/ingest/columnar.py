@@ -75,7 +75,9 @@ _ENVELOPE = frozenset(f.name for f in _fields(Event)) - {"payload"}
 _PAYLOAD_COLUMNS = tuple(f.name for f in INPUT_SCHEMA if f.name not in _ENVELOPE
                          and f.name != "event_type")
 _PAYLOAD_FIELDS = {name: _fields(spec.payload_type) for name, spec in REGISTRY.items()}
-_ENVELOPE_FIELDS = tuple(f for f in _fields(EVENT_CLASSES["bet.placed"]) if f.name != "payload")
+# the envelope's fields, as every event class has them (any class: they differ in payload only)
+_ENVELOPE_FIELDS = tuple(f for f in _fields(next(iter(EVENT_CLASSES.values())))
+                         if f.name != "payload")
 Mask = Any  # a boolean pa.Array or pa.ChunkedArray (pyarrow has no type hints)
 
 

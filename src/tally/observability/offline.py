@@ -31,9 +31,8 @@ from tally.ingest.journal import FRAME, decode
 from tally.observability.slo import FRESHNESS_BOUND_SECONDS
 from tally.observability.status import utc_text
 from tally.rollups.spec import GRAINS
-from tally.storage.factory import CHDB_DIR, LOCK_FILE, check_store
-
-DERIVED_PENDING = "derived_pending"  # the DuckDB store's setting (storage/duckdb.py)
+from tally.storage.base import DERIVED_PENDING
+from tally.storage.factory import CHDB_DIR, LOCK_FILE, check_store, open_read_only
 
 
 class StoreHeld(StoreUnavailable):
@@ -110,9 +109,7 @@ def _aware(moment: datetime | None) -> datetime | None:
 
 
 def _duckdb_facts(data_dir: Path) -> dict[str, Any]:
-    from tally.storage.duckdb import DuckDBBackend
-
-    backend = DuckDBBackend(data_dir, read_only=True)  # DuckDB's lock: a writer refuses this
+    backend = open_read_only(data_dir)  # DuckDB's lock: a writer refuses this
     try:
         applied = backend.journal_applied_seq()
         pending = backend.setting(DERIVED_PENDING)

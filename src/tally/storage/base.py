@@ -92,6 +92,11 @@ class QuarantineItem:
     region: str | None
 
 
+# "first,last": the ingest_seq range of events a bulk load wrote without their derived rows
+# yet (Backend.defer_derived); a store setting, read by `tally status --data-dir` too
+DERIVED_PENDING = "derived_pending"
+
+
 class Backend(Protocol):
     """A store. ``dialect`` names the SQL dialect its trees render in
     (``storage/dialects.py``); everything the rest of Tally asks of a store is here."""

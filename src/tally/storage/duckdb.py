@@ -20,6 +20,7 @@ from sqlglot import exp
 
 from tally.errors import StoreUnavailable, WriteRejected
 from tally.storage.base import (
+    DERIVED_PENDING,
     DerivedTable,
     IdempotencyRecord,
     QuarantineItem,
@@ -68,9 +69,6 @@ _STRING_MEMBER = ("try(CASE WHEN json_type(event, '$.{0}') = 'VARCHAR' "
 T = TypeVar("T")
 ROWS_SCANNED_METRIC = "query.total_rows_scanned"
 JOURNAL_APPLIED = "journal_applied_seq"
-# "first,last": the ingest_seq range of events written while derived rows were deferred (a
-# bulk load) and not yet derived; caught up at the end of the load, or at the next open
-DERIVED_PENDING = "derived_pending"
 CATCH_UP_ROWS = 5_000_000  # events a catch-up transaction derives
 log = logging.getLogger(__name__)
 # The WAL size that triggers an automatic checkpoint (DuckDB's default: 16 MB). A checkpoint

@@ -44,6 +44,14 @@ def check_store(store: str) -> str:
                            f"(supported: {SUPPORTED})")
 
 
+def open_read_only(data_dir: Path) -> Backend:
+    """The embedded DuckDB store under ``data_dir``, read only, to inspect a stopped store
+    (``tally status --data-dir``); ``StoreUnavailable`` when a writer holds it."""
+    from tally.storage.duckdb import DuckDBBackend
+
+    return DuckDBBackend(data_dir, read_only=True)
+
+
 def open_backend(store: str, data_dir: Path, *,
                  derived: Callable[[str], Sequence[DerivedTable]],
                  retired: Sequence[str] = (),
