@@ -322,9 +322,10 @@ def test_firing_and_resolution_once_across_a_restart(tmp_path):
         server.stop()
         server = Server(data, env=env)
         headers = token(server.url, client_id, secret)
-        send(bet("g1", 10, 0))  # still breaching: nothing to tell
         alert_url = f"{server.url}{ALERTS}/{made.json()['id']}"
+        # read before the send: the evaluation it causes may come before any later read
         version = httpx.get(alert_url, headers=headers).json()["evaluated_at"]
+        send(bet("g1", 10, 0))  # still breaching: nothing to tell
         wait_for(lambda: httpx.get(alert_url, headers=headers).json()["evaluated_at"]
                  != version, "an evaluation after the restart")
         send(bet("g1", 10, 0), bet("g1", 10, 2900))  # 3,020 - 2,890: 130

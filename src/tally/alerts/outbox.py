@@ -18,7 +18,6 @@ import json
 import logging
 import random
 import sqlite3
-import threading
 import time
 from collections.abc import Callable
 from typing import Any
@@ -29,6 +28,7 @@ from tally.alerts.store import Alert, Event
 from tally.audit import record
 from tally.webhooks import secrets
 from tally.webhooks.delivery import deliver
+from tally.workers import Worker
 
 log = logging.getLogger(__name__)
 ATTEMPTS = 12  # attempts of one event before it is failed
@@ -36,7 +36,7 @@ FIRST_DELAY, MAX_DELAY = 2.0, 900.0  # seconds before the second attempt; the lo
 IDLE = 30.0  # seconds between looks at the outbox when nothing is due (a wake comes first)
 
 
-class Outbox:
+class Outbox(Worker):
     def __init__(self, meta: sqlite3.Connection, allow_loopback: bool,
                  refused: Callable[[Alert], str | None],
                  audit: Callable[[dict[str, Any]], object]) -> None:
@@ -44,40 +44,19 @@ class Outbox:
         self.meta, self.allow_loopback = meta, allow_loopback
         self.refused, self.audit = refused, audit
         self._rng = random.Random()  # noqa: S311 - jitter, not a secret
-        self._stop = threading.Event()
-        self._wake = threading.Event()
-        self._thread = threading.Thread(target=self._loop, name="tally-alert-webhooks",
-                                        daemon=True)
+        super().__init__("tally-alert-webhooks", "alerts: the outbox", IDLE)
 
-    def start(self) -> None:
-        self._thread.start()
-
-    def wake(self) -> None:
-        self._wake.set()
-
-    def stop(self) -> None:
-        """After the attempt in flight (its outcome recorded)."""
-        self._stop.set()
-        self._wake.set()
-        if self._thread.is_alive():
-            self._thread.join()
-
-    def _loop(self) -> None:
-        while not self._stop.is_set():
-            try:
-                self.send_due()
-                soonest = store.next_due(self.meta)
-            except Exception:  # a bug or the metadata failing: log it, keep the thread
-                log.exception("alerts: the outbox failed; going on")
-                soonest = None
-            wait = IDLE if soonest is None else min(IDLE, max(0.0, soonest - time.time()))
-            self._wake.wait(wait)
-            self._wake.clear()
+    def step(self) -> float:
+        """Send what is due; sleep until the next attempt is (at most :data:`IDLE`). A stop
+        comes after the attempt in flight, its outcome recorded."""
+        self.send_due()
+        soonest = store.next_due(self.meta)
+        return IDLE if soonest is None else min(IDLE, max(0.0, soonest - time.time()))
 
     def send_due(self) -> None:
         """One attempt of each event due now."""
         for event in store.due(self.meta, time.time()):
-            if self._stop.is_set():
+            if self.stopping:
                 return
             alert = store.get(self.meta, event.alert_id)
             if alert is None:  # deleted meanwhile (its events with it)

@@ -20,7 +20,6 @@ from __future__ import annotations
 import json
 import logging
 import sqlite3
-import threading
 from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import Any
@@ -32,13 +31,14 @@ from tally.errors import TallyError, UserError
 from tally.ingest.versions import DataVersions
 from tally.insights.series import Context
 from tally.security.tokens import Principal
+from tally.workers import Worker
 
 log = logging.getLogger(__name__)
 IDLE = 60.0  # seconds between looks when nothing wakes the evaluator
 Reads = tuple[tuple[str, ...] | None, tuple[datetime, datetime] | None]
 
 
-class AlertService:
+class AlertService(Worker):
     def __init__(self, meta: sqlite3.Connection, context_for: Callable[[Principal], Context],
                  versions: DataVersions, refused: Callable[[Alert], str | None],
                  audit: Callable[[dict[str, Any]], object], allow_loopback: bool) -> None:
@@ -48,34 +48,22 @@ class AlertService:
         self.refused = refused
         self.outbox = Outbox(meta, allow_loopback, refused, audit)
         self._reads: dict[str, Reads] = {}  # what each rule's query reads, planned once
-        self._stop = threading.Event()
-        self._wake = threading.Event()
-        self._thread = threading.Thread(target=self._loop, name="tally-alerts", daemon=True)
+        super().__init__("tally-alerts", "alerts: the evaluator", IDLE)
 
     def start(self) -> None:
         self.outbox.start()
-        self._thread.start()
+        super().start()
 
     def wake(self) -> None:
         """Data was applied, or a rule made: look for rules to evaluate."""
-        self._wake.set()
+        super().wake()
 
     def stop(self) -> None:
-        self._stop.set()
-        self._wake.set()
-        if self._thread.is_alive():
-            self._thread.join()
+        super().stop()
         self.outbox.stop()
 
-    def _loop(self) -> None:
-        while not self._stop.is_set():
-            try:
-                wait = self.sweep()
-            except Exception:  # a bug or the metadata failing: log it, keep the thread
-                log.exception("alerts: the evaluator failed; going on")
-                wait = IDLE
-            self._wake.wait(wait)
-            self._wake.clear()
+    def step(self) -> float:
+        return self.sweep()
 
     def sweep(self) -> float:
         """Evaluate the rules due now; the seconds until the next one will be (at most
@@ -83,7 +71,7 @@ class AlertService:
         wait = IDLE
         now = datetime.now(UTC)
         for alert in store.every_alert(self.meta):
-            if self._stop.is_set():
+            if self.stopping:
                 break
             why = self.refused(alert)
             if why is not None:

@@ -40,6 +40,7 @@ from tally.observability.outcomes import Outcomes
 from tally.security.tokens import Principal
 from tally.webhooks import secrets
 from tally.webhooks.delivery import deliver
+from tally.workers import Worker
 
 log = logging.getLogger(__name__)
 POLL_SECONDS = 0.5
@@ -112,7 +113,7 @@ def file_of(directory: Path, job: Job) -> Path:
     return directory / f"{job.id}.{job.extension}"
 
 
-class ExportWorker:
+class ExportWorker(Worker):
     def __init__(self, settings: Settings, meta: sqlite3.Connection,
                  context_for: Callable[[Principal], Context],
                  catch_up: Callable[[float], None] = lambda seconds: None,
@@ -127,37 +128,25 @@ class ExportWorker:
         # since start, read at scrape time: tally_export_jobs_total, tally_webhook_deliveries
         self.finished = Outcomes("succeeded", "failed")
         self.deliveries = Outcomes("delivered", "failed")
-        self._stop = threading.Event()
-        self._wake = threading.Event()
-        self._thread = threading.Thread(target=self._loop, name="tally-exports", daemon=True)
+        super().__init__("tally-exports", "exports: the worker", POLL_SECONDS)
 
     def start(self) -> None:
         self.directory.mkdir(mode=0o700, exist_ok=True)
         jobs.recover(self.meta)
-        self._thread.start()
+        super().start()
 
     def wake(self) -> None:
         """A job was queued: run it now rather than at the next poll."""
-        self._wake.set()
+        super().wake()
 
-    def stop(self) -> None:
-        self._stop.set()
-        self._wake.set()
-        if self._thread.is_alive():
-            self._thread.join()
-
-    def _loop(self) -> None:
-        while not self._stop.is_set():
-            try:
-                self._sweep()
-                job = jobs.claim(self.meta)
-                if job is not None:
-                    self.run(job)
-                    continue
-            except Exception:  # a bug: log it, keep the worker
-                log.exception("exports: the worker failed; going on")
-            self._wake.wait(POLL_SECONDS)
-            self._wake.clear()
+    def step(self) -> float | None:
+        """Sweep expired files, then run the next queued job (and look again at once)."""
+        self._sweep()
+        job = jobs.claim(self.meta)
+        if job is None:
+            return POLL_SECONDS
+        self.run(job)
+        return None
 
     def run(self, job: Job) -> None:
         """Run a claimed job to its end (succeeded or failed), then tell its webhook."""
@@ -187,7 +176,7 @@ class ExportWorker:
                 cursor = answer.get("next_cursor")
                 if not cursor:
                     break
-                if self._stop.is_set():  # a stop does not wait for a long export
+                if self.stopping:  # a stop does not wait for a long export
                     raise _Interrupted
                 plan = plan_for(job.query, ctx, cursor)
             sink.close()
