@@ -406,10 +406,41 @@ def test_tally_load_refuses_a_bad_file_before_loading_anything(tmp_path: Path) -
     for path, message in ((bad, "unknown column(s) ['stake']"),
                           (junk, "not a readable Parquet file")):
         run = tally("load", str(good), str(path), "--data-dir", str(data))
-        assert run.returncode != 0
+        assert run.returncode == 2
         assert message in run.stderr and str(path) in run.stderr
         assert len(run.stderr.strip().splitlines()) == 1
     assert not data.exists()  # checked before the store was even opened
+
+
+def test_tally_load_stops_at_a_batch_with_a_huge_value_and_resumes(tmp_path: Path) -> None:
+    from tally.demo.load import BULK_EVENTS
+
+    _, table = tables(BULK_EVENTS + 5_000, 3, 9, datetime.now(UTC), batch=BULK_EVENTS + 5_000)
+    table = pa.concat_tables(list(table))
+    first = table.slice(0, BULK_EVENTS)
+    traces = table.column("trace_id").to_pylist()
+    traces[-1] = "t" * (64 * 1024 + 1)  # in the second batch only
+    path = tmp_path / "events.parquet"
+    pq.write_table(table.set_column(table.schema.get_field_index("trace_id"), "trace_id",
+                                    pa.array(traces, pa.string())), path)
+    data = tmp_path / "data"
+    run = tally("load", str(path), "--data-dir", str(data))
+    assert run.returncode == 2
+    assert run.stderr.strip().splitlines()[-1] == (
+        "tally: column 'trace_id' holds a value of 65,537 bytes; the limit is 65,536")
+    with stored(data) as store:  # the first batch stayed, its rollups derived
+        loaded = store.count_events()
+        settled = store.query("SELECT sum(stake_sum) AS s FROM rollup_1d "
+                              "WHERE event_type = 'bet.settled'").column("s")[0].as_py()
+    assert loaded == len(set(first.column("event_id").to_pylist()))
+    bets = {r["event_id"]: r["stake_minor"] for r in first.to_pylist()
+            if r["event_type"] == "bet.settled"}
+    assert int(settled) == sum(bets.values())
+    pq.write_table(table, path)  # fixed: the rest loads, the first batch is duplicates
+    again = tally("load", str(path), "--data-dir", str(data), "--json")
+    assert again.returncode == 0, again.stderr
+    summary = msgspec.json.decode(again.stdout)
+    assert summary["accepted"] + loaded == len(set(table.column("event_id").to_pylist()))
 
 
 def test_tally_demo_bulk(tmp_path: Path) -> None:
