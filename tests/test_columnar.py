@@ -469,10 +469,14 @@ def _derived_snapshot(data: Path) -> dict[str, list[dict[str, Any]]]:
     with stored(data) as store:  # every table's rows as its readers aggregate them
         out = {}
         for table in derived_tables(store.dialect):
-            columns = store.query(f"SELECT * FROM {table.name} LIMIT 0").column_names  # noqa: S608
-            sums = [c for c in columns if c.endswith(("_sum", "_count"))]
-            keys = [c for c in columns if c not in sums]
-            sql = (f"SELECT {', '.join(keys)}, {', '.join(f'sum({c}) AS {c}' for c in sums)} "
+            schema = store.query(f"SELECT * FROM {table.name} LIMIT 0").schema  # noqa: S608
+            columns = schema.names
+            # sums add up over rows; lists (step_times' instants) are their elements together
+            sums = [f"sum({c}) AS {c}" for c in columns if c.endswith(("_sum", "_count"))]
+            sums += [f"list_sort(flatten(list({c}))) AS {c}" for c in columns
+                     if pa.types.is_list(schema.field(c).type)]
+            keys = [c for c in columns if not any(f"({c})" in s for s in sums)]
+            sql = (f"SELECT {', '.join(keys)}, {', '.join(sums)} "
                    f"FROM {table.name} GROUP BY {', '.join(keys)}" if sums
                    else f"SELECT DISTINCT * FROM {table.name}")  # noqa: S608
             rows = store.query(sql).to_pylist()

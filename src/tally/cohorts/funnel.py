@@ -14,6 +14,7 @@ from datetime import datetime, timedelta
 from typing import Any
 
 import numpy as np
+import pyarrow.compute as pc
 from sqlglot import exp
 
 from tally.cohorts.request import (
@@ -26,16 +27,21 @@ from tally.cohorts.request import (
     Step,
     _object,
     _positive_int,
+    epoch_seconds,
     parse_filters,
     parse_step,
 )
+from tally.cohorts.tables import HOUR, STEP_TIMES, UNIT_HASHES, hour_index, keeps_step_times
 from tally.errors import InvalidParameter
 from tally.insights.evaluate import nearest_rank
 from tally.insights.request import parse_instant
 from tally.semantic import attributes
+from tally.semantic.catalog import PLAYER_ATTRIBUTES
 from tally.semantic.compiler import Compiled, Params, column, filter_conditions
 from tally.storage.base import Backend
 from tally.storage.dialects import hash64
+
+EPOCH_DT = datetime(1970, 1, 1)
 
 
 @dataclass(frozen=True)
@@ -98,6 +104,29 @@ def parse(body: Any) -> Funnel:
     return Funnel(tuple(steps), tuple(exclusions), window, start, end, filters, correlate)
 
 
+# what a funnel on the kept rows (``step_times``) may ask: steps' conditions on the fields
+# that key the rows, filters on the brand, region and the player's attributes, units that
+# are players, no exclusions, no step able to take an earlier step's event, a window of at
+# most a day (an attempt's next step is looked for in every hour up to its window's end)
+KEPT_CONDITIONS = ("reason",)
+KEPT_FILTERS = ("brand_id", "region", *PLAYER_ATTRIBUTES)
+KEPT_MAX_WINDOW = 86_400
+
+
+def _overlaps(f: Funnel) -> list[bool]:
+    """Per step: may it match an earlier step's event?"""
+    return [any(f.steps[k].may_match_same_event(f.steps[j]) for j in range(k))
+            for k in range(len(f.steps))]
+
+
+def kept(f: Funnel, dialect: str) -> bool:
+    """Whether the kept rows answer ``f`` on a store of ``dialect`` (else: the events)."""
+    return (keeps_step_times(dialect) and f.correlate_by == "player_id" and not f.exclusions
+            and f.window_sec <= KEPT_MAX_WINDOW and not any(_overlaps(f))
+            and all(field in KEPT_CONDITIONS for s in f.steps for field, _ in s.conditions)
+            and all(key in KEPT_FILTERS for key in f.filters))
+
+
 def _micros(start: exp.Expr, end: exp.Expr) -> exp.Expr:
     return exp.DateDiff(this=end, expression=start, unit=exp.var("MICROSECOND"))
 
@@ -112,8 +141,7 @@ def compile_funnel(f: Funnel, hashed: bool = True) -> Compiled:
     the result is exact either way."""
     params = Params()
     n = len(f.steps)
-    overlaps = [any(f.steps[k].may_match_same_event(f.steps[j]) for j in range(k))
-                for k in range(n)]
+    overlaps = _overlaps(f)
     sequenced = any(overlaps)
     flags = [exp.alias_(s.condition(params), f"s{k}") for k, s in enumerate(f.steps)] + \
         [exp.alias_(x.condition(params), f"x{k}") for k, x in enumerate(f.exclusions)]
@@ -204,6 +232,104 @@ def compile_funnel(f: Funnel, hashed: bool = True) -> Compiled:
                       join_type="ASOF LEFT"))
         ctes.append((f"c{k}", step))
         prev = f"c{k}"
+    # a hashed join that met another unit's event, or two units under one hash
+    collided: exp.Expr = exp.false()
+    for name in collisions:
+        collided = exp.or_(collided, exp.LogicalOr(this=column(name)))
+    if hashed:
+        for name in ("tenant_id", "unit"):
+            collided = exp.or_(collided, exp.Min(this=column(name)).neq(
+                exp.Max(this=column(name))))
+    return _best(f, ctes, prev, collided, sequenced, params,
+                 ("k",) if hashed else ("tenant_id", "unit"),
+                 (*collisions, "tenant_id", "unit"))
+
+
+def compile_kept(f: Funnel) -> Compiled:
+    """:func:`compile_funnel` on the kept rows (``step_times``, when :func:`kept`): the
+    attempts are the step-1 instants in ``[from, to)``; each next step joins an attempt to its
+    player's rows of that step in the hours from the previous step's to the window's end, on
+    the (brand, player) hash and the hour, and takes the earliest instant at or after the
+    previous step's (a row of another player with the same hash sets ``w{k}``: the caller asks
+    the events again, on the strings)."""
+    params = Params()
+    n = len(f.steps)
+    hour = exp.Literal.number
+    first = int((f.start - EPOCH_DT).total_seconds()) // HOUR
+    last = int((f.end - EPOCH_DT).total_seconds() + f.window_sec) // HOUR
+
+    def rows(step: Step, upto: int) -> exp.Select:
+        """The kept rows of ``step`` (its event type, its conditions on ``reason``) in the
+        hours from ``from`` to ``upto`` that pass the filters."""
+        select = (exp.select(column("k"), column("hour"), column("times"))
+                  .from_(attributes.source(STEP_TIMES, f.filters))
+                  .where(column("event_type").eq(exp.Literal.string(step.event)))
+                  .where(column("hour") >= hour(first)).where(column("hour") <= hour(upto)))
+        for field, values in step.conditions:
+            select = select.where(column(field).isin(*(params.bind(v) for v in values)))
+        for condition in filter_conditions(f.filters, params):
+            select = select.where(condition)
+        return select
+
+    starts = exp.select(column("k"), exp.alias_(exp.Explode(this=column("times")), "t")) \
+        .from_(rows(f.steps[0], int((f.end - EPOCH_DT).total_seconds()) // HOUR)
+               .subquery("r"))
+    # each attempt numbered: a step's instants are gathered per number
+    ctes: list[tuple[str, exp.Expr]] = [("a0", exp.select(
+        exp.alias_(exp.Window(this=exp.RowNumber()), "id"), column("k"),
+        exp.alias_(column("t"), "t0"))
+        .from_(starts.subquery("s"))
+        .where(column("t") >= params.bind(f.start)).where(column("t") < params.bind(f.end)))]
+    window = exp.Literal.number(f.window_sec)
+    x = exp.to_identifier("x")
+    for k in range(1, n):
+        t_prev = column(f"t{k - 1}")
+        # the hours to look in: from the previous step's to the window's end (none when the
+        # previous step was not found in time: later steps cannot count)
+        hours = exp.GenerateSeries(
+            start=hour_index(epoch_seconds(t_prev.copy())),
+            end=hour_index(exp.Add(this=epoch_seconds(column("t0")), expression=window)))
+        found = exp.and_(t_prev.is_(exp.null()).not_(),
+                         _micros(column("t0"), t_prev.copy())
+                         <= exp.Literal.number(f.window_sec * 1_000_000))
+        look = exp.Case().when(found, hours).else_(exp.Array(expressions=[exp.null()]))
+        ctes.append((f"c{k}", exp.select(
+            column("id"), column("k"), exp.alias_(t_prev.copy(), "after"),
+            exp.alias_(exp.Explode(this=look), "h"))
+            .from_(f"a{k - 1}")))
+        earliest = exp.ArrayMin(this=exp.ArrayFilter(
+            this=column("times", "s"),
+            expression=exp.Lambda(this=exp.GTE(this=x.copy(), expression=column(
+                "after", "c")), expressions=[x.copy()])))
+        on = exp.and_(column("k", "s").eq(column("k", "c")),
+                      column("hour", "s").eq(column("h", "c")))
+        ctes.append((f"m{k}", exp.select(
+            column("id", "c"), exp.alias_(exp.Min(this=earliest), f"t{k}"))
+            .from_(exp.alias_(exp.to_table(f"c{k}"), "c", table=True))
+            .join(exp.alias_(rows(f.steps[k], last).subquery(), "s", table=True), on=on,
+                  join_type="LEFT")
+            .group_by(column("id", "c"))))
+        ctes.append((f"a{k}", exp.select(
+            exp.Column(this=exp.Star(), table=exp.to_identifier("a")), column(f"t{k}", "m"))
+            .from_(exp.alias_(exp.to_table(f"a{k - 1}"), "a", table=True))
+            .join(exp.alias_(exp.to_table(f"m{k}"), "m", table=True),
+                  on=column("id", "a").eq(column("id", "m")))))
+    # players are told apart by their hash alone: asked again of the events if any collided
+    collided = exp.Exists(this=exp.select(exp.Literal.number(1)).from_(UNIT_HASHES)
+                          .where(column("collided")))
+    return _best(f, ctes, f"a{n - 1}", collided, False, params, ("k",))
+
+
+def _best(f: Funnel, ctes: list[tuple[str, exp.Expr]], prev: str, collided: exp.Expr,
+          sequenced: bool, params: Params, unit: tuple[str, ...],
+          carry: tuple[str, ...] = ()) -> Compiled:
+    """The answer's rows from the attempts (CTE ``prev``: ``tenant_id``, ``unit``, ``t0``…
+    ``t{n-1}`` the instants found for each step, ``y{j}`` each exclusion's, ``q0`` when
+    ``sequenced``): per unit (grouped by the columns ``unit``: the hash ``k``, or
+    ``tenant_id`` and ``unit``) its best attempt's depth, the microseconds between its steps
+    (``gaps``) and ``collided``, an aggregate (of the attempts' columns ``carry``): whether
+    a hash met another unit."""
+    n = len(f.steps)
     # reach_k: found, within the window, within its own limit, not cut by an exclusion
     reach: list[exp.Expr] = []
     for k in range(1, n):
@@ -226,38 +352,36 @@ def compile_funnel(f: Funnel, hashed: bool = True) -> Compiled:
     for r in reach:
         depth = exp.Add(this=depth, expression=exp.Case().when(r.copy(), exp.Literal.number(1))
                         .else_(exp.Literal.number(0)))
-    gaps = [exp.alias_(_micros(column(f"t{k - 1}"), column(f"t{k}")), f"g{k}")
-            for k in range(1, n)]
-    collided: exp.Expr = exp.false()
-    for name in collisions:
-        collided = exp.or_(collided, column(name))
-    # attempts starting at the same instant are identical unless steps may share events;
-    # then the first in (occurred_at, event_id) order wins
-    attempts = exp.select(column("tenant_id"), column("unit"), column("t0"),
+    gaps = exp.Array(expressions=[_micros(column(f"t{k - 1}"), column(f"t{k}"))
+                                  for k in range(1, n)])
+    attempts = exp.select(*(column(name) for name in dict.fromkeys((*unit, "t0", *carry))),
                           *([column("q0")] if sequenced else []),
-                          exp.alias_(depth, "depth"), *gaps,
-                          exp.alias_(collided, "collided")).from_(prev)
-    ranked = exp.Window(
-        this=exp.RowNumber(), partition_by=[column("tenant_id"), column("unit")],
-        order=exp.Order(expressions=[exp.Ordered(this=column("depth"), desc=True),
-                                     exp.Ordered(this=column("t0")),
-                                     *([exp.Ordered(this=column("q0"))] if sequenced
-                                       else [])]))
-    # a collision in any attempt (not only the best) makes the whole answer suspect
-    any_collision = exp.Window(this=exp.LogicalOr(this=column("collided")))
-    best = exp.select("*", exp.alias_(ranked, "rank"),
-                      exp.alias_(any_collision, "any_collided")).from_(attempts.subquery("at"))
-    tree = exp.select(column("depth"), *(column(f"g{k}") for k in range(1, n)),
-                      exp.alias_(column("any_collided"), "collided")) \
-        .from_(best.subquery("best")).where(column("rank").eq(exp.Literal.number(1)))
+                          exp.alias_(depth, "d"), exp.alias_(gaps, "g")).from_(prev)
+    # per unit its best attempt: the most steps, then the earliest start (attempts starting
+    # at the same instant are identical unless steps may share events; then the first in
+    # (occurred_at, event_id) order wins)
+    # (the attempts' columns are named apart from the answer's: ClickHouse would read an
+    # alias of the select list inside an aggregate)
+    rank = exp.Tuple(expressions=[exp.Neg(this=column("d")), column("t0"),
+                                  *([column("q0")] if sequenced else [])])
+    tree = exp.select(exp.alias_(exp.Max(this=column("d")), "depth"),
+                      exp.alias_(exp.ArgMin(this=column("g"), expression=rank), "gaps"),
+                      exp.alias_(collided, "collided")) \
+        .from_(attempts.subquery("at")).group_by(*(column(name) for name in unit))
     for name, cte in ctes:
         tree = tree.with_(name, as_=cte, copy=False)
     return Compiled(tree, params.values)
 
 
-def answer(backend: Backend, f: Funnel) -> dict[str, Any]:
-    table = backend.execute((c := compile_funnel(f)).tree, c.params)
-    if len(table) and table.column("collided")[0].as_py():
+def answer(backend: Backend, f: Funnel, *, kept_rows: bool | None = None) -> dict[str, Any]:
+    """The funnel's answer, from the kept rows when they can give it (:func:`kept`; or as
+    ``kept_rows`` says: both plans give the same answer), else from the events; a hash
+    collision either way is answered again from the events on the strings."""
+    if kept_rows is None:
+        kept_rows = kept(f, backend.dialect)
+    c = compile_kept(f) if kept_rows else compile_funnel(f)
+    table = backend.execute(c.tree, c.params)
+    if len(table) and pc.any(table.column("collided")).as_py():
         table = backend.execute((c := compile_funnel(f, hashed=False)).tree, c.params)
     depth = table.column("depth").to_numpy(zero_copy_only=False).astype(np.int64)
     total = int(len(depth))
@@ -266,10 +390,11 @@ def answer(backend: Backend, f: Funnel) -> dict[str, Any]:
         reached = depth >= k + 1
         count = int(reached.sum())
         median = None
-        if k:
-            gaps = table.column(f"g{k}").to_numpy(zero_copy_only=False)[reached]
+        if k and count:
+            gaps = pc.list_element(table.column("gaps"), k - 1) \
+                .to_numpy(zero_copy_only=False)[reached]
             # the one percentile rule of the semantic layer, at q = 0.5
-            median = nearest_rank(gaps.tolist(), 0.5) / 1_000_000 if len(gaps) else None
+            median = nearest_rank(gaps.tolist(), 0.5) / 1_000_000
         rate = None if total == 0 else (1.0 if k == 0 else count / total)
         steps.append({"name": step.name, "count": count, "rate": rate, "median_sec": median})
     return {"total": total, "steps": steps, "window_sec": f.window_sec,

@@ -7,17 +7,26 @@
 - ``player_days``: per (UTC day, brand, player, currency) the money measures of ggr and ngr,
   one row per batch and key (a batch adds rows, it never rewrites them), so LTV sums a
   cohort's players per day without touching the events.
+- ``step_times``: per (event type, reason, brand, region, player, UTC hour) the instants of
+  the player's events and the 64-bit hash of (brand, player), one row per batch and key, and
+  ``unit_hashes``, each hash with a pair it stands for and whether two pairs met under it:
+  what a funnel reads instead of the events
+  (cohorts/funnel.py, :func:`~tally.cohorts.funnel.kept_plan`): an attempt's next step is the
+  earliest instant at or after the previous step's in the hours up to the window's end, found
+  by joining the attempt to the rows of its player and those hours — a few rows an attempt,
+  where the events give every event of the step's type in the range.
 """
 
 from __future__ import annotations
 
 from sqlglot import exp
 
+from tally.cohorts.request import epoch_seconds
 from tally.semantic.catalog import MEASURES, METRICS
 from tally.semantic.compiler import bucket, measure_sum, measure_sum_type
 from tally.semantic.rules import DEPOSIT, REGISTRATION, EventRule
 from tally.storage.base import DerivedTable, Least
-from tally.storage.dialects import excluded, render, upsert
+from tally.storage.dialects import excluded, hash64, render, upsert
 
 TABLE = "player_firsts"
 # one row per (brand, player, cohort kind): the earliest
@@ -72,6 +81,68 @@ def _player_days(source: str, dialect: str) -> str:
     return render(exp.insert(select, "player_days"), dialect)
 
 
+STEP_TIMES = "step_times"
+HOUR = 3_600
+# the columns of an event that key a step_times row: what a funnel on the kept rows may name
+# in a step's conditions (``reason``) and its filters (``tenant_id``, ``region``, and the
+# player's attributes, joined on by player)
+STEP_KEYS = ("event_type", "reason", "tenant_id", "region", "player_id")
+
+
+def keeps_step_times(dialect: str) -> bool:
+    """Whether a store of ``dialect`` keeps ``step_times`` (DuckDB: a ClickHouse store's
+    funnels read the events, sorted by its MergeTree)."""
+    return dialect == "duckdb"
+
+
+def hour_index(seconds: exp.Expr) -> exp.Expr:
+    """The UTC hour (hours since the epoch) of an instant given as epoch seconds."""
+    return exp.IntDiv(this=exp.Paren(this=seconds), expression=exp.Literal.number(HOUR))
+
+
+def _step_times(source: str, dialect: str) -> str:
+    """Each (event type, reason, brand, region, player, hour)'s instants in ``source``, with
+    the 64-bit hash of (brand, player) the funnel joins on."""
+    keys = [exp.column(name) for name in STEP_KEYS]
+    select = (
+        exp.select(*keys, exp.alias_(hash64(exp.column("tenant_id"), exp.column("player_id")),
+                                     "k"),
+                   exp.alias_(hour_index(epoch_seconds(exp.column("occurred_at"))), "hour"),
+                   exp.alias_(exp.ArrayAgg(this=exp.column("occurred_at")), "times"))
+        .from_(source)
+        .where(exp.column("player_id").is_(exp.null()).not_())
+        .group_by(*(k.copy() for k in keys), exp.column("k"), exp.column("hour"))
+        # rows of one type and hour together: the funnel's scans skip the others' row groups
+        .order_by(exp.column("event_type"), exp.column("hour"))
+    )
+    return render(exp.insert(select, STEP_TIMES), dialect)
+
+
+UNIT_HASHES = "unit_hashes"
+
+
+def _unit_hashes(source: str, dialect: str) -> str:
+    """Each (brand, player) hash of ``source`` with one of its (brand, player) pairs, marked
+    ``collided`` when two pairs have met under it (in this batch, or one stored and one
+    new): a funnel on the kept rows joins players on the hash alone, and is not asked while
+    any hash has collided (a 64-bit hash: about one store in 10^7 of a million players)."""
+    pairs = exp.select(exp.column("tenant_id"), exp.column("player_id")).distinct() \
+        .from_(source).where(exp.column("player_id").is_(exp.null()).not_())
+    select = exp.select(
+        exp.alias_(hash64(exp.column("tenant_id"), exp.column("player_id")), "k"),
+        exp.alias_(exp.Min(this=exp.column("tenant_id")), "tenant_id"),
+        exp.alias_(exp.Min(this=exp.column("player_id")), "player_id"),
+        exp.alias_(exp.GT(this=exp.Count(this=exp.Star()), expression=exp.Literal.number(1)),
+                   "collided")) \
+        .from_(pairs.subquery("p")).group_by(exp.column("k"))
+    kept = {name: exp.column(name, UNIT_HASHES) for name in ("tenant_id", "player_id")}
+    met = exp.or_(excluded("collided"), excluded("tenant_id").neq(kept["tenant_id"]),
+                  excluded("player_id").neq(kept["player_id"]))
+    return render(upsert(exp.insert(select, UNIT_HASHES), ("k",), {"collided": exp.true()},
+                         where=exp.and_(exp.column("collided", UNIT_HASHES).not_(), met)),
+                  dialect)
+
+
 def derived_tables(dialect: str) -> list[DerivedTable]:
     firsts = DerivedTable(
         "player_firsts",
@@ -88,4 +159,15 @@ def derived_tables(dialect: str) -> list[DerivedTable]:
         f"player_id VARCHAR, currency VARCHAR, {columns})",
         (_player_days("_new_events", dialect),), (_player_days("events", dialect),),
         tuple(types.items()))
-    return [firsts, days]
+    steps = DerivedTable(
+        STEP_TIMES,
+        "CREATE TABLE IF NOT EXISTS step_times (event_type VARCHAR NOT NULL, reason VARCHAR, "
+        "tenant_id VARCHAR NOT NULL, region VARCHAR NOT NULL, player_id VARCHAR NOT NULL, "
+        "k UBIGINT NOT NULL, hour BIGINT NOT NULL, times TIMESTAMP[] NOT NULL)",
+        (_step_times("_new_events", dialect),), (_step_times("events", dialect),))
+    units = DerivedTable(
+        UNIT_HASHES,
+        "CREATE TABLE IF NOT EXISTS unit_hashes (k UBIGINT NOT NULL, tenant_id VARCHAR NOT NULL, "
+        "player_id VARCHAR NOT NULL, collided BOOLEAN NOT NULL, PRIMARY KEY (k))",
+        (_unit_hashes("_new_events", dialect),), (_unit_hashes("events", dialect),))
+    return [firsts, days] + ([steps, units] if keeps_step_times(dialect) else [])
