@@ -113,6 +113,15 @@ def test_with_spill_space_the_same_statement_completes_under_the_memory_limit(tm
     backend.close()
 
 
+def test_the_store_draws_no_progress_bar(tmp_path):
+    """DuckDB draws a progress bar on stderr for a statement over two seconds (also when
+    stderr is no terminal): among a server's JSON log lines it would be garbage."""
+    backend = store(tmp_path, QueryLimits())
+    assert backend.query("SELECT current_setting('enable_progress_bar') AS p").to_pylist() \
+        == [{"p": False}]
+    backend.close()
+
+
 @pytest.mark.parametrize(("text", "expected"), [
     ("4GB", 4 * 10**9), ("512MiB", 512 * 2**20), ("1.5 GiB", 3 * 2**29), ("0", 0),
 ])

@@ -243,8 +243,10 @@ class DuckDBBackend:
 
     def _apply_limits(self, con: duckdb.DuckDBPyConnection) -> None:
         """The engine's memory and spill bounds and its checkpoint threshold (settings of the
-        database: every cursor)."""
+        database: every cursor), and no progress bar: a long statement (a derived table
+        filled when a store is opened) would draw one on stderr, among the JSON log lines."""
         con.execute(f"SET checkpoint_threshold = '{CHECKPOINT_THRESHOLD}'")
+        con.execute("SET enable_progress_bar = false")
         if self.limits.memory_bytes is not None:
             con.execute(f"SET memory_limit = '{int(self.limits.memory_bytes)}B'")
         if self._spill_dir is not None:
