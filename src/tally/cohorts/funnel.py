@@ -245,6 +245,11 @@ def compile_funnel(f: Funnel, hashed: bool = True) -> Compiled:
                  (*collisions, "tenant_id", "unit"))
 
 
+def _table(name: str) -> exp.Table:
+    """A table by name, not parsed (sqlglot parses a string it is given)."""
+    return exp.Table(this=exp.to_identifier(name))
+
+
 def compile_kept(f: Funnel) -> Compiled:
     """:func:`compile_funnel` on the kept rows (``step_times``, when :func:`kept`): the
     attempts are the step-1 instants in ``[from, to)``; each next step joins an attempt to its
@@ -261,25 +266,29 @@ def compile_kept(f: Funnel) -> Compiled:
     def rows(step: Step, upto: int) -> exp.Select:
         """The kept rows of ``step`` (its event type, its conditions on ``reason``) in the
         hours from ``from`` to ``upto`` that pass the filters."""
-        select = (exp.select(column("k"), column("hour"), column("times"))
-                  .from_(attributes.source(STEP_TIMES, f.filters))
-                  .where(column("event_type").eq(exp.Literal.string(step.event)))
-                  .where(column("hour") >= hour(first)).where(column("hour") <= hour(upto)))
+        select = (exp.select(column("k"), column("hour"), column("times"), copy=False)
+                  .from_(attributes.source(STEP_TIMES, f.filters), copy=False)
+                  .where(column("event_type").eq(exp.Literal.string(step.event)), copy=False)
+                  .where(column("hour") >= hour(first), copy=False)
+                  .where(column("hour") <= hour(upto), copy=False))
         for field, values in step.conditions:
-            select = select.where(column(field).isin(*(params.bind(v) for v in values)))
+            select = select.where(column(field).isin(*(params.bind(v) for v in values)),
+                                  copy=False)
         for condition in filter_conditions(f.filters, params):
-            select = select.where(condition)
+            select = select.where(condition, copy=False)
         return select
 
-    starts = exp.select(column("k"), exp.alias_(exp.Explode(this=column("times")), "t")) \
+    starts = exp.select(column("k"), exp.alias_(exp.Explode(this=column("times")), "t",
+                                                copy=False), copy=False) \
         .from_(rows(f.steps[0], int((f.end - EPOCH_DT).total_seconds()) // HOUR)
-               .subquery("r"))
+               .subquery("r", copy=False), copy=False)
     # each attempt numbered: a step's instants are gathered per number
     ctes: list[tuple[str, exp.Expr]] = [("a0", exp.select(
-        exp.alias_(exp.Window(this=exp.RowNumber()), "id"), column("k"),
-        exp.alias_(column("t"), "t0"))
-        .from_(starts.subquery("s"))
-        .where(column("t") >= params.bind(f.start)).where(column("t") < params.bind(f.end)))]
+        exp.alias_(exp.Window(this=exp.RowNumber()), "id", copy=False), column("k"),
+        exp.alias_(column("t"), "t0", copy=False), copy=False)
+        .from_(starts.subquery("s", copy=False), copy=False)
+        .where(column("t") >= params.bind(f.start), copy=False)
+        .where(column("t") < params.bind(f.end), copy=False))]
     window = exp.Literal.number(f.window_sec)
     x = exp.to_identifier("x")
     for k in range(1, n):
@@ -294,9 +303,9 @@ def compile_kept(f: Funnel) -> Compiled:
                          <= exp.Literal.number(f.window_sec * 1_000_000))
         look = exp.Case().when(found, hours).else_(exp.Array(expressions=[exp.null()]))
         ctes.append((f"c{k}", exp.select(
-            column("id"), column("k"), exp.alias_(t_prev.copy(), "after"),
-            exp.alias_(exp.Explode(this=look), "h"))
-            .from_(f"a{k - 1}")))
+            column("id"), column("k"), exp.alias_(t_prev.copy(), "after", copy=False),
+            exp.alias_(exp.Explode(this=look), "h", copy=False), copy=False)
+            .from_(_table(f"a{k - 1}"), copy=False)))
         earliest = exp.ArrayMin(this=exp.ArrayFilter(
             this=column("times", "s"),
             expression=exp.Lambda(this=exp.GTE(this=x.copy(), expression=column(
@@ -304,19 +313,22 @@ def compile_kept(f: Funnel) -> Compiled:
         on = exp.and_(column("k", "s").eq(column("k", "c")),
                       column("hour", "s").eq(column("h", "c")))
         ctes.append((f"m{k}", exp.select(
-            column("id", "c"), exp.alias_(exp.Min(this=earliest), f"t{k}"))
-            .from_(exp.alias_(exp.to_table(f"c{k}"), "c", table=True))
-            .join(exp.alias_(rows(f.steps[k], last).subquery(), "s", table=True), on=on,
-                  join_type="LEFT")
-            .group_by(column("id", "c"))))
+            column("id", "c"), exp.alias_(exp.Min(this=earliest), f"t{k}", copy=False),
+            copy=False)
+            .from_(exp.alias_(_table(f"c{k}"), "c", table=True, copy=False), copy=False)
+            .join(exp.alias_(rows(f.steps[k], last).subquery(copy=False), "s", table=True,
+                             copy=False), on=on, join_type="LEFT", copy=False)
+            .group_by(column("id", "c"), copy=False)))
         ctes.append((f"a{k}", exp.select(
-            exp.Column(this=exp.Star(), table=exp.to_identifier("a")), column(f"t{k}", "m"))
-            .from_(exp.alias_(exp.to_table(f"a{k - 1}"), "a", table=True))
-            .join(exp.alias_(exp.to_table(f"m{k}"), "m", table=True),
-                  on=column("id", "a").eq(column("id", "m")))))
+            exp.Column(this=exp.Star(), table=exp.to_identifier("a")), column(f"t{k}", "m"),
+            copy=False)
+            .from_(exp.alias_(_table(f"a{k - 1}"), "a", table=True, copy=False), copy=False)
+            .join(exp.alias_(_table(f"m{k}"), "m", table=True, copy=False),
+                  on=column("id", "a").eq(column("id", "m")), copy=False)))
     # players are told apart by their hash alone: asked again of the events if any collided
-    collided = exp.Exists(this=exp.select(exp.Literal.number(1)).from_(UNIT_HASHES)
-                          .where(column("collided")))
+    collided = exp.Exists(this=exp.select(exp.Literal.number(1), copy=False)
+                          .from_(_table(UNIT_HASHES), copy=False)
+                          .where(column("collided"), copy=False))
     return _best(f, ctes, f"a{n - 1}", collided, False, params, ("k",))
 
 
@@ -356,7 +368,9 @@ def _best(f: Funnel, ctes: list[tuple[str, exp.Expr]], prev: str, collided: exp.
                                   for k in range(1, n)])
     attempts = exp.select(*(column(name) for name in dict.fromkeys((*unit, "t0", *carry))),
                           *([column("q0")] if sequenced else []),
-                          exp.alias_(depth, "d"), exp.alias_(gaps, "g")).from_(prev)
+                          exp.alias_(depth, "d", copy=False),
+                          exp.alias_(gaps, "g", copy=False), copy=False) \
+        .from_(_table(prev), copy=False)
     # per unit its best attempt: the most steps, then the earliest start (attempts starting
     # at the same instant are identical unless steps may share events; then the first in
     # (occurred_at, event_id) order wins)
@@ -364,10 +378,12 @@ def _best(f: Funnel, ctes: list[tuple[str, exp.Expr]], prev: str, collided: exp.
     # alias of the select list inside an aggregate)
     rank = exp.Tuple(expressions=[exp.Neg(this=column("d")), column("t0"),
                                   *([column("q0")] if sequenced else [])])
-    tree = exp.select(exp.alias_(exp.Max(this=column("d")), "depth"),
-                      exp.alias_(exp.ArgMin(this=column("g"), expression=rank), "gaps"),
-                      exp.alias_(collided, "collided")) \
-        .from_(attempts.subquery("at")).group_by(*(column(name) for name in unit))
+    best = exp.ArgMin(this=column("g"), expression=rank)
+    tree = exp.select(exp.alias_(exp.Max(this=column("d")), "depth", copy=False),
+                      exp.alias_(best, "gaps", copy=False),
+                      exp.alias_(collided, "collided", copy=False), copy=False) \
+        .from_(attempts.subquery("at", copy=False), copy=False) \
+        .group_by(*(column(name) for name in unit), copy=False)
     for name, cte in ctes:
         tree = tree.with_(name, as_=cte, copy=False)
     return Compiled(tree, params.values)
