@@ -235,7 +235,49 @@ def cases(days: int) -> list[dict[str, Any]]:
                   {"event": "wallet.credit", "reason": "deposit"}],
         "window_sec": 3600, "from": s7.strftime("%Y-%m-%d"), "to": end.strftime("%Y-%m-%d"),
         "filters": {"brand_id": "brand-1"}})
+    four_steps = funnel.parse({
+        "steps": [{"event": "payment.intent"}, {"event": "payment.captured"},
+                  {"event": "wallet.credit", "reason": "deposit"}, {"event": "bet.placed"}],
+        "window_sec": 3600, "from": s30.strftime("%Y-%m-%d"), "to": end.strftime("%Y-%m-%d")})
+
+    def route_funnel(dialect: str) -> Any:
+        """The plan the route chooses on this engine (the kept rows where they can answer)."""
+        return funnel.compile_kept(four_steps) if funnel.kept(four_steps, dialect) \
+            else funnel.compile_funnel(four_steps)
+
+    def funnel_raw(engine: str) -> str:
+        """Units per depth reached, as inequality joins with min() on the events."""
+        late = f"{_ts(end, engine)} + INTERVAL 3600 SECOND"
+        conds = ["event_type = 'payment.intent'", "event_type = 'payment.captured'",
+                 "event_type = 'wallet.credit' AND reason = 'deposit'",
+                 "event_type = 'bet.placed'"]
+        steps = [f"s{i} AS (SELECT tenant_id, player_id AS u, occurred_at AS t FROM events "
+                 f"WHERE {c} AND player_id IS NOT NULL AND occurred_at >= {_ts(s30, engine)} "
+                 f"AND occurred_at <= {late}"
+                 + (f" AND occurred_at < {_ts(end, engine)}" if i == 0 else "") + ")"
+                 for i, c in enumerate(conds)]
+        chain = ["a0 AS (SELECT tenant_id, u, t AS t0 FROM s0)"]
+        for i in range(1, 4):
+            kept = ", ".join(f"a.t{j}" for j in range(i))
+            chain.append(
+                f"a{i} AS (SELECT a.tenant_id AS tenant_id, a.u AS u, {kept}, min(s.t) AS t{i} "
+                f"FROM a{i - 1} AS a LEFT JOIN s{i} AS s ON s.tenant_id = a.tenant_id AND "
+                f"s.u = a.u AND s.t >= a.t{i - 1} AND s.t <= a.t0 + INTERVAL 3600 SECOND "
+                f"GROUP BY a.tenant_id, a.u, {kept})")
+        depth = "1 + " + " + ".join(f"CAST(t{i} IS NOT NULL AS INTEGER)" for i in range(1, 4))
+        return (f"WITH {', '.join(steps + chain)} SELECT d, count(*) FROM (SELECT tenant_id, "
+                f"u, max({depth}) AS d FROM a3 GROUP BY tenant_id, u) AS x GROUP BY d")
+
+    def per_depth(rows: list[list[Any]]) -> list[list[Any]]:
+        """The funnel's rows (one a unit: depth, gaps, collided) as units per depth."""
+        counts: dict[int, int] = {}
+        for row in rows:
+            counts[row[0]] = counts.get(row[0], 0) + 1
+        return sorted([d, n] for d, n in counts.items())
+
     return [
+        {"name": "funnel 4 steps, 30 days, 1 h window (the route's plan)",
+         "compiled": route_funnel, "finish": per_depth, "raw": funnel_raw},
         {"name": "ggr 1h, 30 days, by brand",
          "compiled": compile_measures(METRICS["ggr"], Scope(s30, end, 3600, {}, ("brand_id",)),
                                       by_currency=True), "raw": ggr_1h},
@@ -368,6 +410,8 @@ def worker(engine: str, events: int, days: int, group: int, runs: int,
     result["queries"] = {}
     for case in cases(days):
         compiled, finish = case["compiled"], case.get("finish", lambda rows: rows)
+        if callable(compiled):  # a plan the engine chooses
+            compiled = compiled(store.dialect)
 
         def run_compiled(c: Any = compiled, f: Callable[[Any], Any] = finish) -> Any:
             return f(normal(store.execute(c.tree, c.params).to_pylist()))
