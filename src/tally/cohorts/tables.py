@@ -25,7 +25,7 @@ from tally.cohorts.request import epoch_seconds
 from tally.semantic.catalog import MEASURES, METRICS
 from tally.semantic.compiler import bucket, measure_sum, measure_sum_type
 from tally.semantic.rules import DEPOSIT, REGISTRATION, EventRule
-from tally.storage.base import DerivedTable, Least
+from tally.storage.base import Compaction, DerivedTable, Least
 from tally.storage.dialects import excluded, hash64, render, upsert
 
 TABLE = "player_firsts"
@@ -143,6 +143,19 @@ def _unit_hashes(source: str, dialect: str) -> str:
                   dialect)
 
 
+# a store fed by many small writes holds a row per write and key, and row groups that mix
+# event types: rewritten, a range of hours is one row per key, sorted by type and hour
+STEP_KEY_COLUMNS = ", ".join((*STEP_KEYS, "k", "hour"))
+COMPACT_STEP_TIMES = Compaction("hour", HOUR, (
+    "CREATE OR REPLACE TEMPORARY TABLE _compacted AS SELECT "  # noqa: S608 - our names
+    f"{STEP_KEY_COLUMNS}, flatten(list(times)) AS times FROM {STEP_TIMES} "
+    f"WHERE hour >= $first AND hour < $end GROUP BY {STEP_KEY_COLUMNS} "
+    "ORDER BY event_type, hour",
+    f"DELETE FROM {STEP_TIMES} WHERE hour >= $first AND hour < $end",  # noqa: S608
+    f"INSERT INTO {STEP_TIMES} SELECT * FROM _compacted",  # noqa: S608
+    "DROP TABLE _compacted"))
+
+
 def derived_tables(dialect: str) -> list[DerivedTable]:
     firsts = DerivedTable(
         "player_firsts",
@@ -164,7 +177,8 @@ def derived_tables(dialect: str) -> list[DerivedTable]:
         "CREATE TABLE IF NOT EXISTS step_times (event_type VARCHAR NOT NULL, reason VARCHAR, "
         "tenant_id VARCHAR NOT NULL, region VARCHAR NOT NULL, player_id VARCHAR NOT NULL, "
         "k UBIGINT NOT NULL, hour BIGINT NOT NULL, times TIMESTAMP[] NOT NULL)",
-        (_step_times("_new_events", dialect),), (_step_times("events", dialect),))
+        (_step_times("_new_events", dialect),), (_step_times("events", dialect),),
+        compaction=COMPACT_STEP_TIMES)
     units = DerivedTable(
         UNIT_HASHES,
         "CREATE TABLE IF NOT EXISTS unit_hashes (k UBIGINT NOT NULL, tenant_id VARCHAR NOT NULL, "

@@ -33,6 +33,22 @@ class Least:
 
 
 @dataclass(frozen=True)
+class Compaction:
+    """How a derived table kept by appending rows is rewritten with one row per key: its
+    ``statements`` (DuckDB SQL, in order, in the write's transaction, with the bucket range
+    as ``$first`` and ``$end``) replace the rows whose ``column`` is in ``[first, end)``,
+    sorted so that a scan can skip the row groups of other keys. The store runs them once
+    ``events`` events were written since the last time, up to the newest bucket written
+    (that one is still filling); rows of a bucket already compacted that arrive later (late
+    events) stay as they are, which readers aggregate anyway."""
+
+    column: str
+    bucket_seconds: int
+    statements: tuple[str, ...]
+    events: int = 2_000_000
+
+
+@dataclass(frozen=True)
 class DerivedTable:
     """A table the store keeps from the events (a rollup): created with ``ddl``, appended to
     from each batch by ``from_batch`` (statements over ``_new_events``, in order, in the events'
@@ -49,6 +65,7 @@ class DerivedTable:
     # (column, type) that older stores may hold narrower: changed to this type when opened
     column_types: tuple[tuple[str, str], ...] = ()
     least: Least | None = None
+    compaction: Compaction | None = None
 
 
 def declared_columns(ddl: str) -> tuple[str, ...]:

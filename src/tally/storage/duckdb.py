@@ -70,6 +70,9 @@ T = TypeVar("T")
 ROWS_SCANNED_METRIC = "query.total_rows_scanned"
 JOURNAL_APPLIED = "journal_applied_seq"
 CATCH_UP_ROWS = 5_000_000  # events a catch-up transaction derives
+# the store setting of a compacted table: the end (exclusive) of the buckets rewritten so far
+COMPACTED = "compacted:"
+EPOCH = datetime(1970, 1, 1)
 log = logging.getLogger(__name__)
 # The WAL size that triggers an automatic checkpoint (DuckDB's default: 16 MB). A checkpoint
 # rewrites the row groups every derived table's merge touched since the last one; at 16 MB the
@@ -112,6 +115,10 @@ class DuckDBBackend:
         self._invalid = False
         self._generation = 0
         self._derived = [sql for table in derived for sql in table.from_batch]
+        # (table, compaction, [events written since, newest bucket written]) of each table
+        # rewritten now and then (DerivedTable.compaction)
+        self._compactions = [(table.name, table.compaction, [0, 0]) for table in derived
+                             if table.compaction is not None]
         if not read_only:
             self._con.execute(DDL)
             self._migrate_quarantine()
@@ -125,6 +132,12 @@ class DuckDBBackend:
         self._defer = False
         self._pending: tuple[int, int] | None = None
         if not read_only:
+            for name, compaction, _ in self._compactions:
+                # a store without the mark: its rows so far count as compacted (a new table
+                # is filled from the events in a few large statements)
+                if self.setting(COMPACTED + name) is None:
+                    newest = self._scalar(f"SELECT max({compaction.column}) FROM {name}")  # noqa: S608
+                    self.put_setting(COMPACTED + name, str(0 if newest is None else int(newest)))
             pending = self.setting(DERIVED_PENDING)
             if pending is not None:  # a bulk load stopped before its catch-up: finish it
                 first, last = pending.split(",")
@@ -420,6 +433,29 @@ class DuckDBBackend:
         if pending and not dry_run:
             self._pending = pending[-1]
 
+    def _compact(self, con: duckdb.DuckDBPyConnection, events: pa.Table) -> None:
+        """Rewrite the buckets of each compacted table from the last mark up to the newest
+        bucket written, once enough events were written since (DerivedTable.compaction), in
+        the write's transaction."""
+        newest_at = pc.max(events.column("occurred_at")).as_py()
+        for name, compaction, state in self._compactions:
+            state[0] += events.num_rows
+            if newest_at is not None:
+                seconds = int((newest_at - EPOCH).total_seconds())
+                state[1] = max(state[1], seconds // compaction.bucket_seconds)
+            if state[0] < compaction.events:
+                continue
+            rows = con.execute("SELECT value FROM store_settings WHERE name = ?",
+                               [COMPACTED + name]).fetchall()
+            first, end = (int(rows[0][0]) if rows else 0), state[1]
+            if end <= first:
+                continue
+            for sql in compaction.statements:
+                con.execute(sql, {"first": first, "end": end} if "$first" in sql else None)
+            con.execute("INSERT OR REPLACE INTO store_settings VALUES (?, ?)",
+                        [COMPACTED + name, str(end)])
+            state[0] = 0
+
     def defer_derived(self, defer: bool) -> None:
         """While deferred (a bulk load), a write appends its events and leaves their derived
         rows for :meth:`catch_up_derived`, which makes them in a few large transactions: a
@@ -468,6 +504,16 @@ class DuckDBBackend:
             self._transaction(derive)
             self._pending = None if b >= last else (b + 1, last)
         self._pending = None
+        for name, compaction, state in self._compactions:
+            # a bulk load's rows come a few large statements apiece: counted as compacted
+            def mark(con: duckdb.DuckDBPyConnection, name: str = name,
+                     column: str = compaction.column) -> None:
+                con.execute(
+                    "INSERT OR REPLACE INTO store_settings SELECT ?, "  # noqa: S608 - our names
+                    f"CAST(coalesce(max({column}), 0) AS VARCHAR) FROM {name}",
+                    [COMPACTED + name])
+            self._transaction(mark)
+            state[0] = 0
         log.info("derived the rollups of a bulk load",
                  extra={"seconds": round(time.perf_counter() - started, 1)})
 
@@ -489,6 +535,8 @@ class DuckDBBackend:
             else:
                 for sql in self._derived:  # rollups, in the same transaction
                     con.execute(sql)
+                if not dry_run:
+                    self._compact(con, events)
             con.unregister("_new_events")
         if writes.quarantine:
             con.register("_new_quarantine",
