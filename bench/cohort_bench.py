@@ -38,25 +38,32 @@ def funnel_body(end: datetime, k: int) -> dict[str, Any]:
 
 def raw_funnel(end: datetime, k: int) -> str:
     start, stop = end - timedelta(days=30 + k), end - timedelta(days=k)
-    conds = ["event_type='payment.intent'", "event_type='payment.captured'",
-             "event_type='wallet.credit' AND reason='deposit'", "event_type='bet.placed'"]
-    steps = ",\n".join(
-        f"s{i} AS (SELECT tenant_id, player_id u, occurred_at t FROM events WHERE {c} "
-        f"AND player_id IS NOT NULL AND occurred_at >= '{start}' "
-        f"AND occurred_at <= TIMESTAMP '{stop}' + INTERVAL 3600 SECOND"
-        + (f" AND occurred_at < '{stop}'" if i == 0 else "") + ")"
-        for i, c in enumerate(conds))
-    chain = ["a0 AS (SELECT tenant_id, u, t t0 FROM s0)"]
+    return raw_funnel_sql(start, stop, lambda t: f"TIMESTAMP '{t}'")
+
+
+def raw_funnel_sql(start: datetime, stop: datetime, ts: Callable[[datetime], str]) -> str:
+    """The 4-step funnel's units per depth reached as inequality joins with ``min()`` on the
+    events, in SQL both DuckDB and ClickHouse read (``ts``: an instant as a literal of the
+    engine)."""
+    late = f"{ts(stop)} + INTERVAL 3600 SECOND"
+    conds = ["event_type = 'payment.intent'", "event_type = 'payment.captured'",
+             "event_type = 'wallet.credit' AND reason = 'deposit'", "event_type = 'bet.placed'"]
+    steps = [f"s{i} AS (SELECT tenant_id, player_id AS u, occurred_at AS t FROM events "
+             f"WHERE {c} AND player_id IS NOT NULL AND occurred_at >= {ts(start)} "
+             f"AND occurred_at <= {late}"
+             + (f" AND occurred_at < {ts(stop)}" if i == 0 else "") + ")"
+             for i, c in enumerate(conds)]
+    chain = ["a0 AS (SELECT tenant_id, u, t AS t0 FROM s0)"]
     for i in range(1, 4):
-        cols = ", ".join(f"a.t{j}" for j in range(i))
+        kept = ", ".join(f"a.t{j}" for j in range(i))
         chain.append(
-            f"a{i} AS (SELECT a.tenant_id, a.u, {cols}, min(s.t) t{i} FROM a{i - 1} a "
-            f"LEFT JOIN s{i} s ON s.tenant_id = a.tenant_id AND s.u = a.u AND s.t >= a.t{i - 1}"
-            f" AND s.t <= a.t0 + INTERVAL 3600 SECOND GROUP BY ALL)")
-    depth = "1 + " + " + ".join(f"(t{i} IS NOT NULL)::INT" for i in range(1, 4))
-    return (f"WITH {steps},\n{', '.join(chain)}\n"
-            f"SELECT d, count(*) FROM (SELECT tenant_id, u, max({depth}) d FROM a3 GROUP BY ALL)"
-            " GROUP BY d")
+            f"a{i} AS (SELECT a.tenant_id AS tenant_id, a.u AS u, {kept}, min(s.t) AS t{i} "
+            f"FROM a{i - 1} AS a LEFT JOIN s{i} AS s ON s.tenant_id = a.tenant_id AND "
+            f"s.u = a.u AND s.t >= a.t{i - 1} AND s.t <= a.t0 + INTERVAL 3600 SECOND "
+            f"GROUP BY a.tenant_id, a.u, {kept})")
+    depth = "1 + " + " + ".join(f"CAST(t{i} IS NOT NULL AS INTEGER)" for i in range(1, 4))
+    return (f"WITH {', '.join(steps + chain)} SELECT d, count(*) FROM (SELECT tenant_id, "
+            f"u, max({depth}) AS d FROM a3 GROUP BY tenant_id, u) AS x GROUP BY d")
 
 
 def cohort_range(end: datetime, k: int) -> tuple[datetime, datetime]:

@@ -180,6 +180,7 @@ def _top(rows: list[list[Any]], n: int) -> list[list[Any]]:
 def cases(days: int) -> list[dict[str, Any]]:
     """name → the compiled query, how its rows become the answer, and the hand-written SQL of
     the same answer on each engine (``raw(engine)``)."""
+    from bench.cohort_bench import raw_funnel_sql
     from tally.cohorts import funnel
     from tally.rollups.activity import compile_active_from_rollup
     from tally.rollups.spec import compile_from_rollup
@@ -247,26 +248,7 @@ def cases(days: int) -> list[dict[str, Any]]:
 
     def funnel_raw(engine: str) -> str:
         """Units per depth reached, as inequality joins with min() on the events."""
-        late = f"{_ts(end, engine)} + INTERVAL 3600 SECOND"
-        conds = ["event_type = 'payment.intent'", "event_type = 'payment.captured'",
-                 "event_type = 'wallet.credit' AND reason = 'deposit'",
-                 "event_type = 'bet.placed'"]
-        steps = [f"s{i} AS (SELECT tenant_id, player_id AS u, occurred_at AS t FROM events "
-                 f"WHERE {c} AND player_id IS NOT NULL AND occurred_at >= {_ts(s30, engine)} "
-                 f"AND occurred_at <= {late}"
-                 + (f" AND occurred_at < {_ts(end, engine)}" if i == 0 else "") + ")"
-                 for i, c in enumerate(conds)]
-        chain = ["a0 AS (SELECT tenant_id, u, t AS t0 FROM s0)"]
-        for i in range(1, 4):
-            kept = ", ".join(f"a.t{j}" for j in range(i))
-            chain.append(
-                f"a{i} AS (SELECT a.tenant_id AS tenant_id, a.u AS u, {kept}, min(s.t) AS t{i} "
-                f"FROM a{i - 1} AS a LEFT JOIN s{i} AS s ON s.tenant_id = a.tenant_id AND "
-                f"s.u = a.u AND s.t >= a.t{i - 1} AND s.t <= a.t0 + INTERVAL 3600 SECOND "
-                f"GROUP BY a.tenant_id, a.u, {kept})")
-        depth = "1 + " + " + ".join(f"CAST(t{i} IS NOT NULL AS INTEGER)" for i in range(1, 4))
-        return (f"WITH {', '.join(steps + chain)} SELECT d, count(*) FROM (SELECT tenant_id, "
-                f"u, max({depth}) AS d FROM a3 GROUP BY tenant_id, u) AS x GROUP BY d")
+        return raw_funnel_sql(s30, end, lambda t: _ts(t, engine))
 
     def per_depth(rows: list[list[Any]]) -> list[list[Any]]:
         """The funnel's rows (one a unit: depth, gaps, collided) as units per depth."""
