@@ -11,7 +11,8 @@
   the player's events and the 64-bit hash of (brand, player), one row per batch and key, and
   ``unit_hashes``, each hash with a pair it stands for and whether two pairs met under it:
   what a funnel reads instead of the events
-  (cohorts/funnel.py, :func:`~tally.cohorts.funnel.kept_plan`): an attempt's next step is the
+  (cohorts/funnel.py, :func:`~tally.cohorts.funnel.kept` decides, :func:`~tally.cohorts.funnel.compile_kept`
+  plans): an attempt's next step is the
   earliest instant at or after the previous step's in the hours up to the window's end, found
   by joining the attempt to the rows of its player and those hours — a few rows an attempt,
   where the events give every event of the step's type in the range.
@@ -124,8 +125,9 @@ UNIT_HASHES = "unit_hashes"
 def _unit_hashes(source: str, dialect: str) -> str:
     """Each (brand, player) hash of ``source`` with one of its (brand, player) pairs, marked
     ``collided`` when two pairs have met under it (in this batch, or one stored and one
-    new): a funnel on the kept rows joins players on the hash alone, and is not asked while
-    any hash has collided (a 64-bit hash: about one store in 10^7 of a million players)."""
+    new): a funnel on the kept rows joins players on the hash alone, so its answer says
+    whether any of its hashes has collided, and a funnel that met one is answered again from
+    the events on the strings (a 64-bit hash: about one store in 10^7 of a million players)."""
     pairs = exp.select(exp.column("tenant_id"), exp.column("player_id")).distinct() \
         .from_(source).where(exp.column("player_id").is_(exp.null()).not_())
     select = exp.select(
