@@ -132,14 +132,16 @@ def test_an_older_store_with_64_bit_rollups_is_widened_when_opened(settings):
         assert post(client, headers, [make_event()]).status_code == 202
         assert runtime_of(client).ingest.flush(30)
     con = duckdb.connect(str(settings.data_dir / "events.duckdb"))
-    for table in ("rollup_1m", "rollup_1h", "rollup_1d", "player_days"):
+    narrowed = ("rollup_1m", "rollup_1h", "rollup_1d", "player_days")
+    for table in narrowed:
         con.execute(f"ALTER TABLE {table} ALTER stake_sum SET DATA TYPE BIGINT")
     con.close()
     with app(settings) as (client, headers):
         types = runtime_of(client).backend.query(
             "SELECT table_name, data_type FROM duckdb_columns() "
             "WHERE column_name = 'stake_sum'").to_pylist()
-        assert {t["data_type"] for t in types} == {"HUGEINT"} and len(types) == 4
+        assert {t["data_type"] for t in types} == {"HUGEINT"}
+        assert set(narrowed) <= {t["table_name"] for t in types}
 
 
 # -- 2. poison: a row the store refuses never blocks the rows behind it -------------------

@@ -78,13 +78,21 @@ def store(tmp_path_factory) -> Iterator[Backend]:
 
 @pytest.mark.parametrize("metric", ADDITIVE, ids=lambda m: m.name)
 @pytest.mark.parametrize("step", [300, 3600, 86400])
-@pytest.mark.parametrize("group_by", [(), ("brand_id",), ("currency",)])
-def test_rollup_answers_equal_event_answers(store, metric, step, group_by):
+@pytest.mark.parametrize("group_by", [(), ("brand_id",), ("currency",), ("game_id",),
+                                      ("provider_id", "brand_id")])
+@pytest.mark.parametrize("filters", [{"region": ("EU",)}, {"game_id": ("g",)}],
+                         ids=["region", "game"])
+def test_rollup_answers_equal_event_answers(store, metric, step, group_by, filters):
+    """Queries naming a game or provider read the full rollup, the others the narrow one;
+    either answers what the events answer."""
     group_by = tuple(g for g in group_by if g in metric.dimensions)
-    scope = Scope(datetime(2025, 10, 22), datetime(2025, 10, 24), step,
-                  {"region": ("EU",)}, group_by)
+    if any(k not in metric.dimensions for k in filters):
+        filters = {}
+    scope = Scope(datetime(2025, 10, 22), datetime(2025, 10, 24), step, filters, group_by)
     from_rollup = compile_from_rollup(metric, scope, by_currency=True)
     assert from_rollup is not None
+    names_game = bool({"game_id", "provider_id"} & set(scope.keys))
+    assert ("_narrow" in from_rollup.sql("duckdb")) is not names_game
     assert sorted_rows(store, from_rollup) == sorted_rows(
         store, compile_measures(metric, scope, by_currency=True))
 
@@ -98,6 +106,11 @@ def test_rollups_are_much_smaller_than_the_events(store):
     events_rows = store.query("SELECT count(*) FROM events").column(0)[0].as_py()
     day_rows = store.query("SELECT count(*) FROM rollup_1d").column(0)[0].as_py()
     assert events_rows == 3000 and day_rows < events_rows / 10
+    for grain in GRAINS:  # bets of 2 games × 2 providers summed in one row
+        full, narrow = (store.query(f"SELECT count(*) FROM {t} WHERE event_type = "
+                                    f"'bet.settled'").column(0)[0].as_py()
+                        for t in (f"rollup_{grain}", f"rollup_{grain}_narrow"))
+        assert 0 < narrow < full
 
 
 def test_a_store_without_rollups_is_back_filled(tmp_path: Path):

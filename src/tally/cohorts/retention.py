@@ -157,14 +157,18 @@ def compile_retention(r: Retention) -> tuple[Compiled, Compiled]:
             returns = returns.where(column("occurred_at") < params.bind(finish))
     if brands:
         returns = returns.where(column("tenant_id").isin(*(params.bind(b) for b in brands)))
-    returns = returns.distinct()
     offset = exp.Sub(this=column("d", "r"), expression=column("c", "m"))
+    # a player's returns are many rows a day (each event, or each batch's activity row): they
+    # are made distinct after the join, over the members' rows of the asked offsets only —
+    # not over every player's days (a member has one cohort day, so (c, n, player) is (player,
+    # day)); the latest offset (on_or_after) needs no distinct rows at all
     joined = exp.select(column("c", "m"), exp.alias_(offset, "n"), column("tenant_id", "m"),
                         column("player_id", "m")) \
         .from_(m.subquery("m")).join(returns.subquery("r"), on=_pair("m")) \
         .where(offset >= exp.Literal.number(0))
     if r.mode == "on":
-        joined = joined.where(offset.copy().isin(*(exp.Literal.number(d) for d in r.days)))
+        joined = joined.where(offset.copy().isin(*(exp.Literal.number(d) for d in r.days))) \
+            .distinct()
         rows = exp.select(column("c"), column("n"),
                           exp.alias_(exp.Count(this=exp.Star()), "players")) \
             .from_(joined.subquery("j")).group_by(column("c"), column("n"))

@@ -10,9 +10,8 @@
 - ``step_times``: per (event type, reason, brand, region, player, UTC hour) the instants of
   the player's events and the 64-bit hash of (brand, player), one row per batch and key, and
   ``unit_hashes``, each hash with a pair it stands for and whether two pairs met under it:
-  what a funnel reads instead of the events
-  (cohorts/funnel.py, :func:`~tally.cohorts.funnel.kept` decides, :func:`~tally.cohorts.funnel.compile_kept`
-  plans): an attempt's next step is the
+  what a funnel reads instead of the events (cohorts/funnel.py: :func:`~tally.cohorts.funnel.kept`
+  decides, :func:`~tally.cohorts.funnel.compile_kept` plans): an attempt's next step is the
   earliest instant at or after the previous step's in the hours up to the window's end, found
   by joining the attempt to the rows of its player and those hours — a few rows an attempt,
   where the events give every event of the step's type in the range.

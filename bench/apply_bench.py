@@ -1,0 +1,95 @@
+"""What derived tables cost ingestion: the same 1,000-event batches applied alternately to two
+copies of one store, in one process — one keeping every derived table, the other without the
+tables named by ``--without`` (default: the narrow rollups) — CPU per batch (the process's,
+DuckDB's threads included) and wall.
+
+    python -m bench.apply_bench [--stored 1000000] [--batches 200] [--without T1,T2]
+
+The store is the quick bench's (``tally demo``'s 1M events over 90 days, built once); the
+batches are a fresh day of the demo stream after it. The acknowledgement never waits for this
+work (the journal); the applied rate does. Results: bench/out/apply-<N>.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import statistics
+import time
+from datetime import UTC, timedelta
+from typing import Any
+
+import pyarrow as pa
+
+from bench.common import OUT, ensure_store, machine
+from tally.demo.columnar import tables
+from tally.events.envelope import ValidationContext
+from tally.ingest.columnar import prepare_table
+from tally.ingest.dedup import key_hasher
+from tally.rollups import activity
+from tally.rollups.spec import GRAINS, derived_tables, table
+from tally.storage.base import Backend, DerivedTable, WriteSet
+from tally.storage.factory import open_backend
+
+SERVED = frozenset({"EU", "UK", "LATAM", "NA", "APAC"})
+NARROW = tuple(table(grain, narrow=True) for grain in GRAINS)
+
+
+def run(stored: int, batches: int, without: tuple[str, ...]) -> dict[str, Any]:
+    base = ensure_store(stored, 90)
+    stores: dict[str, Backend] = {}
+    for name in ("all", "without"):
+        folder = OUT / f"apply-{name}"
+        shutil.rmtree(folder, ignore_errors=True)
+        folder.mkdir(parents=True)
+        shutil.copy(base / "events.duckdb", folder / "events.duckdb")
+
+        def derived(dialect: str, name: str = name) -> list[DerivedTable]:
+            return [t for t in derived_tables(dialect)
+                    if name == "all" or t.name not in without]
+        stores[name] = open_backend("duckdb", folder, derived=derived,
+                                    retired=activity.RETIRED)
+    first = stores["all"]
+    seq = first.max_ingest_seq()
+    end = first.query("SELECT max(occurred_at) AS m FROM events").column(0)[0].as_py()
+    end = end.replace(minute=0, second=0, microsecond=0, tzinfo=UTC) + timedelta(days=1)
+    ctx = ValidationContext(end, SERVED)
+    hasher = key_hasher(b"apply-bench")
+    _, made = tables(batches * 1_000, 1, 99, end, 1_000)
+    spent: dict[str, list[tuple[float, float]]] = {name: [] for name in stores}
+    for i, raw in enumerate(made):
+        prepared = prepare_table(raw, ctx, "bench", hasher).table
+        seq += 1
+        prepared = prepared.set_column(0, "ingest_seq",
+                                       pa.array([seq] * prepared.num_rows, pa.int64()))
+        order = list(stores) if i % 2 == 0 else list(reversed(stores))
+        for name in order:  # alternated: neither copy always goes first
+            cpu, wall = time.process_time(), time.perf_counter()
+            stores[name].write(WriteSet(events=[prepared]))
+            spent[name].append((time.process_time() - cpu, time.perf_counter() - wall))
+    for store in stores.values():
+        store.close()
+    result: dict[str, Any] = {"stored": stored, "batches": len(spent["all"]),
+                              "without": list(without), "machine": machine()}
+    for name, runs in spent.items():
+        result[name] = {"cpu_ms": round(statistics.mean(c for c, _ in runs) * 1000, 1),
+                        "wall_p50_ms": round(statistics.median(w for _, w in runs) * 1000, 1)}
+    result["cpu_ratio"] = round(result["all"]["cpu_ms"] / result["without"]["cpu_ms"], 3)
+    return result
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--stored", type=int, default=1_000_000)
+    parser.add_argument("--batches", type=int, default=200)
+    parser.add_argument("--without", default=",".join(NARROW),
+                        help="derived tables the second copy does not keep")
+    args = parser.parse_args()
+    result = run(args.stored, args.batches, tuple(args.without.split(",")))
+    (OUT / f"apply-{args.stored}.json").write_text(json.dumps(result, indent=2))
+    print(json.dumps({k: v for k, v in result.items() if k != "machine"}, indent=2))
+
+
+if __name__ == "__main__":
+    main()
