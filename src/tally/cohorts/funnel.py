@@ -31,7 +31,13 @@ from tally.cohorts.request import (
     parse_filters,
     parse_step,
 )
-from tally.cohorts.tables import HOUR, STEP_TIMES, UNIT_HASHES, hour_index, keeps_step_times
+from tally.cohorts.tables import (
+    HOUR,
+    STEP_TIMES,
+    hashes_collided,
+    hour_index,
+    keeps_player_hashes,
+)
 from tally.errors import InvalidParameter
 from tally.insights.evaluate import nearest_rank
 from tally.insights.request import parse_instant
@@ -121,7 +127,7 @@ def _overlaps(f: Funnel) -> list[bool]:
 
 def kept(f: Funnel, dialect: str) -> bool:
     """Whether the kept rows answer ``f`` on a store of ``dialect`` (else: the events)."""
-    return (keeps_step_times(dialect) and f.correlate_by == "player_id" and not f.exclusions
+    return (keeps_player_hashes(dialect) and f.correlate_by == "player_id" and not f.exclusions
             and f.window_sec <= KEPT_MAX_WINDOW and not any(_overlaps(f))
             and all(field in KEPT_CONDITIONS for s in f.steps for field, _ in s.conditions)
             and all(key in KEPT_FILTERS for key in f.filters))
@@ -326,10 +332,7 @@ def compile_kept(f: Funnel) -> Compiled:
             .join(exp.alias_(_table(f"m{k}"), "m", table=True, copy=False),
                   on=column("id", "a").eq(column("id", "m")), copy=False)))
     # players are told apart by their hash alone: asked again of the events if any collided
-    collided = exp.Exists(this=exp.select(exp.Literal.number(1), copy=False)
-                          .from_(_table(UNIT_HASHES), copy=False)
-                          .where(column("collided"), copy=False))
-    return _best(f, ctes, f"a{n - 1}", collided, False, params, ("k",))
+    return _best(f, ctes, f"a{n - 1}", hashes_collided(), False, params, ("k",))
 
 
 def _best(f: Funnel, ctes: list[tuple[str, exp.Expr]], prev: str, collided: exp.Expr,

@@ -27,6 +27,7 @@ from tally.cohorts.request import (
     parse_step,
     parse_timezone,
 )
+from tally.cohorts.tables import hashes_collided, keeps_player_hashes, player_hash
 from tally.errors import InvalidParameter
 from tally.insights.request import parse_bounded_int
 from tally.rollups import activity
@@ -75,13 +76,16 @@ def parse_retention(body: Any) -> Retention:
 
 
 def members(cohort: str, first: date, last: date, zone: ZoneInfo,
-            filters: dict[str, tuple[str, ...]], params: Params) -> exp.Select:
-    """``(tenant_id, player_id, c)``: the cohort's players, ``c`` = their cohort day as days
-    since ``first`` in ``zone``; ``device`` and ``geo`` filters choose them by their
-    registration attributes (semantic/attributes.py), like every query."""
+            filters: dict[str, tuple[str, ...]], params: Params,
+            hashed: bool = False) -> exp.Select:
+    """``(tenant_id, player_id, c[, k])``: the cohort's players, ``c`` = their cohort day as
+    days since ``first`` in ``zone`` (``k``: their hash, ``hashed``); ``device`` and ``geo``
+    filters choose them by their registration attributes (semantic/attributes.py), like
+    every query."""
     select = (
         exp.select(column("tenant_id"), column("player_id"),
-                   exp.alias_(day_index(zone, first, last, epoch_seconds(column("first_at"))), "c"))
+                   exp.alias_(day_index(zone, first, last, epoch_seconds(column("first_at"))), "c"),
+                   *([exp.alias_(player_hash(), "k")] if hashed else []))
         .from_(attributes.source("player_firsts", filters))
         .where(column("kind").eq(params.bind(cohort)))
         .where(column("first_at") >= params.bind(local_midnight(first, zone)))
@@ -112,30 +116,39 @@ def activity_source(step: Step, starts: list[int]) -> tuple[str, str] | None:
     return None
 
 
-def _pair(table: str) -> exp.Expr:
+def _pair(table: str, hashed: bool = False) -> exp.Expr:
+    if hashed:
+        return column("k", "r").eq(column("k", table))
     return exp.and_(column("tenant_id", "r").eq(column("tenant_id", table)),
                     column("player_id", "r").eq(column("player_id", table)))
 
 
-def compile_retention(r: Retention) -> tuple[Compiled, Compiled]:
+def compile_retention(r: Retention, hashed: bool = False) -> tuple[Compiled, Compiled]:
     """Cohort sizes ``(c, size)`` and returns ``(c, n, players)``: for mode ``on``, ``n`` is
     a day offset with a return; for ``on_or_after``, ``n`` is each member's latest return
-    offset (a member returned on or after day N when that offset is ≥ N)."""
+    offset (a member returned on or after day N when that offset is ≥ N). ``hashed``: the
+    store keeps the players' hashes and none has collided, so members meet their returns of
+    the activity tables on ``k`` alone (an integer join, ~2× faster than on the strings at
+    100M events)."""
     params = Params()
     span_last = r.last + timedelta(days=max(r.days))
+    source = activity_source(r.return_event, day_starts(r.zone, r.first, span_last))
+    hashed = hashed and source is not None
     m = members(r.cohort, r.first, r.last, r.zone, r.filters, params)
     sizes = exp.select(column("c"), exp.alias_(exp.Count(this=exp.Star()), "size")) \
         .from_(m.subquery("m")).group_by(column("c"))
     size_params = dict(params.values)  # the members' parameters only
+    params = Params()
+    m = members(r.cohort, r.first, r.last, r.zone, r.filters, params, hashed)
+    player = ["k"] if hashed else ["tenant_id", "player_id"]
     brands = r.filters.get("brand_id")
     begin = local_midnight(r.first, r.zone)
     finish = local_midnight(span_last + timedelta(days=1), r.zone)
-    source = activity_source(r.return_event, day_starts(r.zone, r.first, span_last))
     if source is not None:  # bets or deposits: the activity table of a grain that tiles days
         grain, kind = source
         at: exp.Expr = column("bucket")
         returns = (
-            exp.select(column("tenant_id"), column("player_id"),
+            exp.select(*(column(c) for c in player),
                        exp.alias_(day_index(r.zone, r.first, span_last, at), "d"))
             .from_(activity.table(grain))
             .where(column("kind").eq(params.bind(kind)))
@@ -162,9 +175,9 @@ def compile_retention(r: Retention) -> tuple[Compiled, Compiled]:
     # are made distinct after the join, over the members' rows of the asked offsets only —
     # not over every player's days (a member has one cohort day, so (c, n, player) is (player,
     # day)); the latest offset (on_or_after) needs no distinct rows at all
-    joined = exp.select(column("c", "m"), exp.alias_(offset, "n"), column("tenant_id", "m"),
-                        column("player_id", "m")) \
-        .from_(m.subquery("m")).join(returns.subquery("r"), on=_pair("m")) \
+    joined = exp.select(column("c", "m"), exp.alias_(offset, "n"),
+                        *(column(c, "m") for c in player)) \
+        .from_(m.subquery("m")).join(returns.subquery("r"), on=_pair("m", hashed)) \
         .where(offset >= exp.Literal.number(0))
     if r.mode == "on":
         joined = joined.where(offset.copy().isin(*(exp.Literal.number(d) for d in r.days))) \
@@ -173,19 +186,27 @@ def compile_retention(r: Retention) -> tuple[Compiled, Compiled]:
                           exp.alias_(exp.Count(this=exp.Star()), "players")) \
             .from_(joined.subquery("j")).group_by(column("c"), column("n"))
     else:
-        latest = exp.select(column("c"), column("tenant_id"), column("player_id"),
+        latest = exp.select(column("c"), *(column(c) for c in player),
                             exp.alias_(exp.Max(this=column("n")), "n")) \
-            .from_(joined.subquery("j")).group_by(column("c"), column("tenant_id"),
-                                                  column("player_id"))
+            .from_(joined.subquery("j")).group_by(column("c"), *(column(c) for c in player))
         rows = exp.select(column("c"), column("n"),
                           exp.alias_(exp.Count(this=exp.Star()), "players")) \
             .from_(latest.subquery("l")).group_by(column("c"), column("n"))
     return Compiled(sizes, size_params), Compiled(rows, params.values)
 
 
+def hashed_players(backend: Backend) -> bool:
+    """Whether ``backend`` keeps the players' hashes and none has ever collided: its plans may
+    join players on ``k`` alone (cohorts/tables.py)."""
+    if not keeps_player_hashes(backend.dialect):
+        return False
+    found = backend.rows(exp.select(exp.alias_(hashes_collided(), "collided")), {})
+    return not found[0]["collided"]
+
+
 def answer_retention(backend: Backend, r: Retention,
                      watermark: datetime | None) -> dict[str, Any]:
-    sizes_q, rows_q = compile_retention(r)
+    sizes_q, rows_q = compile_retention(r, hashed_players(backend))
     sizes = {int(row["c"]): int(row["size"])
              for row in backend.rows(sizes_q.tree, sizes_q.params)}
     returned: dict[int, dict[int, int]] = defaultdict(dict)

@@ -89,10 +89,17 @@ HOUR = 3_600
 STEP_KEYS = ("event_type", "reason", "tenant_id", "region", "player_id")
 
 
-def keeps_step_times(dialect: str) -> bool:
-    """Whether a store of ``dialect`` keeps ``step_times`` (DuckDB: a ClickHouse store's
-    funnels read the events, sorted by its MergeTree)."""
+def keeps_player_hashes(dialect: str) -> bool:
+    """Whether a store of ``dialect`` keeps the players' 64-bit hashes: ``step_times``,
+    ``unit_hashes`` and the activity tables' ``k`` (DuckDB: a ClickHouse store's funnels and
+    retention read the players' strings, its MergeTree sorted by them)."""
     return dialect == "duckdb"
+
+
+def player_hash(table: str | None = None) -> exp.Expr:
+    """The 64-bit hash of (brand, player) kept as ``k``: a join on it is exact while no two
+    pairs have met under one hash (:func:`hashes_collided`)."""
+    return hash64(exp.column("tenant_id", table), exp.column("player_id", table))
 
 
 def hour_index(seconds: exp.Expr) -> exp.Expr:
@@ -105,8 +112,7 @@ def _step_times(source: str, dialect: str) -> str:
     the 64-bit hash of (brand, player) the funnel joins on."""
     keys = [exp.column(name) for name in STEP_KEYS]
     select = (
-        exp.select(*keys, exp.alias_(hash64(exp.column("tenant_id"), exp.column("player_id")),
-                                     "k"),
+        exp.select(*keys, exp.alias_(player_hash(), "k"),
                    exp.alias_(hour_index(epoch_seconds(exp.column("occurred_at"))), "hour"),
                    exp.alias_(exp.ArrayAgg(this=exp.column("occurred_at")), "times"))
         .from_(source)
@@ -121,6 +127,15 @@ def _step_times(source: str, dialect: str) -> str:
 UNIT_HASHES = "unit_hashes"
 
 
+def hashes_collided() -> exp.Expr:
+    """Whether two (brand, player) pairs have ever met under one hash (``unit_hashes``): a
+    plan joining players on ``k`` alone is then not exact, and is asked again on the
+    strings."""
+    return exp.Exists(this=exp.select(exp.Literal.number(1), copy=False)
+                      .from_(exp.to_table(UNIT_HASHES), copy=False)
+                      .where(exp.column("collided"), copy=False))
+
+
 def _unit_hashes(source: str, dialect: str) -> str:
     """Each (brand, player) hash of ``source`` with one of its (brand, player) pairs, marked
     ``collided`` when two pairs have met under it (in this batch, or one stored and one
@@ -130,7 +145,7 @@ def _unit_hashes(source: str, dialect: str) -> str:
     pairs = exp.select(exp.column("tenant_id"), exp.column("player_id")).distinct() \
         .from_(source).where(exp.column("player_id").is_(exp.null()).not_())
     select = exp.select(
-        exp.alias_(hash64(exp.column("tenant_id"), exp.column("player_id")), "k"),
+        exp.alias_(player_hash(), "k"),
         exp.alias_(exp.Min(this=exp.column("tenant_id")), "tenant_id"),
         exp.alias_(exp.Min(this=exp.column("player_id")), "player_id"),
         exp.alias_(exp.GT(this=exp.Count(this=exp.Star()), expression=exp.Literal.number(1)),
@@ -185,4 +200,4 @@ def derived_tables(dialect: str) -> list[DerivedTable]:
         "CREATE TABLE IF NOT EXISTS unit_hashes (k UBIGINT NOT NULL, tenant_id VARCHAR NOT NULL, "
         "player_id VARCHAR NOT NULL, collided BOOLEAN NOT NULL, PRIMARY KEY (k))",
         (_unit_hashes("_new_events", dialect),), (_unit_hashes("events", dialect),))
-    return [firsts, days] + ([steps, units] if keeps_step_times(dialect) else [])
+    return [firsts, days] + ([steps, units] if keeps_player_hashes(dialect) else [])

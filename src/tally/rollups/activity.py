@@ -1,7 +1,8 @@
 """Player activity: who was active in which minute, hour and UTC day, for dau/wau/mau.
 
-Rows ``(bucket, tenant_id, region, player_id, session_sec, kind)`` per grain (``kind``: bet,
-deposit or session, so retention can read bets or deposits alone): ``session_sec`` is
+Rows ``(bucket, tenant_id, region, player_id, session_sec, kind[, k])`` per grain (``kind``:
+bet, deposit or session, so retention can read bets or deposits alone; ``k`` the player's
+64-bit hash where the store keeps them, which retention joins on): ``session_sec`` is
 NULL for a bet or a deposit (always active) and the session's duration for a session start, so
 the ``TALLY_ACTIVE_SESSION_MIN`` threshold is applied when querying and changing it needs no
 rebuild. A session start and its end may arrive in either order, in different batches:
@@ -17,6 +18,7 @@ from datetime import UTC
 
 from sqlglot import exp
 
+from tally.cohorts.tables import keeps_player_hashes, player_hash
 from tally.semantic import attributes, rules
 from tally.semantic.catalog import DIMENSIONS
 from tally.semantic.compiler import Compiled, Params, Scope, bucket, filter_conditions
@@ -109,10 +111,13 @@ RETIRED = tuple(f"activity_{grain}" for grain in GRAINS)
 def _activity(grain: str, dialect: str) -> DerivedTable:
     name, size = table(grain), GRAINS[grain]
     kind = rules.active_kind()
+    # the player's 64-bit hash, where the store keeps them: retention joins on it
+    hashed = keeps_player_hashes(dialect)
+    k: list[exp.Expr] = [player_hash()] if hashed else []
 
     def direct(source: str) -> exp.Expr:
         return exp.insert(
-            exp.select(bucket(size), "tenant_id", "region", "player_id", exp.null(), kind)
+            exp.select(bucket(size), "tenant_id", "region", "player_id", exp.null(), kind, *k)
             .distinct().from_(source).where(rules.always_active())
             .where(_not_null("player_id"))
             .order_by(exp.Literal.number(1)), name)
@@ -120,13 +125,15 @@ def _activity(grain: str, dialect: str) -> DerivedTable:
     def sessions(pairs: exp.Expr) -> exp.Expr:
         return exp.insert(
             exp.select(bucket(size, None, "started_at"), "tenant_id", "region", "player_id",
-                       "duration_sec", exp.Literal.string(rules.SESSION_KIND))
+                       "duration_sec", exp.Literal.string(rules.SESSION_KIND),
+                       *(h.copy() for h in k))
             .distinct().from_(exp.Subquery(this=pairs)), name)
 
     return DerivedTable(
         name,
         f"CREATE TABLE IF NOT EXISTS {name} (bucket BIGINT NOT NULL, tenant_id VARCHAR, "
-        "region VARCHAR, player_id VARCHAR, session_sec BIGINT, kind VARCHAR)",
+        "region VARCHAR, player_id VARCHAR, session_sec BIGINT, kind VARCHAR"
+        + (", k UBIGINT)" if hashed else ")"),
         (render(direct("_new_events"), dialect),
          render(sessions(exp.select("*").from_("_new_pairs")), dialect)),
         (render(direct("events"), dialect),
