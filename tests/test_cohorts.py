@@ -25,6 +25,7 @@ from tally.api.app import create_app
 from tally.cohorts import funnel as funnel_
 from tally.cohorts import retention as retention_
 from tally.config import Settings
+from tally.semantic.catalog import METRICS
 from tests import cohort_reference as cref
 from tests import reference as ref
 from tests.conftest import ON_CHDB, bearer, make_event, on_duckdb_only
@@ -910,17 +911,19 @@ def test_funnel_kept_rows_hash_collision_is_answered_from_the_events(tmp_path):
 
 
 @on_duckdb_only("the players' hashes are DuckDB's (a ClickHouse store joins on the strings)")
-def test_retention_joins_on_the_strings_once_a_hash_has_collided(tmp_path):
-    """Retention meets members and their returns on the players' hash alone while no hash
-    has collided. A collision is made here (a real one of 64-bit hashes cannot be found on
-    purpose): pc, no member, bets on day 1 under pa's hash — the hashed plan counts it as
-    pa's return. Once `unit_hashes` says a hash collided, the answer is on the strings."""
+def test_retention_and_ltv_join_on_the_strings_once_a_hash_has_collided(tmp_path):
+    """Retention and LTV meet members and their rows on the players' hash alone while no
+    hash has collided. A collision is made here (a real one of 64-bit hashes cannot be found
+    on purpose): pc, no member, bets on day 1 under pa's hash — the hashed plans count it as
+    pa's. Once `unit_hashes` says a hash collided, the answers are on the strings."""
     settings = Settings(data_dir=tmp_path / "data", regions="EU,UK,LATAM")
     b = "hr"
     sent = [ev("wallet.credit", "2025-10-10T12:00:00Z", "pa", b),
             ev("wallet.credit", "2025-10-10T13:00:00Z", "pb", b),
             ev("bet.placed", "2025-10-11T12:00:00Z", "pb", b),
             ev("bet.placed", "2025-10-11T14:00:00Z", "pc", b),
+            ev("bet.settled", "2025-10-11T12:00:00Z", "pb", b, stake_minor=100),
+            ev("bet.settled", "2025-10-11T14:00:00Z", "pc", b, stake_minor=500),
             ev("rg.reality_check", "2025-10-20T00:00:00Z", "wm", b)]
     body = {"cohort": "first_deposit", "start_date": "2025-10-10", "end_date": "2025-10-10",
             "days": [1], "filters": brand(b)}
@@ -928,6 +931,12 @@ def test_retention_joins_on_the_strings_once_a_hash_has_collided(tmp_path):
     expected = cref.retention(sent, body, wm)
     assert expected["rows"] == [{"cohort_date": "2025-10-10", "size": 2, "d1": 0.5}]
     r = retention_.parse_retention(body)
+    value = cref.ltv(sent, [], cohort="first_deposit", metric="ggr", horizon=3,
+                     start_date="2025-10-10", end_date="2025-10-10", wm=wm, currency="EUR",
+                     filters=brand(b))["cohorts"]
+    assert value[0]["ltv_minor"] == [0, 50, 50]  # pb's 100 over 2 members
+    q = retention_.Ltv("first_deposit", METRICS["ggr"], date(2025, 10, 10),
+                       date(2025, 10, 10), 3, {"brand_id": (b,)}, "EUR")
     with TestClient(create_app(settings), raise_server_exceptions=False) as client:
         headers = bearer(client, settings.data_dir)
         send(client, headers, sent)
@@ -936,15 +945,20 @@ def test_retention_joins_on_the_strings_once_a_hash_has_collided(tmp_path):
         backend = runtime.backend
         assert retention_.hashed_players(backend)
         assert_answer(client.post(RETENTION, json=body, headers=headers), expected)
-        for grain in ("1m", "1h", "1d"):
-            backend.query(f"UPDATE active_{grain} SET k = (SELECT k FROM unit_hashes WHERE "
-                          "player_id = 'pa') WHERE player_id = 'pc'")
         naive = wm.astimezone(UTC).replace(tzinfo=None)  # the store's watermarks: naive UTC
+        fx = runtime.fx
+        assert retention_.answer_ltv(backend, fx, q, naive)["cohorts"] == value
+        for table in ("active_1m", "active_1h", "active_1d", "player_days"):
+            backend.query(f"UPDATE {table} SET k = (SELECT k FROM unit_hashes WHERE "  # noqa: S608
+                          "player_id = 'pa') WHERE player_id = 'pc'")
         wrong = retention_.answer_retention(backend, r, naive)
         assert wrong["rows"][0]["d1"] == 1.0  # the made collision: pc's bet taken for pa's
+        assert retention_.answer_ltv(backend, fx, q, naive)["cohorts"][0]["ltv_minor"] == \
+            [0, 300, 300]  # and pc's 500 for pa's
         backend.query("UPDATE unit_hashes SET collided = true WHERE player_id = 'pa'")
         assert not retention_.hashed_players(backend)
         assert retention_.answer_retention(backend, r, naive) == expected
+        assert retention_.answer_ltv(backend, fx, q, naive)["cohorts"] == value
 
 
 def test_kept_rows_of_many_small_writes_are_compacted_and_answer_the_same(tmp_path):

@@ -251,10 +251,11 @@ def parse_horizon(value: str | None) -> int:
                              default=90, form="Nd with N")
 
 
-def compile_ltv(q: Ltv) -> Compiled:
-    """Per (cohort day c, UTC day, source currency): the cohort's money measures."""
+def compile_ltv(q: Ltv, hashed: bool = False) -> Compiled:
+    """Per (cohort day c, UTC day, source currency): the cohort's money measures (``hashed``:
+    members meet their ``player_days`` on ``k``, as retention's their returns)."""
     params = Params()
-    m = members(q.cohort, q.first, q.last, UTC_ZONE, q.filters, params)
+    m = members(q.cohort, q.first, q.last, UTC_ZONE, q.filters, params, hashed)
     first_epoch = (datetime(q.first.year, q.first.month, q.first.day)
                    - datetime(1970, 1, 1)).days * 86_400
     cohort_start = exp.Add(this=exp.Literal.number(first_epoch), expression=exp.Mul(
@@ -264,7 +265,8 @@ def compile_ltv(q: Ltv) -> Compiled:
         exp.select(column("c", "m"), column("day", "r"), column("currency", "r"),
                    *(exp.alias_(exp.Sum(this=column(n, "r")), n) for n in names))
         .from_(m.subquery("m"))
-        .join(exp.alias_(exp.to_table("player_days"), "r", table=True), on=_pair("m"))
+        .join(exp.alias_(exp.to_table("player_days"), "r", table=True),
+              on=_pair("m", hashed))
         .where(column("day", "r") >= cohort_start)
         .where(column("day", "r") < exp.Add(this=cohort_start.copy(), expression=exp.Literal
                                             .number(q.horizon * 86_400)))
@@ -281,7 +283,7 @@ def answer_ltv(backend: Backend, fx: FxRates, q: Ltv,
         .group_by(column("c"))
     sizes = {int(row["c"]): int(row["size"])
              for row in backend.rows(sizes_tree, params.values)}
-    compiled = compile_ltv(q)
+    compiled = compile_ltv(q, hashed_players(backend))
     table = backend.execute(compiled.tree, compiled.params)
     amounts = [0] * table.num_rows
     for sign, name in q.metric.terms:

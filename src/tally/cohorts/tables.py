@@ -40,6 +40,19 @@ LTV_MEASURES = tuple(dict.fromkeys(name for metric in ("ggr", "ngr")
                                    for _, name in METRICS[metric].terms))
 
 
+def keeps_player_hashes(dialect: str) -> bool:
+    """Whether a store of ``dialect`` keeps the players' 64-bit hashes: ``step_times``,
+    ``unit_hashes``, and ``k`` in the activity tables and ``player_days`` (DuckDB: a
+    ClickHouse store's funnels, retention and LTV join the players' strings)."""
+    return dialect == "duckdb"
+
+
+def player_hash(table: str | None = None) -> exp.Expr:
+    """The 64-bit hash of (brand, player) kept as ``k``: a join on it is exact while no two
+    pairs have met under one hash (:func:`hashes_collided`)."""
+    return hash64(exp.column("tenant_id", table), exp.column("player_id", table))
+
+
 def _firsts(source: str) -> exp.Insert:
     """Each (brand, player, cohort kind)'s first event of ``source``, kept when earlier than
     the stored one (the region moves with it)."""
@@ -69,8 +82,10 @@ def _player_days(source: str, dialect: str) -> str:
     measures = [MEASURES[name] for name in LTV_MEASURES]
     keys = [exp.alias_(bucket(DAY), "day"), exp.column("tenant_id"), exp.column("player_id"),
             exp.column("currency")]
+    if keeps_player_hashes(dialect):  # LTV joins the cohort's members on it
+        keys.append(exp.alias_(player_hash(), "k"))
     select = (
-        exp.select(*keys, *(measure_sum(m) for m in measures))
+        exp.select(*keys[:4], *(measure_sum(m) for m in measures), *keys[4:])
         .from_(source)
         .where(exp.column("player_id").is_(exp.null()).not_())
         .where(exp.column("event_type").isin(
@@ -87,19 +102,6 @@ HOUR = 3_600
 # in a step's conditions (``reason``) and its filters (``tenant_id``, ``region``, and the
 # player's attributes, joined on by player)
 STEP_KEYS = ("event_type", "reason", "tenant_id", "region", "player_id")
-
-
-def keeps_player_hashes(dialect: str) -> bool:
-    """Whether a store of ``dialect`` keeps the players' 64-bit hashes: ``step_times``,
-    ``unit_hashes`` and the activity tables' ``k`` (DuckDB: a ClickHouse store's funnels and
-    retention read the players' strings, its MergeTree sorted by them)."""
-    return dialect == "duckdb"
-
-
-def player_hash(table: str | None = None) -> exp.Expr:
-    """The 64-bit hash of (brand, player) kept as ``k``: a join on it is exact while no two
-    pairs have met under one hash (:func:`hashes_collided`)."""
-    return hash64(exp.column("tenant_id", table), exp.column("player_id", table))
 
 
 def hour_index(seconds: exp.Expr) -> exp.Expr:
@@ -185,7 +187,8 @@ def derived_tables(dialect: str) -> list[DerivedTable]:
     days = DerivedTable(
         "player_days",
         "CREATE TABLE IF NOT EXISTS player_days (day BIGINT NOT NULL, tenant_id VARCHAR, "
-        f"player_id VARCHAR, currency VARCHAR, {columns})",
+        f"player_id VARCHAR, currency VARCHAR, {columns}"
+        + (", k UBIGINT)" if keeps_player_hashes(dialect) else ")"),
         (_player_days("_new_events", dialect),), (_player_days("events", dialect),),
         tuple(types.items()))
     steps = DerivedTable(
