@@ -7,8 +7,9 @@ same answer by raw SQL on the same engine in the same run, as ratios — in abou
 
 The store is `tally demo`'s (distinct players, sessions and payments over 90 days), built
 once into bench/out/store-1000000 and reused. Each query is asked REQUESTS times from
-CLIENTS clients with ranges shifted by whole buckets or days (so the answer cache cannot
-serve them), then the raw SQL the same number of times from as many cursors; each HTTP answer
+CLIENTS client processes (``common.lean_load``: a keep-alive socket each, requests built
+beforehand, so the figures are the server's) with ranges shifted by whole buckets or days
+(so the answer cache cannot serve them), then the raw SQL the same number of times from as many cursors; each HTTP answer
 is checked against its raw SQL first. The figure to watch is the **ratio** of HTTP p50 to raw
 SQL p50 (machines are noisy; a ratio measured in one run is not). Results go to
 bench/out/quick-<commit>.json; ``--compare`` prints two such files side by side, so two
@@ -39,8 +40,8 @@ from bench.cohort_bench import (
     raw_retention,
     retention_body,
 )
-from bench.common import OUT, ROOT, Server, ensure_store, machine, percentile
-from bench.query_bench import cases, load, prepare, same_answer, timed_concurrently
+from bench.common import OUT, ROOT, Server, ensure_store, lean_load, machine, percentile
+from bench.query_bench import CLIENTS, cases, prepare, same_answer, timed_concurrently
 
 STORED, DAYS, REQUESTS, WARM = 1_000_000, 90, 40, 6
 
@@ -100,9 +101,10 @@ def run(stored: int = STORED, requests: int = REQUESTS) -> dict[str, Any]:
         ]
         for q in queries:
             warm = [q["items"][-1]] * WARM  # warm-up: the engine's caches, the code paths
-            load(server.url, headers, q["path"], warm, q["method"])
+            lean_load(server.url, headers, q["path"], warm, q["method"], CLIENTS)
             spent = _cpu_seconds(server.proc.pid)
-            q["http"] = load(server.url, headers, q["path"], q["items"], q["method"])
+            q["http"] = lean_load(server.url, headers, q["path"], q["items"], q["method"],
+                                  CLIENTS)
             q["cpu_ms"] = (_cpu_seconds(server.proc.pid) - spent) / len(q["items"]) * 1000
             first = httpx.request(q["method"], f"{server.url}{q['path']}", headers=headers,
                                   timeout=300, **({"json": q["items"][0]} if q["method"] ==
@@ -111,8 +113,8 @@ def run(stored: int = STORED, requests: int = REQUESTS) -> dict[str, Any]:
         same = queries[0]["items"][0]
         tag = httpx.get(f"{server.url}{queries[0]['path']}", params=same,
                         headers=headers).headers["etag"]
-        revalidation = load(server.url, {**headers, "If-None-Match": tag},
-                            queries[0]["path"], [same] * requests * 4)
+        revalidation = lean_load(server.url, {**headers, "If-None-Match": tag},
+                                 queries[0]["path"], [same] * requests * 4, "GET", CLIENTS)
     finally:
         server.stop()
     con = duckdb.connect(str(data / "events.duckdb"), read_only=True)
