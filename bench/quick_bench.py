@@ -5,16 +5,16 @@ same answer by raw SQL on the same engine in the same run, as ratios — in abou
     python -m bench.quick_bench --compare A.json B.json
     python -m bench.quick_bench --stored 100000000 --requests 12   # the goals at 100M
 
-The store is `tally demo`'s (distinct players, sessions and payments over 90 days), built
-once into bench/out/store-1000000 and reused. Each query is asked REQUESTS times from
-CLIENTS client processes (``common.lean_load``: a keep-alive socket each, requests built
-beforehand, so the figures are the server's) with ranges shifted by whole buckets or days
-(so the answer cache cannot serve them), then the raw SQL the same number of times from as
-many cursors; each HTTP answer is checked against its raw SQL first. The figure to watch is the **ratio** of HTTP p50 to raw
-SQL p50 (machines are noisy; a ratio measured in one run is not). Results go to
-bench/out/quick-<commit>.json; ``--compare`` prints two such files side by side, so two
-commits compare as: check out A, ``make bench-quick``; check out B, ``make bench-quick``;
-``python -m bench.quick_bench --compare bench/out/quick-A.json bench/out/quick-B.json``.
+The store is `tally demo`'s (distinct players, sessions and payments over 90 days), built once
+into bench/out/store-1000000 and reused. Each query is asked REQUESTS times from CLIENTS client
+processes (``common.lean_load``: a keep-alive socket each, requests built beforehand, so the
+figures are the server's) with ranges shifted by whole buckets or days (so the answer cache
+cannot serve them), then the raw SQL the same number of times from as many cursors; each HTTP
+answer is checked against its raw SQL first. The figure to watch is the **ratio** of HTTP p50
+to raw SQL p50 (machines are noisy; a ratio measured in one run is not). Results go to
+bench/out/quick-<commit>.json; ``--compare`` prints two such files side by side, so two commits
+compare as: check out A, ``make bench-quick``; check out B, ``make bench-quick``; ``python -m
+bench.quick_bench --compare bench/out/quick-A.json bench/out/quick-B.json``.
 """
 
 from __future__ import annotations
