@@ -160,11 +160,12 @@ def compile_from_rollup(metric: Metric, scope: Scope, by_currency: bool) -> Comp
                                   exp.column("bucket", name) < params.bind(end),
                                   counted_rows(measures, name)]
     conditions += filter_conditions(scope.filters, params, name)
+    # built fresh here: no copies (sqlglot copies the whole tree per call by default), and the
+    # table as a node (a string would be parsed)
     tree = (
         exp.select(*keys, *(exp.alias_(exp.Sum(this=exp.column(m.name, name)), m.name)
-                            for m in measures))
-        .from_(name, copy=False)
-        # built fresh here: no copies (sqlglot copies the whole tree per call by default)
+                            for m in measures), copy=False)
+        .from_(exp.to_table(name), copy=False)
         .where(exp.and_(*conditions, copy=False), copy=False)
         # by expression, not alias: the table's own `bucket` column would win over the alias
         .group_by(*(k.this.copy() for k in keys), copy=False)
@@ -180,7 +181,7 @@ def counted_rows(measures: list[Measure], name: str | None = None) -> exp.Expr:
     plain = sorted({m.event_type for m in measures if m.reason is None})
     kind = exp.column("event_type", name)
     conditions: list[exp.Expr] = \
-        [kind.isin(*(exp.Literal.string(t) for t in plain))] if plain else []
+        [kind.isin(*(exp.Literal.string(t) for t in plain), copy=False)] if plain else []
     for event_type, reason in sorted({(m.event_type, m.reason) for m in measures
                                       if m.reason is not None}):
         count = next(c for c in MEASURES.values() if c.column is None

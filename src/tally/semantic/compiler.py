@@ -85,7 +85,8 @@ def bucket(step_seconds: int, table: str | None = None, at: str = "occurred_at")
 def filter_conditions(filters: Mapping[str, tuple[str, ...]], params: Params,
                       table: str | None = None) -> list[exp.Expr]:
     """One condition per filter key (its values OR-ed, values bound); the caller ANDs them."""
-    return [column(DIMENSIONS[key].column, table).isin(*(params.bind(v) for v in values))
+    return [column(DIMENSIONS[key].column, table).isin(*(params.bind(v) for v in values),
+                                                       copy=False)
             for key, values in sorted(filters.items())]
 
 
