@@ -6,6 +6,7 @@ query. Real DuckDB stores in temp dirs, real heavy statements; the API through t
 
 from __future__ import annotations
 
+import os
 import threading
 import time
 from collections.abc import Iterator
@@ -17,6 +18,7 @@ from typing import Any
 import pytest
 import sqlglot
 from fastapi.testclient import TestClient
+from sqlglot import exp
 
 from tally.api.app import create_app
 from tally.cohorts.request import MAX_COHORT_CELLS, MAX_EXCLUSIONS, MAX_STEPS
@@ -141,7 +143,7 @@ def test_a_share_of_memory_is_of_the_machine_or_its_cgroup():
 @pytest.mark.parametrize("settings", [
     {"query_memory_limit": "lots"}, {"query_memory_limit": "0"},
     {"query_memory_limit": "120%"}, {"query_memory_limit": "1MB"},
-    {"query_spill_limit": "a bit"}, {"query_timeout_seconds": 0},
+    {"query_spill_limit": "a bit"}, {"query_timeout_seconds": 0}, {"query_threads": -1},
 ])
 def test_bad_limits_are_refused_at_start(settings):
     with pytest.raises(ValueError, match="query_"):
@@ -220,6 +222,25 @@ def test_the_store_spills_under_the_data_dir_within_the_configured_bounds(tmp_pa
                         "s": "953.6 MiB"}]
     finally:
         opened.close()
+
+
+def test_query_threads_bounds_the_threads_of_a_query(tmp_path):
+    """TALLY_QUERY_THREADS: DuckDB's thread pool, ClickHouse's max_threads of each query
+    statement (0: the engine's default, one a core)."""
+    for threads in (1, 0):
+        settings = Settings(data_dir=tmp_path / f"data{threads}", regions="EU",
+                            query_threads=threads)
+        opened = open_store(settings)
+        try:
+            assert opened.limits.threads == (threads or None)
+            name, setting = (("current_setting", "threads") if opened.dialect == "duckdb"
+                             else ("getSetting", "max_threads"))
+            tree = exp.select(exp.alias_(exp.Anonymous(
+                this=name, expressions=[exp.Literal.string(setting)]), "t"))
+            got = int(opened.rows(tree, {})[0]["t"])
+            assert got == (threads or os.cpu_count())
+        finally:
+            opened.close()
 
 
 # --------------------------------------------------------------------------- size limits

@@ -111,6 +111,7 @@ class Settings(BaseSettings):
     query_timeout_seconds: float = Field(default=30.0, gt=0, le=3600)
     query_memory_limit: str = "50%"  # of the machine's memory, or a size: 4GB, 512MB
     query_spill_limit: str = ""  # disk a query may spill to; empty: the memory limit's size
+    query_threads: int = Field(default=0, ge=0, le=1024)  # the engine's threads; 0: one a core
     # the HTTP edge (api/bodies.py, api/connections.py): time and room a client may take
     header_timeout_seconds: float = Field(default=10.0, gt=0, le=600)
     body_timeout_seconds: float = Field(default=30.0, gt=0, le=3600)

@@ -63,7 +63,7 @@ def open_store(settings: Settings) -> Backend:
         derived=derived_tables, retired=activity.RETIRED,
         idempotency_ttl=timedelta(seconds=settings.idempotency_ttl_seconds),
         limits=QueryLimits(settings.query_timeout_seconds, settings.query_memory_bytes,
-                           settings.query_spill_bytes),
+                           settings.query_spill_bytes, settings.query_threads or None),
     )
 
 

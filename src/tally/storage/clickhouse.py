@@ -281,6 +281,8 @@ class ClickHouseBackend:
             bounds["max_execution_time"] = self.limits.timeout_seconds
         if self.limits.memory_bytes is not None:
             bounds["max_memory_usage"] = self.limits.memory_bytes
+        if self.limits.threads is not None:
+            bounds["max_threads"] = self.limits.threads
         return bounds
 
     def _forget(self, client: Client) -> None:

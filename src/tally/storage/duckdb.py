@@ -266,6 +266,8 @@ class DuckDBBackend:
             con.execute("SET temp_directory = ?", [str(self._spill_dir)])
         if self.limits.spill_bytes is not None:
             con.execute(f"SET max_temp_directory_size = '{int(self.limits.spill_bytes)}B'")
+        if self.limits.threads is not None:
+            con.execute(f"SET threads = {int(self.limits.threads)}")
 
     # -- reads: one cursor per thread, so readers never share a connection -----------------
     def _cursor(self) -> duckdb.DuckDBPyConnection:

@@ -31,12 +31,14 @@ RETRY_AFTER = 10  # seconds: a stopped query is heavy; an immediate retry would 
 class QueryLimits:
     """``timeout_seconds`` bounds each read statement; ``memory_bytes`` is the engine's buffer
     memory (DuckDB's limit is per database: readers and the writer share it) and
-    ``spill_bytes`` the disk it may spill to beyond it, in ``spill_dir``. None: DuckDB's own
-    default (no timeout, 80% of RAM, 90% of the free disk)."""
+    ``spill_bytes`` the disk it may spill to beyond it, in ``spill_dir``; ``threads`` the
+    threads one statement may use (DuckDB's pool, ClickHouse's ``max_threads``). None: the
+    engine's own default (no timeout, 80% of RAM, 90% of the free disk, one thread a core)."""
 
     timeout_seconds: float | None = None
     memory_bytes: int | None = None
     spill_bytes: int | None = None
+    threads: int | None = None
 
 
 class Interruptible(Protocol):
