@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import random
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, date, datetime, timedelta
 from typing import Any
@@ -873,6 +874,18 @@ def test_generated_funnel_from_kept_rows_and_events_match_the_reference(api, ind
     assert_answer(api.funnel(body), expected)
 
 
+@contextmanager
+def applied(settings: Settings,
+            sent: list[dict[str, Any]]) -> Iterator[tuple[TestClient, dict[str, str], Any]]:
+    """An app on a store of its own holding ``sent`` (applied): client, headers, runtime."""
+    with TestClient(create_app(settings), raise_server_exceptions=False) as client:
+        headers = bearer(client, settings.data_dir)
+        send(client, headers, sent)
+        runtime = client.app.state.runtime  # type: ignore[attr-defined]
+        assert runtime.ingest.flush()
+        yield client, headers, runtime
+
+
 @on_duckdb_only("the kept rows of funnels are DuckDB's (a ClickHouse store reads its events)")
 def test_funnel_kept_rows_hash_collision_is_answered_from_the_events(tmp_path):
     """A (brand, player) pair arriving under a hash that stands for another pair (made so
@@ -886,11 +899,7 @@ def test_funnel_kept_rows_hash_collision_is_answered_from_the_events(tmp_path):
     later = [ev("payment.captured", "2025-10-05T10:01:00Z", "pb", "cb")]
     body = {"steps": [INTENT, CAPTURED], "window_sec": 600, "from": "2025-10-05",
             "to": "2025-10-06", "filters": brand("cb")}
-    with TestClient(create_app(settings), raise_server_exceptions=False) as client:
-        headers = bearer(client, settings.data_dir)
-        send(client, headers, sent)
-        runtime = client.app.state.runtime  # type: ignore[attr-defined]
-        assert runtime.ingest.flush()
+    with applied(settings, sent) as (client, headers, runtime):
         backend = runtime.backend
         f = funnel_.parse(body)
         c = funnel_.compile_kept(f)
@@ -937,11 +946,7 @@ def test_retention_and_ltv_join_on_the_strings_once_a_hash_has_collided(tmp_path
     assert value[0]["ltv_minor"] == [0, 50, 50]  # pb's 100 over 2 members
     q = retention_.Ltv("first_deposit", METRICS["ggr"], date(2025, 10, 10),
                        date(2025, 10, 10), 3, {"brand_id": (b,)}, "EUR")
-    with TestClient(create_app(settings), raise_server_exceptions=False) as client:
-        headers = bearer(client, settings.data_dir)
-        send(client, headers, sent)
-        runtime = client.app.state.runtime  # type: ignore[attr-defined]
-        assert runtime.ingest.flush()
+    with applied(settings, sent) as (client, headers, runtime):
         backend = runtime.backend
         assert retention_.hashed_players(backend)
         assert_answer(client.post(RETENTION, json=body, headers=headers), expected)
