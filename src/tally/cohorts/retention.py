@@ -134,12 +134,10 @@ def compile_retention(r: Retention, hashed: bool = False) -> tuple[Compiled, Com
     span_last = r.last + timedelta(days=max(r.days))
     source = activity_source(r.return_event, day_starts(r.zone, r.first, span_last))
     hashed = hashed and source is not None
-    m = members(r.cohort, r.first, r.last, r.zone, r.filters, params)
+    m = members(r.cohort, r.first, r.last, r.zone, r.filters, params, hashed)
     sizes = exp.select(column("c"), exp.alias_(exp.Count(this=exp.Star()), "size")) \
         .from_(m.subquery("m")).group_by(column("c"))
     size_params = dict(params.values)  # the members' parameters only
-    params = Params()
-    m = members(r.cohort, r.first, r.last, r.zone, r.filters, params, hashed)
     player = ["k"] if hashed else ["tenant_id", "player_id"]
     brands = r.filters.get("brand_id")
     begin = local_midnight(r.first, r.zone)
