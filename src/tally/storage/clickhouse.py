@@ -203,9 +203,12 @@ class ClickHouseBackend:
         self._new_events = False  # the writer's temporary table of a batch exists
         self._closed = False
         self._rows_scanned = 0
-        # (name of the statement's table, statement) of each batch's derived rows, in order
-        self._derived = [(table.name, derived_statement(sql, table))
-                         for table in derived for sql in table.from_batch]
+        # (the statement's table and its place among that table's statements, statement) of
+        # each batch's derived rows, in order: an insert's deduplication token names both, so
+        # a version that adds or changes another table's statements keeps this one's tokens
+        # (a record applied in part before an upgrade is replayed by the new version)
+        self._derived = [(f"{table.name}:{place}", derived_statement(sql, table))
+                         for table in derived for place, sql in enumerate(table.from_batch)]
         self._writer = self._connect()
         try:
             for statement in DDL if cluster is None else cluster_ddl(cluster, database, DDL):
@@ -574,8 +577,9 @@ class ClickHouseBackend:
     def _append_derived(self, batch: pa.Table, journal_seq: int | None) -> None:
         """The derived tables' rows of a batch, by the statements DuckDB runs in the events'
         transaction, over the batch in the writer's temporary ``_new_events``: each insert
-        with a token of the record, its table and its place, so a record replayed after a
-        failure between two of them adds only the rows that had not landed."""
+        with a token of the record, its table and its place among the table's statements, so
+        a record replayed after a failure between two of them adds only the rows that had not
+        landed."""
         if not self._derived:
             return
         client = self._writer
@@ -585,8 +589,8 @@ class ClickHouseBackend:
             self._new_events = True
         client.command("TRUNCATE TABLE _new_events")
         client.insert_arrow("_new_events", batch)
-        for place, (name, sql) in enumerate(self._derived):
-            settings = {**DERIVED_INSERT, **_token(journal_seq, f"{name}:{place}")} \
+        for name, sql in self._derived:
+            settings = {**DERIVED_INSERT, **_token(journal_seq, name)} \
                 if sql.startswith("INSERT") else None
             client.command(sql, settings=settings)
 
