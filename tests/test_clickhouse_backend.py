@@ -509,19 +509,24 @@ def _open(path: Path) -> ClickHouseBackend:
                              retired=activity.RETIRED)
 
 
+def _never_failed(path: Path) -> dict[str, list[tuple[Any, ...]]]:
+    """The derived rows of a store that wrote the three records without a failure."""
+    clean = _open(path)
+    try:
+        for seq, writes in enumerate(_records(), 1):
+            clean.write(writes, journal_seq=seq)
+        return _derived_rows(clean)
+    finally:
+        clean.close()
+
+
 def test_derived_tables_of_a_record_replayed_after_failing_midway_count_once(
         tmp_path: Path) -> None:
     """A record whose write fails between two derived tables (a real engine error: one table
     is missing), then is replayed whole once the table is back: every derived table holds what
     a store that never failed holds — the inserts that had landed are dropped by their
     tokens, the others land — and replaying it again changes nothing."""
-    clean = _open(tmp_path / "clean")
-    try:
-        for seq, writes in enumerate(_records(), 1):
-            clean.write(writes, journal_seq=seq)
-        expected = _derived_rows(clean)
-    finally:
-        clean.close()
+    expected = _never_failed(tmp_path / "clean")
     assert all(expected[name] for name in ("rollup_1m", "active_1d", "player_firsts",
                                            "player_attributes", "player_days"))
     store = _open(tmp_path / "faulty")
@@ -554,13 +559,7 @@ def test_a_record_applied_in_part_by_an_older_version_is_replayed_once_by_a_newe
     def older(dialect: str) -> list[DerivedTable]:
         return [t for t in derived_tables(dialect) if t.name != "rollup_1m_narrow"]
 
-    clean = _open(tmp_path / "clean")
-    try:
-        for seq, writes in enumerate(_records(), 1):
-            clean.write(writes, journal_seq=seq)
-        expected = _derived_rows(clean)
-    finally:
-        clean.close()
+    expected = _never_failed(tmp_path / "clean")
     first, second, third = _records()
     store = ClickHouseBackend(chdb_dsn(tmp_path / "faulty"), derived=older("clickhouse"),
                               retired=activity.RETIRED)
