@@ -26,6 +26,7 @@ import pytest
 from fastapi.testclient import TestClient
 
 from tally.api.app import create_app
+from tally.cohorts.tables import STEP_KEYS, STEP_TIMES
 from tally.config import Settings
 from tally.rollups import activity
 from tally.rollups.spec import GRAINS, derived_tables, table
@@ -140,7 +141,7 @@ def duck(tmp_path_factory: pytest.TempPathFactory) -> Iterator[duckdb.DuckDBPyCo
 
 
 # the derived tables both stores keep, as the ClickHouse store declares them (DuckDB's own:
-# the funnels' step_times and unit_hashes, the activity tables' player hashes)
+# the funnels' unit_hashes, the player hashes of step_times and the activity tables)
 DERIVED = derived_tables("clickhouse")
 
 
@@ -282,6 +283,27 @@ def test_clickhouse_player_days_backfill_fills_what_duckdb_keeps(duck, fresh) ->
     expected = duck.sql(query).to_arrow_table()
     assert len(expected) > 100
     assert rows(fresh.query_arrow(query)) == rows(expected)
+
+
+def test_clickhouse_step_times_backfill_fills_what_duckdb_keeps(duck, fresh) -> None:
+    """The funnels' kept instants, filled on ClickHouse from all the events, are per (type,
+    reason, brand, region, player, hour) the instants DuckDB kept batch by batch."""
+    steps = next(t for t in derived_tables("clickhouse") if t.name == STEP_TIMES)
+    assert "k" not in declared_columns(steps.ddl)  # ClickHouse joins the players' strings
+    for statement in steps.from_all:
+        fresh.command(statement)
+    keys = ", ".join((*STEP_KEYS, "hour"))
+    expected = duck.sql(f"SELECT {keys}, list_sort(flatten(list(times))) AS times "  # noqa: S608
+                        f"FROM {STEP_TIMES} GROUP BY {keys}").to_arrow_table()
+    answer = fresh.query_arrow(f"SELECT {keys}, arraySort(arrayFlatten(groupArray(times))) "  # noqa: S608
+                               f"AS times FROM {STEP_TIMES} GROUP BY {keys}")
+    assert len(expected) > 100
+
+    def kept(table: pa.Table) -> list[tuple[Any, ...]]:
+        return sorted(((*(_value(v) for v in row[:-1]), [_value(t) for t in row[-1]])
+                       for row in (tuple(r.values()) for r in table.to_pylist())), key=repr)
+
+    assert kept(answer) == kept(expected)
 
 
 @pytest.mark.parametrize("name", ["player_firsts", "player_attributes"])

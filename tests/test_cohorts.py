@@ -29,7 +29,7 @@ from tally.config import Settings
 from tally.semantic.catalog import METRICS
 from tests import cohort_reference as cref
 from tests import reference as ref
-from tests.conftest import ON_CHDB, bearer, make_event, on_duckdb_only
+from tests.conftest import bearer, make_event, on_duckdb_only
 
 FUNNEL = "/v1/analytics/funnel"
 RETENTION = "/v1/analytics/retention"
@@ -804,15 +804,13 @@ def test_generated_funnel_matches_the_reference(api, index):
 
 
 def _both_plans(api: Api, body: dict[str, Any]) -> list[dict[str, Any]]:
-    """The funnel's answer from the kept rows (``step_times``, on a store that keeps them:
-    DuckDB) and from the events."""
+    """The funnel's answer from the kept rows (``step_times``, on either store) and from
+    the events."""
     runtime = api.client.app.state.runtime  # type: ignore[attr-defined]
     assert runtime.ingest.flush()  # every acknowledged event applied
     f = funnel_.parse(body)
-    backend = runtime.backend
-    plans = [True, False] if funnel_.kept(f, backend.dialect) else [False]
-    assert len(plans) == (1 if ON_CHDB else 2)
-    return [funnel_.answer(backend, f, kept_rows=kept) for kept in plans]
+    assert funnel_.kept(f)
+    return [funnel_.answer(runtime.backend, f, kept_rows=kept) for kept in (True, False)]
 
 
 KEPT_POOL: list[dict[str, Any]] = [
@@ -847,14 +845,14 @@ def kept_funnels(count: int = 60, seed: int = 7) -> list[dict[str, Any]]:
     return out
 
 
-KEPT_BODIES = [body for body in GENERATED if funnel_.kept(funnel_.parse(body), "duckdb")] \
+KEPT_BODIES = [body for body in GENERATED if funnel_.kept(funnel_.parse(body))] \
     + kept_funnels()
 
 
 def test_generated_funnels_exercise_the_kept_rows():
     """Guards the generator: enough random cases can be answered from the kept rows, and
     they reach deep steps across hours."""
-    assert all(funnel_.kept(funnel_.parse(body), "duckdb") for body in KEPT_BODIES)
+    assert all(funnel_.kept(funnel_.parse(body)) for body in KEPT_BODIES)
     assert len(KEPT_BODIES) >= 60, len(KEPT_BODIES)
     answers = [cref.funnel(SENT, body) for body in KEPT_BODIES]
     assert sum(a["total"] > 0 for a in answers) > 40
@@ -886,7 +884,7 @@ def applied(settings: Settings,
         yield client, headers, runtime
 
 
-@on_duckdb_only("the kept rows of funnels are DuckDB's (a ClickHouse store reads its events)")
+@on_duckdb_only("the players' hashes are DuckDB's (a ClickHouse store joins on the strings)")
 def test_funnel_kept_rows_hash_collision_is_answered_from_the_events(tmp_path):
     """A (brand, player) pair arriving under a hash that stands for another pair (made so
     here: a real collision of 64-bit hashes cannot be found on purpose) marks the hash

@@ -473,7 +473,9 @@ def _derived_snapshot(data: Path) -> dict[str, list[dict[str, Any]]]:
             columns = schema.names
             # sums add up over rows; lists (step_times' instants) are their elements together
             sums = [f"sum({c}) AS {c}" for c in columns if c.endswith(("_sum", "_count"))]
-            sums += [f"list_sort(flatten(list({c}))) AS {c}" for c in columns
+            together = "arraySort(arrayFlatten(groupArray({})))" \
+                if store.dialect == "clickhouse" else "list_sort(flatten(list({})))"
+            sums += [f"{together.format(c)} AS {c}" for c in columns
                      if pa.types.is_list(schema.field(c).type)]
             keys = [c for c in columns if not any(f"({c})" in s for s in sums)]
             sql = (f"SELECT {', '.join(keys)}, {', '.join(sums)} "

@@ -52,6 +52,10 @@ CREATE TABLE IF NOT EXISTS player_days_local ON CLUSTER 'tally_cluster' (day Int
 
 CREATE TABLE IF NOT EXISTS player_days ON CLUSTER 'tally_cluster' (day Int64, tenant_id Nullable(String), player_id Nullable(String), currency Nullable(String), stake_sum Int128, win_sum Int128, bonus_consumed_sum Int128, jackpot_sum Int128, commission_sum Int128) ENGINE=Distributed('tally_cluster', 'tally', 'player_days_local', cityHash64(day));
 
+CREATE TABLE IF NOT EXISTS step_times_local ON CLUSTER 'tally_cluster' (event_type String, reason Nullable(String), tenant_id String, region String, player_id String, hour Int64, times Array(DateTime64(6))) ENGINE=ReplicatedMergeTree('/clickhouse/tables/{shard}/tally.step_times', '{replica}') ORDER BY (event_type, hour, tenant_id, player_id) SETTINGS replicated_deduplication_window = 10000;
+
+CREATE TABLE IF NOT EXISTS step_times ON CLUSTER 'tally_cluster' (event_type String, reason Nullable(String), tenant_id String, region String, player_id String, hour Int64, times Array(DateTime64(6))) ENGINE=Distributed('tally_cluster', 'tally', 'step_times_local', cityHash64(event_type, hour, tenant_id, player_id));
+
 CREATE TABLE IF NOT EXISTS player_attributes_state_local ON CLUSTER 'tally_cluster' (tenant_id String, player_id String, _row AggregateFunction(argMin, Tuple(DateTime64(6), String, Nullable(String), Nullable(String)), Tuple(DateTime64(6), String))) ENGINE=ReplicatedAggregatingMergeTree('/clickhouse/tables/{shard}/tally.player_attributes_state', '{replica}') ORDER BY (tenant_id, player_id) SETTINGS replicated_deduplication_window = 10000;
 
 CREATE TABLE IF NOT EXISTS player_attributes_state ON CLUSTER 'tally_cluster' (tenant_id String, player_id String, _row AggregateFunction(argMin, Tuple(DateTime64(6), String, Nullable(String), Nullable(String)), Tuple(DateTime64(6), String))) ENGINE=Distributed('tally_cluster', 'tally', 'player_attributes_state_local', cityHash64(tenant_id, player_id));

@@ -125,9 +125,9 @@ def _overlaps(f: Funnel) -> list[bool]:
             for k in range(len(f.steps))]
 
 
-def kept(f: Funnel, dialect: str) -> bool:
-    """Whether the kept rows answer ``f`` on a store of ``dialect`` (else: the events)."""
-    return (keeps_player_hashes(dialect) and f.correlate_by == "player_id" and not f.exclusions
+def kept(f: Funnel) -> bool:
+    """Whether the kept rows answer ``f`` (else: the events), on either store."""
+    return (f.correlate_by == "player_id" and not f.exclusions
             and f.window_sec <= KEPT_MAX_WINDOW and not any(_overlaps(f))
             and all(field in KEPT_CONDITIONS for s in f.steps for field, _ in s.conditions)
             and all(key in KEPT_FILTERS for key in f.filters))
@@ -256,23 +256,28 @@ def _table(name: str) -> exp.Table:
     return exp.Table(this=exp.to_identifier(name))
 
 
-def compile_kept(f: Funnel) -> Compiled:
+def compile_kept(f: Funnel, hashed: bool = True) -> Compiled:
     """:func:`compile_funnel` on the kept rows (``step_times``, when :func:`kept`): the
     attempts are the step-1 instants in ``[from, to)``; each next step joins an attempt to its
-    player's rows of that step in the hours from the previous step's to the window's end, on
-    the (brand, player) hash and the hour, and takes the earliest instant at or after the
-    previous step's (a row of another player with the same hash sets ``w{k}``: the caller asks
-    the events again, on the strings)."""
+    player's rows of that step in the hours from the previous step's to the window's end, and
+    takes the earliest instant at or after the previous step's. Players are matched on their
+    (brand, player) hash ``k`` when ``hashed`` (DuckDB: a hash that two players share makes
+    the caller ask the events again, on the strings), else on the two strings.
+
+    Each attempt's columns go on through the step's ``GROUP BY`` (not joined back): every
+    common table expression is read once, as ClickHouse, which inlines them, needs."""
     params = Params()
     n = len(f.steps)
     hour = exp.Literal.number
     first = int((f.start - EPOCH_DT).total_seconds()) // HOUR
     last = int((f.end - EPOCH_DT).total_seconds() + f.window_sec) // HOUR
+    unit = ("k",) if hashed else ("tenant_id", "player_id")
 
     def rows(step: Step, upto: int) -> exp.Select:
         """The kept rows of ``step`` (its event type, its conditions on ``reason``) in the
         hours from ``from`` to ``upto`` that pass the filters."""
-        select = (exp.select(column("k"), column("hour"), column("times"), copy=False)
+        select = (exp.select(*(column(u) for u in unit), column("hour"), column("times"),
+                             copy=False)
                   .from_(attributes.source(STEP_TIMES, f.filters), copy=False)
                   .where(column("event_type").eq(exp.Literal.string(step.event)), copy=False)
                   .where(column("hour") >= hour(first), copy=False)
@@ -284,20 +289,22 @@ def compile_kept(f: Funnel) -> Compiled:
             select = select.where(condition, copy=False)
         return select
 
-    starts = exp.select(column("k"), exp.alias_(exp.Explode(this=column("times")), "t",
-                                                copy=False), copy=False) \
+    starts = exp.select(*(column(u) for u in unit),
+                        exp.alias_(exp.Explode(this=column("times")), "t", copy=False),
+                        copy=False) \
         .from_(rows(f.steps[0], int((f.end - EPOCH_DT).total_seconds()) // HOUR)
                .subquery("r", copy=False), copy=False)
     # each attempt numbered: a step's instants are gathered per number
     ctes: list[tuple[str, exp.Expr]] = [("a0", exp.select(
-        exp.alias_(exp.Window(this=exp.RowNumber()), "id", copy=False), column("k"),
-        exp.alias_(column("t"), "t0", copy=False), copy=False)
+        exp.alias_(exp.Window(this=exp.RowNumber()), "id", copy=False),
+        *(column(u) for u in unit), exp.alias_(column("t"), "t0", copy=False), copy=False)
         .from_(starts.subquery("s", copy=False), copy=False)
         .where(column("t") >= params.bind(f.start), copy=False)
         .where(column("t") < params.bind(f.end), copy=False))]
     window = exp.Literal.number(f.window_sec)
     x = exp.to_identifier("x")
     for k in range(1, n):
+        carried = (*unit, *(f"t{j}" for j in range(k)))
         t_prev = column(f"t{k - 1}")
         # the hours to look in: from the previous step's to the window's end (none when the
         # previous step was not found in time: later steps cannot count)
@@ -309,30 +316,28 @@ def compile_kept(f: Funnel) -> Compiled:
                          <= exp.Literal.number(f.window_sec * 1_000_000))
         look = exp.Case().when(found, hours).else_(exp.Array(expressions=[exp.null()]))
         ctes.append((f"c{k}", exp.select(
-            column("id"), column("k"), exp.alias_(t_prev.copy(), "after", copy=False),
+            column("id"), *(column(name) for name in carried),
             exp.alias_(exp.Explode(this=look), "h", copy=False), copy=False)
             .from_(_table(f"a{k - 1}"), copy=False)))
         earliest = exp.ArrayMin(this=exp.ArrayFilter(
             this=column("times", "s"),
             expression=exp.Lambda(this=exp.GTE(this=x.copy(), expression=column(
-                "after", "c")), expressions=[x.copy()])))
-        on = exp.and_(column("k", "s").eq(column("k", "c")),
+                f"t{k - 1}", "c")), expressions=[x.copy()])))
+        on = exp.and_(*(column(u, "s").eq(column(u, "c")) for u in unit),
                       column("hour", "s").eq(column("h", "c")))
-        ctes.append((f"m{k}", exp.select(
-            column("id", "c"), exp.alias_(exp.Min(this=earliest), f"t{k}", copy=False),
-            copy=False)
+        ctes.append((f"a{k}", exp.select(
+            column("id", "c"),
+            *(exp.alias_(exp.AnyValue(this=column(name, "c")), name, copy=False)
+              for name in carried),
+            exp.alias_(exp.Min(this=earliest), f"t{k}", copy=False), copy=False)
             .from_(exp.alias_(_table(f"c{k}"), "c", table=True, copy=False), copy=False)
             .join(exp.alias_(rows(f.steps[k], last).subquery(copy=False), "s", table=True,
                              copy=False), on=on, join_type="LEFT", copy=False)
             .group_by(column("id", "c"), copy=False)))
-        ctes.append((f"a{k}", exp.select(
-            exp.Column(this=exp.Star(), table=exp.to_identifier("a")), column(f"t{k}", "m"),
-            copy=False)
-            .from_(exp.alias_(_table(f"a{k - 1}"), "a", table=True, copy=False), copy=False)
-            .join(exp.alias_(_table(f"m{k}"), "m", table=True, copy=False),
-                  on=column("id", "a").eq(column("id", "m")), copy=False)))
-    # players are told apart by their hash alone: asked again of the events if any collided
-    return _best(f, ctes, f"a{n - 1}", hashes_collided(), False, params, ("k",))
+    # hashed: players told apart by their hash alone, asked again of the events if any
+    # collided
+    return _best(f, ctes, f"a{n - 1}", hashes_collided() if hashed else exp.false(), False,
+                 params, unit)
 
 
 def _best(f: Funnel, ctes: list[tuple[str, exp.Expr]], prev: str, collided: exp.Expr,
@@ -397,8 +402,9 @@ def answer(backend: Backend, f: Funnel, *, kept_rows: bool | None = None) -> dic
     ``kept_rows`` says: both plans give the same answer), else from the events; a hash
     collision either way is answered again from the events on the strings."""
     if kept_rows is None:
-        kept_rows = kept(f, backend.dialect)
-    c = compile_kept(f) if kept_rows else compile_funnel(f)
+        kept_rows = kept(f)
+    c = compile_kept(f, keeps_player_hashes(backend.dialect)) if kept_rows \
+        else compile_funnel(f)
     table = backend.execute(c.tree, c.params)
     if len(table) and pc.any(table.column("collided")).as_py():
         table = backend.execute((c := compile_funnel(f, hashed=False)).tree, c.params)

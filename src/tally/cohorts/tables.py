@@ -8,10 +8,11 @@
   one row per batch and key (a batch adds rows, it never rewrites them), so LTV sums a
   cohort's players per day without touching the events.
 - ``step_times``: per (event type, reason, brand, region, player, UTC hour) the instants of
-  the player's events and the 64-bit hash of (brand, player), one row per batch and key, and
-  ``unit_hashes``, each hash with a pair it stands for and whether two pairs met under it:
-  what a funnel reads instead of the events (cohorts/funnel.py: :func:`~tally.cohorts.funnel.kept`
-  decides, :func:`~tally.cohorts.funnel.compile_kept` plans): an attempt's next step is the
+  the player's events (on DuckDB with the 64-bit hash of (brand, player)), one row per batch
+  and key, and on DuckDB ``unit_hashes``, each hash with a pair it stands for and whether two
+  pairs met under it: what a funnel reads instead of the events (cohorts/funnel.py:
+  :func:`~tally.cohorts.funnel.kept` decides, :func:`~tally.cohorts.funnel.compile_kept`
+  plans): an attempt's next step is the
   earliest instant at or after the previous step's in the hours up to the window's end, found
   by joining the attempt to the rows of its player and those hours — a few rows an attempt,
   where the events give every event of the step's type in the range.
@@ -41,9 +42,10 @@ LTV_MEASURES = tuple(dict.fromkeys(name for metric in ("ggr", "ngr")
 
 
 def keeps_player_hashes(dialect: str) -> bool:
-    """Whether a store of ``dialect`` keeps the players' 64-bit hashes: ``step_times``,
-    ``unit_hashes``, and ``k`` in the activity tables and ``player_days`` (DuckDB: a
-    ClickHouse store's funnels, retention and LTV join the players' strings)."""
+    """Whether a store of ``dialect`` keeps the players' 64-bit hashes: ``unit_hashes``, and
+    ``k`` in ``step_times``, the activity tables and ``player_days`` (DuckDB: a ClickHouse
+    store's funnels, retention and LTV join the players' strings, which it joins about as
+    fast, and keeps no table of one row per key to find a collision in)."""
     return dialect == "duckdb"
 
 
@@ -111,15 +113,17 @@ def hour_index(seconds: exp.Expr) -> exp.Expr:
 
 def _step_times(source: str, dialect: str) -> str:
     """Each (event type, reason, brand, region, player, hour)'s instants in ``source``, with
-    the 64-bit hash of (brand, player) the funnel joins on."""
+    the 64-bit hash of (brand, player) the funnel joins on where the store keeps it."""
     keys = [exp.column(name) for name in STEP_KEYS]
+    hashed = [exp.alias_(player_hash(), "k")] if keeps_player_hashes(dialect) else []
     select = (
-        exp.select(*keys, exp.alias_(player_hash(), "k"),
+        exp.select(*keys, *hashed,
                    exp.alias_(hour_index(epoch_seconds(exp.column("occurred_at"))), "hour"),
                    exp.alias_(exp.ArrayAgg(this=exp.column("occurred_at")), "times"))
         .from_(source)
         .where(exp.column("player_id").is_(exp.null()).not_())
-        .group_by(*(k.copy() for k in keys), exp.column("k"), exp.column("hour"))
+        .group_by(*(k.copy() for k in keys), *(exp.column("k") for _ in hashed),
+                  exp.column("hour"))
         # rows of one type and hour together: the funnel's scans skip the others' row groups
         .order_by(exp.column("event_type"), exp.column("hour"))
     )
@@ -195,12 +199,15 @@ def derived_tables(dialect: str) -> list[DerivedTable]:
         STEP_TIMES,
         "CREATE TABLE IF NOT EXISTS step_times (event_type VARCHAR NOT NULL, reason VARCHAR, "
         "tenant_id VARCHAR NOT NULL, region VARCHAR NOT NULL, player_id VARCHAR NOT NULL, "
-        "k UBIGINT NOT NULL, hour BIGINT NOT NULL, times TIMESTAMP[] NOT NULL)",
+        + ("k UBIGINT NOT NULL, " if keeps_player_hashes(dialect) else "")
+        + "hour BIGINT NOT NULL, times TIMESTAMP[] NOT NULL)",
         (_step_times("_new_events", dialect),), (_step_times("events", dialect),),
-        compaction=COMPACT_STEP_TIMES)
+        compaction=COMPACT_STEP_TIMES,
+        # a funnel's scan names a step's type and a range of hours, then its players
+        order=("event_type", "hour", "tenant_id", "player_id"))
     units = DerivedTable(
         UNIT_HASHES,
         "CREATE TABLE IF NOT EXISTS unit_hashes (k UBIGINT NOT NULL, tenant_id VARCHAR NOT NULL, "
         "player_id VARCHAR NOT NULL, collided BOOLEAN NOT NULL, PRIMARY KEY (k))",
         (_unit_hashes("_new_events", dialect),), (_unit_hashes("events", dialect),))
-    return [firsts, days] + ([steps, units] if keeps_player_hashes(dialect) else [])
+    return [firsts, days, steps] + ([units] if keeps_player_hashes(dialect) else [])

@@ -66,6 +66,9 @@ class DerivedTable:
     column_types: tuple[tuple[str, str], ...] = ()
     least: Least | None = None
     compaction: Compaction | None = None
+    # the sort key of a ClickHouse store's table (else its primary key, else its first
+    # NOT NULL column): what its readers' ranges name first
+    order: tuple[str, ...] = ()
 
 
 def declared_columns(ddl: str) -> tuple[str, ...]:

@@ -44,6 +44,13 @@ DEDUP = f" SETTINGS non_replicated_deduplication_window = {DEDUP_WINDOW}"
 STATE = "_state"  # the suffix of the table holding a Least table's argMin states
 
 
+def _type(kind: exp.DataType) -> str:
+    """The ClickHouse type of a DuckDB column type (a list: an ``Array``, never ``Nullable``)."""
+    if kind.this == _T.ARRAY:
+        return f"Array({_type(kind.expressions[0])})"
+    return TYPES[kind.this]
+
+
 @dataclass(frozen=True)
 class Columns:
     """One DuckDB ``CREATE TABLE``'s table: its name, its columns with their ClickHouse
@@ -65,10 +72,10 @@ def parse_table(duckdb_ddl: str) -> Columns:
             key = [e.name for e in item.expressions]
             continue
         assert isinstance(item, exp.ColumnDef) and item.kind is not None
-        kind = TYPES[item.kind.this]
+        kind = _type(item.kind)
         if any(isinstance(c.kind, exp.NotNullColumnConstraint) for c in item.constraints):
             not_null.append(item.name)
-        else:
+        elif item.kind.this != _T.ARRAY:  # an array cannot be Nullable: empty stands for none
             kind = f"Nullable({kind})"
         types[item.name] = kind
     return Columns(create.this.this.name, types, key or not_null[:1])
@@ -102,7 +109,7 @@ def derived_ddl(table: DerivedTable) -> list[str]:
     whole as one tuple: ``argMin`` of a column alone would skip its NULLs), and the view ``T``
     of the merged states, with ``T``'s columns."""
     if table.least is None:
-        return [clickhouse_table(table.ddl) + DEDUP]
+        return [clickhouse_table(table.ddl, order=table.order or None) + DEDUP]
     columns, least = parse_table(table.ddl), table.least
     rest, row, by = _row(columns, least)
     keys = ", ".join(f"{k} {columns.types[k]}" for k in least.keys)

@@ -41,6 +41,14 @@ class TallyDuckDB(DuckDB):
         TRANSFORMS = {**DuckDBGenerator.TRANSFORMS, Hash64: rename_func("HASH")}
 
 
+def _array_min(generator: ClickHouseGenerator, expression: exp.ArrayMin) -> str:
+    """The least element, NULL for an empty list (as DuckDB's ``list_min``; ClickHouse's
+    ``arrayMin`` gives the type's default, the epoch for an instant). The list is written
+    twice and computed once (ClickHouse merges equal expressions)."""
+    items = generator.sql(expression, "this")
+    return f"if(empty({items}), NULL, arrayMin({items}))"
+
+
 class TallyClickHouse(ClickHouse):
     """ClickHouse (26.x, the engine chDB embeds) where sqlglot's rendering differs from it."""
 
@@ -52,7 +60,15 @@ class TallyClickHouse(ClickHouse):
             exp.LogicalOr: rename_func("max"),
             # sqlglot's `CAST(a / b AS Int64)` divides in Float64: exact integers instead
             exp.IntDiv: rename_func("intDiv"),
+            exp.ArrayMin: _array_min,
         }
+
+        def generateseries_sql(self, expression: exp.GenerateSeries) -> str:
+            """The list of integers from ``start`` to ``end`` inclusive (DuckDB's
+            ``generate_series``): ``range`` stops before its end."""
+            end = exp.Add(this=expression.args["end"].copy(), expression=exp.Literal.number(1))
+            return self.func("range", expression.args["start"], end)
+
 
         def onconflict_sql(self, expression: exp.OnConflict) -> str:
             """No upsert: the insert appends its rows, and the ClickHouse store answers the
