@@ -79,6 +79,7 @@ bench: install  ## reproducible benchmarks; results in docs/benchmarks.md
 	$(VENV)/bin/python -m bench.cohort_bench --stored $(BENCH_STORED)
 	$(VENV)/bin/python -m bench.engine_bench --events $(BENCH_STORED)
 	$(VENV)/bin/python -m bench.apply_bench
+	$(VENV)/bin/python -m bench.chdb_funnel_bench --stored $(BENCH_STORED)
 	$(VENV)/bin/python -m bench.consume_bench --events 1000000
 	$(VENV)/bin/python -m bench.export_bench --brands 100 --days 34
 
