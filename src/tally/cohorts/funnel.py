@@ -325,15 +325,16 @@ def compile_kept(f: Funnel, hashed: bool = True) -> Compiled:
                 f"t{k - 1}", "c")), expressions=[x.copy()])))
         on = exp.and_(*(column(u, "s").eq(column(u, "c")) for u in unit),
                       column("hour", "s").eq(column("h", "c")))
+        # grouped by the attempt and its columns (one value per attempt: keys cost DuckDB
+        # less than ANY_VALUE aggregates, measured at 100M)
         ctes.append((f"a{k}", exp.select(
-            column("id", "c"),
-            *(exp.alias_(exp.AnyValue(this=column(name, "c")), name, copy=False)
-              for name in carried),
+            column("id", "c"), *(column(name, "c") for name in carried),
             exp.alias_(exp.Min(this=earliest), f"t{k}", copy=False), copy=False)
             .from_(exp.alias_(_table(f"c{k}"), "c", table=True, copy=False), copy=False)
             .join(exp.alias_(rows(f.steps[k], last).subquery(copy=False), "s", table=True,
                              copy=False), on=on, join_type="LEFT", copy=False)
-            .group_by(column("id", "c"), copy=False)))
+            .group_by(column("id", "c"), *(column(name, "c") for name in carried),
+                      copy=False)))
     # hashed: players told apart by their hash alone, asked again of the events if any
     # collided
     return _best(f, ctes, f"a{n - 1}", hashes_collided() if hashed else exp.false(), False,
