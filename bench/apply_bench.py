@@ -23,6 +23,7 @@ import statistics
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -40,6 +41,18 @@ from tally.storage.factory import open_backend
 
 SERVED = frozenset({"EU", "UK", "LATAM", "NA", "APAC"})
 NARROW = tuple(table(grain, narrow=True) for grain in GRAINS)
+
+
+def _batches(count: int, end: datetime, seq: int) -> Iterator[pa.Table]:
+    """``count`` batches of 1,000 demo events in the day before ``end``, validated as the
+    applier receives them, their ingest sequence numbers following ``seq``."""
+    ctx = ValidationContext(end, SERVED)
+    hasher = key_hasher(b"apply-bench")
+    _, made = tables(count * 1_000, 1, 99, end, 1_000)
+    for seq_of, raw in enumerate(made, seq + 1):
+        prepared = prepare_table(raw, ctx, "bench", hasher).table
+        yield prepared.set_column(0, "ingest_seq",
+                                  pa.array([seq_of] * prepared.num_rows, pa.int64()))
 
 
 def run(stored: int, batches: int, without: tuple[str, ...]) -> dict[str, Any]:
@@ -60,15 +73,8 @@ def run(stored: int, batches: int, without: tuple[str, ...]) -> dict[str, Any]:
     seq = first.max_ingest_seq()
     end = first.query("SELECT max(occurred_at) AS m FROM events").column(0)[0].as_py()
     end = end.replace(minute=0, second=0, microsecond=0, tzinfo=UTC) + timedelta(days=1)
-    ctx = ValidationContext(end, SERVED)
-    hasher = key_hasher(b"apply-bench")
-    _, made = tables(batches * 1_000, 1, 99, end, 1_000)
     spent: dict[str, list[tuple[float, float]]] = {name: [] for name in stores}
-    for i, raw in enumerate(made):
-        prepared = prepare_table(raw, ctx, "bench", hasher).table
-        seq += 1
-        prepared = prepared.set_column(0, "ingest_seq",
-                                       pa.array([seq] * prepared.num_rows, pa.int64()))
+    for i, prepared in enumerate(_batches(batches, end, seq)):
         order = list(stores) if i % 2 == 0 else list(reversed(stores))
         for name in order:  # alternated: neither copy always goes first
             cpu, wall = time.process_time(), time.perf_counter()
@@ -96,15 +102,8 @@ def _chdb_worker(name: str, batches: int, without: tuple[str, ...]) -> list[floa
         return [t for t in derived_tables(dialect) if name == "all" or t.name not in without]
 
     store = open_backend("chdb", folder, derived=derived, retired=activity.RETIRED)
-    end = datetime(2026, 11, 1, tzinfo=UTC)
-    ctx = ValidationContext(end, SERVED)
-    hasher = key_hasher(b"apply-bench")
-    _, made = tables(batches * 1_000, 1, 99, end, 1_000)
     spent = []
-    for seq, raw in enumerate(made, 1):
-        prepared = prepare_table(raw, ctx, "bench", hasher).table
-        prepared = prepared.set_column(0, "ingest_seq",
-                                       pa.array([seq] * prepared.num_rows, pa.int64()))
+    for prepared in _batches(batches, datetime(2026, 11, 1, tzinfo=UTC), 0):
         cpu = time.process_time()
         store.write(WriteSet(events=[prepared]))
         spent.append(time.process_time() - cpu)

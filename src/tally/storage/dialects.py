@@ -69,7 +69,6 @@ class TallyClickHouse(ClickHouse):
             end = exp.Add(this=expression.args["end"].copy(), expression=exp.Literal.number(1))
             return self.func("range", expression.args["start"], end)
 
-
         def onconflict_sql(self, expression: exp.OnConflict) -> str:
             """No upsert: the insert appends its rows, and the ClickHouse store answers the
             least row per key of the table (``storage.base.Least``)."""
