@@ -14,6 +14,7 @@ from fastapi.testclient import TestClient
 
 from tally.api.app import create_app
 from tally.config import Settings
+from tally.ingest.columnar import typed_payload
 from tests.conftest import TokenFactory, bearer, make_event, on_duckdb_only
 
 BATCH = "/v1/events:batch"
@@ -60,6 +61,28 @@ def test_accepts_a_batch_and_stores_typed_columns(client, headers):
     assert credit["reason"] == "deposit"
     assert json.loads(credit["payload"])["future_field"] == {"kept": True}  # unknown kept
     assert str(bet["occurred_at"]) == "2025-10-23 16:21:05"
+
+def test_payload_text_is_stored_only_when_it_carries_more_than_the_typed_columns(client,
+                                                                                 headers):
+    """A batch whose payloads hold only their types' fields stores no payload text (the typed
+    columns rebuild it); one unknown field anywhere keeps every text of that batch verbatim."""
+    closed = [make_event(), make_event(event_type="wallet.credit", payload={
+        "amount_minor": 2500, "currency": "GBP", "reason": "deposit", "reference_id": None})]
+    open_ = [make_event(), make_event(event_type="wallet.credit", payload={
+        "amount_minor": 7, "currency": "GBP", "reason": "deposit", "x_new": [1, 2]})]
+    for batch in (closed, open_):
+        assert post(client, headers, batch).json()["accepted"] == 2
+    rows = {row["event_id"]: row for row in stored(client)}
+    for event in closed:
+        row = rows[event["event_id"]]
+        assert row["payload"] == ""
+        sent = {k: v for k, v in event["payload"].items() if v is not None}
+        assert typed_payload(row) == sent  # nothing the producer sent is lost
+    for event in open_:
+        text = rows[event["event_id"]]["payload"]
+        assert json.loads(text) == event["payload"]
+        assert text == json.dumps(event["payload"])  # as sent (post() encodes so)
+
 
 
 def test_occurred_at_is_stored_in_utc_and_producer_ingested_at_kept(client, headers):

@@ -35,9 +35,13 @@ class Event(msgspec.Struct, tag_field="event_type", forbid_unknown_fields=True, 
     payload: Any
 
 
+def _class_name(event_type: str) -> str:
+    return "".join(part.capitalize() for part in event_type.replace("_", ".").split("."))
+
+
 EVENT_CLASSES: dict[str, type[Event]] = {
     name: msgspec.defstruct(  # type: ignore[misc]
-        "".join(part.capitalize() for part in name.replace("_", ".").split(".")) + "Event",
+        _class_name(name) + "Event",
         [("payload", spec.payload_type)],
         bases=(Event,),
         tag=name,
@@ -46,6 +50,22 @@ EVENT_CLASSES: dict[str, type[Event]] = {
     for name, spec in REGISTRY.items()
 }
 AnyEvent = Union[tuple(EVENT_CLASSES.values())]  # type: ignore[valid-type]  # noqa: UP007
+# The same events with closed payloads: a payload field the type does not know fails the
+# decode. A batch that decodes so carries nothing beyond its typed columns, so its payload
+# texts need not be stored (the typed columns rebuild them: ``tally.ingest.columnar``).
+CLOSED_EVENT_CLASSES: dict[str, type[Event]] = {
+    name: msgspec.defstruct(  # type: ignore[misc]
+        _class_name(name) + "ClosedEvent",
+        [("payload", msgspec.defstruct(spec.payload_type.__name__ + "Closed", [],
+                                       bases=(spec.payload_type,), frozen=True,
+                                       forbid_unknown_fields=True))],
+        bases=(EVENT_CLASSES[name],),
+        tag=name,
+        kw_only=True,
+    )
+    for name, spec in REGISTRY.items()
+}
+ClosedEvent = Union[tuple(CLOSED_EVENT_CLASSES.values())]  # type: ignore[valid-type]  # noqa: UP007
 
 
 class PayloadText(msgspec.Struct):
@@ -121,27 +141,49 @@ def currency_problem(currency: str) -> str | None:
             else f"payload.currency {currency!r} is not an ISO 4217 code")
 
 
-def check(event: Event, ctx: ValidationContext) -> Problem | None:
-    """The rules beyond types; None when the event is valid. Residency comes first, so an
-    event for a region this deployment does not serve is never looked at further. The
-    columnar path (``tally.ingest.columnar``) applies the same rules, in this order."""
-    providers = ctx.allowed_providers  # a partner's events: bets on its providers' games only
-    refusal = policy.check_event(event.tenant_id, event.region, ctx.served_regions,
-                                 ctx.allowed_brands, ctx.allowed_regions, providers=providers,
-                                 provider_id=None if providers is None
-                                 else getattr(event.payload, "provider_id", None))
-    if refusal is not None:
-        return Problem(refusal.reason, residency=refusal.residency)
-    event_type: str = event.__struct_config__.tag  # type: ignore[assignment]
-    problem = (version_problem(event_type, event.schema_version)
-               or instant_problem("occurred_at", event.occurred_at, ctx)
-               or (None if event.ingested_at is None
-                   else instant_problem("ingested_at", event.ingested_at, ctx))
-               or (player_problem(event_type) if event.player_id is None else None))
-    currency = getattr(event.payload, "currency", None)
-    if problem is None and currency is not None:
-        problem = currency_problem(currency)
-    return None if problem is None else Problem(problem)
+class Checker:
+    """The rules beyond types, for the events of one batch: ``checker(event)`` is None when
+    the event is valid, else its problem. Residency comes first, so an event for a region this
+    deployment does not serve is never looked at further. The columnar path
+    (``tally.ingest.columnar``) applies the same rules, in this order. What depends only on
+    the context (the latest instant) is computed once a batch, and the policy is asked once
+    per distinct (brand, region, provider)."""
+
+    __slots__ = ("ctx", "latest", "_refusals")
+
+    def __init__(self, ctx: ValidationContext) -> None:
+        self.ctx = ctx
+        self.latest = latest_instant(ctx)
+        self._refusals: dict[tuple[str, str, str | None], policy.Refusal | None] = {}
+
+    def __call__(self, event: Event) -> Problem | None:
+        ctx = self.ctx
+        providers = ctx.allowed_providers  # a partner's events: bets on its providers' games
+        provider = None if providers is None else getattr(event.payload, "provider_id", None)
+        key = (event.tenant_id, event.region, provider)
+        try:
+            refusal = self._refusals[key]
+        except KeyError:
+            refusal = self._refusals[key] = policy.check_event(
+                event.tenant_id, event.region, ctx.served_regions, ctx.allowed_brands,
+                ctx.allowed_regions, providers=providers, provider_id=provider)
+        if refusal is not None:
+            return Problem(refusal.reason, residency=refusal.residency)
+        event_type: str = event.__struct_config__.tag  # type: ignore[assignment]
+        problem = (version_problem(event_type, event.schema_version)
+                   or self._instant("occurred_at", event.occurred_at)
+                   or (None if event.ingested_at is None
+                       else self._instant("ingested_at", event.ingested_at))
+                   or (player_problem(event_type) if event.player_id is None else None))
+        currency = getattr(event.payload, "currency", None)
+        if problem is None and currency is not None:
+            problem = currency_problem(currency)
+        return None if problem is None else Problem(problem)
+
+    def _instant(self, name: str, value: datetime) -> str | None:
+        if value.tzinfo is not None and EARLIEST <= value <= self.latest:
+            return None  # the common case, without building a reason
+        return instant_problem(name, value, self.ctx)
 
 
 def explain(error: msgspec.ValidationError) -> str:

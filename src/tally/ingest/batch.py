@@ -14,6 +14,7 @@ from __future__ import annotations
 from collections import defaultdict
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from operator import attrgetter
 from typing import Any
 
 import msgspec
@@ -22,10 +23,11 @@ import pyarrow as pa
 from tally.errors import InvalidBody, PayloadTooLarge
 from tally.events.envelope import (
     AnyEvent,
+    Checker,
+    ClosedEvent,
     Event,
     PayloadText,
     ValidationContext,
-    check,
     explain,
 )
 from tally.ingest.dedup import KeyHasher
@@ -40,6 +42,7 @@ class _Identity(msgspec.Struct):
     event_id: msgspec.Raw = msgspec.field(default_factory=lambda: msgspec.Raw(b"null"))
 
 
+_CLOSED_BATCH = msgspec.json.Decoder(list[ClosedEvent])  # type: ignore[valid-type]
 _BATCH = msgspec.json.Decoder(list[AnyEvent])  # type: ignore[valid-type]
 _ONE = msgspec.json.Decoder(AnyEvent)
 _RAW = msgspec.json.Decoder(list[msgspec.Raw])
@@ -49,6 +52,7 @@ _TEXT = msgspec.json.Decoder(str)
 _TOP_LEVEL = msgspec.json.Decoder(dict[str, msgspec.Raw])
 _ENVELOPE_TEXT = ("event_id", "tenant_id", "region", "player_id", "trace_id", "schema_version")
 UTC_US = pa.timestamp("us", tz="UTC")
+_PAYLOAD = attrgetter("payload")
 
 
 
@@ -80,19 +84,27 @@ def prepare(body: bytes, ctx: ValidationContext, client_id: str, max_events: int
     With a ``pseudonymiser`` no raw player id leaves this function (events nor quarantine)."""
     rejections: list[Rejection] = []
     check_utf8(body, "body")
+    open_payloads = False  # a payload has a field beyond its type's: keep the payload texts
+    decoded: list[Event] | None
     try:
-        decoded: list[Event] = decode(body, "body", _BATCH, checked=True)
-        indexed = list(enumerate(decoded))
+        decoded = decode(body, "body", _CLOSED_BATCH, checked=True)
     except msgspec.ValidationError:
-        indexed = _decode_one_by_one(body, rejections)
+        open_payloads = True
+        try:
+            decoded = decode(body, "body", _BATCH, checked=True)
+        except msgspec.ValidationError:
+            decoded = None
+    indexed = (list(enumerate(decoded)) if decoded is not None
+               else _decode_one_by_one(body, rejections))
     if len(indexed) + len(rejections) > max_events:
         raise PayloadTooLarge(
             f"batch has {len(indexed) + len(rejections)} events; the limit is {max_events}"
         )
-    payload_texts = decode(body, "body", _PAYLOADS, checked=True)
+    payload_texts = decode(body, "body", _PAYLOADS, checked=True) if open_payloads else None
     valid: list[tuple[int, Event]] = []
+    check = Checker(ctx)
     for i, event in indexed:
-        problem = check(event, ctx)
+        problem = check(event)
         if problem is None:
             valid.append((i, event))
         else:
@@ -163,11 +175,13 @@ def warm_up() -> None:
     pa.array([datetime(2000, 1, 1, tzinfo=UTC)], UTC_US)
 
 
-def event_table(valid: list[tuple[int, Event]], payload_texts: list[PayloadText],
+def event_table(valid: list[tuple[int, Event]], payload_texts: list[PayloadText] | None,
                 received_at: datetime, hasher: KeyHasher,
                 pseudonymiser: Pseudonymiser | None = None) -> pa.Table:
     """EVENTS_SCHEMA rows of the valid events, grouped by type (row order carries no meaning);
-    ``ingest_seq`` is left 0 for the writer to stamp."""
+    ``ingest_seq`` is left 0 for the writer to stamp. ``payload_texts``: each event's payload
+    as sent, by batch index; None when no payload has a field beyond its type's, and then the
+    stored text is empty (the typed columns are the whole payload)."""
     by_type: dict[str, list[tuple[int, Event]]] = defaultdict(list)
     for item in valid:
         by_type[item[1].__struct_config__.tag].append(item)  # type: ignore[index]
@@ -178,28 +192,32 @@ def event_table(valid: list[tuple[int, Event]], payload_texts: list[PayloadText]
     return pa.concat_tables(tables)
 
 
-def _type_table(items: list[tuple[int, Event]], payload_texts: list[PayloadText],
+def _type_table(items: list[tuple[int, Event]], payload_texts: list[PayloadText] | None,
                 received_at: datetime, hasher: KeyHasher,
                 pseudonymiser: Pseudonymiser | None) -> pa.Table:
     events = [event for _, event in items]
+    payloads = list(map(_PAYLOAD, events))
     n = len(events)
-    id_hi, id_lo = hasher.columns([e.tenant_id for e in events], [e.event_id for e in events])
-    occurred = pa.array([e.occurred_at for e in events], UTC_US).cast(pa.timestamp("us"))
-    ingested = pa.array([e.ingested_at for e in events], UTC_US).cast(pa.timestamp("us"))
-    received = pa.array([received_at] * n, pa.timestamp("us"))
     cols: dict[str, Any] = {
+        name: list(map(attrgetter(name), events))
+        for name in (*_ENVELOPE_TEXT, "occurred_at", "ingested_at")
+    }
+    cols.update({name: list(map(attrgetter(name), payloads))
+                 for name in payloads[0].__struct_fields__ if name in EVENTS_SCHEMA.names})
+    id_hi, id_lo = hasher.columns(cols["tenant_id"], cols["event_id"])
+    received = pa.array([received_at] * n, pa.timestamp("us"))
+    cols.update({
         "ingest_seq": pa.repeat(pa.scalar(0, pa.int64()), n),
         "id_hi": pa.array(id_hi),
         "id_lo": pa.array(id_lo),
-        "event_type": [events[0].__struct_config__.tag] * n,
-        "occurred_at": occurred,
-        "ingested_at": ingested.fill_null(received),
+        "event_type": pa.repeat(pa.scalar(events[0].__struct_config__.tag), n),
+        "occurred_at": pa.array(cols["occurred_at"], UTC_US).cast(pa.timestamp("us")),
+        "ingested_at": pa.array(cols["ingested_at"], UTC_US).cast(pa.timestamp("us"))
+                       .fill_null(received),
         "received_at": received,
-        **{name: [getattr(e, name) for e in events] for name in _ENVELOPE_TEXT},
-        **{name: [getattr(e.payload, name) for e in events]
-           for name in events[0].payload.__struct_fields__ if name in EVENTS_SCHEMA.names},
-        "payload": [bytes(payload_texts[i].payload).decode() for i, _ in items],
-    }
+        "payload": (pa.repeat(pa.scalar(""), n) if payload_texts is None
+                    else [bytes(payload_texts[i].payload).decode() for i, _ in items]),
+    })
     if pseudonymiser is not None:  # the one place events become columns: ids replaced here
         cols["player_id"] = pseudonymiser.column(cols["tenant_id"], cols["player_id"])
     arrays = [cols[f.name] if f.name in cols else pa.nulls(n, f.type) for f in EVENTS_SCHEMA]

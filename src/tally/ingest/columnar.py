@@ -282,7 +282,7 @@ def _check_field(column: pa.ChunkedArray, f: Any, at: str, reasons: _Reasons,
         reasons.add(mask, lambda i: f"Invalid enum value {values[i].as_py()!r} - at `{at}`")
 
 
-# -- the rules beyond types: the functions check() calls ----------------------------------------
+# -- the rules beyond types: the functions Checker calls -------------------------------------------
 def _check_rules(table: pa.Table, ctx: ValidationContext, reasons: _Reasons) -> None:
     tenants, regions = table.column("tenant_id"), table.column("region")
     providers = ctx.allowed_providers

@@ -1,7 +1,8 @@
 """The stored layout of events and quarantine, defined once as Arrow schemas.
 
-Typed columns hold the common payload fields so analytics never parse JSON; ``payload`` keeps
-the producer's payload text verbatim, so fields this version does not know are not lost.
+Typed columns hold every payload field of the registry so analytics never parse JSON;
+``payload`` keeps the producer's payload text verbatim when it holds fields this version does
+not know (so they are not lost), and is empty when the typed columns are the whole payload.
 """
 
 from __future__ import annotations
