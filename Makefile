@@ -43,7 +43,7 @@ STORE_SUITE := tests/test_analytics.py tests/test_rollups.py tests/test_cohorts.
 	tests/test_privacy.py tests/test_partners.py tests/test_durability.py \
 	tests/test_query_limits.py tests/test_audit.py tests/test_demo.py \
 	tests/test_csv_answers.py tests/test_exports.py tests/test_embeds.py tests/test_alerts.py \
-	tests/test_drift.py
+	tests/test_drift.py tests/test_applier.py
 
 # the fault scenarios that run there too (a slow-client scenario tests the HTTP edge alone)
 STORE_FAULTS := sigkill_cycles or sigterm_under_backlog or overload or poison_record or \
@@ -75,6 +75,7 @@ dashboard: install  ## regenerate deploy/grafana/tally.json (commit it: tests/te
 bench: install  ## reproducible benchmarks; results in docs/benchmarks.md
 	$(VENV)/bin/python -m bench.dedup_bench --keys 10000000 --keys 100000000
 	$(VENV)/bin/python -m bench.ingest_bench --stored $(BENCH_STORED)
+	$(VENV)/bin/python -m bench.ingest_bench --stored 1000000 --trickle 300
 	$(VENV)/bin/python -m bench.query_bench --stored $(BENCH_STORED)
 	$(VENV)/bin/python -m bench.cohort_bench --stored $(BENCH_STORED)
 	$(VENV)/bin/python -m bench.engine_bench --events $(BENCH_STORED)

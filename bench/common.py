@@ -120,6 +120,11 @@ class Server:
         rss = next(line for line in status.splitlines() if line.startswith("VmRSS"))
         return int(rss.split()[1]) / 1024
 
+    def cpu_seconds(self) -> float:
+        """CPU the server process has used (all its threads, DuckDB's included)."""
+        fields = Path(f"/proc/{self.proc.pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
     def stop(self) -> None:
         self.proc.send_signal(signal.SIGTERM)
         self.proc.wait(timeout=60)

@@ -2,6 +2,7 @@
 already holds N events, beside the raw DuckDB append of the same rows (the engine's ceiling).
 
     python bench/ingest_bench.py --stored 10000000 --batches 600 --clients 4
+    python -m bench.ingest_bench --stored 1000000 --trickle 300   # CPU of a steady producer
 
 Results: bench/out/ingest-<stored>.json; figures go to docs/benchmarks.md.
 """
@@ -31,6 +32,7 @@ from bench.common import (
     post_all,
     stored_events,
 )
+from tally.config import Settings
 from tally.demo.generator import generate
 from tally.events.envelope import ValidationContext
 from tally.ingest.batch import prepare
@@ -116,6 +118,38 @@ def make_event_like(brand: str, at: datetime) -> dict[str, Any]:
                         "currency": "EUR", "game_id": "g", "provider_id": "p"}}
 
 
+def trickle(data: Path, linger_ms: int, bodies: list[bytes], rate: float) -> dict[str, Any]:
+    """Batches posted one at a time at ``rate`` batches a second (a steady producer, far below
+    the server's ceiling), with ``TALLY_APPLY_LINGER_MS`` at ``linger_ms``: the server's CPU
+    (cores, all its threads) while it keeps up, and the ack latency."""
+    server = Server(data, {"TALLY_APPLY_LINGER_MS": str(linger_ms)})
+    try:
+        headers = {**client_headers(server.url, data, "events:write analytics:read"),
+                   "content-type": "application/json"}
+        latencies: list[float] = []
+        with httpx.Client(headers=headers, timeout=60) as client:
+            url = f"{server.url}/v1/events:batch"
+            client.post(url, content=bodies[0]).raise_for_status()
+            time.sleep(1)
+            cpu, started = server.cpu_seconds(), time.perf_counter()
+            for i, body in enumerate(bodies[1:]):
+                time.sleep(max(0.0, started + i / rate - time.perf_counter()))
+                sent = time.perf_counter()
+                client.post(url, content=body).raise_for_status()
+                latencies.append(time.perf_counter() - sent)
+            while server.gauge("tally_applier_pending_rows") > 0:
+                time.sleep(0.01)
+            wall = time.perf_counter() - started
+            cores = (server.cpu_seconds() - cpu) / wall
+        events = sum(len(msgspec.json.decode(body)) for body in bodies[1:])
+        return {"linger_ms": linger_ms, "events_per_s": events / wall,
+                "server_cores": cores, "cpu_us_per_event": cores * wall / events * 1e6,
+                "ack_p50_ms": percentile(latencies, 0.5) * 1000,
+                "ack_p99_ms": percentile(latencies, 0.99) * 1000}
+    finally:
+        server.stop()
+
+
 def raw_append(data: Path, bodies: list[bytes]) -> dict[str, Any]:
     """The same rows appended straight into DuckDB, one transaction per batch (durable like a
     202), into a scratch table of the same store file: the ceiling of the engine."""
@@ -149,8 +183,21 @@ def main() -> None:
     parser.add_argument("--days", type=int, default=90)
     parser.add_argument("--small-batches", type=int, default=3000,
                         help="batches of 100 events in the small-batch burst")
+    parser.add_argument("--trickle", type=int, default=0, metavar="N",
+                        help="only the steady-producer run: N batches of 100 events at 20 a "
+                             "second, with the apply linger off and at its default, alternated")
     args = parser.parse_args()
     OUT.mkdir(parents=True, exist_ok=True)
+    if args.trickle:
+        data = ensure_store((args.stored or [1_000_000])[0], args.days)
+        default = Settings.model_fields["apply_linger_ms"].default
+        runs = [trickle(data, linger, make_bodies(args.trickle, 100), 20.0)
+                for _ in range(2) for linger in (0, default)]
+        report = {"stored_at_start": stored_events(data), "runs": runs, "machine": machine(),
+                  "at": datetime.now(UTC).isoformat(timespec="seconds")}
+        (OUT / "ingest-trickle.json").write_text(json.dumps(report, indent=2))
+        print(json.dumps(report, indent=2))
+        return
     for stored in args.stored or [10_000_000]:
         data = ensure_store(stored, args.days)
         bodies = make_bodies(args.batches + LATENCY_BATCHES, args.batch_size)

@@ -490,9 +490,19 @@ def test_kill_9_while_writing_then_replay_counts_once(tmp_path: Path) -> None:
 
 # -- derived tables ------------------------------------------------------------------------
 def _derived_rows(store: ClickHouseBackend) -> dict[str, list[tuple[Any, ...]]]:
-    """Every derived table's rows (a Least table through its view), comparable."""
-    return {t.name: rows(store.query(f"SELECT * FROM {t.name}"))
-            for t in derived_tables("clickhouse")}
+    """Every derived table's rows (a Least table through its view), comparable: a kept list
+    (``step_times``' instants) sorted, since the order ``groupArray`` gathers in is not
+    part of its meaning and may differ between two stores."""
+    def column(name: str, type_: str) -> str:
+        return f"arraySort({name}) AS {name}" if type_.startswith("Array(") else name
+
+    tables = {}
+    for t in derived_tables("clickhouse"):
+        types = store.query(f"SELECT name, type FROM system.columns WHERE table = '{t.name}' "
+                            "AND database = currentDatabase() ORDER BY position").to_pylist()
+        select = ", ".join(column(c["name"], c["type"]) for c in types) or "*"
+        tables[t.name] = rows(store.query(f"SELECT {select} FROM {t.name}"))
+    return tables
 
 
 def _records() -> list[WriteSet]:

@@ -74,6 +74,9 @@ class Settings(BaseSettings):
     # than this, or older than this, wait for the store
     max_backlog_rows: int = Field(default=1_000_000, ge=1000)
     max_backlog_seconds: float = Field(default=60.0, gt=0, le=3600)
+    # how long acknowledged rows may wait to be merged into a larger store write (a reader
+    # that waits for them cuts it short): fewer writes, less CPU a row (docs/ingestion.md)
+    apply_linger_ms: int = Field(default=250, ge=0, le=10_000)
     # the dedup index: "memory" (fastest; ~15 bytes of RAM per stored event) or "disk"
     # (partitioned runs under the data dir, resident memory bounded by dedup_memory_mb)
     dedup_index: Literal["memory", "disk"] = "memory"

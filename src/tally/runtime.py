@@ -75,6 +75,7 @@ def open_ingest(settings: Settings, backend: Backend) -> IngestService:
                                            settings.pseudonymise_scope),
                          max_backlog_rows=settings.max_backlog_rows,
                          max_backlog_seconds=settings.max_backlog_seconds,
+                         apply_linger_seconds=settings.apply_linger_ms / 1000,
                          dedup_memory_mb=settings.dedup_memory_mb,
                          dedup_index=settings.dedup_index)
 

@@ -59,11 +59,18 @@ class Applier:
     def __init__(self, backend: Backend, journal: Journal, versions: DataVersions,
                  applied_seq: int, *, parked_dir: Path, max_rows: int = 200_000,
                  max_backlog_rows: int = 1_000_000, max_backlog_seconds: float = 60.0,
+                 linger_seconds: float = 0.0,
                  on_set_aside: Callable[[pa.Table], None] = lambda table: None) -> None:
         self._backend, self._journal, self._versions = backend, journal, versions
         self._parked_dir = parked_dir
         self.applied_seq = applied_seq
         self._max_rows = max_rows
+        # how long a group may wait for more to be merged into it (unless a reader waits, the
+        # backlog reaches max_rows or the applier stops): a store write has a large fixed cost
+        # (DuckDB: ~0.1 s of planning and statements whatever its size), so fewer, larger
+        # writes leave the request path the CPU
+        self._linger = linger_seconds
+        self._flushing = 0  # readers in flush(): apply at once for them
         self.max_backlog_rows, self.max_backlog_seconds = max_backlog_rows, max_backlog_seconds
         self._on_set_aside = on_set_aside
         # called (no argument) after each group is applied and its data versions bumped: the
@@ -125,7 +132,14 @@ class Applier:
         """Wait until everything enqueued so far is in the store (or set aside)."""
         with self._cond:
             target = self._enqueued_seq
-            return self._cond.wait_for(lambda: self.applied_seq >= target, timeout)
+            if self.applied_seq >= target:
+                return True
+            self._flushing += 1
+            self._cond.notify_all()
+            try:
+                return self._cond.wait_for(lambda: self.applied_seq >= target, timeout)
+            finally:
+                self._flushing -= 1
 
     def caught_up(self) -> bool:
         with self._cond:
@@ -161,9 +175,21 @@ class Applier:
     def _given_up(self) -> bool:
         return self._deadline is not None and time.monotonic() >= self._deadline
 
+    def _lingering(self) -> float:
+        """How much longer the waiting groups may wait for more (0: apply now)."""
+        if not self._pending or self._stopping or self._flushing \
+                or self._replay_until is not None or self._pending_rows >= self._max_rows:
+            return 0.0
+        return self._linger - (time.monotonic() - self._pending[0][2])
+
     def _take(self) -> tuple[int, WriteSet, int] | None:
         with self._cond:
-            self._cond.wait_for(lambda: self._pending or self._stopping)
+            while True:
+                self._cond.wait_for(lambda: self._pending or self._stopping)
+                wait = self._lingering()
+                if wait <= 0:
+                    break
+                self._cond.wait(wait)
             if not self._pending or self._given_up():
                 return None
             groups: list[WriteSet] = []

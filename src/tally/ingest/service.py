@@ -33,6 +33,7 @@ class IngestService:
     def __init__(self, backend: Backend, journal_dir: Path, max_batch_events: int,
                  pseudonymiser: Pseudonymiser | None = None, *,
                  max_backlog_rows: int = 1_000_000, max_backlog_seconds: float = 60.0,
+                 apply_linger_seconds: float = 0.0,
                  dedup_memory_mb: int = DEFAULT_MEMORY_MB,
                  dedup_index: str = "memory") -> None:
         self.backend = backend
@@ -69,6 +70,7 @@ class IngestService:
                                parked_dir=journal_dir.parent / "parked",
                                max_backlog_rows=max_backlog_rows,
                                max_backlog_seconds=max_backlog_seconds,
+                               linger_seconds=apply_linger_seconds,
                                on_set_aside=self._forget)
         try:
             self.journal.release(applied, backend.make_durable)
