@@ -30,10 +30,11 @@ from tally.events.envelope import (
     ValidationContext,
     explain,
 )
+from tally.events.registry import REGISTRY
 from tally.ingest.dedup import KeyHasher
 from tally.json_input import ANY, check_utf8, decode
 from tally.security.pseudonym import Pseudonymiser
-from tally.storage.schema import EVENTS_SCHEMA, QUARANTINE_SCHEMA
+from tally.storage.schema import EVENTS_SCHEMA, PAYLOAD_COLUMNS, QUARANTINE_SCHEMA
 
 
 class _Identity(msgspec.Struct):
@@ -51,8 +52,9 @@ _IDENTITY = msgspec.json.Decoder(_Identity)
 _TEXT = msgspec.json.Decoder(str)
 _TOP_LEVEL = msgspec.json.Decoder(dict[str, msgspec.Raw])
 _ENVELOPE_TEXT = ("event_id", "tenant_id", "region", "player_id", "trace_id", "schema_version")
+_FIELDS_OF = {name: frozenset(spec.payload_type.__struct_fields__)
+              for name, spec in REGISTRY.items()}
 UTC_US = pa.timestamp("us", tz="UTC")
-_PAYLOAD = attrgetter("payload")
 
 
 
@@ -178,39 +180,36 @@ def warm_up() -> None:
 def event_table(valid: list[tuple[int, Event]], payload_texts: list[PayloadText] | None,
                 received_at: datetime, hasher: KeyHasher,
                 pseudonymiser: Pseudonymiser | None = None) -> pa.Table:
-    """EVENTS_SCHEMA rows of the valid events, grouped by type (row order carries no meaning);
-    ``ingest_seq`` is left 0 for the writer to stamp. ``payload_texts``: each event's payload
-    as sent, by batch index; None when no payload has a field beyond its type's, and then the
-    stored text is empty (the typed columns are the whole payload)."""
+    """EVENTS_SCHEMA rows of the valid events, grouped by type (row order carries no meaning),
+    one Arrow chunk a column; ``ingest_seq`` is left 0 for the writer to stamp.
+    ``payload_texts``: each event's payload as sent, by batch index; None when no payload has
+    a field beyond its type's, and then the stored text is empty (the typed columns are the
+    whole payload)."""
     by_type: dict[str, list[tuple[int, Event]]] = defaultdict(list)
     for item in valid:
         by_type[item[1].__struct_config__.tag].append(item)  # type: ignore[index]
-    tables = [_type_table(items, payload_texts, received_at, hasher, pseudonymiser)
-              for items in by_type.values()]
-    if not tables:
+    items = [item for group in by_type.values() for item in group]
+    n = len(items)
+    if not n:
         return EVENTS_SCHEMA.empty_table()
-    return pa.concat_tables(tables)
-
-
-def _type_table(items: list[tuple[int, Event]], payload_texts: list[PayloadText] | None,
-                received_at: datetime, hasher: KeyHasher,
-                pseudonymiser: Pseudonymiser | None) -> pa.Table:
     events = [event for _, event in items]
-    payloads = list(map(_PAYLOAD, events))
-    n = len(events)
-    cols: dict[str, Any] = {
-        name: list(map(attrgetter(name), events))
-        for name in (*_ENVELOPE_TEXT, "occurred_at", "ingested_at")
-    }
-    cols.update({name: list(map(attrgetter(name), payloads))
-                 for name in payloads[0].__struct_fields__ if name in EVENTS_SCHEMA.names})
+    cols: dict[str, Any] = {name: list(map(attrgetter(name), events))
+                            for name in (*_ENVELOPE_TEXT, "occurred_at", "ingested_at")}
+    cols["event_type"] = [tag for tag, group in by_type.items() for _ in group]
+    for name in PAYLOAD_COLUMNS:  # each type's own fields, None where it has no such field
+        column: list[Any] = []
+        for tag, group in by_type.items():
+            if name in _FIELDS_OF[tag]:
+                column += map(attrgetter(f"payload.{name}"), (event for _, event in group))
+            else:
+                column += [None] * len(group)
+        cols[name] = column
     id_hi, id_lo = hasher.columns(cols["tenant_id"], cols["event_id"])
     received = pa.array([received_at] * n, pa.timestamp("us"))
     cols.update({
         "ingest_seq": pa.repeat(pa.scalar(0, pa.int64()), n),
         "id_hi": pa.array(id_hi),
         "id_lo": pa.array(id_lo),
-        "event_type": pa.repeat(pa.scalar(events[0].__struct_config__.tag), n),
         "occurred_at": pa.array(cols["occurred_at"], UTC_US).cast(pa.timestamp("us")),
         "ingested_at": pa.array(cols["ingested_at"], UTC_US).cast(pa.timestamp("us"))
                        .fill_null(received),
@@ -220,10 +219,9 @@ def _type_table(items: list[tuple[int, Event]], payload_texts: list[PayloadText]
     })
     if pseudonymiser is not None:  # the one place events become columns: ids replaced here
         cols["player_id"] = pseudonymiser.column(cols["tenant_id"], cols["player_id"])
-    arrays = [cols[f.name] if f.name in cols else pa.nulls(n, f.type) for f in EVENTS_SCHEMA]
     return pa.Table.from_arrays(
         [a if isinstance(a, pa.Array) else pa.array(a, f.type)
-         for a, f in zip(arrays, EVENTS_SCHEMA, strict=True)],
+         for a, f in zip((cols[f.name] for f in EVENTS_SCHEMA), EVENTS_SCHEMA, strict=True)],
         schema=EVENTS_SCHEMA,
     )
 

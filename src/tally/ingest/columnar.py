@@ -53,7 +53,7 @@ from tally.ingest.batch import PreparedBatch, Rejection
 from tally.ingest.dedup import KeyHasher
 from tally.security import policy
 from tally.security.pseudonym import Pseudonymiser
-from tally.storage.schema import EVENTS_SCHEMA
+from tally.storage.schema import EVENTS_SCHEMA, PAYLOAD_COLUMNS
 
 UTC_US = pa.timestamp("us", tz="UTC")
 # No field of the contract holds more than 128 characters (512 bytes of UTF-8); a value far
@@ -72,8 +72,6 @@ def _fields(struct: type[msgspec.Struct]) -> tuple[mi.Field, ...]:
 
 
 _ENVELOPE = frozenset(f.name for f in _fields(Event)) - {"payload"}
-_PAYLOAD_COLUMNS = tuple(f.name for f in INPUT_SCHEMA if f.name not in _ENVELOPE
-                         and f.name != "event_type")
 _PAYLOAD_FIELDS = {name: _fields(spec.payload_type) for name, spec in REGISTRY.items()}
 # the envelope's fields, as every event class has them (any class: they differ in payload only)
 _ENVELOPE_FIELDS = tuple(f for f in _fields(next(iter(EVENT_CLASSES.values())))
@@ -385,6 +383,6 @@ def _event_json(row: dict[str, Any]) -> bytes:
         return v
 
     event = {k: value(row[k]) for k in INPUT_SCHEMA.names
-             if k not in _PAYLOAD_COLUMNS and row[k] is not None}
-    event["payload"] = {k: row[k] for k in _PAYLOAD_COLUMNS if row[k] is not None}
+             if k not in PAYLOAD_COLUMNS and row[k] is not None}
+    event["payload"] = {k: row[k] for k in PAYLOAD_COLUMNS if row[k] is not None}
     return msgspec.json.encode(event)

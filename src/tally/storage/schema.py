@@ -20,6 +20,7 @@ PAYLOAD_INT_FIELDS = (
     "commission_minor", "duration_sec",
 )
 PAYLOAD_BOOL_FIELDS = ("in_bonus",)
+PAYLOAD_COLUMNS = (*PAYLOAD_TEXT_FIELDS, *PAYLOAD_INT_FIELDS, *PAYLOAD_BOOL_FIELDS)
 
 EVENTS_SCHEMA = pa.schema(
     [
