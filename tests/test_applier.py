@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -63,6 +64,15 @@ def applier(store: Recorded, tmp_path: Path, linger: float, **kw: Any) -> Applie
     return a
 
 
+@contextmanager
+def running(store: Recorded, tmp_path: Path, linger: float, **kw: Any) -> Iterator[Applier]:
+    a = applier(store, tmp_path, linger, **kw)
+    try:
+        yield a
+    finally:
+        a.stop(10)
+
+
 def wait_until(predicate: Any, seconds: float) -> bool:
     deadline = time.monotonic() + seconds
     while time.monotonic() < deadline:
@@ -73,8 +83,7 @@ def wait_until(predicate: Any, seconds: float) -> bool:
 
 
 def test_groups_acknowledged_within_the_linger_are_one_write(store, tmp_path):
-    a = applier(store, tmp_path, linger=0.6)
-    try:
+    with running(store, tmp_path, linger=0.6) as a:
         started = time.monotonic()
         a.enqueue(1, group(1))
         time.sleep(0.1)
@@ -85,25 +94,19 @@ def test_groups_acknowledged_within_the_linger_are_one_write(store, tmp_path):
         assert store.writes == [3]  # one write, recording the last record applied
         assert waited >= 0.6 and a.applied_seq == 3
         assert store.count_events() == 15
-    finally:
-        a.stop(10)
 
 
 def test_without_a_linger_each_waiting_group_is_written_at_once(store, tmp_path):
-    a = applier(store, tmp_path, linger=0.0)
-    try:
+    with running(store, tmp_path, linger=0.0) as a:
         a.enqueue(1, group(1))
         assert wait_until(a.caught_up, 30)
         a.enqueue(2, group(2))
         assert wait_until(a.caught_up, 30)
         assert store.writes == [1, 2]
-    finally:
-        a.stop(10)
 
 
 def test_a_reader_waiting_cuts_the_linger_short(store, tmp_path):
-    a = applier(store, tmp_path, linger=60.0)
-    try:
+    with running(store, tmp_path, linger=60.0) as a:
         a.enqueue(1, group(1))
         started = time.monotonic()
         assert a.flush(timeout=30)  # read-your-writes: applied for the reader, not in 60 s
@@ -111,20 +114,15 @@ def test_a_reader_waiting_cuts_the_linger_short(store, tmp_path):
         a.enqueue(2, group(2))
         time.sleep(0.2)
         assert not a.caught_up() and store.writes == [1]  # no reader: it lingers again
-    finally:
-        a.stop(10)
 
 
 def test_a_backlog_at_the_write_bound_is_applied_without_lingering(store, tmp_path):
-    a = applier(store, tmp_path, linger=60.0, max_rows=10)
-    try:
+    with running(store, tmp_path, linger=60.0, max_rows=10) as a:
         a.enqueue(1, group(1))
         time.sleep(0.2)
         assert store.writes == []
         a.enqueue(2, group(2))  # 10 rows waiting: a full write
         assert wait_until(a.caught_up, 30) and store.writes == [2]
-    finally:
-        a.stop(10)
 
 
 def test_stop_applies_what_lingers(store, tmp_path):
