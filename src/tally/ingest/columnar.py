@@ -40,7 +40,6 @@ from tally.errors import InvalidBody
 from tally.events.envelope import (
     EARLIEST,
     EVENT_CLASSES,
-    Event,
     ValidationContext,
     currency_problem,
     instant_problem,
@@ -71,7 +70,6 @@ def _fields(struct: type[msgspec.Struct]) -> tuple[mi.Field, ...]:
     return info.fields
 
 
-_ENVELOPE = frozenset(f.name for f in _fields(Event)) - {"payload"}
 _PAYLOAD_FIELDS = {name: _fields(spec.payload_type) for name, spec in REGISTRY.items()}
 # the envelope's fields, as every event class has them (any class: they differ in payload only)
 _ENVELOPE_FIELDS = tuple(f for f in _fields(next(iter(EVENT_CLASSES.values())))
