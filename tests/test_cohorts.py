@@ -1569,6 +1569,23 @@ def test_reference_nearest_rank_median():
     assert cref.nearest_rank_median([]) is None
 
 
+@pytest.mark.parametrize("q", [0.5, 0.95])
+def test_nearest_rank_of_an_array_is_the_definition(q):
+    """The funnel's medians partition a NumPy array of gaps: the same value as the
+    definition (the smallest value with at least q of the values at or below it)."""
+    import numpy as np
+
+    from tally.insights.evaluate import nearest_rank
+
+    rng = random.Random(7)
+    for n in (1, 2, 3, 10, 101, 1000):
+        values = [rng.randrange(-50, 50) * 1_000_003 for _ in range(n)]
+        smallest = min(v for v in values if sum(x <= v for x in values) >= q * n)
+        assert nearest_rank(np.array(values, dtype=np.int64), q) == smallest
+        assert type(nearest_rank(np.array(values, dtype=np.int64), q)) is int
+        assert nearest_rank(values, q) == smallest
+
+
 def test_reference_could_share():
     assert cref.could_share(BET, {"event": "bet.placed", "game_id": "g_01"})
     assert cref.could_share(DEPOSIT, {"event": "wallet.credit", "reason": ["win", "deposit"]})

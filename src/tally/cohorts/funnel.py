@@ -294,9 +294,10 @@ def compile_kept(f: Funnel, hashed: bool = True) -> Compiled:
                         copy=False) \
         .from_(rows(f.steps[0], int((f.end - EPOCH_DT).total_seconds()) // HOUR)
                .subquery("r", copy=False), copy=False)
-    # each attempt numbered: a step's instants are gathered per number
+    # an attempt is its unit and start: two starts of a unit at one instant are one attempt
+    # (steps share no events here, so both would find the same steps), and a step's instants
+    # are gathered per (unit, t0, ...) with no row number to carry through every GROUP BY
     ctes: list[tuple[str, exp.Expr]] = [("a0", exp.select(
-        exp.alias_(exp.Window(this=exp.RowNumber()), "id", copy=False),
         *(column(u) for u in unit), exp.alias_(column("t"), "t0", copy=False), copy=False)
         .from_(starts.subquery("s", copy=False), copy=False)
         .where(column("t") >= params.bind(f.start), copy=False)
@@ -316,7 +317,7 @@ def compile_kept(f: Funnel, hashed: bool = True) -> Compiled:
                          <= exp.Literal.number(f.window_sec * 1_000_000))
         look = exp.Case().when(found, hours).else_(exp.Array(expressions=[exp.null()]))
         ctes.append((f"c{k}", exp.select(
-            column("id"), *(column(name) for name in carried),
+            *(column(name) for name in carried),
             exp.alias_(exp.Explode(this=look), "h", copy=False), copy=False)
             .from_(_table(f"a{k - 1}"), copy=False)))
         earliest = exp.ArrayMin(this=exp.ArrayFilter(
@@ -325,16 +326,15 @@ def compile_kept(f: Funnel, hashed: bool = True) -> Compiled:
                 f"t{k - 1}", "c")), expressions=[x.copy()])))
         on = exp.and_(*(column(u, "s").eq(column(u, "c")) for u in unit),
                       column("hour", "s").eq(column("h", "c")))
-        # grouped by the attempt and its columns (one value per attempt: keys cost DuckDB
-        # less than ANY_VALUE aggregates, measured at 100M)
+        # grouped by the attempt's columns (one value per attempt: keys cost DuckDB less
+        # than ANY_VALUE aggregates, measured at 100M)
         ctes.append((f"a{k}", exp.select(
-            column("id", "c"), *(column(name, "c") for name in carried),
+            *(column(name, "c") for name in carried),
             exp.alias_(exp.Min(this=earliest), f"t{k}", copy=False), copy=False)
             .from_(exp.alias_(_table(f"c{k}"), "c", table=True, copy=False), copy=False)
             .join(exp.alias_(rows(f.steps[k], last).subquery(copy=False), "s", table=True,
                              copy=False), on=on, join_type="LEFT", copy=False)
-            .group_by(column("id", "c"), *(column(name, "c") for name in carried),
-                      copy=False)))
+            .group_by(*(column(name, "c") for name in carried), copy=False)))
     # hashed: players told apart by their hash alone, asked again of the events if any
     # collided
     return _best(f, ctes, f"a{n - 1}", hashes_collided() if hashed else exp.false(), False,
@@ -420,7 +420,7 @@ def answer(backend: Backend, f: Funnel, *, kept_rows: bool | None = None) -> dic
             gaps = pc.list_element(table.column("gaps"), k - 1) \
                 .to_numpy(zero_copy_only=False)[reached]
             # the one percentile rule of the semantic layer, at q = 0.5
-            median = nearest_rank(gaps.tolist(), 0.5) / 1_000_000
+            median = nearest_rank(gaps, 0.5) / 1_000_000
         rate = None if total == 0 else (1.0 if k == 0 else count / total)
         steps.append({"name": step.name, "count": count, "rate": rate, "median_sec": median})
     return {"total": total, "steps": steps, "window_sec": f.window_sec,

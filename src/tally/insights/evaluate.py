@@ -16,6 +16,8 @@ from datetime import UTC, datetime, timedelta
 from fractions import Fraction
 from typing import Any
 
+import numpy as np
+import numpy.typing as npt
 from sqlglot import exp
 
 from tally.rollups.activity import compile_active_from_rollup
@@ -124,10 +126,14 @@ def finish(metric: Metric, value_parts: list[Part]) -> float | int | None:
     return None if denominator == 0 else float(Fraction(numerator) / denominator)
 
 
-def nearest_rank(values: list[float], q: float = 0.95) -> float:
-    """The smallest value with at least ``q`` of the values ≤ it (values need not be sorted)."""
-    ordered = sorted(values)
-    return ordered[max(1, math.ceil(q * len(ordered))) - 1]
+def nearest_rank(values: list[float] | npt.NDArray[Any], q: float = 0.95) -> float:
+    """The smallest value with at least ``q`` of the values ≤ it (values need not be sorted;
+    a NumPy array is partitioned, not sorted: a funnel's gaps are a value per unit)."""
+    rank = max(1, math.ceil(q * len(values))) - 1
+    if isinstance(values, np.ndarray):
+        value: float = np.partition(values, rank)[rank].item()
+        return value
+    return sorted(values)[rank]
 
 
 def percentiles(backend: Backend, metric: Metric, scope: Scope) -> dict[Key, float]:
