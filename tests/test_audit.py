@@ -3,9 +3,11 @@ private is, and that every kind of tampering is caught with the right first bad 
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import hashlib
 import json
+import os
 import shutil
 import sqlite3
 import subprocess
@@ -23,7 +25,7 @@ from fastapi.testclient import TestClient
 from tally import metadata
 from tally.api.app import create_app
 from tally.audit import checkpoints
-from tally.audit.log import AuditLog, log_path
+from tally.audit.log import AuditLog, AuditUnavailable, log_path
 from tally.audit.merkle import MerkleFrontier, leaf_hash
 from tally.audit.verify import Verdict, verify_bytes, verify_data_dir
 from tally.config import Settings
@@ -477,6 +479,79 @@ def test_concurrent_appends_keep_one_chain(tmp_path):
     assert sorted(seqs) == list(range(1, 801))
     verdict = verify_data_dir(tmp_path)
     assert verdict.intact and verdict.entries == 800 and verdict.checkpoints >= 2
+
+
+def test_event_loop_appends_share_syncs_and_keep_one_chain_with_threads(tmp_path):
+    """append_async (the middleware's) and append (threads') interleave into one chain; the
+    loop's entries are written in lots, so there are fewer syncs than entries."""
+    log = AuditLog(tmp_path, checkpoint_entries=100, checkpoint_seconds=0.05)
+    syncs = 0
+    real_sync = log._sync
+
+    def counted(seq: int) -> None:
+        nonlocal syncs
+        syncs += 1
+        real_sync(seq)
+
+    log._sync = counted  # type: ignore[method-assign]  # counts, the real fdatasync runs
+    threaded: list[int] = []
+
+    def worker() -> None:
+        threaded.extend(log.append({"kind": "admin", "thread": i}) for i in range(50))
+
+    async def main() -> list[int]:
+        return list(await asyncio.gather(*(log.append_async({"kind": "query", "i": i})
+                                           for i in range(400))))
+
+    thread = threading.Thread(target=worker)
+    thread.start()
+    from_loop = asyncio.run(main())
+    thread.join()
+    assert sorted(from_loop + threaded) == list(range(1, 451))
+    assert syncs < 450  # group commit: one fdatasync covers a lot
+    log.close()
+    verdict = verify_data_dir(tmp_path)
+    assert verdict.intact and verdict.entries == 450
+
+
+def test_event_loop_append_that_cannot_be_written_is_refused_and_the_log_goes_on(tmp_path):
+    """A lot the file refuses (here: a descriptor that cannot write, as a full disk refuses)
+    fails each of its waiters with an error (the middleware's 503); nothing hangs, and the
+    next entries are written on the same chain."""
+    log = AuditLog(tmp_path)
+    first = asyncio.run(log.append_async({"kind": "query", "i": 0}))
+    writable = log._fd
+    log._fd = os.open(log.path, os.O_RDONLY)
+
+    async def refused() -> list[Any]:
+        return list(await asyncio.gather(*(log.append_async({"kind": "query", "i": i})
+                                           for i in range(5)), return_exceptions=True))
+
+    outcomes = asyncio.run(asyncio.wait_for(refused(), 10))
+    assert all(isinstance(o, Exception) for o in outcomes)
+    os.close(log._fd)
+    log._fd = writable
+    assert asyncio.run(log.append_async({"kind": "query", "i": 9})) == first + 1
+    log.close()
+    with pytest.raises(AuditUnavailable):
+        asyncio.run(log.append_async({"kind": "query", "i": 10}))
+    verdict = verify_data_dir(tmp_path)
+    assert verdict.intact and verdict.entries == first + 1
+
+
+def test_entries_queued_when_the_log_closes_are_written_not_lost(tmp_path):
+    log = AuditLog(tmp_path)
+
+    async def main() -> list[int]:
+        pending = [asyncio.ensure_future(log.append_async({"kind": "query", "i": i}))
+                   for i in range(200)]
+        await asyncio.sleep(0)  # all queued
+        await asyncio.to_thread(log.close)
+        return list(await asyncio.wait_for(asyncio.gather(*pending), 10))
+
+    assert sorted(asyncio.run(main())) == list(range(1, 201))
+    verdict = verify_data_dir(tmp_path)
+    assert verdict.intact and verdict.entries == 200
 
 
 def wait_for(condition: Callable[[], bool], seconds: float = 5.0) -> bool:

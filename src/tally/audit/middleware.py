@@ -9,7 +9,6 @@ dies with an exception is recorded with status 500 before the exception goes on.
 
 from __future__ import annotations
 
-import asyncio
 import logging
 from typing import Any
 
@@ -58,7 +57,7 @@ class AuditMiddleware:
             return True
         entry = record.build(scope, kind, status)
         try:
-            await asyncio.to_thread(audit.append, entry)
+            await audit.append_async(entry)
         except Exception:
             log.exception("audit append failed; the answer is withheld",
                           extra={"trace_id": entry["trace_id"]})
