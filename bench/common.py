@@ -85,6 +85,11 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
+# the rate limits off: a benchmark measures the server's ceiling, not its admission policy
+UNLIMITED = {"TALLY_RATE_CLIENT": "off", "TALLY_RATE_BRAND": "off", "TALLY_RATE_REGION": "off",
+             "TALLY_RATE_TOKEN": "off"}
+
+
 class Server:
     def __init__(self, data: Path, env: dict[str, str] | None = None) -> None:
         self.port = free_port()

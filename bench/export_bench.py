@@ -24,7 +24,7 @@ from typing import Any
 
 import httpx2 as httpx
 
-from bench.common import OUT, Server, client_headers, machine, post_all
+from bench.common import OUT, UNLIMITED, Server, client_headers, machine, post_all
 
 START = datetime(2025, 9, 1, tzinfo=UTC)
 
@@ -80,8 +80,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="tally-export-bench-") as tmp:
         data = Path(tmp) / "data"
         data.mkdir()
-        server = Server(data, {"TALLY_RATE_CLIENT": "off", "TALLY_RATE_BRAND": "off",
-                               "TALLY_RATE_REGION": "off", "TALLY_RATE_TOKEN": "off"})
+        server = Server(data, UNLIMITED)
         try:
             headers = client_headers(server.url, data, "events:write analytics:read "
                                                        "exports:write")

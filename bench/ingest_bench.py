@@ -24,6 +24,7 @@ import msgspec
 
 from bench.common import (
     OUT,
+    UNLIMITED,
     Server,
     client_headers,
     ensure_store,
@@ -39,7 +40,6 @@ from tally.ingest.batch import prepare
 from tally.ingest.dedup import key_hasher
 
 LATENCY_BATCHES = 100  # sent afterwards by one client: ack latency when not saturated
-UNLIMITED = {"TALLY_RATE_CLIENT": "off", "TALLY_RATE_BRAND": "off", "TALLY_RATE_REGION": "off"}
 
 
 def make_bodies(batches: int, batch_size: int) -> list[bytes]:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import errno
 import hashlib
 import json
 import os
@@ -537,6 +538,32 @@ def test_event_loop_append_that_cannot_be_written_is_refused_and_the_log_goes_on
         asyncio.run(log.append_async({"kind": "query", "i": 10}))
     verdict = verify_data_dir(tmp_path)
     assert verdict.intact and verdict.entries == first + 1
+
+
+def test_event_loop_appends_that_cannot_be_synced_are_refused(tmp_path, monkeypatch):
+    """Written but not known to be on disk (the fdatasync fails, as on a failing device:
+    injected, no disk here fails on demand): every waiter of the lot gets AuditUnavailable
+    (the middleware's 503), none a seq, and the log goes on once syncs work again."""
+    log = AuditLog(tmp_path)
+    first = asyncio.run(log.append_async({"kind": "query", "i": 0}))
+    real = os.fdatasync
+
+    def failing(fd: int) -> None:
+        raise OSError(errno.EIO, "Input/output error")
+
+    monkeypatch.setattr(os, "fdatasync", failing)
+
+    async def lot() -> list[Any]:
+        return list(await asyncio.gather(*(log.append_async({"kind": "query", "i": i})
+                                           for i in range(1, 6)), return_exceptions=True))
+
+    outcomes = asyncio.run(asyncio.wait_for(lot(), 10))
+    assert all(isinstance(o, AuditUnavailable) for o in outcomes), outcomes
+    monkeypatch.setattr(os, "fdatasync", real)
+    assert asyncio.run(log.append_async({"kind": "query", "i": 6})) == first + 6
+    log.close()
+    verdict = verify_data_dir(tmp_path)  # the refused lines are in the chain, unanswered
+    assert verdict.intact and verdict.entries == first + 6
 
 
 def test_entries_queued_when_the_log_closes_are_written_not_lost(tmp_path):

@@ -40,6 +40,11 @@ class EventSpec:
         return self.history[-1].version
 
     @property
+    def field_names(self) -> tuple[str, ...]:
+        """The payload type's fields, in its order."""
+        return self.payload_type.__struct_fields__
+
+    @property
     def majors(self) -> frozenset[int]:
         return frozenset(int(v.version.split(".")[0]) for v in self.history)
 
@@ -114,7 +119,7 @@ def check_history(spec: EventSpec) -> list[str]:
         bad = required.intersection(version.added_optional)
         if bad:
             problems.append(f"{spec.name} {version.version}: adds required field(s) {sorted(bad)}")
-        unknown = set(version.added_optional) - set(spec.payload_type.__struct_fields__)
+        unknown = set(version.added_optional) - set(spec.field_names)
         if unknown:
             problems.append(
                 f"{spec.name} {version.version}: names unknown field(s) {sorted(unknown)}"

@@ -52,8 +52,6 @@ _IDENTITY = msgspec.json.Decoder(_Identity)
 _TEXT = msgspec.json.Decoder(str)
 _TOP_LEVEL = msgspec.json.Decoder(dict[str, msgspec.Raw])
 _ENVELOPE_TEXT = ("event_id", "tenant_id", "region", "player_id", "trace_id", "schema_version")
-_FIELDS_OF = {name: frozenset(spec.payload_type.__struct_fields__)
-              for name, spec in REGISTRY.items()}
 UTC_US = pa.timestamp("us", tz="UTC")
 
 
@@ -199,7 +197,7 @@ def event_table(valid: list[tuple[int, Event]], payload_texts: list[PayloadText]
     for name in PAYLOAD_COLUMNS:  # each type's own fields, None where it has no such field
         column: list[Any] = []
         for tag, group in by_type.items():
-            if name in _FIELDS_OF[tag]:
+            if name in REGISTRY[tag].field_names:
                 column += map(attrgetter(f"payload.{name}"), (event for _, event in group))
             else:
                 column += [None] * len(group)

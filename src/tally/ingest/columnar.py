@@ -368,8 +368,8 @@ def stored_rows(valid: pa.Table, received_at: datetime, hasher: KeyHasher,
 def typed_payload(row: dict[str, Any]) -> dict[str, Any]:
     """The payload of a stored row whose payload text is empty (loaded from columns): its
     type's fields that have a value."""
-    fields = REGISTRY[row["event_type"]].payload_type.__struct_fields__
-    return {name: row[name] for name in fields if row.get(name) is not None}
+    return {name: row[name] for name in REGISTRY[row["event_type"]].field_names
+            if row.get(name) is not None}
 
 
 def _event_json(row: dict[str, Any]) -> bytes:
