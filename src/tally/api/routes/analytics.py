@@ -14,6 +14,7 @@ from tally.api.answering import answering, json_answer
 from tally.api.answers import AUTHED, problems
 from tally.api.caching import COHORT_MAX_AGE, MAX_AGE, SLICE_MAX_AGE, respond
 from tally.api.deps import AnalyticsReader, RuntimeDep
+from tally.api.lean import LeanRoute
 from tally.api.models import (
     FunnelBody,
     LtvQuery,
@@ -35,7 +36,7 @@ from tally.json_input import ANY, decode
 from tally.runtime import Runtime
 from tally.security.tokens import Principal
 
-router = APIRouter(tags=["analytics"])
+router = APIRouter(tags=["analytics"], route_class=LeanRoute)
 _CACHED: dict[str, Any] = {
     "ETag": {"description": "Validator of this answer (send it back as If-None-Match).",
              "schema": {"type": "string"}, "required": True},
