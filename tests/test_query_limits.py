@@ -22,7 +22,7 @@ from sqlglot import exp
 
 from tally.api.app import create_app
 from tally.cohorts.request import MAX_COHORT_CELLS, MAX_EXCLUSIONS, MAX_STEPS
-from tally.config import Settings, parse_size
+from tally.config import SERVING_QUERY_THREADS, Settings, parse_size, serving
 from tally.errors import QueryMemoryExceeded, QueryTimeout
 from tally.runtime import SPILL_DIR, open_store
 from tally.storage.duckdb import DuckDBBackend
@@ -220,6 +220,27 @@ def test_the_store_spills_under_the_data_dir_within_the_configured_bounds(tmp_pa
                            "current_setting('max_temp_directory_size') AS s").to_pylist()
         assert got == [{"m": "244.1 MiB", "t": str(settings.data_dir / SPILL_DIR),
                         "s": "953.6 MiB"}]
+    finally:
+        opened.close()
+
+
+def test_a_server_runs_a_statement_on_one_thread_unless_told(tmp_path, monkeypatch):
+    """Unset, TALLY_QUERY_THREADS is 1 for ``tally serve`` and one a core elsewhere (a bulk
+    load); set, it is what it says, 0 included."""
+    monkeypatch.delenv("TALLY_QUERY_THREADS", raising=False)
+    unset = Settings(data_dir=tmp_path, regions="EU")
+    assert unset.query_threads is None and SERVING_QUERY_THREADS == 1
+    assert serving(unset).query_threads == 1
+    for given in ("0", "4"):
+        monkeypatch.setenv("TALLY_QUERY_THREADS", given)
+        assert serving(Settings(data_dir=tmp_path, regions="EU")).query_threads == int(given)
+    monkeypatch.delenv("TALLY_QUERY_THREADS")
+    opened = open_store(serving(unset))
+    try:
+        assert int(opened.rows(exp.select(exp.alias_(exp.Anonymous(
+            this="current_setting" if opened.dialect == "duckdb" else "getSetting",
+            expressions=[exp.Literal.string("threads" if opened.dialect == "duckdb"
+                                            else "max_threads")]), "t")), {})[0]["t"]) == 1
     finally:
         opened.close()
 

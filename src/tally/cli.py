@@ -74,11 +74,12 @@ def serve(
 
     from tally.api.app import create_app
     from tally.api.connections import server_options as edge_options
+    from tally.config import serving
     from tally.observability.logs import configure_logging
     from tally.runtime import Runtime, tune_gc
     from tally.security.mtls import server_options
 
-    settings = settings_for(data_dir)
+    settings = serving(settings_for(data_dir))
     configure_logging(settings.log_level)
     try:
         tls = server_options(ssl_certfile or settings.ssl_certfile,
