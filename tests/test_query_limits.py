@@ -360,3 +360,31 @@ def test_one_watchdog_keeps_every_statement_timer_and_stays_small():
     time.sleep(0.1)
     assert slow.interrupts == fired  # disarmed: no more
     assert threading.active_count() <= before + 1  # one watchdog thread, at most
+
+
+@pytest.mark.parametrize("memory", [1 << 30, None])
+def test_the_start_up_scans_blocks_are_given_back(tmp_path, memory):
+    """DuckDB keeps every block it read up to its memory limit: after the start-up scans
+    (``drop_cached_blocks``) the blocks are evicted, and the limit is what it was."""
+    store = DuckDBBackend(tmp_path, limits=QueryLimits(None, memory, None))
+    try:
+        cur = store._con.cursor()
+        cur.execute("CREATE TABLE wide AS SELECT range AS a, hash(range) AS b "
+                    "FROM range(16000000)")
+        cur.execute("CHECKPOINT")
+        limit = cur.execute("SELECT current_setting('memory_limit')").fetchone()
+
+        def cached_mb() -> float:
+            return cur.execute("SELECT memory_usage_bytes / 1048576 FROM duckdb_memory() "
+                               "WHERE tag = 'BASE_TABLE'").fetchone()[0]
+
+        assert cur.execute("SELECT sum(a), sum(b) FROM wide").fetchone()[0] == \
+            16000000 * 15999999 // 2
+        before = cached_mb()
+        assert before > 100  # 16M rows of two 64-bit columns, read once
+        store.drop_cached_blocks()
+        assert cached_mb() <= 64  # storage/duckdb.EVICTION_LIMIT
+        assert cur.execute("SELECT current_setting('memory_limit')").fetchone() == limit
+        assert cur.execute("SELECT count(*) FROM wide").fetchone()[0] == 16000000  # re-read
+    finally:
+        store.close()

@@ -66,6 +66,7 @@ class IngestService:
                                               "seconds": round(time.perf_counter() - started, 3)})
         self.versions = DataVersions()
         self.versions.load(backend)
+        backend.drop_cached_blocks()  # the blocks the two scans above read: not the queries'
         self.applier = Applier(backend, self.journal, self.versions, applied,
                                parked_dir=journal_dir.parent / "parked",
                                max_backlog_rows=max_backlog_rows,

@@ -165,6 +165,11 @@ class Backend(Protocol):
     def event_keys(self, chunk_rows: int) -> Iterator[tuple[Any, Any]]:
         """Stored dedup keys (id_hi, id_lo) as numpy int64 arrays, chunk by chunk."""
 
+    def drop_cached_blocks(self) -> None:
+        """Give back the memory of blocks the store cached for the start-up scans (the dedup
+        keys, the data versions), which the queries do not read. A store with no such cache
+        of its own ignores it."""
+
     def max_ingest_seq(self) -> int: ...
 
     def data_versions(self) -> pa.Table:

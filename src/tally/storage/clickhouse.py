@@ -472,6 +472,9 @@ class ClickHouseBackend:
         if self._owner is not None:
             syncfs(self._owner)
 
+    def drop_cached_blocks(self) -> None:
+        """ClickHouse bounds its caches itself (mark and uncompressed caches)."""
+
     def fx_rates(self) -> list[tuple[date, str, str]]:
         rows = self.query(
             "SELECT toDate32(day) AS day, currency, rate FROM fx_rates").to_pylist()
