@@ -115,7 +115,7 @@ class Settings(BaseSettings):
     query_memory_limit: str = "50%"  # of the machine's memory, or a size: 4GB, 512MB
     query_spill_limit: str = ""  # disk a query may spill to; empty: the memory limit's size
     # the engine's threads per statement; 0: one a core; unset: SERVING_QUERY_THREADS for
-    # `tally serve` (serving), one a core for the bulk commands (demo, load)
+    # `tally serve` on DuckDB (serving), else one a core
     query_threads: int | None = Field(default=None, ge=0, le=1024)
     # the HTTP edge (api/bodies.py, api/connections.py): time and room a client may take
     header_timeout_seconds: float = Field(default=10.0, gt=0, le=600)
@@ -279,8 +279,9 @@ SERVING_QUERY_THREADS = 1
 
 def serving(settings: Settings) -> Settings:
     """The settings ``tally serve`` runs with: ``query_threads`` unset is
-    :data:`SERVING_QUERY_THREADS`."""
-    if settings.query_threads is not None:
+    :data:`SERVING_QUERY_THREADS` on the DuckDB store (where it was measured); a ClickHouse
+    store keeps ClickHouse's own default (one a core) until it is measured there."""
+    if settings.query_threads is not None or settings.store.strip().lower() != "duckdb":
         return settings
     return settings.model_copy(update={"query_threads": SERVING_QUERY_THREADS})
 

@@ -106,5 +106,4 @@ def handler(dependant: Dependant,
                                                s.runtime: runtime, s.query: q})
         return response
 
-    lean.lean = True  # type: ignore[attr-defined]  # tests: which routes took this path
     return lean
