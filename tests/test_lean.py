@@ -92,7 +92,8 @@ def _answers(settings: Settings, enabled: bool, tokens: dict[str, dict[str, str]
 
 @pytest.fixture
 def lean_settings(settings: Settings) -> Iterator[Settings]:
-    yield settings.model_copy(update={"rate_client": "off", "rate_token": "off"})
+    yield settings.model_copy(update={"rate_client": "off", "rate_token": "off",
+                                      "rate_brand": "off", "rate_region": "off"})
 
 
 def test_the_lean_routes_answer_as_fastapi_does(lean_settings):
