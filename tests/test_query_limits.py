@@ -22,9 +22,9 @@ from sqlglot import exp
 
 from tally.api.app import create_app
 from tally.cohorts.request import MAX_COHORT_CELLS, MAX_EXCLUSIONS, MAX_STEPS
-from tally.config import SERVING_QUERY_THREADS, Settings, parse_size, serving
+from tally.config import Settings, parse_size
 from tally.errors import QueryMemoryExceeded, QueryTimeout
-from tally.runtime import SPILL_DIR, open_store
+from tally.runtime import SERVING_QUERY_THREADS, SPILL_DIR, open_store, serving
 from tally.storage.duckdb import DuckDBBackend
 from tally.storage.limits import QueryLimits
 from tests.conftest import bearer, make_event, on_duckdb_only

@@ -74,12 +74,11 @@ def serve(
 
     from tally.api.app import create_app
     from tally.api.connections import server_options as edge_options
-    from tally.config import serving
     from tally.observability.logs import configure_logging
-    from tally.runtime import Runtime, tune_gc
+    from tally.runtime import Runtime, serving, tune_gc
     from tally.security.mtls import server_options
 
-    settings = serving(settings_for(data_dir))
+    settings = settings_for(data_dir)
     configure_logging(settings.log_level)
     try:
         tls = server_options(ssl_certfile or settings.ssl_certfile,
@@ -89,6 +88,7 @@ def serve(
     except ValueError as exc:
         fail(str(exc))
     try:
+        settings = serving(settings)  # an unknown TALLY_STORE: one line, as below
         runtime = Runtime.open(settings)
     except StoreUnavailable as exc:
         fail(str(exc))

@@ -114,8 +114,8 @@ class Settings(BaseSettings):
     query_timeout_seconds: float = Field(default=30.0, gt=0, le=3600)
     query_memory_limit: str = "50%"  # of the machine's memory, or a size: 4GB, 512MB
     query_spill_limit: str = ""  # disk a query may spill to; empty: the memory limit's size
-    # the engine's threads per statement; 0: one a core; unset: SERVING_QUERY_THREADS for
-    # `tally serve` on DuckDB (serving), else one a core
+    # the engine's threads per statement; 0: one a core; unset: runtime.SERVING_QUERY_THREADS
+    # for `tally serve` on DuckDB (runtime.serving), else one a core
     query_threads: int | None = Field(default=None, ge=0, le=1024)
     # the HTTP edge (api/bodies.py, api/connections.py): time and room a client may take
     header_timeout_seconds: float = Field(default=10.0, gt=0, le=600)
@@ -269,21 +269,6 @@ class Settings(BaseSettings):
         """The regions served here, knowing where the others are (``421`` links)."""
         return ServedRegions((r.strip() for r in self.regions.split(",") if r.strip()),
                              parse_endpoints(self.region_endpoints))
-
-
-# A server answers many statements at once: on one thread each, every query costs less CPU
-# and the p95s at three clients on two cores are lower, ingestion included (docs/benchmarks.md
-# "One thread a statement"); a lone large statement is slower. TALLY_QUERY_THREADS=0: one a core.
-SERVING_QUERY_THREADS = 1
-
-
-def serving(settings: Settings) -> Settings:
-    """The settings ``tally serve`` runs with: ``query_threads`` unset is
-    :data:`SERVING_QUERY_THREADS` on the DuckDB store (where it was measured); a ClickHouse
-    store keeps ClickHouse's own default (one a core) until it is measured there."""
-    if settings.query_threads is not None or settings.store.strip().lower() != "duckdb":
-        return settings
-    return settings.model_copy(update={"query_threads": SERVING_QUERY_THREADS})
 
 
 @lru_cache(maxsize=1)

@@ -42,6 +42,21 @@ log = logging.getLogger(__name__)
 __all__ = ["SPILL_DIR", "Runtime", "open_ingest", "open_source", "open_store", "tune_gc"]
 
 
+# A server answers many statements at once: on one thread each, every query costs less CPU
+# and the p95s at three clients on two cores are lower, ingestion included (docs/benchmarks.md
+# "One thread a statement"); a lone large statement is slower. TALLY_QUERY_THREADS=0: one a core.
+SERVING_QUERY_THREADS = 1
+
+
+def serving(settings: Settings) -> Settings:
+    """The settings ``tally serve`` runs with: ``query_threads`` unset is
+    :data:`SERVING_QUERY_THREADS` on the DuckDB store (where it was measured); a ClickHouse
+    store keeps ClickHouse's own default (one a core) until it is measured there."""
+    if settings.query_threads is not None or check_store(settings.store) != "duckdb":
+        return settings
+    return settings.model_copy(update={"query_threads": SERVING_QUERY_THREADS})
+
+
 def tune_gc() -> None:
     """For a process that ingests: a batch decodes into thousands of short-lived objects, and
     the default gen-0 threshold (700) ran collections several times per batch (measured: ~20%

@@ -111,12 +111,12 @@ def parts(backend: Backend, fx: FxRates, metric: Metric, scope: Scope,
     else:
         components = [[term] for term in metric.terms]
     convert = fx.convert if metric.kind is Kind.ADDITIVE else fx.exact
-    width, groups = len(components), scope.group_by
+    width = len(components)
     result: dict[Key, list[Part]] = {}
     days: dict[int, date] = {}
     for row in rows:
-        bucket = int(row["bucket"])
-        key = (bucket, *(row[g] for g in groups)) if groups else (bucket,)
+        key = _key(row, scope)
+        bucket = key[0]
         slot = result.get(key)
         if slot is None:
             slot = result[key] = [0] * width
