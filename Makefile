@@ -43,7 +43,7 @@ STORE_SUITE := tests/test_analytics.py tests/test_rollups.py tests/test_cohorts.
 	tests/test_privacy.py tests/test_partners.py tests/test_durability.py \
 	tests/test_query_limits.py tests/test_audit.py tests/test_demo.py \
 	tests/test_csv_answers.py tests/test_exports.py tests/test_embeds.py tests/test_alerts.py \
-	tests/test_drift.py tests/test_applier.py
+	tests/test_drift.py tests/test_applier.py tests/test_funnel_days.py
 
 # the fault scenarios that run there too (a slow-client scenario tests the HTTP edge alone)
 STORE_FAULTS := sigkill_cycles or sigterm_under_backlog or overload or poison_record or \

@@ -21,7 +21,7 @@ from tally.errors import TallyError
 from tally.exports.runner import ExportWorker
 from tally.ingest.batch import warm_up
 from tally.ingest.service import IngestService
-from tally.insights.cache import AnswerCache
+from tally.insights.cache import AnswerCache, PartCache
 from tally.insights.series import Context
 from tally.rollups import activity
 from tally.rollups.spec import GRAINS, derived_tables
@@ -120,6 +120,7 @@ class Runtime:
     audit: AuditLog
     limits: Limits  # rate limits and row quotas (security/admission.py)
     source: KafkaSource | None = None  # TALLY_CONSUME_FROM: an operator's topic, consumed here
+    parts: PartCache = field(default_factory=PartCache)  # funnels' days (cohorts/funnel.py)
     _source_stop: threading.Event = field(default_factory=threading.Event)
     _source_thread: threading.Thread | None = None
     source_failure: str | None = None
@@ -130,7 +131,8 @@ class Runtime:
         """What a query of ``principal`` is planned with (a route's, an export's, a
         widget's): the store, FX rates, settings, the caller's limits and the watermark."""
         return Context(self.backend, self.fx, self.settings, principal,
-                       self.ingest.versions.complete_before)
+                       self.ingest.versions.complete_before, self.parts,
+                       self.ingest.versions.version)
 
     def refusal(self, alert: Alert) -> str | None:
         """Why an alert's creator may no longer be served (revoked, or its tokens of the
@@ -238,6 +240,12 @@ class Runtime:
         for result, count in (("hit", self.answers.hits), ("miss", self.answers.misses)):
             yield ("tally_answer_cache_lookups_total", "Answer cache lookups by result.",
                    {"result": result}, float(count))
+        for result, count in (("hit", self.parts.hits), ("miss", self.parts.misses)):
+            yield ("tally_funnel_parts_lookups_total",
+                   "Lookups of a funnel's kept whole days by result.", {"result": result},
+                   float(count))
+        yield ("tally_funnel_parts_bytes", "Bytes of funnels' whole days kept in memory.", {},
+               float(self.parts.size_bytes))
         for limit, count in self.limits.refusals.counts().items():
             yield ("tally_rate_limit_refusals_total",
                    "Requests refused with 429 by a rate limit or the daily row quota, by limit.",

@@ -9,11 +9,13 @@ best attempt. Python only counts units per depth and takes medians.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.compute as pc
 from sqlglot import exp
 
@@ -32,6 +34,7 @@ from tally.cohorts.request import (
     parse_step,
 )
 from tally.cohorts.tables import (
+    DAY,
     HOUR,
     STEP_TIMES,
     hashes_collided,
@@ -39,8 +42,9 @@ from tally.cohorts.tables import (
     keeps_player_hashes,
 )
 from tally.errors import InvalidParameter
+from tally.insights.cache import PartCache
 from tally.insights.evaluate import nearest_rank
-from tally.insights.request import parse_instant
+from tally.insights.request import fingerprint, parse_instant
 from tally.semantic import attributes
 from tally.semantic.catalog import PLAYER_ATTRIBUTES
 from tally.semantic.compiler import Compiled, Params, column, filter_conditions
@@ -256,7 +260,8 @@ def _table(name: str) -> exp.Table:
     return exp.Table(this=exp.to_identifier(name))
 
 
-def compile_kept(f: Funnel, hashed: bool = True) -> Compiled:
+def compile_kept(f: Funnel, hashed: bool = True,
+                 spans: tuple[tuple[datetime, datetime], ...] | None = None) -> Compiled:
     """:func:`compile_funnel` on the kept rows (``step_times``, when :func:`kept`): the
     attempts are the step-1 instants in ``[from, to)``; each next step joins an attempt to its
     player's rows of that step in the hours from the previous step's to the window's end, and
@@ -264,13 +269,19 @@ def compile_kept(f: Funnel, hashed: bool = True) -> Compiled:
     (brand, player) hash ``k`` when ``hashed`` (DuckDB: a hash that two players share makes
     the caller ask the events again, on the strings), else on the two strings.
 
+    ``spans``: the attempts are those starting in these ``[start, end)`` parts of the range
+    instead, and the rows are per (unit, UTC day of the start): each unit's best attempt of
+    each day, its start and its columns (:func:`_best`), for :func:`answer` to keep per day.
+
     Each attempt's columns go on through the step's ``GROUP BY`` (not joined back): every
     common table expression is read once, as ClickHouse, which inlines them, needs."""
     params = Params()
     n = len(f.steps)
     hour = exp.Literal.number
-    first = int((f.start - EPOCH_DT).total_seconds()) // HOUR
-    last = int((f.end - EPOCH_DT).total_seconds() + f.window_sec) // HOUR
+    parts = spans if spans is not None else ((f.start, f.end),)
+    begin, end = min(s for s, _ in parts), max(e for _, e in parts)
+    first = int((begin - EPOCH_DT).total_seconds()) // HOUR
+    last = int((end - EPOCH_DT).total_seconds() + f.window_sec) // HOUR
     unit = ("k",) if hashed else ("tenant_id", "player_id")
 
     def rows(step: Step, upto: int) -> exp.Select:
@@ -292,7 +303,7 @@ def compile_kept(f: Funnel, hashed: bool = True) -> Compiled:
     starts = exp.select(*(column(u) for u in unit),
                         exp.alias_(exp.Explode(this=column("times")), "t", copy=False),
                         copy=False) \
-        .from_(rows(f.steps[0], int((f.end - EPOCH_DT).total_seconds()) // HOUR)
+        .from_(rows(f.steps[0], int((end - EPOCH_DT).total_seconds()) // HOUR)
                .subquery("r", copy=False), copy=False)
     # an attempt is its unit and start: two starts of a unit at one instant are one attempt
     # (steps share no events here, so both would find the same steps), and a step's instants
@@ -300,8 +311,8 @@ def compile_kept(f: Funnel, hashed: bool = True) -> Compiled:
     ctes: list[tuple[str, exp.Expr]] = [("a0", exp.select(
         *(column(u) for u in unit), exp.alias_(column("t"), "t0", copy=False), copy=False)
         .from_(starts.subquery("s", copy=False), copy=False)
-        .where(column("t") >= params.bind(f.start), copy=False)
-        .where(column("t") < params.bind(f.end), copy=False))]
+        .where(exp.or_(*(exp.and_(column("t") >= params.bind(s), column("t") < params.bind(e))
+                         for s, e in parts), copy=False), copy=False))]
     window = exp.Literal.number(f.window_sec)
     x = exp.to_identifier("x")
     for k in range(1, n):
@@ -338,18 +349,20 @@ def compile_kept(f: Funnel, hashed: bool = True) -> Compiled:
     # hashed: players told apart by their hash alone, asked again of the events if any
     # collided
     return _best(f, ctes, f"a{n - 1}", hashes_collided() if hashed else exp.false(), False,
-                 params, unit)
+                 params, unit, per_day=spans is not None)
 
 
 def _best(f: Funnel, ctes: list[tuple[str, exp.Expr]], prev: str, collided: exp.Expr,
           sequenced: bool, params: Params, unit: tuple[str, ...],
-          carry: tuple[str, ...] = ()) -> Compiled:
+          carry: tuple[str, ...] = (), per_day: bool = False) -> Compiled:
     """The answer's rows from the attempts (CTE ``prev``: ``tenant_id``, ``unit``, ``t0``…
     ``t{n-1}`` the instants found for each step, ``y{j}`` each exclusion's, ``q0`` when
     ``sequenced``): per unit (grouped by the columns ``unit``: the hash ``k``, or
     ``tenant_id`` and ``unit``) its best attempt's depth, the microseconds between its steps
     (``gaps``) and ``collided``, an aggregate (of the attempts' columns ``carry``): whether
-    a hash met another unit."""
+    a hash met another unit. ``per_day``: per (unit, UTC day of ``t0``) instead, each row
+    with its unit's columns, ``day`` (days since the epoch) and its best attempt's ``started``
+    (``t0``)."""
     n = len(f.steps)
     # reach_k: found, within the window, within its own limit, not cut by an exclusion
     reach: list[exp.Expr] = []
@@ -375,8 +388,11 @@ def _best(f: Funnel, ctes: list[tuple[str, exp.Expr]], prev: str, collided: exp.
                         .else_(exp.Literal.number(0)))
     gaps = exp.Array(expressions=[_micros(column(f"t{k - 1}"), column(f"t{k}"))
                                   for k in range(1, n)])
+    day = [exp.alias_(exp.IntDiv(this=exp.Paren(this=epoch_seconds(column("t0"))),
+                                 expression=exp.Literal.number(DAY)), "day", copy=False)] \
+        if per_day else []
     attempts = exp.select(*(column(name) for name in dict.fromkeys((*unit, "t0", *carry))),
-                          *([column("q0")] if sequenced else []),
+                          *([column("q0")] if sequenced else []), *day,
                           exp.alias_(depth, "d", copy=False),
                           exp.alias_(gaps, "g", copy=False), copy=False) \
         .from_(_table(prev), copy=False)
@@ -388,25 +404,106 @@ def _best(f: Funnel, ctes: list[tuple[str, exp.Expr]], prev: str, collided: exp.
     rank = exp.Tuple(expressions=[exp.Neg(this=column("d")), column("t0"),
                                   *([column("q0")] if sequenced else [])])
     best = exp.ArgMin(this=column("g"), expression=rank)
-    tree = exp.select(exp.alias_(exp.Max(this=column("d")), "depth", copy=False),
+    keys = (*unit, "day") if per_day else unit
+    tree = exp.select(*(column(name) for name in keys if per_day),
+                      exp.alias_(exp.Max(this=column("d")), "depth", copy=False),
+                      *([exp.alias_(exp.ArgMin(this=column("t0"), expression=rank.copy()),
+                                    "started", copy=False)] if per_day else []),
                       exp.alias_(best, "gaps", copy=False),
                       exp.alias_(collided, "collided", copy=False), copy=False) \
         .from_(attempts.subquery("at", copy=False), copy=False) \
-        .group_by(*(column(name) for name in unit), copy=False)
+        .group_by(*(column(name) for name in keys), copy=False)
     for name, cte in ctes:
         tree = tree.with_(name, as_=cte, copy=False)
     return Compiled(tree, params.values)
 
 
-def answer(backend: Backend, f: Funnel, *, kept_rows: bool | None = None) -> dict[str, Any]:
+# the data version of some brands (None: all) on the days of a range (None: any day):
+# DataVersions.version
+Version = Callable[[tuple[str, ...] | None, tuple[datetime, datetime] | None], int]
+ONE_DAY = timedelta(days=1)
+
+
+def _by_day(backend: Backend, f: Funnel, days: PartCache, version: Version) -> pa.Table | None:
+    """A kept-rows funnel's rows per unit (``depth``, ``gaps``, ``collided``) from each whole
+    UTC day's best attempts, kept in ``days`` under the data version of the events they read,
+    and the rest of the range (its partial first and last days, the days not kept) computed
+    in one statement. Exact: an attempt depends only on its start and the window after it (at
+    most a day, :data:`KEPT_MAX_WINDOW`: the events of its day and the next), so each unit's
+    best attempt over the range is the best of its days' bests — the most steps, then the
+    earliest start. ``None`` when the range holds fewer than two whole days (nothing to keep),
+    or a kept hash may have collided (the caller asks again)."""
+    first = datetime.combine(f.start.date(), datetime.min.time())
+    if first < f.start:
+        first += ONE_DAY
+    stop = datetime.combine(f.end.date(), datetime.min.time())
+    if (stop - first).days < 2:
+        return None
+    hashed = keeps_player_hashes(backend.dialect)
+    unit = ("k",) if hashed else ("tenant_id", "player_id")
+    definition = fingerprint("funnel-day", f.steps, f.window_sec, sorted(f.filters.items()),
+                             f.correlate_by, hashed)
+    brands = f.filters.get("brand_id")
+    # a filter on the players' attributes reads their registrations, whatever their day
+    any_day = any(key in PLAYER_ATTRIBUTES for key in f.filters)
+    parts, missing = [], {}
+    for i in range((stop - first).days):
+        day = first + i * ONE_DAY
+        key = (definition, day, version(brands, None if any_day else (day, day + 2 * ONE_DAY)))
+        kept_part = days.get(key)
+        if kept_part is None:
+            missing[(day - EPOCH_DT).days] = key
+        else:
+            parts.append(kept_part)
+    spans: list[tuple[datetime, datetime]] = []
+    wanted = ([(f.start, first)] if f.start < first else []) + \
+        [(EPOCH_DT + d * ONE_DAY, EPOCH_DT + (d + 1) * ONE_DAY) for d in sorted(missing)] + \
+        ([(stop, f.end)] if stop < f.end else [])
+    for s, e in wanted:  # adjacent parts as one
+        if spans and spans[-1][1] == s:
+            spans[-1] = (spans[-1][0], e)
+        else:
+            spans.append((s, e))
+    columns = [*unit, "depth", "started", "gaps"]
+    if spans:
+        c = compile_kept(f, hashed, tuple(spans))
+        fresh = backend.execute(c.tree, c.params)
+        if len(fresh) and pc.any(fresh.column("collided")).as_py():
+            return fresh
+        day_of = fresh.column("day")
+        for d, key in missing.items():
+            days.put(key, fresh.filter(pc.equal(day_of, d)).select(columns))
+        parts.append(fresh.select(columns))
+    elif hashed and backend.execute(exp.select(exp.alias_(hashes_collided(), "c")), {}) \
+            .column("c")[0].as_py():
+        return None
+    rows = pa.concat_tables(parts, promote_options="permissive") \
+        .sort_by([*((u, "ascending") for u in unit), ("depth", "descending"),
+                  ("started", "ascending")])
+    if len(rows) > 1:  # each unit's first row: its best attempt
+        changed = [pc.not_equal(rows.column(u)[1:], rows.column(u)[:-1]) for u in unit]
+        other = changed[0] if len(changed) == 1 else pc.or_(*changed)
+        rows = rows.filter(pa.concat_arrays([pa.array([True]),
+                                             pa.chunked_array(other).combine_chunks()]))
+    return pa.table({"depth": rows.column("depth"), "gaps": rows.column("gaps"),
+                     "collided": pa.nulls(len(rows), pa.bool_()).fill_null(False)})
+
+
+def answer(backend: Backend, f: Funnel, *, kept_rows: bool | None = None,
+           days: PartCache | None = None, version: Version | None = None) -> dict[str, Any]:
     """The funnel's answer, from the kept rows when they can give it (:func:`kept`; or as
     ``kept_rows`` says: both plans give the same answer), else from the events; a hash
-    collision either way is answered again from the events on the strings."""
+    collision either way is answered again from the events on the strings. With ``days``
+    and ``version``, a kept-rows funnel keeps and reuses its whole days' results
+    (:func:`_by_day`): a sliding range computes only what is new."""
     if kept_rows is None:
         kept_rows = kept(f)
-    c = compile_kept(f, keeps_player_hashes(backend.dialect)) if kept_rows \
-        else compile_funnel(f)
-    table = backend.execute(c.tree, c.params)
+    table = _by_day(backend, f, days, version) \
+        if kept_rows and days is not None and version is not None else None
+    if table is None:
+        c = compile_kept(f, keeps_player_hashes(backend.dialect)) if kept_rows \
+            else compile_funnel(f)
+        table = backend.execute(c.tree, c.params)
     if len(table) and pc.any(table.column("collided")).as_py():
         table = backend.execute((c := compile_funnel(f, hashed=False)).tree, c.params)
     depth = table.column("depth").to_numpy(zero_copy_only=False).astype(np.int64)

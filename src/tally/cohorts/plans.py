@@ -38,7 +38,9 @@ def funnel(ctx: Context, body: Any) -> Plan:
     fp = rq.fingerprint("funnel", f)
     fp = rq.fingerprint(fp, ctx.principal.min_group_size)
     return Plan(fp, f.filters.get("brand_id"), None,
-                lambda: _private_funnel(funnel_.answer(ctx.backend, f), ctx.principal),
+                lambda: _private_funnel(funnel_.answer(ctx.backend, f, days=ctx.parts,
+                                                         version=ctx.data_version),
+                                         ctx.principal),
                 Table("steps", ("name", "count", "rate", "median_sec", *_flag(ctx)), ("funnel",),
                       {"count": "int", "rate": "float", "median_sec": "float",
                        policy.SUPPRESSED: "bool"}))
