@@ -361,8 +361,7 @@ def _best(f: Funnel, ctes: list[tuple[str, exp.Expr]], prev: str, collided: exp.
     ``tenant_id`` and ``unit``) its best attempt's depth, the microseconds between its steps
     (``gaps``) and ``collided``, an aggregate (of the attempts' columns ``carry``): whether
     a hash met another unit. ``per_day``: per (unit, UTC day of ``t0``) instead, each row
-    with its unit's columns, ``day`` (days since the epoch) and its best attempt's ``started``
-    (``t0``)."""
+    with its unit's columns and ``day`` (days since the epoch)."""
     n = len(f.steps)
     # reach_k: found, within the window, within its own limit, not cut by an exclusion
     reach: list[exp.Expr] = []
@@ -407,8 +406,6 @@ def _best(f: Funnel, ctes: list[tuple[str, exp.Expr]], prev: str, collided: exp.
     keys = (*unit, "day") if per_day else unit
     tree = exp.select(*(column(name) for name in keys if per_day),
                       exp.alias_(exp.Max(this=column("d")), "depth", copy=False),
-                      *([exp.alias_(exp.ArgMin(this=column("t0"), expression=rank.copy()),
-                                    "started", copy=False)] if per_day else []),
                       exp.alias_(best, "gaps", copy=False),
                       exp.alias_(collided, "collided", copy=False), copy=False) \
         .from_(attempts.subquery("at", copy=False), copy=False) \
@@ -464,7 +461,7 @@ def _by_day(backend: Backend, f: Funnel, days: PartCache, version: Version) -> p
             spans[-1] = (spans[-1][0], e)
         else:
             spans.append((s, e))
-    columns = [*unit, "depth", "started", "gaps"]
+    columns = [*unit, "day", "depth", "gaps"]
     if spans:
         c = compile_kept(f, hashed, tuple(spans))
         fresh = backend.execute(c.tree, c.params)
@@ -477,14 +474,16 @@ def _by_day(backend: Backend, f: Funnel, days: PartCache, version: Version) -> p
     elif hashed and backend.execute(exp.select(exp.alias_(hashes_collided(), "c")), {}) \
             .column("c")[0].as_py():
         return None
-    rows = pa.concat_tables(parts, promote_options="permissive") \
-        .sort_by([*((u, "ascending") for u in unit), ("depth", "descending"),
-                  ("started", "ascending")])
-    if len(rows) > 1:  # each unit's first row: its best attempt
-        changed = [pc.not_equal(rows.column(u)[1:], rows.column(u)[:-1]) for u in unit]
-        other = changed[0] if len(changed) == 1 else pc.or_(*changed)
-        rows = rows.filter(pa.concat_arrays([pa.array([True]),
-                                             pa.chunked_array(other).combine_chunks()]))
+    rows = pa.concat_tables(parts, promote_options="permissive")
+    # each unit's best row: the most steps, then the earliest start — its earliest day, as a
+    # unit's rows are of different days — found as the least of one integer a row (steps
+    # missed, day, row number) per unit
+    depth = rows.column("depth").to_numpy().astype(np.int64)
+    rank = ((MAX_STEPS - depth) << 52) | (rows.column("day").to_numpy().astype(np.int64) << 32) \
+        | np.arange(len(rows), dtype=np.int64)
+    best = pa.table([*(rows.column(u) for u in unit), pa.array(rank)], names=[*unit, "rank"]) \
+        .group_by(list(unit), use_threads=False).aggregate([("rank", "min")])
+    rows = rows.take(pc.bit_wise_and(best.column("rank_min"), (1 << 32) - 1))
     return pa.table({"depth": rows.column("depth"), "gaps": rows.column("gaps"),
                      "collided": pa.nulls(len(rows), pa.bool_()).fill_null(False)})
 
