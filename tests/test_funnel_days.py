@@ -264,3 +264,24 @@ def test_the_kept_rows_plan_per_day_gives_each_days_best_attempts(week):
                              version=week.runtime.ingest.versions.version)
     assert by_days == whole == {**whole, **cref.funnel(week.sent, body(day(0), day(7)))}
 
+
+
+def test_a_funnels_etag_moves_with_the_events_it_reads_only(week):
+    """A funnel reads the events of its range up to the end of the last attempt's window:
+    an event after that leaves its ETag (and its cached answer) as they were; one inside
+    moves them. With a device filter it reads every player's registration: any event moves
+    it."""
+    ranged = body(day(1), day(3), 3600, filters={"brand_id": "fd-1"})
+    devices = {**ranged, "filters": {"brand_id": "fd-1", "device": "mobile"}}
+
+    def tag(b: dict[str, Any]) -> str:
+        r = week.client.post(FUNNEL, json=b, headers=week.headers)
+        assert r.status_code == 200
+        return r.headers["etag"]
+
+    before, before_devices = tag(ranged), tag(devices)
+    week.add([ev("bet.placed", day(4, 2), "p-after", "fd-1")])  # after to + window
+    assert tag(ranged) == before and tag(devices) != before_devices
+    week.add([ev("bet.placed", day(3, 0.5), "p-inside", "fd-1")])  # inside the last window
+    assert tag(ranged) != before
+    week.check(ranged)

@@ -415,6 +415,15 @@ def _best(f: Funnel, ctes: list[tuple[str, exp.Expr]], prev: str, collided: exp.
     return Compiled(tree, params.values)
 
 
+def reads(f: Funnel, start: datetime, end: datetime) -> tuple[datetime, datetime] | None:
+    """The instants whose events can change the attempts of ``f`` starting in ``[start,
+    end)``: up to the end of the last one's window (a step is at most ``window_sec`` after
+    its attempt's start); ``None`` (any) when a filter reads the players' registrations."""
+    if any(key in PLAYER_ATTRIBUTES for key in f.filters):
+        return None
+    return start, end + timedelta(seconds=f.window_sec)
+
+
 # the data version of some brands (None: all) on the days of a range (None: any day):
 # DataVersions.version
 Version = Callable[[tuple[str, ...] | None, tuple[datetime, datetime] | None], int]
@@ -428,8 +437,9 @@ def _by_day(backend: Backend, f: Funnel, days: PartCache, version: Version) -> p
     in one statement. Exact: an attempt depends only on its start and the window after it (at
     most a day, :data:`KEPT_MAX_WINDOW`: the events of its day and the next), so each unit's
     best attempt over the range is the best of its days' bests — the most steps, then the
-    earliest start. ``None`` when the range holds fewer than two whole days (nothing to keep),
-    or a kept hash may have collided (the caller asks again)."""
+    earliest start (a day's version: :func:`reads`). ``None`` when the range holds fewer than
+    two whole days (nothing to keep), or a kept hash may have collided (the caller asks
+    again)."""
     first = datetime.combine(f.start.date(), datetime.min.time())
     if first < f.start:
         first += ONE_DAY
@@ -441,12 +451,10 @@ def _by_day(backend: Backend, f: Funnel, days: PartCache, version: Version) -> p
     definition = fingerprint("funnel-day", f.steps, f.window_sec, sorted(f.filters.items()),
                              f.correlate_by, hashed)
     brands = f.filters.get("brand_id")
-    # a filter on the players' attributes reads their registrations, whatever their day
-    any_day = any(key in PLAYER_ATTRIBUTES for key in f.filters)
     parts, missing = [], {}
     for i in range((stop - first).days):
         day = first + i * ONE_DAY
-        key = (definition, day, version(brands, None if any_day else (day, day + 2 * ONE_DAY)))
+        key = (definition, day, version(brands, reads(f, day, day + ONE_DAY)))
         kept_part = days.get(key)
         if kept_part is None:
             missing[(day - EPOCH_DT).days] = key

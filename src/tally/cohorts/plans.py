@@ -37,7 +37,7 @@ def funnel(ctx: Context, body: Any) -> Plan:
                        _confine(ctx, f.filters), f.correlate_by)
     fp = rq.fingerprint("funnel", f)
     fp = rq.fingerprint(fp, ctx.principal.min_group_size)
-    return Plan(fp, f.filters.get("brand_id"), None,
+    return Plan(fp, f.filters.get("brand_id"), funnel_.reads(f, f.start, f.end),
                 lambda: _private_funnel(funnel_.answer(ctx.backend, f, days=ctx.parts,
                                                          version=ctx.data_version),
                                          ctx.principal),
