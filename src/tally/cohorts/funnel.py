@@ -271,7 +271,7 @@ def compile_kept(f: Funnel, hashed: bool = True,
 
     ``spans``: the attempts are those starting in these ``[start, end)`` parts of the range
     instead, and the rows are per (unit, UTC day of the start): each unit's best attempt of
-    each day, its start and its columns (:func:`_best`), for :func:`answer` to keep per day.
+    each day (:func:`_best`), for :func:`_by_day` to keep per day.
 
     Each attempt's columns go on through the step's ``GROUP BY`` (not joined back): every
     common table expression is read once, as ClickHouse, which inlines them, needs."""
