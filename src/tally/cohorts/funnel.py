@@ -475,10 +475,19 @@ def _by_day(backend: Backend, f: Funnel, days: PartCache, version: Version) -> p
         fresh = backend.execute(c.tree, c.params)
         if len(fresh) and pc.any(fresh.column("collided")).as_py():
             return fresh
-        day_of = fresh.column("day")
+        # the rows in day order (one take), then each kept day a copy of its slice: a slice
+        # would hold the whole table's buffers
+        day_of = fresh.column("day").to_numpy()
+        order = np.argsort(day_of, kind="stable")
+        ordered = day_of[order]
+        fresh = fresh.select(columns).take(order).combine_chunks()
         for d, key in missing.items():
-            days.put(key, fresh.filter(pc.equal(day_of, d)).select(columns))
-        parts.append(fresh.select(columns))
+            lo, hi = np.searchsorted(ordered, [d, d + 1])
+            part = fresh.slice(lo, hi - lo)
+            days.put(key, pa.table([pa.concat_arrays(c.chunks) for c in part.columns],
+                                   schema=part.schema) if hi > lo else
+                     part.schema.empty_table())
+        parts.append(fresh)
     elif hashed and backend.execute(exp.select(exp.alias_(hashes_collided(), "c")), {}) \
             .column("c")[0].as_py():
         return None
