@@ -117,3 +117,55 @@ def test_a_power_loss_after_a_clean_stop_loses_nothing(tmp_path: Path, store: st
         events.check(data, findings)
     check(findings)
     assert findings.figures["events acknowledged"] == 12 * 400
+
+
+@pytest.mark.parametrize("store", ["duckdb", "chdb"])
+def test_a_write_is_never_called_durable_on_a_disk_gone_read_only(tmp_path: Path, store: str):
+    """The journal lets a record go once the store says the write is on disk
+    (``Backend.make_durable``). An insert into the embedded ClickHouse returns before its part
+    is written back; if the disk then goes read-only (ext4's ``errors=remount-ro`` on an I/O
+    error) what it had not written back is gone. So ``make_durable`` either fails (the
+    journal keeps the record, to replay after the repair: here chDB's sync reports the
+    error) or the rows are there after the repair (DuckDB: its WAL was synced at commit)."""
+    from datetime import UTC, datetime
+
+    from tally.events.envelope import ValidationContext
+    from tally.ingest.batch import prepare
+    from tally.ingest.dedup import key_hasher
+    from tally.rollups import activity
+    from tally.rollups.spec import derived_tables
+    from tally.storage.base import Backend, WriteSet
+    from tally.storage.factory import open_backend
+
+    hour = recent_hour()
+    sent = [bet(f"ro-{i}", hour + timedelta(seconds=i)) for i in range(300)]
+    table = prepare(body(sent), ValidationContext(datetime.now(UTC), frozenset({"EU"})), "t",
+                    10_000, key_hasher(b"test")).table
+    data = tmp_path / "data"
+
+    def opened() -> Backend:
+        return open_backend(store, data, derived=derived_tables, retired=activity.RETIRED)
+
+    with ext4(data, 128 * MIB, tmp_path / "images" / "data.img", commit=300) as disk:
+        backend = opened()
+        backend.write(WriteSet(events=[table]), 1)
+        disk.trip_read_only()  # before the write is synced: as an I/O error at that moment
+        try:
+            backend.make_durable()
+            durable = True
+        except OSError:
+            durable = False
+        finally:
+            try:
+                backend.close()
+            except Exception:  # noqa: BLE001, S110 - a store on a read-only disk may not close
+                pass
+        disk.repair()
+        backend = opened()
+        try:
+            stored = backend.query(
+                "SELECT count(*) AS n FROM events").column("n")[0].as_py()
+        finally:
+            backend.close()
+    assert not durable or stored == len(sent), \
+        f"make_durable returned, then {stored} of {len(sent)} rows were on the disk"

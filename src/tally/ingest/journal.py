@@ -107,6 +107,8 @@ class Journal:
         self._size = 0
         self.failure: str | None = None  # why the last append failed (None: it succeeded)
         self._failed_bytes = 0  # the size of that append
+        # why the store could not be synced once (then never again in this process, below)
+        self.unsynced: str | None = None
         try:
             directory.mkdir(parents=True, exist_ok=True)
             self._probe(0)  # a journal that cannot be written refuses to start, not to ack
@@ -213,9 +215,24 @@ class Journal:
         done = [segment for segment, following in zip(segments, segments[1:], strict=False)
                 if self._first_seq(following) - 1 <= applied_seq]
         if done:
-            durable()
+            self._durable(durable)
         for segment in done:
             segment.unlink()
+
+    def _durable(self, durable: Callable[[], None]) -> None:
+        """``durable()``, once it has failed never again in this process: a failed sync
+        leaves writes that may never reach the disk, and a later sync does not say so (Linux
+        reports a write-back error once; the engine holds the lost rows as written, so they
+        are not written again), so only a restart, replaying what the journal kept, makes
+        them durable."""
+        if self.unsynced is not None:
+            raise OSError(f"the store could not be synced earlier ({self.unsynced}): the "
+                          "journal keeps every record until a restart replays it")
+        try:
+            durable()
+        except OSError as exc:
+            self.unsynced = str(exc)
+            raise
 
     def clear(self, durable: Callable[[], None]) -> None:
         """Delete every segment (all applied: after a clean stop with nothing pending), after
@@ -223,7 +240,7 @@ class Journal:
         self.close()
         segments = self.segments()
         if segments:
-            durable()
+            self._durable(durable)
         for segment in segments:
             segment.unlink()
 
