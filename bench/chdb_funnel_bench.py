@@ -72,7 +72,7 @@ def run(stored: int, runs: int) -> dict[str, Any]:
     if not marker.exists():
         if folder.exists():
             raise SystemExit(f"{folder} holds an unfinished copy: remove it and run again")
-        marker.parent.mkdir(parents=True, exist_ok=True)
+        folder.parent.mkdir(parents=True, exist_ok=True)
         summary = build(source, folder)
         marker.write_text(json.dumps(summary))
     store = open_store("chdb", folder)

@@ -6,7 +6,8 @@ the same scenarios larger and writes docs/reliability.md. Needs root (mounts), a
 
 from __future__ import annotations
 
-from datetime import timedelta
+import os
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import httpx2 as httpx
@@ -26,7 +27,14 @@ from reliability.scenarios import (
 )
 from reliability.server import Deployment
 from reliability.setcheck import EventSet
-from reliability.volumes import ext4
+from reliability.volumes import Ext4Volume, ext4
+from tally.events.envelope import ValidationContext
+from tally.ingest.batch import prepare
+from tally.ingest.dedup import key_hasher
+from tally.rollups import activity
+from tally.rollups.spec import derived_tables
+from tally.storage.base import Backend, WriteSet
+from tally.storage.factory import open_backend
 
 pytestmark = pytest.mark.slow
 
@@ -119,6 +127,36 @@ def test_a_power_loss_after_a_clean_stop_loses_nothing(tmp_path: Path, store: st
     assert findings.figures["events acknowledged"] == 12 * 400
 
 
+def _record(name: str, rows: int = 300) -> WriteSet:
+    """A journal record's writes: ``rows`` valid bets of this hour."""
+    hour = recent_hour()
+    sent = [bet(f"{name}-{i}", hour + timedelta(seconds=i)) for i in range(rows)]
+    return WriteSet(events=[prepare(body(sent), ValidationContext(datetime.now(UTC),
+                                                                  frozenset({"EU"})),
+                                    "t", 10_000, key_hasher(b"test")).table])
+
+
+def _store(store: str, data: Path) -> Backend:
+    return open_backend(store, data, derived=derived_tables, retired=activity.RETIRED)
+
+
+def _closed_and_repaired(disk: Ext4Volume, backend: Backend) -> None:
+    """The store on a disk gone read-only closed as it can be; the operator repairs the
+    disk (what ext4 had not committed is gone)."""
+    try:
+        backend.close()
+    except Exception:  # noqa: BLE001, S110 - a store on a read-only disk may not close
+        pass
+    disk.repair()
+
+
+def _stored(backend: Backend) -> int:
+    try:
+        return int(backend.query("SELECT count(*) AS n FROM events").column("n")[0].as_py())
+    finally:
+        backend.close()
+
+
 @pytest.mark.parametrize("store", ["duckdb", "chdb"])
 def test_a_write_is_never_called_durable_on_a_disk_gone_read_only(tmp_path: Path, store: str):
     """The journal lets a record go once the store says the write is on disk
@@ -127,48 +165,20 @@ def test_a_write_is_never_called_durable_on_a_disk_gone_read_only(tmp_path: Path
     error) what it had not written back is gone. So ``make_durable`` either fails (the
     journal keeps the record, to replay after the repair: here chDB's sync reports the
     error) or the rows are there after the repair (DuckDB: its WAL was synced at commit)."""
-    from datetime import UTC, datetime
-
-    from tally.events.envelope import ValidationContext
-    from tally.ingest.batch import prepare
-    from tally.ingest.dedup import key_hasher
-    from tally.rollups import activity
-    from tally.rollups.spec import derived_tables
-    from tally.storage.base import Backend, WriteSet
-    from tally.storage.factory import open_backend
-
-    hour = recent_hour()
-    sent = [bet(f"ro-{i}", hour + timedelta(seconds=i)) for i in range(300)]
-    table = prepare(body(sent), ValidationContext(datetime.now(UTC), frozenset({"EU"})), "t",
-                    10_000, key_hasher(b"test")).table
     data = tmp_path / "data"
-
-    def opened() -> Backend:
-        return open_backend(store, data, derived=derived_tables, retired=activity.RETIRED)
-
     with ext4(data, 128 * MIB, tmp_path / "images" / "data.img", commit=300) as disk:
-        backend = opened()
-        backend.write(WriteSet(events=[table]), 1)
-        disk.trip_read_only()  # before the write is synced: as an I/O error at that moment
+        backend = _store(store, data)
+        backend.write(_record("ro"), 1)
+        disk.trip_read_only()  # before the write is synced: an I/O error at that moment
         try:
             backend.make_durable()
             durable = True
         except OSError:
             durable = False
-        finally:
-            try:
-                backend.close()
-            except Exception:  # noqa: BLE001, S110 - a store on a read-only disk may not close
-                pass
-        disk.repair()
-        backend = opened()
-        try:
-            stored = backend.query(
-                "SELECT count(*) AS n FROM events").column("n")[0].as_py()
-        finally:
-            backend.close()
-    assert not durable or stored == len(sent), \
-        f"make_durable returned, then {stored} of {len(sent)} rows were on the disk"
+        _closed_and_repaired(disk, backend)
+        stored = _stored(_store(store, data))
+    assert not durable or stored == 300, \
+        f"make_durable returned, then {stored} of 300 rows were on the disk"
 
 
 def test_the_store_never_says_a_record_is_applied_before_its_rows_are_on_disk(tmp_path: Path):
@@ -178,25 +188,6 @@ def test_the_store_never_says_a_record_is_applied_before_its_rows_are_on_disk(tm
     alone, as the write-back could have done), then ext4 turns read-only, dropping the rest.
     After the repair the store must not say a record is applied whose rows it lacks: a
     restart replays only the records after it, so those rows would be lost."""
-    import os
-    from datetime import UTC, datetime
-
-    from tally.events.envelope import ValidationContext
-    from tally.ingest.batch import prepare
-    from tally.ingest.dedup import key_hasher
-    from tally.rollups import activity
-    from tally.rollups.spec import derived_tables
-    from tally.storage.base import Backend, WriteSet
-    from tally.storage.factory import open_backend
-
-    hour = recent_hour()
-
-    def record(name: str) -> WriteSet:
-        sent = [bet(f"{name}-{i}", hour + timedelta(seconds=i)) for i in range(300)]
-        return WriteSet(events=[prepare(
-            body(sent), ValidationContext(datetime.now(UTC), frozenset({"EU"})), "t", 10_000,
-            key_hasher(b"test")).table])
-
     def fsync(path: Path) -> None:
         fd = os.open(path, os.O_RDONLY)
         try:
@@ -205,16 +196,12 @@ def test_the_store_never_says_a_record_is_applied_before_its_rows_are_on_disk(tm
             os.close(fd)
 
     data = tmp_path / "data"
-
-    def opened() -> Backend:
-        return open_backend("chdb", data, derived=derived_tables, retired=activity.RETIRED)
-
     with ext4(data, 128 * MIB, tmp_path / "images" / "data.img", commit=300) as disk:
-        backend = opened()
+        backend = _store("chdb", data)
         backend.make_durable()  # the empty tables on disk
         for seq in (1, 2):
             backend.begin_group(seq)
-            backend.write(record(f"r{seq}"), seq)
+            backend.write(_record(f"r{seq}"), seq)
         assert backend.journal_applied_seq() == 2
         newest = Path(backend.query(
             "SELECT path FROM system.parts WHERE table = 'store_settings' AND active "
@@ -223,15 +210,8 @@ def test_the_store_never_says_a_record_is_applied_before_its_rows_are_on_disk(tm
             fsync(part_file)
         fsync(newest)
         disk.trip_read_only()
-        try:
-            backend.close()
-        except Exception:  # noqa: BLE001, S110 - a store on a read-only disk may not close
-            pass
-        disk.repair()
-        backend = opened()
-        try:
-            applied = backend.journal_applied_seq()
-            stored = backend.query("SELECT count(*) AS n FROM events").column("n")[0].as_py()
-        finally:
-            backend.close()
+        _closed_and_repaired(disk, backend)
+        backend = _store("chdb", data)
+        applied = backend.journal_applied_seq()
+        stored = _stored(backend)
     assert stored == 300 * applied, f"applied up to record {applied}, {stored} rows stored"
