@@ -10,8 +10,9 @@ store's events as Arrow batches, then ``step_times`` is filled by the store's ow
 statements (``from_all``: what a store opened by a version that adds the table runs). Only
 ``step_times`` is filled: the funnel reads nothing else. Each run moves the 30 days back by
 one day; each answer's units per depth are checked equal to the raw SQL's. Then the route's
-answer with its whole days kept between runs (``funnel.answer`` with a ``PartCache``: the
-first run computes its 30 days, each later one the day it slid onto). Results:
+answer by kept days (``funnel.answer`` with a ``PartCache``): cold (a cache of its own: all
+30 days computed, then combined) and sliding (one cache across the runs: the first run
+computes its 30 days, each later one the day it slid onto). Results:
 bench/out/chdb-funnel-<N>.json.
 """
 
@@ -97,14 +98,20 @@ def run(stored: int, runs: int) -> dict[str, Any]:
             expected = _per_depth([tuple(r.values()) for r in raw.to_pylist()])
             if _per_depth(list(depths.items())) != expected:
                 raise SystemExit(f"run {k}: kept rows {depths} != raw SQL {expected}")
-            started = time.perf_counter()
-            by_day = funnel.answer(store, f, days=days, version=lambda brands, reads: 0)
-            days_s = time.perf_counter() - started
-            counts = [s["count"] for s in by_day["steps"]]
-            if counts != [sum(n for d, n in expected.items() if d >= i + 1) for i in range(4)]:
-                raise SystemExit(f"run {k}: kept days {counts} != raw SQL {expected}")
+            want = [sum(n for d, n in expected.items() if d >= i + 1) for i in range(4)]
+            timed: dict[str, float] = {}
+            for name, cache in (("cold", PartCache()), ("sliding", days)):
+                started = time.perf_counter()
+                by_day = funnel.answer(store, f, days=cache, version=lambda brands, reads: 0)
+                timed[name] = time.perf_counter() - started
+                counts = [s["count"] for s in by_day["steps"]]
+                if counts != want:
+                    raise SystemExit(f"run {k}: kept days ({name}) {counts} != raw SQL "
+                                     f"{expected}")
+            days_s = timed["sliding"]
             out.append({"end_days_back": k, "kept_s": round(kept_s, 3),
                         "raw_s": round(raw_s, 3), "ratio": round(raw_s / kept_s, 2),
+                        "kept_days_cold_s": round(timed["cold"], 3),
                         "kept_days_s": round(days_s, 3),
                         "ratio_kept_days": round(raw_s / days_s, 2),
                         "units_per_depth": expected})
