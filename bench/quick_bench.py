@@ -10,7 +10,10 @@ The store is `tally demo`'s (distinct players, sessions and payments over 90 day
 into bench/out/store-1000000 and reused. Each query is asked REQUESTS times from CLIENTS client
 processes (``common.lean_load``: a keep-alive socket each, requests built beforehand, so the
 figures are the server's) with ranges shifted by whole buckets or days (so the answer cache
-cannot serve them), then the raw SQL the same number of times from as many cursors; each HTTP
+cannot serve them), after warm-ups on one more such range that is not measured, then the raw
+SQL the same number of times from as many cursors. The funnel is asked twice: a new funnel
+each request (its window a second longer: every day computed) and one funnel slid a day a
+request (the days it kept from earlier answers reused); each HTTP
 answer is checked against its raw SQL first. The figure to watch is the **ratio** of HTTP p50
 to raw SQL p50 (machines are noisy; a ratio measured in one run is not). Results go to
 bench/out/quick-<commit>.json; ``--compare`` prints two such files side by side, so two commits
