@@ -9,7 +9,6 @@ best attempt. Python only counts units per depth and takes medians.
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
@@ -42,7 +41,7 @@ from tally.cohorts.tables import (
     keeps_player_hashes,
 )
 from tally.errors import InvalidParameter
-from tally.insights.cache import PartCache
+from tally.insights.cache import DataVersion, PartCache
 from tally.insights.evaluate import nearest_rank
 from tally.insights.request import fingerprint, parse_instant
 from tally.semantic import attributes
@@ -424,13 +423,10 @@ def reads(f: Funnel, start: datetime, end: datetime) -> tuple[datetime, datetime
     return start, end + timedelta(seconds=f.window_sec)
 
 
-# the data version of some brands (None: all) on the days of a range (None: any day):
-# DataVersions.version
-Version = Callable[[tuple[str, ...] | None, tuple[datetime, datetime] | None], int]
 ONE_DAY = timedelta(days=1)
 
 
-def _by_day(backend: Backend, f: Funnel, days: PartCache, version: Version) -> pa.Table | None:
+def _by_day(backend: Backend, f: Funnel, days: PartCache, version: DataVersion) -> pa.Table | None:
     """A kept-rows funnel's rows per unit (``depth``, ``gaps``, ``collided``) from each whole
     UTC day's best attempts, kept in ``days`` under the data version of the events they read,
     and the rest of the range (its partial first and last days, the days not kept) computed
@@ -506,7 +502,7 @@ def _by_day(backend: Backend, f: Funnel, days: PartCache, version: Version) -> p
 
 
 def answer(backend: Backend, f: Funnel, *, kept_rows: bool | None = None,
-           days: PartCache | None = None, version: Version | None = None) -> dict[str, Any]:
+           days: PartCache | None = None, version: DataVersion | None = None) -> dict[str, Any]:
     """The funnel's answer, from the kept rows when they can give it (:func:`kept`; or as
     ``kept_rows`` says: both plans give the same answer), else from the events; a hash
     collision either way is answered again from the events on the strings. With ``days``

@@ -1,12 +1,14 @@
-"""A small server-side cache of encoded answers, keyed by their ETag (which changes with the
-data an answer reads, so ingestion invalidates entries without any bookkeeping)."""
+"""Server-side caches: encoded answers keyed by their ETag (which changes with the data an
+answer reads, so ingestion invalidates entries without any bookkeeping), and partial results
+keyed by the data version they were computed from (a funnel's whole days)."""
 
 from __future__ import annotations
 
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Hashable
+from collections.abc import Callable, Hashable
+from datetime import datetime
 
 import pyarrow as pa
 
@@ -36,6 +38,11 @@ class AnswerCache:
             self._items.move_to_end(etag)
             while len(self._items) > self._entries:
                 self._items.popitem(last=False)
+
+
+# the data version of some brands (None: all) on the days of a range (None: any day): what a
+# partial result is kept under (DataVersions.version)
+DataVersion = Callable[[tuple[str, ...] | None, tuple[datetime, datetime] | None], int]
 
 
 class PartCache:

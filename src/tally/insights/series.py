@@ -13,7 +13,7 @@ from tally.config import Settings
 from tally.errors import InvalidParameter, QueryTooLarge
 from tally.events.currencies import ISO_4217
 from tally.insights import request as rq
-from tally.insights.cache import PartCache
+from tally.insights.cache import DataVersion, PartCache
 from tally.insights.evaluate import (
     DAY,
     Part,
@@ -44,8 +44,7 @@ class Context:
     # partial results kept across queries, and the data version they are kept under
     # (DataVersions.version: some brands', on the days of a range); None: nothing kept
     parts: PartCache | None = None
-    data_version: Callable[[tuple[str, ...] | None, tuple[datetime, datetime] | None],
-                           int] | None = None
+    data_version: DataVersion | None = None
 
     def watermark(self, brands: tuple[str, ...] | None) -> datetime | None:
         """All events before it are in (CONTRACT §4): latest less the allowed lateness."""
