@@ -215,3 +215,47 @@ def test_the_store_never_says_a_record_is_applied_before_its_rows_are_on_disk(tm
         applied = backend.journal_applied_seq()
         stored = _stored(backend)
     assert stored == 300 * applied, f"applied up to record {applied}, {stored} rows stored"
+
+
+@pytest.mark.xfail(strict=True, reason="open (docs/reliability.md): ClickHouse's insert "
+                   "deduplication token can reach the disk without its part, and the replay "
+                   "of that record is then dropped as a duplicate")
+def test_the_record_being_written_when_the_disk_fails_is_replayed_whole(tmp_path: Path):
+    """(chDB.) Record 1 is applied (synced); record 2's first try is cut by the disk: its
+    events' insert has landed in the engine (part and deduplication token in the page cache)
+    when the rest fails. The kernel writes files back in no set order: here the events
+    table's deduplication log reaches the disk and the part does not (an ``fsync`` of the
+    log alone), then ext4 turns read-only. After the repair the restart replays the records
+    after the store's applied sequence from the journal: all 600 events must be stored."""
+    import pyarrow as pa
+
+    from tally.storage.clickhouse import _token
+
+    data = tmp_path / "data"
+    with ext4(data, 128 * MIB, tmp_path / "images" / "data.img", commit=300) as disk:
+        backend = _store("chdb", data)
+        backend.make_durable()
+        records = {1: _record("r1"), 2: _record("r2")}
+        backend.begin_group(1)
+        backend.write(records[1], 1)
+        second = records[2]
+        backend.begin_group(2)
+        backend._writer.insert_arrow(  # type: ignore[attr-defined]
+            "events", pa.concat_tables(second.events), settings=_token(2, "events"))
+        events = Path(backend.query(
+            "SELECT data_paths FROM system.tables WHERE database = currentDatabase() AND "
+            "name = 'events'").column("data_paths")[0].as_py()[0])
+        for log in (events / "deduplication_logs").iterdir():
+            fd = os.open(log, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        disk.trip_read_only()
+        _closed_and_repaired(disk, backend)
+        backend = _store("chdb", data)
+        for seq in range(backend.journal_applied_seq() + 1, 3):  # the restart's replay
+            backend.begin_group(seq)
+            backend.write(records[seq], seq)
+        stored = _stored(backend)
+    assert stored == 600, f"{stored} of 600 events stored after the replay"
