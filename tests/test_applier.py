@@ -132,3 +132,32 @@ def test_stop_applies_what_lingers(store, tmp_path):
     assert a.stop(timeout=30) is True
     assert time.monotonic() - started < 30
     assert store.writes == [1] and store.count_events() == 5
+
+
+def test_data_versions_are_the_latest_change_to_the_brands_on_the_days_read():
+    """``DataVersions.version`` (every ETag, and a funnel's kept days once a day of its
+    range) against the plain definition over random brand-days: the greatest sequence of the
+    brands (all, some, unknown ones) on the days of ``[start, end)``, whether the range is
+    shorter or longer than a brand's history."""
+    import random
+    from datetime import date, timedelta
+
+    rng = random.Random(9)
+    versions = DataVersions()
+    changes: list[tuple[str, date, int]] = []
+    for seq in range(1, 400):
+        brand, day = rng.choice(["b1", "b2", "b3"]), date(2025, 1, 1) + timedelta(
+            days=rng.randrange(40))
+        changes.append((brand, day, seq))
+        versions.bump([pa.table({"tenant_id": [brand], "occurred_at": [
+            datetime(day.year, day.month, day.day, rng.randrange(24))]})], seq)
+    for _ in range(300):
+        brands = rng.choice([None, ("b1",), ("b2", "b3"), ("b1", "nobody")])
+        start = datetime(2025, 1, 1) + timedelta(hours=rng.randrange(45 * 24))
+        reads = None if rng.random() < 0.1 else \
+            (start, start + timedelta(hours=rng.randrange(1, 60 * 24)))
+        want = max((seq for brand, day, seq in changes
+                    if (brands is None or brand in brands) and (
+                        reads is None or reads[0].date() <= day
+                        <= (reads[1] - timedelta(microseconds=1)).date())), default=0)
+        assert versions.version(brands, reads) == want, (brands, reads)

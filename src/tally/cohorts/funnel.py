@@ -259,6 +259,11 @@ def _table(name: str) -> exp.Table:
     return exp.Table(this=exp.to_identifier(name))
 
 
+def _kept_unit(hashed: bool) -> tuple[str, ...]:
+    """The columns that tell a kept row's player: its hash, or its (brand, player)."""
+    return ("k",) if hashed else ("tenant_id", "player_id")
+
+
 def compile_kept(f: Funnel, hashed: bool = True,
                  spans: tuple[tuple[datetime, datetime], ...] | None = None) -> Compiled:
     """:func:`compile_funnel` on the kept rows (``step_times``, when :func:`kept`): the
@@ -277,11 +282,11 @@ def compile_kept(f: Funnel, hashed: bool = True,
     params = Params()
     n = len(f.steps)
     hour = exp.Literal.number
-    parts = spans if spans is not None else ((f.start, f.end),)
-    begin, end = min(s for s, _ in parts), max(e for _, e in parts)
+    ranges = spans if spans is not None else ((f.start, f.end),)
+    begin, end = min(s for s, _ in ranges), max(e for _, e in ranges)
     first = int((begin - EPOCH_DT).total_seconds()) // HOUR
     last = int((end - EPOCH_DT).total_seconds() + f.window_sec) // HOUR
-    unit = ("k",) if hashed else ("tenant_id", "player_id")
+    unit = _kept_unit(hashed)
 
     def rows(step: Step, upto: int) -> exp.Select:
         """The kept rows of ``step`` (its event type, its conditions on ``reason``) in the
@@ -311,7 +316,7 @@ def compile_kept(f: Funnel, hashed: bool = True,
         *(column(u) for u in unit), exp.alias_(column("t"), "t0", copy=False), copy=False)
         .from_(starts.subquery("s", copy=False), copy=False)
         .where(exp.or_(*(exp.and_(column("t") >= params.bind(s), column("t") < params.bind(e))
-                         for s, e in parts), copy=False), copy=False))]
+                         for s, e in ranges), copy=False), copy=False))]
     window = exp.Literal.number(f.window_sec)
     x = exp.to_identifier("x")
     for k in range(1, n):
@@ -434,8 +439,8 @@ def _by_day(backend: Backend, f: Funnel, days: PartCache, version: DataVersion) 
     most a day, :data:`KEPT_MAX_WINDOW`: the events of its day and the next), so each unit's
     best attempt over the range is the best of its days' bests — the most steps, then the
     earliest start (a day's version: :func:`reads`). ``None`` when the range holds fewer than
-    two whole days (nothing to keep), or a kept hash may have collided (the caller asks
-    again)."""
+    two whole days (nothing to keep); a table whose ``collided`` is true when a hash has
+    collided (the caller asks the events on the strings)."""
     first = datetime.combine(f.start.date(), datetime.min.time())
     if first < f.start:
         first += ONE_DAY
@@ -443,7 +448,7 @@ def _by_day(backend: Backend, f: Funnel, days: PartCache, version: DataVersion) 
     if (stop - first).days < 2:
         return None
     hashed = keeps_player_hashes(backend.dialect)
-    unit = ("k",) if hashed else ("tenant_id", "player_id")
+    unit = _kept_unit(hashed)
     definition = fingerprint("funnel-day", f.steps, f.window_sec, sorted(f.filters.items()),
                              f.correlate_by, hashed)
     brands = f.filters.get("brand_id")
@@ -484,9 +489,11 @@ def _by_day(backend: Backend, f: Funnel, days: PartCache, version: DataVersion) 
                                    schema=part.schema) if hi > lo else
                      part.schema.empty_table())
         parts.append(fresh)
-    elif hashed and backend.execute(exp.select(exp.alias_(hashes_collided(), "c")), {}) \
-            .column("c")[0].as_py():
-        return None
+    else:  # every day kept: whether a hash has collided since is asked on its own
+        collided = backend.execute(exp.select(exp.alias_(hashes_collided(), "collided")), {}) \
+            if hashed else None
+        if collided is not None and collided.column("collided")[0].as_py():
+            return collided
     rows = pa.concat_tables(parts, promote_options="permissive")
     # each unit's best row: the most steps, then the earliest start — its earliest day, as a
     # unit's rows are of different days — found as the least of one integer a row (steps
@@ -498,7 +505,7 @@ def _by_day(backend: Backend, f: Funnel, days: PartCache, version: DataVersion) 
         .group_by(list(unit), use_threads=False).aggregate([("rank", "min")])
     rows = rows.take(pc.bit_wise_and(best.column("rank_min"), (1 << 32) - 1))
     return pa.table({"depth": rows.column("depth"), "gaps": rows.column("gaps"),
-                     "collided": pa.nulls(len(rows), pa.bool_()).fill_null(False)})
+                     "collided": np.zeros(len(rows), dtype=bool)})
 
 
 def answer(backend: Backend, f: Funnel, *, kept_rows: bool | None = None,

@@ -471,11 +471,10 @@ class ClickHouseBackend:
         error the setting that says a record is applied could survive the parts of that
         record or an earlier one, and a restart would not replay them (measured:
         tests/test_faults.py). A server keeps its own writes (nothing to do)."""
-        if self._owner is not None:
-            try:
-                syncfs(self._owner)
-            except OSError as exc:
-                raise StoreUnavailable(f"the store's files cannot be synced: {exc}") from exc
+        try:
+            self.make_durable()
+        except OSError as exc:
+            raise StoreUnavailable(f"the store's files cannot be synced: {exc}") from exc
 
     def make_durable(self) -> None:
         """The embedded engine's files synced (``syncfs`` of its folder's file system: an
