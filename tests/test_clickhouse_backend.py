@@ -150,21 +150,28 @@ def test_an_unreachable_server_is_unavailable() -> None:
 
 
 def test_a_replayed_record_is_counted_once(chstore: ClickHouseBackend) -> None:
-    """The same record written twice (a retried apply, a replay after a crash): its tokens
-    drop the second copy of every table."""
+    """The same record written twice (a retried apply, a replay after a crash) is written
+    once; a record whose write failed midway is written whole by the next write, what had
+    landed removed first (by the record its rows name, not by deduplication tokens)."""
     chstore.write(record(7), journal_seq=7)
     chstore.write(record(7), journal_seq=7)
     assert chstore.count_events() == 50
     assert _count(chstore, "quarantine") == 2
     assert _count(chstore, "idempotency") == 1
     assert chstore.journal_applied_seq() == 7
-    # a record applied in part (only its events landed), then replayed whole
-    part = record(8)
-    chstore.write(WriteSet(events=part.events), journal_seq=8)
+    # a record applied in part (its events landed, then its quarantine's insert failed),
+    # then replayed whole
+    chstore._writer.command("RENAME TABLE quarantine TO quarantine_away")
+    with pytest.raises(WriteRejected):
+        chstore.write(record(8), journal_seq=8)
+    chstore._writer.command("RENAME TABLE quarantine_away TO quarantine")
+    assert chstore.count_events() == 100 and chstore.journal_applied_seq() == 7
     chstore.write(record(8), journal_seq=8)
     assert chstore.count_events() == 100
     assert _count(chstore, "quarantine") == 4
-    # an older record replayed never lowers the applied sequence
+    ids = chstore.query("SELECT event_id, count() AS n FROM events GROUP BY event_id")
+    assert set(ids.column("n").to_pylist()) == {1}
+    # an older record replayed never lowers the applied sequence, nor adds a row
     chstore.write(record(7), journal_seq=7)
     assert chstore.journal_applied_seq() == 8 and chstore.count_events() == 100
     # by the record, not by the content: the same rows as another record are kept
@@ -593,26 +600,26 @@ def test_a_record_applied_in_part_by_an_older_version_is_replayed_once_by_a_newe
         store.close()
 
 
-def test_a_group_interrupted_mid_write_is_replayed_as_the_same_group(tmp_path: Path) -> None:
-    """The applier merges journal records into one write; on ClickHouse a write is made
-    idempotent by tokens that name it, so a write replayed after a failure must hold exactly
-    the records of its first try. Records 1–3 were begun as one group (``begin_group``) and
-    only their events landed; after the restart records 1–5 wait: the first write is 1–3
-    again (its events dropped by their tokens, the rest written), then 4–5."""
-    from tally.ingest.applier import Applier, merge
+def test_a_group_cut_mid_write_is_replayed_in_any_grouping(tmp_path: Path) -> None:
+    """The applier merges journal records into one write; a write cut by a crash left rows
+    (here records 1–3's events, named by record 3) and the restart's first write may group
+    the records differently (1–5 in one): the rows of the unapplied records are removed when
+    the store opens, so every record is stored once."""
+    from tally.ingest.applier import Applier
     from tally.ingest.journal import Journal
     from tally.ingest.versions import DataVersions
 
     records = {seq: record(seq, rows_per_record=20) for seq in range(1, 6)}
     store = _open(tmp_path / "ch")
     try:
-        store.begin_group(3)
-        group = merge([records[1], records[2], records[3]])
-        # its events' insert, with the token the backend gives it, and then the process died
-        store._writer.insert_arrow("events", pa.concat_tables(group.events),
-                                   settings={"insert_deduplication_token": "3:events:0"})
+        group = pa.concat_tables([t for seq in (1, 2, 3) for t in records[seq].events])
+        store._insert("events", group, 3)  # the first table of the write, then the crash
         assert store.count_events() == 60 and store.journal_applied_seq() == 0
-        assert store.pending_group() == 3
+    finally:
+        store.close()
+    store = _open(tmp_path / "ch")
+    try:
+        assert store.count_events() == 0
         applier = Applier(store, Journal(tmp_path / "journal"), DataVersions(), 0,
                           parked_dir=tmp_path / "parked")
         for seq, writes in records.items():  # the journal's records, handed over at start

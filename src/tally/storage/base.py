@@ -131,8 +131,9 @@ class Backend(Protocol):
     def write(self, writes: WriteSet, journal_seq: int | None = None, *,
               dry_run: bool = False) -> None:
         """Append events, quarantine entries and idempotency records in one durable commit,
-        recording ``journal_seq`` as the last journal record applied. ``dry_run``: do all of
-        it, then roll back (does the store accept these rows?). Raises ``WriteRejected`` when
+        recording ``journal_seq`` as the last journal record applied; a record at or below the
+        applied one is applied (nothing is written again). ``dry_run``: do all of it, then
+        roll back (does the store accept these rows?). Raises ``WriteRejected`` when
         the rows are at fault, ``StoreUnavailable`` when the store is."""
 
     def journal_applied_seq(self) -> int: ...
@@ -142,16 +143,6 @@ class Backend(Protocol):
         tables) to be made together when the deferral ends (or at the next open, after a
         crash), in a few large transactions. A store that derives on insert by itself
         (ClickHouse's materialized views) ignores it."""
-
-    def begin_group(self, last_seq: int) -> None:
-        """Say, durably, that the journal records after the applied one up to ``last_seq``
-        are written next, as one write. A store whose write is one transaction ignores it; a
-        store that makes a write idempotent instead (its deduplication tokens name the write)
-        needs a write replayed after a failure to hold exactly the same records."""
-
-    def pending_group(self) -> int | None:
-        """The ``last_seq`` of the group begun last (:meth:`begin_group`), if the store keeps
-        it: the applier's first write at start ends there."""
 
     def make_durable(self) -> None:
         """Make every write so far survive a power loss or a kernel crash: the journal

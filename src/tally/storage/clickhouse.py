@@ -8,13 +8,20 @@ store's settings, and the tables derived from the events (rollups, activity, coh
 ``DerivedTable``), kept by the same statements as on DuckDB, run after the events' insert over
 the batch (:meth:`ClickHouseBackend._append_derived`).
 
-ClickHouse has no multi-table transaction, so a write is made idempotent instead of atomic:
-each table of a :class:`WriteSet` is one ``INSERT`` carrying an ``insert_deduplication_token``
-derived from the journal record (``"<journal_seq>:<table>:0"``), every table keeps the tokens
-of its last :data:`DEDUP_WINDOW` inserts (``non_replicated_deduplication_window``), and the
-``journal_applied_seq`` setting is written last. A record applied in part (a crash, a
-``kill -9``) is replayed whole from the journal: the inserts that landed are dropped as
-duplicates, the others land, and nothing is counted twice.
+ClickHouse has no multi-table transaction, so a write is made undoable instead of atomic:
+each table of a :class:`WriteSet` is one ``INSERT``, every row of a table appended to (the
+events, the quarantine, the derived tables but ``Least`` ones) carries the journal record it
+came from (``_seq``), and the ``journal_applied_seq`` setting is written last, after the
+engine's files are synced. A write that failed, or was cut by a crash or a ``kill -9``, may
+have left some of its rows (some tables, some of a table's parts); before the next write the
+backend removes every row of a record after the applied one
+(:meth:`ClickHouseBackend._discard_unapplied`: at open for the embedded engine, at the first
+write for a server, after any failed write), so the replay from the journal writes each
+record once. Insert deduplication tokens are not trusted with this: a non-replicated
+table's token log and its parts reach the disk in no set order, so after a power loss or an
+I/O error a token can outlive its part (the replay was dropped: an acknowledged record lost)
+or a part its token (counted twice); both measured (``tests/test_faults.py``). Every insert
+carries a token of its own, so no insert is ever taken for another.
 
 Quarantine ids: ClickHouse has no sequence, so an entry's id is ``journal_seq * 2**20 + i``
 (``i`` its row in the record: at most :data:`QUARANTINE_ROWS` a record), which grows with the
@@ -62,9 +69,13 @@ from tally.storage.clickhouse_cluster import LOCAL, cluster_ddl, on_cluster
 from tally.storage.clickhouse_schema import (
     DDL,
     DEDUP_WINDOW,
+    SEQ,
+    SEQ_COLUMN,
+    SEQ_PARAM,
     STATE,
     derived_ddl,
     derived_statement,
+    seq_tables,
 )
 from tally.storage.dialects import CLICKHOUSE_SETTINGS, render
 from tally.storage.limits import QueryLimits, out_of_memory, timed_out
@@ -72,13 +83,15 @@ from tally.storage.metering import current_meter
 from tally.storage.schema import QUARANTINE_SCHEMA
 
 JOURNAL_APPLIED = "journal_applied_seq"
-WRITE_GROUP = "write_group"  # the last record of the group being written (begin_group)
 __all__ = ["DDL", "DEDUP_WINDOW", "ClickHouseBackend"]
 QUARANTINE_BITS = 20
 QUARANTINE_ROWS = 2 ** QUARANTINE_BITS  # quarantine entries one journal record may hold
-# a derived table's insert runs in one thread, so a replayed record's statement splits its
-# rows into the same blocks as its first run (a token names a block by its position)
-DERIVED_INSERT: dict[str, Any] = {"max_threads": 1, "max_insert_threads": 1}
+# a delete returns once every part holds it (the replay's rows are inserted after it)
+DELETE_SYNC: dict[str, Any] = {"lightweight_deletes_sync": 2, "mutations_sync": 2}
+# an insert naming _seq; one thread: a batch's few rows cost more spread over threads
+# (measured: 13% more CPU a 1,000-event write with the default)
+NUMBERED: dict[str, Any] = {"insert_allow_materialized_columns": 1, "max_threads": 1,
+                            "max_insert_threads": 1}
 
 # every client's session: the SQL's meaning (dialects.py) and naive timestamps read as UTC
 SETTINGS: dict[str, Any] = {**CLICKHOUSE_SETTINGS, "session_timezone": "UTC"}
@@ -134,14 +147,11 @@ def is_store_error(exc: BaseException) -> bool:
         or any(failure in str(exc).lower() for failure in OS_FAILURES)
 
 
-def _token(journal_seq: int | None, table: str) -> dict[str, Any]:
-    """The settings of one insert of record ``journal_seq``: its deduplication token. An
-    insert of no record has a token of its own, so it is not deduplicated (a table with a
-    deduplication window drops a block whose content's hash it holds, and ClickHouse 26.9
-    ignores ``insert_deduplicate = 0`` there: measured)."""
-    if journal_seq is None:
-        return {"insert_deduplication_token": f"once:{uuid.uuid4().hex}:{table}"}
-    return {"insert_deduplication_token": f"{journal_seq}:{table}:0"}
+def _token(table: str) -> dict[str, Any]:
+    """The settings of one insert: a deduplication token of its own, so it is never taken
+    for another (a table with a deduplication window drops a block whose content's hash it
+    holds, and ClickHouse 26.9 ignores ``insert_deduplicate = 0`` there: measured)."""
+    return {"insert_deduplication_token": f"{uuid.uuid4().hex}:{table}"}
 
 
 def _utc_text(t: datetime) -> str:
@@ -200,31 +210,40 @@ class ClickHouseBackend:
         self._write_lock = threading.Lock()
         self._scan_lock = threading.Lock()
         self._dry_tables = False
-        self._new_events = False  # the writer's temporary table of a batch exists
+        self._staged: set[str] = set()  # the writer's temporary tables of a batch (_insert)
         self._closed = False
         self._rows_scanned = 0
-        # (the statement's table and its place among that table's statements, statement) of
-        # each batch's derived rows, in order: an insert's deduplication token names both, so
-        # a version that adds or changes another table's statements keeps this one's tokens
-        # (a record applied in part before an upgrade is replayed by the new version)
-        self._derived = [(f"{table.name}:{place}", derived_statement(sql, table))
-                         for table in derived for place, sql in enumerate(table.from_batch)]
+        self._sync_failed: str | None = None  # why the engine's files could not be synced
+        # (the statement's table, statement) of each batch's derived rows, in order
+        self._derived = [(table.name, derived_statement(sql, table, batch=True))
+                         for table in derived for sql in table.from_batch]
+        self._seq_tables = seq_tables(derived)
+        # the applied record, if no row of a later one may be stored (None: find out and
+        # remove them before the next write, _discard_unapplied)
+        self._applied: int | None = None
         self._writer = self._connect()
         try:
             for statement in DDL if cluster is None else cluster_ddl(cluster, database, DDL):
                 self._writer.command(statement)
             for name in retired:
                 self._writer.command(f"DROP TABLE IF EXISTS {name}")
-            self._create_derived(derived, cluster, database)
+            fill = self._create_derived(derived, cluster, database)
+            if dsn.startswith("chdb:"):  # the one process of the folder: the writer
+                self._discard_unapplied()
+            for table, rebuild in fill:  # from the events of applied records only
+                self._fill(table, rebuild)
         except Exception as exc:
             self.close()
             raise StoreUnavailable(f"cannot create the store's tables: {first_line(exc)}") \
                 from None
 
     def _create_derived(self, derived: Sequence[DerivedTable], cluster: str | None,
-                        database: str) -> None:
-        """Each derived table, filled from the stored events when new (the state table of a
-        Least one: its view may be created again without losing a row)."""
+                        database: str) -> list[tuple[DerivedTable, bool]]:
+        """Each derived table created, and :data:`SEQ` added to the tables of an older
+        version; the tables to be filled from the stored events (new ones: False) or made
+        again (a table lacking columns: True), which the caller does once the unapplied
+        records' rows are gone."""
+        fill: list[tuple[DerivedTable, bool]] = []
         for table in derived:
             stored = table.name + (STATE if table.least else "")
             existed = bool(self._writer.command(f"EXISTS TABLE {stored}"))
@@ -233,7 +252,7 @@ class ClickHouseBackend:
                     raise StoreUnavailable(
                         f"{table.name} was made by an older version of Tally and lacks "
                         "columns: rebuild it from the events (docs/alerts.md#rtp-drift)")
-                self._rebuild(table)
+                fill.append((table, True))
                 continue
             statements = derived_ddl(table)
             if cluster is not None:
@@ -241,8 +260,47 @@ class ClickHouseBackend:
             for statement in statements:
                 self._writer.command(statement)
             if not existed:
-                for sql in table.from_all:
-                    self._writer.command(derived_statement(sql, table))
+                fill.append((table, False))
+        for name in self._seq_tables:  # a store made before rows named their record
+            self._add_seq(name, cluster)
+        return fill
+
+    def _add_seq(self, table: str, cluster: str | None) -> None:
+        if not self._writer.command(f"EXISTS TABLE {table}"):
+            return
+        names = [table] if cluster is None else [f"{table}{LOCAL} ON CLUSTER '{cluster}'",
+                                                 f"{table} ON CLUSTER '{cluster}'"]
+        for name in names:
+            self._writer.command(f"ALTER TABLE {name} ADD COLUMN IF NOT EXISTS {SEQ_COLUMN}")
+
+    def _fill(self, table: DerivedTable, rebuild: bool) -> None:
+        if rebuild:
+            self._rebuild(table)
+        else:
+            for sql in table.from_all:
+                self._writer.command(derived_statement(sql, table))
+
+    def _discard_unapplied(self) -> None:
+        """Remove every row of a record after the applied one (a write that failed or was
+        cut left them: module doc), from each table that holds them; then the store holds
+        exactly the applied records and the next write may be any of the later ones."""
+        applied = self.journal_applied_seq()
+        stored = set(self._writer.query(
+            "SELECT table FROM system.columns WHERE database = currentDatabase() "
+            "AND name = {seq:String}", parameters={"seq": SEQ}).result_rows)
+        for table in self._seq_tables:
+            if (table,) not in stored:
+                continue
+            found = self._writer.query(f"SELECT count() FROM {table} "  # noqa: S608
+                                       f"WHERE {SEQ} > {{a:UInt64}}",
+                                       parameters={"a": applied}).result_rows[0][0]
+            if found:
+                target = table if self._cluster is None \
+                    else f"{table}{LOCAL} ON CLUSTER '{self._cluster}'"
+                self._writer.command(f"DELETE FROM {target} "  # noqa: S608 - our names
+                                     f"WHERE {SEQ} > {{a:UInt64}}",
+                                     parameters={"a": applied}, settings=DELETE_SYNC)
+        self._applied = applied
 
     def _lacks_columns(self, table: DerivedTable) -> bool:
         present = {row[0] for row in self._writer.query(
@@ -448,19 +506,6 @@ class ClickHouseBackend:
     def journal_applied_seq(self) -> int:
         return int(self.setting(JOURNAL_APPLIED) or 0)
 
-    def begin_group(self, last_seq: int) -> None:
-        """The group's last record, as the ``write_group`` setting (its version the record:
-        the greatest wins), before any row of it: a replay after a failure ends the first
-        write there, so it holds the records, and its inserts the tokens, of the first try."""
-        with self._writing():
-            self._writer.insert("store_settings", [[WRITE_GROUP, str(last_seq), last_seq]],
-                                column_names=["name", "value", "version"],
-                                settings=_token(last_seq, WRITE_GROUP))
-
-    def pending_group(self) -> int | None:
-        value = self.setting(WRITE_GROUP)
-        return None if value is None else int(value)
-
     def defer_derived(self, defer: bool) -> None:
         """Nothing to defer: the materialized views derive every insert's rows as it lands,
         each idempotent with the insert's token."""
@@ -470,10 +515,17 @@ class ClickHouseBackend:
         kernel writes files back in no particular order, so after a power loss or an I/O
         error the setting that says a record is applied could survive the parts of that
         record or an earlier one, and a restart would not replay them (measured:
-        tests/test_faults.py). A server keeps its own writes (nothing to do)."""
+        tests/test_faults.py). A server keeps its own writes (nothing to do). Once a sync
+        has failed, none is trusted again until the store is opened anew: the kernel reports
+        a write-back error once, and what it dropped is not known (the journal keeps the
+        records, replayed at the next start)."""
+        if self._sync_failed is not None:
+            raise StoreUnavailable(f"the store's files could not be synced ({self._sync_failed})"
+                                   ": restart Tally once the disk is repaired")
         try:
             self.make_durable()
         except OSError as exc:
+            self._sync_failed = str(exc)
             raise StoreUnavailable(f"the store's files cannot be synced: {exc}") from exc
 
     def make_durable(self) -> None:
@@ -531,14 +583,24 @@ class ClickHouseBackend:
 
     def write(self, writes: WriteSet, journal_seq: int | None = None, *,
               dry_run: bool = False) -> None:
-        """The one write path of ingestion (see ``Backend.write``), idempotent per journal
-        record (module doc). ``dry_run``: the rows are inserted into temporary ``Memory``
-        tables of the same structure (this session's), which are emptied again."""
+        """The one write path of ingestion (see ``Backend.write``), undoable per journal
+        record (module doc): the rows of unapplied records a failed write left are removed
+        first, and a record at or below the applied one is applied (nothing is written).
+        ``dry_run``: the rows are inserted into temporary ``Memory`` tables of the same
+        structure (this session's), which are emptied again."""
         with self._writing():
             if dry_run:
                 self._dry_run(writes)
-            else:
-                self._append(writes, journal_seq, "")
+                return
+            if journal_seq is not None:
+                if self._applied is None:
+                    self._discard_unapplied()
+                assert self._applied is not None
+                if journal_seq <= self._applied:
+                    return
+            applied, self._applied = self._applied, None  # until this write is whole
+            self._append(writes, journal_seq, "")
+            self._applied = applied if journal_seq is None else journal_seq
 
     def _dry_run(self, writes: WriteSet) -> None:
         if not self._dry_tables:
@@ -556,9 +618,11 @@ class ClickHouseBackend:
         client = self._writer
         if writes.events:
             batch = pa.concat_tables(writes.events)
-            client.insert_arrow(prefix + "events", batch, settings=_token(journal_seq, "events"))
-            if not prefix:
-                self._append_derived(batch, journal_seq)
+            if prefix:
+                client.insert_arrow(prefix + "events", batch)
+            else:
+                self._insert("events", batch, journal_seq)
+                self._append_derived(journal_seq)
         if writes.quarantine:
             # by name: a journal record written before a column was added replays with that
             # column NULL
@@ -569,8 +633,11 @@ class ClickHouseBackend:
             first = (journal_seq * QUARANTINE_ROWS if journal_seq is not None
                      else self._next_quarantine_id())
             ids = pa.array(np.arange(first, first + table.num_rows, dtype=np.int64))
-            client.insert_arrow(prefix + "quarantine", table.add_column(0, "id", ids),
-                                settings=_token(journal_seq, "quarantine"))
+            table = table.add_column(0, "id", ids)
+            if prefix:
+                client.insert_arrow(prefix + "quarantine", table)
+            else:
+                self._insert("quarantine", table, journal_seq)
         if writes.idempotency:
             records = pa.table({
                 "client_id": [r.client_id for r in writes.idempotency],
@@ -581,34 +648,42 @@ class ClickHouseBackend:
                                         for r in writes.idempotency], pa.timestamp("us")),
             })
             client.insert_arrow(prefix + "idempotency", records,
-                                settings=_token(journal_seq, "idempotency"))
+                                settings=_token("idempotency"))
         if journal_seq is not None:  # last: the record is applied when all of it is
             if not prefix:
                 self._synced()
             client.insert(prefix + "store_settings",
                           [[JOURNAL_APPLIED, str(journal_seq), journal_seq]],
                           column_names=["name", "value", "version"],
-                          settings=_token(journal_seq, "store_settings"))
+                          settings=_token("store_settings"))
 
-    def _append_derived(self, batch: pa.Table, journal_seq: int | None) -> None:
-        """The derived tables' rows of a batch, by the statements DuckDB runs in the events'
-        transaction, over the batch in the writer's temporary ``_new_events``: each insert
-        with a token of the record, its table and its place among the table's statements, so
-        a record replayed after a failure between two of them adds only the rows that had not
-        landed."""
-        if not self._derived:
-            return
-        client = self._writer
-        if not self._new_events:
-            client.command("CREATE TEMPORARY TABLE IF NOT EXISTS _new_events AS events "
+    def _insert(self, table: str, rows: pa.Table, journal_seq: int | None) -> None:
+        """Append ``rows`` to ``table``, each naming record ``journal_seq`` (:data:`SEQ`, 0:
+        none): through the writer's temporary ``_new_<table>`` (the events' is also what the
+        derived tables' statements read)."""
+        client, staged = self._writer, f"_new_{table}"
+        if staged not in self._staged:
+            client.command(f"CREATE TEMPORARY TABLE IF NOT EXISTS {staged} AS {table} "
                            "ENGINE = Memory")
-            self._new_events = True
-        client.command("TRUNCATE TABLE _new_events")
-        client.insert_arrow("_new_events", batch)
+            self._staged.add(staged)
+        client.command(f"TRUNCATE TABLE {staged}")
+        client.insert_arrow(staged, rows)
+        names = ", ".join(rows.column_names)
+        client.command(f"INSERT INTO {table} ({names}, {SEQ}) "  # noqa: S608 - our names
+                       f"SELECT {names}, {SEQ_PARAM} FROM {staged}",
+                       parameters={SEQ: journal_seq or 0},
+                       settings={**NUMBERED, **_token(table)})
+
+    def _append_derived(self, journal_seq: int | None) -> None:
+        """The derived tables' rows of a batch, by the statements DuckDB runs in the events'
+        transaction, over the batch in the writer's temporary ``_new_events``, each row
+        naming the batch's record (:data:`SEQ`)."""
         for name, sql in self._derived:
-            settings = {**DERIVED_INSERT, **_token(journal_seq, name)} \
-                if sql.startswith("INSERT") else None
-            client.command(sql, settings=settings)
+            if sql.startswith("INSERT"):
+                self._writer.command(sql, parameters={SEQ: journal_seq or 0},
+                                     settings={**NUMBERED, **_token(name)})
+            else:
+                self._writer.command(sql)
 
     def _next_quarantine_id(self) -> int:
         rows = self._writer.query("SELECT max(id) FROM quarantine").result_rows

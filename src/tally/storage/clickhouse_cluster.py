@@ -10,14 +10,12 @@ creates (:data:`tally.storage.clickhouse.DDL`): every table ``T`` becomes
   ClickHouse documents them: one path per shard, each replica of it a name of its own);
   the insert-deduplication window is the replicated one
   (``replicated_deduplication_window``, same size, replacing
-  ``non_replicated_deduplication_window``);
+  ``non_replicated_deduplication_window``; unused: every insert's token is its own);
 - ``T ON CLUSTER 'NAME'``: the same columns in a ``Distributed('NAME', '<db>', 'T_local',
   key)`` table, so every query and insert of the backend names the tables it names today.
 
-The sharding key (:func:`sharding_key`) must be deterministic: a record replayed from the
-journal must split into the same blocks on the same shards as its first attempt, or a shard's
-``insert_deduplication_token`` would drop a block of other rows (or keep a duplicate); so
-never ``rand()``. Events are sharded by ``cityHash64(tenant_id, coalesce(player_id,
+The sharding key (:func:`sharding_key`) is deterministic, never ``rand()``: one key's rows
+are on one shard. Events are sharded by ``cityHash64(tenant_id, coalesce(player_id,
 event_id))``: all of one player's events are on one shard (first deposit, sessions,
 retention cohorts, LTV are computed per shard, with no player split across shards), a
 duplicate of an event (same tenant, event id, player) reaches the shard its original did, and

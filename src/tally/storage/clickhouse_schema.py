@@ -42,6 +42,14 @@ TYPES: dict[_T, str] = {
 DEDUP_WINDOW = 10_000  # inserts a table remembers the token of (``storage/clickhouse.py``)
 DEDUP = f" SETTINGS non_replicated_deduplication_window = {DEDUP_WINDOW}"
 STATE = "_state"  # the suffix of the table holding a Least table's argMin states
+# the journal record (the last of its write's group) a row of an appended table came from, 0
+# for a row of no record: what a write replayed after a failure removes first
+# (``ClickHouseBackend._discard_unapplied``). MATERIALIZED: not in ``SELECT *`` nor in an
+# insert's columns unless named (with ``insert_allow_materialized_columns``), so no query
+# and no statement that fills a table from the events sees it
+SEQ = "_seq"
+SEQ_COLUMN = f"{SEQ} UInt64 MATERIALIZED 0"
+SEQ_PARAM = f"{{{SEQ}:UInt64}}"  # the record's number, bound by the server at each write
 
 
 def _type(kind: exp.DataType) -> str:
@@ -86,11 +94,13 @@ def _sort(order: Sequence[str]) -> str:
 
 
 def clickhouse_table(duckdb_ddl: str, *, order: Sequence[str] | None = None,
-                     partition: str | None = None) -> str:
+                     partition: str | None = None, seq: bool = False) -> str:
     """The ClickHouse ``CREATE TABLE`` of one DuckDB ``CREATE TABLE`` statement (sorted by
-    ``order`` and partitioned by ``partition`` when given)."""
+    ``order`` and partitioned by ``partition`` when given; ``seq``: an appended table, with
+    :data:`SEQ` last)."""
     table = parse_table(duckdb_ddl)
-    columns = ", ".join(f"{name} {kind}" for name, kind in table.types.items())
+    columns = ", ".join([f"{name} {kind}" for name, kind in table.types.items()]
+                        + ([SEQ_COLUMN] if seq else []))
     parts = f" PARTITION BY {partition}" if partition else ""
     return (f"CREATE TABLE IF NOT EXISTS {table.name} ({columns}) "
             f"ENGINE = MergeTree{parts} ORDER BY {_sort(order or table.order)}")
@@ -109,7 +119,7 @@ def derived_ddl(table: DerivedTable) -> list[str]:
     whole as one tuple: ``argMin`` of a column alone would skip its NULLs), and the view ``T``
     of the merged states, with ``T``'s columns."""
     if table.least is None:
-        return [clickhouse_table(table.ddl, order=table.order or None) + DEDUP]
+        return [clickhouse_table(table.ddl, order=table.order or None, seq=True) + DEDUP]
     columns, least = parse_table(table.ddl), table.least
     rest, row, by = _row(columns, least)
     keys = ", ".join(f"{k} {columns.types[k]}" for k in least.keys)
@@ -123,12 +133,15 @@ def derived_ddl(table: DerivedTable) -> list[str]:
             f"GROUP BY {', '.join(least.keys)}"]
 
 
-def derived_statement(sql: str, table: DerivedTable) -> str:
+def derived_statement(sql: str, table: DerivedTable, *, batch: bool = False) -> str:
     """A derived table's statement (ClickHouse SQL) as the ClickHouse store runs it: a
     Least table's ``INSERT INTO T SELECT …`` (its rows, in ``T``'s column order) becomes the
-    insert of their ``argMin`` states into ``T_state``; any other statement is unchanged."""
+    insert of their ``argMin`` states into ``T_state``; another table's batch insert
+    (``batch``) also fills :data:`SEQ` with the parameter :data:`SEQ_PARAM`; any other
+    statement is unchanged."""
     if table.least is None:
-        return sql
+        return _numbered(sql, table) if batch and sql.lstrip().upper().startswith("INSERT") \
+            else sql
     insert = sqlglot.parse_one(sql, read="clickhouse")
     assert isinstance(insert, exp.Insert) and isinstance(insert.expression, exp.Query)
     columns, least = parse_table(table.ddl), table.least
@@ -146,8 +159,33 @@ def derived_statement(sql: str, table: DerivedTable) -> str:
             f"{state} FROM ({rows.sql(dialect='clickhouse')}) GROUP BY {', '.join(least.keys)}")
 
 
+def _numbered(sql: str, table: DerivedTable) -> str:
+    """An appended table's ``INSERT INTO T SELECT …`` naming T's declared columns and
+    :data:`SEQ`, the value of :data:`SEQ_PARAM` (run with ``insert_allow_materialized_columns``)."""
+    insert = sqlglot.parse_one(sql, read="clickhouse")
+    assert isinstance(insert, exp.Insert) and isinstance(insert.expression, exp.Query)
+    target = insert.this
+    assert isinstance(target, exp.Table), f"{table.name}: a batch's insert names its columns"
+    rows = insert.expression
+    if not isinstance(rows, exp.Select):
+        rows = exp.select("*").from_(rows.subquery())
+    names = [*parse_table(table.ddl).types, SEQ]
+    insert.set("this", exp.Schema(this=target, expressions=[exp.to_identifier(n)
+                                                             for n in names]))
+    insert.set("expression", rows.select(
+        exp.alias_(sqlglot.parse_one(SEQ_PARAM, read="clickhouse"), SEQ)))
+    return insert.sql(dialect="clickhouse")
+
+
+def seq_tables(derived: Iterable[DerivedTable]) -> list[str]:
+    """The tables a row of which came from one journal record (:data:`SEQ`): the events,
+    the quarantine, every derived table but a Least one (its states are the same however
+    often a record is applied)."""
+    return ["events", "quarantine", *(t.name for t in derived if t.least is None)]
+
+
 def _arrow_table(name: str, schema: pa.Schema) -> str:
-    return clickhouse_table(f"CREATE TABLE {name} ({duckdb_columns(schema)})")
+    return clickhouse_table(f"CREATE TABLE {name} ({duckdb_columns(schema)})", seq=True)
 
 
 # the base tables (the derived ones: derived_ddl)
@@ -157,9 +195,10 @@ DDL = (
     # every range query read the whole table); a month a partition
     clickhouse_table(f"CREATE TABLE events ({duckdb_columns(EVENTS_SCHEMA)})",
                      order=("event_type", "tenant_id", "occurred_at"),
-                     partition="toYYYYMM(occurred_at)") + DEDUP,
+                     partition="toYYYYMM(occurred_at)", seq=True) + DEDUP,
     clickhouse_table(f"CREATE TABLE quarantine (id BIGINT NOT NULL, "
-                     f"{duckdb_columns(QUARANTINE_SCHEMA)}, PRIMARY KEY (id))") + DEDUP,
+                     f"{duckdb_columns(QUARANTINE_SCHEMA)}, PRIMARY KEY (id))",
+                     seq=True) + DEDUP,
     # the last record of a (client_id, key) is the one kept (DuckDB: INSERT OR REPLACE)
     "CREATE TABLE IF NOT EXISTS idempotency (client_id String, key String, "
     "body_sha256 String, response String, created_at DateTime64(6)) "

@@ -541,6 +541,10 @@ class DuckDBBackend:
     def _append(self, con: duckdb.DuckDBPyConnection, writes: WriteSet,
                 journal_seq: int | None, dry_run: bool = False,
                 pending: list[tuple[int, int]] | None = None) -> None:
+        if journal_seq is not None and not dry_run and journal_seq <= int(con.execute(
+                "SELECT coalesce(max(value::BIGINT), 0) FROM store_settings WHERE name = ?",
+                [JOURNAL_APPLIED]).fetchall()[0][0]):
+            return  # applied: nothing is written again (Backend.write)
         if writes.events:
             events = pa.concat_tables(writes.events)
             con.register("_new_events", events)
@@ -596,12 +600,6 @@ class DuckDBBackend:
 
     def journal_applied_seq(self) -> int:
         return int(self.setting(JOURNAL_APPLIED) or 0)
-
-    def begin_group(self, last_seq: int) -> None:
-        """Nothing to keep: a write is one transaction, whatever records it holds."""
-
-    def pending_group(self) -> int | None:
-        return None
 
     def make_durable(self) -> None:
         """Nothing to do: DuckDB syncs its write-ahead log at each commit."""
