@@ -600,12 +600,13 @@ def test_a_record_applied_in_part_by_an_older_version_is_replayed_once_by_a_newe
         store.close()
 
 
-def test_a_group_cut_mid_write_is_replayed_in_any_grouping(tmp_path: Path) -> None:
-    """The applier merges journal records into one write; a write cut by a crash left rows
-    (here records 1–3's events, named by record 3) and the restart's first write may group
-    the records differently (1–5 in one): the rows of the unapplied records are removed when
-    the store opens, so every record is stored once."""
-    from tally.ingest.applier import Applier
+def test_a_group_cut_mid_write_is_replayed_as_the_same_group(tmp_path: Path) -> None:
+    """The applier merges journal records into one write; a write cut by a crash left some
+    of its rows (here records 1–3's events, naming record 3, the group's last). After the
+    restart records 1–5 wait: the store says the cut group ends at 3 (``pending_group``,
+    from the rows it holds), the applier's first write is 1–3 again, which writes only what
+    had not landed (the derived tables, the quarantine), then 4–5: every record once."""
+    from tally.ingest.applier import Applier, merge
     from tally.ingest.journal import Journal
     from tally.ingest.versions import DataVersions
 
@@ -613,13 +614,13 @@ def test_a_group_cut_mid_write_is_replayed_in_any_grouping(tmp_path: Path) -> No
     store = _open(tmp_path / "ch")
     try:
         group = pa.concat_tables([t for seq in (1, 2, 3) for t in records[seq].events])
-        store._insert("events", group, 3)  # the first table of the write, then the crash
+        store._insert("events", group, 3, {})  # the write's first table, then the crash
         assert store.count_events() == 60 and store.journal_applied_seq() == 0
     finally:
         store.close()
     store = _open(tmp_path / "ch")
     try:
-        assert store.count_events() == 0
+        assert store.pending_group() == 3
         applier = Applier(store, Journal(tmp_path / "journal"), DataVersions(), 0,
                           parked_dir=tmp_path / "parked")
         for seq, writes in records.items():  # the journal's records, handed over at start
@@ -630,6 +631,73 @@ def test_a_group_cut_mid_write_is_replayed_in_any_grouping(tmp_path: Path) -> No
         ids = store.query("SELECT event_id, count() AS n FROM events GROUP BY event_id")
         assert store.count_events() == 100 and set(ids.column("n").to_pylist()) == {1}
         assert _count(store, "quarantine") == 10 and store.journal_applied_seq() == 5
+        assert store.pending_group() is None
+        got = _derived_rows(store)
+    finally:
+        store.close()
+    clean = _open(tmp_path / "clean")  # the same two writes, never cut
+    try:
+        clean.write(merge([records[1], records[2], records[3]]), journal_seq=3)
+        clean.write(merge([records[4], records[5]]), journal_seq=5)
+        assert got == _derived_rows(clean) and got["active_1d"]
+    finally:
+        clean.close()
+
+
+def test_a_cut_group_written_as_other_records_has_its_rows_deleted_first(
+        tmp_path: Path) -> None:
+    """A write of other records than the cut one (a caller that does not follow
+    ``pending_group``) may not keep the cut rows: they name records it does not hold, so
+    they are deleted before it writes, and every record is stored once."""
+    records = {seq: record(seq, rows_per_record=20) for seq in range(1, 4)}
+    store = _open(tmp_path / "ch")
+    try:
+        group = pa.concat_tables([t for seq in (1, 2) for t in records[seq].events])
+        store._insert("events", group, 2, {})
+    finally:
+        store.close()
+    store = _open(tmp_path / "ch")
+    try:
+        for seq in (1, 2, 3):  # one record a write
+            store.write(records[seq], journal_seq=seq)
+        ids = store.query("SELECT event_id, count() AS n FROM events GROUP BY event_id")
+        assert store.count_events() == 60 and set(ids.column("n").to_pylist()) == {1}
+        got = _derived_rows(store)
+    finally:
+        store.close()
+    clean = _open(tmp_path / "clean")
+    try:
+        for seq, writes in records.items():
+            clean.write(writes, journal_seq=seq)
+        assert got == _derived_rows(clean) and got["active_1d"]
+    finally:
+        clean.close()
+
+
+def test_a_write_cut_between_two_inserts_of_one_table_adds_only_the_missing_one(
+        tmp_path: Path) -> None:
+    """A table may have more than one insert a write (``active_1d``: bets, then sessions);
+    a write whose second insert failed has the first's rows stored, and its retry must add
+    the second's and not the first's again: a row names its insert as well as its record."""
+    two = DerivedTable(
+        "two_inserts", "CREATE TABLE two_inserts (event_id VARCHAR NOT NULL, "
+        "kind VARCHAR NOT NULL)",
+        from_batch=("INSERT INTO two_inserts SELECT event_id, 'first' FROM _new_events",
+                    "INSERT INTO two_inserts SELECT event_id, 'second' FROM _new_events "
+                    "WHERE event_id NOT IN (SELECT event_id FROM gate)"),
+        from_all=())
+    store = ClickHouseBackend(chdb_dsn(tmp_path / "ch"), derived=[two])
+    try:
+        store._writer.command("CREATE TABLE gate_away (event_id String) ENGINE = Memory")
+        with pytest.raises(WriteRejected):  # the second insert finds no `gate`
+            store.write(record(1), journal_seq=1)
+        assert _count(store, "two_inserts") == 50 and store.journal_applied_seq() == 0
+        store._writer.command("RENAME TABLE gate_away TO gate")
+        store.write(record(1), journal_seq=1)
+        kinds = store.query("SELECT kind, count() AS n FROM two_inserts GROUP BY kind "
+                            "ORDER BY kind").to_pylist()
+        assert kinds == [{"kind": "first", "n": 50}, {"kind": "second", "n": 50}]
+        assert store.count_events() == 50 and store.journal_applied_seq() == 1
     finally:
         store.close()
 
@@ -650,6 +718,15 @@ def test_a_query_past_a_bound_is_the_503_naming_it_and_the_next_query_is_answere
         with pytest.raises(QueryTimeout) as timed_out:
             store.execute(endless, {})
         assert timed_out.value.status == 503 and "0.2 s" in str(timed_out.value)
+        # the thread's next query is answered right (a chDB client that ran a failed
+        # query puts what it had written of it before the next answer: it is replaced)
+        assert store.query("SELECT 2 AS n").to_pylist() == [{"n": 2}]
+        with pytest.raises(QueryTimeout):
+            store.execute(sqlglot.parse_one(
+                "SELECT toString(number) AS s FROM numbers(100000000000)", read="clickhouse"),
+                {})
+        assert store.execute(sqlglot.parse_one("SELECT 3 AS n", read="clickhouse"),
+                             {}).to_pylist() == [{"n": 3}]
         hungry = sqlglot.parse_one("SELECT length(groupArray(number)) AS n "
                                    "FROM numbers(100000000)", read="clickhouse")
         with pytest.raises(QueryMemoryExceeded) as too_big:

@@ -243,7 +243,7 @@ def test_the_record_being_written_when_the_disk_fails_is_replayed_whole(tmp_path
         records = {1: _record("r1"), 2: _record("r2")}
         backend.write(records[1], 1)
         backend._insert("events", pa.concat_tables(records[2].events),  # type: ignore[attr-defined]
-                        2)  # the write's first insert, then the disk fails
+                        2, {})  # the write's first insert, then the disk fails
         events = Path(backend.query(
             "SELECT data_paths FROM system.tables WHERE database = currentDatabase() AND "
             "name = 'events'").column("data_paths")[0].as_py()[0])

@@ -82,6 +82,10 @@ class Applier:
         self._enqueued_seq = applied_seq
         self._cond = threading.Condition()
         self._stopping = False
+        # the last record of a write a failure cut, some of whose rows the store holds: the
+        # first write ends there (Backend.pending_group)
+        begun = backend.pending_group()
+        self._replay_until = begun if begun is not None and begun > applied_seq else None
         self._deadline: float | None = None  # stop(): give up applying after this
         self.store_failure: str | None = None  # why the store refuses writes now, if it does
         self.set_aside_rows = 0
@@ -175,7 +179,7 @@ class Applier:
     def _lingering(self) -> float:
         """How much longer the waiting groups may wait for more (0: apply now)."""
         if not self._pending or self._stopping or self._flushing \
-                or self._pending_rows >= self._max_rows:
+                or self._replay_until is not None or self._pending_rows >= self._max_rows:
             return 0.0
         return self._linger - (time.monotonic() - self._pending[0][2])
 
@@ -192,7 +196,9 @@ class Applier:
             groups: list[WriteSet] = []
             taken = 0
             seq = self.applied_seq
-            while self._pending and (not groups or taken < self._max_rows):
+            until, self._replay_until = self._replay_until, None
+            while self._pending and (not groups or (
+                    seq < until if until is not None else taken < self._max_rows)):
                 seq, writes, _ = self._pending.popleft()
                 groups.append(writes)
                 taken += writes.rows
@@ -221,6 +227,7 @@ class Applier:
     def _requeue(self, seq: int, writes: WriteSet) -> None:
         with self._cond:
             self._pending.appendleft((seq, writes, time.monotonic()))
+            self._replay_until = seq  # the same group again, nothing merged into it
 
     def _apply(self, seq: int, writes: WriteSet) -> Isolated | None:
         """Write ``writes`` as record ``seq``; the write as applied, or None if stopped."""

@@ -144,6 +144,12 @@ class Backend(Protocol):
         crash), in a few large transactions. A store that derives on insert by itself
         (ClickHouse's materialized views) ignores it."""
 
+    def pending_group(self) -> int | None:
+        """The last journal record of a write a failure cut before it was applied, if the
+        store holds some of its rows (a store whose write is one transaction never does):
+        the applier's first write ends exactly there, so it holds the records those rows
+        came from, and the store writes only what had not landed."""
+
     def make_durable(self) -> None:
         """Make every write so far survive a power loss or a kernel crash: the journal
         forgets its records only after this returned (``Journal.release``). Raises

@@ -8,20 +8,23 @@ store's settings, and the tables derived from the events (rollups, activity, coh
 ``DerivedTable``), kept by the same statements as on DuckDB, run after the events' insert over
 the batch (:meth:`ClickHouseBackend._append_derived`).
 
-ClickHouse has no multi-table transaction, so a write is made undoable instead of atomic:
-each table of a :class:`WriteSet` is one ``INSERT``, every row of a table appended to (the
-events, the quarantine, the derived tables but ``Least`` ones) carries the journal record it
-came from (``_seq``), and the ``journal_applied_seq`` setting is written last, after the
-engine's files are synced. A write that failed, or was cut by a crash or a ``kill -9``, may
-have left some of its rows (some tables, some of a table's parts); before the next write the
-backend removes every row of a record after the applied one
-(:meth:`ClickHouseBackend._discard_unapplied`: at open for the embedded engine, at the first
-write for a server, after any failed write), so the replay from the journal writes each
-record once. Insert deduplication tokens are not trusted with this: a non-replicated
-table's token log and its parts reach the disk in no set order, so after a power loss or an
-I/O error a token can outlive its part (the replay was dropped: an acknowledged record lost)
-or a part its token (counted twice); both measured (``tests/test_faults.py``). Every insert
-carries a token of its own, so no insert is ever taken for another.
+ClickHouse has no multi-table transaction, so a write is made checkable instead of atomic:
+each table of a :class:`WriteSet` is one ``INSERT`` in one block (one part a partition, which
+is on disk whole or not at all), every row of a table that is appended to (the events, the
+quarantine, the derived tables but ``Least`` ones) names the journal record it came from
+(``_seq``: the last of its write's group), and the ``journal_applied_seq`` setting is written
+last, after the engine's files are synced. A write that failed, or was cut by a crash or a
+``kill -9``, may have left some of its parts; the store finds them when it opens and after
+a failed write (:meth:`ClickHouseBackend._find_unapplied`: which tables and partitions hold
+rows of a record after the applied one), the applier's first write is that group again
+(``pending_group``), and the store inserts only what had not landed. Insert deduplication
+tokens are not trusted with this: a non-replicated table's token log and its parts reach
+the disk in no set order, so after a power loss or an I/O error a token can outlive its part
+(the replay was dropped: an acknowledged record lost) or a part its token (counted twice);
+both measured (``tests/test_faults.py``). Every insert carries a token of its own, so no
+insert is ever taken for another. Nothing is deleted on that path: a lightweight ``DELETE``
+is a mutation whose file the engine does not sync, and one cut by the failing disk left the
+table unloadable (measured: the disk-full scenario could not restart).
 
 Quarantine ids: ClickHouse has no sequence, so an entry's id is ``journal_seq * 2**20 + i``
 (``i`` its row in the record: at most :data:`QUARANTINE_ROWS` a record), which grows with the
@@ -32,6 +35,7 @@ journal record (not one the applier makes) numbers its entries after the greates
 from __future__ import annotations
 
 import ctypes
+import logging
 import os
 import re
 import threading
@@ -46,6 +50,7 @@ from typing import Any
 import clickhouse_connect
 import numpy as np
 import pyarrow as pa
+from clickhouse_connect.driver.binding import bind_query
 from clickhouse_connect.driver.client import Client
 from clickhouse_connect.driver.exceptions import (
     DatabaseError,
@@ -69,6 +74,8 @@ from tally.storage.clickhouse_cluster import LOCAL, cluster_ddl, on_cluster
 from tally.storage.clickhouse_schema import (
     DDL,
     DEDUP_WINDOW,
+    PARTITIONS,
+    PLACES,
     SEQ,
     SEQ_COLUMN,
     SEQ_PARAM,
@@ -82,16 +89,19 @@ from tally.storage.limits import QueryLimits, out_of_memory, timed_out
 from tally.storage.metering import current_meter
 from tally.storage.schema import QUARANTINE_SCHEMA
 
+log = logging.getLogger(__name__)
 JOURNAL_APPLIED = "journal_applied_seq"
 __all__ = ["DDL", "DEDUP_WINDOW", "ClickHouseBackend"]
 QUARANTINE_BITS = 20
 QUARANTINE_ROWS = 2 ** QUARANTINE_BITS  # quarantine entries one journal record may hold
 # a delete returns once every part holds it (the replay's rows are inserted after it)
 DELETE_SYNC: dict[str, Any] = {"lightweight_deletes_sync": 2, "mutations_sync": 2}
-# an insert naming _seq; one thread: a batch's few rows cost more spread over threads
-# (measured: 13% more CPU a 1,000-event write with the default)
+# an insert naming _seq, in one block (so one part a partition: a part is on disk whole or
+# not at all, so a record's rows are in a table's partition all or none); one thread (a
+# batch's few rows cost more spread over threads: 13% more CPU a 1,000-event write)
 NUMBERED: dict[str, Any] = {"insert_allow_materialized_columns": 1, "max_threads": 1,
-                            "max_insert_threads": 1}
+                            "max_insert_threads": 1, "min_insert_block_size_rows": 1 << 40,
+                            "min_insert_block_size_bytes": 1 << 40}
 
 # every client's session: the SQL's meaning (dialects.py) and naive timestamps read as UTC
 SETTINGS: dict[str, Any] = {**CLICKHOUSE_SETTINGS, "session_timezone": "UTC"}
@@ -154,6 +164,20 @@ def _token(table: str) -> dict[str, Any]:
     return {"insert_deduplication_token": f"{uuid.uuid4().hex}:{table}"}
 
 
+def _place(table: str, place: int) -> str:
+    """A table's insert of a write: ``"<table>:<place>"`` (its place among the table's)."""
+    if not 0 <= place < PLACES:
+        raise ValueError(f"{table}: more than {PLACES} inserts a write")
+    return f"{table}:{place}"
+
+
+def _number(value: Any) -> str:
+    """A numeric setting's value as SQL (a bound of :attr:`ClickHouseBackend.limits`)."""
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise TypeError(f"not a number: {value!r}")
+    return repr(value)
+
+
 def _utc_text(t: datetime) -> str:
     """A naive UTC timestamp as a ``DateTime64(6)`` parameter (to the microsecond)."""
     return t.strftime("%Y-%m-%d %H:%M:%S.%f")
@@ -175,10 +199,13 @@ def _as_duckdb(table: pa.Table) -> pa.Table:
             table = table.set_column(i, pa.field(f.name, pa.timestamp(f.type.unit)),
                                      table.column(i).cast(pa.timestamp(f.type.unit)))
         elif pa.types.is_fixed_size_binary(f.type) and f.type.byte_width == 16:
-            values = [None if v is None else Decimal(int.from_bytes(v, "little", signed=True))
-                      for v in table.column(i).to_pylist()]
+            # the same 16 bytes, little-endian two's complement, as Arrow's decimal128
+            column = table.column(i).combine_chunks()
             table = table.set_column(i, pa.field(f.name, pa.decimal128(38, 0)),
-                                     pa.array(values, pa.decimal128(38, 0)))
+                                     pa.Array.from_buffers(
+                                         pa.decimal128(38, 0), len(column),
+                                         column.buffers()[:2], null_count=column.null_count,
+                                         offset=column.offset))
     return table
 
 
@@ -214,13 +241,17 @@ class ClickHouseBackend:
         self._closed = False
         self._rows_scanned = 0
         self._sync_failed: str | None = None  # why the engine's files could not be synced
-        # (the statement's table, statement) of each batch's derived rows, in order
-        self._derived = [(table.name, derived_statement(sql, table, batch=True))
-                         for table in derived for sql in table.from_batch]
+        # (the statement's table and place among its table's inserts, statement) of each
+        # batch's derived rows, in order
+        self._derived = [(_place(table.name, place), derived_statement(sql, table, batch=True))
+                         for table in derived
+                         for place, sql in enumerate(table.from_batch)]
         self._seq_tables = seq_tables(derived)
-        # the applied record, if no row of a later one may be stored (None: find out and
-        # remove them before the next write, _discard_unapplied)
+        # the applied record (None: not known since a write failed) and the rows of later
+        # records the store holds: {record: {"table:place": {partition: rows}}}
+        # (_find_unapplied)
         self._applied: int | None = None
+        self._landed: dict[int, dict[str, dict[str, int]]] = {}
         self._writer = self._connect()
         try:
             for statement in DDL if cluster is None else cluster_ddl(cluster, database, DDL):
@@ -228,9 +259,10 @@ class ClickHouseBackend:
             for name in retired:
                 self._writer.command(f"DROP TABLE IF EXISTS {name}")
             fill = self._create_derived(derived, cluster, database)
-            if dsn.startswith("chdb:"):  # the one process of the folder: the writer
-                self._discard_unapplied()
-            for table, rebuild in fill:  # from the events of applied records only
+            self._find_unapplied()
+            if fill and self._landed:  # filled from the events of applied records only
+                self._delete_unapplied(list(self._landed))
+            for table, rebuild in fill:
                 self._fill(table, rebuild)
         except Exception as exc:
             self.close()
@@ -280,27 +312,49 @@ class ClickHouseBackend:
             for sql in table.from_all:
                 self._writer.command(derived_statement(sql, table))
 
-    def _discard_unapplied(self) -> None:
-        """Remove every row of a record after the applied one (a write that failed or was
-        cut left them: module doc), from each table that holds them; then the store holds
-        exactly the applied records and the next write may be any of the later ones."""
+    def _find_unapplied(self) -> None:
+        """The applied record, and which rows of later records the store holds (a write that
+        failed or was cut left them: module doc), by record, table and partition."""
         applied = self.journal_applied_seq()
         stored = set(self._writer.query(
             "SELECT table FROM system.columns WHERE database = currentDatabase() "
             "AND name = {seq:String}", parameters={"seq": SEQ}).result_rows)
+        landed: dict[int, dict[str, dict[str, int]]] = {}
         for table in self._seq_tables:
             if (table,) not in stored:
                 continue
-            found = self._writer.query(f"SELECT count() FROM {table} "  # noqa: S608
-                                       f"WHERE {SEQ} > {{a:UInt64}}",
-                                       parameters={"a": applied}).result_rows[0][0]
-            if found:
-                target = table if self._cluster is None \
-                    else f"{table}{LOCAL} ON CLUSTER '{self._cluster}'"
-                self._writer.command(f"DELETE FROM {target} "  # noqa: S608 - our names
-                                     f"WHERE {SEQ} > {{a:UInt64}}",
-                                     parameters={"a": applied}, settings=DELETE_SYNC)
-        self._applied = applied
+            for seq, partition, rows in self._writer.query(
+                    f"SELECT {SEQ}, _partition_id, count() FROM {table} "  # noqa: S608
+                    f"WHERE {SEQ} >= {{a:UInt64}} GROUP BY {SEQ}, _partition_id",
+                    parameters={"a": (applied + 1) * PLACES}).result_rows:
+                record, place = divmod(int(seq), PLACES)
+                landed.setdefault(record, {}).setdefault(_place(table, place), {})[
+                    partition] = rows
+        self._applied, self._landed = applied, landed
+
+    def pending_group(self) -> int | None:
+        """The last record of the write a failure cut, if any of its rows are stored: the
+        applier's first write ends there, so it holds the records of those rows."""
+        return max(self._landed) if self._landed else None
+
+    def _delete_unapplied(self, records: Sequence[int]) -> None:
+        """Delete the rows of ``records`` (unapplied): only where a write holds other records
+        than a cut one did (never the applier's, which replays the cut group as it was), or
+        a new derived table is to be filled from the events. A lightweight ``DELETE`` is a
+        mutation, whose file the engine writes without a sync: a crash right after it can
+        leave the table unloadable, so it is never the path of a failing disk's retries."""
+        log.warning("clickhouse: deleting the stored rows of unapplied records",
+                    extra={"records": sorted(records)})
+        for table in {t.split(":")[0] for record in records
+                      for t in self._landed.get(record, {})}:
+            target = table if self._cluster is None \
+                else f"{table}{LOCAL} ON CLUSTER '{self._cluster}'"
+            self._writer.command(f"DELETE FROM {target} "  # noqa: S608 - our names
+                                 f"WHERE has({{r:Array(UInt64)}}, intDiv({SEQ}, {PLACES}))",
+                                 parameters={"r": list(records)}, settings=DELETE_SYNC)
+        self.make_durable()
+        for record in records:
+            self._landed.pop(record, None)
 
     def _lacks_columns(self, table: DerivedTable) -> bool:
         present = {row[0] for row in self._writer.query(
@@ -366,6 +420,13 @@ class ClickHouseBackend:
         try:
             yield
         except Exception as exc:
+            # a chDB client keeps what a failed query had written of its answer and puts it
+            # before the next query's (an error, or an empty Arrow stream: measured): the
+            # thread's next query gets a client of its own
+            client = getattr(self._local, "client", None)
+            if client is not None:
+                self._local.client = None
+                self._forget(client)
             code = getattr(exc, "code", None)
             if code == TIMEOUT_EXCEEDED and self.limits.timeout_seconds is not None:
                 raise timed_out(self.limits) from None
@@ -396,18 +457,36 @@ class ClickHouseBackend:
         if meter is not None:
             meter.before_scan(lambda: self.estimate_rows(sql, params))
         with self._reading():
-            result = self._client().query(sql, parameters=bind(params),
-                                          settings=self._bounds())
-            table = _result_table(result)
+            table, rows = self._answer(sql, params)
         if not table.num_columns and isinstance(tree, exp.Query):
             # chDB says nothing of an empty result, not even its columns: the tree names them
             table = pa.table({name: pa.array([], pa.null()) for name in tree.named_selects})
-        rows = int(result.summary.get("read_rows", 0) or 0)
         with self._scan_lock:
             self._rows_scanned += rows
         if meter is not None:
             meter.after_scan(rows)
         return table
+
+    def _answer(self, sql: str, params: dict[str, Any]) -> tuple[pa.Table, int]:
+        """A query's answer and the rows it read from storage, with :meth:`_bounds`. chDB:
+        in Arrow, straight from the engine (its result holds both; the driver's Arrow call
+        drops the summary, and its Native one builds Python objects of every value: 160 vs
+        40 ms for 282K rows, measured); a server: the driver's Native answer and summary."""
+        client = self._client()
+        backend: Any = getattr(client, "_backend", None)
+        if type(backend).__name__ != "ChdbBackend":
+            result = client.query(sql, parameters=bind(params), settings=self._bounds())
+            return _result_table(result), int(result.summary.get("read_rows", 0) or 0)
+        final, bound = bind_query(sql, bind(params), client.server_tz)
+        assert isinstance(final, str)
+        settings = {**self._bounds(), "output_format_arrow_string_as_string": 1}
+        clause = ", ".join(f"{name} = {_number(value)}" for name, value in settings.items())
+        result = backend._run(f"{final}\n SETTINGS {clause}\n FORMAT Arrow", "Arrow",
+                              params={k.removeprefix("param_"): v for k, v in bound.items()},
+                              database=client.database)
+        data = result.bytes()
+        table = pa.ipc.open_file(pa.BufferReader(data)).read_all() if data else pa.table({})
+        return _as_duckdb(table), int(result.storage_rows_read())
 
     def rows(self, tree: exp.Expr, params: dict[str, Any]) -> list[dict[str, Any]]:
         rows: list[dict[str, Any]] = self.execute(tree, params).to_pylist()
@@ -592,15 +671,23 @@ class ClickHouseBackend:
             if dry_run:
                 self._dry_run(writes)
                 return
+            landed: dict[str, dict[str, int]] = {}
             if journal_seq is not None:
                 if self._applied is None:
-                    self._discard_unapplied()
+                    self._find_unapplied()
                 assert self._applied is not None
                 if journal_seq <= self._applied:
                     return
+                others = [record for record in self._landed if record != journal_seq]
+                if others:
+                    self._delete_unapplied(others)
+                landed = self._landed.get(journal_seq, {})
             applied, self._applied = self._applied, None  # until this write is whole
-            self._append(writes, journal_seq, "")
-            self._applied = applied if journal_seq is None else journal_seq
+            self._append(writes, journal_seq, "", landed)
+            if journal_seq is not None:
+                self._applied, self._landed = journal_seq, {}
+            else:
+                self._applied = applied
 
     def _dry_run(self, writes: WriteSet) -> None:
         if not self._dry_tables:
@@ -614,15 +701,18 @@ class ClickHouseBackend:
             for name in ("events", "quarantine", "idempotency", "store_settings"):
                 self._writer.command(f"TRUNCATE TABLE _dry_{name}")
 
-    def _append(self, writes: WriteSet, journal_seq: int | None, prefix: str) -> None:
-        client = self._writer
+    def _append(self, writes: WriteSet, journal_seq: int | None, prefix: str,
+                landed: dict[str, dict[str, int]] | None = None) -> None:
+        """The write's inserts; ``landed``: the record's rows stored by a try a failure
+        cut (by table and partition), not inserted again."""
+        client, landed = self._writer, landed or {}
         if writes.events:
             batch = pa.concat_tables(writes.events)
             if prefix:
                 client.insert_arrow(prefix + "events", batch)
             else:
-                self._insert("events", batch, journal_seq)
-                self._append_derived(journal_seq)
+                self._insert("events", batch, journal_seq, landed)
+                self._append_derived(journal_seq, landed)
         if writes.quarantine:
             # by name: a journal record written before a column was added replays with that
             # column NULL
@@ -637,7 +727,7 @@ class ClickHouseBackend:
             if prefix:
                 client.insert_arrow(prefix + "quarantine", table)
             else:
-                self._insert("quarantine", table, journal_seq)
+                self._insert("quarantine", table, journal_seq, landed)
         if writes.idempotency:
             records = pa.table({
                 "client_id": [r.client_id for r in writes.idempotency],
@@ -657,10 +747,12 @@ class ClickHouseBackend:
                           column_names=["name", "value", "version"],
                           settings=_token("store_settings"))
 
-    def _insert(self, table: str, rows: pa.Table, journal_seq: int | None) -> None:
+    def _insert(self, table: str, rows: pa.Table, journal_seq: int | None,
+                landed: dict[str, dict[str, int]]) -> None:
         """Append ``rows`` to ``table``, each naming record ``journal_seq`` (:data:`SEQ`, 0:
-        none): through the writer's temporary ``_new_<table>`` (the events' is also what the
-        derived tables' statements read)."""
+        none), but for the partitions where a cut try's rows landed (``landed``): through
+        the writer's temporary ``_new_<table>`` (the events' is also what the derived
+        tables' statements read)."""
         client, staged = self._writer, f"_new_{table}"
         if staged not in self._staged:
             client.command(f"CREATE TEMPORARY TABLE IF NOT EXISTS {staged} AS {table} "
@@ -668,22 +760,41 @@ class ClickHouseBackend:
             self._staged.add(staged)
         client.command(f"TRUNCATE TABLE {staged}")
         client.insert_arrow(staged, rows)
+        where = ""
+        params: dict[str, Any] = {SEQ: (journal_seq or 0) * PLACES}
+        place = _place(table, 0)
+        if place in landed:
+            partition = PARTITIONS.get(table)
+            if partition is None:  # one part: it landed whole
+                return
+            mine = {str(p): int(n) for p, n in client.query(
+                f"SELECT toString({partition}), count() FROM {staged} "  # noqa: S608
+                "GROUP BY 1").result_rows}
+            if all(mine.get(p) == n for p, n in landed[place].items()):
+                where = f" WHERE toString({partition}) NOT IN {{landed:Array(String)}}"
+                params["landed"] = list(landed[place])
+            else:  # a partition's rows landed in part (never: one part a partition)
+                assert journal_seq is not None
+                self._delete_unapplied([journal_seq])
+                landed.clear()  # so every table of the record is written
         names = ", ".join(rows.column_names)
         client.command(f"INSERT INTO {table} ({names}, {SEQ}) "  # noqa: S608 - our names
-                       f"SELECT {names}, {SEQ_PARAM} FROM {staged}",
-                       parameters={SEQ: journal_seq or 0},
-                       settings={**NUMBERED, **_token(table)})
+                       f"SELECT {names}, {SEQ_PARAM} FROM {staged}{where}",
+                       parameters=params, settings={**NUMBERED, **_token(table)})
 
-    def _append_derived(self, journal_seq: int | None) -> None:
+    def _append_derived(self, journal_seq: int | None,
+                        landed: dict[str, dict[str, int]]) -> None:
         """The derived tables' rows of a batch, by the statements DuckDB runs in the events'
         transaction, over the batch in the writer's temporary ``_new_events``, each row
-        naming the batch's record (:data:`SEQ`)."""
-        for name, sql in self._derived:
-            if sql.startswith("INSERT"):
-                self._writer.command(sql, parameters={SEQ: journal_seq or 0},
-                                     settings={**NUMBERED, **_token(name)})
-            else:
+        naming the batch's record (:data:`SEQ`); a table a cut try's rows landed in (one
+        part: whole) is not inserted into again."""
+        for place, sql in self._derived:
+            if not sql.startswith("INSERT"):
                 self._writer.command(sql)
+            elif place not in landed:
+                number = int(place.rsplit(":", 1)[1])
+                self._writer.command(sql, parameters={SEQ: (journal_seq or 0) * PLACES + number},
+                                     settings={**NUMBERED, **_token(place)})
 
     def _next_quarantine_id(self) -> int:
         rows = self._writer.query("SELECT max(id) FROM quarantine").result_rows

@@ -42,14 +42,18 @@ TYPES: dict[_T, str] = {
 DEDUP_WINDOW = 10_000  # inserts a table remembers the token of (``storage/clickhouse.py``)
 DEDUP = f" SETTINGS non_replicated_deduplication_window = {DEDUP_WINDOW}"
 STATE = "_state"  # the suffix of the table holding a Least table's argMin states
-# the journal record (the last of its write's group) a row of an appended table came from, 0
-# for a row of no record: what a write replayed after a failure removes first
-# (``ClickHouseBackend._discard_unapplied``). MATERIALIZED: not in ``SELECT *`` nor in an
+# the journal record (the last of its write's group) a row of an appended table came from
+# and the insert that wrote it among its table's: record * PLACES + place (0: a row of no
+# record), what the store checks for after a write failed or was cut
+# (``ClickHouseBackend._find_unapplied``). MATERIALIZED: not in ``SELECT *`` nor in an
 # insert's columns unless named (with ``insert_allow_materialized_columns``), so no query
 # and no statement that fills a table from the events sees it
 SEQ = "_seq"
+PLACES = 16  # the inserts a table may have in one write
 SEQ_COLUMN = f"{SEQ} UInt64 MATERIALIZED 0"
-SEQ_PARAM = f"{{{SEQ}:UInt64}}"  # the record's number, bound by the server at each write
+SEQ_PARAM = f"{{{SEQ}:UInt64}}"  # its value, bound by the server at each insert
+# the partition of each appended table that has more than one (one insert: a part each)
+PARTITIONS = {"events": "toYYYYMM(occurred_at)"}
 
 
 def _type(kind: exp.DataType) -> str:
@@ -195,7 +199,7 @@ DDL = (
     # every range query read the whole table); a month a partition
     clickhouse_table(f"CREATE TABLE events ({duckdb_columns(EVENTS_SCHEMA)})",
                      order=("event_type", "tenant_id", "occurred_at"),
-                     partition="toYYYYMM(occurred_at)", seq=True) + DEDUP,
+                     partition=PARTITIONS["events"], seq=True) + DEDUP,
     clickhouse_table(f"CREATE TABLE quarantine (id BIGINT NOT NULL, "
                      f"{duckdb_columns(QUARANTINE_SCHEMA)}, PRIMARY KEY (id))",
                      seq=True) + DEDUP,

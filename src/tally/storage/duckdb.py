@@ -601,6 +601,10 @@ class DuckDBBackend:
     def journal_applied_seq(self) -> int:
         return int(self.setting(JOURNAL_APPLIED) or 0)
 
+    def pending_group(self) -> int | None:
+        """None: a write is one transaction, whatever records it holds."""
+        return None
+
     def make_durable(self) -> None:
         """Nothing to do: DuckDB syncs its write-ahead log at each commit."""
 
