@@ -150,6 +150,15 @@ def _closed_and_repaired(disk: Ext4Volume, backend: Backend) -> None:
     disk.repair()
 
 
+def _fsync(path: Path) -> None:
+    """What the kernel's write-back may do for one file (or folder) before the others."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def _stored(backend: Backend) -> int:
     try:
         return int(backend.query("SELECT count(*) AS n FROM events").column("n")[0].as_py())
@@ -188,13 +197,6 @@ def test_the_store_never_says_a_record_is_applied_before_its_rows_are_on_disk(tm
     alone, as the write-back could have done), then ext4 turns read-only, dropping the rest.
     After the repair the store must not say a record is applied whose rows it lacks: a
     restart replays only the records after it, so those rows would be lost."""
-    def fsync(path: Path) -> None:
-        fd = os.open(path, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-
     data = tmp_path / "data"
     with ext4(data, 128 * MIB, tmp_path / "images" / "data.img", commit=300) as disk:
         backend = _store("chdb", data)
@@ -206,8 +208,8 @@ def test_the_store_never_says_a_record_is_applied_before_its_rows_are_on_disk(tm
             "SELECT path FROM system.parts WHERE table = 'store_settings' AND active "
             "ORDER BY modification_time DESC, name DESC LIMIT 1").column("path")[0].as_py())
         for part_file in newest.iterdir():
-            fsync(part_file)
-        fsync(newest)
+            _fsync(part_file)
+        _fsync(newest)
         disk.trip_read_only()
         _closed_and_repaired(disk, backend)
         backend = _store("chdb", data)
@@ -227,13 +229,6 @@ def test_the_record_being_written_when_the_disk_fails_is_replayed_whole(tmp_path
     replays the records after the store's applied sequence from the journal: all 600
     events must be stored, once (a token outliving its part dropped the replay: 300; a part
     outliving its token would be counted twice: 900)."""
-    def fsync(path: Path) -> None:
-        fd = os.open(path, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-
     import pyarrow as pa
 
     data = tmp_path / "data"
@@ -249,16 +244,16 @@ def test_the_record_being_written_when_the_disk_fails_is_replayed_whole(tmp_path
             "name = 'events'").column("data_paths")[0].as_py()[0])
         if "token" in on_disk:
             for log in (events / "deduplication_logs").iterdir():
-                fsync(log)
+                _fsync(log)
         if "part" in on_disk:
             for part in backend.query(
                     "SELECT path FROM system.parts WHERE table = 'events' AND active "
                     "AND modification_time >= (SELECT max(modification_time) FROM system.parts "
                     "WHERE table = 'events' AND active)").column("path").to_pylist():
                 for part_file in Path(part).iterdir():
-                    fsync(part_file)
-                fsync(Path(part))
-            fsync(events)
+                    _fsync(part_file)
+                _fsync(Path(part))
+            _fsync(events)
         disk.trip_read_only()
         _closed_and_repaired(disk, backend)
         backend = _store("chdb", data)

@@ -278,7 +278,10 @@ class ClickHouseBackend:
                 self._writer.command(f"DROP TABLE IF EXISTS {name}")
             fill = self._create_derived(derived, cluster, database)
             self._find_unapplied()
-            if fill and self._landed:  # filled from the events of applied records only
+            # a new table is filled from the events of applied records only; the embedded
+            # store's process is its writer (a server's reader must not delete what its
+            # writer is writing: there a cut write's rows are also in the new table)
+            if fill and self._landed and dsn.startswith("chdb:"):
                 self._delete_unapplied(list(self._landed))
             for table, rebuild in fill:
                 self._fill(table, rebuild)
@@ -604,8 +607,7 @@ class ClickHouseBackend:
         return int(self.setting(JOURNAL_APPLIED) or 0)
 
     def defer_derived(self, defer: bool) -> None:
-        """Nothing to defer: the materialized views derive every insert's rows as it lands,
-        each idempotent with the insert's token."""
+        """Nothing to defer: a batch's derived rows are inserted with it (``write``)."""
 
     def _synced(self) -> None:
         """The embedded engine's writes so far on disk, before a record is said applied: the
@@ -680,9 +682,11 @@ class ClickHouseBackend:
 
     def write(self, writes: WriteSet, journal_seq: int | None = None, *,
               dry_run: bool = False) -> None:
-        """The one write path of ingestion (see ``Backend.write``), undoable per journal
-        record (module doc): the rows of unapplied records a failed write left are removed
-        first, and a record at or below the applied one is applied (nothing is written).
+        """The one write path of ingestion (see ``Backend.write``), checked per journal
+        record (module doc): what a cut try of this record left is not written again, rows
+        of other unapplied records are deleted first (a caller that did not follow
+        :meth:`pending_group`), and a record at or below the applied one is applied (nothing
+        is written).
         ``dry_run``: the rows are inserted into temporary ``Memory`` tables of the same
         structure (this session's), which are emptied again."""
         with self._writing():
