@@ -714,6 +714,74 @@ def test_a_write_cut_between_two_inserts_of_one_table_adds_only_the_missing_one(
         store.close()
 
 
+@pytest.mark.parametrize("engine", ["duckdb", "chdb"])
+def test_a_record_at_or_below_the_applied_one_is_not_written_again(
+        tmp_path: Path, engine: str) -> None:
+    """Both engines: writing an applied record again (a replay that starts one record early,
+    a retried write whose commit had landed) adds nothing and never lowers the sequence."""
+    (tmp_path / "duck").mkdir()
+    store: Any = DuckDBBackend(tmp_path / "duck") if engine == "duckdb" \
+        else ClickHouseBackend(chdb_dsn(tmp_path / "ch"))
+    try:
+        for seq in (1, 2, 1, 2, 3, 2):
+            store.write(record(seq), journal_seq=seq)
+        counts = store.query("SELECT count(*) AS n FROM events").column("n")[0].as_py()
+        quarantined = store.query("SELECT count(*) AS n FROM quarantine").column("n")[0]
+        assert (counts, quarantined.as_py()) == (150, 6)
+        assert store.journal_applied_seq() == 3
+    finally:
+        store.close()
+
+
+def test_a_store_made_before_rows_named_their_record_gets_the_column(tmp_path: Path) -> None:
+    """An older store's appending tables lack ``_seq``: it is added when the store opens,
+    the old rows read as 0 (no record), and a write cut after that is found and completed."""
+    store = _open(tmp_path / "ch")
+    try:
+        store.write(record(1, rows_per_record=20), journal_seq=1)
+        for table in ("events", "quarantine", "rollup_1m", "active_1d"):
+            store._writer.command(f"ALTER TABLE {table} DROP COLUMN _seq")
+    finally:
+        store.close()
+    store = _open(tmp_path / "ch")
+    try:
+        seq = store.query("SELECT _seq AS s FROM events").column("s").to_pylist()
+        assert seq == [0] * 20
+        cut = record(2, rows_per_record=20)
+        store._insert("events", pa.concat_tables(cut.events), 2, {})  # then the crash
+    finally:
+        store.close()
+    store = _open(tmp_path / "ch")
+    try:
+        assert store.pending_group() == 2
+        store.write(cut, journal_seq=2)
+        ids = store.query("SELECT event_id, count() AS n FROM events GROUP BY event_id")
+        assert store.count_events() == 40 and set(ids.column("n").to_pylist()) == {1}
+    finally:
+        store.close()
+
+
+def test_a_partition_whose_rows_landed_in_part_is_written_again_whole(tmp_path: Path) -> None:
+    """One insert is one part a partition, so a cut write's partition holds all its rows or
+    none; if it held some (never seen), the store deletes the record's rows and writes the
+    record whole rather than guess which rows are missing."""
+    whole = record(1, rows_per_record=20)
+    store = _open(tmp_path / "ch")
+    try:
+        part = pa.concat_tables(whole.events).slice(0, 7)  # 7 of the partition's 20 rows
+        store._insert("events", part, 1, {})
+    finally:
+        store.close()
+    store = _open(tmp_path / "ch")
+    try:
+        store.write(whole, journal_seq=1)
+        ids = store.query("SELECT event_id, count() AS n FROM events GROUP BY event_id")
+        assert store.count_events() == 20 and set(ids.column("n").to_pylist()) == {1}
+        assert _count(store, "quarantine") == 2 and store.journal_applied_seq() == 1
+    finally:
+        store.close()
+
+
 def test_a_query_past_a_bound_is_the_503_naming_it_and_the_next_query_is_answered(
         tmp_path: Path) -> None:
     """``TALLY_QUERY_TIMEOUT_SECONDS`` and ``TALLY_QUERY_MEMORY_LIMIT`` on ClickHouse: the

@@ -85,16 +85,10 @@ class DataVersions:
         if reads is not None:
             first = reads[0].date().toordinal()
             last = (reads[1] - timedelta(microseconds=1)).date().toordinal()
-        span = last - first + 1
         with self._lock:
             chosen = self._days.values() if brands is None else \
                 [self._days.get(b, {}) for b in brands]
-            # a range shorter than a brand's history is looked up day by day (a funnel asks
-            # once a day of its range), a longer one (or any day) by scanning the history
-            return max((seq for per_day in chosen for seq in (
-                (per_day[d] for d in range(first, last + 1) if d in per_day)
-                if span < len(per_day) else
-                (seq for day, seq in per_day.items() if first <= day <= last))), default=0)
+            return max((_latest(per_day, first, last) for per_day in chosen), default=0)
 
     def complete_before(self, brands: tuple[str, ...] | None) -> datetime | None:
         """The instant before which every acknowledged event of ``brands`` (None: all) is in
@@ -109,3 +103,12 @@ class DataVersions:
             values = [at for brand, at in self._latest.items()
                       if brands is None or brand in brands]
         return max(values, default=None)
+
+
+def _latest(per_day: dict[int, int], first: int, last: int) -> int:
+    """The latest change of one brand on the days ``first``..``last`` (ordinals): a range
+    shorter than the brand's history looked up day by day (a funnel asks once a day of its
+    range), a longer one (or any day) by scanning the history."""
+    if last - first + 1 < len(per_day):
+        return max((per_day[d] for d in range(first, last + 1) if d in per_day), default=0)
+    return max((seq for day, seq in per_day.items() if first <= day <= last), default=0)

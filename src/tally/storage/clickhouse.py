@@ -158,7 +158,7 @@ def is_store_error(exc: BaseException) -> bool:
         or any(failure in str(exc).lower() for failure in OS_FAILURES)
 
 
-def _numbered(name: str) -> str:
+def _insert_settings(name: str) -> str:
     """The ``SETTINGS`` clause of an insert naming :data:`SEQ` (:data:`NUMBERED` and a
     deduplication token of its own, so it is never taken for another: a table with a
     deduplication window drops a block whose content's hash it holds, and ClickHouse 26.9
@@ -292,10 +292,10 @@ class ClickHouseBackend:
 
     def _create_derived(self, derived: Sequence[DerivedTable], cluster: str | None,
                         database: str) -> list[tuple[DerivedTable, bool]]:
-        """Each derived table created, and :data:`SEQ` added to the tables of an older
-        version; the tables to be filled from the stored events (new ones: False) or made
-        again (a table lacking columns: True), which the caller does once the unapplied
-        records' rows are gone."""
+        """Each derived table created, and :data:`SEQ` added to every appending table of an
+        older version (all of them exist by then); the tables to be filled from the stored
+        events (new ones: False) or made again (a table lacking columns: True), which the
+        caller does once the unapplied records' rows are gone."""
         fill: list[tuple[DerivedTable, bool]] = []
         for table in derived:
             stored = table.name + (STATE if table.least else "")
@@ -314,17 +314,15 @@ class ClickHouseBackend:
                 self._writer.command(statement)
             if not existed:
                 fill.append((table, False))
-        for name in self._seq_tables:  # a store made before rows named their record
-            self._add_seq(name, cluster)
+        numbered = {row[0] for row in self._writer.query(
+            "SELECT table FROM system.columns WHERE database = currentDatabase() "
+            "AND name = {seq:String}", parameters={"seq": SEQ}).result_rows}
+        for older in set(self._seq_tables) - numbered:  # made before rows named their record
+            names = [older] if cluster is None else [f"{older}{LOCAL} ON CLUSTER '{cluster}'",
+                                                     f"{older} ON CLUSTER '{cluster}'"]
+            for name in names:
+                self._writer.command(f"ALTER TABLE {name} ADD COLUMN IF NOT EXISTS {SEQ_COLUMN}")
         return fill
-
-    def _add_seq(self, table: str, cluster: str | None) -> None:
-        if not self._writer.command(f"EXISTS TABLE {table}"):
-            return
-        names = [table] if cluster is None else [f"{table}{LOCAL} ON CLUSTER '{cluster}'",
-                                                 f"{table} ON CLUSTER '{cluster}'"]
-        for name in names:
-            self._writer.command(f"ALTER TABLE {name} ADD COLUMN IF NOT EXISTS {SEQ_COLUMN}")
 
     def _fill(self, table: DerivedTable, rebuild: bool) -> None:
         if rebuild:
@@ -337,13 +335,8 @@ class ClickHouseBackend:
         """The applied record, and which rows of later records the store holds (a write that
         failed or was cut left them: module doc), by record, table and partition."""
         applied = self.journal_applied_seq()
-        stored = set(self._writer.query(
-            "SELECT table FROM system.columns WHERE database = currentDatabase() "
-            "AND name = {seq:String}", parameters={"seq": SEQ}).result_rows)
         landed: dict[int, dict[str, dict[str, int]]] = {}
-        for table in self._seq_tables:
-            if (table,) not in stored:
-                continue
+        for table in self._seq_tables:  # each has SEQ since the store opened
             for seq, partition, rows in self._writer.query(
                     f"SELECT {SEQ}, _partition_id, count() FROM {table} "  # noqa: S608
                     f"WHERE {SEQ} >= {{a:UInt64}} GROUP BY {SEQ}, _partition_id",
@@ -799,7 +792,7 @@ class ClickHouseBackend:
                 self._delete_unapplied([journal_seq])
                 landed.clear()  # so every table of the record is written
         names = ", ".join(rows.column_names)
-        client.command(f"INSERT INTO {table} ({names}, {SEQ}){_numbered(table)} "  # noqa: S608
+        client.command(f"INSERT INTO {table} ({names}, {SEQ}){_insert_settings(table)} "  # noqa: S608
                        f"SELECT {names}, {SEQ_PARAM} FROM {staged}{where}", parameters=params)
 
     def _append_derived(self, journal_seq: int | None,
@@ -813,7 +806,7 @@ class ClickHouseBackend:
                 self._writer.command(rows)
             elif place not in landed:
                 number = int(place.rsplit(":", 1)[1])
-                self._writer.command(f"{target}{_numbered(place)} {rows}",
+                self._writer.command(f"{target}{_insert_settings(place)} {rows}",
                                      parameters={SEQ: (journal_seq or 0) * PLACES + number}
                                      if numbered else None)
 
