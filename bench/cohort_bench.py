@@ -90,7 +90,7 @@ def raw_retention(end: datetime, k: int) -> str:
         "r AS (SELECT DISTINCT tenant_id, player_id, CAST(occurred_at AS DATE) d FROM events "
         f"WHERE event_type='bet.placed' AND occurred_at >= '{first}' AND occurred_at < "
         f"TIMESTAMP '{last}' + INTERVAL 31 DAY) "
-        "SELECT c, (SELECT count(*) FROM f f2 WHERE f2.c = f.c) size, "
+        "SELECT c, count(DISTINCT f.tenant_id || chr(31) || f.player_id) size, "
         + ", ".join(f"count(DISTINCT CASE WHEN r.d = f.c + {n} THEN f.tenant_id || f.player_id "
                     f"END) d{n}" for n in DAYS)
         + " FROM f LEFT JOIN r USING (tenant_id, player_id) GROUP BY c ORDER BY c")

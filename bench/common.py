@@ -40,13 +40,14 @@ def percentile(values: list[float], q: float) -> float:
 JSON_MAX = 1_000_000  # above this, a demo store is built with `tally demo --bulk`
 
 
-def ensure_store(stored: int, days: int) -> Path:
+def ensure_store(stored: int, days: int, engine: str = "duckdb") -> Path:
     """A data dir holding ``stored`` demo events, built once and reused: through `tally demo`
     (JSON batches, the HTTP path's code) up to JSON_MAX events, through `tally demo --bulk`
     (the vectorised stream and the columnar path: the same operator, a realistic stream of
     distinct players and sessions at any size) above it. The summary, with the stream's shape
-    for bulk stores, is kept in ``demo.json``."""
-    data = OUT / f"store-{stored}"
+    for bulk stores, is kept in ``demo.json``. ``engine``: the store ``TALLY_STORE`` names
+    (``chdb``: its own data dir, ``store-chdb-<N>``)."""
+    data = OUT / (f"store-{stored}" if engine == "duckdb" else f"store-{engine}-{stored}")
     marker = data / "demo.json"
     if not marker.exists():
         data.mkdir(parents=True, exist_ok=True)
@@ -54,7 +55,8 @@ def ensure_store(stored: int, days: int) -> Path:
         run = subprocess.run([TALLY, "demo", "--events", str(stored), "--days", str(days),
                               "--data-dir", str(data), "--json",
                               *(["--bulk"] if stored > JSON_MAX else [])],
-                             capture_output=True, text=True, check=True)
+                             capture_output=True, text=True, check=True,
+                             env={**os.environ, "TALLY_STORE": engine})
         seconds = time.perf_counter() - started
         summary = json.loads(run.stdout)
         marker.write_text(json.dumps({**summary, "wall_seconds": seconds}))

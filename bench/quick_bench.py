@@ -35,6 +35,7 @@ from typing import Any
 
 import duckdb
 import httpx2 as httpx
+import sqlglot
 
 from bench.cohort_bench import (
     funnel_body,
@@ -54,12 +55,50 @@ def _p(latencies: list[float], q: float) -> float:
     return round(percentile(latencies, q) * 1000, 2)
 
 
-def _raw(con: duckdb.DuckDBPyConnection, sqls: list[str]) -> list[float]:
-    def make_worker() -> tuple[Callable[[str], Any], Callable[[], None]]:
-        cur = con.cursor()
-        return (lambda sql: cur.execute(sql).fetchall()), cur.close
+class RawSQL:
+    """The baseline: the raw SQL on the store the server used, opened once the server has
+    stopped — DuckDB's file read-only, or the chDB store in this process. The SQL is written
+    in DuckDB's dialect and, for ClickHouse, transpiled by sqlglot (every answer that has a
+    check is checked against the route's)."""
 
-    return timed_concurrently(sqls, make_worker)
+    def __init__(self, engine: str, data: Path) -> None:
+        self.engine = engine
+        self.con: duckdb.DuckDBPyConnection | None = None
+        self.store: Any = None
+        if engine == "duckdb":
+            self.con = duckdb.connect(str(data / "events.duckdb"), read_only=True)
+        else:
+            from bench.engine_bench import open_store
+
+            self.store = open_store(engine, data)
+
+    def sql(self, text: str) -> str:
+        return text if self.con is not None else \
+            sqlglot.transpile(text, read="duckdb", write="clickhouse")[0]
+
+    def rows(self, text: str) -> list[tuple[Any, ...]]:
+        if self.con is not None:
+            return self.con.execute(text).fetchall()
+        table = self.store.query(self.sql(text))
+        return list(zip(*(c.to_pylist() for c in table.columns), strict=True))
+
+    def timed(self, texts: list[str]) -> list[float]:
+        """Each statement's latency, from CLIENTS threads (a cursor or a client each)."""
+        sqls = [self.sql(t) for t in texts]
+
+        def make_worker() -> tuple[Callable[[str], Any], Callable[[], None]]:
+            if self.con is None:
+                return (lambda sql: self.store.query(sql)), lambda: None
+            cur = self.con.cursor()
+            return (lambda sql: cur.execute(sql).fetchall()), cur.close
+
+        return timed_concurrently(sqls, make_worker)
+
+    def close(self) -> None:
+        if self.con is not None:
+            self.con.close()
+        else:
+            self.store.close()
 
 
 def _cpu_seconds(pid: int) -> float:
@@ -77,12 +116,16 @@ def _commit() -> str:
     return (out.stdout.strip() or "unknown") + ("-dirty" if dirty else "")
 
 
-def run(stored: int = STORED, requests: int = REQUESTS, only: str | None = None
-        ) -> dict[str, Any]:
+def run(stored: int = STORED, requests: int = REQUESTS, only: str | None = None,
+        engine: str = "duckdb", data: Path | None = None) -> dict[str, Any]:
+    """``data``: a data dir of ``engine`` to measure instead of the demo store of ``stored``
+    events (e.g. an engine bench's store: the same stream on both engines)."""
     started = time.perf_counter()
-    data = ensure_store(stored, DAYS)
-    shape = json.loads((data / "demo.json").read_text())
-    server = Server(data)
+    if data is None:
+        data = ensure_store(stored, DAYS, engine)
+    marker = data / "demo.json"
+    built = json.loads(marker.read_text()) if marker.exists() else {}
+    server = Server(data, env={"TALLY_STORE": engine})
     queries: list[dict[str, Any]] = []
     try:
         headers, end = prepare(server, data)
@@ -140,31 +183,31 @@ def run(stored: int = STORED, requests: int = REQUESTS, only: str | None = None
                                  revalidated["path"], [same] * requests * 4, "GET", CLIENTS)
     finally:
         server.stop()
-    con = duckdb.connect(str(data / "events.duckdb"), read_only=True)
-    players, sessions, days, first, last = con.execute(
-        "SELECT count(DISTINCT player_id), count(DISTINCT session_id), "
+    base = RawSQL(engine, data)
+    events, players, sessions, days, first, last = base.rows(
+        "SELECT count(*), count(DISTINCT player_id), count(DISTINCT session_id), "
         "count(DISTINCT CAST(occurred_at AS DATE)), min(occurred_at), max(occurred_at) "
-        "FROM events").fetchone() or (0, 0, 0, None, None)
-    shape = {"events": shape.get("accepted"), "players": players, "sessions": sessions,
-             "days": days, "from": str(first)[:10], "to": str(last)[:10],
-             "by_type": dict(con.execute("SELECT event_type, count(*) FROM events GROUP BY 1 "
-                                         "ORDER BY 2 DESC").fetchall())}
+        "FROM events")[0]
+    shape = {"events": built.get("accepted", events), "players": players,
+             "sessions": sessions, "days": days, "from": str(first)[:10], "to": str(last)[:10],
+             "by_type": dict(base.rows("SELECT event_type, count(*) FROM events GROUP BY 1 "
+                                       "ORDER BY 2 DESC"))}
     rows: list[dict[str, Any]] = []
     for q in queries:
         if q["check"] is not None:
-            q["check"](q["answer"], con.execute(q["raw"][0]).fetchall())
-        raw = _raw(con, q["raw"])
+            q["check"](q["answer"], base.rows(q["raw"][0]))
+        raw = base.timed(q["raw"])
         rows.append({"query": q["name"], "http_p50_ms": _p(q["http"], 0.5),
                      "http_p95_ms": _p(q["http"], 0.95), "raw_p50_ms": _p(raw, 0.5),
                      "raw_p95_ms": _p(raw, 0.95),
                      "ratio_p50": round(percentile(q["http"], 0.5) / percentile(raw, 0.5), 2),
                      "server_cpu_ms": round(q["cpu_ms"], 2)})
-    con.close()
+    base.close()
     rows.append({"query": "304 revalidation (no raw SQL)", "http_p50_ms": _p(revalidation, 0.5),
                  "http_p95_ms": _p(revalidation, 0.95), "raw_p50_ms": None, "raw_p95_ms": None,
                  "ratio_p50": None, "server_cpu_ms": None})
     return {"commit": _commit(), "at": datetime.now(UTC).isoformat(timespec="seconds"),
-            "stored": stored, "store": shape,
+            "engine": engine, "stored": stored, "store": shape, "data": str(data),
             "requests": requests, "machine": machine(), "rows": rows,
             "wall_seconds": round(time.perf_counter() - started, 1)}
 
@@ -178,7 +221,8 @@ def _same_funnel(answer: dict[str, Any], raw: list[tuple[Any, ...]]) -> None:
 
 def table(result: dict[str, Any]) -> str:
     store = result["store"]
-    lines = [f"commit {result['commit']}: {store['events']:,} events of {store['players']:,} "
+    lines = [f"commit {result['commit']} on {result.get('engine', 'duckdb')}: "
+             f"{store['events']:,} events of {store['players']:,} "
              f"players, {store['sessions']:,} sessions, {store['days']} days; "
              f"{result['requests']} requests × 3 clients; {result['wall_seconds']} s",
              f"{'query':<44} {'HTTP p50':>9} {'p95':>8} {'raw p50':>9} {'p95':>8} {'ratio':>6}"
@@ -224,14 +268,21 @@ def main() -> None:
     parser.add_argument("--only", metavar="NAME",
                         help="only the queries whose name starts with NAME (and the 304), "
                              "e.g. 'ggr 5m' with --requests 86 for a steadier p95")
+    parser.add_argument("--engine", choices=("duckdb", "chdb"), default="duckdb",
+                        help="the store the server runs on (TALLY_STORE); the raw SQL runs on "
+                             "the same engine")
+    parser.add_argument("--data", type=Path, metavar="DIR",
+                        help="measure this data dir (of --engine) instead of a demo store of "
+                             "--stored events, e.g. an engine bench's store")
     args = parser.parse_args()
     if args.compare:
         a, b = (json.loads(p.read_text()) for p in args.compare)
         print(compare(a, b))
         return
-    result = run(args.stored, args.requests, args.only)
+    result = run(args.stored, args.requests, args.only, args.engine, args.data)
     OUT.mkdir(parents=True, exist_ok=True)
-    size = ("" if args.stored == STORED else f"-{args.stored}") + \
+    size = ("" if args.engine == "duckdb" else f"-{args.engine}") + \
+        ("" if args.stored == STORED else f"-{args.stored}") + \
         ("" if args.only is None else "-" + args.only.replace(" ", "_"))
     path = OUT / f"quick-{result['commit']}{size}.json"
     path.write_text(json.dumps(result, indent=2))
