@@ -3,7 +3,8 @@ checking keys, at N stored keys, per 1,000-key batch (10 of them already stored)
 
     python -m bench.dedup_bench --keys 10000000 --keys 100000000 --baseline-max 10000000
 
-- ``index``: tally.ingest.dedup.DedupIndex, all keys in memory (load, lookup, add the new keys)
+- ``index``: tally.ingest.dedup.DedupIndex, all keys in memory (load, lookup, add the new keys);
+  ``compact_index`` the same keeping 96 bits a key (the server's)
 - ``partitioned``: tally.ingest.dedup_disk.PartitionedDedupIndex, keys on disk, resident memory
   bounded by ``--memory-mb``; built, then measured in a fresh process (lookups/s, RSS)
 - ``anti_join``: keys in a DuckDB table; each batch joined against it (a scan of the key columns)
@@ -47,8 +48,9 @@ def batches(rng: np.random.Generator, stored_hi: np.ndarray, stored_lo: np.ndarr
     return out
 
 
-def bench_index(hi: np.ndarray, lo: np.ndarray, probes: list[Any]) -> dict[str, Any]:
-    index = DedupIndex()
+def bench_index(hi: np.ndarray, lo: np.ndarray, probes: list[Any],
+                compact: bool = False) -> dict[str, Any]:
+    index = DedupIndex(compact=compact)
     started = time.perf_counter()
     chunk = 1 << 20
     index.load((hi[i:i + chunk], lo[i:i + chunk]) for i in range(0, len(hi), chunk))
@@ -63,20 +65,21 @@ def bench_index(hi: np.ndarray, lo: np.ndarray, probes: list[Any]) -> dict[str, 
     return {"load_s": load_s, "batch_p50_ms": percentile(times, 0.5) * 1000,
             "batch_p99_ms": percentile(times, 0.99) * 1000, "runs": index.run_count,
             "lookups_per_s": 1000 * len(times) / sum(times),
-            "index_mb": len(index) * 16 / 2**20}
+            "index_mb": index.nbytes / 2**20}
 
 
-def bench_index_rss(n: int) -> dict[str, Any]:
+def bench_index_rss(n: int, compact: bool = False) -> dict[str, Any]:
     """The in-memory index alone in a fresh process: its RSS at ``n`` keys."""
     code = ("import json, sys, numpy as np, psutil; from tally.ingest.dedup import DedupIndex\n"
-            "n = int(sys.argv[1]); rng = np.random.default_rng(n); index = DedupIndex()\n"
+            "n = int(sys.argv[1]); rng = np.random.default_rng(n)\n"
+            "index = DedupIndex(compact=sys.argv[2] == 'compact')\n"
             "c = 1 << 20\n"
             "index.load((rng.integers(-2**63, 2**63 - 1, min(c, n - i), dtype=np.int64),"
             " rng.integers(-2**63, 2**63 - 1, min(c, n - i), dtype=np.int64))"
             " for i in range(0, n, c))\n"
             "print(json.dumps({'rss_mb': psutil.Process().memory_info().rss / 2**20}))")
-    out = subprocess.run([sys.executable, "-c", code, str(n)], capture_output=True, text=True,
-                         check=True).stdout
+    out = subprocess.run([sys.executable, "-c", code, str(n), "compact" if compact else "whole"],
+                         capture_output=True, text=True, check=True).stdout
     return dict(json.loads(out))
 
 
@@ -195,8 +198,9 @@ def main() -> None:
         probes = batches(rng, hi, lo, BATCHES)
         row: dict[str, Any] = {"keys": n}
         if n <= args.skip_in_memory_above:
-            row["index"] = bench_index(hi, lo, probes)
-            row["index"].update(bench_index_rss(n))
+            for name, compact in (("index", False), ("compact_index", True)):
+                row[name] = bench_index(hi, lo, probes, compact)
+                row[name].update(bench_index_rss(n, compact))
         with tempfile.TemporaryDirectory(dir=OUT) as tmp:
             row["partitioned"] = bench_partitioned(hi, lo, probes, args.memory_mb, Path(tmp))
         if n <= args.baseline_max:

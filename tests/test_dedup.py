@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -12,21 +13,59 @@ from tally.ingest.dedup import DedupIndex, key_hasher
 keys = st.tuples(st.integers(-(2**63), 2**63 - 1), st.integers(-(2**63), 2**63 - 1))
 
 
+# a compact index's keys: the high half of the low word is what it keeps of it (low halves
+# drawn from few values, so that keys differing only there occur)
+compact_keys = st.tuples(st.integers(-(2**63), 2**63 - 1), st.integers(-3, 3),
+                         st.integers(0, 2**32 - 1)).map(lambda k: (k[0], (k[1] << 32) | k[2]))
+
+
+@pytest.mark.parametrize("compact", [False, True])
 @settings(max_examples=60, deadline=None)
-@given(st.lists(st.lists(keys, max_size=40), max_size=25), st.lists(keys, max_size=60))
-def test_index_agrees_with_a_set(batches, probes):
-    index, reference = DedupIndex(), set()
+@given(data=st.data())
+def test_index_agrees_with_a_set(compact, data):
+    """Against a set of the keys as the index tells them apart: whole, or (compact) the high
+    word and the high half of the low one."""
+    drawn = compact_keys if compact else keys
+    batches = data.draw(st.lists(st.lists(drawn, max_size=40), max_size=25))
+    probes = data.draw(st.lists(drawn, max_size=60))
+
+    def told(k: tuple[int, int]) -> tuple[int, int]:
+        return (k[0], k[1] >> 32) if compact else k
+
+    index, reference = DedupIndex(compact=compact), set()
     for batch in batches:
-        unique = [k for k in dict.fromkeys(batch) if k not in reference]  # writer's contract
+        unique = [k for k in dict.fromkeys(batch) if told(k) not in reference]  # writer's
+        unique = list({told(k): k for k in reversed(unique)}.values())  # contract: new keys
         index.add([k[0] for k in unique], [k[1] for k in unique])
-        reference.update(unique)
-    for probe_keys in (probes, list(reference)[:50]):
+        reference.update(told(k) for k in unique)
+    for probe_keys in (probes, [(h, lo << 32) if compact else (h, lo)
+                                for h, lo in list(reference)[:50]]):
         if not probe_keys:
             continue
         hi = np.array([k[0] for k in probe_keys], dtype=np.int64)
         lo = np.array([k[1] for k in probe_keys], dtype=np.int64)
-        assert index.contains(hi, lo).tolist() == [k in reference for k in probe_keys]
+        assert index.contains(hi, lo).tolist() == [told(k) in reference for k in probe_keys]
     assert len(index) == len(reference)
+
+
+def test_compact_index_keeps_96_bits_in_12_bytes_a_key():
+    rng = np.random.default_rng(8)
+    hi = rng.integers(-(2**63), 2**63 - 1, 200_000, dtype=np.int64)
+    lo = rng.integers(-(2**63), 2**63 - 1, 200_000, dtype=np.int64)
+    whole, compact = DedupIndex(), DedupIndex(compact=True)
+    for index in (whole, compact):
+        index.load([(hi, lo)])
+        assert index.contains(hi, lo).all()
+    fence = whole.nbytes - 16 * len(hi)
+    assert 0 < fence < 2 * len(hi)  # about a byte a key
+    assert compact.nbytes == 12 * len(hi) + fence
+    # a key that differs only in the low 32 bits is the same key to the compact index alone
+    near = lo ^ 1
+    assert not whole.contains(hi, near).any()
+    assert compact.contains(hi, near).all()
+    assert not compact.contains(hi, lo ^ (1 << 32)).any()
+    with pytest.raises(ValueError, match="whole keys"):
+        compact.arrays()
 
 
 def test_same_high_half_different_low_half_is_not_a_duplicate():

@@ -77,7 +77,7 @@ class Settings(BaseSettings):
     # how long acknowledged rows may wait to be merged into a larger store write (a reader
     # that waits for them cuts it short): fewer writes, less CPU a row (docs/ingestion.md)
     apply_linger_ms: int = Field(default=250, ge=0, le=10_000)
-    # the dedup index: "memory" (fastest; ~15 bytes of RAM per stored event) or "disk"
+    # the dedup index: "memory" (fastest; ~13 bytes of RAM per stored event) or "disk"
     # (partitioned runs under the data dir, resident memory bounded by dedup_memory_mb)
     dedup_index: Literal["memory", "disk"] = "memory"
     dedup_memory_mb: int = Field(default=256, ge=8)  # resident dedup index on disk

@@ -11,6 +11,13 @@ for long. Keys are uniform hashes, so each run carries a fence table indexed by 
 ``id_hi`` (about 8 keys per bucket): a lookup reads the fence, then binary-searches one bucket,
 about 3 cache misses where a plain binary search over 8M keys takes ~23 (measured 6× faster at
 100M keys). 16 bytes per stored event plus ~1 byte of fence: 1.7 GB at 100M.
+
+The server's index is *compact*: it keeps 96 of the 128 bits (``id_hi`` and the high half of
+``id_lo``), 12 bytes a key plus the fence (1.3 GB at 100M). Two different events then count as
+one only if their keyed digests agree on 96 bits: among 10^9 stored events the chance that any
+new one does is ~10^-11 (N²/2^97), and among 10^10 ~10^-9 — far below the disk's own error
+rates, and no producer can aim for it without the key. (An index that hands its keys on, the
+disk index's memtable, keeps all 128.)
 """
 
 from __future__ import annotations
@@ -23,6 +30,7 @@ import numpy as np
 import numpy.typing as npt
 
 I64 = npt.NDArray[np.int64]
+Low = npt.NDArray[Any]  # what a run keeps of id_lo: int64 whole, int32 its high half (compact)
 MAX_MERGED_RUN = 1 << 23  # 8M keys: a merge at this size costs tens of milliseconds
 KEYS_PER_BUCKET = 8
 _SIGN = np.uint64(1 << 63)
@@ -34,11 +42,12 @@ def _bucket(hi: I64, shift: np.uint64) -> I64:
 
 
 class _Run:
-    """One sorted run: ``hi`` ascending, ``lo`` aligned, and the fence over ``hi``'s top bits."""
+    """One sorted run: ``hi`` ascending, ``lo`` aligned (whole, or its high half in a compact
+    index), and the fence over ``hi``'s top bits."""
 
     __slots__ = ("hi", "lo", "shift", "fence")
 
-    def __init__(self, hi: I64, lo: I64) -> None:
+    def __init__(self, hi: I64, lo: Low) -> None:
         self.hi, self.lo = hi, lo
         bits = max(1, int(np.log2(max(len(hi), 2) / KEYS_PER_BUCKET)))
         self.shift = np.uint64(64 - bits)
@@ -119,8 +128,16 @@ class KeyHasher:
         return pairs[:, 0].astype(np.int64), pairs[:, 1].astype(np.int64)
 
 
+def _high_half(lo: I64) -> Low:
+    """A compact index's part of ``id_lo``: its high 32 bits."""
+    return (lo >> 32).astype(np.int32)
+
+
 class DedupIndex:
-    def __init__(self) -> None:
+    def __init__(self, compact: bool = False) -> None:
+        """``compact``: keep 96 bits of each key, not 128 (the module's note); its keys cannot
+        be handed on (:meth:`arrays`)."""
+        self.compact = compact
         self._runs: list[_Run] = []  # largest first
         # keys taken back (events set aside when applied, so not stored): few, and only
         # consulted for keys the runs contain
@@ -140,11 +157,11 @@ class DedupIndex:
     def load(self, chunks: Iterable[tuple[I64, I64]]) -> None:
         """Bulk-load stored keys (start-up): one sorted run per MAX_MERGED_RUN keys."""
         buf_hi: list[I64] = []
-        buf_lo: list[I64] = []
+        buf_lo: list[Low] = []
         size = 0
         for hi, lo in chunks:
             buf_hi.append(np.asarray(hi, dtype=np.int64))
-            buf_lo.append(np.asarray(lo, dtype=np.int64))
+            buf_lo.append(self._lo(np.asarray(lo, dtype=np.int64)))
             size += len(hi)
             if size >= MAX_MERGED_RUN:
                 self._add_run(np.concatenate(buf_hi), np.concatenate(buf_lo), merge=False)
@@ -156,6 +173,7 @@ class DedupIndex:
     def contains(self, hi: I64, lo: I64) -> npt.NDArray[np.bool_]:
         """For each key, whether it is in the index."""
         found = np.zeros(len(hi), dtype=np.bool_)
+        mine = self._lo(lo)
         for run in self._runs:
             run_hi, run_lo = run.hi, run.lo
             pos = run.lower_bound(hi)
@@ -164,7 +182,7 @@ class DedupIndex:
             for i in cand:  # only true duplicates (or a 64-bit half collision) get here
                 j = int(pos[i])
                 while j < len(run_hi) and run_hi[j] == hi[i]:
-                    if run_lo[j] == lo[i]:
+                    if run_lo[j] == mine[i]:
                         found[i] = True
                         break
                     j += 1
@@ -175,7 +193,9 @@ class DedupIndex:
         return found
 
     def arrays(self) -> tuple[I64, I64]:
-        """Every key (discarded ones left out), unordered."""
+        """Every key (discarded ones left out), unordered; not of a compact index."""
+        if self.compact:
+            raise ValueError("a compact dedup index does not keep whole keys")
         if not self._runs:
             return np.empty(0, np.int64), np.empty(0, np.int64)
         hi = np.concatenate([run.hi for run in self._runs])
@@ -192,9 +212,19 @@ class DedupIndex:
             self._discarded.difference_update(
                 zip((int(h) for h in hi), (int(v) for v in lo), strict=True))
         if len(hi):
-            self._add_run(np.asarray(hi, dtype=np.int64), np.asarray(lo, dtype=np.int64))
+            self._add_run(np.asarray(hi, dtype=np.int64),
+                          self._lo(np.asarray(lo, dtype=np.int64)))
 
-    def _add_run(self, hi: I64, lo: I64, merge: bool = True) -> None:
+    def _lo(self, lo: I64) -> Low:
+        """What a run keeps of ``id_lo``."""
+        return _high_half(lo) if self.compact else lo
+
+    @property
+    def nbytes(self) -> int:
+        """The memory the runs hold (keys and fences)."""
+        return sum(run.hi.nbytes + run.lo.nbytes + run.fence.nbytes for run in self._runs)
+
+    def _add_run(self, hi: I64, lo: Low, merge: bool = True) -> None:
         order = np.argsort(hi, kind="stable")
         self._runs.append(_Run(hi[order], lo[order]))
         while merge and len(self._runs) >= 2:
