@@ -187,6 +187,9 @@ def main() -> None:
     parser.add_argument("--trickle", type=int, default=0, metavar="N",
                         help="only the steady-producer run: N batches of 100 events at 20 a "
                              "second, with the apply linger off and at its default, alternated")
+    parser.add_argument("--data", type=Path, metavar="DIR",
+                        help="ingest into this DuckDB data dir (it grows) instead of a demo "
+                             "store of --stored events, e.g. an engine bench's store")
     args = parser.parse_args()
     OUT.mkdir(parents=True, exist_ok=True)
     if args.trickle:
@@ -200,7 +203,7 @@ def main() -> None:
         print(json.dumps(report, indent=2))
         return
     for stored in args.stored or [10_000_000]:
-        data = ensure_store(stored, args.days)
+        data = args.data or ensure_store(stored, args.days)
         bodies = make_bodies(args.batches + LATENCY_BATCHES, args.batch_size)
         bodies, latency_bodies = bodies[:args.batches], bodies[args.batches:]
         stored_actual = stored_events(data)
@@ -223,7 +226,8 @@ def main() -> None:
         report = {"stored": stored, "stored_at_start": stored_actual,
                   "batch_size": args.batch_size, "clients": args.clients,
                   "batches": len(bodies) - 20, "http": result, "raw_duckdb_append": baseline,
-                  "demo_load": json.loads((data / "demo.json").read_text()),
+                  "demo_load": json.loads((data / "demo.json").read_text())
+                  if (data / "demo.json").exists() else None, "data": str(data),
                   "machine": machine(), "at": datetime.now(UTC).isoformat(timespec="seconds")}
         (OUT / f"ingest-{stored}.json").write_text(json.dumps(report, indent=2))
         print(json.dumps(report, indent=2))

@@ -126,6 +126,7 @@ def run(stored: int = STORED, requests: int = REQUESTS, only: str | None = None,
     marker = data / "demo.json"
     built = json.loads(marker.read_text()) if marker.exists() else {}
     server = Server(data, env={"TALLY_STORE": engine})
+    rss = {"after_start_mb": round(server.rss_mb())}
     queries: list[dict[str, Any]] = []
     try:
         headers, end = prepare(server, data)
@@ -181,6 +182,7 @@ def run(stored: int = STORED, requests: int = REQUESTS, only: str | None = None,
                         headers=headers).headers["etag"]
         revalidation = lean_load(server.url, {**headers, "If-None-Match": tag},
                                  revalidated["path"], [same] * requests * 4, "GET", CLIENTS)
+        rss.update(at_end_mb=round(server.rss_mb()), peak_mb=round(server.peak_rss_mb()))
     finally:
         server.stop()
     base = RawSQL(engine, data)
@@ -208,6 +210,7 @@ def run(stored: int = STORED, requests: int = REQUESTS, only: str | None = None,
                  "ratio_p50": None, "server_cpu_ms": None})
     return {"commit": _commit(), "at": datetime.now(UTC).isoformat(timespec="seconds"),
             "engine": engine, "stored": stored, "store": shape, "data": str(data),
+            "server_rss": rss, "startup_s": round(server.startup_seconds, 1),
             "requests": requests, "machine": machine(), "rows": rows,
             "wall_seconds": round(time.perf_counter() - started, 1)}
 
@@ -224,7 +227,8 @@ def table(result: dict[str, Any]) -> str:
     lines = [f"commit {result['commit']} on {result.get('engine', 'duckdb')}: "
              f"{store['events']:,} events of {store['players']:,} "
              f"players, {store['sessions']:,} sessions, {store['days']} days; "
-             f"{result['requests']} requests × 3 clients; {result['wall_seconds']} s",
+             f"{result['requests']} requests × 3 clients; {result['wall_seconds']} s; server "
+             f"RSS after start / at end / peak {result.get('server_rss', {})} MB",
              f"{'query':<44} {'HTTP p50':>9} {'p95':>8} {'raw p50':>9} {'p95':>8} {'ratio':>6}"
              f" {'CPU/req':>8}"]
     for r in result["rows"]:

@@ -982,10 +982,10 @@ def test_kept_rows_of_many_small_writes_are_compacted_and_answer_the_same(tmp_pa
     from tally.storage.base import DerivedTable, WriteSet
     from tally.storage.factory import open_backend
 
-    def derived(events: int | None) -> Any:
+    def derived(events: int | None, merge_every: int = 10**9) -> Any:
         def tables(dialect: str) -> list[DerivedTable]:
             return [replace(t, compaction=None if events is None else
-                            replace(t.compaction, events=events))
+                            replace(t.compaction, events=events, merge_every=merge_every))
                     if t.compaction is not None else t for t in derived_tables(dialect)]
         return tables
 
@@ -994,11 +994,12 @@ def test_kept_rows_of_many_small_writes_are_compacted_and_answer_the_same(tmp_pa
     hasher = key_hasher(b"test")
     writes = [prepare(msgspec.json.encode(stream[i:i + 25]), ctx, "t", 10_000, hasher).table
               for i in range(0, len(stream), 25)]
-    for name in ("compacted", "appended", "bulk"):
+    plans = {"compacted": derived(50), "appended": derived(None), "bulk": derived(50),
+             "merged": derived(50, merge_every=3)}
+    for name in plans:
         (tmp_path / name).mkdir()
-    stores = {name: open_backend("duckdb", tmp_path / name, derived=derived(events),
-                                 retired=activity.RETIRED)
-              for name, events in (("compacted", 50), ("appended", None), ("bulk", 50))}
+    stores = {name: open_backend("duckdb", tmp_path / name, derived=plan,
+                                 retired=activity.RETIRED) for name, plan in plans.items()}
     try:
         stores["bulk"].defer_derived(True)
         for table in writes:
@@ -1016,10 +1017,26 @@ def test_kept_rows_of_many_small_writes_are_compacted_and_answer_the_same(tmp_pa
         instants = (f"SELECT {keys}, list_sort(flatten(list(times))) AS t FROM step_times "
                     f"GROUP BY {keys} ORDER BY {keys}")
         assert compacted.query(instants).to_pylist() == appended.query(instants).to_pylist()
-        # a bulk load (derived at its end, a few large statements): counted as compacted
+        # every third compaction merged: the same rows, in longer sorted spans (fewer places
+        # where (event_type, hour) steps back in the table's order) up to the merged mark
+        merged = stores["merged"]
+        upto = int(merged.setting("merged:step_times") or 0)
+        assert 0 < upto <= int(merged.setting("compacted:step_times") or 0)
+        assert merged.query(instants).to_pylist() == appended.query(instants).to_pylist()
+
+        def descents(store: Any) -> int:
+            order = store.query(f"SELECT event_type, hour FROM step_times WHERE hour < {upto} "  # noqa: S608
+                                "ORDER BY rowid").to_pylist()
+            keys = [(r["event_type"], r["hour"]) for r in order]
+            return sum(b < a for a, b in zip(keys, keys[1:]))
+
+        assert descents(merged) < descents(compacted), (descents(merged), descents(compacted))
+        # a bulk load (derived at its end, a few large statements): counted as compacted and
+        # merged
         bulk = stores["bulk"]
-        assert bulk.setting("compacted:step_times") == str(
-            bulk.query("SELECT max(hour) AS h FROM step_times").column("h")[0].as_py())
+        newest = str(bulk.query("SELECT max(hour) AS h FROM step_times").column("h")[0].as_py())
+        assert bulk.setting("compacted:step_times") == bulk.setting("merged:step_times") == \
+            newest
         for body in KEPT_BODIES:
             f = funnel_.parse(body)
             expected = cref.funnel(SENT, body)

@@ -40,12 +40,19 @@ class Compaction:
     sorted so that a scan can skip the row groups of other keys. The store runs them once
     ``events`` events were written since the last time, up to the newest bucket written
     (that one is still filling); rows of a bucket already compacted that arrive later (late
-    events) stay as they are, which readers aggregate anyway."""
+    events) stay as they are, which readers aggregate anyway.
+
+    Every ``merge_every`` compactions, the buckets since the last merge are rewritten once
+    more as one span, as an LSM's second tier: a compaction's few row groups hold every key's
+    rows of its buckets, so a scan for one key (a funnel step's event type) reads most of
+    them; sorted as a whole, a merged span's row groups hold few keys each (measured at 100M
+    events written in group commits, docs/benchmarks.md)."""
 
     column: str
     bucket_seconds: int
     statements: tuple[str, ...]
     events: int = 2_000_000
+    merge_every: int = 8
 
 
 @dataclass(frozen=True)

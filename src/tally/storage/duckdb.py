@@ -21,6 +21,7 @@ from sqlglot import exp
 from tally.errors import StoreUnavailable, WriteRejected
 from tally.storage.base import (
     DERIVED_PENDING,
+    Compaction,
     DerivedTable,
     IdempotencyRecord,
     QuarantineItem,
@@ -72,6 +73,7 @@ JOURNAL_APPLIED = "journal_applied_seq"
 CATCH_UP_ROWS = 5_000_000  # events a catch-up transaction derives
 # the store setting of a compacted table: the end (exclusive) of the buckets rewritten so far
 COMPACTED = "compacted:"
+MERGED = "merged:"  # Compaction.merge_every: the bucket up to which compactions were merged
 EPOCH = datetime(1970, 1, 1)
 log = logging.getLogger(__name__)
 # The WAL size that triggers an automatic checkpoint (DuckDB's default: 16 MB). A checkpoint
@@ -116,9 +118,9 @@ class DuckDBBackend:
         self._invalid = False
         self._generation = 0
         self._derived = [sql for table in derived for sql in table.from_batch]
-        # (table, compaction, [events written since, newest bucket written]) of each table
-        # rewritten now and then (DerivedTable.compaction)
-        self._compactions = [(table.name, table.compaction, [0, 0]) for table in derived
+        # (table, compaction, [events written since, newest bucket written, compactions since
+        # the last merge]) of each table rewritten now and then (DerivedTable.compaction)
+        self._compactions = [(table.name, table.compaction, [0, 0, 0]) for table in derived
                              if table.compaction is not None]
         if not read_only:
             self._con.execute(DDL)
@@ -139,6 +141,9 @@ class DuckDBBackend:
                 if self.setting(COMPACTED + name) is None:
                     newest = self._scalar(f"SELECT max({compaction.column}) FROM {name}")  # noqa: S608
                     self.put_setting(COMPACTED + name, str(0 if newest is None else int(newest)))
+                if self.setting(MERGED + name) is None:  # merges start from here (no store's
+                    # whole table rewritten in one write)
+                    self.put_setting(MERGED + name, self.setting(COMPACTED + name) or "0")
             pending = self.setting(DERIVED_PENDING)
             if pending is not None:  # a bulk load stopped before its catch-up: finish it
                 first, last = pending.split(",")
@@ -456,8 +461,9 @@ class DuckDBBackend:
 
     def _compact(self, con: duckdb.DuckDBPyConnection, events: pa.Table) -> None:
         """Rewrite the buckets of each compacted table from the last mark up to the newest
-        bucket written, once enough events were written since (DerivedTable.compaction), in
-        the write's transaction."""
+        bucket written, once enough events were written since, and every ``merge_every``
+        times those since the last merge (DerivedTable.compaction), in the write's
+        transaction."""
         newest_at = pc.max(events.column("occurred_at")).as_py()
         for name, compaction, state in self._compactions:
             state[0] += events.num_rows
@@ -466,16 +472,30 @@ class DuckDBBackend:
                 state[1] = max(state[1], seconds // compaction.bucket_seconds)
             if state[0] < compaction.events:
                 continue
-            rows = con.execute("SELECT value FROM store_settings WHERE name = ?",
-                               [COMPACTED + name]).fetchall()
-            first, end = (int(rows[0][0]) if rows else 0), state[1]
+            first, end = self._mark(con, COMPACTED + name), state[1]
             if end <= first:
                 continue
-            for sql in compaction.statements:
-                con.execute(sql, {"first": first, "end": end} if "$first" in sql else None)
-            con.execute("INSERT OR REPLACE INTO store_settings VALUES (?, ?)",
-                        [COMPACTED + name, str(end)])
+            self._rewrite(con, compaction, COMPACTED + name, first, end)
             state[0] = 0
+            state[2] += 1
+            if state[2] >= compaction.merge_every:
+                self._rewrite(con, compaction, MERGED + name, self._mark(con, MERGED + name),
+                              end)
+                state[2] = 0
+
+    @staticmethod
+    def _mark(con: duckdb.DuckDBPyConnection, name: str) -> int:
+        rows = con.execute("SELECT value FROM store_settings WHERE name = ?", [name]).fetchall()
+        return int(rows[0][0]) if rows else 0
+
+    @staticmethod
+    def _rewrite(con: duckdb.DuckDBPyConnection, compaction: Compaction, mark: str,
+                 first: int, end: int) -> None:
+        """The buckets ``[first, end)`` rewritten by the compaction's statements; ``mark``
+        (a setting) moved to ``end``."""
+        for sql in compaction.statements:
+            con.execute(sql, {"first": first, "end": end} if "$first" in sql else None)
+        con.execute("INSERT OR REPLACE INTO store_settings VALUES (?, ?)", [mark, str(end)])
 
     def defer_derived(self, defer: bool) -> None:
         """While deferred (a bulk load), a write appends its events and leaves their derived
@@ -529,12 +549,13 @@ class DuckDBBackend:
             # a bulk load's rows come a few large statements apiece: counted as compacted
             def mark(con: duckdb.DuckDBPyConnection, name: str = name,
                      column: str = compaction.column) -> None:
-                con.execute(
-                    "INSERT OR REPLACE INTO store_settings SELECT ?, "  # noqa: S608 - our names
-                    f"CAST(coalesce(max({column}), 0) AS VARCHAR) FROM {name}",
-                    [COMPACTED + name])
+                for setting in (COMPACTED + name, MERGED + name):
+                    con.execute(
+                        "INSERT OR REPLACE INTO store_settings SELECT ?, "  # noqa: S608 - ours
+                        f"CAST(coalesce(max({column}), 0) AS VARCHAR) FROM {name}",
+                        [setting])
             self._transaction(mark)
-            state[0] = 0
+            state[0] = state[2] = 0
         log.info("derived the rollups of a bulk load",
                  extra={"seconds": round(time.perf_counter() - started, 1)})
 
