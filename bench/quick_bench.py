@@ -5,6 +5,9 @@ same answer by raw SQL on the same engine in the same run, as ratios — in abou
     python -m bench.quick_bench --compare A.json B.json
     python -m bench.quick_bench --stored 100000000 --requests 12   # the goals at 100M
     python -m bench.quick_bench --stored 100000000 --requests 86 --only "ggr 5m"  # one query
+    python -m bench.quick_bench --engine chdb    # the same on a chDB store (TALLY_STORE=chdb)
+    python -m bench.quick_bench --stored 100000000 --data bench/out/engine-100000000/duckdb
+                                                 # a store written in group commits
 
 The store is `tally demo`'s (distinct players, sessions and payments over 90 days), built once
 into bench/out/store-1000000 and reused. Each query is asked REQUESTS times from CLIENTS client
