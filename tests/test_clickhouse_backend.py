@@ -612,6 +612,54 @@ def test_a_record_applied_in_part_by_an_older_version_is_replayed_once_by_a_newe
         clean.close()
 
 
+def test_a_least_table_of_an_older_version_gets_its_plain_minimum(tmp_path: Path) -> None:
+    """A Least table's state made before ``_least`` (the least ``by`` beside each ``argMin``
+    state) and its view then, reading every column from the merged states: opened by this
+    version, the column is added (its value in the stored rows: their state's ``by``), the
+    view reads ``by`` from it, and after more writes both Least tables hold what a store that
+    never was older holds — as does a cohort's member filter on ``first_at``."""
+    from tally.storage.clickhouse_schema import LEAST, STATE, _row, parse_table
+
+    members = ("SELECT tenant_id, player_id FROM player_firsts WHERE kind = "
+               "'first_deposit' AND first_at < (SELECT max(first_at) FROM player_firsts) "
+               "ORDER BY 1, 2")
+    expected = _never_failed(tmp_path / "clean")
+    clean = _open(tmp_path / "clean")  # (chDB: one store open in a process at a time)
+    try:
+        want = clean.query(members).to_pylist()
+    finally:
+        clean.close()
+    first, second, third = _records()
+    store = _open(tmp_path / "older")
+    try:
+        store.write(first, journal_seq=1)
+        for table in derived_tables("clickhouse"):
+            if table.least is None:
+                continue
+            columns = parse_table(table.ddl)
+            rest, _, _ = _row(columns, table.least)
+            merged = ", ".join(f"tupleElement(argMinMerge(_row), {i}) AS {name}"
+                               for i, name in enumerate(rest, 1))
+            keys = ", ".join(table.least.keys)
+            store._writer.command(f"CREATE OR REPLACE VIEW {table.name} AS SELECT {keys}, "
+                                  f"{merged} FROM {table.name}{STATE} GROUP BY {keys}")
+            store._writer.command(f"ALTER TABLE {table.name}{STATE} DROP COLUMN {LEAST}")
+        before = _derived_rows(store)
+    finally:
+        store.close()
+    store = _open(tmp_path / "older")  # this version
+    try:
+        assert _derived_rows(store) == before  # the stored rows read the same
+        store.write(second, journal_seq=2)
+        store.write(third, journal_seq=3)
+        got = _derived_rows(store)
+        assert got["player_firsts"] == expected["player_firsts"] != []
+        assert got["player_attributes"] == expected["player_attributes"] != []
+        assert store.query(members).to_pylist() == want != []
+    finally:
+        store.close()
+
+
 def test_a_group_cut_mid_write_is_replayed_as_the_same_group(tmp_path: Path) -> None:
     """The applier merges journal records into one write; a write cut by a crash left some
     of its rows (here records 1–3's events, naming record 3, the group's last). After the

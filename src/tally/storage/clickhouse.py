@@ -83,6 +83,7 @@ from tally.storage.clickhouse_schema import (
     STATE,
     derived_ddl,
     derived_statement,
+    least_column,
     seq_tables,
 )
 from tally.storage.dialects import CLICKHOUSE_SETTINGS, render
@@ -307,6 +308,8 @@ class ClickHouseBackend:
                         "columns: rebuild it from the events (docs/alerts.md#rtp-drift)")
                 fill.append((table, True))
                 continue
+            if existed and table.least is not None:  # its state table made before LEAST
+                self._add_column([table.name + STATE], least_column(table), cluster)
             statements = derived_ddl(table)
             if cluster is not None:
                 statements = on_cluster(statements, cluster, database)
@@ -317,12 +320,18 @@ class ClickHouseBackend:
         numbered = {row[0] for row in self._writer.query(
             "SELECT table FROM system.columns WHERE database = currentDatabase() "
             "AND name = {seq:String}", parameters={"seq": SEQ}).result_rows}
-        for older in set(self._seq_tables) - numbered:  # made before rows named their record
-            names = [older] if cluster is None else [f"{older}{LOCAL} ON CLUSTER '{cluster}'",
-                                                     f"{older} ON CLUSTER '{cluster}'"]
-            for name in names:
-                self._writer.command(f"ALTER TABLE {name} ADD COLUMN IF NOT EXISTS {SEQ_COLUMN}")
+        # made before rows named their record
+        self._add_column(sorted(set(self._seq_tables) - numbered), SEQ_COLUMN, cluster)
         return fill
+
+    def _add_column(self, tables: Sequence[str], column: str, cluster: str | None) -> None:
+        """``column`` (its definition) added to ``tables`` where missing (on a cluster: to
+        each shard's table and to the ``Distributed`` one)."""
+        for table in tables:
+            names = [table] if cluster is None else [f"{table}{LOCAL} ON CLUSTER '{cluster}'",
+                                                     f"{table} ON CLUSTER '{cluster}'"]
+            for name in names:
+                self._writer.command(f"ALTER TABLE {name} ADD COLUMN IF NOT EXISTS {column}")
 
     def _fill(self, table: DerivedTable, rebuild: bool) -> None:
         if rebuild:
