@@ -650,6 +650,13 @@ def test_a_least_table_of_an_older_version_gets_its_plain_minimum(tmp_path: Path
     store = _open(tmp_path / "older")  # this version
     try:
         assert _derived_rows(store) == before  # the stored rows read the same
+        # and every part of the state tables holds the column on disk (merged at open)
+        for table in ("player_firsts_state", "player_attributes_state"):
+            parts = store.query(
+                "SELECT countDistinct(name) AS parts, countIf(column = '_least') AS least "
+                f"FROM system.parts_columns WHERE active AND table = '{table}' "
+                "AND database = currentDatabase()").to_pylist()
+            assert parts[0]["parts"] == parts[0]["least"] > 0, (table, parts)
         store.write(second, journal_seq=2)
         store.write(third, journal_seq=3)
         got = _derived_rows(store)

@@ -75,6 +75,7 @@ from tally.storage.clickhouse_cluster import LOCAL, cluster_ddl, on_cluster
 from tally.storage.clickhouse_schema import (
     DDL,
     DEDUP_WINDOW,
+    LEAST,
     PARTITIONS,
     PLACES,
     SEQ,
@@ -308,8 +309,14 @@ class ClickHouseBackend:
                         "columns: rebuild it from the events (docs/alerts.md#rtp-drift)")
                 fill.append((table, True))
                 continue
-            if existed and table.least is not None:  # its state table made before LEAST
-                self._add_column([table.name + STATE], least_column(table), cluster)
+            state = table.name + STATE
+            if existed and table.least is not None and LEAST not in self._columns(state):
+                # a state table made before LEAST: the column added (the stored rows' value
+                # computed from each state when read), then stored by one merge of its parts
+                self._add_column([state], least_column(table), cluster)
+                self._writer.command(f"OPTIMIZE TABLE {state} FINAL" if cluster is None else
+                                     f"OPTIMIZE TABLE {state}{LOCAL} ON CLUSTER '{cluster}' "
+                                     "FINAL")
             statements = derived_ddl(table)
             if cluster is not None:
                 statements = on_cluster(statements, cluster, database)
@@ -380,9 +387,10 @@ class ClickHouseBackend:
             self._landed.pop(record, None)
 
     def _lacks_columns(self, table: DerivedTable) -> bool:
-        present = {row[0] for row in self._writer.query(
-            f"DESCRIBE TABLE {table.name}").result_rows}
-        return not set(declared_columns(table.ddl)) <= present
+        return not set(declared_columns(table.ddl)) <= self._columns(table.name)
+
+    def _columns(self, table: str) -> set[str]:
+        return {row[0] for row in self._writer.query(f"DESCRIBE TABLE {table}").result_rows}
 
     def _rebuild(self, table: DerivedTable) -> None:
         """A derived table made again from the stored events beside the old one, then
