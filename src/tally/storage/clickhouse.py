@@ -309,13 +309,12 @@ class ClickHouseBackend:
                         "columns: rebuild it from the events (docs/alerts.md#rtp-drift)")
                 fill.append((table, True))
                 continue
-            state = table.name + STATE
-            if existed and table.least is not None and LEAST not in self._columns(state):
+            if existed and table.least is not None and LEAST not in self._columns(stored):
                 # a state table made before LEAST: the column added (the stored rows' value
                 # computed from each state when read), then stored by one merge of its parts
-                self._add_column([state], least_column(table), cluster)
-                self._writer.command(f"OPTIMIZE TABLE {state} FINAL" if cluster is None else
-                                     f"OPTIMIZE TABLE {state}{LOCAL} ON CLUSTER '{cluster}' "
+                self._add_column([stored], least_column(table), cluster)
+                self._writer.command(f"OPTIMIZE TABLE {stored} FINAL" if cluster is None else
+                                     f"OPTIMIZE TABLE {stored}{LOCAL} ON CLUSTER '{cluster}' "
                                      "FINAL")
             statements = derived_ddl(table)
             if cluster is not None:

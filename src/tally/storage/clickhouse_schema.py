@@ -44,7 +44,7 @@ DEDUP = f" SETTINGS non_replicated_deduplication_window = {DEDUP_WINDOW}"
 STATE = "_state"  # the suffix of the table holding a Least table's argMin states
 # beside each argMin state, the least ``by`` as a plain minimum: the view reads the ``by``
 # columns from it, so a filter on them (a cohort's first instant) merges no argMin state
-# (member selection at 100M: 0.17 against 1.4 s, docs/benchmarks.md)
+# (a month's first depositors at 100M: 91 against 496 ms, docs/benchmarks.md)
 LEAST = "_least"
 # the journal record (the last of its write's group) a row of an appended table came from
 # and the insert that wrote it among its table's: record * PLACES + place (0: a row of no

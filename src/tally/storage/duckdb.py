@@ -478,9 +478,10 @@ class DuckDBBackend:
             self._rewrite(con, compaction, COMPACTED + name, first, end)
             state[0] = 0
             state[2] += 1
-            merged = self._mark(con, MERGED + name)
-            if state[2] >= compaction.merge_every and merged < end:
-                self._rewrite(con, compaction, MERGED + name, merged, end)
+            if state[2] >= compaction.merge_every:
+                merged = self._mark(con, MERGED + name)
+                if merged < end:
+                    self._rewrite(con, compaction, MERGED + name, merged, end)
                 state[2] = 0
 
     @staticmethod
