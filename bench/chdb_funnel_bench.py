@@ -84,7 +84,7 @@ def run(stored: int, runs: int) -> dict[str, Any]:
         days = PartCache()  # the route's kept whole days (a static store: one data version)
         for k in range(runs):
             f = funnel.parse(funnel_body(end, k))
-            compiled = funnel.compile_kept(f, hashed=False)
+            compiled = funnel.compile_kept(f, "clickhouse")
             started = time.perf_counter()
             kept = store.execute(compiled.tree, compiled.params)
             kept_s = time.perf_counter() - started

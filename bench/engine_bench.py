@@ -182,7 +182,6 @@ def cases(days: int) -> list[dict[str, Any]]:
     the same answer on each engine (``raw(engine)``)."""
     from bench.cohort_bench import raw_funnel_sql
     from tally.cohorts import funnel
-    from tally.cohorts.tables import keeps_player_hashes
     from tally.rollups.activity import compile_active_from_rollup
     from tally.rollups.spec import compile_from_rollup
     from tally.semantic.catalog import METRICS
@@ -244,7 +243,7 @@ def cases(days: int) -> list[dict[str, Any]]:
 
     def route_funnel(dialect: str) -> Any:
         """The plan the route chooses on this engine (the kept rows where they can answer)."""
-        return funnel.compile_kept(four_steps, keeps_player_hashes(dialect)) \
+        return funnel.compile_kept(four_steps, dialect) \
             if funnel.kept(four_steps) else funnel.compile_funnel(four_steps)
 
     def funnel_raw(engine: str) -> str:

@@ -24,7 +24,6 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from tally.api.app import create_app
 from tally.cohorts import funnel as funnel_
-from tally.cohorts.tables import keeps_player_hashes
 from tally.config import Settings
 from tally.insights.cache import PartCache
 from tally.runtime import Runtime
@@ -252,7 +251,7 @@ def test_the_kept_rows_plan_per_day_gives_each_days_best_attempts(week):
     that day, and the best of a unit's days is the whole range's answer."""
     f = funnel_.parse(body(day(0), day(7)))
     backend = week.runtime.backend
-    c = funnel_.compile_kept(f, keeps_player_hashes(backend.dialect), ((f.start, f.end),))
+    c = funnel_.compile_kept(f, backend.dialect, ((f.start, f.end),))
     rows = backend.execute(c.tree, c.params)
     unit = [n for n in ("k", "tenant_id", "player_id") if n in rows.column_names]
     keys = list(zip(*(rows.column(n).to_pylist() for n in (*unit, "day")), strict=True))

@@ -36,6 +36,7 @@ from tally.cohorts.tables import (
     DAY,
     HOUR,
     STEP_TIMES,
+    gathers_step_lists,
     hashes_collided,
     hour_index,
     keeps_player_hashes,
@@ -264,18 +265,135 @@ def _kept_unit(hashed: bool) -> tuple[str, ...]:
     return ("k",) if hashed else ("tenant_id", "player_id")
 
 
-def compile_kept(f: Funnel, hashed: bool = True,
+def _hours_after_starts(f: Funnel, unit: tuple[str, ...], first: int, last_start: int,
+                        params: Params) -> exp.Expr:
+    """Whether a kept row (its unit, its hour) may hold a later step of an attempt: the
+    64-bit hash of (unit, hour) is one of those of the step-1 rows' units and the hours from
+    each such row's to the last its window reaches. A superset (a hash that two pairs share
+    only lets more rows in), so a plan that reads only these rows is exact."""
+    step = f.steps[0]
+    reach = exp.IntDiv(this=exp.Paren(this=exp.Add(
+        this=exp.Mul(this=column("hour"), expression=exp.Literal.number(HOUR)),
+        expression=exp.Literal.number(HOUR - 1 + f.window_sec))),
+        expression=exp.Literal.number(HOUR))
+    starts = (exp.select(hash64(*(column(u) for u in unit), exp.Explode(
+        this=exp.GenerateSeries(start=column("hour"), end=reach))), copy=False)
+        .from_(attributes.source(STEP_TIMES, f.filters), copy=False)
+        .where(column("event_type").eq(exp.Literal.string(step.event)), copy=False)
+        .where(column("hour") >= exp.Literal.number(first), copy=False)
+        .where(column("hour") <= exp.Literal.number(last_start), copy=False))
+    for field, values in step.conditions:
+        starts = starts.where(column(field).isin(*(params.bind(v) for v in values)),
+                              copy=False)
+    for condition in filter_conditions(f.filters, params):
+        starts = starts.where(condition, copy=False)
+    return exp.In(this=hash64(*(column(u) for u in unit), column("hour")),
+                  query=starts.subquery(copy=False))
+
+
+def compile_kept(f: Funnel, dialect: str = "duckdb",
                  spans: tuple[tuple[datetime, datetime], ...] | None = None) -> Compiled:
-    """:func:`compile_funnel` on the kept rows (``step_times``, when :func:`kept`): the
-    attempts are the step-1 instants in ``[from, to)``; each next step joins an attempt to its
-    player's rows of that step in the hours from the previous step's to the window's end, and
-    takes the earliest instant at or after the previous step's. Players are matched on their
-    (brand, player) hash ``k`` when ``hashed`` (DuckDB: a hash that two players share makes
-    the caller ask the events again, on the strings), else on the two strings.
+    """:func:`compile_funnel` on the kept rows (``step_times``, when :func:`kept`) for a
+    store of ``dialect``: its players matched on their hash where it keeps one
+    (:func:`~tally.cohorts.tables.keeps_player_hashes`), by the plan that is faster there
+    (:func:`~tally.cohorts.tables.gathers_step_lists`: ``_kept_lists`` or ``_kept_joins``).
 
     ``spans``: the attempts are those starting in these ``[start, end)`` parts of the range
     instead, and the rows are per (unit, UTC day of the start): each unit's best attempt of
-    each day (:func:`_best`), for :func:`_by_day` to keep per day.
+    each day (:func:`_best`), for :func:`_by_day` to keep per day."""
+    plan = _kept_lists if gathers_step_lists(dialect) else _kept_joins
+    return plan(f, keeps_player_hashes(dialect), spans)
+
+
+def _kept_lists(f: Funnel, hashed: bool,
+                spans: tuple[tuple[datetime, datetime], ...] | None) -> Compiled:
+    """The kept rows' funnel with no join: the rows of the steps' event types in the range's
+    hours are gathered per unit into one list of instants per step (a step's conditions on
+    ``reason`` its aggregate's filter), a later step's rows only in the hours an attempt of
+    the unit can reach (:func:`_hours_after_starts`: most of a player's bets are far from
+    any deposit, 6.7M of 21.5M bets in 30 days at 100M events); the attempts are the step-1
+    instants in ``[from, to)``, and each next step is the earliest instant of its list at or
+    after the previous step's. Units are their (brand, player)
+    hash ``k`` when ``hashed``, else the two strings. ClickHouse's plan: at 100M events
+    0.7 s against 1.2 s for :func:`_kept_joins` (whose hash joins build on every bet row of
+    the range), where DuckDB's joins take 0.4 s and these lists 0.85 s.
+
+    An instant found past the window is kept (:func:`_best` counts a step only within it,
+    and the lists hold every instant of the hours up to the window's end: the earliest at or
+    after the previous step is found if one is in the window)."""
+    params = Params()
+    n = len(f.steps)
+    hour = exp.Literal.number
+    ranges = spans if spans is not None else ((f.start, f.end),)
+    begin, end = min(s for s, _ in ranges), max(e for _, e in ranges)
+    first = int((begin - EPOCH_DT).total_seconds()) // HOUR
+    last_start = int((end - EPOCH_DT).total_seconds()) // HOUR
+    last = int((end - EPOCH_DT).total_seconds() + f.window_sec) // HOUR
+    unit = _kept_unit(hashed)
+    x = exp.to_identifier("x")
+
+    def lam(body: exp.Expr) -> exp.Lambda:
+        return exp.Lambda(this=body, expressions=[x.copy()])
+
+    lists = []
+    for k, step in enumerate(f.steps):
+        cond: exp.Expr = column("event_type").eq(exp.Literal.string(step.event))
+        if k == 0:
+            cond = exp.and_(cond, column("hour") <= hour(last_start), copy=False)
+        for field, values in step.conditions:
+            cond = exp.and_(cond, column(field).isin(*(params.bind(v) for v in values)),
+                            copy=False)
+        lists.append(exp.alias_(exp.Flatten(this=exp.Filter(
+            this=exp.ArrayAgg(this=column("times")), expression=exp.Where(this=cond))),
+            f"s{k}", copy=False))
+    gathered = (exp.select(*(column(u) for u in unit), *lists, copy=False)
+                .from_(attributes.source(STEP_TIMES, f.filters), copy=False)
+                .where(column("event_type").isin(
+                    *(exp.Literal.string(t) for t in sorted({s.event for s in f.steps}))),
+                    copy=False)
+                .where(column("hour") >= hour(first), copy=False)
+                .where(column("hour") <= hour(last), copy=False)
+                .where(exp.or_(column("event_type").eq(exp.Literal.string(f.steps[0].event)),
+                               _hours_after_starts(f, unit, first, last_start, params)),
+                       copy=False))
+    for condition in filter_conditions(f.filters, params):
+        gathered = gathered.where(condition, copy=False)
+    ctes: list[tuple[str, exp.Expr]] = [
+        ("p", gathered.group_by(*(column(u) for u in unit), copy=False))]
+    # an attempt is its unit and start: two starts of a unit at one instant find the same
+    # steps (steps share no events here), one attempt in effect
+    in_range = exp.or_(*(exp.and_(exp.column(x.copy()) >= params.bind(s),
+                                  exp.column(x.copy()) < params.bind(e)) for s, e in ranges),
+                       copy=False)
+    ctes.append(("a0", exp.select(
+        *(column(u) for u in unit), *(column(f"s{k}") for k in range(1, n)),
+        exp.alias_(exp.Explode(this=exp.ArrayFilter(this=column("s0"),
+                                                   expression=lam(in_range))), "t0"),
+        copy=False).from_("p", copy=False)))
+    for k in range(1, n):
+        # the earliest instant of the step at or after the previous step's (none when that
+        # was not found)
+        earliest = exp.ArrayMin(this=exp.ArrayFilter(
+            this=column(f"s{k}"),
+            expression=lam(exp.GTE(this=exp.column(x.copy()), expression=column(f"t{k - 1}")))))
+        ctes.append((f"a{k}", exp.select(
+            *(column(u) for u in unit), *(column(f"t{j}") for j in range(k)),
+            *(column(f"s{j}") for j in range(k + 1, n)),
+            exp.alias_(earliest, f"t{k}"), copy=False).from_(f"a{k - 1}", copy=False)))
+    # hashed: players told apart by their hash alone, asked again of the events if any
+    # collided
+    return _best(f, ctes, f"a{n - 1}", hashes_collided() if hashed else exp.false(), False,
+                 params, unit, per_day=spans is not None)
+
+
+def _kept_joins(f: Funnel, hashed: bool,
+                spans: tuple[tuple[datetime, datetime], ...] | None) -> Compiled:
+    """The kept rows' funnel by joins (DuckDB's plan): the attempts are the step-1 instants
+    in ``[from, to)``; each next step joins an attempt to its
+    player's rows of that step in the hours from the previous step's to the window's end, and
+    takes the earliest instant at or after the previous step's. Players are matched on their
+    (brand, player) hash ``k`` when ``hashed`` (a hash that two players share makes the
+    caller ask the events again, on the strings), else on the two strings.
 
     Each attempt's columns go on through the step's ``GROUP BY`` (not joined back): every
     common table expression is read once, as ClickHouse, which inlines them, needs."""
@@ -472,7 +590,7 @@ def _by_day(backend: Backend, f: Funnel, days: PartCache, version: DataVersion) 
             spans.append((s, e))
     columns = [*unit, "day", "depth", "gaps"]
     if spans:
-        c = compile_kept(f, hashed, tuple(spans))
+        c = compile_kept(f, backend.dialect, tuple(spans))
         fresh = backend.execute(c.tree, c.params)
         if len(fresh) and pc.any(fresh.column("collided")).as_py():
             return fresh
@@ -520,7 +638,7 @@ def answer(backend: Backend, f: Funnel, *, kept_rows: bool | None = None,
     table = _by_day(backend, f, days, version) \
         if kept_rows and days is not None and version is not None else None
     if table is None:
-        c = compile_kept(f, keeps_player_hashes(backend.dialect)) if kept_rows \
+        c = compile_kept(f, backend.dialect) if kept_rows \
             else compile_funnel(f)
         table = backend.execute(c.tree, c.params)
     if len(table) and pc.any(table.column("collided")).as_py():
