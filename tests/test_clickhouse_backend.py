@@ -613,16 +613,18 @@ def test_a_record_applied_in_part_by_an_older_version_is_replayed_once_by_a_newe
 
 
 def test_a_least_table_of_an_older_version_gets_its_plain_minimum(tmp_path: Path) -> None:
-    """A Least table's state made before ``_least`` (the least ``by`` beside each ``argMin``
-    state) and its view then, reading every column from the merged states: opened by this
-    version, the column is added (its value in the stored rows: their state's ``by``), the
-    view reads ``by`` from it, and after more writes both Least tables hold what a store that
-    never was older holds — as does a cohort's member filter on ``first_at``."""
-    from tally.storage.clickhouse_schema import LEAST, STATE, _row, parse_table
+    """A Least table's state made before ``_least_row`` (the least row beside each
+    ``argMin`` state, as a plain minimum) and its view then, reading every column from the
+    merged states, with the column of the version between (``_least``, the least ``by``
+    alone): opened by this version, the column is added (its value in the stored rows: their
+    state's row) and the older one dropped, the view reads every column from it, and after
+    more writes both Least tables hold what a store that never was older holds — as does a
+    cohort's member filter on ``first_at`` and ``region``."""
+    from tally.storage.clickhouse_schema import LEAST, OLD_LEAST, STATE, _row, parse_table
 
     members = ("SELECT tenant_id, player_id FROM player_firsts WHERE kind = "
                "'first_deposit' AND first_at < (SELECT max(first_at) FROM player_firsts) "
-               "ORDER BY 1, 2")
+               "AND region IN ('EU', 'UK') ORDER BY 1, 2")
     expected = _never_failed(tmp_path / "clean")
     clean = _open(tmp_path / "clean")  # (chDB: one store open in a process at a time)
     try:
@@ -644,6 +646,11 @@ def test_a_least_table_of_an_older_version_gets_its_plain_minimum(tmp_path: Path
             store._writer.command(f"CREATE OR REPLACE VIEW {table.name} AS SELECT {keys}, "
                                   f"{merged} FROM {table.name}{STATE} GROUP BY {keys}")
             store._writer.command(f"ALTER TABLE {table.name}{STATE} DROP COLUMN {LEAST}")
+            first = rest.index(table.least.by[0]) + 1
+            store._writer.command(
+                f"ALTER TABLE {table.name}{STATE} ADD COLUMN {OLD_LEAST} "
+                f"SimpleAggregateFunction(min, Tuple(DateTime64(6))) DEFAULT "
+                f"tuple(tupleElement(finalizeAggregation(_row), {first}))")
         before = _derived_rows(store)
     finally:
         store.close()
@@ -653,10 +660,11 @@ def test_a_least_table_of_an_older_version_gets_its_plain_minimum(tmp_path: Path
         # and every part of the state tables holds the column on disk (merged at open)
         for table in ("player_firsts_state", "player_attributes_state"):
             parts = store.query(
-                "SELECT countDistinct(name) AS parts, countIf(column = '_least') AS least "
-                f"FROM system.parts_columns WHERE active AND table = '{table}' "
-                "AND database = currentDatabase()").to_pylist()
-            assert parts[0]["parts"] == parts[0]["least"] > 0, (table, parts)
+                f"SELECT countDistinct(name) AS parts, countIf(column = '{LEAST}') AS least, "
+                f"countIf(column = '{OLD_LEAST}') AS old FROM system.parts_columns "
+                f"WHERE active AND table = '{table}' AND database = currentDatabase()"
+            ).to_pylist()
+            assert parts[0]["parts"] == parts[0]["least"] > 0 == parts[0]["old"], (table, parts)
         store.write(second, journal_seq=2)
         store.write(third, journal_seq=3)
         got = _derived_rows(store)

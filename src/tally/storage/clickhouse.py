@@ -76,6 +76,7 @@ from tally.storage.clickhouse_schema import (
     DDL,
     DEDUP_WINDOW,
     LEAST,
+    OLD_LEAST,
     PARTITIONS,
     PLACES,
     SEQ,
@@ -311,8 +312,10 @@ class ClickHouseBackend:
                 continue
             if existed and table.least is not None and LEAST not in self._columns(stored):
                 # a state table made before LEAST: the column added (the stored rows' value
-                # computed from each state when read), then stored by one merge of its parts
+                # computed from each state when read), then stored by one merge of its parts;
+                # the least ``by`` alone of the version before it dropped
                 self._add_column([stored], least_column(table), cluster)
+                self._drop_column([stored], OLD_LEAST, cluster)
                 self._writer.command(f"OPTIMIZE TABLE {stored} FINAL" if cluster is None else
                                      f"OPTIMIZE TABLE {stored}{LOCAL} ON CLUSTER '{cluster}' "
                                      "FINAL")
@@ -333,11 +336,18 @@ class ClickHouseBackend:
     def _add_column(self, tables: Sequence[str], column: str, cluster: str | None) -> None:
         """``column`` (its definition) added to ``tables`` where missing (on a cluster: to
         each shard's table and to the ``Distributed`` one)."""
+        self._alter(tables, f"ADD COLUMN IF NOT EXISTS {column}", cluster)
+
+    def _drop_column(self, tables: Sequence[str], name: str, cluster: str | None) -> None:
+        """The column ``name`` dropped from ``tables`` where present (as :meth:`_add_column`)."""
+        self._alter(tables, f"DROP COLUMN IF EXISTS {name}", cluster)
+
+    def _alter(self, tables: Sequence[str], change: str, cluster: str | None) -> None:
         for table in tables:
             names = [table] if cluster is None else [f"{table}{LOCAL} ON CLUSTER '{cluster}'",
                                                      f"{table} ON CLUSTER '{cluster}'"]
             for name in names:
-                self._writer.command(f"ALTER TABLE {name} ADD COLUMN IF NOT EXISTS {column}")
+                self._writer.command(f"ALTER TABLE {name} {change}")
 
     def _fill(self, table: DerivedTable, rebuild: bool) -> None:
         if rebuild:

@@ -42,10 +42,15 @@ TYPES: dict[_T, str] = {
 DEDUP_WINDOW = 10_000  # inserts a table remembers the token of (``storage/clickhouse.py``)
 DEDUP = f" SETTINGS non_replicated_deduplication_window = {DEDUP_WINDOW}"
 STATE = "_state"  # the suffix of the table holding a Least table's argMin states
-# beside each argMin state, the least ``by`` as a plain minimum: the view reads the ``by``
-# columns from it, so a filter on them (a cohort's first instant) merges no argMin state
-# (a month's first depositors at 100M: 91 against 496 ms, docs/benchmarks.md)
-LEAST = "_least"
+# beside each argMin state, the least row as a plain minimum of (``by``…, the other
+# columns…): the view reads every column from it, so a filter on any of them (a cohort's
+# first instant, its region) merges no argMin state (a month's first depositors at 100M: 91
+# against 496 ms; with the region a caller is confined to, LTV's statements 0.16 against
+# 0.9 s: docs/benchmarks.md). Rows whose ``by`` tie keep the least of the others (an
+# ``argMin`` keeps any one of them).
+LEAST = "_least_row"
+# the seventeenth session's column, the least ``by`` alone: dropped where found
+OLD_LEAST = "_least"
 # the journal record (the last of its write's group) a row of an appended table came from
 # and the insert that wrote it among its table's: record * PLACES + place (0: a row of no
 # record), what the store checks for after a write failed or was cut
@@ -122,6 +127,12 @@ def _row(table: Columns, least: Least) -> tuple[list[str], str, str]:
     return rest, row, f"Tuple({', '.join(table.types[c] for c in least.by)})"
 
 
+def _least_order(table: Columns, least: Least) -> list[str]:
+    """The columns of :data:`LEAST`'s tuple: ``by``, then the other non-key columns."""
+    rest, _, _ = _row(table, least)
+    return [*least.by, *(c for c in rest if c not in least.by)]
+
+
 def derived_ddl(table: DerivedTable) -> list[str]:
     """The ClickHouse DDL of a derived table. A :class:`Least` table ``T`` is ``T_state``, an
     ``AggregatingMergeTree`` of one ``argMin`` state per key (the row of least ``by``, kept
@@ -140,25 +151,26 @@ def derived_ddl(table: DerivedTable) -> list[str]:
 
 def least_column(table: DerivedTable) -> str:
     """The :data:`LEAST` column of a Least table's state table; for a state table made
-    before it, its value in the rows already stored is their state's ``by`` (the ``DEFAULT``,
+    before it, its value in the rows already stored is their state's row (the ``DEFAULT``,
     which ``ALTER TABLE … ADD COLUMN`` gives them)."""
     assert table.least is not None
     columns = parse_table(table.ddl)
-    rest, _, by = _row(columns, table.least)
+    rest, _, _ = _row(columns, table.least)
+    order = _least_order(columns, table.least)
+    kind = f"Tuple({', '.join(columns.types[c] for c in order)})"
     stored = ", ".join(f"tupleElement(finalizeAggregation(_row), {rest.index(c) + 1})"
-                       for c in table.least.by)
-    return f"{LEAST} SimpleAggregateFunction(min, {by}) DEFAULT tuple({stored})"
+                       for c in order)
+    return f"{LEAST} SimpleAggregateFunction(min, {kind}) DEFAULT tuple({stored})"
 
 
 def least_view(table: DerivedTable) -> str:
-    """A Least table's view: its keys, its ``by`` columns from :data:`LEAST`, the others
-    from the merged ``argMin`` state (the row of least ``by``: the same ``by``)."""
+    """A Least table's view: its keys and every other column from :data:`LEAST`."""
     assert table.least is not None
     columns, least = parse_table(table.ddl), table.least
     rest, _, _ = _row(columns, least)
-    merged = ", ".join(
-        f"tupleElement(min({LEAST}), {least.by.index(name) + 1}) AS {name}" if name in least.by
-        else f"tupleElement(argMinMerge(_row), {i}) AS {name}" for i, name in enumerate(rest, 1))
+    order = _least_order(columns, least)
+    merged = ", ".join(f"tupleElement(min({LEAST}), {order.index(name) + 1}) AS {name}"
+                       for name in rest)
     return (f"CREATE OR REPLACE VIEW {columns.name} AS SELECT "  # noqa: S608 - our names
             f"{', '.join(least.keys)}, {merged} FROM {columns.name}{STATE} "
             f"GROUP BY {', '.join(least.keys)}")
@@ -188,7 +200,7 @@ def derived_statement(sql: str, table: DerivedTable, *, batch: bool = False) -> 
     state = f"argMinState(tuple({typed(rest)}), tuple({typed(least.by)}))"
     keys = ", ".join(least.keys)
     return (f"INSERT INTO {columns.name}{STATE} ({keys}, _row, {LEAST}) "  # noqa: S608
-            f"SELECT {keys}, {state}, min(tuple({typed(least.by)})) "
+            f"SELECT {keys}, {state}, min(tuple({typed(_least_order(columns, least))})) "
             f"FROM ({rows.sql(dialect='clickhouse')}) GROUP BY {keys}")
 
 
