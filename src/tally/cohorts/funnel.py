@@ -291,6 +291,18 @@ def _hours_after_starts(f: Funnel, unit: tuple[str, ...], first: int, last_start
                   query=starts.subquery(copy=False))
 
 
+def _kept_hours(f: Funnel, spans: tuple[tuple[datetime, datetime], ...] | None
+                ) -> tuple[tuple[tuple[datetime, datetime], ...], int, int, int]:
+    """The attempts' ranges (``spans``, or the funnel's), and the hours (since the epoch) a
+    kept-rows plan reads: the first attempt's, the last attempt's, the last window's end."""
+    ranges = spans if spans is not None else ((f.start, f.end),)
+    begin, end = min(s for s, _ in ranges), max(e for _, e in ranges)
+    first = int((begin - EPOCH_DT).total_seconds()) // HOUR
+    last_start = int((end - EPOCH_DT).total_seconds()) // HOUR
+    last = int((end - EPOCH_DT).total_seconds() + f.window_sec) // HOUR
+    return ranges, first, last_start, last
+
+
 def compile_kept(f: Funnel, dialect: str = "duckdb",
                  spans: tuple[tuple[datetime, datetime], ...] | None = None) -> Compiled:
     """:func:`compile_funnel` on the kept rows (``step_times``, when :func:`kept`) for a
@@ -324,11 +336,7 @@ def _kept_lists(f: Funnel, hashed: bool,
     params = Params()
     n = len(f.steps)
     hour = exp.Literal.number
-    ranges = spans if spans is not None else ((f.start, f.end),)
-    begin, end = min(s for s, _ in ranges), max(e for _, e in ranges)
-    first = int((begin - EPOCH_DT).total_seconds()) // HOUR
-    last_start = int((end - EPOCH_DT).total_seconds()) // HOUR
-    last = int((end - EPOCH_DT).total_seconds() + f.window_sec) // HOUR
+    ranges, first, last_start, last = _kept_hours(f, spans)
     unit = _kept_unit(hashed)
     x = exp.to_identifier("x")
 
@@ -400,10 +408,7 @@ def _kept_joins(f: Funnel, hashed: bool,
     params = Params()
     n = len(f.steps)
     hour = exp.Literal.number
-    ranges = spans if spans is not None else ((f.start, f.end),)
-    begin, end = min(s for s, _ in ranges), max(e for _, e in ranges)
-    first = int((begin - EPOCH_DT).total_seconds()) // HOUR
-    last = int((end - EPOCH_DT).total_seconds() + f.window_sec) // HOUR
+    ranges, first, last_start, last = _kept_hours(f, spans)
     unit = _kept_unit(hashed)
 
     def rows(step: Step, upto: int) -> exp.Select:
@@ -425,7 +430,7 @@ def _kept_joins(f: Funnel, hashed: bool,
     starts = exp.select(*(column(u) for u in unit),
                         exp.alias_(exp.Explode(this=column("times")), "t", copy=False),
                         copy=False) \
-        .from_(rows(f.steps[0], int((end - EPOCH_DT).total_seconds()) // HOUR)
+        .from_(rows(f.steps[0], last_start)
                .subquery("r", copy=False), copy=False)
     # an attempt is its unit and start: two starts of a unit at one instant are one attempt
     # (steps share no events here, so both would find the same steps), and a step's instants
