@@ -881,3 +881,49 @@ def test_a_query_past_a_bound_is_the_503_naming_it_and_the_next_query_is_answere
             {"n": 50}]
     finally:
         store.close()
+
+
+MEMORY_PROBE = """
+import json, sys, time
+from pathlib import Path
+from tally.storage.factory import open_backend
+
+def rss():
+    with open("/proc/self/status") as status:
+        return next(int(line.split()[1]) // 1024 for line in status
+                    if line.startswith("VmRSS"))
+
+store = open_backend("chdb", Path(sys.argv[1]), derived=lambda dialect: [])
+store.query("SELECT 1")
+before = rss()
+store.query("SELECT sum(length(a)), max(a[1]) FROM (SELECT number % 2000000 AS k, "
+            "groupArray(number) AS a FROM numbers(30000000) GROUP BY k)")
+after = rss()
+time.sleep(4)
+store.query("SELECT 1")
+print(json.dumps({"before": before, "after": after, "later": rss()}))
+store.close()
+"""
+
+
+def _memory_after_a_large_statement(data: Path, malloc_conf: str | None) -> dict[str, int]:
+    env = {k: v for k, v in os.environ.items() if k != "JE_MALLOC_CONF"}
+    if malloc_conf is not None:
+        env["JE_MALLOC_CONF"] = malloc_conf
+    out = subprocess.run([sys.executable, "-c", MEMORY_PROBE, str(data)], env=env,
+                         capture_output=True, text=True, timeout=120, check=True)
+    result: dict[str, int] = json.loads(out.stdout.strip().splitlines()[-1])
+    return result
+
+
+def test_a_chdb_store_gives_back_the_memory_a_statement_freed(tmp_path: Path) -> None:
+    """chDB's allocator keeps freed pages unless told otherwise: a store opened by Tally
+    returns them within seconds (``CHDB_MALLOC_CONF``), so the server's RSS follows what its
+    statements hold now, not the most they ever held; an operator's ``JE_MALLOC_CONF`` wins
+    (here: never return them, and the RSS stays up)."""
+    ours = _memory_after_a_large_statement(tmp_path / "ours", None)
+    kept = _memory_after_a_large_statement(tmp_path / "kept", "dirty_decay_ms:-1")
+    for probe in (ours, kept):
+        assert probe["after"] - probe["before"] > 250, probe  # the statement used memory
+    assert ours["later"] - ours["before"] < (ours["after"] - ours["before"]) / 3, ours
+    assert kept["later"] - kept["before"] > (kept["after"] - kept["before"]) * 2 / 3, kept

@@ -22,6 +22,13 @@ from tally.metadata import exclusive_file
 from tally.storage.base import Backend, DerivedTable
 from tally.storage.limits import QueryLimits
 
+# chDB runs ClickHouse's allocator (its own jemalloc) in this process, and by default it
+# keeps the pages a statement freed: the server's RSS climbs towards its largest statements'
+# sum (6.4 GB peak at 100M events over HTTP). Returned after a second instead: 4.0 GB peak,
+# ~10% more CPU on the largest statements (docs/benchmarks.md). The allocator reads it when
+# chDB's library loads, so it is set before the first chDB store of the process opens; an
+# operator's own JE_MALLOC_CONF wins.
+CHDB_MALLOC_CONF = "dirty_decay_ms:1000,muzzy_decay_ms:0"
 SUPPORTED = "duckdb, chdb, or a ClickHouse URL http(s)://[user:pass@]host[:port][/db]"
 SPILL_DIR = "query-spill"  # where a store spills what a query cannot hold in memory
 CHDB_DIR = "clickhouse"  # the embedded ClickHouse's files, under the data dir
@@ -71,6 +78,7 @@ def open_backend(store: str, data_dir: Path, *,
 
     owner: int | None = None
     if kind == "chdb":
+        os.environ.setdefault("JE_MALLOC_CONF", CHDB_MALLOC_CONF)
         folder = data_dir / CHDB_DIR
         owner = own_folder(folder)
         dsn, database, cluster = chdb_dsn(folder), "default", None
