@@ -73,12 +73,13 @@ def open_backend(store: str, data_dir: Path, *,
         return DuckDBBackend(data_dir, idempotency_ttl=idempotency_ttl,
                              derived=derived(DuckDBBackend.dialect), retired=retired,
                              limits=limits, spill_dir=data_dir / SPILL_DIR)
+    if kind == "chdb":  # before anything loads the engine
+        os.environ.setdefault("JE_MALLOC_CONF", CHDB_MALLOC_CONF)
     from tally.storage.clickhouse import ClickHouseBackend, chdb_dsn
     from tally.storage.clickhouse_cluster import parse_store
 
     owner: int | None = None
     if kind == "chdb":
-        os.environ.setdefault("JE_MALLOC_CONF", CHDB_MALLOC_CONF)
         folder = data_dir / CHDB_DIR
         owner = own_folder(folder)
         dsn, database, cluster = chdb_dsn(folder), "default", None
