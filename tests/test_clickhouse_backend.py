@@ -675,6 +675,33 @@ def test_a_least_table_of_an_older_version_gets_its_plain_minimum(tmp_path: Path
         store.close()
 
 
+def test_an_upgrade_cut_after_its_new_column_drops_the_old_one_at_the_next_open(
+        tmp_path: Path) -> None:
+    """An open that added ``_least_row`` and stopped before dropping the older ``_least``
+    leaves both: the next open drops ``_least`` (its own step, not only part of adding the
+    new column), and the rows read the same."""
+    from tally.storage.clickhouse_schema import OLD_LEAST, STATE
+
+    first, _, _ = _records()
+    store = _open(tmp_path / "cut")
+    try:
+        store.write(first, journal_seq=1)
+        for name in ("player_firsts", "player_attributes"):
+            store._writer.command(f"ALTER TABLE {name}{STATE} ADD COLUMN {OLD_LEAST} "
+                                  "SimpleAggregateFunction(min, Tuple(DateTime64(6)))")
+        before = _derived_rows(store)
+    finally:
+        store.close()
+    store = _open(tmp_path / "cut")
+    try:
+        for name in ("player_firsts", "player_attributes"):
+            assert OLD_LEAST not in store._columns(f"{name}{STATE}")
+        assert _derived_rows(store) == before
+        assert before["player_firsts"] != []
+    finally:
+        store.close()
+
+
 def test_a_group_cut_mid_write_is_replayed_as_the_same_group(tmp_path: Path) -> None:
     """The applier merges journal records into one write; a write cut by a crash left some
     of its rows (here records 1–3's events, naming record 3, the group's last). After the

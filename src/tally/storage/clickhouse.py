@@ -310,15 +310,16 @@ class ClickHouseBackend:
                         "columns: rebuild it from the events (docs/alerts.md#rtp-drift)")
                 fill.append((table, True))
                 continue
-            if existed and table.least is not None and LEAST not in self._columns(stored):
+            present = self._columns(stored) if existed and table.least is not None else set()
+            if present and LEAST not in present:
                 # a state table made before LEAST: the column added (the stored rows' value
-                # computed from each state when read), then stored by one merge of its parts;
-                # the least ``by`` alone of the version before it dropped
+                # computed from each state when read), then stored by one merge of its parts
                 self._add_column([stored], least_column(table), cluster)
-                self._drop_column([stored], OLD_LEAST, cluster)
                 self._writer.command(f"OPTIMIZE TABLE {stored} FINAL" if cluster is None else
                                      f"OPTIMIZE TABLE {stored}{LOCAL} ON CLUSTER '{cluster}' "
                                      "FINAL")
+            if OLD_LEAST in present:  # the least ``by`` alone, of the version before LEAST
+                self._drop_column([stored], OLD_LEAST, cluster)
             statements = derived_ddl(table)
             if cluster is not None:
                 statements = on_cluster(statements, cluster, database)
