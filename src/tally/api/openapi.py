@@ -62,12 +62,18 @@ def _not_null(schema: dict[str, Any]) -> dict[str, Any]:
 _BUILT: dict[tuple[Any, ...], dict[str, Any]] = {}
 
 
+def _code(endpoint: Any) -> Any:
+    """What a route runs, the same for each app's copy of a closure (the docs pages and
+    assets are made per app): its code object, else the object itself."""
+    return getattr(endpoint, "__code__", endpoint)
+
+
 def install(app: FastAPI) -> None:
     def openapi() -> dict[str, Any]:
         if app.openapi_schema is None:
             key = (app.title, app.version, tuple(
                 (getattr(r, "path", ""), tuple(sorted(getattr(r, "methods", None) or ())),
-                 getattr(r, "endpoint", None)) for r in app.routes))
+                 _code(getattr(r, "endpoint", None))) for r in app.routes))
             if key not in _BUILT:
                 _BUILT[key] = document(app)
             app.openapi_schema = _BUILT[key]

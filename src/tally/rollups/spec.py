@@ -11,6 +11,7 @@ percentiles are not additive and stay on the events.
 from __future__ import annotations
 
 from datetime import UTC
+from functools import cache
 
 from sqlglot import exp
 
@@ -116,20 +117,23 @@ def _batch_statements(grain: str, narrow: bool) -> list[exp.Expr]:
     return [minutes, exp.insert(copied, table("1m"))]
 
 
-def derived_tables(dialect: str) -> list[DerivedTable]:
+@cache
+def derived_tables(dialect: str) -> tuple[DerivedTable, ...]:
     """The rollups as tables the store keeps from the events, one per grain, and the other
     derived tables, their statements in ``dialect`` (ClickHouse keeps the upserts of
     ``player_firsts`` and ``player_attributes`` as argMin states: see
     docs/architecture.md#derived-tables-on-clickhouse). ``rollup_1m`` comes first: its
-    batch statements make the minute rows the others sum."""
+    batch statements make the minute rows the others sum. Built once a dialect (the
+    statements are constants, and generating them takes a tenth of a second)."""
     assert next(iter(GRAINS)) == "1m"
     types = tuple((name, measure_sum_type(m)) for name, m in MEASURES.items())
-    return [DerivedTable(table(grain, narrow), ddl(grain, narrow),
-                         tuple(render(sql, dialect) for sql in _batch_statements(grain, narrow)),
-                         (render(maintenance(grain, "events", narrow), dialect),), types)
-            for narrow in (False, True) for grain in GRAINS] \
-        + activity.derived_tables(dialect) + cohort_tables(dialect) \
-        + [attributes.derived_table(dialect)]
+    return (*(DerivedTable(table(grain, narrow), ddl(grain, narrow),
+                           tuple(render(sql, dialect)
+                                 for sql in _batch_statements(grain, narrow)),
+                           (render(maintenance(grain, "events", narrow), dialect),), types)
+              for narrow in (False, True) for grain in GRAINS),
+            *activity.derived_tables(dialect), *cohort_tables(dialect),
+            attributes.derived_table(dialect))
 
 
 def compile_from_rollup(metric: Metric, scope: Scope, by_currency: bool) -> Compiled | None:

@@ -7,6 +7,7 @@ import logging
 import re
 import threading
 import time
+from collections import defaultdict
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from datetime import UTC, date, datetime, timedelta
@@ -186,18 +187,21 @@ class DuckDBBackend:
             raise
 
     def _create_derived(self, derived: Sequence[DerivedTable]) -> None:
+        stored: dict[str, dict[str, str]] = defaultdict(dict)  # table → column → type
+        for name, column, kind in self._con.execute(
+                "SELECT table_name, column_name, data_type FROM duckdb_columns() "
+                "WHERE NOT internal").fetchall():
+            stored[name][column] = kind
         for table in derived:
-            present = {row[0] for row in self._con.execute(
-                "SELECT column_name FROM duckdb_columns() WHERE table_name = ?", [table.name]
-            ).fetchall()}
-            if present and not set(declared_columns(table.ddl)) <= present:
+            present = stored.get(table.name, {})
+            if present and not set(declared_columns(table.ddl)) <= present.keys():
                 self._rebuild(table)  # a newer version declares more columns (measures)
                 continue
             self._con.execute(table.ddl)
             if not present:  # a new derived table over an existing store: fill it once
                 for sql in table.from_all:
                     self._con.execute(sql)
-            self._widen(table)
+            self._widen(table, present)
 
     def _rebuild(self, table: DerivedTable) -> None:
         """A derived table made again from the stored events, in one transaction (a crash
@@ -214,14 +218,12 @@ class DuckDBBackend:
             self._con.execute("ROLLBACK")
             raise
 
-    def _widen(self, table: DerivedTable) -> None:
+    def _widen(self, table: DerivedTable, stored: dict[str, str]) -> None:
         """Columns an older version created narrower (money sums were BIGINT before they
-        were HUGEINT) get their declared type; once, since the type is checked first."""
+        were HUGEINT) get their declared type; once, since the type is checked first
+        (``stored``: the table's column types as found, empty for a table just made)."""
         for column, kind in table.column_types:
-            found = self._con.execute(
-                "SELECT data_type FROM duckdb_columns() WHERE table_name = ? "
-                "AND column_name = ?", [table.name, column]).fetchall()
-            if found and found[0][0] != kind:
+            if column in stored and stored[column] != kind:
                 self._con.execute(
                     f"ALTER TABLE {table.name} ALTER {column} SET DATA TYPE {kind}")
 
