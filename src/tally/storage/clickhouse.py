@@ -44,6 +44,7 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from datetime import UTC, date, datetime, timedelta
 from decimal import Decimal
+from functools import cache
 from pathlib import Path
 from typing import Any
 
@@ -181,6 +182,7 @@ def _place(table: str, place: int) -> str:
     return f"{table}:{place}"
 
 
+@cache
 def _split(sql: str) -> tuple[str | None, str]:
     """An ``INSERT … SELECT`` as its target (``INSERT INTO t (…)``) and its rows, so a
     ``SETTINGS`` clause goes between them; any other statement: (None, the statement)."""
@@ -286,8 +288,12 @@ class ClickHouseBackend:
             # writer is writing: there a cut write's rows are also in the new table)
             if fill and self._landed and dsn.startswith("chdb:"):
                 self._delete_unapplied(list(self._landed))
+            # (a new store's tables have no events to be filled from)
+            empty = bool(fill) and not self._writer.query(
+                "SELECT 1 FROM events LIMIT 1").result_rows
             for table, rebuild in fill:
-                self._fill(table, rebuild)
+                if rebuild or not empty:
+                    self._fill(table, rebuild)
         except Exception as exc:
             self.close()
             raise StoreUnavailable(f"cannot create the store's tables: {first_line(exc)}") \

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+from functools import cache
 
 import pyarrow as pa
 import sqlglot
@@ -176,6 +177,7 @@ def least_view(table: DerivedTable) -> str:
             f"GROUP BY {', '.join(least.keys)}")
 
 
+@cache  # parsed and generated once a process (sqlglot: milliseconds a statement)
 def derived_statement(sql: str, table: DerivedTable, *, batch: bool = False) -> str:
     """A derived table's statement (ClickHouse SQL) as the ClickHouse store runs it: a
     Least table's ``INSERT INTO T SELECT …`` (its rows, in ``T``'s column order) becomes the
