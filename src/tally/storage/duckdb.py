@@ -192,13 +192,14 @@ class DuckDBBackend:
                 "SELECT table_name, column_name, data_type FROM duckdb_columns() "
                 "WHERE NOT internal").fetchall():
             stored[name][column] = kind
+        empty = not self._con.execute("SELECT 1 FROM events LIMIT 1").fetchall()
         for table in derived:
             present = stored.get(table.name, {})
             if present and not set(declared_columns(table.ddl)) <= present.keys():
                 self._rebuild(table)  # a newer version declares more columns (measures)
                 continue
             self._con.execute(table.ddl)
-            if not present:  # a new derived table over an existing store: fill it once
+            if not present and not empty:  # a new derived table over stored events: filled
                 for sql in table.from_all:
                     self._con.execute(sql)
             self._widen(table, present)
