@@ -46,8 +46,17 @@ STORE_SUITE := tests/test_analytics.py tests/test_rollups.py tests/test_cohorts.
 	tests/test_drift.py tests/test_applier.py tests/test_funnel_days.py
 
 # the fault scenarios that run there too (a slow-client scenario tests the HTTP edge alone)
-STORE_FAULTS := sigkill_cycles or sigterm_under_backlog or overload or poison_record or \
-	full_and_read_only or read_only_storage
+STORE_FAULTS := $(addprefix tests/test_faults.py::test_,\
+	sigkill_cycles_with_concurrent_writers_lose_and_double_nothing \
+	sigterm_under_backlog_is_bounded_and_loses_nothing \
+	overload_is_pushed_back_and_answers_never_overclaim \
+	a_poison_record_blocks_neither_later_records_nor_the_restart \
+	full_and_read_only_journal_store_and_audit_log \
+	start_up_on_read_only_storage_is_a_clear_refusal)
+
+# xdist workers: one more than the cores, since the end-to-end tests wait on processes,
+# brokers and browsers a good part of their time
+WORKERS ?= $(shell echo $$(( $$(nproc) + 1 )))
 
 browser:  ## Debian's chromium for the widget tests, if missing (scripts/install-chromium.sh)
 	@bash scripts/install-chromium.sh
@@ -59,12 +68,11 @@ compose:  ## Debian's docker-compose for the deployment tests, if missing (scrip
 	@bash scripts/install-compose.sh
 
 test: lint browser promtool compose  ## the whole suite (lint first), then the API suite on chDB
-	$(VENV)/bin/pytest -q -n auto
-	TALLY_TEST_STORE=chdb $(VENV)/bin/pytest -q -n auto $(STORE_SUITE)
-	TALLY_TEST_STORE=chdb $(VENV)/bin/pytest -q -n auto tests/test_faults.py -k "$(STORE_FAULTS)"
+	$(VENV)/bin/pytest -q -n $(WORKERS)
+	TALLY_TEST_STORE=chdb $(VENV)/bin/pytest -q -n $(WORKERS) $(STORE_SUITE) $(STORE_FAULTS)
 
 test-chdb: install browser promtool compose  ## the whole suite on the embedded ClickHouse
-	TALLY_TEST_STORE=chdb $(VENV)/bin/pytest -q -n auto
+	TALLY_TEST_STORE=chdb $(VENV)/bin/pytest -q -n $(WORKERS)
 
 openapi: install  ## regenerate openapi.json (commit it: tests/test_openapi_doc.py compares)
 	$(TALLY) openapi --output openapi.json

@@ -372,6 +372,7 @@ def tally(*args: str) -> subprocess.CompletedProcess[str]:
                           text=True, timeout=300, check=False)
 
 
+@pytest.mark.slow
 def test_tally_load_files(tmp_path: Path) -> None:
     events, _ = broken_events()
     table = columns_of(events)
@@ -394,6 +395,7 @@ def test_tally_load_files(tmp_path: Path) -> None:
     assert msgspec.json.decode(again.stdout)["accepted"] == 0
 
 
+@pytest.mark.slow
 def test_tally_load_refuses_a_bad_file_before_loading_anything(tmp_path: Path) -> None:
     good = tmp_path / "good.parquet"
     pq.write_table(columns_of(sample_events()[:100]), good)
@@ -412,6 +414,7 @@ def test_tally_load_refuses_a_bad_file_before_loading_anything(tmp_path: Path) -
     assert not data.exists()  # checked before the store was even opened
 
 
+@pytest.mark.slow
 def test_tally_load_stops_at_a_batch_with_a_huge_value_and_resumes(tmp_path: Path) -> None:
     from tally.demo.load import BULK_EVENTS
 
@@ -443,6 +446,7 @@ def test_tally_load_stops_at_a_batch_with_a_huge_value_and_resumes(tmp_path: Pat
     assert summary["accepted"] + loaded == len(set(table.column("event_id").to_pylist()))
 
 
+@pytest.mark.slow
 def test_tally_demo_bulk(tmp_path: Path) -> None:
     data = tmp_path / "data"
     run = tally("demo", "--bulk", "--events", "30000", "--days", "3", "--data-dir", str(data),

@@ -25,6 +25,8 @@ from playwright.sync_api import Browser, Frame, Page, sync_playwright
 from tests.conftest import make_event
 from tests.server import Server, free_port, new_client, token
 
+pytestmark = pytest.mark.slow  # a real server and a real browser
+
 CHROMIUM = Path("/usr/bin/chromium")
 ROOT = Path(__file__).resolve().parent.parent
 DAY = "2025-10-23"

@@ -23,7 +23,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from tally.config_values import KafkaUrlError, parse_kafka_url
 from tests.conftest import make_event
 from tests.kafka_broker import KafkaBroker
-from tests.server import TALLY, Server, cli, free_port
+from tests.server import TALLY, VERIFY, Server, cli, free_port
 from tests.stores import rows
 
 ENV = {"TALLY_REGIONS": "EU,UK,LATAM", "TALLY_LOG_LEVEL": "WARNING"}
@@ -76,6 +76,7 @@ def test_bad_options_and_an_unreachable_broker_are_one_line_errors(tmp_path: Pat
     assert "Traceback" not in down.stderr
 
 
+@pytest.mark.slow
 def test_a_topic_that_does_not_exist_is_a_clear_error(kafka_broker: KafkaBroker,
                                                       tmp_path: Path) -> None:
     out = cli("consume", "--from", f"kafka://{kafka_broker.bootstrap}/no-such-topic",
@@ -117,7 +118,8 @@ class Consume:
 
     def metrics(self) -> dict[str, float]:
         """The connector's series: ``name`` (totals) and ``lag:<partition>``."""
-        text = httpx.get(f"http://127.0.0.1:{self.metrics_port}/metrics", timeout=2).text
+        text = httpx.get(f"http://127.0.0.1:{self.metrics_port}/metrics", timeout=2,
+                         verify=VERIFY).text
         values: dict[str, float] = {}
         for family in text_string_to_metric_families(text):
             if family.name.startswith("tally_kafka_consumer_"):  # counts are counters
@@ -216,6 +218,7 @@ def partition_ends(bootstrap: str, topic: str, partitions: int) -> dict[int, int
 
 
 # -- the rules of ingestion, from a topic -------------------------------------------------------
+@pytest.mark.slow
 def test_a_topic_is_ingested_once_with_every_bad_message_quarantined(
         kafka_broker: KafkaBroker, tmp_path: Path) -> None:
     topic = kafka_broker.topic(partitions=3)
@@ -280,6 +283,7 @@ def test_a_topic_is_ingested_once_with_every_bad_message_quarantined(
     assert stored == [(340, 340)]
 
 
+@pytest.mark.slow
 def test_kill_9_mid_stream_loses_nothing_and_doubles_nothing(kafka_broker: KafkaBroker,
                                                              tmp_path: Path) -> None:
     """Jepsen-style set check: killed while consuming, restarted from the committed offsets;
@@ -319,6 +323,7 @@ def test_kill_9_mid_stream_loses_nothing_and_doubles_nothing(kafka_broker: Kafka
     assert expected - set(stored) == set(), "an event of the topic lost"
 
 
+@pytest.mark.slow
 def test_the_server_consumes_a_topic_and_says_so_in_its_metrics(kafka_broker: KafkaBroker,
                                                                 tmp_path: Path) -> None:
     """``TALLY_CONSUME_FROM``: the API process itself consumes (one process owns an embedded
@@ -355,6 +360,7 @@ def test_the_server_consumes_a_topic_and_says_so_in_its_metrics(kafka_broker: Ka
         (len(events), sum(e["payload"]["stake_minor"] for e in events))]
 
 
+@pytest.mark.slow
 def test_a_full_journal_disk_holds_the_group_and_commits_nothing_until_it_has_room(
         kafka_broker: KafkaBroker, tmp_path: Path) -> None:
     """The journal cannot take the group (its disk is full): nothing is committed, the group is
@@ -383,6 +389,7 @@ def test_a_full_journal_disk_holds_the_group_and_commits_nothing_until_it_has_ro
     assert rows(data, "SELECT count(*), count(DISTINCT event_id) FROM events") == [(500, 500)]
 
 
+@pytest.mark.slow
 def test_pseudonymisation_holds_for_a_topic_unreadable_messages_included(
         kafka_broker: KafkaBroker, tmp_path: Path) -> None:
     """With ``TALLY_PSEUDONYMISE_KEY`` no raw player id is stored from a topic: not in the
