@@ -93,12 +93,15 @@ UNLIMITED = {"TALLY_RATE_CLIENT": "off", "TALLY_RATE_BRAND": "off", "TALLY_RATE_
 
 
 class Server:
-    def __init__(self, data: Path, env: dict[str, str] | None = None) -> None:
+    def __init__(self, data: Path, env: dict[str, str] | None = None,
+                 command: tuple[str, ...] = (TALLY, "serve")) -> None:
+        """``command``: what serves ``data``, given ``--port P --data-dir D`` (``tally serve``,
+        or bench/server_ab.py's other ASGI servers)."""
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         started = time.perf_counter()
         with (data / f"serve-{self.port}.log").open("wb") as log:
-            self.proc = subprocess.Popen([TALLY, "serve", "--port", str(self.port),
+            self.proc = subprocess.Popen([*command, "--port", str(self.port),
                                           "--data-dir", str(data)], stdout=log, stderr=log,
                                          env={**os.environ, **(env or {})})
         while True:

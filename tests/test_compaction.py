@@ -14,9 +14,10 @@ from tests.test_cohorts import KEPT_BODIES, SENT, close
 
 def test_kept_rows_of_many_small_writes_are_compacted_and_answer_the_same(tmp_path):
     """The stream of the cohort tests written 25 events a write (in time order, as a live
-    feed comes) to two stores: one compacting `step_times` every 50 events, one never. The
-    compacted hours hold one row per key, the instants per key are the same in both, and
-    every kept funnel gives the reference's answer from either."""
+    feed comes) to four stores: one compacting `step_times` every 50 events, one never, one
+    also merging every third compaction, one bulk-loaded (derived at its end). The compacted
+    hours hold one row per key, the instants per key are the same in all, and every kept
+    funnel gives the reference's answer from each."""
     from dataclasses import replace
 
     import msgspec
